@@ -1,0 +1,36 @@
+import pytest
+
+from vit import ViTConfig
+
+
+def test_defaults_are_the_product_model():
+    c = ViTConfig()
+    assert (c.image_size, c.patch_size, c.channels, c.d_model, c.heads, c.layers, c.mlp_dim,
+            c.num_classes, c.norm, c.gelu) == (64, 8, 3, 256, 8, 8, 1024, 200, "post", "tanh")
+    assert (c.num_patches, c.seq_len, c.head_dim, c.patch_dim) == (64, 65, 32, 192)
+
+
+@pytest.mark.parametrize("changes, field, value", [
+    (dict(d_model=250), "d_model", "250"),            # not divisible by heads=8
+    (dict(image_size=60), "image_size", "60"),        # not divisible by patch 8
+    (dict(heads=0), "heads", "0"),
+    (dict(layers=-1), "layers", "-1"),
+    (dict(mlp_dim=0), "mlp_dim", "0"),
+    (dict(num_classes=2.5), "num_classes", "2.5"),
+    (dict(norm="middle"), "norm", "middle"),
+    (dict(gelu="relu"), "gelu", "relu"),
+    (dict(ln_eps=0.0), "ln_eps", "0.0"),
+    (dict(dropout=1.0), "dropout", "1.0"),
+    (dict(drop_path=-0.1), "drop_path", "-0.1"),
+])
+def test_invalid_config_names_field_and_value(changes, field, value):
+    with pytest.raises(ValueError) as err:
+        ViTConfig(**changes)
+    assert field in str(err.value) and value in str(err.value)
+
+
+def test_round_trip_and_unknown_keys():
+    c = ViTConfig(norm="pre", layers=2)
+    assert ViTConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="d_modle"):
+        ViTConfig.from_dict({"d_modle": 3})

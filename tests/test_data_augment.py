@@ -1,0 +1,163 @@
+"""Device augmentations: crop, flip, label smoothing, mixup and cutmix (soft targets), and the train pipeline."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit.data.augment import (
+    cutmix,
+    mix_params,
+    mixup,
+    one_hot_smoothed,
+    random_crop,
+    random_flip,
+    train_augment,
+)
+
+KEY = jax.random.key(0)
+
+
+def random_images(b=32, h=9, w=7, c=3, seed=0):
+    # Odd, unequal H and W so that a transposed or off-by-one crop cannot pass.
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 256, size=(b, h, w, c), dtype=np.uint8))
+
+
+def test_crop_with_zero_padding_is_the_identity():
+    images = random_images()
+    np.testing.assert_array_equal(random_crop(KEY, images, 0), images)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zero"])
+def test_crop_is_a_window_of_the_padded_image_chosen_per_image(mode):
+    pad = 2
+    images = random_images()
+    out = np.asarray(jax.jit(partial(random_crop, pad=pad, mode=mode))(KEY, images))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    np_mode = "reflect" if mode == "reflect" else "constant"
+    padded = np.pad(np.asarray(images), ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=np_mode)
+    h, w = images.shape[1:3]
+    offsets = []
+    for i in range(len(out)):
+        matches = [
+            (dy, dx)
+            for dy in range(2 * pad + 1)
+            for dx in range(2 * pad + 1)
+            if np.array_equal(out[i], padded[i, dy : dy + h, dx : dx + w])
+        ]
+        assert matches, f"image {i} is not a {h}x{w} window of its padded self"
+        offsets.append(matches[0])
+    assert len(set(offsets)) > 5  # independent offsets per image, not one for the batch
+    np.testing.assert_array_equal(random_crop(KEY, images, pad, mode), out)  # same key, same crops
+    assert not np.array_equal(random_crop(jax.random.key(1), images, pad, mode), out)
+
+
+def test_flip_is_an_exact_mirror_of_about_half_the_images():
+    images = random_images(b=64)
+    out = np.asarray(jax.jit(random_flip)(KEY, images))
+    mirrored = np.asarray(images)[:, :, ::-1, :]
+    flipped = np.array([np.array_equal(o, m) for o, m in zip(out, mirrored)])
+    kept = np.array([np.array_equal(o, x) for o, x in zip(out, np.asarray(images))])
+    assert (flipped | kept).all()  # each image is either untouched or exactly mirrored
+    assert 16 < flipped.sum() < 48
+    np.testing.assert_array_equal(random_flip(KEY, images, p=1.0), mirrored)
+    np.testing.assert_array_equal(random_flip(KEY, images, p=0.0), images)
+    np.testing.assert_array_equal(random_flip(KEY, images), out)
+
+
+def test_one_hot_smoothed():
+    targets = np.asarray(one_hot_smoothed(jnp.array([0, 3, 1]), 4, 0.1))
+    assert targets.dtype == np.float32
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(targets[1], [0.025, 0.025, 0.025, 0.925], rtol=1e-6)
+    np.testing.assert_array_equal(one_hot_smoothed(jnp.array([2]), 3, 0.0), [[0.0, 0.0, 1.0]])
+
+
+def labelled_batch(b=16, k=20):
+    images = random_images(b=b, h=8, w=8).astype(jnp.float32) / 255
+    labels = jnp.arange(b) % k
+    return images, labels, one_hot_smoothed(labels, k, 0.1)
+
+
+def test_mixup_mixes_images_and_targets_with_the_same_lambda():
+    images, _, targets = labelled_batch()
+    mixed, mixed_targets = mixup(KEY, images, targets, 0.4)
+    lam, partner = mix_params(KEY, images.shape[0], 0.4)  # what mixup drew from this key
+    lam = float(lam)
+    assert 0.0 < lam < 1.0
+    assert sorted(np.asarray(partner).tolist()) == list(range(images.shape[0]))
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * images[partner], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed_targets, lam * targets + (1 - lam) * targets[partner], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(mixed_targets).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_cutmix_pastes_one_box_and_targets_match_its_area():
+    b, k, h, w = 16, 20, 12, 10
+    # Image i is filled with the value i + 1: every pixel tells which image it came from.
+    images = jnp.broadcast_to(jnp.arange(1, b + 1, dtype=jnp.float32)[:, None, None, None], (b, h, w, 3))
+    targets = one_hot_smoothed(jnp.arange(b), k, 0.0)
+    box_areas = []
+    for seed in range(6):
+        key = jax.random.key(seed)
+        mixed, mixed_targets = cutmix(key, images, targets, 1.0)
+        mixed, mixed_targets = np.asarray(mixed), np.asarray(mixed_targets)
+        np.testing.assert_allclose(mixed_targets.sum(axis=1), 1.0, rtol=1e-6)
+        _, partner = mix_params(jax.random.split(key)[0], b, 1.0)  # the pairing cutmix drew from this key
+        partner = np.asarray(partner)
+        source = mixed[..., 0].astype(int) - 1  # (B, H, W): which image each pixel came from
+        for i in range(b):
+            assert set(np.unique(source[i])) <= {i, partner[i]}
+        # One box for the whole batch, a full rectangle: find it in an image whose partner is another image.
+        i = int(np.flatnonzero(partner != np.arange(b))[0])
+        box = source[i] == partner[i]
+        rows, cols = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
+        assert box.sum() == len(rows) * len(cols)
+        for j in np.flatnonzero(partner != np.arange(b)):
+            np.testing.assert_array_equal(source[j] == partner[j], box)
+        # targets = lam * y_a + (1 - lam) * y_b with lam the fraction of pixels still from image a.
+        lam = 1.0 - box.sum() / (h * w)
+        expected = lam * np.asarray(targets) + (1 - lam) * np.asarray(targets)[partner]
+        np.testing.assert_allclose(mixed_targets, expected, rtol=1e-6, atol=1e-7)
+        box_areas.append(int(box.sum()))
+    assert any(0 < area < h * w for area in box_areas)  # real boxes were tested, not only empty ones
+
+
+def test_cutmix_keeps_uint8_images():
+    images = random_images(b=8, h=8, w=8)
+    mixed, targets = cutmix(KEY, images, one_hot_smoothed(jnp.arange(8), 8), 1.0)
+    assert mixed.dtype == jnp.uint8 and mixed.shape == images.shape and targets.shape == (8, 8)
+
+
+@pytest.mark.parametrize("fn", [mixup, cutmix])
+def test_mixing_is_deterministic_per_key(fn):
+    images, _, targets = labelled_batch()
+    a = fn(KEY, images, targets, 0.8)
+    b = fn(KEY, images, targets, 0.8)
+    c = fn(jax.random.key(5), images, targets, 0.8)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+
+
+@pytest.mark.parametrize(
+    "mixing", [{}, {"mixup_alpha": 0.2}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.2, "cutmix_alpha": 1.0}],
+    ids=["none", "mixup", "cutmix", "both"],
+)
+def test_train_augment_pipeline(mixing):
+    images = random_images(b=8, h=8, w=8)
+    labels = jnp.arange(8) % 5
+    mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+    step = partial(train_augment, num_classes=5, crop_pad=2, smoothing=0.1, **mixing)
+    if len(mixing) == 2:  # jit one configuration, the one with lax.cond (each compile of Beta takes seconds)
+        step = jax.jit(step)
+    x, t = step(KEY, images, labels, mean, std)
+    assert x.shape == (8, 8, 8, 3) and x.dtype == jnp.float32 and t.shape == (8, 5) and t.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(t).sum(axis=1), 1.0, rtol=1e-5)
+    assert np.abs(np.asarray(x)).max() <= (1 - 0.5) / 0.25 + 1e-5  # normalized
+    x2, t2 = step(KEY, images, labels, mean, std)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(t, t2)
+    if not mixing:  # no mixing: the targets are the smoothed labels
+        np.testing.assert_allclose(t, one_hot_smoothed(labels, 5, 0.1), rtol=1e-6)

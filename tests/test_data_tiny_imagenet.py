@@ -1,0 +1,350 @@
+"""Tiny ImageNet loading from the real folder layout: labels, decoding, the .npy cache, and every input error."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit.data import DatasetError, load_dataset
+from vit.data import __main__ as cli
+from vit.data import tiny_imagenet
+from vit.data.fake import fake_wnid, write_fake_tiny_imagenet
+
+NUM_CLASSES, PER_CLASS, VAL = 3, 4, 6
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return write_fake_tiny_imagenet(
+        tmp_path_factory.mktemp("template"), num_classes=NUM_CLASSES, train_per_class=PER_CLASS, val_images=VAL
+    )
+
+
+@pytest.fixture
+def root(template, tmp_path):
+    """A fresh copy of the fake dataset for each test (tests modify it)."""
+    return shutil.copytree(template, tmp_path / "tiny-imagenet-200")
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Counts calls of the image decoder (the loader runs it in-process with workers=1)."""
+    calls = []
+    original = tiny_imagenet.decode_image
+
+    def counting(path):
+        calls.append(str(path))
+        return original(path)
+
+    monkeypatch.setattr(tiny_imagenet, "decode_image", counting)
+    return calls
+
+
+def load(root, split, **kw):
+    kw.setdefault("workers", 1)
+    return load_dataset("tiny-imagenet", root, split, progress=False, **kw)
+
+
+def reference_rgb(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+# --- labels and pixels -----------------------------------------------------------------------------------------
+
+
+def test_train_labels_are_the_wnid_line_in_wnids_txt(root):
+    # Reverse wnids.txt so that its order differs from the sorted folder names: labels must follow the file.
+    wnids = [fake_wnid(i) for i in range(NUM_CLASSES)][::-1]
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    train = load(root, "train")
+    assert train.images.shape == (NUM_CLASSES * PER_CLASS, 64, 64, 3) and train.images.dtype == np.uint8
+    assert train.labels.dtype == np.int32
+    assert train.labels.tolist() == [label for label in range(NUM_CLASSES) for _ in range(PER_CLASS)]
+    # Row k of class c is the k-th sorted image of train/<wnids[c]>/images.
+    for row, label in [(0, 0), (PER_CLASS + 1, 1), (len(train) - 1, NUM_CLASSES - 1)]:
+        name = f"{wnids[label]}_{row % PER_CLASS}.JPEG"
+        np.testing.assert_array_equal(train.images[row], reference_rgb(root / "train" / wnids[label] / "images" / name))
+    assert train.class_names == [f"class {int(w[1:]) - 9000000}, fake thing {int(w[1:]) - 9000000}" for w in wnids]
+    assert train.name == "tiny-imagenet" and train.num_classes == NUM_CLASSES
+
+
+def test_val_labels_come_from_val_annotations(root):
+    val = load(root, "val")
+    wnids = (root / "wnids.txt").read_text().split()
+    expected = {}
+    for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
+        filename, wnid, *_ = line.split("\t")
+        expected[filename] = wnids.index(wnid)
+    names = sorted(expected)  # val rows are in file-name order
+    assert val.labels.tolist() == [expected[n] for n in names]
+    assert val.labels.tolist() != sorted(val.labels.tolist())  # the fixture's labels are not in file order
+    for row, name in enumerate(names):
+        np.testing.assert_array_equal(val.images[row], reference_rgb(root / "val" / "images" / name))
+
+
+def test_grayscale_and_cmyk_images_become_rgb(root):
+    train = load(root, "train")
+    val = load(root, "val")
+    gray_path = root / "train" / fake_wnid(0) / "images" / f"{fake_wnid(0)}_2.JPEG"  # every 3rd image is "L"
+    with Image.open(gray_path) as img:
+        assert img.mode == "L"
+    gray = train.images[2]
+    assert gray.shape == (64, 64, 3)
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
+    np.testing.assert_array_equal(gray[..., 0], gray[..., 2])
+    assert gray.std() > 5  # a real image, not a blank
+    with Image.open(root / "val" / "images" / "val_0.JPEG") as img:
+        assert img.mode == "CMYK"
+    np.testing.assert_array_equal(val.images[0], reference_rgb(root / "val" / "images" / "val_0.JPEG"))
+
+
+def test_accepts_the_dataset_folder_or_its_parent(root):
+    a = load(root, "train")
+    b = load(root.parent, "train")
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_two_decoding_processes_give_the_same_arrays(root, tmp_path):
+    one = load(root, "train", workers=1)
+    two = load_dataset("tiny-imagenet", root, "train", workers=2, progress=False)  # cached: same result
+    np.testing.assert_array_equal(one.images, two.images)
+    shutil.rmtree(root / tiny_imagenet.CACHE_DIRNAME)
+    rebuilt = tiny_imagenet.load_tiny_imagenet(root, "train", workers=2, progress=False, cache_dir=tmp_path / "c2")
+    np.testing.assert_array_equal(one.images, rebuilt.images)
+    np.testing.assert_array_equal(one.labels, rebuilt.labels)
+
+
+# --- cache -------------------------------------------------------------------------------------------------------
+
+
+def test_second_load_reads_the_memmapped_cache_without_decoding(root, decode_calls):
+    first = load(root, "train")
+    assert len(decode_calls) == NUM_CLASSES * PER_CLASS
+    second = load(root, "train")
+    assert len(decode_calls) == NUM_CLASSES * PER_CLASS  # nothing decoded again
+    assert isinstance(second.images, np.memmap) and second.images.mode == "r"
+    np.testing.assert_array_equal(first.images, second.images)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    cache = root / tiny_imagenet.CACHE_DIRNAME
+    assert sorted(p.name for p in cache.iterdir()) == ["train_images.npy", "train_labels.npy", "train_manifest.json"]
+
+
+def _add_image(root):
+    wnid = fake_wnid(1)
+    src = root / "train" / wnid / "images" / f"{wnid}_0.JPEG"
+    shutil.copy(src, src.with_name(f"{wnid}_9.JPEG"))
+    return NUM_CLASSES * PER_CLASS + 1
+
+
+def _remove_image(root):
+    (root / "train" / fake_wnid(2) / "images" / f"{fake_wnid(2)}_1.JPEG").unlink()
+    return NUM_CLASSES * PER_CLASS - 1
+
+
+def first_train_image(root):
+    return root / "train" / fake_wnid(0) / "images" / f"{fake_wnid(0)}_0.JPEG"
+
+
+def _change_image(root):
+    path = first_train_image(root)
+    Image.new("RGB", (64, 64), (200, 10, 30)).save(path, format="JPEG")
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse-grained file system
+    return NUM_CLASSES * PER_CLASS
+
+
+@pytest.mark.parametrize("change", [_add_image, _remove_image, _change_image])
+def test_cache_is_rebuilt_when_an_image_changes(root, decode_calls, change):
+    before = load(root, "train")
+    before_images = np.array(before.images)
+    expected_count = change(root)
+    decode_calls.clear()
+    after = load(root, "train")
+    assert len(decode_calls) == expected_count  # decoded again, all of it
+    assert len(after) == expected_count
+    if change is _change_image:
+        np.testing.assert_array_equal(after.images[0], reference_rgb(first_train_image(root)))
+        assert not np.array_equal(after.images[0], before_images[0])
+        np.testing.assert_array_equal(after.images[1:], before_images[1:])
+
+
+def test_cache_is_rebuilt_when_val_annotations_change(root):
+    before = load(root, "val")
+    path = root / "val" / "val_annotations.txt"
+    lines = path.read_text().splitlines()
+    name, wnid, *box = lines[0].split("\t")
+    new_label = (int(before.labels[0]) + 1) % NUM_CLASSES
+    lines[0] = "\t".join([name, fake_wnid(new_label), *box])
+    path.write_text("\n".join(lines) + "\n")
+    after = load(root, "val")
+    assert after.labels[0] == new_label
+    np.testing.assert_array_equal(after.labels[1:], before.labels[1:])
+
+
+def test_cache_without_manifest_or_with_leftover_temp_files_is_rebuilt(root, decode_calls):
+    good = np.array(load(root, "train").images)
+    cache = root / tiny_imagenet.CACHE_DIRNAME
+    # What a run killed half-way through a rebuild leaves: no manifest, a partial temp file, a truncated array.
+    (cache / "train_manifest.json").unlink()
+    (cache / "train_images.npy.tmp-12345").write_bytes(b"\x93NUMPY partial")
+    with open(cache / "train_images.npy", "r+b") as f:
+        f.truncate(1000)
+    decode_calls.clear()
+    again = load(root, "train")
+    assert len(decode_calls) == NUM_CLASSES * PER_CLASS
+    np.testing.assert_array_equal(again.images, good)
+    assert not list(cache.glob("*.tmp-*"))
+
+
+def test_truncated_cache_array_is_rebuilt_even_with_a_manifest(root, decode_calls):
+    good = np.array(load(root, "train").images)
+    with open(root / tiny_imagenet.CACHE_DIRNAME / "train_images.npy", "r+b") as f:
+        f.truncate(5000)
+    decode_calls.clear()
+    np.testing.assert_array_equal(load(root, "train").images, good)
+    assert len(decode_calls) == NUM_CLASSES * PER_CLASS
+
+
+def test_interrupted_rebuild_leaves_no_cache_that_counts(root, monkeypatch):
+    load(root, "train")
+    _change_image(root)
+    original = tiny_imagenet.decode_image
+    calls = []
+
+    def interrupted(path):
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(path)
+
+    monkeypatch.setattr(tiny_imagenet, "decode_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load(root, "train")
+    cache = root / tiny_imagenet.CACHE_DIRNAME
+    assert not (cache / "train_manifest.json").exists()  # the old manifest is gone: the old arrays no longer count
+    assert not list(cache.glob("*.tmp-*"))
+    monkeypatch.setattr(tiny_imagenet, "decode_image", original)
+    after = load(root, "train")
+    np.testing.assert_array_equal(after.images[0], reference_rgb(first_train_image(root)))
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+def test_missing_directory_says_how_to_get_the_data(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DatasetError) as e:
+        load(missing, "train")
+    message = str(e.value)
+    assert str(missing) in message
+    assert "python -m vit.data download --dest" in message and "--dataset digits" in message
+
+
+def test_folder_without_wnids_names_the_file(root):
+    (root / "wnids.txt").unlink()
+    with pytest.raises(DatasetError, match="wnids.txt") as e:
+        load(root.parent, "train")
+    assert str(root / "wnids.txt") in str(e.value)
+
+
+def test_missing_val_annotations_names_the_file(root):
+    path = root / "val" / "val_annotations.txt"
+    path.unlink()
+    with pytest.raises(DatasetError) as e:
+        load(root, "val")
+    assert str(path) in str(e.value)
+    assert len(load(root, "train")) == NUM_CLASSES * PER_CLASS  # train does not need it
+
+
+def test_missing_words_txt_names_the_file(root):
+    (root / "words.txt").unlink()
+    with pytest.raises(DatasetError, match="words.txt"):
+        load(root, "train")
+
+
+def test_missing_train_class_folder_is_named(root):
+    shutil.rmtree(root / "train" / fake_wnid(1))
+    with pytest.raises(DatasetError) as e:
+        load(root, "train")
+    assert str(root / "train" / fake_wnid(1) / "images") in str(e.value)
+
+
+def test_unknown_wnid_in_annotations_gives_file_line_and_text(root):
+    path = root / "val" / "val_annotations.txt"
+    lines = path.read_text().splitlines()
+    lines[3] = "val_3.JPEG\tn99999999\t0\t0\t10\t10"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError) as e:
+        load(root, "val")
+    message = str(e.value)
+    assert f"{path}:4" in message and "n99999999" in message and "val_3.JPEG\\tn99999999" in message
+
+
+def test_val_image_without_annotation_is_an_error(root):
+    shutil.copy(root / "val" / "images" / "val_1.JPEG", root / "val" / "images" / "val_99.JPEG")
+    with pytest.raises(DatasetError, match="val_99.JPEG"):
+        load(root, "val")
+
+
+def test_train_folder_not_in_wnids_is_an_error(root):
+    shutil.copytree(root / "train" / fake_wnid(0), root / "train" / "n11111111")
+    with pytest.raises(DatasetError, match="n11111111"):
+        load(root, "train")
+
+
+def test_corrupt_jpeg_error_names_its_path_and_skip_flag_counts_it(root):
+    bad = root / "train" / fake_wnid(1) / "images" / f"{fake_wnid(1)}_2.JPEG"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated mid-scan
+    with pytest.raises(DatasetError) as e:
+        load(root, "train")
+    assert str(bad) in str(e.value) and "skip_bad_images" in str(e.value)
+    assert not (root / tiny_imagenet.CACHE_DIRNAME / "train_manifest.json").exists()
+
+    train = load(root, "train", skip_bad_images=True)
+    assert len(train) == NUM_CLASSES * PER_CLASS - 1
+    assert len(train.skipped) == 1 and str(bad) in train.skipped[0]
+    # The skipped row is gone and the labels stay aligned with their images.
+    assert train.labels.tolist() == [0] * 4 + [1] * 3 + [2] * 4
+    np.testing.assert_array_equal(train.images[PER_CLASS + 2], reference_rgb(bad.with_name(f"{fake_wnid(1)}_3.JPEG")))
+    # A cache built with skipping does not hide the bad file from a later load that does not skip.
+    with pytest.raises(DatasetError, match=str(bad)):
+        load(root, "train")
+
+
+def test_not_an_image_error_names_its_path(root):
+    bad = root / "val" / "images" / "val_2.JPEG"
+    bad.write_text("this is not a JPEG")
+    with pytest.raises(DatasetError, match=str(bad)):
+        load(root, "val")
+
+
+def test_wrong_image_size_names_the_file_and_its_size(root):
+    odd = root / "train" / fake_wnid(0) / "images" / f"{fake_wnid(0)}_1.JPEG"
+    Image.new("RGB", (80, 60)).save(odd, format="JPEG")
+    with pytest.raises(DatasetError) as e:
+        load(root, "train")
+    assert str(odd) in str(e.value) and "80x60" in str(e.value)
+
+
+def test_unknown_split_and_dataset(root):
+    with pytest.raises(DatasetError, match="split"):
+        load(root, "test")
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_dataset("imagenet-1k", root, "train")
+
+
+# --- command line ------------------------------------------------------------------------------------------------
+
+
+def test_prepare_command_builds_the_cache(root, capsys):
+    assert cli.main(["prepare", "--data-dir", str(root.parent), "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"train: {NUM_CLASSES * PER_CLASS} images" in out and f"val: {VAL} images" in out
+    assert (root / tiny_imagenet.CACHE_DIRNAME / "val_manifest.json").is_file()
+
+
+def test_command_line_errors_exit_1_with_the_message(tmp_path, capsys):
+    assert cli.main(["prepare", "--data-dir", str(tmp_path / "nope"), "--quiet"]) == 1
+    assert "python -m vit.data download" in capsys.readouterr().err

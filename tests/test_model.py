@@ -1,0 +1,168 @@
+"""The public API, the jitted training step, and the no-autograd rule."""
+
+import ast
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vit
+from oracle import autodiff_grad_fn
+from vit.step import TrainHParams, make_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small(norm="post", **kw):
+    base = dict(image_size=16, patch_size=4, channels=3, d_model=32, heads=4, layers=2,
+                mlp_dim=64, num_classes=10, norm=norm)
+    base.update(kw)
+    return vit.ViTConfig(**base)
+
+
+def batch(cfg, n, seed=0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    images = jax.random.randint(k1, (n, cfg.image_size, cfg.image_size, cfg.channels), 0, 256)
+    return images.astype(jnp.uint8), jax.random.randint(k2, (n,), 0, cfg.num_classes)
+
+
+def test_product_config_forward_and_grads_shapes():
+    cfg = vit.ViTConfig()
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 64, 3))
+    logits = vit.forward(params, images, cfg)
+    assert logits.shape == (2, 200) and bool(jnp.all(jnp.isfinite(logits)))
+    loss, grads = vit.loss_and_grads(params, images, jnp.array([3, 199]), cfg)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    for g, p in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(params)):
+        assert g.shape == p.shape and g.dtype == p.dtype
+    assert float(loss) == pytest.approx(float(vit.loss(params, images, jnp.array([3, 199]), cfg)),
+                                        rel=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_train_step_learns_and_trains_cls_and_pos(norm):
+    cfg = small(norm)
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    before = jax.tree_util.tree_map(np.asarray, params)
+    state = vit.adamw_init(params)
+    step = make_train_step(cfg, TrainHParams(lr=2e-3, weight_decay=0.0))
+    images, labels = batch(cfg, 8)
+    losses = []
+    for i in range(60):
+        params, state, m = step(params, state, images, labels, jax.random.PRNGKey(i))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.2 * losses[0], losses          # memorises one batch
+    assert float(m["accuracy"]) == 1.0
+    for name in ("cls", "pos"):                           # both are parameters that train
+        assert np.max(np.abs(np.asarray(params["embed"][name]) - before["embed"][name])) > 1e-3
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_float32_gradients_equal_autodiff(norm):
+    """In float32 too (the float64 proof is in test_gradients.py): every gradient tensor agrees
+    with autodiff to 1e-4 of the global gradient norm."""
+    cfg = small(norm, dropout=0.1, drop_path=0.1)
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images, labels = batch(cfg, 4, seed=1)
+    x = images.astype(jnp.float32) / 255.0
+    targets = vit.layers.one_hot_targets(labels, cfg.num_classes, 0.1)
+    key = jax.random.PRNGKey(5)
+    from vit.ops import REFERENCE
+    from vit.step import hand_written_grads
+    l1, g1, _ = hand_written_grads(cfg, REFERENCE)(params, x, targets, key)
+    l2, g2, _ = autodiff_grad_fn(cfg)(params, x, targets, key)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    scale = float(vit.optim.global_norm(g2))
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_hand_written_step_tracks_autodiff_step(norm):
+    """The whole jitted step with either gradient: losses over 5 steps agree. (Parameters are not
+    compared elementwise: Adam turns float32 rounding noise in an exactly-zero gradient, such as
+    the key bias's, into a +-lr step, so those elements legitimately differ.)"""
+    cfg = small(norm)
+    hp = TrainHParams(lr=1e-3, weight_decay=0.01, clip_norm=1.0, label_smoothing=0.1)
+    images, labels = batch(cfg, 4, seed=1)
+    curves = []
+    for grad_fn in (None, autodiff_grad_fn(cfg)):
+        params = vit.init_params(jax.random.PRNGKey(0), cfg)
+        state = vit.adamw_init(params)
+        step = make_train_step(cfg, hp, grad_fn=grad_fn)
+        losses = []
+        for i in range(5):
+            params, state, m = step(params, state, images, labels, jax.random.PRNGKey(i))
+            losses.append(float(m["loss"]))
+        curves.append(losses)
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+    assert curves[0][-1] < curves[0][0]
+
+
+def test_dropout_changes_with_key_and_is_off_in_eval():
+    cfg = small(dropout=0.3, attn_dropout=0.3, ffn_dropout=0.3, drop_path=0.2)
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16, 3))
+    eval_a = vit.forward(params, images, cfg)
+    eval_b = vit.forward(params, images, cfg)
+    np.testing.assert_array_equal(eval_a, eval_b)
+    train_a = vit.forward(params, images, cfg, key=jax.random.PRNGKey(1))
+    train_b = vit.forward(params, images, cfg, key=jax.random.PRNGKey(2))
+    assert not np.allclose(train_a, train_b) and not np.allclose(train_a, eval_a)
+
+
+def test_image_gradient_shape():
+    cfg = small()
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    g = vit.image_gradient(params, images, jnp.array([1, 2]), cfg)
+    assert g.shape == images.shape and float(jnp.max(jnp.abs(g))) > 0
+
+
+def test_wrong_image_shape_is_a_clear_error():
+    cfg = small()
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    with pytest.raises(ValueError, match=r"images must be \(batch, 16, 16, 3\).*\(2, 16, 16, 1\)"):
+        vit.forward(params, jnp.zeros((2, 16, 16, 1)), cfg)
+
+
+def test_product_config_train_step_runs():
+    cfg = vit.ViTConfig()
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    state = vit.adamw_init(params)
+    step = make_train_step(cfg, TrainHParams())
+    images, labels = batch(cfg, 4)
+    params, state, m = step(params, state, images, labels, jax.random.PRNGKey(0))
+    assert np.isfinite(float(m["loss"])) and int(state["step"]) == 1
+
+
+FORBIDDEN = {"grad", "vjp", "jvp", "linearize", "value_and_grad", "custom_vjp", "custom_jvp"}
+
+
+def _product_files():
+    files = list((ROOT / "vit").rglob("*.py")) + list((ROOT / "kernels").rglob("*.py"))
+    files += [p for p in (ROOT / "train.py", ROOT / "evaluate.py") if p.exists()]
+    return files
+
+
+def test_no_autograd_in_the_product():
+    """No jax.grad / vjp / jvp / linearize / value_and_grad / custom_vjp / custom_jvp is used or
+    imported anywhere under vit/, kernels/, train.py or evaluate.py (the oracle package is where
+    autodiff lives), and nothing there imports the oracle except the gradcheck command."""
+    offenders = []
+    for path in _product_files():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN:
+                offenders.append(f"{path}:{node.lineno}: .{node.attr}")
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {a.name for a in node.names}
+                if node.module.startswith("jax") and names & FORBIDDEN:
+                    offenders.append(f"{path}:{node.lineno}: from {node.module} import {names}")
+                if node.module.split(".")[0] == "oracle" and path.name != "gradcheck.py":
+                    offenders.append(f"{path}:{node.lineno}: imports the autodiff oracle")
+    assert len(_product_files()) >= 8
+    assert not offenders, "\n".join(offenders)

@@ -1,0 +1,92 @@
+"""Model configuration as plain data, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """The ViT of the product page. Defaults: Tiny ImageNet, 64x64 RGB, 8x8 patches, 200 classes.
+
+    norm="post": x = LN(x + MHA(x)); x = LN(x + FFN(x))           (the product page's layout)
+    norm="pre":  x = x + MHA(LN(x)); x = x + FFN(LN(x)); final LN  (the ViT paper's layout)
+    Dropout rates: attn_dropout on the attention weights, ffn_dropout on the FFN hidden activation,
+    dropout on each residual branch output, drop_path the stochastic-depth rate of the last block
+    (linearly increasing from 0 at the first block).
+    """
+
+    image_size: int = 64
+    patch_size: int = 8
+    channels: int = 3
+    d_model: int = 256
+    heads: int = 8
+    layers: int = 8
+    mlp_dim: int = 1024
+    num_classes: int = 200
+    norm: str = "post"
+    ln_eps: float = 1e-5
+    gelu: str = "tanh"
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    ffn_dropout: float = 0.0
+    drop_path: float = 0.0
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "channels", "d_model", "heads", "layers",
+                     "mlp_dim", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"ViTConfig.image_size={self.image_size} is not divisible by "
+                f"patch_size={self.patch_size}")
+        if self.d_model % self.heads:
+            raise ValueError(
+                f"ViTConfig.d_model={self.d_model} is not divisible by heads={self.heads}")
+        if self.norm not in ("post", "pre"):
+            raise ValueError(f"ViTConfig.norm must be 'post' or 'pre', got {self.norm!r}")
+        if self.gelu not in ("tanh", "erf"):
+            raise ValueError(f"ViTConfig.gelu must be 'tanh' or 'erf', got {self.gelu!r}")
+        if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps > 0):
+            raise ValueError(f"ViTConfig.ln_eps must be a positive number, got {self.ln_eps!r}")
+        for name in ("dropout", "attn_dropout", "ffn_dropout", "drop_path"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_patches + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.channels
+
+    @property
+    def has_dropout(self) -> bool:
+        return any((self.dropout, self.attn_dropout, self.ffn_dropout, self.drop_path))
+
+    def replace(self, **changes) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ViTConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,185 @@
+"""Batches on the device, with no per-image Python in the loop.
+
+The uint8 images go to the device once (`jax.device_put`) when images + labels fit in
+`device_budget_bytes`; each batch is then a jitted gather `images[indices]` on the device. A larger set
+(a memmap bigger than the budget) is streamed: a background thread gathers the rows of the next few batches
+from the memmap (sorted, for locality) and puts them on the device while the current ones are used.
+Both paths yield the same batches.
+
+Order: epoch e visits `np.random.default_rng([seed, e]).permutation(n)`, a pure function of (seed, epoch), and
+batch s is rows s*B..(s+1)*B of it; so `epoch(e, start_step=s)` after a restart yields exactly the batches that
+an uninterrupted run would have yielded from step s on.
+
+Normalization uses the training set's per-channel mean and std (`channel_stats`, one exact pass over the
+uint8 values), applied on the device by `normalize`, inside the jitted train/eval step.
+
+    mean, std = channel_stats(train.images)
+    batches = Batcher(train.images, train.labels, 256, seed=0)
+    for x_u8, y in batches.epoch(epoch, start_step):     # (B, H, W, C) uint8, (B,) int32, on the device
+        x = normalize(x_u8, mean, std)                      # or vit.data.augment.train_augment(...)
+    for x_u8, y, valid in Batcher(val.images, val.labels, 512, seed=0, shuffle=False).eval_batches():
+        ...  # the last batch is padded; count only rows where valid is True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_DEVICE_BUDGET_BYTES = 2 << 30  # Tiny ImageNet train (1.2 GB) fits; a 80 GB GPU has room to spare
+STREAM_CHUNK_BYTES = 64 << 20  # host->device transfer size when streaming from the memmap
+
+
+def channel_stats(images: np.ndarray, chunk_size: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (float32 (C,), in 0..1 units) of uint8 images (N, H, W, C).
+
+    One chunked pass (fine for a memmap): a histogram of the 256 values per channel gives the mean and the
+    variance exactly, with no float accumulation error. Compute it once on the training set and keep it.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise TypeError(f"channel_stats expects uint8 (N, H, W, C) images, got {images.dtype} {images.shape}")
+    channels = images.shape[-1]
+    histogram = np.zeros((channels, 256), dtype=np.int64)
+    for start in range(0, images.shape[0], chunk_size):
+        chunk = np.asarray(images[start : start + chunk_size])
+        for c in range(channels):
+            histogram[c] += np.bincount(chunk[..., c].ravel(), minlength=256)
+    count = histogram.sum(axis=1)
+    if not count.all():
+        raise ValueError("channel_stats of an empty image set")
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean = histogram @ values / count
+    variance = np.maximum(histogram @ values**2 / count - mean**2, 0.0)
+    return mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
+
+
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+    """uint8 (..., C) -> float32 (x / 255 - mean) / std, per channel; jit-able."""
+    x = images.astype(jnp.float32) * (1.0 / 255.0)
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+@jax.jit
+def _gather(images: jax.Array, labels: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.take(images, indices, axis=0), jnp.take(labels, indices, axis=0)
+
+
+class Batcher:
+    """Batches of (uint8 images, int32 labels) on the device, in a seeded order per epoch.
+
+    images: (N, H, W, C) array or memmap; labels: (N,) ints.
+    shuffle=False visits 0..N-1 in order. drop_last=False keeps a smaller last batch (one extra compile of
+    whatever consumes it); eval_batches() instead pads it to the full size with a validity mask.
+    device_budget_bytes: put everything on the device if images + labels fit, else stream from the host.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        device_budget_bytes: int = DEFAULT_DEVICE_BUDGET_BYTES,
+        device: jax.Device | None = None,
+    ):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy's generator), got {seed}")
+        self.n = len(labels)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.device = device
+        labels = np.asarray(labels, dtype=np.int32)
+        self.on_device = images.nbytes + labels.nbytes <= device_budget_bytes
+        if self.on_device:
+            self._images = jax.device_put(np.asarray(images), device)
+            self._labels = jax.device_put(labels, device)
+        else:
+            self._images = images  # stays on the host (a memmap stays on disk)
+            self._labels = labels
+        row_bytes = max(1, images.nbytes // max(1, self.n))
+        self._stream_rows = batch_size * max(1, STREAM_CHUNK_BYTES // (batch_size * row_bytes))
+
+    def steps_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return math.ceil(self.n / self.batch_size)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of epoch `epoch`: a function of (seed, epoch) only."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if not self.shuffle:
+            return np.arange(self.n, dtype=np.int32)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int32)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """Yield (images uint8 (B, H, W, C), labels int32 (B,)) on the device for steps start_step.. of epoch."""
+        steps = self.steps_per_epoch()
+        if steps == 0 and self.n:
+            raise ValueError(f"batch_size {self.batch_size} > {self.n} examples with drop_last=True: no batches")
+        if not 0 <= start_step <= steps:
+            raise ValueError(f"start_step {start_step} outside 0..{steps}")
+        order = self.permutation(epoch)[start_step * self.batch_size : steps * self.batch_size]
+        yield from self._batches(order)
+
+    def eval_batches(self) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+        """Every example once, in order, in full-size batches: (images, labels, valid bool (B,)).
+
+        The last batch is padded with copies of example 0 marked valid=False, so a jitted eval step sees one
+        shape; sum only the valid rows.
+        """
+        padded = math.ceil(self.n / self.batch_size) * self.batch_size
+        order = np.zeros(padded, dtype=np.int32)
+        order[: self.n] = np.arange(self.n, dtype=np.int32)
+        valid = np.arange(padded) < self.n
+        for k, (images, labels) in enumerate(self._batches(order)):
+            yield images, labels, jax.device_put(valid[k * self.batch_size : (k + 1) * self.batch_size], self.device)
+
+    def _batches(self, order: np.ndarray) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """Device batches of consecutive batch_size slices of order (the last may be shorter)."""
+        b = self.batch_size
+        if self.on_device:
+            for start in range(0, len(order), b):
+                indices = jax.device_put(order[start : start + b], self.device)
+                yield _gather(self._images, self._labels, indices)
+            return
+        # Streaming: gather the next chunk of rows in a thread while the current one is consumed.
+        chunk = self._stream_rows
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            pending = prefetch.submit(self._host_gather, order[:chunk]) if len(order) else None
+            for chunk_start in range(0, len(order), chunk):
+                images, labels = pending.result()
+                following = order[chunk_start + chunk : chunk_start + 2 * chunk]
+                pending = prefetch.submit(self._host_gather, following) if len(following) else None
+                for start in range(0, len(labels), b):
+                    yield images[start : start + b], labels[start : start + b]
+
+    def _host_gather(self, indices: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        # Read the rows in file order (a sequential-ish sweep of the memmap), then put them back in batch order.
+        order = np.argsort(indices, kind="stable")
+        rows = np.empty((len(indices), *self._images.shape[1:]), dtype=self._images.dtype)
+        rows[order] = self._images[indices[order]]
+        return jax.device_put(rows, self.device), jax.device_put(self._labels[indices], self.device)
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, **batcher_options):
+    """Shortcut for Batcher(images, labels, batch_size, seed=0, shuffle=False, drop_last=False).eval_batches().
+
+    Build the Batcher once and reuse it if you evaluate repeatedly: it puts the data on the device once.
+    """
+    batcher = Batcher(images, labels, batch_size, seed=0, shuffle=False, drop_last=False, **batcher_options)
+    return batcher.eval_batches()

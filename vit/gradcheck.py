@@ -1,0 +1,425 @@
+"""Proof of every hand-written gradient, in float64:  python -m vit.gradcheck
+
+For each layer type and for the whole model (both norm layouts, a small config) the hand-written
+backward is compared with
+  * central finite differences: a 4-point stencil (f(-2h) - 8 f(-h) + 8 f(h) - f(2h)) / 12h along
+    unit directions u of every input and parameter tensor (the gradient's own direction, then
+    the gradient plus random unit vectors), against <grad, u>;
+  * JAX autodiff (the oracle package, outside the product) on the whole gradient tensor.
+The scalar differentiated is f = sum(y * w) with a fixed random w, so the backward is fed dy = w.
+One row per layer and tensor; exits 1 if any row is above tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit import layers, model
+from vit.config import ViTConfig
+from vit.ops import REFERENCE
+
+FD_TOL = 1e-8          # relative error against finite differences (the issue's bound)
+AUTODIFF_TOL = 1e-10   # relative error against autodiff (both are exact up to rounding)
+
+
+@dataclass
+class Case:
+    """forward(inputs) -> (y, cache); backward(inputs, cache, dy) -> grads shaped like inputs."""
+
+    name: str
+    inputs: dict
+    forward: Callable
+    backward: Callable
+
+
+def _normal(key, shape, scale=1.0):
+    return scale * jax.random.normal(key, shape, jnp.float64)
+
+
+def _keys(seed, n):
+    return list(jax.random.split(jax.random.PRNGKey(seed), n))
+
+
+def _f64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def _perturbed_params(config, seed):
+    """init_params plus noise, so LN gammas/betas and biases are not all 1/0 (a stronger test)."""
+    params = _f64(model.init_params(jax.random.PRNGKey(seed), config))
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    ks = _keys(seed + 1, len(leaves))
+    leaves = [leaf + _normal(k, leaf.shape, 0.1) for leaf, k in zip(leaves, ks)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# the cases: one per layer type (and variants), then the whole model
+
+
+def layer_cases(seed=0, batch=2, length=5, d=12, heads=3, hidden=20):
+    """Small shapes on purpose: odd sequence length, several heads, width not a power of two."""
+    B, L, D, H, F = batch, length, d, heads, hidden
+    Dh = D // H
+    k = _keys(seed, 32)
+    cases = []
+
+    def dense_case():
+        inp = {"x": _normal(k[0], (B, L, D)), "w": _normal(k[1], (D, F), 0.3),
+               "b": _normal(k[2], (F,))}
+        fwd = lambda i: layers.dense_forward({"w": i["w"], "b": i["b"]}, i["x"])  # noqa: E731
+
+        def bwd(i, c, dy):
+            dx, g = layers.dense_backward({"w": i["w"], "b": i["b"]}, c, dy)
+            return {"x": dx, **g}
+        return Case("dense", inp, fwd, bwd)
+
+    def ln_case(with_residual):
+        inp = {"x": _normal(k[3], (B, L, D)), "gamma": 1.0 + _normal(k[4], (D,), 0.2),
+               "beta": _normal(k[5], (D,), 0.2)}
+        if with_residual:
+            inp["r"] = _normal(k[6], (B, L, D))
+
+        def fwd(i):
+            return layers.add_layernorm_forward({"gamma": i["gamma"], "beta": i["beta"]}, i["x"],
+                                                i.get("r"), 1e-5)
+
+        def bwd(i, c, dy):
+            ds, g = layers.add_layernorm_backward({"gamma": i["gamma"], "beta": i["beta"]}, c, dy)
+            out = {"x": ds, **g}
+            if with_residual:
+                out["r"] = ds
+            return out
+        return Case("residual+layernorm" if with_residual else "layernorm", inp, fwd, bwd)
+
+    def gelu_case(approx):
+        inp = {"x": _normal(k[7], (B, L, F), 2.0)}
+        fwd = lambda i: layers.gelu_forward(i["x"], approx)  # noqa: E731
+        bwd = lambda i, c, dy: {"x": layers.gelu_backward(c, dy, approx)}  # noqa: E731
+        return Case(f"gelu ({approx})", inp, fwd, bwd)
+
+    def softmax_case():
+        inp = {"x": _normal(k[8], (B, H, L, L), 2.0)}
+        fwd = lambda i: layers.softmax_forward(i["x"])  # noqa: E731
+        bwd = lambda i, c, dy: {"x": layers.softmax_backward(c, dy)}  # noqa: E731
+        return Case("softmax", inp, fwd, bwd)
+
+    def sdpa_case(dropout):
+        inp = {n: _normal(kk, (B, H, L, Dh)) for n, kk in zip("qkv", k[9:12])}
+        keep = layers.dropout_scale(k[12], 0.3, (B, H, L, L), jnp.float64) if dropout else None
+        fwd = lambda i: layers.sdpa_forward(i["q"], i["k"], i["v"], keep)  # noqa: E731
+
+        def bwd(i, c, dy):
+            dq, dk, dv = layers.sdpa_backward(c, dy)
+            return {"q": dq, "k": dk, "v": dv}
+        return Case("attention (per head)" + (" + dropout" if dropout else ""), inp, fwd, bwd)
+
+    def attention_core_case():
+        inp = {"qkv": _normal(k[13], (B, L, 3 * D))}
+        fwd = lambda i: layers.attention_forward(i["qkv"], H)  # noqa: E731
+        bwd = lambda i, c, dy: {"qkv": layers.attention_backward(c, dy)}  # noqa: E731
+        return Case("attention core (packed QKV)", inp, fwd, bwd)
+
+    def mha_case():
+        p = {"qkv": {"w": _normal(k[14], (D, 3 * D), 0.3), "b": _normal(k[15], (3 * D,), 0.1)},
+             "out": {"w": _normal(k[16], (D, D), 0.3), "b": _normal(k[17], (D,), 0.1)}}
+        inp = {"x": _normal(k[18], (B, L, D)), "params": p}
+        fwd = lambda i: layers.mha_forward(i["params"], i["x"], H, REFERENCE)  # noqa: E731
+
+        def bwd(i, c, dy):
+            dx, g = layers.mha_backward(i["params"], c, dy, REFERENCE)
+            return {"x": dx, "params": g}
+        return Case("multi-head attention", inp, fwd, bwd)
+
+    def ffn_case(approx, dropout):
+        p = {"fc1": {"w": _normal(k[19], (D, F), 0.3), "b": _normal(k[20], (F,), 0.1)},
+             "fc2": {"w": _normal(k[21], (F, D), 0.3), "b": _normal(k[22], (D,), 0.1)}}
+        inp = {"x": _normal(k[23], (B, L, D)), "params": p}
+        keep = layers.dropout_scale(k[24], 0.25, (B, L, F), jnp.float64) if dropout else None
+        fwd = lambda i: layers.ffn_forward(i["params"], i["x"], approx, keep)  # noqa: E731
+
+        def bwd(i, c, dy):
+            dx, g = layers.ffn_backward(i["params"], c, dy, approx)
+            return {"x": dx, "params": g}
+        return Case(f"feed-forward ({approx})" + (" + dropout" if dropout else ""), inp, fwd, bwd)
+
+    def patch_case():
+        P, S, C = 4, 8, 3
+        inp = {"images": _normal(k[25], (B, S, S, C)),
+               "w": _normal(k[26], (P * P * C, D), 0.2), "b": _normal(k[27], (D,), 0.1)}
+        fwd = lambda i: layers.patch_embed_forward({"w": i["w"], "b": i["b"]}, i["images"], P)  # noqa: E731
+
+        def bwd(i, c, dy):
+            dimg, g = layers.patch_embed_backward({"w": i["w"], "b": i["b"]}, c, dy, need_dx=True)
+            return {"images": dimg, **g}
+        return Case("patch embedding", inp, fwd, bwd)
+
+    def embed_case():
+        inp = {"tokens": _normal(k[28], (B, L - 1, D)), "cls": _normal(k[29], (D,)),
+               "pos": _normal(k[30], (L, D))}
+        fwd = lambda i: layers.embed_forward({"cls": i["cls"], "pos": i["pos"]}, i["tokens"])  # noqa: E731
+
+        def bwd(i, c, dy):
+            dt, g = layers.embed_backward(None, c, dy)
+            return {"tokens": dt, **g}
+        return Case("CLS token + position embedding", inp, fwd, bwd)
+
+    def ce_case(smoothing, soft):
+        K = 7
+        logits = _normal(k[31], (B + 1, K), 3.0)
+        labels = jnp.arange(B + 1) % K
+        if soft:
+            t = jax.nn.softmax(_normal(k[0], (B + 1, K)))
+        else:
+            t = layers.one_hot_targets(labels, K, smoothing, jnp.float64)
+        fwd = lambda i: layers.cross_entropy_forward(i["logits"], t)  # noqa: E731
+        bwd = lambda i, c, dy: {"logits": dy * layers.cross_entropy_backward(c)}  # noqa: E731
+        name = "cross-entropy" + (" (soft targets)" if soft else
+                                  f" (label smoothing {smoothing})" if smoothing else "")
+        return Case(name, {"logits": logits}, fwd, bwd)
+
+    cases += [dense_case(), ln_case(False), ln_case(True), gelu_case("tanh"), gelu_case("erf"),
+              softmax_case(), sdpa_case(False), sdpa_case(True), attention_core_case(), mha_case(),
+              ffn_case("tanh", False), ffn_case("erf", True), patch_case(), embed_case(),
+              ce_case(0.0, False), ce_case(0.1, False), ce_case(0.0, True)]
+    return cases
+
+
+def small_config(norm="post", **kw):
+    base = dict(image_size=8, patch_size=4, channels=3, d_model=12, heads=3, layers=2, mlp_dim=20,
+                num_classes=5, norm=norm)
+    base.update(kw)
+    return ViTConfig(**base)
+
+
+def _key_keeping_every_branch(cfg, seed, batch, blocks=(1,)):
+    """A dropout key whose drop-path draws keep at least one example on each residual branch of
+    the given blocks (else that branch's gradient is identically zero and proves nothing).
+    blocks=(1,): a lone block_forward(block_index=1); None: every block of the model, whose
+    encoder splits the key into one key per block."""
+    for i in range(1000):
+        key = jax.random.PRNGKey(seed + 11 + i)
+        if blocks is None:
+            pairs = list(zip(range(cfg.layers), jax.random.split(key, cfg.layers)))
+        else:
+            pairs = [(b, key) for b in blocks]
+        ok = True
+        for index, k in pairs:
+            *_, b1, b2 = model.block_masks(k, cfg, index, batch, cfg.seq_len, jnp.float64)
+            ok &= all(b is None or bool(jnp.any(b.reshape(batch, -1).max(axis=1) > 0))
+                      for b in (b1, b2))
+        if ok:
+            return key
+    raise RuntimeError("no dropout key keeps every branch")
+
+
+def block_cases(seed=0, batch=3):
+    """Encoder block (both layouts, with and without dropout masks, full and CLS-only output),
+    encoder stack and head."""
+    cases = []
+    for norm in ("post", "pre"):
+        for dropout in (False, True):
+            cfg = small_config(norm, **(dict(dropout=0.2, attn_dropout=0.2, ffn_dropout=0.2,
+                                             drop_path=0.3) if dropout else {}))
+            params = _perturbed_params(cfg, seed)
+            x = _normal(jax.random.PRNGKey(seed + 7), (batch, cfg.seq_len, cfg.d_model))
+            key = _key_keeping_every_branch(cfg, seed, batch) if dropout else None
+            for cls_only in (False, True):
+                def fwd(i, cfg=cfg, key=key, cls_only=cls_only):
+                    return model.block_forward(i["params"], i["x"], cfg, REFERENCE, key, 1, cls_only)
+
+                def bwd(i, c, dy, cfg=cfg):
+                    dx, g = model.block_backward(i["params"], c, dy, cfg)
+                    return {"x": dx, "params": g}
+                name = (f"encoder block ({norm}-norm{', dropout+drop-path' if dropout else ''}"
+                        f"{', CLS row only' if cls_only else ''})")
+                cases.append(Case(name, {"x": x, "params": params["blocks"][1]}, fwd, bwd))
+        cfg = small_config(norm)
+        params = _perturbed_params(cfg, seed)
+        x = _normal(jax.random.PRNGKey(seed + 3), (batch, cfg.seq_len, cfg.d_model))
+
+        def stack_fwd(i, cfg=cfg):
+            return model.encoder_forward(i["blocks"], i["x"], cfg)
+
+        def stack_bwd(i, c, dy, cfg=cfg):
+            dx, g = model.encoder_backward(i["blocks"], c, dy, cfg)
+            return {"x": dx, "blocks": g}
+        cases.append(Case(f"encoder stack ({norm}-norm)", {"x": x, "blocks": params["blocks"]},
+                          stack_fwd, stack_bwd))
+
+        head_params = {n: params[n] for n in ("head", "final_ln") if n in params}
+
+        def head_fwd(i, cfg=cfg):
+            return model.head_forward(i["params"], i["x"], cfg)
+
+        def head_bwd(i, c, dy, cfg=cfg):
+            dx, g = model.head_backward(i["params"], c, dy, cfg)
+            return {"x": dx, "params": g}
+        cases.append(Case(f"classification head ({norm}-norm)", {"x": x, "params": head_params},
+                          head_fwd, head_bwd))
+    return cases
+
+
+def model_cases(seed=0, batch=3):
+    """The whole model: every parameter and the input image, both layouts."""
+    cases = []
+    for norm, extra in (("post", {}), ("pre", {}),
+                        ("post", dict(dropout=0.1, attn_dropout=0.1, ffn_dropout=0.1,
+                                      drop_path=0.2, gelu="erf"))):
+        cfg = small_config(norm, **extra)
+        params = _perturbed_params(cfg, seed)
+        images = _normal(jax.random.PRNGKey(seed + 5), (batch, cfg.image_size, cfg.image_size,
+                                                         cfg.channels))
+        key = _key_keeping_every_branch(cfg, seed, batch, None) if cfg.has_dropout else None
+
+        def fwd(i, cfg=cfg, key=key):
+            return model.model_forward(i["params"], i["images"], cfg, REFERENCE, key)
+
+        def bwd(i, c, dy, cfg=cfg):
+            g, dimg = model.model_backward(i["params"], c, dy, cfg, need_dimages=True)
+            return {"params": g, "images": dimg}
+        name = f"whole model ({norm}-norm{', dropout+drop-path, erf' if extra else ''})"
+        cases.append(Case(name, {"params": params, "images": images}, fwd, bwd))
+    return cases
+
+
+def all_cases(seed=0):
+    return layer_cases(seed) + block_cases(seed) + model_cases(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# checking
+
+
+@dataclass
+class Row:
+    case: str
+    tensor: str
+    shape: tuple
+    fd_rel_err: float
+    autodiff_rel_err: float
+
+    @property
+    def ok(self) -> bool:
+        return self.fd_rel_err <= FD_TOL and self.autodiff_rel_err <= AUTODIFF_TOL
+
+
+def _path_name(path):
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def check_case(case: Case, seed=0, directions=3, h=1e-4) -> list[Row]:
+    """Compare the hand-written gradient of every input tensor with FD and autodiff."""
+    from oracle import autodiff_vjp  # noqa: PLC0415  (the oracle lives outside the product)
+
+    inputs = case.inputs
+    y, cache = case.forward(inputs)
+    y_leaves, y_tree = jax.tree_util.tree_flatten(y)
+    w_out = jax.tree_util.tree_unflatten(
+        y_tree, [_normal(k, leaf.shape) for leaf, k in zip(y_leaves, _keys(seed + 99, len(y_leaves)))])
+    grads = case.backward(inputs, cache, w_out)
+    oracle = autodiff_vjp(lambda i: case.forward(i)[0], inputs, w_out)
+
+    @jax.jit
+    def objective(i):
+        # sum((y(i) - y(inputs)) * w): subtracting y first keeps the sum small, so less of the
+        # finite difference is lost to rounding; the constant offset does not change the slope.
+        out = case.forward(i)[0]
+        return sum(jnp.sum((a - a0) * b) for a, a0, b in zip(
+            jax.tree_util.tree_leaves(out), y_leaves, jax.tree_util.tree_leaves(w_out)))
+
+    flat_in, in_tree = jax.tree_util.tree_flatten_with_path(inputs)
+    flat_g = jax.tree_util.tree_leaves(grads)
+    flat_ad = jax.tree_util.tree_leaves(oracle)
+    if not (len(flat_in) == len(flat_g) == len(flat_ad)):
+        raise AssertionError(f"{case.name}: backward returned {len(flat_g)} gradients for "
+                             f"{len(flat_in)} inputs")
+    rows = []
+    for idx, ((path, leaf), g, ad) in enumerate(zip(flat_in, flat_g, flat_ad)):
+        if g.shape != leaf.shape:
+            raise AssertionError(f"{case.name}: gradient of {_path_name(path)} has shape "
+                                 f"{g.shape}, input has {leaf.shape}")
+        if not np.any(np.asarray(ad)):
+            # A gradient that is exactly zero (say, drop-path removed the branch for every
+            # example) proves nothing and finite differences only see rounding noise there.
+            raise AssertionError(f"{case.name}: the gradient of {_path_name(path)} is identically "
+                                 "zero for these inputs; pick inputs that exercise it")
+        ad_err = float(jnp.linalg.norm((g - ad).ravel()) /
+                       max(float(jnp.linalg.norm(ad.ravel())), 1e-300))
+        fd_err = 0.0
+        # Directions: the gradient itself, then the gradient plus a random unit vector. Both keep
+        # <grad, u> well away from 0 (a purely random u can be nearly orthogonal to the gradient,
+        # and a relative error of a near-zero slope measures only rounding), while the random
+        # part still tests every component the gradient might have wrong.
+        g_unit = g / jnp.linalg.norm(g.ravel())
+        for n, kd in enumerate(_keys(seed * 1000 + idx, directions)):
+            u = g_unit
+            if n:
+                r = _normal(kd, leaf.shape)
+                u = u + r / jnp.linalg.norm(r.ravel())
+            u = u / jnp.linalg.norm(u.ravel())
+
+            def at(t, u=u, idx=idx):
+                leaves = [a for _, a in flat_in]
+                leaves[idx] = leaves[idx] + t * u
+                return float(objective(jax.tree_util.tree_unflatten(in_tree, leaves)))
+            fd = (at(-2 * h) - 8 * at(-h) + 8 * at(h) - at(2 * h)) / (12 * h)
+            an = float(jnp.vdot(g.ravel(), u.ravel()))
+            fd_err = max(fd_err, abs(fd - an) / max(abs(fd), abs(an), 1e-300))
+        rows.append(Row(case.name, _path_name(path), tuple(leaf.shape), fd_err, ad_err))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'layer':<52} {'tensor':<26} {'shape':<14} {'vs finite diff':>14} {'vs autodiff':>12}  ok"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.case:<52} {r.tensor:<26} {str(r.shape).replace(' ', ''):<14} "
+                     f"{r.fd_rel_err:>14.2e} {r.autodiff_rel_err:>12.2e}  {'ok' if r.ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit.gradcheck",
+        description="Check every hand-written gradient in float64 against central finite "
+                    f"differences (relative error <= {FD_TOL:g}) and JAX autodiff "
+                    f"(<= {AUTODIFF_TOL:g}). Exits 1 if any row fails.")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--directions", type=int, default=3,
+                        help="random directions per tensor for the finite differences")
+    parser.add_argument("--only", default=None,
+                        help="check only cases whose name contains this text (e.g. 'block')")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)
+    cases = all_cases(args.seed)
+    if args.only:
+        cases = [c for c in cases if args.only.lower() in c.name.lower()]
+        if not cases:
+            parser.error(f"--only {args.only!r} matches no case")
+    rows = []
+    for case in cases:
+        rows += check_case(case, args.seed, args.directions)
+    print(format_table(rows))
+    bad = [r for r in rows if not r.ok]
+    worst_fd = max(r.fd_rel_err for r in rows)
+    worst_ad = max(r.autodiff_rel_err for r in rows)
+    print(f"\n{len(rows)} tensors in {len(cases)} cases; worst relative error: "
+          f"{worst_fd:.2e} vs finite differences (tolerance {FD_TOL:g}), "
+          f"{worst_ad:.2e} vs autodiff (tolerance {AUTODIFF_TOL:g})")
+    if bad:
+        print(f"FAILED: {len(bad)} tensor(s) above tolerance", file=sys.stderr)
+        return 1
+    print("all gradients agree")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
