@@ -48,12 +48,38 @@ class TrainHParams:
         return dataclasses.replace(self, **changes)
 
 
-def hand_written_grads(config: ViTConfig, ops):
-    """(params, images, targets, key) -> (loss, grads, logits) via the hand-written backward."""
+PRECISIONS = ("fp32", "bf16")
+
+
+def compute_dtype(precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return jnp.bfloat16 if precision == "bf16" else jnp.float32
+
+
+def cast_params(params, precision: str):
+    """The compute copy of the float32 master weights (a no-op for fp32)."""
+    dtype = compute_dtype(precision)
+    if dtype == jnp.float32:
+        return params
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+
+
+def hand_written_grads(config: ViTConfig, ops, precision: str = "fp32"):
+    """(params, images, targets, key) -> (loss, grads, logits) via the hand-written backward.
+
+    bf16: activations and matmul inputs in bf16 with float32 accumulation; LayerNorm statistics,
+    softmax, logits and the loss in float32; gradients returned in float32 for the float32
+    master weights and optimizer state."""
+    dtype = compute_dtype(precision)
+
     def grad_fn(params, images, targets, key):
-        logits, cache = model_forward(params, images, config, ops, key)
+        compute_params = cast_params(params, precision)
+        logits, cache = model_forward(compute_params, images.astype(dtype), config, ops, key)
         loss, c_loss = layers.cross_entropy_forward(logits, targets)
-        grads, _ = model_backward(params, cache, layers.cross_entropy_backward(c_loss), config, ops)
+        dlogits = layers.cross_entropy_backward(c_loss).astype(dtype)
+        grads, _ = model_backward(compute_params, cache, dlogits, config, ops)
+        grads = jax.tree_util.tree_map(lambda g: g.astype(jnp.float32), grads)
         return loss, grads, logits
     return grad_fn
 
@@ -72,12 +98,12 @@ def _stats(mean, std, channels):
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def make_train_step(config: ViTConfig, hp: TrainHParams, *, fused=False, interpret=None,
-                    mean=None, std=None, grad_fn: Callable | None = None, donate=True):
-    """Build the jitted step. grad_fn overrides how gradients are taken (tests and benchmarks
-    pass JAX autodiff here as a baseline; the product always uses the hand-written backward)."""
-    ops = get_ops(fused, interpret)
-    grad_fn = grad_fn or hand_written_grads(config, ops)
+def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops, mean=None, std=None,
+                  grad_fn: Callable | None = None, precision: str = "fp32"):
+    """The un-jitted step (params, opt_state, images, labels, key) -> (params, opt_state, metrics).
+
+    make_train_step jits it for one device; vit.parallel jits it with shardings for many."""
+    grad_fn = grad_fn or hand_written_grads(config, ops, precision)
     mean, std = _stats(mean, std, config.channels)
 
     def step(params, opt_state, images, labels, key):
@@ -102,17 +128,29 @@ def make_train_step(config: ViTConfig, hp: TrainHParams, *, fused=False, interpr
                    "grad_norm": grad_norm, "lr": lr}
         return params, opt_state, metrics
 
+    return step
+
+
+def make_train_step(config: ViTConfig, hp: TrainHParams, *, fused=False, interpret=None,
+                    mean=None, std=None, grad_fn: Callable | None = None, donate=True,
+                    precision: str = "fp32"):
+    """The jitted single-device step. grad_fn overrides how gradients are taken (tests and
+    benchmarks pass JAX autodiff from the oracle package as a baseline; the product always uses
+    the hand-written backward)."""
+    step = train_step_fn(config, hp, ops=get_ops(fused, interpret), mean=mean, std=std,
+                         grad_fn=grad_fn, precision=precision)
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def make_eval_step(config: ViTConfig, *, fused=False, interpret=None, mean=None, std=None):
-    """Jitted (params, images, labels, valid) -> sums of loss, top-1 and top-5 hits over valid rows."""
-    ops = get_ops(fused, interpret)
+def eval_step_fn(config: ViTConfig, *, ops, mean=None, std=None, precision: str = "fp32"):
+    """Un-jitted (params, images, labels, valid) -> sums of loss, top-1 and top-5 hits over the
+    valid rows, and the logits."""
     mean, std = _stats(mean, std, config.channels)
 
     def eval_step(params, images, labels, valid):
         x = normalize(images, mean, std)
-        logits, _ = model_forward(params, x, config, ops)
+        logits, _ = model_forward(cast_params(params, precision), x.astype(compute_dtype(precision)),
+                                  config, ops)
         z = logits - jax.scipy.special.logsumexp(logits, axis=-1, keepdims=True)
         nll = -jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
         k = min(5, config.num_classes)
@@ -123,4 +161,10 @@ def make_eval_step(config: ViTConfig, *, fused=False, interpret=None, mean=None,
         return {"loss_sum": jnp.sum(nll * w), "top1": jnp.sum(hit1 * w),
                 "top5": jnp.sum(hit5 * w), "count": jnp.sum(w), "logits": logits}
 
-    return jax.jit(eval_step)
+    return eval_step
+
+
+def make_eval_step(config: ViTConfig, *, fused=False, interpret=None, mean=None, std=None,
+                   precision: str = "fp32"):
+    return jax.jit(eval_step_fn(config, ops=get_ops(fused, interpret), mean=mean, std=std,
+                                precision=precision))

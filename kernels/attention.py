@@ -1,0 +1,341 @@
+"""Fused multi-head attention core on the packed QKV projection, forward and backward.
+
+Must equal ``vit.layers.attention_forward`` / ``vit.layers.attention_backward``:
+
+    S = Q K^T / sqrt(Dh);  P = softmax(S);  P' = P * keep_scale (attention dropout);  O = P' V
+
+Shapes: B batch, L tokens, H heads, Dh head width (a power of two, 16..128), D = H * Dh.
+qkv is (B, L, 3D) packed [Q | K | V] with head h at columns h*Dh:(h+1)*Dh of each third; O is
+(B, L, D) with the same column layout. The kernels read and write those layouts by strides, so
+the fused path has no head split/merge transposes.
+
+One program per (batch, head) holds the whole sequence: K and V for all L tokens in one tile of
+BLOCK_L = the next power of two >= L rows (at least 16, the smallest tl.dot), keys beyond L masked
+with -inf; the query rows go through in steps of BLOCK_M (<= 64, so the BLOCK_M x BLOCK_L score
+tile and its shared-memory layout conversions stay small), rows beyond L never stored. Softmax in
+float32 with the row max subtracted; the forward saves the log-sum-exp per row,
+LSE = m + log(sum exp(S - m)), (B, H, L) float32, and no L x L tensor. The backward recomputes
+P = exp(S - LSE) from Q, K and LSE (as Triton tutorial 06-fused-attention does), accumulates dK
+and dV over the query steps and writes dQ per step:
+
+    dV = P'^T dO;  dP = (dO V^T) * keep_scale;  delta = rowsum(dO * O) = rowsum(P * dP);
+    dS = P * (dP - delta) / sqrt(Dh);  dQ = dS K;  dK = dS^T Q
+
+(rowsum(P * dP) = sum_j P_ij keep_ij sum_d dO_id V_jd = sum_d dO_id O_id, dropout included.)
+dQ, dK, dV go straight into the packed dQKV (B, L, 3D).
+
+Dtypes: float32, bfloat16 or float16 in; float32 softmax, statistics and dot accumulation;
+outputs in the input dtype. Half-precision P and dS are rounded to the input dtype before their
+dots, as the reference does.
+"""
+
+import math
+import operator
+
+import jax
+import numpy as np
+import triton
+import triton.language as tl
+
+from kernels.launch import check_dtype, check_precision, launch, next_power_of_2
+
+REFERENCE = "vit.layers.attention_forward / vit.layers.attention_backward"
+MAX_LEN = 1024  # the whole sequence is one tile; beyond this a tiled (flash) kernel is needed
+MAX_KV_TILE_BYTES = 32 * 1024  # compiled path only, see compiled_fits
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _attn_fwd(
+    QKV,  # (B, L, 3D) packed projection [Q | K | V]
+    KEEP,  # (B, H, L, L) attention-dropout scale, read only when HAS_KEEP
+    O,  # (B, L, D) output, head h at columns h*DH:(h+1)*DH
+    LSE,  # (B, H, L) float32 log-sum-exp of each row of S
+    L: tl.constexpr,
+    H: tl.constexpr,
+    DH: tl.constexpr,
+    D: tl.constexpr,
+    stride_qkv_b: tl.constexpr,
+    stride_qkv_l: tl.constexpr,
+    stride_o_b: tl.constexpr,
+    stride_o_l: tl.constexpr,
+    sm_scale: tl.constexpr,  # 1/sqrt(DH)
+    HAS_KEEP: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands
+    DOT_F32: tl.constexpr,  # upcast half dot operands (interpreter only; see kernels/launch.py)
+    BLOCK_L: tl.constexpr,  # keys: the whole sequence, padded
+    BLOCK_M: tl.constexpr,  # query rows per step (divides BLOCK_L)
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, DH)
+    key = tl.arange(0, BLOCK_L)
+    key_ok = key < L
+    qkv_base = QKV + b * stride_qkv_b + h * DH
+    o_base = O + b * stride_o_b + h * DH
+    keep_base = KEEP + (b * H + h) * L * L
+    lse_base = LSE + (b * H + h) * L
+
+    kv_offs = key[:, None] * stride_qkv_l + d[None, :]
+    kv_mask = key_ok[:, None] & (d[None, :] < DH)
+    k = tl.load(qkv_base + D + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(qkv_base + 2 * D + kv_offs, mask=kv_mask, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    kt = tl.trans(k)
+
+    for m0 in range(0, L, BLOCK_M):
+        row = m0 + tl.arange(0, BLOCK_M)
+        row_ok = row < L
+        row_mask = row_ok[:, None] & (d[None, :] < DH)
+        q = tl.load(qkv_base + row[:, None] * stride_qkv_l + d[None, :], mask=row_mask, other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+
+        s = tl.dot(q, kt, input_precision=PRECISION) * sm_scale
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)
+        e = tl.exp(s - m[:, None])
+        row_sum = tl.sum(e, axis=1)
+        p = e / row_sum[:, None]
+        lse = m + tl.log(row_sum)
+
+        if HAS_KEEP:
+            keep_mask = row_ok[:, None] & key_ok[None, :]
+            keep = tl.load(keep_base + row[:, None] * L + key[None, :], mask=keep_mask, other=0.0)
+            p = p * keep.to(tl.float32)
+        p_used = p.to(QKV.dtype.element_ty)
+        if DOT_F32:
+            p_used = p_used.to(tl.float32)
+        o = tl.dot(p_used, v, input_precision=PRECISION)
+
+        tl.store(o_base + row[:, None] * stride_o_l + d[None, :], o.to(O.dtype.element_ty), mask=row_mask)
+        tl.store(lse_base + row, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd(
+    QKV,  # (B, L, 3D) forward input
+    O,  # (B, L, D) forward output
+    DO,  # (B, L, D) upstream gradient
+    LSE,  # (B, H, L) float32 forward log-sum-exp
+    KEEP,  # (B, H, L, L) attention-dropout scale, read only when HAS_KEEP
+    DQKV,  # (B, L, 3D) output [dQ | dK | dV], same layout as QKV
+    L: tl.constexpr,
+    H: tl.constexpr,
+    DH: tl.constexpr,
+    D: tl.constexpr,
+    stride_qkv_b: tl.constexpr,
+    stride_qkv_l: tl.constexpr,
+    stride_o_b: tl.constexpr,
+    stride_o_l: tl.constexpr,
+    sm_scale: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, DH)
+    key = tl.arange(0, BLOCK_L)
+    key_ok = key < L
+    qkv_base = QKV + b * stride_qkv_b + h * DH
+    dqkv_base = DQKV + b * stride_qkv_b + h * DH
+    o_offs_base = b * stride_o_b + h * DH
+    keep_base = KEEP + (b * H + h) * L * L
+    lse_base = LSE + (b * H + h) * L
+    dt = QKV.dtype.element_ty
+
+    kv_offs = key[:, None] * stride_qkv_l + d[None, :]
+    kv_mask = key_ok[:, None] & (d[None, :] < DH)
+    k = tl.load(qkv_base + D + kv_offs, mask=kv_mask, other=0.0)
+    v = tl.load(qkv_base + 2 * D + kv_offs, mask=kv_mask, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    kt = tl.trans(k)
+    vt = tl.trans(v)
+    dk = tl.zeros([BLOCK_L, DH], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_L, DH], dtype=tl.float32)
+
+    for m0 in range(0, L, BLOCK_M):
+        row = m0 + tl.arange(0, BLOCK_M)
+        row_ok = row < L
+        row_mask = row_ok[:, None] & (d[None, :] < DH)
+        q = tl.load(qkv_base + row[:, None] * stride_qkv_l + d[None, :], mask=row_mask, other=0.0)
+        o_offs = o_offs_base + row[:, None] * stride_o_l + d[None, :]
+        do = tl.load(DO + o_offs, mask=row_mask, other=0.0)
+        o = tl.load(O + o_offs, mask=row_mask, other=0.0)
+        lse = tl.load(lse_base + row, mask=row_ok, other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+
+        # recompute P from Q, K and the saved LSE; rows and columns beyond L are zero
+        ll_mask = row_ok[:, None] & key_ok[None, :]
+        s = tl.dot(q, kt, input_precision=PRECISION) * sm_scale
+        p = tl.where(ll_mask, tl.exp(s - lse[:, None]), 0.0)
+        if HAS_KEEP:
+            keep = tl.load(keep_base + row[:, None] * L + key[None, :], mask=ll_mask, other=0.0)
+            keep = keep.to(tl.float32)
+            p_used = p * keep
+        else:
+            p_used = p
+
+        # dV += P'^T dO
+        p_used = p_used.to(dt)
+        if DOT_F32:
+            p_used = p_used.to(tl.float32)
+        dv += tl.dot(tl.trans(p_used), do, input_precision=PRECISION)
+
+        # dP = (dO V^T) * keep;  dS = P * (dP - delta) / sqrt(Dh),  delta = rowsum(dO * O)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        if HAS_KEEP:
+            dp = dp * keep
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        ds = p * (dp - delta[:, None]) * sm_scale
+        ds = ds.to(dt)
+        if DOT_F32:
+            ds = ds.to(tl.float32)
+
+        # dQ = dS K (rows of this step);  dK += dS^T Q
+        dq = tl.dot(ds, k, input_precision=PRECISION)
+        tl.store(dqkv_base + row[:, None] * stride_qkv_l + d[None, :], dq.to(DQKV.dtype.element_ty), mask=row_mask)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+
+    tl.store(dqkv_base + D + kv_offs, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
+    tl.store(dqkv_base + 2 * D + kv_offs, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward / backward (same signatures as vit.layers, plus the launch settings)
+
+
+def _geometry(b, l, d, heads, dtype, interpret, precision):
+    """Constexprs shared by both kernels, and the number of warps."""
+    dh = d // heads
+    block_l = max(16, next_power_of_2(l))
+    # query rows per step: the score tile and its layout conversions live in shared memory
+    block_m = min(block_l, 32 if np.dtype(dtype) == np.float32 else 64)
+    consts = dict(
+        L=l,
+        H=heads,
+        DH=dh,
+        D=d,
+        stride_qkv_b=l * 3 * d,
+        stride_qkv_l=3 * d,
+        stride_o_b=l * d,
+        stride_o_l=d,
+        sm_scale=1.0 / math.sqrt(dh),
+        PRECISION=precision,
+        DOT_F32=bool(interpret) and np.dtype(dtype) != np.float32,
+        BLOCK_L=block_l,
+        BLOCK_M=block_m,
+    )
+    num_warps = 4 if block_l <= 64 else 8
+    return consts, num_warps
+
+
+def compiled_fits(l: int, dh: int, dtype) -> bool:
+    """Whether the compiled kernels fit a GPU's shared memory: K and V for the whole sequence
+    stay resident, so their tile (BLOCK_L x Dh) is capped at 32 KiB, which keeps the backward
+    under the sm_80 limit of 163 KiB (measured by ``python -m kernels.compile_check``). The
+    interpreter has no such limit."""
+    block_l = max(16, next_power_of_2(l))
+    return block_l * dh * np.dtype(dtype).itemsize <= MAX_KV_TILE_BYTES
+
+
+def _check_qkv(qkv, heads):
+    if qkv.ndim != 3:
+        raise ValueError(f"attention_forward: qkv must be (B, L, 3D), got shape {tuple(qkv.shape)}")
+    b, l, d3 = (int(s) for s in qkv.shape)
+    try:
+        n_heads = operator.index(heads)  # a Python or numpy int; a traced value is an error
+    except TypeError:
+        n_heads = 0
+    if n_heads < 1:
+        raise ValueError(f"attention_forward: heads must be a static positive int, got {heads!r}")
+    heads = n_heads
+    if d3 % (3 * heads) != 0 or d3 == 0:
+        raise ValueError(
+            f"attention_forward: qkv last axis must be 3 * heads * Dh = 3 * {heads} * Dh, got {d3}"
+        )
+    dh = d3 // (3 * heads)
+    if dh < 16 or dh > 128 or dh & (dh - 1):
+        raise ValueError(
+            f"attention_forward: head dim Dh = 3D / (3 * heads) = {dh}; the kernel needs a power of "
+            "two from 16 to 128"
+        )
+    if b < 1 or l < 1:
+        raise ValueError(f"attention_forward: qkv must be non-empty, got shape {tuple(qkv.shape)}")
+    if l > MAX_LEN:
+        raise ValueError(f"attention_forward: sequence length {l} exceeds the one-tile limit {MAX_LEN}")
+    check_dtype("attention_forward: qkv", qkv.dtype)
+    return b, l, d3 // 3, dh, heads
+
+
+def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, precision: str = "ieee"):
+    """qkv (B, L, 3D) -> (o (B, L, D), cache). keep_scale: optional (B, H, L, L) dropout scale."""
+    precision = check_precision(precision)
+    b, l, d, dh, heads = _check_qkv(qkv, heads)
+    if not interpret and not compiled_fits(l, dh, qkv.dtype):
+        raise ValueError(
+            f"attention_forward: L={l} (tile {max(16, next_power_of_2(l))}) x Dh={dh} in {np.dtype(qkv.dtype)} "
+            f"needs more GPU shared memory than the single-tile kernel may use (K/V tile over "
+            f"{MAX_KV_TILE_BYTES // 1024} KiB); use bfloat16, a smaller head dim, or the reference ops"
+        )
+    if keep_scale is not None:
+        if tuple(keep_scale.shape) != (b, heads, l, l):
+            raise ValueError(
+                f"attention_forward: keep_scale must have shape (B, H, L, L) = {(b, heads, l, l)}, "
+                f"got {tuple(keep_scale.shape)}"
+            )
+        check_dtype("attention_forward: keep_scale", keep_scale.dtype)
+    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, precision)
+    o, lse = launch(
+        _attn_fwd,
+        grid=(b, heads),
+        inputs=[qkv, qkv if keep_scale is None else keep_scale],
+        outputs=[
+            jax.ShapeDtypeStruct((b, l, d), qkv.dtype),
+            jax.ShapeDtypeStruct((b, heads, l), np.float32),
+        ],
+        interpret=interpret,
+        name="vitfuse_attn_fwd",
+        num_warps=num_warps,
+        HAS_KEEP=keep_scale is not None,
+        **consts,
+    )
+    # everything the backward needs; heads is lse.shape[1], so the cache is arrays only
+    return o, (qkv, o, lse, keep_scale)
+
+
+def attention_backward(cache, do, *, interpret: bool, precision: str = "ieee"):
+    """dO (B, L, D) -> dQKV (B, L, 3D), packed like qkv."""
+    precision = check_precision(precision)
+    qkv, o, lse, keep_scale = cache
+    b, l, d = (int(s) for s in o.shape)
+    heads = int(lse.shape[1])
+    if tuple(do.shape) != (b, l, d):
+        raise ValueError(f"attention_backward: do must have shape (B, L, D) = {(b, l, d)}, got {tuple(do.shape)}")
+    check_dtype("attention_backward: do", do.dtype)
+    do = do.astype(qkv.dtype)
+    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, precision)
+    (dqkv,) = launch(
+        _attn_bwd,
+        grid=(b, heads),
+        inputs=[qkv, o, do, lse, qkv if keep_scale is None else keep_scale],
+        outputs=[jax.ShapeDtypeStruct((b, l, 3 * d), qkv.dtype)],
+        interpret=interpret,
+        name="vitfuse_attn_bwd",
+        num_warps=num_warps,
+        HAS_KEEP=keep_scale is not None,
+        **consts,
+    )
+    return dqkv

@@ -1,0 +1,143 @@
+"""Compile every kernel for NVIDIA GPUs on a machine without one: ``python -m kernels.compile_check``.
+
+The interpreter runs a kernel's Python body with numpy and accepts code the real compiler rejects
+(type mismatches in tl.dot, bad block shapes, ...), and it says nothing about resources. This runs
+the real Triton compiler (frontend, TritonGPU passes, LLVM, ptxas, all bundled in the triton wheel)
+for sm_80 and sm_90 on exactly the launches the fused ops make (recorded through
+``kernels.launch.record_launches`` under ``jax.eval_shape``, so the constexprs are the launcher's
+own), and checks each kernel's shared memory against the device limit. Registers and spills need
+a driver to read, so they are not reported.
+
+    python -m kernels.compile_check                 # product shapes + the awkward ones, sm_80/sm_90
+    python -m kernels.compile_check --arch 90 --quick
+"""
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from kernels import attention, layernorm
+from kernels.launch import record_launches
+
+# bytes of shared memory one block may use (opt-in maximum), per compute capability
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_TRITON_TYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _attention_launches(b, l, heads, dh, dtype, keep, precision):
+    d = heads * dh
+    qkv = jax.ShapeDtypeStruct((b, l, 3 * d), dtype)
+    ks = jax.ShapeDtypeStruct((b, heads, l, l), dtype) if keep else None
+
+    def run(qkv, ks):
+        o, cache = attention.attention_forward(qkv, heads, ks, interpret=False, precision=precision)
+        return attention.attention_backward(cache, o, interpret=False, precision=precision)
+
+    with record_launches() as specs:
+        jax.eval_shape(run, qkv, ks)
+    return specs
+
+
+def _layernorm_launches(m, n, dtype, residual):
+    x = jax.ShapeDtypeStruct((m, n), dtype)
+    params = {"gamma": jax.ShapeDtypeStruct((n,), jnp.float32), "beta": jax.ShapeDtypeStruct((n,), jnp.float32)}
+
+    def run(params, x, r):
+        y, cache = layernorm.add_layernorm_forward(params, x, r, 1e-6, interpret=False)
+        return layernorm.add_layernorm_backward(params, cache, y, interpret=False)
+
+    with record_launches() as specs:
+        jax.eval_shape(run, params, x, x if residual else None)
+    return specs
+
+
+def cases(quick: bool):
+    """(label, specs) for every configuration to compile."""
+    # the product shape, small ones, and the largest tiles attention.compiled_fits admits
+    att = [(64, 65, 8, 32), (2, 17, 2, 16), (2, 1, 4, 128), (2, 197, 2, 32), (2, 100, 2, 64),
+           (2, 33, 2, 128), (2, 197, 2, 64), (2, 100, 2, 128)]
+    lns = [(64 * 65, 256), (100, 1000), (7, 64)]
+    dtypes = [jnp.float32, jnp.bfloat16]
+    if quick:
+        att, lns = att[:1], lns[:1]
+    for b, l, h, dh in att:
+        for dtype in dtypes:
+            if not attention.compiled_fits(l, dh, dtype):
+                continue
+            for precision in ("ieee", "tf32") if dtype == jnp.float32 else ("ieee",):
+                for keep in (False, True):
+                    name = jnp.dtype(dtype).name + (f"/{precision}" if dtype == jnp.float32 else "")
+                    label = f"attn B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
+                    yield label, _attention_launches(b, l, h, dh, dtype, keep, precision)
+    for m, n in lns:
+        for dtype in dtypes:
+            for residual in (False, True):
+                label = f"ln M={m} N={n} {jnp.dtype(dtype).name}{' +r' if residual else ''}"
+                yield label, _layernorm_launches(m, n, dtype, residual)
+
+
+def _signature(spec):
+    """Triton signature for ASTSource: pointers for inputs then outputs, then the constexprs."""
+    kernel = spec.kernel
+    pointers = list(spec.inputs) + list(spec.outputs)
+    names = [n for n in kernel.arg_names if n not in spec.constexprs]
+    if len(names) != len(pointers):
+        raise ValueError(f"{spec.name}: {len(pointers)} arrays for pointer params {names}")
+    sig = {n: "*" + _TRITON_TYPE[jnp.dtype(p.dtype).name] for n, p in zip(names, pointers)}
+    sig.update({n: "constexpr" for n in spec.constexprs})
+    return {n: sig[n] for n in kernel.arg_names}
+
+
+def compile_spec(spec, arch: int):
+    import triton  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    src = ASTSource(spec.kernel, _signature(spec), dict(spec.constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+        "enable_fp_fusion": True,  # jax-triton 0.3.1's default
+    })
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    ap.add_argument("--quick", action="store_true", help="product shapes only")
+    args = ap.parse_args(argv)
+    import triton  # noqa: PLC0415
+
+    print(f"triton {triton.__version__}, jax {jax.__version__}; compiling for sm_{args.arch}")
+    print(f"{'case':<48} {'kernel':<22} {'arch':>4} {'warps':>5} {'smem B':>8} {'sec':>5}  ok")
+    failures = 0
+    seen = set()
+    for label, specs in cases(args.quick):
+        for spec in specs:
+            for arch in args.arch:
+                key = (spec.name, tuple(sorted((k, str(v)) for k, v in spec.constexprs.items())),
+                       tuple(str(a.dtype) for a in spec.inputs), arch)
+                if key in seen:
+                    continue
+                seen.add(key)
+                t0 = time.perf_counter()
+                try:
+                    shared = compile_spec(spec, arch).metadata.shared
+                    limit = SHARED_LIMIT.get(arch, 101376)
+                    ok = shared <= limit
+                    note = "" if ok else f"  shared memory over the sm_{arch} limit {limit}"
+                except Exception as e:  # report every failing configuration, then exit non-zero
+                    shared, ok, note = -1, False, f"  {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                failures += not ok
+                dt = time.perf_counter() - t0
+                print(f"{label:<48} {spec.name:<22} {arch:>4} {spec.num_warps:>5} {shared:>8} {dt:>5.1f}  "
+                      f"{'ok' if ok else 'FAIL'}{note}")
+    print("all kernels compile" if not failures else f"{failures} compile failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Fused kernels vs the reference layers: every output and every gradient, on fresh random inputs.
+
+    python -m kernels.gradcheck                      # default shapes; interpreter when no GPU
+    python -m kernels.gradcheck --full               # + the product shape (B=64 L=65 H=8 Dh=32)
+    python -m kernels.gradcheck --dtype bfloat16     # bf16 kernels vs the float32 reference
+    python -m kernels.gradcheck --shapes attn:2x17x4x32:keep ln:130x100:r --seed 3
+
+For each case both ``vit.layers`` (the reference) and the fused ops run forward and backward under
+``jax.jit`` on the same random inputs; the table gives, per tensor, the max abs error, the error
+relative to the tensor's largest reference magnitude (rel = max|fused - ref| / max|ref|, which is
+meaningful where elementwise relative errors are not: near-zero entries), and the number of
+non-finite fused values. In the interpreter every kernel output starts as NaN (kernels/launch.py),
+so an element a kernel never writes is counted there. Exit status 1 when any tensor is over
+tolerance or non-finite. Validate-first: kernels/compile_check.py and bench/ time only what
+passes here.
+
+Tolerances (rel, as above):
+  float32 + ieee dots  1e-5   observed <= ~1e-6: only summation order differs from XLA
+  float32 + tf32 dots  5e-3   tf32 keeps 10 mantissa bits (2^-11 ~ 5e-4 per product)
+  bfloat16 / float16   2e-2   observed <= ~6e-3: outputs, P and dS rounded to the input dtype
+                              (bf16: 8 mantissa bits, 2^-9 ~ 2e-3 each), compared with the
+                              float32 reference on the same rounded inputs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TOLERANCE = {("float32", "ieee"): 1e-5, ("float32", "tf32"): 5e-3, ("float32", "tf32x3"): 1e-5,
+             ("bfloat16", None): 2e-2, ("float16", None): 2e-2}
+
+DEFAULT_SHAPES = [
+    # attn:BxLxHxDh[:keep] -- why each one
+    "attn:1x1x2x16",  # L=1: one token, 15 padded rows/keys, batch 1
+    "attn:2x17x4x16:keep",  # L just above a power of two, dropout mask
+    "attn:3x17x2x32",  # odd batch
+    "attn:2x65x8x32",  # product L, heads and head dim (batch 2)
+    "attn:2x65x4x32:keep",  # product L with dropout
+    "attn:1x65x2x64",  # Dh 64
+    "attn:1x197x2x64:keep",  # ViT-B/16 at 224px: L=197, tile 256 (too big for fp32 on a GPU)
+    "attn:2x197x2x32",  # L=197 with a K/V tile that fits the compiled fp32 kernel
+    "attn:2x33x1x128",  # Dh 128, a single head
+    # ln:MxN[:r] -- rows x width, r: residual given
+    "ln:130x64",  # small width, no residual
+    "ln:130x256:r",  # product width
+    "ln:65x1000:r",  # width not a power of two (BLOCK 1024, 24 masked columns)
+    "ln:7x100",  # few rows, masked columns
+]
+FULL_SHAPES = ["attn:64x65x8x32", "attn:64x65x8x32:keep", "ln:4160x256:r"]
+
+
+# ----------------------------------------------------------------------------------------------
+# cases: inputs, both runs, comparison
+
+
+def tolerance(dtype: str, precision: str) -> float:
+    return TOLERANCE[(dtype, precision if dtype == "float32" else None)]
+
+
+def parse_shape(spec: str):
+    """'attn:2x17x4x32:keep' -> ('attn', (2, 17, 4, 32), True); 'ln:130x100:r' -> ('ln', ...)."""
+    parts = spec.split(":")
+    kind, dims, flags = parts[0], parts[1] if len(parts) > 1 else "", parts[2:]
+    try:
+        dims = tuple(int(v) for v in dims.split("x"))
+    except ValueError:
+        dims = ()
+    want = {"attn": (4, {"keep"}), "ln": (2, {"r"})}
+    if kind not in want or len(dims) != want[kind][0] or not set(flags) <= want[kind][1]:
+        raise ValueError(f"bad shape {spec!r}: use attn:BxLxHxDh[:keep] or ln:MxN[:r]")
+    return kind, dims, bool(flags)
+
+
+def attention_inputs(key, b, l, heads, dh, keep, dtype):
+    """qkv, dO (unit normal, in dtype) and an optional dropout scale (rate 0.1, in float32)."""
+    from vit import layers  # noqa: PLC0415
+
+    k1, k2, k3 = jax.random.split(key, 3)
+    d = heads * dh
+    qkv = jax.random.normal(k1, (b, l, 3 * d), jnp.float32).astype(dtype)
+    do = jax.random.normal(k2, (b, l, d), jnp.float32).astype(dtype)
+    keep_scale = layers.dropout_scale(k3, 0.1, (b, heads, l, l), jnp.float32) if keep else None
+    return {"qkv": qkv, "heads": heads, "keep_scale": keep_scale, "do": do}
+
+
+def layernorm_inputs(key, m, n, residual, dtype):
+    """x (offset and scaled so mean and variance matter), r, dy in dtype; gamma, beta float32."""
+    k = jax.random.split(key, 5)
+    x = (3.0 + 2.0 * jax.random.normal(k[0], (m, n), jnp.float32)).astype(dtype)
+    r = jax.random.normal(k[1], (m, n), jnp.float32).astype(dtype) if residual else None
+    params = {"gamma": 1.0 + 0.5 * jax.random.normal(k[2], (n,), jnp.float32),
+              "beta": 0.5 * jax.random.normal(k[3], (n,), jnp.float32)}
+    dy = jax.random.normal(k[4], (m, n), jnp.float32).astype(dtype)
+    return {"params": params, "x": x, "r": r, "dy": dy, "eps": 1e-6}
+
+
+def run_attention(ops, inp):
+    """-> {"o", "dq", "dk", "dv"}: forward output and the three thirds of dQKV."""
+    heads = inp["heads"]
+
+    @jax.jit
+    def run(qkv, keep_scale, do):
+        o, cache = ops.attention_forward(qkv, heads, keep_scale)
+        return o, ops.attention_backward(cache, do)
+
+    o, dqkv = run(inp["qkv"], inp["keep_scale"], inp["do"])
+    dq, dk, dv = jnp.split(dqkv, 3, axis=-1)
+    return {"o": o, "dq": dq, "dk": dk, "dv": dv}
+
+
+def run_layernorm(ops, inp):
+    """-> {"y", "ds", "dgamma", "dbeta"}."""
+    eps = inp["eps"]
+
+    @jax.jit
+    def run(params, x, r, dy):
+        y, cache = ops.add_layernorm_forward(params, x, r, eps)
+        ds, grads = ops.add_layernorm_backward(params, cache, dy)
+        return y, ds, grads
+
+    y, ds, grads = run(inp["params"], inp["x"], inp["r"], inp["dy"])
+    return {"y": y, "ds": ds, "dgamma": grads["gamma"], "dbeta": grads["beta"]}
+
+
+def as_float32(inp):
+    """The same inputs upcast to float32: the reference for half-precision kernels."""
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float32) if isinstance(a, jax.Array) else a, inp
+    )
+
+
+def compare(fused: dict, ref: dict, tol: float):
+    """Rows (tensor, shape, max_abs, rel, nonfinite, ok) for every tensor of ``ref``."""
+    rows = []
+    for name, r in ref.items():
+        f = np.asarray(jnp.asarray(fused[name], jnp.float32), np.float64)
+        r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
+        if f.shape != r.shape:
+            rows.append((name, f.shape, np.inf, np.inf, 0, False))
+            continue
+        nonfinite = int(np.sum(~np.isfinite(f)))
+        diff = np.abs(np.where(np.isfinite(f), f, np.inf) - r)
+        max_abs = float(diff.max()) if diff.size else 0.0
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        rel = max_abs / scale if scale > 0 else max_abs
+        rows.append((name, r.shape, max_abs, rel, nonfinite, nonfinite == 0 and rel <= tol))
+    return rows
+
+
+def check(spec: str, fused_ops, ref_ops, key, dtype: str, tol: float):
+    """Run one case; -> rows from ``compare``."""
+    kind, dims, flag = parse_shape(spec)
+    if kind == "attn":
+        inp = attention_inputs(key, *dims, flag, jnp.dtype(dtype))
+        fused = run_attention(fused_ops, inp)
+        ref = run_attention(ref_ops, as_float32(inp))
+    else:
+        inp = layernorm_inputs(key, *dims, flag, jnp.dtype(dtype))
+        fused = run_layernorm(fused_ops, inp)
+        ref = run_layernorm(ref_ops, as_float32(inp))
+    return compare(fused, ref, tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", metavar="SPEC", help="attn:BxLxHxDh[:keep] / ln:MxN[:r]")
+    ap.add_argument("--full", action="store_true", help="add the product shapes (slow in the interpreter)")
+    ap.add_argument("--interpret", action="store_true", help="force Triton's interpreter")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--precision", default="ieee", choices=["ieee", "tf32", "tf32x3"])
+    ap.add_argument("--seed", type=int, default=None, help="default: fresh, printed")
+    args = ap.parse_args(argv)
+
+    from kernels import attention, fused_ops  # noqa: PLC0415
+    from vit.ops import REFERENCE  # noqa: PLC0415
+
+    backend = jax.default_backend()
+    interpret = args.interpret or backend != "gpu"
+    if interpret and not args.interpret:
+        print(f"no GPU backend (jax backend: {backend}): running the kernels in Triton's interpreter (slow)")
+    seed = args.seed if args.seed is not None else int(time.time_ns() % 2**31)
+    shapes = args.shapes or (DEFAULT_SHAPES + (FULL_SHAPES if args.full or not interpret else []))
+    for spec in shapes:
+        try:
+            parse_shape(spec)
+        except ValueError as e:
+            ap.error(str(e))
+    tol = tolerance(args.dtype, args.precision)
+    ops = fused_ops(interpret=interpret, precision=args.precision)
+
+    import triton  # noqa: PLC0415
+
+    device = "interpreter (CPU)" if interpret else jax.devices()[0].device_kind
+    print(f"gradcheck: {device}, triton {triton.__version__}, jax {jax.__version__}, dtype {args.dtype}, "
+          f"dots {args.precision}, seed {seed}, tol rel {tol:g}; outputs NaN-poisoned: {interpret}")
+    header = f"{'case':<24} {'tensor':<7} {'shape':<16} {'max_abs':>10} {'rel':>10} {'nonfin':>6} {'sec':>5}  ok"
+    print(header)
+    print("-" * len(header))
+    failures = skipped = 0
+    key = jax.random.PRNGKey(seed)
+    for i, spec in enumerate(shapes):
+        kind, dims, _ = parse_shape(spec)
+        if kind == "attn" and not interpret and not attention.compiled_fits(dims[1], dims[3], args.dtype):
+            skipped += 1
+            print(f"{spec:<24} SKIP: K/V tile over the compiled kernel's shared-memory budget "
+                  f"(attention.compiled_fits; the interpreter runs it)")
+            continue
+        t0 = time.perf_counter()
+        rows = check(spec, ops, REFERENCE, jax.random.fold_in(key, i), args.dtype, tol)
+        dt = time.perf_counter() - t0
+        for j, (name, shape, max_abs, rel, nonfinite, ok) in enumerate(rows):
+            failures += not ok
+            shape_s = "x".join(str(s) for s in shape)
+            sec = f"{dt:5.1f}" if j == 0 else ""
+            print(f"{spec if j == 0 else '':<24} {name:<7} {shape_s:<16} {max_abs:>10.2e} {rel:>10.2e} "
+                  f"{nonfinite:>6} {sec:>5}  {'ok' if ok else 'FAIL'}")
+    print("-" * len(header))
+    print("all tensors within tolerance" if not failures else f"{failures} tensor(s) over tolerance or non-finite")
+    if skipped:
+        print(f"{skipped} case(s) skipped (not run, not passed)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

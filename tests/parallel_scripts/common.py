@@ -1,0 +1,82 @@
+"""What the parallel tests and their subprocess worker share: one small model with every source of
+randomness on, a fixed stream of global batches and step keys, and npz dumps of the results.
+
+Imported by tests/test_parallel.py (by path) and by worker.py (same directory). Importing it does not
+touch JAX's devices, so a worker can still set up its devices / jax.distributed after importing it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GLOBAL_BATCH = 8
+STEPS = 4            # steps of the equivalence run
+CKPT_STEP = 2        # the 4-device run writes a checkpoint after this many steps
+MP_STEPS = 3         # steps of the two-process run
+SHARDED_STEPS = 2    # steps of the 4-device run with the ops under shard_map (the fused kernels)
+
+
+def config():
+    from vit.config import ViTConfig  # noqa: PLC0415
+
+    # pre-norm so the head's final LayerNorm on (B, D) rows goes through the ops too; every
+    # dropout kind on, so the random masks of the global batch are part of the comparison;
+    # head dim 16, the smallest the fused attention kernel takes (L = 17 is not a power of two)
+    return ViTConfig(image_size=16, patch_size=4, channels=3, d_model=32, heads=2, layers=2,
+                     mlp_dim=64, num_classes=10, norm="pre", dropout=0.1, attn_dropout=0.1,
+                     ffn_dropout=0.1, drop_path=0.1)
+
+
+def hparams():
+    from vit.step import TrainHParams  # noqa: PLC0415
+
+    # crop + flip + mixup (a permutation of the whole global batch: rows pair across devices),
+    # label smoothing, global-norm clipping and warmup: everything the step does per batch
+    return TrainHParams(lr=1e-3, weight_decay=0.05, warmup_steps=2, total_steps=10,
+                        schedule="cosine", clip_norm=1.0, label_smoothing=0.1, crop_pad=2,
+                        flip=True, mixup_alpha=0.4)
+
+
+MEAN = (0.45, 0.5, 0.55)
+STD = (0.25, 0.2, 0.3)
+
+
+def batch(step: int, size: int = GLOBAL_BATCH):
+    """Global batch number `step`: uint8 images (size, 16, 16, 3), int32 labels (size,)."""
+    rng = np.random.default_rng([1234, step])
+    images = rng.integers(0, 256, (size, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (size,), dtype=np.int32)
+    return images, labels
+
+
+def eval_batch():
+    """A padded eval batch: 8 rows, the last 3 marked invalid."""
+    images, labels = batch(999)
+    valid = np.arange(GLOBAL_BATCH) < GLOBAL_BATCH - 3
+    return images, labels, valid
+
+
+def step_key(step: int):
+    import jax  # noqa: PLC0415
+
+    return jax.random.PRNGKey(1000 + step)
+
+
+def init_state():
+    import jax  # noqa: PLC0415
+
+    from vit.model import init_params  # noqa: PLC0415
+    from vit.optim import adamw_init  # noqa: PLC0415
+
+    params = init_params(jax.random.PRNGKey(0), config())
+    return params, adamw_init(params)
+
+
+def flat(tree, prefix: str) -> dict:
+    from vit.checkpoint import flatten  # noqa: PLC0415
+
+    return flatten(tree, prefix)
+
+
+def save_npz(path, **arrays):
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})

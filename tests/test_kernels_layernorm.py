@@ -1,0 +1,125 @@
+"""Fused residual-add LayerNorm (kernels/layernorm.py) vs vit.layers.add_layernorm_*, in Triton's
+interpreter: y, ds, dgamma, dbeta on awkward shapes, r given or None, bf16, errors, determinism.
+
+Error metric (kernels.gradcheck.compare): rel = max|fused - ref| / max|ref| per tensor, plus a
+count of non-finite fused values (outputs start as NaN in the interpreter, so an unwritten element
+is non-finite). Tolerances: float32 1e-5 (observed ~1e-7: only summation order differs);
+bf16 2e-2 against the float32 reference on the same rounded inputs (observed <= ~8e-3: y and ds
+are rounded to 8 mantissa bits, and s = x + r is rounded to bf16 as the reference does in bf16).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import fused_ops, layernorm
+from kernels.gradcheck import as_float32, compare, layernorm_inputs, run_layernorm
+from vit.ops import REFERENCE
+
+F32_TOL = 1e-5
+BF16_TOL = 2e-2
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return fused_ops(interpret=True)
+
+
+def assert_all_close(rows, tol):
+    for name, shape, max_abs, rel, nonfinite, _ in rows:
+        assert nonfinite == 0, f"{name}{shape}: {nonfinite} non-finite values (unwritten or overflow)"
+        assert rel <= tol, f"{name}{shape}: rel error {rel:.2e} (max abs {max_abs:.2e}) > {tol:g}"
+
+
+@pytest.mark.parametrize(
+    "m, n",
+    [
+        (1, 64),  # one row
+        (130, 64),  # rows not a multiple of the row tile
+        (7, 100),  # width not a power of two: 28 masked columns
+        (5, 17),  # tiny odd width
+        (65, 1000),  # the widest the brief asks for, 24 masked columns
+        (33, 1024),  # width exactly a power of two, no masking
+        (520, 256),  # product width, several backward groups (two-stage dgamma/dbeta)
+    ],
+)
+@pytest.mark.parametrize("residual", [False, True], ids=["r=None", "r"])
+def test_matches_reference_float32(ops, m, n, residual):
+    inp = layernorm_inputs(jax.random.PRNGKey(m * 7 + n), m, n, residual, jnp.float32)
+    rows = compare(run_layernorm(ops, inp), run_layernorm(REFERENCE, inp), F32_TOL)
+    assert [r[0] for r in rows] == ["y", "ds", "dgamma", "dbeta"]
+    assert_all_close(rows, F32_TOL)
+
+
+def test_leading_axes_are_flattened(ops):
+    """(B, L, D) input as the model passes it, eager (no jit)."""
+    k = jax.random.split(jax.random.PRNGKey(3), 4)
+    x = jax.random.normal(k[0], (3, 5, 96))
+    r = jax.random.normal(k[1], (3, 5, 96))
+    params = {"gamma": jax.random.normal(k[2], (96,)), "beta": jnp.zeros((96,))}
+    dy = jax.random.normal(k[3], (3, 5, 96))
+    y, cache = ops.add_layernorm_forward(params, x, r, 1e-5)
+    ds, grads = ops.add_layernorm_backward(params, cache, dy)
+    y_ref, cache_ref = REFERENCE.add_layernorm_forward(params, x, r, 1e-5)
+    ds_ref, grads_ref = REFERENCE.add_layernorm_backward(params, cache_ref, dy)
+    assert y.shape == x.shape and ds.shape == x.shape
+    rows = compare({"y": y, "ds": ds, "dgamma": grads["gamma"], "dbeta": grads["beta"]},
+                   {"y": y_ref, "ds": ds_ref, "dgamma": grads_ref["gamma"], "dbeta": grads_ref["beta"]},
+                   F32_TOL)
+    assert_all_close(rows, F32_TOL)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["r=None", "r"])
+@pytest.mark.parametrize("m, n", [(130, 256), (7, 100)])
+def test_bfloat16_vs_float32_reference(ops, m, n, residual):
+    inp = layernorm_inputs(jax.random.PRNGKey(11), m, n, residual, jnp.bfloat16)
+    fused = run_layernorm(ops, inp)
+    assert fused["y"].dtype == jnp.bfloat16 and fused["ds"].dtype == jnp.bfloat16
+    assert fused["dgamma"].dtype == jnp.float32 and fused["dbeta"].dtype == jnp.float32
+    assert_all_close(compare(fused, run_layernorm(REFERENCE, as_float32(inp)), BF16_TOL), BF16_TOL)
+
+
+def test_saved_statistics_are_float32_mean_and_rstd(ops):
+    inp = layernorm_inputs(jax.random.PRNGKey(5), 9, 100, True, jnp.bfloat16)
+    _, (x, r, mean, rstd) = ops.add_layernorm_forward(inp["params"], inp["x"], inp["r"], 1e-6)
+    s = (inp["x"] + inp["r"]).astype(jnp.float32)  # rounded to bf16 by the add, as the reference
+    assert mean.dtype == jnp.float32 and rstd.dtype == jnp.float32 and mean.shape == (9,)
+    np.testing.assert_allclose(mean, s.mean(-1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rstd, 1 / np.sqrt(np.var(np.asarray(s), -1) + 1e-6), rtol=1e-5)
+
+
+def test_dgamma_dbeta_are_bitwise_deterministic(ops):
+    # 4160 rows of 256: 65 row tiles in 8 backward groups, so the two-stage reduction is exercised
+    inp = layernorm_inputs(jax.random.PRNGKey(2), 64 * 65, 256, True, jnp.float32)
+    tiles, groups = layernorm._bwd_groups(64 * 65, layernorm._tiles(64 * 65, 256, True)[0], True)
+    assert groups > 1 and tiles > 1
+    first = run_layernorm(ops, inp)
+    second = run_layernorm(ops, inp)
+    for name in ("dgamma", "dbeta", "ds"):
+        assert np.array_equal(np.asarray(first[name]), np.asarray(second[name])), name
+
+
+def test_shape_and_dtype_errors(ops):
+    x = jnp.ones((4, 8))
+    params = {"gamma": jnp.ones((8,)), "beta": jnp.zeros((8,))}
+    with pytest.raises(ValueError, match=r"params\['gamma'\] must have shape \(8,\)"):
+        ops.add_layernorm_forward({"gamma": jnp.ones((7,)), "beta": jnp.zeros((8,))}, x, None, 1e-5)
+    with pytest.raises(ValueError, match="r must match x"):
+        ops.add_layernorm_forward(params, x, jnp.ones((4, 9)), 1e-5)
+    with pytest.raises(ValueError, match="x: dtype must be one of"):
+        ops.add_layernorm_forward(params, x.astype(jnp.int32), None, 1e-5)
+    with pytest.raises(ValueError, match="width 16385 exceeds the one-tile limit 16384"):
+        ops.add_layernorm_forward(params, jnp.ones((2, 16385)), None, 1e-5)
+    with pytest.raises(ValueError, match="non-empty"):
+        ops.add_layernorm_forward(params, jnp.ones((0, 8)), None, 1e-5)
+    _, cache = ops.add_layernorm_forward(params, x, None, 1e-5)
+    with pytest.raises(ValueError, match=r"dy must have the shape of x \(4, 8\)"):
+        ops.add_layernorm_backward(params, cache, jnp.ones((4, 9)))
+
+
+def test_eps_must_be_static(ops):
+    x = jnp.ones((2, 8))
+    params = {"gamma": jnp.ones((8,)), "beta": jnp.zeros((8,))}
+    with pytest.raises(ValueError, match="eps must be a static Python float"):
+        jax.jit(lambda eps: ops.add_layernorm_forward(params, x, None, eps)[0])(1e-5)

@@ -1,0 +1,133 @@
+"""The fused-ops entry point and the launcher: interpret selection, vit.ops wiring, NaN poisoning
+of outputs, the interpreter leaving triton.language as it found it, and a real GPU compile (no GPU
+needed: ptxas ships in the triton wheel) of the product-shape kernels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import triton
+import triton.language as tl
+
+from kernels import fused_ops
+from kernels.gradcheck import attention_inputs, compare, layernorm_inputs, run_attention, run_layernorm
+from kernels.launch import launch, run_interpreted
+from vit import ops as vit_ops
+
+
+def test_interpret_none_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # as in CI, whatever runs this
+    with pytest.raises(RuntimeError, match="no GPU backend.*interpret=True"):
+        fused_ops()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    ops = fused_ops()  # compiled: nothing is imported or compiled until the first launch
+    assert ops.interpret is False and "jax-triton" in ops.description
+
+
+def test_bad_precision_is_rejected():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fused_ops(interpret=True, precision="fp8")
+
+
+def test_get_ops_fused_interpret_returns_working_ops():
+    ops = vit_ops.get_ops(fused=True, interpret=True)
+    assert ops.name == "fused"
+    for fn in ("attention_forward", "attention_backward", "add_layernorm_forward", "add_layernorm_backward"):
+        assert callable(getattr(ops, fn))
+    ref = vit_ops.get_ops(fused=False)
+    a = attention_inputs(jax.random.PRNGKey(0), 2, 5, 2, 16, True, jnp.float32)
+    ln = layernorm_inputs(jax.random.PRNGKey(1), 10, 32, True, jnp.float32)
+    rows = compare(run_attention(ops, a), run_attention(ref, a), 1e-5)
+    rows += compare(run_layernorm(ops, ln), run_layernorm(ref, ln), 1e-5)
+    assert all(ok for *_, ok in rows), rows
+
+
+@triton.jit
+def _write_first_half(X, Y, N: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs) * 2.0, mask=offs < N // 2)
+
+
+def test_outputs_start_as_nan_so_unwritten_elements_show():
+    x = np.arange(8, dtype=np.float32)
+    (y,) = run_interpreted(_write_first_half, (1,), [jax.ShapeDtypeStruct((8,), jnp.float32)],
+                           {"N": 8, "BLOCK": 8}, x)
+    np.testing.assert_array_equal(y[:4], 2 * x[:4])
+    assert np.isnan(y[4:]).all()
+    # the same through launch + jax.jit (pure_callback)
+    f = jax.jit(lambda x: launch(_write_first_half, grid=(1,), inputs=[x],
+                                 outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)],
+                                 interpret=True, name="half", N=8, BLOCK=8)[0])
+    y = np.asarray(f(jnp.asarray(x)))
+    assert np.isnan(y[4:]).all() and not np.isnan(y[:4]).any()
+
+
+def test_interpreter_restores_triton_language():
+    before = (triton.runtime.jit.JITFunction.__call__, tl.core.reduce, tl.reduce, tl.core.tensor.__add__)
+    ops = fused_ops(interpret=True)
+    inp = attention_inputs(jax.random.PRNGKey(2), 1, 5, 1, 16, False, jnp.float32)
+    run_attention(ops, inp)
+    after = (triton.runtime.jit.JITFunction.__call__, tl.core.reduce, tl.reduce, tl.core.tensor.__add__)
+    assert before == after
+    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
+        tl.max(1, 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_product_kernels_compile_for_sm90(dtype):
+    """The real Triton compiler (frontend, GPU passes, ptxas) on the launches the product shape
+    makes (B=64 L=65 H=8 Dh=32 with dropout; LN 4160 x 256 with residual), within shared memory.
+    ``python -m kernels.compile_check`` does the full set for sm_80 and sm_90."""
+    from kernels import compile_check
+
+    specs = compile_check._attention_launches(64, 65, 8, 32, dtype, True, "ieee")
+    specs += compile_check._layernorm_launches(64 * 65, 256, dtype, True)
+    assert [s.name for s in specs] == ["vitfuse_attn_fwd", "vitfuse_attn_bwd", "vitfuse_ln_fwd",
+                                       "vitfuse_ln_bwd", "vitfuse_ln_bwd_reduce"]
+    for spec in specs:
+        kernel = compile_check.compile_spec(spec, 90)
+        assert 0 <= kernel.metadata.shared <= compile_check.SHARED_LIMIT[90], spec.name
+        assert "ld.global" in kernel.asm["ptx"], spec.name
+
+
+@triton.jit
+def _to_bf16(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, tl.load(X + offs).to(tl.bfloat16))
+
+
+def test_interpreter_rounds_float32_to_bfloat16_to_nearest_even():
+    """As the GPU and XLA do; Triton's interpreter alone would truncate (kernels/launch.py)."""
+    x = np.random.RandomState(0).randn(4096).astype(np.float32) * 3
+    (y,) = run_interpreted(_to_bf16, (1,), [jax.ShapeDtypeStruct((4096,), jnp.bfloat16)], {"N": 4096}, x)
+    expected = np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
+    np.testing.assert_array_equal(y.view(np.uint16), expected.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_poison_covers_every_float_dtype(dtype):
+    (y,) = run_interpreted(_write_first_half, (1,), [jax.ShapeDtypeStruct((8,), dtype)],
+                           {"N": 0, "BLOCK": 8}, np.zeros(8, dtype))
+    assert np.isnan(np.asarray(y, np.float32)).all()
+
+
+def test_gradcheck_compare_flags_errors_and_nan():
+    ref = {"a": jnp.array([1.0, -2.0, 4.0]), "b": jnp.array([1.0, 2.0])}
+    good = {"a": ref["a"] * (1 + 1e-7), "b": ref["b"]}
+    assert all(row[-1] for row in compare(good, ref, 1e-5))
+    off = {"a": ref["a"].at[1].add(1e-3), "b": ref["b"]}  # rel 2.5e-4
+    (name, _, max_abs, rel, nonfinite, ok), _ = compare(off, ref, 1e-5)
+    assert (name, ok, nonfinite) == ("a", False, 0) and abs(rel - 2.5e-4) < 1e-6
+    nan = {"a": ref["a"], "b": ref["b"].at[0].set(jnp.nan)}
+    _, (name, _, _, _, nonfinite, ok) = compare(nan, ref, 1e-5)
+    assert (name, nonfinite, ok) == ("b", 1, False)
+
+
+def test_gradcheck_command_runs_and_exits_zero(capsys):
+    from kernels import gradcheck
+
+    assert gradcheck.main(["--interpret", "--seed", "0", "--shapes", "attn:1x5x1x16:keep", "ln:3x10:r"]) == 0
+    out = capsys.readouterr().out
+    assert "all tensors within tolerance" in out
+    for tensor in ("o", "dq", "dk", "dv", "y", "ds", "dgamma", "dbeta"):
+        assert f" {tensor} " in out

@@ -1,0 +1,422 @@
+"""Data parallelism (vit/parallel.py): the step on 4 devices, on 2 processes and resumed on 1
+device equals the single-device step on the same global batches.
+
+This pytest process has JAX with one CPU device, so the multi-device runs are subprocesses
+(tests/parallel_scripts/worker.py) with XLA_FLAGS=--xla_force_host_platform_device_count=N that
+write their results to files; the single-device reference runs here.
+
+One exception to "equal": the key bias. The QKV bias columns of K add q . b_k to every score of a
+query row, which softmax ignores, so their exact gradient is zero; in float32 it is ~1e-11 noise
+that depends on the summation order, and AdamW normalises that noise into updates of ~lr. Those
+D columns are compared against that bound (and their gradient checked to be noise); every other
+number to 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vit import checkpoint, parallel
+from vit.step import make_eval_step, make_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "parallel_scripts"
+WORKER = SCRIPTS / "worker.py"
+WORKER_TIMEOUT_S = 120
+
+_spec = importlib.util.spec_from_file_location("parallel_common", SCRIPTS / "common.py")
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+RTOL = 1e-5  # relative to the largest magnitude of each tensor
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                   "JAX_LOCAL_DEVICE_IDS")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _text(x) -> str:
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+
+def _tail(text: str, n: int = 4000) -> str:
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def run_worker(mode: str, out: pathlib.Path, devices: int, *extra: str) -> None:
+    cmd = [sys.executable, str(WORKER), mode, "--out", str(out), *extra]
+    try:  # subprocess.run kills the worker when the timeout expires
+        done = subprocess.run(cmd, env=_env(devices), cwd=ROOT, capture_output=True, text=True,
+                              timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        output = "\n".join(_text(x) for x in (e.stdout, e.stderr))
+        pytest.fail(f"{mode} worker ran past {WORKER_TIMEOUT_S} s, killed\n{_tail(output)}")
+    if done.returncode != 0:
+        pytest.fail(f"{mode} worker failed (rc {done.returncode})\n"
+                    f"{_tail(done.stdout)}\n{_tail(done.stderr)}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_state(path) -> dict:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files if k.startswith("state/")}
+
+
+def key_bias_split(name: str):
+    """For the QKV bias: (columns compared tightly, the K columns); None for any other tensor."""
+    if not name.endswith("attn/qkv/b"):
+        return None
+    d = common.config().d_model
+    return np.r_[0:d, 2 * d:3 * d], np.arange(d, 2 * d)
+
+
+def assert_states_close(got: dict, want: dict, lr_sum: float, what: str):
+    """Every tensor of {"state/params/...", "state/opt/..."} to RTOL of its largest magnitude; the
+    key-bias columns of the params to the AdamW bound 2 * sum(lr) (see the module docstring)."""
+    assert sorted(got) == sorted(want), what
+    worst = 0.0
+    for name, w in want.items():
+        g = got[name]
+        assert g.shape == w.shape and g.dtype == w.dtype, (what, name, g.shape, w.shape)
+        split = key_bias_split(name) if name.startswith("state/params/") else None
+        if split is not None:
+            tight, k_cols = split
+            k_diff = float(np.max(np.abs(g[k_cols] - w[k_cols])))
+            assert k_diff <= 2.0 * lr_sum, (what, name, "key bias", k_diff, lr_sum)
+            g, w = g[tight], w[tight]
+        scale = float(np.max(np.abs(w)))
+        diff = float(np.max(np.abs(g.astype(np.float64) - w)))
+        assert diff <= RTOL * scale + 1e-30, (what, name, diff, scale)
+        worst = max(worst, diff / scale if scale else 0.0)
+    return worst
+
+
+def assert_metrics_close(got: list, want: list, what: str):
+    assert len(got) == len(want), what
+    for s, (g, w) in enumerate(zip(got, want)):
+        for k in ("loss", "grad_norm", "lr"):
+            assert g[k] == pytest.approx(w[k], rel=RTOL), (what, s, k, g[k], w[k])
+        assert g["accuracy"] == w["accuracy"], (what, s)
+
+
+def assert_eval_close(got: dict, want: dict, what: str):
+    for k in ("loss_sum", "top1", "top5", "count"):
+        assert float(got[f"eval/{k}"]) == pytest.approx(float(want[k]), rel=RTOL, abs=1e-6), (what, k)
+    logits = want["logits"]
+    diff = np.max(np.abs(got["eval/logits"] - logits))
+    assert diff <= RTOL * np.max(np.abs(logits)), (what, diff)
+
+
+def lr_sum(metrics, steps) -> float:
+    return float(sum(m["lr"] for m in metrics[:steps]))
+
+
+# ----------------------------------------------------------------------------------------------
+# the single-device reference, in this process
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """make_train_step (one device) on the global batches: metrics, the state after every step,
+    and make_eval_step on the params after MP_STEPS and after STEPS."""
+    cfg, hp = common.config(), common.hparams()
+    step = make_train_step(cfg, hp, mean=common.MEAN, std=common.STD, donate=False)
+    evaluate = make_eval_step(cfg, mean=common.MEAN, std=common.STD)
+    params, opt = common.init_state()
+    metrics, states, evals = [], {}, {}
+    for s in range(common.STEPS):
+        params, opt, m = step(params, opt, *common.batch(s), common.step_key(s))
+        metrics.append({k: float(v) for k, v in m.items()})
+        states[s + 1] = common.flat({"params": params, "opt": opt}, "state")
+        if s + 1 in (common.MP_STEPS, common.STEPS):
+            evals[s + 1] = jax.tree_util.tree_map(np.asarray, evaluate(params, *common.eval_batch()))
+    return {"metrics": metrics, "states": states, "evals": evals, "step": step}
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    out = tmp_path_factory.mktemp("equivalence")
+    t0 = time.time()
+    run_worker("equivalence", out, 4)
+    report = json.loads((out / "equivalence.json").read_text())
+    report["wall_s"] = time.time() - t0
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def ops_run(tmp_path_factory):
+    fused = importlib.util.find_spec("triton") is not None
+    out = tmp_path_factory.mktemp("ops")
+    run_worker("ops", out, 4, *(["--fused"] if fused else []))
+    with np.load(out / "ops.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    return out, json.loads((out / "ops.json").read_text()), arrays, fused
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. four devices = one device
+
+
+def test_four_device_step_equals_one_device_step(reference, four_devices):
+    """STEPS steps with dropout (every kind), crop, flip, mixup, smoothing, clipping, warmup: the
+    metrics of every step, the params and AdamW moments after the last, and the eval step."""
+    out, report = four_devices
+    assert report["devices"] == 4 and report["threefry_partitionable"]
+    assert_metrics_close(report["gspmd"], reference["metrics"], "4 devices")
+    got = load_state(out / "gspmd.npz")
+    worst = assert_states_close(got, reference["states"][common.STEPS],
+                                lr_sum(reference["metrics"], common.STEPS), "4 devices")
+    print(f"4 devices vs 1: worst relative difference {worst:.1e} after {common.STEPS} steps")
+    with np.load(out / "gspmd.npz") as data:
+        assert_eval_close({k: data[k] for k in data.files if k.startswith("eval/")},
+                          reference["evals"][common.STEPS], "4 devices")
+    assert report["param_sharding"].endswith("spec=P(), memory_kind=device)")
+    assert report["logits_sharding"].endswith("spec=P(), memory_kind=device)")
+
+
+def test_key_bias_gradient_is_noise(reference):
+    """The one exception of the comparisons: the K columns of the QKV bias get no gradient."""
+    state = reference["states"][common.STEPS]
+    for name, m in state.items():
+        if name.startswith("state/opt/m/") and name.endswith("attn/qkv/b"):
+            tight, k_cols = key_bias_split(name)
+            assert np.max(np.abs(m[k_cols])) < 1e-6 * np.max(np.abs(m[tight])), name
+
+
+def test_gradient_all_reduce_is_inside_the_compiled_step(four_devices):
+    _, report = four_devices
+    assert report["hlo_all_reduce"] >= 1, report
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. sharded_ops
+
+
+def test_sharded_reference_ops_equal_plain_ops(ops_run):
+    """Forward outputs and backward results (dqkv, ds, dgamma, dbeta) of every op, with and
+    without dropout scale / residual, 3-D and 2-D LayerNorm inputs; each device sees its rows."""
+    _, report, arrays, _ = ops_run
+    names = sorted(k.split("/", 2)[2] for k in arrays if k.startswith("reference/plain/"))
+    assert len(names) == 16, names
+    for name in names:
+        want, got = arrays[f"reference/plain/{name}"], arrays[f"reference/sharded/{name}"]
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.max(np.abs(want)), err_msg=name)
+    # GSPMD traces the plain ops at the global batch (8 rows); shard_map at one device's 2 rows
+    for fn, rows in report["rows_seen"]["plain"].items():
+        assert set(rows) == {8}, (fn, rows)
+    for fn, rows in report["rows_seen"]["sharded"].items():
+        assert set(rows) == {2}, (fn, rows)
+    assert len(report["rows_seen"]["sharded"]) == 4
+
+
+def test_sharded_fused_kernels_equal_plain_kernels(ops_run):
+    """The interpreted Triton kernels under shard_map equal themselves unsharded and the
+    reference ops, op by op."""
+    _, _, arrays, fused = ops_run
+    if not fused:
+        pytest.skip("triton is not installed: the fused kernels cannot run (pip install -e '.[test]')")
+    names = sorted(k.split("/", 2)[2] for k in arrays if k.startswith("reference/plain/"))
+    for name in names:
+        ref = arrays[f"reference/plain/{name}"]
+        scale = np.max(np.abs(ref))
+        for kind in ("fused/plain", "fused/sharded"):
+            np.testing.assert_allclose(arrays[f"{kind}/{name}"], ref, rtol=0, atol=1e-5 * scale,
+                                       err_msg=f"{kind} {name}")
+        np.testing.assert_allclose(arrays[f"fused/sharded/{name}"], arrays[f"fused/plain/{name}"],
+                                   rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+def test_step_with_sharded_ops_equals_one_device_step(ops_run, reference):
+    """The whole 4-device step with the ops under shard_map (the interpreted fused kernels when
+    triton is installed, else the reference ops) equals the 1-device reference step."""
+    out, report, _, fused = ops_run
+    want = "fused/shard_map[data=4]" if fused else "reference/shard_map[data=4]"
+    assert report["sharded_step_ops"] == want
+    steps = common.SHARDED_STEPS
+    assert_metrics_close(report["sharded_step"], reference["metrics"][:steps], want)
+    worst = assert_states_close(load_state(out / "sharded_step.npz"), reference["states"][steps],
+                                lr_sum(reference["metrics"], steps), want)
+    print(f"{want} 4-device step vs reference 1-device step: worst relative difference {worst:.1e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. resume a 4-device checkpoint on 1 device
+
+
+def test_resume_four_device_checkpoint_on_one_device(reference, four_devices):
+    """The checkpoint the 4-device run wrote after CKPT_STEP steps holds the 1-device state; one
+    device continues from it exactly as the 4-device run did."""
+    out, report = four_devices
+    trees, meta = checkpoint.load(out / "ckpt_4dev.npz")
+    assert meta == {"step": common.CKPT_STEP}
+    k = common.CKPT_STEP
+    assert_states_close(common.flat(trees, "state"), reference["states"][k],
+                        lr_sum(reference["metrics"], k), "checkpoint")
+
+    # continue on this process's one device with the reference's jitted single-device step,
+    # from the numpy arrays of the checkpoint
+    params, opt, metrics = trees["params"], trees["opt"], []
+    for s in range(k, common.STEPS):
+        params, opt, m = reference["step"](params, opt, *common.batch(s), common.step_key(s))
+        metrics.append({key: float(v) for key, v in m.items()})
+    assert_metrics_close(metrics, report["gspmd"][k:], "resumed vs 4 devices")
+    resumed = common.flat({"params": params, "opt": opt}, "state")
+    assert_states_close(resumed, load_state(out / "gspmd.npz"),
+                        lr_sum(reference["metrics"][k:], common.STEPS - k), "resumed vs 4 devices")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. two processes on loopback
+
+
+def test_two_processes_equal_one_process(reference, tmp_path):
+    """Two processes x 2 CPU devices (jax.distributed, gloo collectives), each feeding its half
+    of every global batch, then eval, gather_to_host and a checkpoint from process 0."""
+    port = free_port()
+    procs, logs = [], []
+    for pid in range(2):
+        log = open(tmp_path / f"proc{pid}.log", "w+")
+        cmd = [sys.executable, str(WORKER), "multiprocess", "--out", str(tmp_path),
+               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)]
+        procs.append(subprocess.Popen(cmd, env=_env(2), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        logs.append(log)
+    deadline = time.time() + WORKER_TIMEOUT_S
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        timed_out = [p for p in procs if p.poll() is None]
+        for p in timed_out:
+            p.kill()
+            p.wait()
+        outputs = []
+        for pid, log in enumerate(logs):
+            log.seek(0)
+            outputs.append(f"--- process {pid} (rc {procs[pid].returncode}) ---\n{_tail(log.read())}")
+            log.close()
+    if timed_out or any(p.returncode != 0 for p in procs):
+        pytest.fail(("timed out after %d s\n" % WORKER_TIMEOUT_S if timed_out else "failed\n")
+                    + "\n".join(outputs))
+
+    want_state = reference["states"][common.MP_STEPS]
+    total_lr = lr_sum(reference["metrics"], common.MP_STEPS)
+    half = common.GLOBAL_BATCH // 2
+    for pid in range(2):
+        report = json.loads((tmp_path / f"mp_{pid}.json").read_text())
+        assert (report["process_index"], report["process_count"]) == (pid, 2)
+        assert (report["devices"], report["local_devices"]) == (4, 2)
+        assert report["rows"] == [pid * half, (pid + 1) * half]
+        assert report["main"] == (pid == 0)
+        assert not report["images_fully_addressable"]  # the batch really spans both processes
+        assert_metrics_close(report["metrics"], reference["metrics"][:common.MP_STEPS], f"process {pid}")
+        with np.load(tmp_path / f"mp_{pid}.npz") as data:
+            got = {k: data[k] for k in data.files}
+        assert_states_close({k: v for k, v in got.items() if k.startswith("state/")}, want_state,
+                            total_lr, f"process {pid}")
+        assert_eval_close(got, reference["evals"][common.MP_STEPS], f"process {pid} eval")
+        np.testing.assert_array_equal(got["last_images"], common.batch(common.MP_STEPS - 1)[0])
+    trees, meta = checkpoint.load(tmp_path / "ckpt_mp.npz")
+    assert meta == {"step": common.MP_STEPS}
+    assert_states_close(common.flat(trees, "state"), want_state, total_lr, "process 0 checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. errors and single-process behaviour
+
+
+def test_batch_not_divisible_by_devices(four_devices):
+    _, report = four_devices
+    errors = report["errors"]
+    for where in ("step", "eval", "shard_batch", "process_batch_slice"):
+        assert errors[where] is not None, where
+        assert "global batch size 6 is not divisible by the 4 devices" in errors[where], errors[where]
+    assert "leading (batch) axis 6 is not divisible by the 4 devices" in errors["sharded_op"]
+    assert "--devices must be an integer in 1..4" in errors["make_mesh"]
+    assert report["mesh_2"] == [0, 1]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+NO_COORDINATOR = "no --coordinator (or JAX_COORDINATOR_ADDRESS), --process-id (or JAX_PROCESS_ID)"
+COORDINATOR = "10.0.0.1:1234"
+
+
+@pytest.mark.parametrize("kwargs, env, message", [
+    (dict(num_processes=2), {}, NO_COORDINATOR),
+    (dict(coordinator=COORDINATOR, process_id=1), {}, "no --num-processes (or JAX_NUM_PROCESSES)"),
+    ({}, {"JAX_COORDINATOR_ADDRESS": COORDINATOR},
+     f"got --coordinator {COORDINATOR} but no --num-processes"),
+    (dict(process_id=0), {"JAX_NUM_PROCESSES": "4"},
+     "got --num-processes 4, --process-id 0 but no --coordinator"),
+    (dict(coordinator=COORDINATOR, num_processes=2, process_id=2), {}, "--process-id must be in 0..1"),
+    (dict(coordinator="10.0.0.1", num_processes=2, process_id=0), {}, "--coordinator must be host:port"),
+    (dict(num_processes=0), {}, "--num-processes must be a positive integer"),
+    ({}, {"JAX_PROCESS_ID": "one"}, "--process-id: environment variable JAX_PROCESS_ID='one'"),
+    (dict(num_processes=1, process_id=1), {}, "--process-id 1 given for a single-process run"),
+])
+def test_init_distributed_errors_name_the_flags(clean_env, kwargs, env, message):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(ValueError) as e:
+        parallel.init_distributed(**kwargs)
+    assert message in str(e.value)
+    assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(num_processes=1), dict(num_processes=1, process_id=0,
+                                                                    coordinator="127.0.0.1:1")])
+def test_init_distributed_single_process_is_a_no_op(clean_env, kwargs):
+    parallel.init_distributed(**kwargs)
+    assert not jax.distributed.is_initialized()
+    assert parallel.is_main_process()
+
+
+def test_single_process_helpers():
+    mesh = parallel.make_mesh()
+    assert mesh.axis_names == ("data",) and mesh.size == jax.device_count() == 1
+    assert parallel.process_batch_slice(8, mesh) == slice(0, 8)
+    assert parallel.process_batch_slice(7) == slice(0, 7)  # one process: all rows
+    images, labels = parallel.shard_batch(mesh, *common.batch(0))
+    assert images.shape == (8, 16, 16, 3) and labels.shape == (8,)
+    key = parallel.replicate(jax.random.key(3), mesh)  # typed keys too
+    host = parallel.gather_to_host({"key": key, "x": images})
+    np.testing.assert_array_equal(host["x"], common.batch(0)[0])
+    np.testing.assert_array_equal(host["key"], jax.random.key_data(jax.random.key(3)))
+    with pytest.raises(ValueError, match="--devices must be an integer in 1..1"):
+        parallel.make_mesh(2)
+    with pytest.raises(ValueError, match="same number of rows"):
+        parallel.shard_batch(mesh, images, labels[:4])

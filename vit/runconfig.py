@@ -1,0 +1,154 @@
+"""A run's configuration: plain data in three sections, [model], [train], [data].
+
+Loaded from a TOML file (configs/*.toml), then overridden on the command line (`--set
+train.lr=3e-4`, or the named flags of train.py). An unknown section or key is an error naming it,
+never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vit.config import ViTConfig
+from vit.step import PRECISIONS, TrainHParams
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainSection:
+    """[train]: the run's length, batching and seed, plus every TrainHParams field except the
+    step counts, which follow from epochs and warmup_epochs."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    seed: int = 0
+    precision: str = "fp32"
+    warmup_epochs: float = 0.0
+    eval_batch_size: int = 256
+    hparams: TrainHParams = field(default_factory=TrainHParams)
+
+
+@dataclass
+class DataSection:
+    dataset: str = "tiny-imagenet"
+    data_dir: str | None = None
+    workers: int | None = None
+    skip_bad_images: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ViTConfig = field(default_factory=ViTConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=DataSection)
+
+    def to_dict(self) -> dict:
+        train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "hparams"}
+        hp = dataclasses.asdict(self.train.hparams)
+        for derived in ("total_steps", "warmup_steps"):
+            hp.pop(derived)
+        return {"model": self.model.to_dict(), "train": {**train, **hp},
+                "data": dataclasses.asdict(self.data)}
+
+    def hparams(self, steps_per_epoch: int) -> TrainHParams:
+        """TrainHParams with the step counts of this run filled in."""
+        return self.train.hparams.replace(
+            total_steps=max(1, self.train.epochs * steps_per_epoch),
+            warmup_steps=int(round(self.train.warmup_epochs * steps_per_epoch)))
+
+
+_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSection)} - {"hparams"}
+_HPARAM_KEYS = {f.name for f in dataclasses.fields(TrainHParams)} - {"total_steps", "warmup_steps"}
+_DATA_KEYS = {f.name for f in dataclasses.fields(DataSection)}
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ViTConfig)}
+SECTIONS = {"model": _MODEL_KEYS, "train": _TRAIN_KEYS | _HPARAM_KEYS, "data": _DATA_KEYS}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check_keys(d: dict, where: str):
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{section}]; known: {sorted(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: [{section}] must be a table of key = value")
+        for key in values:
+            if key not in SECTIONS[section]:
+                raise ConfigError(f"{where}: unknown key {section}.{key}; known keys of "
+                                  f"[{section}]: {sorted(SECTIONS[section])}")
+
+
+def from_dict(d: dict, where: str = "config") -> RunConfig:
+    _check_keys(d, where)
+    train = dict(d.get("train", {}))
+    hp = {k: train.pop(k) for k in list(train) if k in _HPARAM_KEYS}
+    try:
+        model = ViTConfig(**d.get("model", {}))
+        hparams = TrainHParams(**hp)
+        section = TrainSection(**train, hparams=hparams)
+        data = DataSection(**d.get("data", {}))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+    _validate(section, where)
+    return RunConfig(model, section, data)
+
+
+def _validate(t: TrainSection, where: str):
+    def bad(key, why):
+        raise ConfigError(f"{where}: train.{key} {why}, got {getattr(t, key, None)!r}")
+    if not isinstance(t.epochs, int) or t.epochs < 1:
+        bad("epochs", "must be a positive integer")
+    if not isinstance(t.batch_size, int) or t.batch_size < 1:
+        bad("batch_size", "must be a positive integer")
+    if t.precision not in PRECISIONS:
+        bad("precision", f"must be one of {PRECISIONS}")
+    hp = t.hparams
+    if not hp.lr > 0:
+        raise ConfigError(f"{where}: train.lr must be positive, got {hp.lr!r}")
+    if hp.schedule not in ("constant", "cosine"):
+        raise ConfigError(f"{where}: train.schedule must be 'constant' or 'cosine', "
+                          f"got {hp.schedule!r}")
+    if not 0.0 <= hp.label_smoothing < 1.0:
+        raise ConfigError(f"{where}: train.label_smoothing must be in [0, 1), "
+                          f"got {hp.label_smoothing!r}")
+
+
+def load_toml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file (shipped configs: "
+                          f"{', '.join(str(p) for p in sorted(CONFIG_DIR.glob('*.toml')))})")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"--config {path}: not valid TOML: {err}") from None
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'train.lr=3e-4' -> ('train', 'lr', 0.0003); values are read as TOML (strings may be bare)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=3e-4")
+    name, raw = text.split("=", 1)
+    section, key = name.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word: a string
+    return section, key, value
+
+
+def merge(base: dict, section: str, key: str, value) -> dict:
+    out = {s: dict(v) for s, v in base.items()}
+    out.setdefault(section, {})[key] = value
+    return out
+
+
+def dumps(config: RunConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
