@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     eval_bs = -(-t.eval_batch_size // n_dev) * n_dev  # a multiple of the device count
     val_batcher = Batcher(val_set.images, val_set.labels, eval_bs, seed=0, shuffle=False,
                           drop_last=False)
-    eval_rows = parallel.process_batch_slice(eval_bs)
+    eval_rows = parallel.process_batch_slice(eval_bs, mesh)
     spe = batcher.steps_per_epoch()
     if spe == 0:
         fail(f"--batch-size {t.batch_size} is larger than the training set "
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     eval_step = parallel.make_parallel_eval_step(cfg.model, mesh, **common)
     params, opt_state = parallel.replicate((params, opt_state), mesh)
     base_key = jax.random.PRNGKey(t.seed)
-    rows = parallel.process_batch_slice(t.batch_size)
+    rows = parallel.process_batch_slice(t.batch_size, mesh)
 
     def save(name, epoch_, step_in_epoch_, running_):
         if not main_process:

@@ -8,7 +8,13 @@ import pytest
 
 from vit import gradcheck
 
-jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """float64 inside these tests only (a global switch would leak into other test files)."""
+    with jax.enable_x64(True):
+        yield
 
 LAYER_SHAPES = [  # (batch, length, d_model, heads, ffn hidden)
     dict(batch=2, length=5, d=12, heads=3, hidden=20),    # the gradcheck default
@@ -35,15 +41,13 @@ def test_every_layer(shape):
         _assert_rows(gradcheck.check_case(case, seed=1, directions=2))
 
 
-BLOCK_CASES = gradcheck.block_cases(seed=2)
-
+with jax.enable_x64(True):  # the cases' arrays are built at collection, in float64
+    BLOCK_CASES = gradcheck.block_cases(seed=2)
+    MODEL_CASES = gradcheck.model_cases(seed=3) + gradcheck.model_cases(seed=4, batch=1)
 
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=_ids(BLOCK_CASES))
 def test_blocks_stack_and_head(case):
     _assert_rows(gradcheck.check_case(case, seed=2, directions=2))
-
-
-MODEL_CASES = gradcheck.model_cases(seed=3) + gradcheck.model_cases(seed=4, batch=1)
 
 
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[f"{c.name}-B{c.inputs['images'].shape[0]}"

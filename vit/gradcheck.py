@@ -398,7 +398,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default=None,
                         help="check only cases whose name contains this text (e.g. 'block')")
     args = parser.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)
+    with jax.enable_x64(True):
+        return _run(parser, args)
+
+
+def _run(parser, args) -> int:
     cases = all_cases(args.seed)
     if args.only:
         cases = [c for c in cases if args.only.lower() in c.name.lower()]

@@ -191,7 +191,8 @@ def _scale(x, scale):
 def sdpa_forward(q, k, v, keep_scale=None):
     """S = Q K^T / sqrt(Dh); P = softmax(S); P' = P * keep_scale (attention dropout); O = P' V."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    s = matmul(q, jnp.swapaxes(k, -1, -2)) * scale
+    # scores stay in the accumulation dtype (float32 for bf16 inputs) up to the softmax
+    s = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=_acc_dtype(q.dtype)) * scale
     p, _ = softmax_forward(s)
     p_used = _scale(p, keep_scale).astype(v.dtype)
     o = matmul(p_used, v)

@@ -300,9 +300,10 @@ def _as_replicated(mesh: Mesh, tree):
 def gather_to_host(tree):
     """Numpy copies of a pytree of (possibly global) arrays, e.g. for vit.checkpoint.save.
 
-    Replicated arrays (params, optimizer state) come from this process's own copy; arrays
-    sharded over several processes are all-gathered. Call it on every process (it may be a
-    collective), then write from is_main_process() only."""
+    Replicated arrays (params, optimizer state) come from this process's own copy, with no
+    communication, so process 0 may call it alone for them. Arrays sharded over several
+    processes (a global batch, eval logits if they were sharded) are all-gathered: a collective
+    that every process must enter, or it hangs."""
     def to_host(x):
         if _is_key(x):
             x = jax.random.key_data(x)

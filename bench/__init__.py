@@ -1,0 +1,1 @@
+"""vitfuse benchmarks: python -m pytest bench/ [--benchmark]. See conftest.py."""

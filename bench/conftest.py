@@ -1,0 +1,68 @@
+"""pytest wiring of the vitfuse benchmarks.
+
+    python -m pytest bench/                  # quick: every contender checked at reduced sizes, no timing
+    python -m pytest bench/ --benchmark      # check at full size, then time; write bench/results/
+
+Without --benchmark (and so in plain ``python -m pytest``, whose testpaths include bench/) every
+contender is checked against the reference at a reduced size and nothing is timed. With
+--benchmark every contender is checked at the timed shape, then timed, and at the end of the
+session bench/results/<device>-<date>.json and .md are written and the tables printed. Where
+there is no GPU, the fused kernels run in Triton's interpreter: they are checked (at the reduced
+size) but not timed, and their timing rows are skipped with that reason.
+
+``--benchmark`` is our own flag, not pytest-benchmark's (whose options all start with
+``--benchmark-``; pytest matches option names exactly, so the two live side by side). The tests
+do not use pytest-benchmark's fixture: see harness.py for the timer.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bench import harness
+
+SESSION = pytest.StashKey[harness.BenchSession]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("vitfuse bench", "vitfuse benchmarks (bench/)")
+    group.addoption("--benchmark", action="store_true", dest="vitfuse_benchmark",
+                    help="bench/: check every contender at full size, time it, and write "
+                         "bench/results/<device>-<date>.{json,md} (default: quick correctness checks only)")
+    group.addoption("--bench-seed", type=int, default=None, dest="vitfuse_bench_seed",
+                    help="bench/: seed of the random inputs (default: fresh each session, recorded)")
+
+
+def _session(config) -> harness.BenchSession:
+    if SESSION not in config.stash:
+        seed = config.getoption("vitfuse_bench_seed")
+        if seed is None:
+            seed = time.time_ns() % (2**31 - 1)
+        config.stash[SESSION] = harness.BenchSession(
+            timing=bool(config.getoption("vitfuse_benchmark")), seed=int(seed))
+    return config.stash[SESSION]
+
+
+@pytest.fixture(scope="session")
+def bench(request) -> harness.BenchSession:
+    return _session(request.config)
+
+
+def shape_names(config) -> tuple[str, ...]:
+    """The shapes the tests are parametrised over: the reduced one, or both timed ones."""
+    return harness.TIMED_SHAPES if config.getoption("vitfuse_benchmark") else ("quick",)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if SESSION not in config.stash:
+        return
+    session = config.stash[SESSION]
+    if not session.timing or not session.rows:
+        return
+    json_path, md_path, table = harness.write_results(session)
+    terminalreporter.section("vitfuse benchmark results")
+    for line in table.splitlines():
+        terminalreporter.write_line(line)
+    terminalreporter.write_line(f"written: {json_path} and {md_path}")

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of vitfuse, in one go, on a lent GPU machine.
+#
+#   bash bench/gpu.sh                  # all parts, in this order: env tests gradcheck bench
+#   bash bench/gpu.sh gradcheck bench  # only some parts (same order as given)
+#
+# A lent machine allows 10 minutes per command: if all four parts don't fit, split them, e.g.
+#   bash bench/gpu.sh env tests gradcheck   then   bash bench/gpu.sh env bench
+#
+# Parts (each one's output is shown and tee'd to $OUT/<part>.log):
+#   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
+#   tests      python -m pytest tests/test_kernels*.py -q
+#   gradcheck  python -m kernels.gradcheck (float32), then --dtype bfloat16
+#   bench      python -m pytest bench/ --benchmark -q; this run's bench/results files and a
+#              speedup plot copied to $OUT/
+# Before any part, the jax-triton wheel carried in .whl/ is installed to /tmp/site and put on
+# PYTHONPATH (the GPU image has jax with CUDA, triton, pytest and pytest-benchmark, no jax-triton);
+# its output goes to $OUT/env.log.
+#
+# Every part runs even when an earlier one failed; the exit status is 1 if any part (or the
+# install) failed, 2 for a bad part name. $OUT/ gets at most 7 files (4 logs, the results .json and
+# .md, one .png), none in subfolders.
+#
+# Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
+# command, default 0 = none; a part past it fails with exit 124 and the next part runs).
+
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+OUT=${OUT:-/tmp/vitfuse-gpu}
+PY=${PYTHON:-python3}
+PART_TIMEOUT=${PART_TIMEOUT:-0}
+mkdir -p "$OUT" || exit 1
+
+failed=()
+
+# with_timeout CMD...: run CMD under PART_TIMEOUT (GNU timeout; 0 = no limit)
+with_timeout() {
+  timeout "$PART_TIMEOUT" "$@"
+}
+
+part_env() {
+  local rc=0
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(hostname)  cpus: $(nproc)"
+  echo "JAX_PLATFORMS=${JAX_PLATFORMS-<unset>}  PYTHONPATH=${PYTHONPATH-<unset>}"
+  nvidia-smi || { echo "nvidia-smi failed"; rc=1; }
+  with_timeout "$PY" - <<'EOF' || rc=1
+import importlib.metadata as md
+import platform
+import sys
+
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+print("python", platform.python_version(), sys.executable)
+for dist in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin",
+             "triton", "jax-triton", "numpy", "pytest", "pytest-benchmark", "matplotlib"):
+    print(f"  {dist:<20} {version(dist)}")
+import jax
+import jax_triton
+print("jax_triton from", jax_triton.__file__)
+print("jax backend:", jax.default_backend(), "devices:", jax.devices())
+assert jax.default_backend() == "gpu", "no GPU backend: the fused kernels cannot be compiled here"
+EOF
+  return "$rc"
+}
+
+part_tests() {
+  with_timeout "$PY" -m pytest tests/test_kernels*.py -q
+}
+
+part_gradcheck() {
+  local rc=0
+  with_timeout "$PY" -m kernels.gradcheck || rc=1
+  with_timeout "$PY" -m kernels.gradcheck --dtype bfloat16 || rc=1
+  return "$rc"
+}
+
+part_bench() {
+  local rc=0 marker json
+  marker=$(mktemp)
+  with_timeout "$PY" -m pytest bench/ --benchmark -q || rc=$?
+  # only this run's files: bench/results/ also holds committed results of other devices
+  while IFS= read -r -d '' file; do
+    cp -v "$file" "$OUT/" || rc=1
+  done < <(find bench/results -maxdepth 1 -type f -newer "$marker" \( -name '*.json' -o -name '*.md' \) -print0)
+  json=$(find bench/results -maxdepth 1 -type f -newer "$marker" -name '*.json' | head -n 1)
+  if [ -n "$json" ]; then  # the plot is a convenience: its failure doesn't fail the part
+    "$PY" bench/plot.py "$json" -o "$OUT/$(basename "$json" .json)-speedup.png" \
+      || echo "plot failed (not counted as a failure)"
+  else
+    echo "no results file was written"
+    rc=1
+  fi
+  rm -f "$marker"
+  return "$rc"
+}
+
+# run_part NAME: run part_NAME, tee its output to $OUT/NAME.log, note a failure, always go on
+run_part() {
+  local name=$1 start=$SECONDS rc
+  echo "=== $name" | tee -a "$OUT/$name.log"
+  "part_$name" 2>&1 | tee -a "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/$name.log"
+  if [ "$rc" -ne 0 ]; then
+    failed+=("$name (exit $rc)")
+  fi
+}
+
+parts=("$@")
+if [ "${#parts[@]}" -eq 0 ]; then
+  parts=(env tests gradcheck bench)
+fi
+for name in "${parts[@]}"; do
+  case $name in
+    env | tests | gradcheck | bench) ;;
+    *) echo "unknown part '$name': use env, tests, gradcheck, bench" >&2; exit 2 ;;
+  esac
+done
+
+for name in env "${parts[@]}"; do  # fresh logs (env.log: the install's output, at least)
+  : > "$OUT/$name.log"
+done
+
+# install jax-triton here, in this shell, so that PYTHONPATH reaches every part; its output opens
+# env.log
+shopt -s nullglob
+wheels=(.whl/*.whl)
+shopt -u nullglob
+echo "=== install: ${wheels[*]:-no wheel in .whl/}" | tee -a "$OUT/env.log"
+if [ "${#wheels[@]}" -eq 0 ]; then
+  failed+=("install (no .whl/*.whl)")
+elif ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" \
+    2>&1 | tee -a "$OUT/env.log"; then
+  failed+=("install (pip failed)")
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+for name in "${parts[@]}"; do
+  run_part "$name"
+done
+
+echo "=== logs and results in $OUT:"
+ls -l "$OUT"
+if [ "${#failed[@]}" -ne 0 ]; then
+  echo "FAILED: ${failed[*]}"
+  exit 1
+fi
+echo "all parts passed: ${parts[*]}"

@@ -1,0 +1,104 @@
+"""Residual add + LayerNorm, y = LN(x + r) over D, forward and forward+backward, on the
+activations of the product shape (B=64 L=65 D=256: 4160 rows) and B=512 (33,280 rows).
+
+Contenders (each checked against vit.layers in float32 on the same inputs before it is timed):
+  fused      kernels.fused_ops: one forward kernel (writes y, mean, rstd); the backward recomputes
+             s_hat from x, r, mean, rstd, writes ds and per-program dgamma/dbeta partials, and a
+             second kernel reduces the partials
+  reference  vit.layers.add_layernorm_forward / backward (hand-written jnp) under XLA
+  autodiff   jax.vjp of the reference forward (oracle.autodiff_vjp); fwd+bwd only
+
+Bytes: harness.layernorm_bytes (fwd 3*M*D*s + ..., bwd 4*M*D*s + ...), the same for every
+contender: effective bandwidth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import oracle
+from bench import harness
+from bench.conftest import shape_names
+from vit import ViTConfig, layers
+from vit.ops import REFERENCE
+
+EPS = ViTConfig().ln_eps
+CONTENDERS = {"fwd": ["reference", "fused"], "fwd+bwd": ["reference", "fused", "autodiff"]}
+NOTES = {
+    "fused": "Triton kernels",
+    "reference": "vit.layers (jnp) under XLA",
+    "autodiff": "jax.vjp of the reference forward",
+}
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    cases = [harness.KernelCase(f"add+layernorm {mode}", "layernorm", mode, shape, contender, dtype)
+             for shape in shape_names(metafunc.config)
+             for mode in ("fwd", "fwd+bwd")
+             for dtype in ("fp32", "bf16")
+             for contender in CONTENDERS[mode]]
+    metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def make_inputs(shape, dtype, key):
+    """params (float32 gamma ~ 1 + N(0, 0.25), beta), x = 3 + 2 N(0, 1) (so the mean and variance
+    matter), r, dy ~ N(0, 1); activations in the row's dtype."""
+    b, l, d = harness.LN_SHAPES[shape]
+    k = jax.random.split(key, 5)
+    params = {"gamma": 1.0 + 0.5 * jax.random.normal(k[0], (d,), jnp.float32),
+              "beta": 0.5 * jax.random.normal(k[1], (d,), jnp.float32)}
+    x = (3.0 + 2.0 * jax.random.normal(k[2], (b, l, d), jnp.float32)).astype(dtype)
+    r = jax.random.normal(k[3], (b, l, d), jnp.float32).astype(dtype)
+    dy = jax.random.normal(k[4], (b, l, d), jnp.float32).astype(dtype)
+    return params, x, r, dy
+
+
+def builder(mode, interpret):
+    def build(contender, shape):
+        if contender == "autodiff":
+            def fwd(inputs):
+                return layers.add_layernorm_forward(inputs["params"], inputs["x"], inputs["r"], EPS)[0]
+
+            def fwd_bwd(params, x, r, dy):
+                inputs = {"params": params, "x": x, "r": r}
+                g = oracle.autodiff_vjp(fwd, inputs, dy)  # g["r"] is g["x"]: the add copies it
+                return fwd(inputs), g["x"], g["params"]
+            return fwd_bwd
+        if contender == "reference":
+            ops = REFERENCE
+        else:
+            from kernels import fused_ops  # noqa: PLC0415  (needs triton; only the fused rows import it)
+
+            ops = fused_ops(interpret=True if interpret else None)
+        if mode == "fwd":
+            return lambda params, x, r, dy: ops.add_layernorm_forward(params, x, r, EPS)[0]
+
+        def fwd_bwd(params, x, r, dy):
+            y, cache = ops.add_layernorm_forward(params, x, r, EPS)
+            ds, grads = ops.add_layernorm_backward(params, cache, dy)
+            return y, ds, grads
+        return fwd_bwd
+    return build
+
+
+def work(mode, dtype):
+    def nbytes(shape):
+        b, l, d = harness.LN_SHAPES[shape]
+        return {"gbytes": harness.layernorm_bytes(b * l, d, jnp.dtype(dtype).itemsize, mode) / 1e9}
+    return nbytes
+
+
+def untimed_reason(case, bench):
+    if case.dtype == "bf16" and bench.backend == "cpu":
+        return "bf16 rows are timed on a GPU only; checked here"
+    return None
+
+
+def test_add_layernorm(case, bench):
+    harness.run_kernel_case(
+        bench, case, make_inputs=make_inputs, build=builder(case.mode, bench.interpret),
+        work=work(case.mode, harness.DTYPES[case.dtype]), note=NOTES[case.contender],
+        untimed_reason=untimed_reason(case, bench))

@@ -1,0 +1,140 @@
+"""The whole training step, one jit (uint8 images normalised on the device, forward, backward,
+AdamW with donated buffers): vit.make_train_step on the product ViT (ViTConfig(): 8 blocks, D=256,
+64x64 images, 200 classes) at B=64 and B=512. Reports images/s and the projected time of one Tiny
+ImageNet epoch (100,000 images).
+
+Contenders (checked against the reference step first: loss and every gradient, read from AdamW's
+first moment after one step from zero state, m = (1 - b1) g):
+  fused      make_train_step(fused=True): the Triton attention and add+LayerNorm kernels inside the
+             hand-written forward/backward
+  reference  make_train_step(): the hand-written jnp forward/backward
+  autodiff   make_train_step(grad_fn=oracle.autodiff_grad_fn(config)): jax.value_and_grad of the
+             reference forward, the step a plain-JAX user would write
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import oracle
+import vit
+from bench import harness
+from bench.conftest import shape_names
+
+CONTENDERS = ["reference", "fused", "autodiff"]
+HPARAMS = vit.TrainHParams()  # lr 1e-4, no clipping, no augmentation: the step's own cost
+TINY = vit.ViTConfig(image_size=16, patch_size=8, d_model=64, heads=2, layers=2, mlp_dim=128,
+                     num_classes=10)  # quick checks: L=5, Dh=32
+NOTES = {
+    "fused": "make_train_step(fused=True): Triton attention + add+LN kernels",
+    "reference": "make_train_step(): hand-written backward, jnp under XLA",
+    "autodiff": "grad_fn=oracle.autodiff_grad_fn: jax.value_and_grad of the reference forward",
+}
+
+
+def pytest_generate_tests(metafunc):
+    if "step_case" not in metafunc.fixturenames:
+        return
+    cases = [(shape, c) for shape in shape_names(metafunc.config) for c in CONTENDERS]
+    metafunc.parametrize("step_case", cases, ids=[f"{s}-{c}" for s, c in cases])
+
+
+def config_for(shape):
+    return TINY if shape == "quick" else vit.ViTConfig()
+
+
+def make_batch(config, batch, key):
+    k1, k2 = jax.random.split(key)
+    images = jax.random.randint(k1, (batch, config.image_size, config.image_size, config.channels),
+                                0, 256, jnp.int32).astype(jnp.uint8)
+    labels = jax.random.randint(k2, (batch,), 0, config.num_classes, jnp.int32)
+    return images, labels
+
+
+def make_step(contender, config, interpret):
+    if contender == "fused":
+        return vit.make_train_step(config, HPARAMS, fused=True, interpret=True if interpret else None)
+    if contender == "autodiff":
+        return vit.make_train_step(config, HPARAMS, grad_fn=oracle.autodiff_grad_fn(config))
+    return vit.make_train_step(config, HPARAMS)
+
+
+def copy_tree(tree):
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def observed(opt_state, metrics):
+    """What the check compares: the loss and every gradient (AdamW's m after one step / (1 - b1))."""
+    return {"loss": metrics["loss"],
+            "grads": jax.tree_util.tree_map(lambda m: m / (1.0 - HPARAMS.b1), opt_state["m"])}
+
+
+_CACHE: dict = {}
+
+
+def reference_step(bench, shape):
+    """Initial state, a batch and the reference step's results on them (cached per shape)."""
+    key = (shape, bench.seed)
+    if key not in _CACHE:
+        _CACHE.clear()
+        config = config_for(shape)
+        k_init, k_batch = jax.random.split(bench.key("train step", shape))
+        params = vit.init_params(k_init, config)
+        state = (params, vit.adamw_init(params))
+        batch = make_batch(config, harness.STEP_BATCH[shape], k_batch)
+        args = (*copy_tree(state), *batch, jax.random.PRNGKey(0))
+        compiled = harness.compile_fn(make_step("reference", config, bench.interpret), args, "fp32")
+        _, opt_state, metrics = compiled(*args)
+        _CACHE[key] = (config, state, batch, compiled, jax.block_until_ready(observed(opt_state, metrics)))
+    return _CACHE[key]
+
+
+def test_train_step(step_case, bench):
+    shape, contender = step_case
+    row = dict(group="train step", shape=harness.shape_label("step", shape), contender=contender,
+               mode="step", dtype="fp32")
+    interpreted = contender == "fused" and bench.interpret
+    check_shape = "quick" if interpreted else shape
+    config, state, batch, ref_compiled, want = reference_step(bench, check_shape)
+    args = (*copy_tree(state), *batch, jax.random.PRNGKey(0))
+    if contender == "reference":
+        compiled = ref_compiled
+    else:
+        compiled = harness.compile_fn(make_step(contender, config, bench.interpret), args, "fp32")
+    params, opt_state, metrics = compiled(*args)
+    try:
+        err = harness.assert_close(observed(opt_state, metrics), want, harness.TOLERANCE["step"],
+                                   f"train step {contender} at {harness.shape_label('step', check_shape)}")
+    except AssertionError as e:
+        if bench.timing:
+            bench.record(**row, status="check FAILED", note=str(e).splitlines()[0])
+        raise
+    if not bench.timing:
+        return
+    if interpreted:
+        reason = (f"checked in Triton's interpreter at {harness.shape_label('step', 'quick')} (max rel err "
+                  f"{err:.1e}); not timed: the interpreter says nothing about the kernels' speed")
+        bench.record(**row, status="checked, not timed", check_rel_err=err, note=reason,
+                     why="Triton's interpreter (no GPU)")
+        pytest.skip(reason)
+
+    bench.ensure_peaks()
+    batch_size = harness.STEP_BATCH[shape]
+    batches = [batch] + [make_batch(config, batch_size, bench.key("train step", shape, str(i)))
+                         for i in range(1, harness.rotation_count(batch[0].size))]
+    carried = [params, opt_state, metrics]
+
+    def run(i):  # params and optimizer state carried from call to call, as in training
+        images, labels = batches[i % len(batches)]
+        carried[:] = compiled(carried[0], carried[1], images, labels, jax.random.PRNGKey(i))
+        return carried[2]
+
+    t = harness.time_calls(run, harness.timer_settings(bench.backend))
+    assert jnp.isfinite(carried[2]["loss"]), f"train step {contender}: loss became {carried[2]['loss']}"
+    images_s = batch_size / (t.median_ms * 1e-3)
+    bench.record(**row, status="timed", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
+                 images_s=images_s, epoch_s=harness.EPOCH_IMAGES / images_s, check_rel_err=err,
+                 samples=t.samples, calls_per_sample=t.calls_per_sample,
+                 note=NOTES[contender] + f"; {len(batches)} image batches")
