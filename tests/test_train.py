@@ -70,12 +70,14 @@ def test_stop_and_resume_is_exact(tmp_path):
 
 
 def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
-    """SIGINT during epoch 2 of a subprocess: it saves at the current step and exits 130; the
+    """SIGINT after epoch 1 of a subprocess: it saves at the current step and exits 130; the
     resumed run ends bitwise equal to an uninterrupted one."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert run_train(*QUICK, "--epochs", 3, "--batch-size", 16, "--out", ref) == 0
+    # 40 short epochs (~0.1 s each): long enough that the SIGINT sent right after epoch 1 lands
+    # well before the end, wherever exactly it lands.
+    assert run_train(*QUICK, "--epochs", 40, "--batch-size", 16, "--out", ref) == 0
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *QUICK, "--epochs", "3",
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *QUICK, "--epochs", "40",
                              "--batch-size", "16", "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=ROOT)
@@ -84,7 +86,6 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
     for line in proc.stdout:  # wait for epoch 1 to finish, then interrupt epoch 2
         output.append(line)
         if line.startswith("epoch 1:"):
-            time.sleep(0.3)
             proc.send_signal(signal.SIGINT)
             break
         assert time.time() < deadline, "".join(output)
@@ -93,7 +94,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
     assert proc.returncode == train.EXIT_INTERRUPTED, text
     assert "interrupted: saved" in text and "--resume" in text
     meta = json.loads(str(np.load(run / "last.npz")["__meta__"]))
-    assert (meta["epoch"], meta["step_in_epoch"]) != (3, 0)  # it really stopped early
+    assert meta["epoch"] < 40  # it really stopped early
     assert run_train("--resume", run, "--no-progress") == 0
     assert_same_state(params_of(ref), params_of(run))
 
