@@ -22,19 +22,12 @@ from kernels.gradcheck import as_float32, attention_inputs, compare, run_attenti
 from vit import layers
 from vit.ops import REFERENCE
 
+from kernel_checks import assert_all_close, ops  # noqa: F401  (ops is a fixture)
+
 F32_TOL = 1e-5
 HALF_TOL = 2e-2
 
 
-@pytest.fixture(scope="module")
-def ops():
-    return fused_ops(interpret=True)
-
-
-def assert_all_close(rows, tol):
-    for name, shape, max_abs, rel, nonfinite, _ in rows:
-        assert nonfinite == 0, f"{name}{shape}: {nonfinite} non-finite values (unwritten or overflow)"
-        assert rel <= tol, f"{name}{shape}: rel error {rel:.2e} (max abs {max_abs:.2e}) > {tol:g}"
 
 
 @pytest.mark.parametrize(
