@@ -69,6 +69,17 @@ def make_step(contender, config, interpret):
     return vit.make_train_step(config, HPARAMS, precision=precision)
 
 
+def model_flops_per_image(c: vit.ViTConfig) -> float:
+    """Training FLOPs of one image for model FLOP utilisation (MFU): 3 x the forward's matmul
+    FLOPs (backward = 2 x forward), counting every block in full.
+    Forward: patch projection 2*N*(P*P*C)*D; per block QKV 2*L*D*3D, output 2*L*D*D,
+    FFN 2*2*L*D*F, attention QK^T and PV 2*2*L*L*D; head 2*D*K."""
+    n, l, d, f = c.num_patches, c.seq_len, c.d_model, c.mlp_dim
+    block = 2 * l * d * 3 * d + 2 * l * d * d + 4 * l * d * f + 4 * l * l * d
+    forward = 2 * n * c.patch_dim * d + c.layers * block + 2 * d * c.num_classes
+    return 3.0 * forward
+
+
 def copy_tree(tree):
     return jax.tree_util.tree_map(jnp.copy, tree)
 
@@ -152,5 +163,6 @@ def test_train_step(step_case, bench):
     images_s = batch_size / (t.median_ms * 1e-3)
     bench.record(**row, status="timed", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms,
                  images_s=images_s, epoch_s=harness.EPOCH_IMAGES / images_s, check_rel_err=err,
+                 tflop_s=model_flops_per_image(config) * images_s / 1e12,  # % of peak = MFU
                  samples=t.samples, calls_per_sample=t.calls_per_sample,
                  note=NOTES[contender] + f"; {len(batches)} image batches")
