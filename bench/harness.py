@@ -64,7 +64,10 @@ MAX_ROTATE_SETS = 16
 #   bfloat16: inputs rounded to bf16, compared with the fp32 reference on the same rounded
 #     inputs; outputs, P and dS rounded to 8 mantissa bits on the way
 #   train step: loss and every gradient after 8 blocks (fp32)
-TOLERANCE = {"float32": 3e-5, "tf32": 5e-3, "bfloat16": 3e-2, "step": 1e-4}
+# "bf16 step": a whole bf16 training step against the fp32 one compounds bf16 rounding through
+# every layer, forward and backward; per-tensor errors seen on the tiny ViT: up to 2.3e-2 over 12
+# seeds and 3.1e-2 once in CI (the bf16 tests in tests/test_precision.py bound the global norm).
+TOLERANCE = {"float32": 3e-5, "tf32": 5e-3, "bfloat16": 3e-2, "step": 1e-4, "bf16 step": 6e-2}
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -517,7 +520,8 @@ METHOD = [
     "Validate first, then time: each contender's outputs and gradients are compared with the reference "
     "(vit.layers, float32) on the same fresh random inputs (rel = max|diff| / max|ref| per tensor; "
     "tolerances: fp32 3e-5, tf32 5e-3, bf16 3e-2 against the fp32 reference on the same bf16 inputs, "
-    "train step 1e-4 on the loss and every gradient); a contender that fails gets no timing.",
+    "train step 1e-4 on the loss and every gradient, 6e-2 for a bf16 step against the fp32 one); "
+    "a contender that fails gets no timing.",
     "Each contender is jit-compiled ahead of time (float32 rows under "
     "jax.default_matmul_precision('highest'), matching the kernels' ieee dots). Attention and "
     "add+LN: the timed executable applies the op to k fresh random input sets in sequence (k up to "

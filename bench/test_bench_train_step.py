@@ -125,7 +125,7 @@ def test_train_step(step_case, bench):
         compiled = harness.compile_fn(make_step(contender, config, bench.interpret), args, "fp32")
     params, opt_state, metrics = compiled(*args)
     try:
-        tolerance = harness.TOLERANCE["bfloat16" if bf16 else "step"]
+        tolerance = harness.TOLERANCE["bf16 step" if bf16 else "step"]
         err = harness.assert_close(observed(opt_state, metrics), want, tolerance,
                                    f"train step {contender} at {harness.shape_label('step', check_shape)}")
     except AssertionError as e:
