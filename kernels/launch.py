@@ -18,6 +18,8 @@ written for torch tensors, so ``_HostTensor`` below is the small part of the tor
 calls (see ``GridExecutor._init_args_hst`` / ``_restore_args_dev`` and ``mangle_type`` in
 triton/runtime/interpreter.py and jit.py; the same in triton 3.6 and 3.9). Float outputs are
 filled with NaN before the run ("poison"), so an element a kernel forgets to write shows up as NaN.
+The compiled path poisons too, inside ``with poisoned_outputs():`` (checks only: it costs a fill
+per output), through a generated wrapper kernel and jax-triton's ``input_output_aliases``.
 Two interpreter gaps are closed for the duration of a launch (``_interpreted_device_calls``):
 calls to library ``@triton.jit`` functions (tl.sum, tl.max) and float32 -> bfloat16 rounding.
 
@@ -33,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import linecache
+import os
 import threading
 
 import jax
@@ -136,8 +140,15 @@ def launch(kernel, *, grid, inputs, outputs, interpret: bool, name: str, num_war
 
 
 def _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name, constexprs):
-    import jax_triton  # noqa: PLC0415  (only importable with a CUDA jaxlib)
-
+    jax_triton = _import_jax_triton()
+    extra = {}
+    if _POISON_COMPILED:
+        # jax-triton 0.3.x hands an aliased output its own pointer parameter as well, so the NaN
+        # arrays are extra inputs of a wrapper kernel(*inputs, *nan_inputs, *outputs) whose
+        # output pointers are the NaN buffers themselves (input_output_aliases)
+        kernel = _poisoned_wrapper(kernel, len(inputs), len(outputs))
+        inputs = list(inputs) + [_poison_fill(o) for o in outputs]
+        extra["input_output_aliases"] = {len(inputs) - len(outputs) + j: j for j in range(len(outputs))}
     result = jax_triton.triton_call(
         *inputs,
         kernel=kernel,
@@ -146,9 +157,74 @@ def _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name,
         num_warps=num_warps,
         num_stages=num_stages,
         name=name,
+        **extra,
         **constexprs,
     )
     return tuple(result)
+
+
+def _import_jax_triton():
+    """``import jax_triton``, undoing its import-time ``os.environ["TRITON_CACHE_DIR"] = ""``
+    (jax-triton 0.3.1; fixed upstream after it), which makes every later ``triton.compile`` in
+    the process fail with "Could not create or locate cache dir" (kernels.compile_check does
+    such compiles, on the GPU machine too)."""
+    before = os.environ.get("TRITON_CACHE_DIR")
+    import jax_triton  # noqa: PLC0415  (only importable with a CUDA jaxlib)
+
+    if before is None:
+        if os.environ.get("TRITON_CACHE_DIR") == "":
+            del os.environ["TRITON_CACHE_DIR"]
+    else:
+        os.environ["TRITON_CACHE_DIR"] = before
+    return jax_triton
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN-poisoned outputs on the compiled path (the interpreter always poisons, see run_interpreted)
+
+_POISON_COMPILED: list[bool] = []
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Compiled launches traced inside this context start their outputs as NaN (ints as -1), as
+    the interpreter's always do, so an element a kernel never writes shows up as non-finite.
+    It costs one fill per output, so only checks use it (kernels.gradcheck, the kernel tests).
+    Read at trace time: a jitted function traced outside the context stays unpoisoned."""
+    _POISON_COMPILED.append(True)
+    try:
+        yield
+    finally:
+        _POISON_COMPILED.pop()
+
+
+def _poison_fill(out):
+    value = np.nan if jax.numpy.issubdtype(out.dtype, jax.numpy.floating) else -1
+    return jax.numpy.full(out.shape, value, out.dtype)
+
+
+@functools.cache
+def _poisoned_wrapper(kernel, n_inputs: int, n_outputs: int):
+    """``@triton.jit`` wrapper(*inputs, *poison, *outputs, *constexprs) that calls
+    kernel(*inputs, *outputs, *constexprs); the poison pointers are never read. Triton needs a
+    function's source, so the wrapper's is generated and registered with linecache."""
+    import triton  # noqa: PLC0415
+    import triton.language as tl  # noqa: PLC0415
+
+    names = list(kernel.arg_names)
+    pointers, trailing = names[: n_inputs + n_outputs], names[n_inputs + n_outputs:]
+    if not all(p.is_constexpr for p in kernel.params[n_inputs + n_outputs:]):
+        raise ValueError(f"{kernel.__name__}: parameters after the pointers must be tl.constexpr")
+    inputs, outputs = pointers[:n_inputs], pointers[n_inputs:]
+    poison = [f"poison_{o}" for o in outputs]
+    fn_name = f"{kernel.__name__}_poisoned"
+    params = ", ".join(inputs + poison + outputs + [f"{c}: tl.constexpr" for c in trailing])
+    source = f"def {fn_name}({params}):\n    kernel({', '.join(pointers + trailing)})\n"
+    filename = f"<kernels.launch: {kernel.__module__}.{kernel.__name__} with poisoned outputs>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": kernel.__module__, "tl": tl, "kernel": kernel}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102  (source generated above)
+    return triton.jit(namespace[fn_name])
 
 
 # The interpreter patches triton.language globally while it runs and keeps the grid position in
