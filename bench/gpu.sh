@@ -9,7 +9,9 @@
 #
 # Parts (each one's output is shown and tee'd to $OUT/<part>.log):
 #   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
-#   tests      python -m pytest tests/test_kernels*.py -q
+#   tests      the kernel tests, the fused whole model and bf16 tests, compiled through jax-triton
+#              (JAX_PLATFORMS=cuda; VITFUSE_REQUIRE_GPU=1 makes them fail rather than fall back to
+#              Triton's interpreter)
 #   gradcheck  python -m kernels.gradcheck (float32), then --dtype bfloat16
 #   bench      python -m pytest bench/ --benchmark -q; this run's bench/results files and a
 #              speedup plot copied to $OUT/
@@ -69,7 +71,9 @@ EOF
 }
 
 part_tests() {
-  with_timeout "$PY" -m pytest tests/test_kernels*.py -q
+  JAX_PLATFORMS=cuda VITFUSE_REQUIRE_GPU=1 with_timeout "$PY" -m pytest -q -rs \
+    tests/test_kernels_attention.py tests/test_kernels_layernorm.py tests/test_kernels_ops.py \
+    tests/test_fused_model.py tests/test_precision.py
 }
 
 part_gradcheck() {

@@ -1,14 +1,47 @@
-"""Shared by the kernel tests: the interpreted fused ops, and the assertion on gradcheck rows."""
+"""Shared by the kernel tests: which launcher they use, the fused ops, and the assertion on
+gradcheck rows.
 
+Where JAX's default backend is a GPU (``bench/gpu.sh`` runs the kernel tests with
+``JAX_PLATFORMS=cuda``) the tests compile the kernels through jax-triton; everywhere else (CI,
+``tests/conftest.py`` defaults ``JAX_PLATFORMS`` to cpu) the same kernel source runs in Triton's
+interpreter. The pytest header says which (tests/conftest.py).
+"""
+
+import functools
+
+import jax
 import pytest
 
 from kernels import fused_ops
+from kernels.launch import poisoned_outputs
+
+# False: compiled through jax-triton on the GPU; True: Triton's interpreter on the CPU
+INTERPRET = jax.default_backend() != "gpu"
+KERNEL_MODE = "Triton's interpreter (CPU)" if INTERPRET else "compiled through jax-triton (GPU)"
+
+
+def fused_flags() -> list[str]:
+    """train.py flags for a fused run here: --fused, plus --interpret where there is no GPU."""
+    return ["--fused", "--interpret"] if INTERPRET else ["--fused"]
+
+
+def _poisoning(fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with poisoned_outputs():
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 @pytest.fixture(scope="module")
 def ops():
-    """The fused ops through Triton's interpreter (the same kernel source a GPU compiles)."""
-    return fused_ops(interpret=True)
+    """The fused ops: interpreted on the CPU, compiled on a GPU (the same kernel source), with
+    every kernel output starting as NaN either way, so an unwritten element fails the checks."""
+    ops = fused_ops(interpret=INTERPRET)
+    for name in ("attention_forward", "attention_backward", "add_layernorm_forward",
+                 "add_layernorm_backward"):
+        setattr(ops, name, _poisoning(getattr(ops, name)))
+    return ops
 
 
 def assert_all_close(rows, tol):

@@ -1,5 +1,6 @@
-"""The whole model with the fused kernels (Triton's interpreter on the CPU) against the reference
-path: loss and every gradient, both norm layouts, with dropout on; and a tiny fused training run."""
+"""The whole model with the fused kernels (Triton's interpreter on the CPU, compiled on a GPU:
+tests/kernel_checks.py) against the reference path: loss and every gradient, both norm layouts,
+with dropout on; and a tiny fused training run."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,8 @@ import pytest
 import train
 import vit
 from vit.ops import get_ops
+
+from kernel_checks import INTERPRET, fused_flags
 
 
 def tiny(norm, **kw):
@@ -27,7 +30,7 @@ def test_fused_model_matches_reference(norm, dropout):
     key = jax.random.PRNGKey(7) if dropout else None
     l_ref, g_ref = vit.loss_and_grads(params, images, labels, cfg, key=key)
     l_fused, g_fused = jax.jit(
-        lambda p: vit.loss_and_grads(p, images, labels, cfg, fused=True, interpret=True, key=key)
+        lambda p: vit.loss_and_grads(p, images, labels, cfg, fused=True, interpret=INTERPRET, key=key)
     )(params)
     assert float(l_fused) == pytest.approx(float(l_ref), rel=1e-5)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g_ref))
@@ -40,17 +43,17 @@ def test_fused_model_matches_reference(norm, dropout):
 
 
 def test_get_ops_switches_exactly_two_ops():
-    ref, fused = get_ops(False), get_ops(True, interpret=True)
+    ref, fused = get_ops(False), get_ops(True, interpret=INTERPRET)
     assert ref.name == "reference" and fused.name == "fused"
     for name in ("attention_forward", "attention_backward", "add_layernorm_forward",
                  "add_layernorm_backward"):
         assert getattr(ref, name) is not getattr(fused, name)
 
 
-def test_fused_interpret_training_run(tmp_path):
-    """python train.py --fused --interpret on digits with a tiny model: trains and validates."""
+def test_fused_training_run(tmp_path):
+    """python train.py --fused [--interpret] on digits with a tiny model: trains and validates."""
     out = tmp_path / "run"
-    code = train.main(["--dataset", "digits", "--fused", "--interpret", "--no-progress",
+    code = train.main(["--dataset", "digits", *fused_flags(), "--no-progress",
                        "--epochs", "1", "--batch-size", "256", "--set", "model.layers=1",
                        "--set", "model.d_model=32", "--set", "model.heads=2", "--set", "model.mlp_dim=32",
                        "--out", str(out)])

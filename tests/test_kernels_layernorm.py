@@ -1,5 +1,5 @@
 """Fused residual-add LayerNorm (kernels/layernorm.py) vs vit.layers.add_layernorm_*, in Triton's
-interpreter: y, ds, dgamma, dbeta on awkward shapes, r given or None, bf16, errors, determinism.
+interpreter on the CPU or compiled on a GPU (tests/kernel_checks.py): y, ds, dgamma, dbeta on awkward shapes, r given or None, bf16, errors, determinism.
 
 Error metric (kernels.gradcheck.compare): rel = max|fused - ref| / max|ref| per tensor, plus a
 count of non-finite fused values (outputs start as NaN in the interpreter, so an unwritten element

@@ -11,8 +11,11 @@ import triton.language as tl
 
 from kernels import fused_ops
 from kernels.gradcheck import attention_inputs, compare, layernorm_inputs, run_attention, run_layernorm
-from kernels.launch import launch, run_interpreted
+from kernels import launch as launch_module
+from kernels.launch import launch, poisoned_outputs, run_interpreted
 from vit import ops as vit_ops
+
+from kernel_checks import INTERPRET
 
 
 def test_interpret_none_without_gpu_is_a_clear_error(monkeypatch):
@@ -60,6 +63,74 @@ def test_outputs_start_as_nan_so_unwritten_elements_show():
                                  interpret=True, name="half", N=8, BLOCK=8)[0])
     y = np.asarray(f(jnp.asarray(x)))
     assert np.isnan(y[4:]).all() and not np.isnan(y[:4]).any()
+
+
+def test_poisoned_wrapper_runs_the_kernel_and_never_reads_the_poison():
+    """The compiled path's wrapper(*inputs, *poison, *outputs, **constexprs) calls the kernel with
+    the poison pointers dropped; run here by the interpreter, with poison pointing at zeros."""
+    wrapper = launch_module._poisoned_wrapper(_write_first_half, 1, 1)
+    assert wrapper.arg_names == ["X", "poison_Y", "Y", "N", "BLOCK"]
+    assert launch_module._poisoned_wrapper(_write_first_half, 1, 1) is wrapper  # cached
+    x = np.arange(8, dtype=np.float32)
+    (y,) = run_interpreted(wrapper, (1,), [jax.ShapeDtypeStruct((8,), jnp.float32)],
+                           {"N": 8, "BLOCK": 8}, x, np.zeros(8, np.float32))
+    np.testing.assert_array_equal(y[:4], 2 * x[:4])
+    assert np.isnan(y[4:]).all()
+
+
+def test_poisoned_wrapper_compiles_for_sm90_with_one_pointer_per_array():
+    """The wrapper around the product-shape LN forward through the real compiler: its PTX takes
+    the inputs, one poison pointer per output and the outputs (jax-triton 0.3.1 passes an
+    aliased output both as an input and as an output)."""
+    import re
+    import dataclasses
+
+    from kernels import compile_check
+
+    spec = compile_check._layernorm_launches(64 * 65, 256, jnp.float32, True)[0]
+    wrapped = dataclasses.replace(
+        spec, kernel=launch_module._poisoned_wrapper(spec.kernel, len(spec.inputs), len(spec.outputs)),
+        inputs=spec.inputs + spec.outputs)
+    ptx = compile_check.compile_spec(wrapped, 90).asm["ptx"]
+    params = re.search(r"\.entry\s+\w+\((.*?)\)", ptx, re.S).group(1)
+    pointers = len(spec.inputs) + 2 * len(spec.outputs)
+    assert params.count(".u64") >= pointers  # + triton's scratch pointers
+
+
+def test_importing_jax_triton_leaves_triton_cache_dir_alone(tmp_path, monkeypatch):
+    """jax-triton 0.3.1 sets TRITON_CACHE_DIR="" on import, which breaks every later
+    triton.compile in the process; kernels.launch undoes it (a stand-in module here)."""
+    import os
+    import sys
+
+    (tmp_path / "jax_triton.py").write_text('import os\nos.environ["TRITON_CACHE_DIR"] = ""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    real = sys.modules.pop("jax_triton", None)  # on a GPU machine an earlier test imported it
+    try:
+        assert launch_module._import_jax_triton().__file__ == str(tmp_path / "jax_triton.py")
+        assert "TRITON_CACHE_DIR" not in os.environ
+        del sys.modules["jax_triton"]
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+        launch_module._import_jax_triton()
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache")
+    finally:
+        sys.modules.pop("jax_triton", None)
+        if real is not None:
+            sys.modules["jax_triton"] = real
+
+
+@pytest.mark.skipif(INTERPRET, reason="needs a GPU: poisoning of compiled launches (the interpreter's "
+                    "is tested above)")
+def test_compiled_outputs_start_as_nan_inside_poisoned_outputs():
+    f = lambda x: launch(_write_first_half, grid=(1,), inputs=[x],  # noqa: E731
+                         outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)],
+                         interpret=False, name="half", N=8, BLOCK=8)[0]
+    x = jnp.arange(8, dtype=jnp.float32)
+    with poisoned_outputs():
+        y = np.asarray(jax.jit(f)(x))
+    np.testing.assert_array_equal(y[:4], 2 * np.arange(4))
+    assert np.isnan(y[4:]).all()
 
 
 def test_interpreter_restores_triton_language():

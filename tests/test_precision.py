@@ -14,6 +14,8 @@ import vit
 from vit.ops import REFERENCE, get_ops
 from vit.step import TrainHParams, hand_written_grads, make_train_step
 
+from kernel_checks import INTERPRET
+
 
 def small(norm="post"):
     return vit.ViTConfig(image_size=16, patch_size=4, channels=3, d_model=64, heads=4, layers=2,
@@ -66,7 +68,8 @@ def test_bf16_step_tracks_fp32_step():
 
 
 def test_bf16_fused_matches_bf16_reference_and_fp32():
-    """Kernels in bf16 (interpreter) vs the reference in bf16, and both vs float32."""
+    """Kernels in bf16 (interpreted on the CPU, compiled on a GPU) vs the reference in bf16, and
+    both vs float32."""
     cfg = vit.ViTConfig(image_size=8, patch_size=4, channels=3, d_model=32, heads=2, layers=2,
                         mlp_dim=48, num_classes=5)
     params = vit.init_params(jax.random.PRNGKey(0), cfg)
@@ -74,7 +77,7 @@ def test_bf16_fused_matches_bf16_reference_and_fp32():
     targets = vit.layers.one_hot_targets(jnp.array([0, 1, 2, 3]), 5)
     out = {}
     for name, ops, precision in (("ref32", REFERENCE, "fp32"), ("ref16", REFERENCE, "bf16"),
-                                 ("fused16", get_ops(True, interpret=True), "bf16")):
+                                 ("fused16", get_ops(True, interpret=INTERPRET), "bf16")):
         loss, grads, _ = jax.jit(hand_written_grads(cfg, ops, precision))(params, x, targets, None)
         out[name] = (float(loss), grads)
     norm = float(vit.optim.global_norm(out["ref32"][1]))
