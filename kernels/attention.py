@@ -217,12 +217,26 @@ def _attn_bwd(
 # forward / backward (same signatures as vit.layers, plus the launch settings)
 
 
-def _geometry(b, l, d, heads, dtype, interpret, precision):
-    """Constexprs shared by both kernels, and the number of warps."""
+def _geometry(b, l, d, heads, dtype, interpret, precision, backward=False):
+    """Constexprs for one of the kernels, and the number of warps.
+
+    BLOCK_M (query rows per step) and the warps are chosen so that no kernel spills registers
+    on sm_90 where a spill-free choice exists (``python -m kernels.compile_check`` prints
+    registers and stack per kernel; sm_90, triton 3.9). The backward keeps five BLOCK_M x BLOCK_L
+    float32 tiles (S, P, dP, dS, dropout) live next to the dK and dV accumulators: from
+    BLOCK_L = 64 on it takes 16 rows per step over 8 warps (L=65, Dh=32, float32: 252 registers
+    and no stack, against 255 registers and 528 stack bytes at 32 rows). The forward keeps
+    fewer: 32 rows in float32 (16 once the K/V tile reaches 8192 elements), 64 in half precision.
+    """
     dh = d // heads
     block_l = max(16, next_power_of_2(l))
-    # query rows per step: the score tile and its layout conversions live in shared memory
-    block_m = min(block_l, 32 if np.dtype(dtype) == np.float32 else 64)
+    half = np.dtype(dtype) != np.float32
+    if backward:
+        block_m = 16 if block_l >= 64 else 32
+    elif half:
+        block_m = 64
+    else:
+        block_m = 16 if block_l * dh >= 8192 else 32
     consts = dict(
         L=l,
         H=heads,
@@ -234,11 +248,11 @@ def _geometry(b, l, d, heads, dtype, interpret, precision):
         stride_o_l=d,
         sm_scale=1.0 / math.sqrt(dh),
         PRECISION=precision,
-        DOT_F32=bool(interpret) and np.dtype(dtype) != np.float32,
+        DOT_F32=bool(interpret) and half,
         BLOCK_L=block_l,
-        BLOCK_M=block_m,
+        BLOCK_M=min(block_l, block_m),
     )
-    num_warps = 4 if block_l <= 64 else 8
+    num_warps = 8 if block_l >= 64 else 4
     return consts, num_warps
 
 
@@ -326,7 +340,7 @@ def attention_backward(cache, do, *, interpret: bool, precision: str = "ieee"):
         raise ValueError(f"attention_backward: do must have shape (B, L, D) = {(b, l, d)}, got {tuple(do.shape)}")
     check_dtype("attention_backward: do", do.dtype)
     do = do.astype(qkv.dtype)
-    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, precision)
+    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, precision, backward=True)
     (dqkv,) = launch(
         _attn_bwd,
         grid=(b, heads),

@@ -5,15 +5,23 @@ The interpreter runs a kernel's Python body with numpy and accepts code the real
 the real Triton compiler (frontend, TritonGPU passes, LLVM, ptxas, all bundled in the triton wheel)
 for sm_80 and sm_90 on exactly the launches the fused ops make (recorded through
 ``kernels.launch.record_launches`` under ``jax.eval_shape``, so the constexprs are the launcher's
-own), and checks each kernel's shared memory against the device limit. Registers and spills need
-a driver to read, so they are not reported.
+own), and checks each kernel's shared memory against the device limit. It also reads each
+cubin's resource usage with the cuobjdump bundled in the triton wheel: registers per thread and
+stack bytes per thread (a kernel at the 255-register cap with a stack is spilling registers to
+local memory, which costs memory traffic on every step of its loop); a spilling kernel is shown
+as "spills" but not counted as a failure (it is slow, not wrong).
 
     python -m kernels.compile_check                 # product shapes + the awkward ones, sm_80/sm_90
     python -m kernels.compile_check --arch 90 --quick
 """
 
 import argparse
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -104,6 +112,27 @@ def compile_spec(spec, arch: int):
     })
 
 
+def _cuobjdump() -> str | None:
+    import triton  # noqa: PLC0415
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
+
+
+def resource_usage(compiled) -> dict | None:
+    """{"regs", "stack"} per thread of a compiled kernel's cubin, or None without cuobjdump."""
+    tool = _cuobjdump()
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return {"regs": int(match.group(1)), "stack": int(match.group(2))} if match else None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
@@ -112,8 +141,9 @@ def main(argv=None) -> int:
     import triton  # noqa: PLC0415
 
     print(f"triton {triton.__version__}, jax {jax.__version__}; compiling for sm_{args.arch}")
-    print(f"{'case':<48} {'kernel':<22} {'arch':>4} {'warps':>5} {'smem B':>8} {'sec':>5}  ok")
-    failures = 0
+    print(f"{'case':<48} {'kernel':<22} {'arch':>4} {'warps':>5} {'smem B':>8} {'regs':>4} "
+          f"{'stack':>5} {'sec':>5}  ok")
+    failures = spilling = 0
     seen = set()
     for label, specs in cases(args.quick):
         for spec in specs:
@@ -124,18 +154,28 @@ def main(argv=None) -> int:
                     continue
                 seen.add(key)
                 t0 = time.perf_counter()
+                usage = None
                 try:
-                    shared = compile_spec(spec, arch).metadata.shared
+                    compiled = compile_spec(spec, arch)
+                    shared = compiled.metadata.shared
                     limit = SHARED_LIMIT.get(arch, 101376)
                     ok = shared <= limit
                     note = "" if ok else f"  shared memory over the sm_{arch} limit {limit}"
+                    usage = resource_usage(compiled)
                 except Exception as e:  # report every failing configuration, then exit non-zero
                     shared, ok, note = -1, False, f"  {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 failures += not ok
+                spills = bool(usage and usage["stack"] > 0)
+                spilling += spills
+                regs, stack = (usage["regs"], usage["stack"]) if usage else ("?", "?")
                 dt = time.perf_counter() - t0
-                print(f"{label:<48} {spec.name:<22} {arch:>4} {spec.num_warps:>5} {shared:>8} {dt:>5.1f}  "
-                      f"{'ok' if ok else 'FAIL'}{note}")
+                print(f"{label:<48} {spec.name:<22} {arch:>4} {spec.num_warps:>5} {shared:>8} {regs:>4} "
+                      f"{stack:>5} {dt:>5.1f}  {'ok' if ok else 'FAIL'}{' spills' if spills else ''}{note}")
     print("all kernels compile" if not failures else f"{failures} compile failure(s)")
+    if _cuobjdump() is None:
+        print("registers and stack not read: no cuobjdump in the triton wheel or on PATH")
+    else:
+        print(f"{spilling} kernel(s) spill registers (stack > 0)" if spilling else "no kernel spills registers")
     return 1 if failures else 0
 
 
