@@ -139,6 +139,79 @@ def compile_fn(fn, args, dtype: str):
         return jax.jit(fn).lower(*args).compile()
 
 
+# What XLA compiled: device kernels per call and XLA's own count of the bytes they touch. The
+# "why" beside a time: an op that runs in fewer kernels makes fewer passes over memory.
+
+_NOT_KERNELS = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "opt-barrier",
+                "after-all", "partition-id", "replica-id", "add-dependency"}
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*)$")
+_CALLS = re.compile(r"(?:to_apply|calls)=%?([\w.\-]+)")
+
+
+def _opcode(rhs: str) -> str:
+    """The opcode of an HLO instruction's right-hand side ('f32[2]{0} fusion(...)', or a tuple shape)."""
+    if rhs.startswith("("):  # tuple-shaped result: skip the balanced parentheses
+        depth = 0
+        for i, ch in enumerate(rhs):
+            depth += (ch == "(") - (ch == ")")
+            if depth == 0:
+                rhs = rhs[i + 1:]
+                break
+    else:
+        rhs = rhs.split(" ", 1)[1] if " " in rhs else ""
+    return rhs.lstrip().split("(", 1)[0].strip()
+
+
+def count_kernels(hlo_text: str) -> int:
+    """Device operations one call of an optimized HLO module runs: each fusion, custom call
+    (cuBLAS, cuDNN, a Triton kernel), copy or other non-trivial instruction of the entry
+    computation counts 1; a `call` (e.g. a GPU command buffer) counts what it calls; async
+    -done/-update halves are not counted again."""
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m and not line.startswith(" "):
+            current = m.group(2)
+            computations[current] = []
+            entry = current if m.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            inst = _INSTRUCTION.match(line)
+            if inst:
+                computations[current].append(inst.group(1))
+
+    def count(name: str, depth: int = 0) -> int:
+        total = 0
+        for rhs in computations.get(name, []):
+            op = _opcode(rhs)
+            if op in _NOT_KERNELS or op.endswith("-done") or op.endswith("-update"):
+                continue
+            called = _CALLS.search(rhs)
+            if op == "call" and called and depth < 8:
+                total += count(called.group(1), depth + 1)
+            else:
+                total += 1
+        return total
+
+    return count(entry) if entry else 0
+
+
+def executable_profile(compiled) -> dict:
+    """{"kernels": device ops per call, "hlo_mbytes": XLA's cost analysis "bytes accessed" / 1e6
+    (custom calls, such as our Triton kernels, count 0 there; None if XLA gives no figure)}."""
+    kernels = count_kernels(compiled.as_text())
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        mbytes = float(cost["bytes accessed"]) / 1e6
+    except Exception:  # noqa: BLE001  (a backend without cost analysis: no figure, not an error)
+        mbytes = None
+    return {"kernels": kernels, "hlo_mbytes": mbytes}
+
+
 # ----------------------------------------------------------------------------------------------
 # checks
 
@@ -373,7 +446,8 @@ class BenchSession:
         base = dict(group=None, shape=None, contender=None, mode=None, dtype=None, status=None,
                     median_ms=None, p20_ms=None, p80_ms=None, speedup_vs_reference=None, gb_s=None,
                     tflop_s=None, frac_of_peak=None, images_s=None, epoch_s=None, check_rel_err=None,
-                    samples=None, calls_per_sample=None, ops_per_call=None, note="", why=None)
+                    samples=None, calls_per_sample=None, ops_per_call=None, kernels=None,
+                    hlo_mbytes=None, note="", why=None)
         base.update(row)
         base.update(device=self.info["device"], backend=self.backend, jax=self.info["jax"],
                     jaxlib=self.info["jaxlib"], triton=self.info["triton"],
@@ -477,13 +551,15 @@ def markdown_tables(rows: list[dict]) -> str:
             continue
         step = g == "train step"
         metric = "images/s | epoch (100k img)" if step else ("TFLOP/s" if g.startswith("attention") else "GB/s")
-        lines += [f"| shape | contender | dtype | median ms | p20-p80 ms | speedup vs ref | {metric} | % of peak | note |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if step else "") + " ---: | --- |"]
+        lines += [f"| shape | contender | dtype | median ms | p20-p80 ms | speedup vs ref | {metric} | % of peak "
+                  "| kernels | XLA MB | note |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if step else "")
+                  + " ---: | ---: | ---: | --- |"]
         for r in (r for r in rows if r["group"] == g):
             if r["median_ms"] is None:
                 t = f"{r['status']}" if r["status"] else "-"
                 lines.append(f"| {r['shape']} | {r['contender']} | {r['dtype']} | {t} | - | - | -"
-                             + (" | -" if step else "") + f" | - | {r['note']} |")
+                             + (" | -" if step else "") + f" | - | - | - | {r['note']} |")
                 continue
             spread = f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
             speed = _fmt(r["speedup_vs_reference"], ".2f") + ("x" if r["speedup_vs_reference"] else "")
@@ -494,8 +570,10 @@ def markdown_tables(rows: list[dict]) -> str:
             else:
                 m = _fmt(r["gb_s"], ".1f")
             frac = "-" if r["frac_of_peak"] is None else f"{100 * r['frac_of_peak']:.1f}%"
+            kernels = _fmt(r.get("kernels"), "d")
+            mbytes = _fmt(r.get("hlo_mbytes"), ".1f")
             lines.append(f"| {r['shape']} | {r['contender']} | {r['dtype']} | {r['median_ms']:.3f} | {spread} | "
-                         f"{speed} | {m} | {frac} | {r['note']} |")
+                         f"{speed} | {m} | {frac} | {kernels} | {mbytes} | {r['note']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -543,6 +621,11 @@ METHOD = [
     "the device, forward, backward, AdamW; donated buffers), params and optimizer state carried from "
     "call to call.",
     "speedup vs ref = reference median / row median, within the same group, shape and dtype.",
+    "kernels = device operations one call of the contender's own executable (one op, not the chained "
+    "timed one) runs, counted in XLA's optimized HLO: each fusion, library or Triton custom call and "
+    "copy counts 1. XLA MB = XLA's cost analysis of that executable, 'bytes accessed', in MB; our "
+    "Triton kernels are custom calls, which XLA counts as 0 bytes, so for fused rows it covers only "
+    "the XLA ops around them. Together they say how many passes over memory an op makes.",
 ]
 
 
@@ -660,6 +743,7 @@ def run_kernel_case(bench: BenchSession, case: KernelCase, *, make_inputs, build
     try:
         compiled = compile_fn(build(case.contender, check_shape), args, case.dtype)
         outputs = jax.block_until_ready(compiled(*args))
+        profile = executable_profile(compiled)
     except Exception as e:  # noqa: BLE001  (optional: any error means not available here)
         if not optional:
             raise
@@ -703,4 +787,5 @@ def run_kernel_case(bench: BenchSession, case: KernelCase, *, make_inputs, build
                  p80_ms=per_op.p80_ms, tflop_s=w["tflop"] / seconds if "tflop" in w else None,
                  gb_s=w["gbytes"] / seconds if "gbytes" in w else None, check_rel_err=err,
                  samples=t.samples, calls_per_sample=t.calls_per_sample, ops_per_call=k,
+                 kernels=profile["kernels"], hlo_mbytes=profile["hlo_mbytes"],
                  note=note + (f"; {k} input sets chained per call" if k > 1 else ""))

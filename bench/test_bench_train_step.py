@@ -165,4 +165,5 @@ def test_train_step(step_case, bench):
                  images_s=images_s, epoch_s=harness.EPOCH_IMAGES / images_s, check_rel_err=err,
                  tflop_s=model_flops_per_image(config) * images_s / 1e12,  # % of peak = MFU
                  samples=t.samples, calls_per_sample=t.calls_per_sample,
+                 **harness.executable_profile(compiled),
                  note=NOTES[contender] + f"; {len(batches)} image batches")
