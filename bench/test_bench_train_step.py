@@ -10,6 +10,9 @@ first moment after one step from zero state, m = (1 - b1) g):
   reference  make_train_step(): the hand-written jnp forward/backward
   autodiff   make_train_step(grad_fn=oracle.autodiff_grad_fn(config)): jax.value_and_grad of the
              reference forward, the step a plain-JAX user would write
+  fused-attn, fused-ln
+             the fused step with only one of the two ops swapped in (the other from the
+             reference): where the fused step's time goes, measured by leaving one kernel out
   reference-bf16, fused-bf16
              the same steps with precision="bf16" (bf16 activations and matmul inputs, fp32
              accumulation, master weights and optimizer state), checked against the fp32
@@ -17,6 +20,8 @@ first moment after one step from zero state, m = (1 - b1) g):
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +32,7 @@ import vit
 from bench import harness
 from bench.conftest import shape_names
 
-CONTENDERS = ["reference", "fused", "autodiff", "reference-bf16", "fused-bf16"]
+CONTENDERS = ["reference", "fused", "autodiff", "fused-attn", "fused-ln", "reference-bf16", "fused-bf16"]
 HPARAMS = vit.TrainHParams()  # lr 1e-4, no clipping, no augmentation: the step's own cost
 TINY = vit.ViTConfig(image_size=16, patch_size=8, d_model=64, heads=2, layers=2, mlp_dim=128,
                      num_classes=10)  # quick checks: L=5, Dh=32
@@ -35,6 +40,8 @@ NOTES = {
     "fused": "make_train_step(fused=True): Triton attention + add+LN kernels",
     "reference": "make_train_step(): hand-written backward, jnp under XLA",
     "autodiff": "grad_fn=oracle.autodiff_grad_fn: jax.value_and_grad of the reference forward",
+    "fused-attn": "fused attention kernels only; add+LN from the reference",
+    "fused-ln": "fused add+LN kernels only; attention from the reference",
     "reference-bf16": "make_train_step(precision='bf16'): hand-written backward in bf16",
     "fused-bf16": "make_train_step(fused=True, precision='bf16'): bf16 Triton kernels",
 }
@@ -61,6 +68,13 @@ def make_batch(config, batch, key):
 
 def make_step(contender, config, interpret):
     precision = "bf16" if contender.endswith("-bf16") else "fp32"
+    if contender in ("fused-attn", "fused-ln"):
+        fused = vit.ops.get_ops(True, interpret=True if interpret else None)
+        swapped = ("attention_forward", "attention_backward") if contender == "fused-attn" else \
+            ("add_layernorm_forward", "add_layernorm_backward")
+        ops = SimpleNamespace(**{**vars(vit.ops.REFERENCE), "name": contender,
+                                 **{name: getattr(fused, name) for name in swapped}})
+        return jax.jit(vit.step.train_step_fn(config, HPARAMS, ops=ops), donate_argnums=(0, 1))
     if contender.startswith("fused"):
         return vit.make_train_step(config, HPARAMS, fused=True, precision=precision,
                                    interpret=True if interpret else None)
