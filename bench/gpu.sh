@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks of vitfuse, in one go, on a lent GPU machine.
 #
-#   bash bench/gpu.sh                  # all parts, in this order: env tests gradcheck bench
+#   bash bench/gpu.sh                  # the four main parts, in order: env tests gradcheck bench
 #   bash bench/gpu.sh gradcheck bench  # only some parts (same order as given)
+#   bash bench/gpu.sh env tune profile # the two extra parts (the why behind the bench's times)
 #
-# A lent machine allows 10 minutes per command: if all four parts don't fit, split them, e.g.
-#   bash bench/gpu.sh env tests gradcheck   then   bash bench/gpu.sh env bench
+# A lent machine allows 10 minutes per command: split the parts, e.g.
+#   bash bench/gpu.sh env tests gradcheck  ;  bash bench/gpu.sh env bench  ;  bash bench/gpu.sh env tune profile
 #
 # Parts (each one's output is shown and tee'd to $OUT/<part>.log):
 #   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
@@ -15,13 +16,17 @@
 #   gradcheck  python -m kernels.gradcheck (float32), then --dtype bfloat16
 #   bench      python -m pytest bench/ --benchmark -q; this run's bench/results files and a
 #              speedup plot copied to $OUT/
+#   tune       python -m bench.tune_attention: every (BLOCK_M, warps) variant of the attention
+#              kernels timed at the product shape; $OUT/tune-attention.md
+#   profile    one reference and one fused train step under Nsight Compute (ncu), kernel by
+#              kernel; $OUT/ncu-step-{reference,fused}.csv and their summaries in profile.log
 # Before any part, the jax-triton wheel carried in .whl/ is installed to /tmp/site and put on
 # PYTHONPATH (the GPU image has jax with CUDA, triton, pytest and pytest-benchmark, no jax-triton);
 # its output goes to $OUT/env.log.
 #
 # Every part runs even when an earlier one failed; the exit status is 1 if any part (or the
-# install) failed, 2 for a bad part name. $OUT/ gets at most 7 files (4 logs, the results .json and
-# .md, one .png), none in subfolders.
+# install) failed, 2 for a bad part name. $OUT/ gets one log per part, the results .json and .md,
+# one .png, tune-attention.md and two ncu CSVs, none in subfolders.
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
 # command, default 0 = none; a part past it fails with exit 124 and the next part runs).
@@ -103,6 +108,28 @@ part_bench() {
   return "$rc"
 }
 
+part_tune() {
+  with_timeout "$PY" -m bench.tune_attention --out "$OUT/tune-attention.md"
+}
+
+part_profile() {
+  local rc=0 ncu contender csv
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  if [ -z "$ncu" ]; then
+    echo "no ncu on PATH or under /opt/nvidia/nsight-compute"
+    return 1
+  fi
+  for contender in reference fused; do
+    csv="$OUT/ncu-step-$contender.csv"
+    # --clock-control none: leave the GPU's clocks as they are (the device README asks for it)
+    with_timeout "$ncu" --profile-from-start off --clock-control none --print-units base --csv \
+      --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread \
+      --log-file "$csv" "$PY" -m bench.profile_step run "$contender" || rc=1
+    "$PY" -m bench.profile_step summarize "$csv" || rc=1
+  done
+  return "$rc"
+}
+
 # run_part NAME: run part_NAME, tee its output to $OUT/NAME.log, note a failure, always go on
 run_part() {
   local name=$1 start=$SECONDS rc
@@ -121,8 +148,8 @@ if [ "${#parts[@]}" -eq 0 ]; then
 fi
 for name in "${parts[@]}"; do
   case $name in
-    env | tests | gradcheck | bench) ;;
-    *) echo "unknown part '$name': use env, tests, gradcheck, bench" >&2; exit 2 ;;
+    env | tests | gradcheck | bench | tune | profile) ;;
+    *) echo "unknown part '$name': use env, tests, gradcheck, bench, tune, profile" >&2; exit 2 ;;
   esac
 done
 

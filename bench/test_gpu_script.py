@@ -1,0 +1,27 @@
+"""bench/gpu.sh plumbing on a machine without a GPU: a bad part name, and a part that fails
+(tune needs a GPU) still leaves its log and makes the script exit 1 naming it."""
+
+import os
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("gpu.sh")
+
+
+def run(tmp_path, *parts):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(["bash", str(SCRIPT), *parts], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_unknown_part_is_exit_2(tmp_path):
+    proc = run(tmp_path, "env", "bogus")
+    assert proc.returncode == 2 and "unknown part 'bogus'" in proc.stderr
+
+
+def test_failing_part_is_logged_and_named(tmp_path):
+    proc = run(tmp_path, "tune")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    log = (tmp_path / "out" / "tune.log").read_text()
+    assert "tune_attention: no GPU" in log and "=== tune: exit 2" in log
+    assert "FAILED:" in proc.stdout and "tune (exit 2)" in proc.stdout

@@ -1,0 +1,42 @@
+"""bench/profile_step.py: the summary of an ncu CSV (a made-up one in ncu's raw-page layout), and
+`run` refusing to run without a GPU."""
+
+from bench import profile_step
+
+NCU_LOG = '''==PROF== Connected to process 123 (/usr/bin/python3.12)
+==PROF== Profiling "_attn_fwd": 0%....50%....100% - 1 pass
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__bytes_read.sum","dram__bytes_write.sum","gpu__time_duration.sum","launch__registers_per_thread"
+"","","","","","","","","","","","byte","byte","nsecond","register/thread"
+"0","123","python3.12","localhost","_attn_fwd","1","7","(256, 1, 1)","(64, 8, 1)","0","9.0","1,000,000","500,000","10,000","80"
+"1","123","python3.12","localhost","_attn_bwd_poisoned","1","7","(256, 1, 1)","(64, 8, 1)","0","9.0","2000000","1000000","30000","244"
+"2","123","python3.12","localhost","nvjet_tst_128x64_64x6_1x1_v_bz_coopA_TNT","1","7","(384, 1, 1)","(33, 2, 1)","0","9.0","3000000","1000000","40000","168"
+"3","123","python3.12","localhost","loop_add_fusion","1","7","(128, 1, 1)","(130, 1, 1)","0","9.0","4000000","4000000","20000","16"
+"4","123","python3.12","localhost","loop_add_fusion","1","7","(128, 1, 1)","(130, 1, 1)","0","9.0","4000000","4000000","20000","16"
+==PROF== Disconnected from process 123
+'''
+
+
+def test_summarize_totals_by_kind_and_kernel(tmp_path):
+    path = tmp_path / "ncu.csv"
+    path.write_text(NCU_LOG)
+    rows = profile_step.read_ncu_csv(str(path))
+    assert [r["name"] for r in rows][:2] == ["_attn_fwd", "_attn_bwd_poisoned"]
+    assert rows[0]["ns"] == 10000 and rows[0]["bytes"] == 1.5e6 and rows[0]["regs"] == 80
+    text = profile_step.summarize(str(path))
+    assert "5 kernels, 120.0 us of kernel time" in text
+    kinds = {line[:46].strip(): line for line in text.splitlines()[3:6]}
+    assert kinds["vitfuse Triton kernels"].split()[3:5] == ["2", "40.0"]
+    assert kinds["XLA fusions and copies"].split()[4:6] == ["2", "40.0"]
+    assert "library GEMM" in text and "loop_add_fusion" in text
+
+
+def test_summarize_rejects_a_csv_without_the_metrics(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text('"ID","Kernel Name"\n"0","k"\n')
+    assert profile_step.main(["summarize", str(path)]) == 1
+    assert "not an ncu raw CSV" in capsys.readouterr().err
+
+
+def test_run_needs_a_gpu(capsys):
+    assert profile_step.main(["run", "fused"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
