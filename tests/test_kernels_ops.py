@@ -133,6 +133,74 @@ def test_compiled_outputs_start_as_nan_inside_poisoned_outputs():
     assert np.isnan(y[4:]).all()
 
 
+class FakeJaxTriton:
+    """jax-triton 0.3.1's calling convention, executed by Triton's interpreter, to run the compiled
+    launcher (kernels.launch._launch_compiled) on a CPU: the kernel gets (*inputs, *outputs,
+    **constexprs); an output aliased to an input keeps its own pointer parameter and starts with
+    that input's values (XLA's buffer aliasing); other outputs start as zeros."""
+
+    def __init__(self):
+        self.calls = []
+
+    def triton_call(self, *inputs, kernel, out_shape, grid, num_warps, num_stages, name,
+                    input_output_aliases=None, **constexprs):
+        aliases = dict(input_output_aliases or {})
+        self.calls.append((name, getattr(kernel, "__name__", ""), len(inputs), aliases))
+
+        def host(*arrays):
+            from triton.runtime.interpreter import InterpretedFunction
+
+            outs = [np.zeros(o.shape, o.dtype) for o in out_shape]
+            for i, j in aliases.items():
+                outs[j] = np.array(arrays[i], copy=True)
+            args = [launch_module._HostTensor(np.ascontiguousarray(a)) for a in arrays]
+            args += [launch_module._HostTensor(o) for o in outs]
+            with launch_module._INTERPRETER_LOCK, launch_module._interpreted_device_calls():
+                InterpretedFunction(kernel.fn)[grid](*args, **constexprs)
+            return tuple(outs)
+
+        return jax.pure_callback(host, list(out_shape), *inputs, vmap_method="sequential")
+
+
+@pytest.fixture
+def fake_jax_triton(monkeypatch):
+    fake = FakeJaxTriton()
+    monkeypatch.setattr(launch_module, "_import_jax_triton", lambda: fake)
+    return fake
+
+
+def test_compiled_launcher_poisons_through_aliased_inputs(fake_jax_triton):
+    """The compiled path's own code (wrapper kernel, NaN inputs, input_output_aliases) under
+    jax-triton's convention: unwritten elements are NaN inside poisoned_outputs only."""
+    f = lambda x: launch(_write_first_half, grid=(1,), inputs=[x],  # noqa: E731
+                         outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)],
+                         interpret=False, name="half", N=8, BLOCK=8)[0]
+    x = jnp.arange(8, dtype=jnp.float32)
+    plain = np.asarray(jax.jit(f)(x))
+    with poisoned_outputs():
+        poisoned = np.asarray(jax.jit(lambda x: f(x))(x))
+    np.testing.assert_array_equal(plain, [0, 2, 4, 6, 0, 0, 0, 0])
+    np.testing.assert_array_equal(poisoned[:4], [0, 2, 4, 6])
+    assert np.isnan(poisoned[4:]).all()
+    assert fake_jax_triton.calls[0] == ("half", "_write_first_half", 1, {})
+    assert fake_jax_triton.calls[1] == ("half", "_write_first_half_poisoned", 2, {1: 0})
+
+
+def test_compiled_launcher_runs_both_kernels_correctly(fake_jax_triton):
+    """fused_ops(interpret=False) end to end through the compiled launcher (poisoned): attention
+    with dropout and add+LN, outputs and gradients vs the reference."""
+    ops = fused_ops(interpret=False)
+    a = attention_inputs(jax.random.PRNGKey(5), 2, 17, 2, 16, True, jnp.float32)
+    ln = layernorm_inputs(jax.random.PRNGKey(6), 19, 48, True, jnp.float32)
+    with poisoned_outputs():
+        rows = compare(run_attention(ops, a), run_attention(vit_ops.REFERENCE, a), 1e-5)
+        rows += compare(run_layernorm(ops, ln), run_layernorm(vit_ops.REFERENCE, ln), 1e-5)
+    assert all(ok for *_, ok in rows), rows
+    kernels = {c[1] for c in fake_jax_triton.calls}
+    assert kernels == {"_attn_fwd_poisoned", "_attn_bwd_poisoned", "_ln_fwd_poisoned",
+                       "_ln_bwd_poisoned", "_ln_bwd_reduce_poisoned"}
+
+
 def test_interpreter_restores_triton_language():
     before = (triton.runtime.jit.JITFunction.__call__, tl.core.reduce, tl.reduce, tl.core.tensor.__add__)
     ops = fused_ops(interpret=True)
