@@ -253,11 +253,12 @@ def main(argv=None) -> int:
         from vit.runconfig import dumps  # noqa: PLC0415
         (run_dir / "config.json").write_text(dumps(cfg) + "\n")
 
-    batcher = Batcher(train_set.images, train_set.labels, t.batch_size, seed=t.seed)
+    # every process reads the same seeded global order and gathers only its rows of each batch
+    batcher = Batcher(train_set.images, train_set.labels, t.batch_size, seed=t.seed,
+                      rows=parallel.process_batch_slice(t.batch_size, mesh))
     eval_bs = -(-t.eval_batch_size // n_dev) * n_dev  # a multiple of the device count
     val_batcher = Batcher(val_set.images, val_set.labels, eval_bs, seed=0, shuffle=False,
-                          drop_last=False)
-    eval_rows = parallel.process_batch_slice(eval_bs, mesh)
+                          drop_last=False, rows=parallel.process_batch_slice(eval_bs, mesh))
     spe = batcher.steps_per_epoch()
     if spe == 0:
         fail(f"--batch-size {t.batch_size} is larger than the training set "
@@ -268,7 +269,6 @@ def main(argv=None) -> int:
     eval_step = parallel.make_parallel_eval_step(cfg.model, mesh, **common)
     params, opt_state = parallel.replicate((params, opt_state), mesh)
     base_key = jax.random.PRNGKey(t.seed)
-    rows = parallel.process_batch_slice(t.batch_size, mesh)
 
     def save(name, epoch_, step_in_epoch_, running_):
         if not main_process:
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
 
             for images, labels in batcher.epoch(epoch, step_in_epoch):
                 gstep = epoch * spe + step_in_epoch
-                images, labels = parallel.shard_batch(mesh, images[rows], labels[rows])
+                images, labels = parallel.shard_batch(mesh, images, labels)
                 key = jax.random.fold_in(base_key, gstep)
                 new_params, new_opt, m = train_step(params, opt_state, images, labels, key)
                 if pending is not None:
@@ -339,8 +339,7 @@ def main(argv=None) -> int:
             # --- end of epoch: validate, log, plot, checkpoint ---------------------------------
             sums = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
             for images, labels, valid in val_batcher.eval_batches():
-                images, labels, valid = parallel.shard_batch(
-                    mesh, images[eval_rows], labels[eval_rows], valid[eval_rows])
+                images, labels, valid = parallel.shard_batch(mesh, images, labels, valid)
                 out = eval_step(params, images, labels, valid)
                 for k in sums:
                     sums[k] += float(out[k])

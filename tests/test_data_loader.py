@@ -186,3 +186,32 @@ def test_batcher_rejects_what_would_silently_train_on_nothing():
         Batcher(numbered_images(5), np.arange(4), 2, seed=0)
     with pytest.raises(ValueError, match="start_step"):
         next(Batcher(numbered_images(N), np.arange(N), B, seed=0).epoch(0, start_step=7))
+
+
+@pytest.mark.parametrize("mode", ["on-device", "streamed"])
+@pytest.mark.parametrize("rows", [slice(0, 8), slice(8, 16), slice(3, 6)])
+def test_rows_keep_one_process_share_of_every_global_batch(mode, rows, request):
+    """A process of a multi-process run gathers only its rows of each global batch (the same
+    global order, the same number of steps), for training and for padded evaluation."""
+    options = request.getfixturevalue("streamed") if mode == "streamed" else {}
+    whole = Batcher(numbered_images(N), np.arange(N), B, seed=5, **options)
+    share = Batcher(numbered_images(N), np.arange(N), B, seed=5, rows=rows, **options)
+    assert share.steps_per_epoch() == whole.steps_per_epoch()
+    full, part = collect(whole.epoch(2, start_step=1)), collect(share.epoch(2, start_step=1))
+    assert len(part) == len(full)
+    for (xa, ya), (xb, yb) in zip(full, part, strict=True):
+        np.testing.assert_array_equal(xa[rows], xb)
+        np.testing.assert_array_equal(ya[rows], yb)
+    evals = Batcher(numbered_images(N), np.arange(N), B, seed=0, shuffle=False, drop_last=False,
+                    rows=rows, **options)
+    whole_eval = Batcher(numbered_images(N), np.arange(N), B, seed=0, shuffle=False, drop_last=False,
+                         **options)
+    for (xa, ya, va), (xb, yb, vb) in zip(whole_eval.eval_batches(), evals.eval_batches(), strict=True):
+        np.testing.assert_array_equal(ids_of(xa)[rows], ids_of(xb))
+        np.testing.assert_array_equal(np.asarray(va)[rows], np.asarray(vb))
+
+
+def test_rows_must_be_a_plain_slice_inside_the_batch():
+    for rows in (slice(0, 17), slice(4, 4), slice(0, 8, 2), slice(None, 8)):
+        with pytest.raises(ValueError, match="rows must be a slice"):
+            Batcher(numbered_images(N), np.arange(N), B, seed=0, rows=rows)

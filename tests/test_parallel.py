@@ -292,6 +292,43 @@ def test_resume_four_device_checkpoint_on_one_device(reference, four_devices):
                         lr_sum(reference["metrics"][k:], common.STEPS - k), "resumed vs 4 devices")
 
 
+def test_train_py_two_processes_equal_one_process_on_four_devices(tmp_path):
+    """python train.py itself, 2 processes x 2 devices (each Batcher gathering only its rows of
+    every global batch) against 1 process x 4 devices: the same metrics, epoch by epoch."""
+    common_args = [sys.executable, "train.py", "--dataset", "digits", "--config", "configs/digits.toml",
+                   "--epochs", "2", "--no-progress"]
+    single = subprocess.run([*common_args, "--devices", "4", "--out", str(tmp_path / "one")],
+                            env=_env(4), cwd=ROOT, capture_output=True, text=True,
+                            timeout=WORKER_TIMEOUT_S)
+    assert single.returncode == 0, _tail(single.stdout + single.stderr)
+    port = free_port()
+    procs = [subprocess.Popen([*common_args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(pid), "--out", str(tmp_path / "two")],
+                              env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for pid in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(_tail(o) for o in outputs)
+
+    def metrics(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    one, two = metrics("one"), metrics("two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert a["val_images"] == b["val_images"] == 360
+        for key in ("train_loss", "val_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        for key in ("train_accuracy", "val_top1", "val_top5"):
+            assert abs(b[key] - a[key]) <= 1 / 360, key  # at most one image flips on a near-tie
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. two processes on loopback
 

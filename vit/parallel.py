@@ -27,17 +27,17 @@ The only cross-device term is LayerNorm's dgamma/dbeta, a per-shard partial sum:
 
 Many hosts: every process runs this same program (SPMD, "multi-controller"). Call
 `init_distributed` first, before any other JAX call; every process reads the same seeded global
-order and keeps rows `process_batch_slice(B)` of each global batch; `shard_batch` assembles the
-global array from those per-process rows. On the CPU the cross-process collectives are gloo
+order and keeps rows `process_batch_slice(B)` of each global batch (`Batcher(..., rows=...)`
+gathers only those); `shard_batch` assembles the global array from those per-process rows. On the CPU the cross-process collectives are gloo
 (`jax_cpu_collectives_implementation`, jax's default); on GPUs, NCCL.
 
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     mesh = make_mesh(args.devices)
     step = make_parallel_train_step(config, hp, mesh, fused=..., mean=mean, std=std)
     params, opt = replicate((params, opt), mesh)
-    rows = process_batch_slice(B, mesh)
-    for x, y in batches:                                  # the global batch, same on every process
-        x, y = shard_batch(mesh, x[rows], y[rows])
+    batcher = Batcher(images, labels, B, seed=seed, rows=process_batch_slice(B, mesh))
+    for x, y in batcher.epoch(epoch):                     # this process's rows of each global batch
+        x, y = shard_batch(mesh, x, y)
         params, opt, metrics = step(params, opt, x, y, key)
     host = gather_to_host({"params": params, "opt": opt})  # on every process (a collective)
     if is_main_process(): checkpoint.save(path, host, meta)

@@ -76,6 +76,9 @@ class Batcher:
     shuffle=False visits 0..N-1 in order. drop_last=False keeps a smaller last batch (one extra compile of
     whatever consumes it); eval_batches() instead pads it to the full size with a validity mask.
     device_budget_bytes: put everything on the device if images + labels fit, else stream from the host.
+    rows: keep only these rows of every (global) batch, e.g. this process's share in a multi-process
+    run (vit.parallel.process_batch_slice); the order, the batches and their count are the global
+    ones, and only the kept rows are gathered.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class Batcher:
         drop_last: bool = True,
         device_budget_bytes: int = DEFAULT_DEVICE_BUDGET_BYTES,
         device: jax.Device | None = None,
+        rows: slice | None = None,
     ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -102,6 +106,10 @@ class Batcher:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.device = device
+        if rows is not None and (rows.step not in (None, 1) or rows.start is None or rows.stop is None
+                                 or not 0 <= rows.start < rows.stop <= batch_size):
+            raise ValueError(f"rows must be a slice a:b with 0 <= a < b <= batch_size {batch_size}, got {rows}")
+        self.rows = rows or slice(0, batch_size)
         labels = np.asarray(labels, dtype=np.int32)
         self.on_device = images.nbytes + labels.nbytes <= device_budget_bytes
         if self.on_device:
@@ -147,18 +155,24 @@ class Batcher:
         order[: self.n] = np.arange(self.n, dtype=np.int32)
         valid = np.arange(padded) < self.n
         for k, (images, labels) in enumerate(self._batches(order)):
-            yield images, labels, jax.device_put(valid[k * self.batch_size : (k + 1) * self.batch_size], self.device)
+            batch_valid = valid[k * self.batch_size : (k + 1) * self.batch_size][self.rows]
+            yield images, labels, jax.device_put(batch_valid, self.device)
 
     def _batches(self, order: np.ndarray) -> Iterator[tuple[jax.Array, jax.Array]]:
-        """Device batches of consecutive batch_size slices of order (the last may be shorter)."""
+        """Device batches of consecutive batch_size slices of order (the last may be shorter),
+        each cut to self.rows."""
         b = self.batch_size
+        if self.rows != slice(0, b):
+            order = np.concatenate([order[start : start + b][self.rows] for start in range(0, len(order), b)]
+                                   or [order[:0]])
+            b = self.rows.stop - self.rows.start
         if self.on_device:
             for start in range(0, len(order), b):
                 indices = jax.device_put(order[start : start + b], self.device)
                 yield _gather(self._images, self._labels, indices)
             return
         # Streaming: gather the next chunk of rows in a thread while the current one is consumed.
-        chunk = self._stream_rows
+        chunk = b * (self._stream_rows // self.batch_size)  # whole (cut) batches per chunk
         with ThreadPoolExecutor(max_workers=1) as prefetch:
             pending = prefetch.submit(self._host_gather, order[:chunk]) if len(order) else None
             for chunk_start in range(0, len(order), chunk):
