@@ -31,6 +31,9 @@ def pytest_addoption(parser):
     group.addoption("--benchmark", action="store_true", dest="vitfuse_benchmark",
                     help="bench/: check every contender at full size, time it, and write "
                          "bench/results/<device>-<date>.{json,md} (default: quick correctness checks only)")
+    group.addoption("--bench-merge", action="store_true", dest="vitfuse_bench_merge",
+                    help="bench/: keep the rows of an earlier results file of the same device and "
+                         "day that this run does not produce (to fill one file in several runs)")
     group.addoption("--bench-seed", type=int, default=None, dest="vitfuse_bench_seed",
                     help="bench/: seed of the random inputs (default: fresh each session, recorded)")
 
@@ -41,7 +44,8 @@ def _session(config) -> harness.BenchSession:
         if seed is None:
             seed = time.time_ns() % (2**31 - 1)
         config.stash[SESSION] = harness.BenchSession(
-            timing=bool(config.getoption("vitfuse_benchmark")), seed=int(seed))
+            timing=bool(config.getoption("vitfuse_benchmark")), seed=int(seed),
+            merge=bool(config.getoption("vitfuse_bench_merge")))
     return config.stash[SESSION]
 
 

@@ -16,6 +16,10 @@
 #   gradcheck  python -m kernels.gradcheck (float32), then --dtype bfloat16
 #   bench      python -m pytest bench/ --benchmark -q; this run's bench/results files and a
 #              speedup plot copied to $OUT/
+#   bench-ops, bench-step
+#              the same in two halves (attention + add+LN; the train step), each with
+#              --bench-merge so that together they fill one results file: for when the whole
+#              bench does not fit one 10-minute command
 #   tune       python -m bench.tune_attention: every (BLOCK_M, warps) variant of the attention
 #              kernels timed at the product shape; $OUT/tune-attention.md
 #   profile    one reference and one fused train step under Nsight Compute (ncu), kernel by
@@ -88,10 +92,12 @@ part_gradcheck() {
   return "$rc"
 }
 
-part_bench() {
+# bench_files [PYTEST ARGS...]: the benchmark on the given files/flags; this run's results
+# files and a speedup plot copied to $OUT/
+bench_files() {
   local rc=0 marker json
   marker=$(mktemp)
-  with_timeout "$PY" -m pytest bench/ --benchmark -q || rc=$?
+  with_timeout "$PY" -m pytest --benchmark -q "$@" || rc=$?
   # only this run's files: bench/results/ also holds committed results of other devices
   while IFS= read -r -d '' file; do
     cp -v "$file" "$OUT/" || rc=1
@@ -106,6 +112,18 @@ part_bench() {
   fi
   rm -f "$marker"
   return "$rc"
+}
+
+part_bench() {
+  bench_files bench/
+}
+
+part_bench-ops() {
+  bench_files --bench-merge bench/test_bench_attention.py bench/test_bench_layernorm.py
+}
+
+part_bench-step() {
+  bench_files --bench-merge bench/test_bench_train_step.py
 }
 
 part_tune() {
@@ -148,8 +166,9 @@ if [ "${#parts[@]}" -eq 0 ]; then
 fi
 for name in "${parts[@]}"; do
   case $name in
-    env | tests | gradcheck | bench | tune | profile) ;;
-    *) echo "unknown part '$name': use env, tests, gradcheck, bench, tune, profile" >&2; exit 2 ;;
+    env | tests | gradcheck | bench | bench-ops | bench-step | tune | profile) ;;
+    *) echo "unknown part '$name': use env, tests, gradcheck, bench, bench-ops, bench-step, tune, profile" >&2
+       exit 2 ;;
   esac
 done
 

@@ -411,6 +411,7 @@ class BenchSession:
     rows: list = field(default_factory=list)
     peaks: dict | None = None
     started: str = field(default_factory=lambda: _dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+    merge: bool = False  # --bench-merge: keep rows of an earlier run (same device, same day)
 
     @property
     def backend(self) -> str:
@@ -451,7 +452,7 @@ class BenchSession:
         base.update(row)
         base.update(device=self.info["device"], backend=self.backend, jax=self.info["jax"],
                     jaxlib=self.info["jaxlib"], triton=self.info["triton"],
-                    jax_triton=self.info["jax_triton"],
+                    jax_triton=self.info["jax_triton"], seed=self.seed,
                     timestamp=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
         self.rows.append(base)
         return base
@@ -629,22 +630,43 @@ METHOD = [
 ]
 
 
+def _row_key(r: dict) -> tuple:
+    return (r["group"], r["shape"], r["contender"], r["dtype"])
+
+
+def merge_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
+    """This run's rows, plus the earlier run's rows for cases this run did not produce (in the
+    earlier run's order, ahead of this run's), so one file can be filled by several runs."""
+    mine = {_row_key(r) for r in rows}
+    return [r for r in earlier if _row_key(r) not in mine] + rows
+
+
 def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path, str]:
-    rows = finalize(session.rows, session.peaks)
     date = session.started[:10]
     info = session.info
+    stem = f"{info['device_slug']}-{date}"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    rows, runs, peaks = session.rows, [session.started], session.peaks
+    if session.merge and json_path.exists():
+        earlier = json.loads(json_path.read_text())
+        rows = merge_rows(rows, earlier["rows"])
+        runs = earlier["meta"].get("runs", [earlier["meta"]["started"]]) + runs
+        peaks = peaks or earlier["meta"].get("peaks")
+    rows = finalize(rows, peaks)
     machine_note = ""
     if info["backend"] == "cpu":
         machine_note = (f"Timings taken on a shared {os.cpu_count()}-core CPU machine where other "
                         "processes may have been running: indicative only. On the CPU the fused "
                         "kernels run in Triton's interpreter: checked, not timed.")
-    meta = {"date": date, "started": session.started, "seed": session.seed, "info": info,
-            "peaks": session.peaks, "machine_note": machine_note, "targets": evaluate_targets(rows),
+    if len(runs) > 1:
+        machine_note += (" " if machine_note else "") + (
+            f"Rows merged from {len(runs)} runs (--bench-merge), started {', '.join(runs)}; each "
+            "row's own timestamp is in the JSON.")
+    meta = {"date": date, "started": session.started, "runs": runs, "seed": session.seed, "info": info,
+            "peaks": peaks, "machine_note": machine_note, "targets": evaluate_targets(rows),
             "method": METHOD, "formulas": FORMULAS,
             "command": "python -m pytest bench/ --benchmark", "argv": sys.argv}
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{info['device_slug']}-{date}"
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     text = markdown(rows, meta)
     md_path.write_text(text)

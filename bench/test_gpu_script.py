@@ -25,3 +25,15 @@ def test_failing_part_is_logged_and_named(tmp_path):
     log = (tmp_path / "out" / "tune.log").read_text()
     assert "tune_attention: no GPU" in log and "=== tune: exit 2" in log
     assert "FAILED:" in proc.stdout and "tune (exit 2)" in proc.stdout
+
+
+def test_split_bench_parts_are_dispatched(tmp_path):
+    """bench-ops / bench-step exist as parts (run here with PYTHON=false: each fails at once and
+    says no results file was written)."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": "false"}
+    proc = subprocess.run(["bash", str(SCRIPT), "bench-ops", "bench-step"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    for part in ("bench-ops", "bench-step"):
+        log = (tmp_path / "out" / f"{part}.log").read_text()
+        assert "no results file was written" in log and f"=== {part}: exit 1" in log
