@@ -765,12 +765,12 @@ def run_kernel_case(bench: BenchSession, case: KernelCase, *, make_inputs, build
     try:
         compiled = compile_fn(build(case.contender, check_shape), args, case.dtype)
         outputs = jax.block_until_ready(compiled(*args))
-        profile = executable_profile(compiled)
     except Exception as e:  # noqa: BLE001  (optional: any error means not available here)
         if not optional:
             raise
         unavailable(e)
     err = checked(outputs, want, check_shape)
+    profile = executable_profile(compiled) if bench.timing and not interpreted else None
     del compiled, outputs
     if not bench.timing:
         return

@@ -55,7 +55,7 @@ def run(contender: str, steps: int) -> int:
     import jax  # noqa: PLC0415
 
     from bench import harness  # noqa: PLC0415
-    from bench.test_bench_train_step import copy_tree, make_batch, make_step  # noqa: PLC0415
+    from bench.test_bench_train_step import make_batch, make_step  # noqa: PLC0415
     import vit  # noqa: PLC0415
 
     if jax.default_backend() != "gpu":
@@ -65,8 +65,7 @@ def run(contender: str, steps: int) -> int:
     params = vit.init_params(jax.random.PRNGKey(0), config)
     state = [params, vit.adamw_init(params)]
     images, labels = make_batch(config, harness.STEP_BATCH["product"], jax.random.PRNGKey(1))
-    step = make_step(contender, config, interpret=False)
-    state = list(copy_tree(state))
+    step = make_step(contender, config, interpret=False)  # donates params and state: fresh ones
     for i in range(3):  # compile + warm-up, profiler off
         state[0], state[1], metrics = step(state[0], state[1], images, labels, jax.random.PRNGKey(i))
     jax.block_until_ready(metrics)

@@ -146,9 +146,10 @@ def _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name,
         # jax-triton 0.3.x hands an aliased output its own pointer parameter as well, so the NaN
         # arrays are extra inputs of a wrapper kernel(*inputs, *nan_inputs, *outputs) whose
         # output pointers are the NaN buffers themselves (input_output_aliases)
-        kernel = _poisoned_wrapper(kernel, len(inputs), len(outputs))
+        n_inputs = len(inputs)
+        kernel = _poisoned_wrapper(kernel, n_inputs, len(outputs))
         inputs = list(inputs) + [_poison_fill(o) for o in outputs]
-        extra["input_output_aliases"] = {len(inputs) - len(outputs) + j: j for j in range(len(outputs))}
+        extra["input_output_aliases"] = {n_inputs + j: j for j in range(len(outputs))}
     result = jax_triton.triton_call(
         *inputs,
         kernel=kernel,
