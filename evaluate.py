@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+import cmdline
+
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__,
@@ -22,9 +24,7 @@ def build_parser():
     p.add_argument("--data-dir", default=None, help="override the run's data.data_dir")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--per-class", action="store_true", help="print per-class accuracy")
-    p.add_argument("--fused", action="store_true", help="use the fused Triton kernels")
-    p.add_argument("--interpret", action="store_true",
-                   help="with --fused and no GPU: Triton's CPU interpreter (slow)")
+    cmdline.add_ops_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -34,8 +34,8 @@ def fail(message):
     sys.exit(2)
 
 
-def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, fused=False,
-             interpret=None, progress=True):
+def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops=None,
+             progress=True):
     """-> dict with top1, top5, loss, count, per_class (list of (name, correct, total))."""
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -45,6 +45,7 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, fus
     from vit.config import ViTConfig  # noqa: PLC0415
     from vit.data import load_dataset  # noqa: PLC0415
     from vit.data.loader import eval_batches  # noqa: PLC0415
+    from vit.ops import REFERENCE  # noqa: PLC0415
     from vit.step import make_eval_step  # noqa: PLC0415
 
     run_dir = Path(run_dir)
@@ -58,8 +59,9 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, fus
     data = cfg["data"]
     val = load_dataset(data["dataset"], data_dir or data["data_dir"], "val",
                        workers=data.get("workers"), progress=progress)
-    step = make_eval_step(model, fused=fused, interpret=interpret, mean=meta["mean"],
-                          std=meta["std"], precision=cfg["train"].get("precision", "fp32"))
+    train = cfg["train"]
+    step = make_eval_step(model, ops=ops or REFERENCE, mean=meta["mean"], std=meta["std"],
+                          compute_dtype=train.get("compute_dtype", train.get("precision", "fp32")))
     params = trees["params"]
     k = model.num_classes
     correct = np.zeros(k, np.int64)
@@ -88,9 +90,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from vit.data import DatasetError  # noqa: PLC0415
     try:
-        result = evaluate(args.run_dir, args.checkpoint, args.data_dir, args.batch_size,
-                          args.fused, True if args.interpret else None, not args.no_progress)
-    except (FileNotFoundError, DatasetError, KeyError) as err:
+        ops = cmdline.build_ops(args)
+        result = evaluate(args.run_dir, args.checkpoint, args.data_dir, args.batch_size, ops,
+                          not args.no_progress)
+    except (cmdline.UsageError, FileNotFoundError, DatasetError, KeyError) as err:
         fail(str(err))
     print(f"{result['checkpoint']} (epoch {result['epoch']}): top-1 {100 * result['top1']:.2f}%"
           f"  top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}  "

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import cmdline
+
 EXIT_INTERRUPTED = 130
 EXIT_NONFINITE = 3
 
@@ -40,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="train.epochs: epochs in total")
     p.add_argument("--batch-size", type=int, default=None, help="train.batch_size: global batch")
     p.add_argument("--lr", type=float, default=None, help="train.lr: peak learning rate")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="train.precision: bf16 = bf16 activations/matmuls, fp32 master weights")
+    p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None,
+                   help="train.compute_dtype: bf16 = bf16 activations/matmuls, fp32 master weights")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, dest="old_precision",
+                   help="the old name of --compute-dtype (still works, with a note)")
     p.add_argument("--seed", type=int, default=None, help="train.seed: init, data order, masks")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set model.layers=4 "
@@ -52,17 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint, exactly; its "
                         "config is used (--epochs may extend it)")
-    p.add_argument("--fused", action="store_true",
-                   help="use the fused Triton kernels for attention and residual+LayerNorm")
-    p.add_argument("--interpret", action="store_true",
-                   help="with --fused on a machine without a GPU: run the kernels in Triton's "
-                        "(slow) CPU interpreter")
+    cmdline.add_ops_flags(p)
     p.add_argument("--devices", type=int, default=None,
                    help="data-parallel over this many devices (default: all; 1 = no sharding)")
-    p.add_argument("--coordinator", default=None,
-                   help="multi-host: address host:port of process 0 (jax.distributed)")
-    p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
-    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id")
+    cmdline.add_distributed_flags(p)
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="K",
                    help="stop cleanly after epoch K (checkpoint saved) as if interrupted; "
                         "continue later with --resume")
@@ -98,7 +95,7 @@ def resolve_config(args):
         where = f"--config {path}"
     named = {("data", "dataset"): args.dataset, ("data", "data_dir"): args.data_dir,
              ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
-             ("train", "lr"): args.lr, ("train", "precision"): args.precision,
+             ("train", "lr"): args.lr, ("train", "compute_dtype"): args.compute_dtype,
              ("train", "seed"): args.seed}
     for (section, key), value in named.items():
         if value is not None:
@@ -167,8 +164,13 @@ class Interrupted(Exception):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.interpret and not args.fused:
-        fail("--interpret only makes sense with --fused")
+    if args.old_precision is not None:
+        print("train.py: note: --precision is now called --compute-dtype (train.compute_dtype); "
+              "the old name still works", file=sys.stderr)
+        if args.compute_dtype not in (None, args.old_precision):
+            fail(f"--precision {args.old_precision} and --compute-dtype {args.compute_dtype} "
+                 "disagree; give --compute-dtype only")
+        args.compute_dtype = args.old_precision
 
     from vit.runconfig import ConfigError  # noqa: PLC0415
     try:
@@ -186,18 +188,11 @@ def main(argv=None) -> int:
     from vit.optim import adamw_init  # noqa: PLC0415
 
     try:
-        parallel.init_distributed(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as err:
+        cmdline.start_processes(args)
+        ops = cmdline.build_ops(args)
+    except (cmdline.UsageError, ValueError) as err:
         fail(str(err))
     main_process = parallel.is_main_process()
-
-    interpret = None
-    if args.fused:
-        if jax.default_backend() != "gpu" and not args.interpret:
-            fail("--fused needs a GPU for compiled Triton kernels, and this machine has none "
-                 f"(JAX backend: {jax.default_backend()}). Add --interpret to run the same "
-                 "kernels in Triton's CPU interpreter: correct but very slow, for tiny runs.")
-        interpret = True if args.interpret else None
 
     # --- data -------------------------------------------------------------------------------
     d = cfg.data
@@ -224,7 +219,10 @@ def main(argv=None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     # --- devices ------------------------------------------------------------------------------
-    mesh = parallel.make_mesh(args.devices)
+    try:
+        mesh = parallel.make_mesh(args.devices)
+    except ValueError as err:
+        fail(f"--devices {args.devices}: {err}")
     n_dev = mesh.devices.size
     if t.batch_size % n_dev:
         fail(f"--batch-size {t.batch_size} is not divisible by the {n_dev} devices in use; "
@@ -264,7 +262,7 @@ def main(argv=None) -> int:
         fail(f"--batch-size {t.batch_size} is larger than the training set "
              f"({len(train_set.labels)} images)")
     hp = cfg.hparams(spe)
-    common = dict(fused=args.fused, interpret=interpret, mean=mean, std=std, precision=t.precision)
+    common = dict(ops=ops, mean=mean, std=std, compute_dtype=t.compute_dtype)
     train_step = parallel.make_parallel_train_step(cfg.model, hp, mesh, **common)
     eval_step = parallel.make_parallel_eval_step(cfg.model, mesh, **common)
     params, opt_state = parallel.replicate((params, opt_state), mesh)
@@ -294,7 +292,7 @@ def main(argv=None) -> int:
 
     print(f"run directory: {run_dir}\nmodel: {cfg.model}\ndevices: {n_dev} x "
           f"{jax.devices()[0].platform}, {spe} steps/epoch of {t.batch_size}, "
-          f"precision {t.precision}, {'fused' if args.fused else 'reference'} ops")
+          f"compute dtype {t.compute_dtype}, ops: {ops.description}")
     try:
         while epoch < t.epochs:
             bar = tqdm(total=spe, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",

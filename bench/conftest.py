@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from bench import harness
+from bench import harness, report
 
 SESSION = pytest.StashKey[harness.BenchSession]()
 
@@ -54,18 +54,13 @@ def bench(request) -> harness.BenchSession:
     return _session(request.config)
 
 
-def shape_names(config) -> tuple[str, ...]:
-    """The shapes the tests are parametrised over: the reduced one, or both timed ones."""
-    return harness.TIMED_SHAPES if config.getoption("vitfuse_benchmark") else ("quick",)
-
-
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if SESSION not in config.stash:
         return
     session = config.stash[SESSION]
     if not session.timing or not session.rows:
         return
-    json_path, md_path, table = harness.write_results(session)
+    json_path, md_path, table = report.write_results(session)
     terminalreporter.section("vitfuse benchmark results")
     for line in table.splitlines():
         terminalreporter.write_line(line)

@@ -13,7 +13,7 @@
 #   tests      the kernel tests, the fused whole model and bf16 tests, compiled through jax-triton
 #              (JAX_PLATFORMS=cuda; VITFUSE_REQUIRE_GPU=1 makes them fail rather than fall back to
 #              Triton's interpreter)
-#   gradcheck  python -m kernels.gradcheck (float32), then --dtype bfloat16
+#   gradcheck  python -m oracle.kernel_gradcheck (float32), then --dtype bfloat16
 #   bench      python -m pytest bench/ --benchmark -q; this run's bench/results files and a
 #              speedup plot copied to $OUT/
 #   bench-ops, bench-step
@@ -87,8 +87,8 @@ part_tests() {
 
 part_gradcheck() {
   local rc=0
-  with_timeout "$PY" -m kernels.gradcheck || rc=1
-  with_timeout "$PY" -m kernels.gradcheck --dtype bfloat16 || rc=1
+  with_timeout "$PY" -m oracle.kernel_gradcheck || rc=1
+  with_timeout "$PY" -m oracle.kernel_gradcheck --dtype bfloat16 || rc=1
   return "$rc"
 }
 

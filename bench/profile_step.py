@@ -8,7 +8,7 @@ step), then summarise the CSV it wrote:
         --log-file ncu-fused.csv python -m bench.profile_step run fused
     python -m bench.profile_step summarize ncu-fused.csv
 
-`run` builds the step exactly as `pytest bench/ --benchmark` times it (bench/test_bench_train_step
+`run` builds the step exactly as `pytest bench/ --benchmark` times it (bench/steps
 .make_step; contenders reference, fused, autodiff, fused-attn, fused-ln, reference-bf16,
 fused-bf16), compiles it and runs three warm-up steps with the profiler off, then brackets the
 profiled steps with cudaProfilerStart/Stop, so ncu sees only them (not XLA's compile-time
@@ -55,7 +55,7 @@ def run(contender: str, steps: int) -> int:
     import jax  # noqa: PLC0415
 
     from bench import harness  # noqa: PLC0415
-    from bench.test_bench_train_step import make_batch, make_step  # noqa: PLC0415
+    from bench.steps import make_batch, make_step  # noqa: PLC0415
     import vit  # noqa: PLC0415
 
     if jax.default_backend() != "gpu":

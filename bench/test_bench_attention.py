@@ -22,7 +22,6 @@ import pytest
 
 import oracle
 from bench import harness
-from bench.conftest import shape_names
 from vit import layers
 from vit.ops import REFERENCE
 
@@ -47,7 +46,7 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     cases = [harness.KernelCase(f"attention {mode}", "attention", mode, shape, contender, dtype)
-             for shape in shape_names(metafunc.config)
+             for shape in harness.shape_names(metafunc.config)
              for mode in ("fwd", "fwd+bwd")
              for dtype in ("fp32", "bf16")
              for contender in CONTENDERS[(mode, dtype)]]
@@ -78,8 +77,8 @@ def ops_for(contender, bench_interpret):
         return REFERENCE
     from kernels import fused_ops  # noqa: PLC0415  (needs triton; only the fused rows import it)
 
-    precision = "tf32" if contender == "fused-tf32" else "ieee"
-    return fused_ops(interpret=True if bench_interpret else None, precision=precision)
+    dot_precision = "tf32" if contender == "fused-tf32" else "ieee"
+    return fused_ops(interpret=bench_interpret, dot_precision=dot_precision)
 
 
 def builder(mode, interpret):

@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 import oracle
 from bench import harness
-from bench.conftest import shape_names
 from vit import ViTConfig, layers
 from vit.ops import REFERENCE
 
@@ -36,7 +35,7 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     cases = [harness.KernelCase(f"add+layernorm {mode}", "layernorm", mode, shape, contender, dtype)
-             for shape in shape_names(metafunc.config)
+             for shape in harness.shape_names(metafunc.config)
              for mode in ("fwd", "fwd+bwd")
              for dtype in ("fp32", "bf16")
              for contender in CONTENDERS[mode]]
@@ -72,7 +71,7 @@ def builder(mode, interpret):
         else:
             from kernels import fused_ops  # noqa: PLC0415  (needs triton; only the fused rows import it)
 
-            ops = fused_ops(interpret=True if interpret else None)
+            ops = fused_ops(interpret=interpret)
         if mode == "fwd":
             return lambda params, x, r, dy: ops.add_layernorm_forward(params, x, r, EPS)[0]
 

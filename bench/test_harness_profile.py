@@ -1,9 +1,9 @@
-"""bench.harness.count_kernels / executable_profile: the kernels and XLA bytes beside each time."""
+"""bench.hlo.count_kernels / executable_profile: the kernels and XLA bytes beside each time."""
 
 import jax
 import jax.numpy as jnp
 
-from bench import harness
+from bench import hlo
 
 GPU_LIKE_HLO = """\
 HloModule jit_f, is_scheduled=true
@@ -40,13 +40,13 @@ ENTRY %main.9 (x: f32[8], y: f32[8]) -> (f32[8], f32[8], f32[8]) {
 def test_count_kernels_on_gpu_shaped_hlo():
     # custom call 1 + command buffer's 2 fusions + async-start 1 + copy 1 (done, gte, tuple,
     # parameters and the constant are not kernels)
-    assert harness.count_kernels(GPU_LIKE_HLO) == 5
+    assert hlo.count_kernels(GPU_LIKE_HLO) == 5
 
 
 def test_executable_profile_of_a_compiled_function():
     x = jnp.ones((64, 64))
     one = jax.jit(lambda a: a * 2.0).lower(x).compile()
     two = jax.jit(lambda a: jnp.sum(a * 2.0, axis=0) + jnp.sum(jnp.exp(a), axis=1)).lower(x).compile()
-    p1, p2 = harness.executable_profile(one), harness.executable_profile(two)
+    p1, p2 = hlo.executable_profile(one), hlo.executable_profile(two)
     assert p1["kernels"] >= 1 and p2["kernels"] >= p1["kernels"]
     assert p1["hlo_mbytes"] is None or p1["hlo_mbytes"] >= 2 * 64 * 64 * 4 / 1e6 * 0.99

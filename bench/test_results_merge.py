@@ -3,7 +3,7 @@ over two commands on a machine that allows 10 minutes per command)."""
 
 import json
 
-from bench import harness
+from bench import harness, report
 
 
 def session(seed, merge, rows):
@@ -16,8 +16,8 @@ def session(seed, merge, rows):
 
 
 def test_merge_keeps_earlier_rows_this_run_did_not_produce(tmp_path):
-    harness.write_results(session(1, False, [("reference", 2.0), ("autodiff", 3.0)]), tmp_path)
-    json_path, md_path, _ = harness.write_results(session(2, True, [("fused", 1.0), ("autodiff", 4.0)]),
+    report.write_results(session(1, False, [("reference", 2.0), ("autodiff", 3.0)]), tmp_path)
+    json_path, md_path, _ = report.write_results(session(2, True, [("fused", 1.0), ("autodiff", 4.0)]),
                                                   tmp_path)
     data = json.loads(json_path.read_text())
     got = {r["contender"]: (r["median_ms"], r["seed"]) for r in data["rows"]}
@@ -28,6 +28,6 @@ def test_merge_keeps_earlier_rows_this_run_did_not_produce(tmp_path):
 
 
 def test_without_merge_a_run_replaces_the_file(tmp_path):
-    harness.write_results(session(1, False, [("reference", 2.0)]), tmp_path)
-    json_path, _, _ = harness.write_results(session(2, False, [("fused", 1.0)]), tmp_path)
+    report.write_results(session(1, False, [("reference", 2.0)]), tmp_path)
+    json_path, _, _ = report.write_results(session(2, False, [("fused", 1.0)]), tmp_path)
     assert [r["contender"] for r in json.loads(json_path.read_text())["rows"]] == ["fused"]

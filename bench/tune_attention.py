@@ -23,9 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import harness
+from bench.device import device_info, version
+from bench.harness import matmul_precision
+from bench.timer import time_calls, timer_settings
 from kernels import attention, fused_ops
-from kernels.gradcheck import TOLERANCE, attention_inputs, compare
+from oracle.compare import compare, kernel_tolerance
+from oracle.kernel_gradcheck import attention_inputs
 from vit.ops import REFERENCE
 
 WARPS = (4, 8)
@@ -50,19 +53,19 @@ def geometry(direction: str, block_m: int, warps: int):
         attention._geometry = default
 
 
-def default_geometry(b, l, heads, dh, dtype, precision, direction) -> tuple[int, int]:
-    consts, warps = attention._geometry(b, l, heads * dh, heads, dtype, False, precision,
+def default_geometry(b, l, heads, dh, dtype, dot_precision, direction) -> tuple[int, int]:
+    consts, warps = attention._geometry(b, l, heads * dh, heads, dtype, False, dot_precision,
                                         backward=direction == "bwd")
     return consts["BLOCK_M"], warps
 
 
-def resources(b, l, heads, dh, dtype, precision, direction, block_m, warps) -> str:
+def resources(b, l, heads, dh, dtype, dot_precision, direction, block_m, warps) -> str:
     """'regs/stack' of the sm_90 compile of this variant (no GPU needed), or '?'."""
     from kernels import compile_check  # noqa: PLC0415
 
     try:
         with geometry(direction, block_m, warps):
-            specs = compile_check._attention_launches(b, l, heads, dh, dtype, False, precision)
+            specs = compile_check._attention_launches(b, l, heads, dh, dtype, False, dot_precision)
         usage = compile_check.resource_usage(compile_check.compile_spec(specs[direction == "bwd"], 90))
         return f"{usage['regs']}/{usage['stack']}" if usage else "?"
     except Exception as e:  # noqa: BLE001  (a variant that does not compile is reported, not fatal)
@@ -84,36 +87,37 @@ def run_variant(ops, inp, direction, block_m, warps):
     return fn, (cache, inp["do"])
 
 
-def tune(shape, dtype, precision, interpret, settings) -> list[dict]:
+def tune(shape, dtype, dot_precision, interpret, settings) -> list[dict]:
     b, l, heads, dh = shape
-    ops = fused_ops(interpret=interpret, precision=precision)
+    ops = fused_ops(interpret=interpret, dot_precision=dot_precision)
     inp = attention_inputs(jax.random.PRNGKey(0), b, l, heads, dh, False, dtype)
     inp32 = {k: v.astype(jnp.float32) if hasattr(v, "astype") else v for k, v in inp.items()}
     o_ref, cache_ref = jax.jit(lambda qkv: REFERENCE.attention_forward(qkv, heads))(inp32["qkv"])
     want = {"fwd": {"o": o_ref}, "bwd": {"dqkv": REFERENCE.attention_backward(cache_ref, inp32["do"])}}
-    tol = TOLERANCE[(jnp.dtype(dtype).name, precision if dtype == jnp.float32 else None)]
+    tol = kernel_tolerance(dtype, dot_precision)
     block_l = max(16, attention.next_power_of_2(l))
     rows = []
     for direction in ("fwd", "bwd"):
-        default = default_geometry(b, l, heads, dh, dtype, precision, direction)
+        default = default_geometry(b, l, heads, dh, dtype, dot_precision, direction)
         for block_m, warps in itertools.product(ROWS, WARPS):
             if block_m > block_l:
                 continue
-            row = {"dtype": f"{jnp.dtype(dtype).name}/{precision}" if dtype == jnp.float32 else jnp.dtype(dtype).name,
+            row = {"dtype": f"{jnp.dtype(dtype).name}/{dot_precision}" if dtype == jnp.float32 else jnp.dtype(dtype).name,
                    "direction": direction, "block_m": block_m, "warps": warps,
                    "default": (block_m, warps) == default,
-                   "regs/stack": resources(b, l, heads, dh, dtype, precision, direction, block_m, warps)}
+                   "regs/stack": resources(b, l, heads, dh, dtype, dot_precision, direction, block_m, warps)}
             try:
                 fn, args = run_variant(ops, inp, direction, block_m, warps)
                 got = fn(*args)
                 got = {"o": got} if direction == "fwd" else {"dqkv": got}
-                worst = max(r[3] for r in compare(got, want[direction], tol))
-                nonfinite = sum(r[4] for r in compare(got, want[direction], tol))
+                checked = compare(got, want[direction], tol)
+                worst = max(r.rel for r in checked)
+                nonfinite = sum(r.nonfinite for r in checked)
                 row["rel_err"] = worst
                 if nonfinite or worst > tol:
                     row["error"] = f"wrong: rel {worst:.1e}, {nonfinite} non-finite"
                 elif not interpret:
-                    t = harness.time_calls(lambda i: fn(*args), settings)
+                    t = time_calls(lambda i: fn(*args), settings)
                     row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
             except Exception as e:  # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -163,17 +167,17 @@ def main(argv=None) -> int:
         print(f"tune_attention: no GPU (jax backend {jax.default_backend()!r}); pass --interpret to "
               "check the variants in Triton's interpreter without timing them", file=sys.stderr)
         return 2
-    settings = harness.timer_settings(jax.default_backend())
-    info = harness.device_info()
+    settings = timer_settings(jax.default_backend())
+    info = device_info()
     title = (f"fused attention geometry, B,L,H,Dh = {shape}, {info.get('device', '?')}, "
-             f"jax {jax.__version__}, triton {harness._version('triton')}")
+             f"jax {jax.__version__}, triton {version('triton')}")
     print(title)
     tables, failed = [], 0
     for spec in args.dtype:
-        name, _, precision = spec.partition("/")
+        name, _, dot_precision = spec.partition("/")
         dtype = jnp.dtype(name)
-        with harness.matmul_precision("fp32" if dtype == np.float32 else "bf16"):
-            rows = tune(shape, dtype, precision or "ieee", args.interpret, settings)
+        with matmul_precision("fp32" if dtype == np.float32 else "bf16"):
+            rows = tune(shape, dtype, dot_precision or "ieee", args.interpret, settings)
         failed += sum("error" in r and r["error"].startswith("wrong") for r in rows)
         tables.append(markdown(rows, spec))
     if args.out:

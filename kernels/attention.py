@@ -37,9 +37,11 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from kernels.launch import check_dtype, check_precision, launch, next_power_of_2
+from kernels.launch import check_dot_precision, check_dtype, launch, next_power_of_2
+from vit import layers
 
-REFERENCE = "vit.layers.attention_forward / vit.layers.attention_backward"
+# what these kernels must equal (the checks in oracle/ compare against these very functions)
+REFERENCE = (layers.attention_forward, layers.attention_backward)
 MAX_LEN = 1024  # the whole sequence is one tile; beyond this a tiled (flash) kernel is needed
 MAX_KV_TILE_BYTES = 32 * 1024  # compiled path only, see compiled_fits
 
@@ -64,7 +66,7 @@ def _attn_fwd(
     stride_o_l: tl.constexpr,
     sm_scale: tl.constexpr,  # 1/sqrt(DH)
     HAS_KEEP: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands
+    DOT_PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands
     DOT_F32: tl.constexpr,  # upcast half dot operands (interpreter only; see kernels/launch.py)
     BLOCK_L: tl.constexpr,  # keys: the whole sequence, padded
     BLOCK_M: tl.constexpr,  # query rows per step (divides BLOCK_L)
@@ -96,7 +98,7 @@ def _attn_fwd(
         if DOT_F32:
             q = q.to(tl.float32)
 
-        s = tl.dot(q, kt, input_precision=PRECISION) * sm_scale
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * sm_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m = tl.max(s, axis=1)
         e = tl.exp(s - m[:, None])
@@ -111,7 +113,7 @@ def _attn_fwd(
         p_used = p.to(QKV.dtype.element_ty)
         if DOT_F32:
             p_used = p_used.to(tl.float32)
-        o = tl.dot(p_used, v, input_precision=PRECISION)
+        o = tl.dot(p_used, v, input_precision=DOT_PRECISION)
 
         tl.store(o_base + row[:, None] * stride_o_l + d[None, :], o.to(O.dtype.element_ty), mask=row_mask)
         tl.store(lse_base + row, lse, mask=row_ok)
@@ -135,7 +137,7 @@ def _attn_bwd(
     stride_o_l: tl.constexpr,
     sm_scale: tl.constexpr,
     HAS_KEEP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     DOT_F32: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -179,7 +181,7 @@ def _attn_bwd(
 
         # recompute P from Q, K and the saved LSE; rows and columns beyond L are zero
         ll_mask = row_ok[:, None] & key_ok[None, :]
-        s = tl.dot(q, kt, input_precision=PRECISION) * sm_scale
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * sm_scale
         p = tl.where(ll_mask, tl.exp(s - lse[:, None]), 0.0)
         if HAS_KEEP:
             keep = tl.load(keep_base + row[:, None] * L + key[None, :], mask=ll_mask, other=0.0)
@@ -192,10 +194,10 @@ def _attn_bwd(
         p_used = p_used.to(dt)
         if DOT_F32:
             p_used = p_used.to(tl.float32)
-        dv += tl.dot(tl.trans(p_used), do, input_precision=PRECISION)
+        dv += tl.dot(tl.trans(p_used), do, input_precision=DOT_PRECISION)
 
         # dP = (dO V^T) * keep;  dS = P * (dP - delta) / sqrt(Dh),  delta = rowsum(dO * O)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         if HAS_KEEP:
             dp = dp * keep
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -205,9 +207,9 @@ def _attn_bwd(
             ds = ds.to(tl.float32)
 
         # dQ = dS K (rows of this step);  dK += dS^T Q
-        dq = tl.dot(ds, k, input_precision=PRECISION)
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
         tl.store(dqkv_base + row[:, None] * stride_qkv_l + d[None, :], dq.to(DQKV.dtype.element_ty), mask=row_mask)
-        dk += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
 
     tl.store(dqkv_base + D + kv_offs, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
     tl.store(dqkv_base + 2 * D + kv_offs, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
@@ -217,7 +219,7 @@ def _attn_bwd(
 # forward / backward (same signatures as vit.layers, plus the launch settings)
 
 
-def _geometry(b, l, d, heads, dtype, interpret, precision, backward=False):
+def _geometry(b, l, d, heads, dtype, interpret, dot_precision, backward=False):
     """Constexprs for one of the kernels, and the number of warps.
 
     BLOCK_M (query rows per step) and the warps are chosen so that no kernel spills registers
@@ -247,7 +249,7 @@ def _geometry(b, l, d, heads, dtype, interpret, precision, backward=False):
         stride_o_b=l * d,
         stride_o_l=d,
         sm_scale=1.0 / math.sqrt(dh),
-        PRECISION=precision,
+        DOT_PRECISION=dot_precision,
         DOT_F32=bool(interpret) and half,
         BLOCK_L=block_l,
         BLOCK_M=min(block_l, block_m),
@@ -294,9 +296,9 @@ def _check_qkv(qkv, heads):
     return b, l, d3 // 3, dh, heads
 
 
-def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, precision: str = "ieee"):
+def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_precision: str = "ieee"):
     """qkv (B, L, 3D) -> (o (B, L, D), cache). keep_scale: optional (B, H, L, L) dropout scale."""
-    precision = check_precision(precision)
+    dot_precision = check_dot_precision(dot_precision)
     b, l, d, dh, heads = _check_qkv(qkv, heads)
     if not interpret and not compiled_fits(l, dh, qkv.dtype):
         raise ValueError(
@@ -311,7 +313,7 @@ def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, precision
                 f"got {tuple(keep_scale.shape)}"
             )
         check_dtype("attention_forward: keep_scale", keep_scale.dtype)
-    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, precision)
+    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision)
     o, lse = launch(
         _attn_fwd,
         grid=(b, heads),
@@ -330,9 +332,9 @@ def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, precision
     return o, (qkv, o, lse, keep_scale)
 
 
-def attention_backward(cache, do, *, interpret: bool, precision: str = "ieee"):
+def attention_backward(cache, do, *, interpret: bool, dot_precision: str = "ieee"):
     """dO (B, L, D) -> dQKV (B, L, 3D), packed like qkv."""
-    precision = check_precision(precision)
+    dot_precision = check_dot_precision(dot_precision)
     qkv, o, lse, keep_scale = cache
     b, l, d = (int(s) for s in o.shape)
     heads = int(lse.shape[1])
@@ -340,7 +342,7 @@ def attention_backward(cache, do, *, interpret: bool, precision: str = "ieee"):
         raise ValueError(f"attention_backward: do must have shape (B, L, D) = {(b, l, d)}, got {tuple(do.shape)}")
     check_dtype("attention_backward: do", do.dtype)
     do = do.astype(qkv.dtype)
-    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, precision, backward=True)
+    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision, backward=True)
     (dqkv,) = launch(
         _attn_bwd,
         grid=(b, heads),

@@ -35,14 +35,15 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _TRITON_TYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def _attention_launches(b, l, heads, dh, dtype, keep, precision):
+def _attention_launches(b, l, heads, dh, dtype, keep, dot_precision):
     d = heads * dh
     qkv = jax.ShapeDtypeStruct((b, l, 3 * d), dtype)
     ks = jax.ShapeDtypeStruct((b, heads, l, l), dtype) if keep else None
 
     def run(qkv, ks):
-        o, cache = attention.attention_forward(qkv, heads, ks, interpret=False, precision=precision)
-        return attention.attention_backward(cache, o, interpret=False, precision=precision)
+        o, cache = attention.attention_forward(qkv, heads, ks, interpret=False,
+                                                dot_precision=dot_precision)
+        return attention.attention_backward(cache, o, interpret=False, dot_precision=dot_precision)
 
     with record_launches() as specs:
         jax.eval_shape(run, qkv, ks)
@@ -75,11 +76,11 @@ def cases(quick: bool):
         for dtype in dtypes:
             if not attention.compiled_fits(l, dh, dtype):
                 continue
-            for precision in ("ieee", "tf32") if dtype == jnp.float32 else ("ieee",):
+            for dot_precision in ("ieee", "tf32") if dtype == jnp.float32 else ("ieee",):
                 for keep in (False, True):
-                    name = jnp.dtype(dtype).name + (f"/{precision}" if dtype == jnp.float32 else "")
+                    name = jnp.dtype(dtype).name + (f"/{dot_precision}" if dtype == jnp.float32 else "")
                     label = f"attn B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
-                    yield label, _attention_launches(b, l, h, dh, dtype, keep, precision)
+                    yield label, _attention_launches(b, l, h, dh, dtype, keep, dot_precision)
     for m, n in lns:
         for dtype in dtypes:
             for residual in (False, True):

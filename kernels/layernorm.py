@@ -24,8 +24,10 @@ import triton
 import triton.language as tl
 
 from kernels.launch import cdiv, check_dtype, launch, next_power_of_2
+from vit import layers
 
-REFERENCE = "vit.layers.add_layernorm_forward / vit.layers.add_layernorm_backward"
+# what these kernels must equal (the checks in oracle/ compare against these very functions)
+REFERENCE = (layers.add_layernorm_forward, layers.add_layernorm_backward)
 MAX_WIDTH = 16384  # one row lives in one tile (64 KiB of float32, tutorial 05's limit); model: 256
 
 
@@ -77,14 +79,9 @@ def _ln_fwd(
     tl.store(Rstd + rows, rstd, mask=row_ok)
 
 
-# Backward, per row of width N, with the names used in the code (tutorial 05 calls them
-# xhat = s_hat, wdy = g, c1 = mean_gs, c2 = mean_g):
-#   s_hat = (s - mean) * rstd,  y = gamma * s_hat + beta,  g = dL/ds_hat = dy * gamma
-#   ds_hat_i/ds_j = rstd * (delta_ij - 1/N - s_hat_i * s_hat_j / N)        (mean and var depend on s)
-#   ds_j = sum_i g_i ds_hat_i/ds_j = rstd * (g_j - mean_g - s_hat_j * mean_gs)
-#       with mean_g = sum_i g_i / N, mean_gs = sum_i g_i * s_hat_i / N
-#   dgamma = sum over rows of dy * s_hat,  dbeta = sum over rows of dy
-# ds is the gradient of both x and r (s = x + r copies it to each).
+# Backward: the derivation is at vit.layers.add_layernorm_backward, with the same names as here
+# (tutorial 05 calls them xhat = s_hat, wdy = g, c1 = mean_gs, c2 = mean_g):
+#   g = dy * gamma;  ds = rstd * (g - mean_g - s_hat * mean_gs);  dgamma = sum dy * s_hat;  dbeta = sum dy
 
 
 @triton.jit

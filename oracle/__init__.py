@@ -2,8 +2,14 @@
 
 The product (vit/, kernels/, train.py) never uses automatic differentiation: every gradient there
 is written by hand. This package is where JAX autodiff is allowed, as an *oracle* to check those
-gradients against (python -m vit.gradcheck, the tests) and as the *baseline* the benchmarks beat.
-Nothing in the product's training path imports it.
+gradients against and as the *baseline* the benchmarks beat, and where the check commands live:
+
+    python -m oracle.gradcheck           every hand-written gradient in float64 vs finite
+                                         differences and autodiff (oracle/gradcheck.py)
+    python -m oracle.kernel_gradcheck    every fused kernel output and gradient vs the reference
+    oracle/compare.py                    the one comparison and tolerance table of those checks
+
+It imports the product (vit/, kernels/); no product module imports it (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import jax
 
 from vit import layers
+from vit.model import forward as model_forward
 
 
 def autodiff_vjp(fn, inputs, cotangent):
@@ -24,8 +31,6 @@ def autodiff_grad_fn(config, forward_fn=None):
     """(params, images, targets, key) -> (loss, grads, logits) by jax.value_and_grad of the
     reference forward: the step a user would get from plain JAX. Drop-in for
     vit.step.make_train_step(grad_fn=...)."""
-    from vit.model import forward as model_forward  # noqa: PLC0415
-
     forward_fn = forward_fn or (lambda p, x, key: model_forward(p, x, config, key=key))
 
     def grad_fn(params, images, targets, key):

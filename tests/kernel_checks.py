@@ -14,6 +14,7 @@ import pytest
 
 from kernels import fused_ops
 from kernels.launch import poisoned_outputs
+from vit.ops import FUNCTIONS
 
 # False: compiled through jax-triton on the GPU; True: Triton's interpreter on the CPU
 INTERPRET = jax.default_backend() != "gpu"
@@ -38,14 +39,11 @@ def ops():
     """The fused ops: interpreted on the CPU, compiled on a GPU (the same kernel source), with
     every kernel output starting as NaN either way, so an unwritten element fails the checks."""
     ops = fused_ops(interpret=INTERPRET)
-    for name in ("attention_forward", "attention_backward", "add_layernorm_forward",
-                 "add_layernorm_backward"):
-        setattr(ops, name, _poisoning(getattr(ops, name)))
-    return ops
+    return ops._replace(**{name: _poisoning(getattr(ops, name)) for name in FUNCTIONS})
 
 
 def assert_all_close(rows, tol):
-    """rows from kernels.gradcheck.compare: no non-finite value, relative error within tol."""
+    """rows from oracle.compare.compare: no non-finite value, relative error within tol."""
     for name, shape, max_abs, rel, nonfinite, _ in rows:
         assert nonfinite == 0, f"{name}{shape}: {nonfinite} non-finite values (unwritten or overflow)"
         assert rel <= tol, f"{name}{shape}: rel error {rel:.2e} (max abs {max_abs:.2e}) > {tol:g}"

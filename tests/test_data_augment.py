@@ -11,11 +11,11 @@ from vit.data.augment import (
     cutmix,
     mix_params,
     mixup,
-    one_hot_smoothed,
     random_crop,
     random_flip,
     train_augment,
 )
+from vit.layers import one_hot_targets
 
 KEY = jax.random.key(0)
 
@@ -67,18 +67,18 @@ def test_flip_is_an_exact_mirror_of_about_half_the_images():
     np.testing.assert_array_equal(random_flip(KEY, images), out)
 
 
-def test_one_hot_smoothed():
-    targets = np.asarray(one_hot_smoothed(jnp.array([0, 3, 1]), 4, 0.1))
+def test_one_hot_targets():
+    targets = np.asarray(one_hot_targets(jnp.array([0, 3, 1]), 4, 0.1))
     assert targets.dtype == np.float32
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(targets[1], [0.025, 0.025, 0.025, 0.925], rtol=1e-6)
-    np.testing.assert_array_equal(one_hot_smoothed(jnp.array([2]), 3, 0.0), [[0.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(one_hot_targets(jnp.array([2]), 3, 0.0), [[0.0, 0.0, 1.0]])
 
 
 def labelled_batch(b=16, k=20):
     images = random_images(b=b, h=8, w=8).astype(jnp.float32) / 255
     labels = jnp.arange(b) % k
-    return images, labels, one_hot_smoothed(labels, k, 0.1)
+    return images, labels, one_hot_targets(labels, k, 0.1)
 
 
 def test_mixup_mixes_images_and_targets_with_the_same_lambda():
@@ -97,7 +97,7 @@ def test_cutmix_pastes_one_box_and_targets_match_its_area():
     b, k, h, w = 16, 20, 12, 10
     # Image i is filled with the value i + 1: every pixel tells which image it came from.
     images = jnp.broadcast_to(jnp.arange(1, b + 1, dtype=jnp.float32)[:, None, None, None], (b, h, w, 3))
-    targets = one_hot_smoothed(jnp.arange(b), k, 0.0)
+    targets = one_hot_targets(jnp.arange(b), k, 0.0)
     box_areas = []
     for seed in range(6):
         key = jax.random.key(seed)
@@ -126,7 +126,7 @@ def test_cutmix_pastes_one_box_and_targets_match_its_area():
 
 def test_cutmix_keeps_uint8_images():
     images = random_images(b=8, h=8, w=8)
-    mixed, targets = cutmix(KEY, images, one_hot_smoothed(jnp.arange(8), 8), 1.0)
+    mixed, targets = cutmix(KEY, images, one_hot_targets(jnp.arange(8), 8), 1.0)
     assert mixed.dtype == jnp.uint8 and mixed.shape == images.shape and targets.shape == (8, 8)
 
 
@@ -160,4 +160,4 @@ def test_train_augment_pipeline(mixing):
     np.testing.assert_array_equal(x, x2)
     np.testing.assert_array_equal(t, t2)
     if not mixing:  # no mixing: the targets are the smoothed labels
-        np.testing.assert_allclose(t, one_hot_smoothed(labels, 5, 0.1), rtol=1e-6)
+        np.testing.assert_allclose(t, one_hot_targets(labels, 5, 0.1), rtol=1e-6)

@@ -9,7 +9,8 @@ import pytest
 
 import train
 import vit
-from vit.ops import get_ops
+from kernels import fused_ops
+from vit.ops import FUNCTIONS, REFERENCE
 
 from kernel_checks import INTERPRET, fused_flags
 
@@ -30,7 +31,7 @@ def test_fused_model_matches_reference(norm, dropout):
     key = jax.random.PRNGKey(7) if dropout else None
     l_ref, g_ref = vit.loss_and_grads(params, images, labels, cfg, key=key)
     l_fused, g_fused = jax.jit(
-        lambda p: vit.loss_and_grads(p, images, labels, cfg, fused=True, interpret=INTERPRET, key=key)
+        lambda p: vit.loss_and_grads(p, images, labels, cfg, ops=fused_ops(INTERPRET), key=key)
     )(params)
     assert float(l_fused) == pytest.approx(float(l_ref), rel=1e-5)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g_ref))
@@ -42,11 +43,11 @@ def test_fused_model_matches_reference(norm, dropout):
         assert err <= 1e-5 * scale, (jax.tree_util.keystr(path), err, scale)
 
 
-def test_get_ops_switches_exactly_two_ops():
-    ref, fused = get_ops(False), get_ops(True, interpret=INTERPRET)
+def test_the_two_op_sets_differ_in_exactly_the_four_ops():
+    ref, fused = REFERENCE, fused_ops(INTERPRET)
     assert ref.name == "reference" and fused.name == "fused"
-    for name in ("attention_forward", "attention_backward", "add_layernorm_forward",
-                 "add_layernorm_backward"):
+    assert ref.partitionable and not fused.partitionable
+    for name in FUNCTIONS:
         assert getattr(ref, name) is not getattr(fused, name)
 
 

@@ -1,12 +1,12 @@
 """Every hand-written backward against float64 central finite differences and JAX autodiff.
 
-The cases are the ones `python -m vit.gradcheck` prints; here they also run at awkward shapes:
+The cases are the ones `python -m oracle.gradcheck` prints; here they also run at awkward shapes:
 batch 1, sequence lengths that are not powers of two (5, 7, 17), head counts 1, 3 and 4."""
 
 import jax
 import pytest
 
-from vit import gradcheck
+from oracle import gradcheck
 
 
 

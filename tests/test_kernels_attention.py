@@ -2,7 +2,7 @@
 interpreter on the CPU or compiled on a GPU (tests/kernel_checks.py): O and dQ, dK, dV (the thirds of the packed dQKV) on awkward shapes, with and without
 the dropout scale, bf16/fp16, the saved log-sum-exp, errors, use under jax.jit.
 
-Error metric (kernels.gradcheck.compare): rel = max|fused - ref| / max|ref| per tensor, plus a
+Error metric (oracle.compare.compare): rel = max|fused - ref| / max|ref| per tensor, plus a
 count of non-finite fused values (outputs start as NaN in the interpreter, so an element the
 kernel never writes is non-finite). Tolerances: float32 with ieee dots 1e-5 (observed <= ~1e-6:
 summation order only; the backward forms delta = rowsum(dO * O) where the reference sums dP * P);
@@ -18,14 +18,15 @@ import numpy as np
 import pytest
 
 from kernels import attention, fused_ops
-from kernels.gradcheck import as_float32, attention_inputs, compare, run_attention
+from oracle.compare import TOLERANCE, compare
+from oracle.kernel_gradcheck import as_float32, attention_inputs, run_attention
 from vit import layers
 from vit.ops import REFERENCE
 
 from kernel_checks import INTERPRET, assert_all_close, ops  # noqa: F401  (ops is a fixture)
 
-F32_TOL = 1e-5
-HALF_TOL = 2e-2
+F32_TOL = TOLERANCE["float32"]
+HALF_TOL = TOLERANCE["bfloat16"]
 
 
 

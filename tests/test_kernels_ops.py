@@ -10,34 +10,37 @@ import triton
 import triton.language as tl
 
 from kernels import fused_ops
-from kernels.gradcheck import attention_inputs, compare, layernorm_inputs, run_attention, run_layernorm
 from kernels import launch as launch_module
-from kernels.launch import launch, poisoned_outputs, run_interpreted
+from kernels.interpreter import run_interpreted, run_on_host
+from kernels.launch import launch, poisoned_outputs
+from oracle.compare import compare
+from oracle.kernel_gradcheck import attention_inputs, layernorm_inputs, run_attention, run_layernorm
 from vit import ops as vit_ops
 
 from kernel_checks import INTERPRET
 
 
-def test_interpret_none_without_gpu_is_a_clear_error(monkeypatch):
+def test_compiled_ops_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # as in CI, whatever runs this
     with pytest.raises(RuntimeError, match="no GPU backend.*interpret=True"):
         fused_ops()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     ops = fused_ops()  # compiled: nothing is imported or compiled until the first launch
-    assert ops.interpret is False and "jax-triton" in ops.description
+    assert isinstance(ops, vit_ops.Ops) and "jax-triton" in ops.description
+    assert not ops.partitionable  # custom calls: vit.parallel runs them under shard_map
 
 
-def test_bad_precision_is_rejected():
-    with pytest.raises(ValueError, match="precision must be one of"):
-        fused_ops(interpret=True, precision="fp8")
+def test_bad_dot_precision_is_rejected():
+    with pytest.raises(ValueError, match="dot_precision must be one of"):
+        fused_ops(interpret=True, dot_precision="fp8")
 
 
-def test_get_ops_fused_interpret_returns_working_ops():
-    ops = vit_ops.get_ops(fused=True, interpret=True)
-    assert ops.name == "fused"
-    for fn in ("attention_forward", "attention_backward", "add_layernorm_forward", "add_layernorm_backward"):
+def test_fused_ops_interpreted_are_a_working_op_set():
+    ops = fused_ops(interpret=True)
+    assert isinstance(ops, vit_ops.Ops) and ops.name == "fused"
+    for fn in vit_ops.FUNCTIONS:
         assert callable(getattr(ops, fn))
-    ref = vit_ops.get_ops(fused=False)
+    ref = vit_ops.REFERENCE
     a = attention_inputs(jax.random.PRNGKey(0), 2, 5, 2, 16, True, jnp.float32)
     ln = layernorm_inputs(jax.random.PRNGKey(1), 10, 32, True, jnp.float32)
     rows = compare(run_attention(ops, a), run_attention(ref, a), 1e-5)
@@ -148,15 +151,10 @@ class FakeJaxTriton:
         self.calls.append((name, getattr(kernel, "__name__", ""), len(inputs), aliases))
 
         def host(*arrays):
-            from triton.runtime.interpreter import InterpretedFunction
-
             outs = [np.zeros(o.shape, o.dtype) for o in out_shape]
             for i, j in aliases.items():
                 outs[j] = np.array(arrays[i], copy=True)
-            args = [launch_module._HostTensor(np.ascontiguousarray(a)) for a in arrays]
-            args += [launch_module._HostTensor(o) for o in outs]
-            with launch_module._INTERPRETER_LOCK, launch_module._interpreted_device_calls():
-                InterpretedFunction(kernel.fn)[grid](*args, **constexprs)
+            run_on_host(kernel, grid, [np.ascontiguousarray(a) for a in arrays] + outs, constexprs)
             return tuple(outs)
 
         return jax.pure_callback(host, list(out_shape), *inputs, vmap_method="sequential")
@@ -186,10 +184,12 @@ def test_compiled_launcher_poisons_through_aliased_inputs(fake_jax_triton):
     assert fake_jax_triton.calls[1] == ("half", "_write_first_half_poisoned", 2, {1: 0})
 
 
-def test_compiled_launcher_runs_both_kernels_correctly(fake_jax_triton):
+def test_compiled_launcher_runs_both_kernels_correctly(fake_jax_triton, monkeypatch):
     """fused_ops(interpret=False) end to end through the compiled launcher (poisoned): attention
     with dropout and add+LN, outputs and gradients vs the reference."""
-    ops = fused_ops(interpret=False)
+    with monkeypatch.context() as m:
+        m.setattr(jax, "default_backend", lambda: "gpu")  # fused_ops checks for a GPU
+        ops = fused_ops(interpret=False)
     a = attention_inputs(jax.random.PRNGKey(5), 2, 17, 2, 16, True, jnp.float32)
     ln = layernorm_inputs(jax.random.PRNGKey(6), 19, 48, True, jnp.float32)
     with poisoned_outputs():
@@ -236,7 +236,7 @@ def _to_bf16(X, Y, N: tl.constexpr):
 
 
 def test_interpreter_rounds_float32_to_bfloat16_to_nearest_even():
-    """As the GPU and XLA do; Triton's interpreter alone would truncate (kernels/launch.py)."""
+    """As the GPU and XLA do; Triton's interpreter alone would truncate (kernels/interpreter.py)."""
     x = np.random.RandomState(0).randn(4096).astype(np.float32) * 3
     (y,) = run_interpreted(_to_bf16, (1,), [jax.ShapeDtypeStruct((4096,), jnp.bfloat16)], {"N": 4096}, x)
     expected = np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
@@ -263,7 +263,7 @@ def test_gradcheck_compare_flags_errors_and_nan():
 
 
 def test_gradcheck_command_runs_and_exits_zero(capsys):
-    from kernels import gradcheck
+    from oracle import kernel_gradcheck as gradcheck
 
     assert gradcheck.main(["--interpret", "--seed", "0", "--shapes", "attn:1x5x1x16:keep", "ln:3x10:r"]) == 0
     out = capsys.readouterr().out

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import vit
-from vit.ops import REFERENCE, get_ops
-from vit.step import TrainHParams, hand_written_grads, make_train_step
+from kernels import fused_ops
+from vit.ops import REFERENCE
+from vit.config import TrainHParams
+from vit.step import hand_written_grads, make_train_step
 
 from kernel_checks import INTERPRET
 
@@ -52,15 +54,15 @@ def test_bf16_step_tracks_fp32_step():
     images, labels = data(cfg)
     hp = TrainHParams(lr=1e-3, weight_decay=0.01)
     curves, final = {}, {}
-    for precision in ("fp32", "bf16"):
+    for compute_dtype in ("fp32", "bf16"):
         params = vit.init_params(jax.random.PRNGKey(0), cfg)
         state = vit.adamw_init(params)
-        step = make_train_step(cfg, hp, precision=precision)
+        step = make_train_step(cfg, hp, compute_dtype=compute_dtype)
         losses = []
         for i in range(8):
             params, state, m = step(params, state, images, labels, jax.random.PRNGKey(i))
             losses.append(float(m["loss"]))
-        curves[precision], final[precision] = losses, params
+        curves[compute_dtype], final[compute_dtype] = losses, params
         for leaf in jax.tree_util.tree_leaves((params, state["m"], state["v"])):
             assert leaf.dtype == jnp.float32   # master weights and Adam moments stay float32
     np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=3e-2)
@@ -76,9 +78,10 @@ def test_bf16_fused_matches_bf16_reference_and_fp32():
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 3))
     targets = vit.layers.one_hot_targets(jnp.array([0, 1, 2, 3]), 5)
     out = {}
-    for name, ops, precision in (("ref32", REFERENCE, "fp32"), ("ref16", REFERENCE, "bf16"),
-                                 ("fused16", get_ops(True, interpret=INTERPRET), "bf16")):
-        loss, grads, _ = jax.jit(hand_written_grads(cfg, ops, precision))(params, x, targets, None)
+    for name, ops, compute_dtype in (("ref32", REFERENCE, "fp32"), ("ref16", REFERENCE, "bf16"),
+                                     ("fused16", fused_ops(INTERPRET), "bf16")):
+        loss, grads, _ = jax.jit(hand_written_grads(cfg, ops, compute_dtype))(params, x, targets,
+                                                                              None)
         out[name] = (float(loss), grads)
     norm = float(vit.optim.global_norm(out["ref32"][1]))
 

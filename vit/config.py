@@ -1,4 +1,6 @@
-"""Model configuration as plain data, validated on construction."""
+"""Configuration as plain data: the model (ViTConfig, validated on construction), the optimisation
+and augmentation settings of a run (TrainHParams), and the compute dtypes a step may use.
+vit/runconfig.py reads these from TOML files and the command line."""
 
 from __future__ import annotations
 
@@ -90,3 +92,32 @@ class ViTConfig:
         if unknown:
             raise ValueError(f"ViTConfig: unknown field(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainHParams:
+    """Optimisation and augmentation settings of one run (the [train] section of a config)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "constant"       # "constant" | "cosine"
+    warmup_steps: int = 0
+    total_steps: int = 1
+    min_lr: float = 0.0
+    clip_norm: float = 0.0           # 0 = no clipping
+    label_smoothing: float = 0.0
+    crop_pad: int = 0                # random crop after (reflect) padding by this many pixels
+    flip: bool = False               # random horizontal flip
+    mixup_alpha: float = 0.0         # 0 = off
+    cutmix_alpha: float = 0.0        # 0 = off; with both on, each batch picks one (p = 0.5)
+
+    def replace(self, **changes) -> "TrainHParams":
+        return dataclasses.replace(self, **changes)
+
+
+# The dtype of a step's activations and matmul inputs ("compute_dtype"); master weights, optimizer
+# state, LayerNorm statistics, softmax and the loss stay float32 either way (vit/step.py).
+COMPUTE_DTYPES = ("fp32", "bf16")

@@ -2,7 +2,10 @@
 
 Convention (llm.c style): ``*_forward(params, x, ...) -> (y, cache)`` returns what the backward
 needs; ``*_backward(params, cache, dy) -> (dx, grads)`` returns the input gradient and a dict of
-parameter gradients with the same structure as ``params``. No autodiff is used anywhere here.
+parameter gradients with the same structure as ``params``. A layer without parameters drops both
+``params`` and ``grads``: ``*_backward(cache, dy) -> dx`` (gelu, softmax, attention,
+cross-entropy), and where its forward takes several inputs it returns one gradient per input, in
+the forward's order (``sdpa_backward -> (dq, dk, dv)``). No autodiff is used anywhere here.
 
 Shapes: B batch, L tokens (patches + CLS), D model width, H heads, Dh = D / H head width,
 F FFN hidden width, K classes. Activations are (B, L, D); dense weights are (D_in, D_out).
@@ -15,6 +18,7 @@ softmax and the loss are computed in at least float32.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +34,7 @@ def _acc_dtype(dtype):
     return jnp.float32 if dtype.itemsize < 4 else dtype
 
 
-def _stat_dtype(dtype):
+def stat_dtype(dtype):
     """Dtype for statistics (LN mean/var, softmax, loss): at least float32."""
     return _acc_dtype(dtype)
 
@@ -85,7 +89,7 @@ def add_layernorm_forward(params, x, r, eps):
     Cache: (s_hat, rstd) with s_hat = (s - mean) * rstd, in at least float32.
     """
     s = x if r is None else x + r
-    sd = _stat_dtype(s.dtype)
+    sd = stat_dtype(s.dtype)
     s32 = s.astype(sd)
     mean = jnp.mean(s32, axis=-1, keepdims=True)
     centered = s32 - mean
@@ -97,11 +101,14 @@ def add_layernorm_forward(params, x, r, eps):
 
 
 def add_layernorm_backward(params, cache, dy):
-    """ds is the gradient for both x and r (the add copies the gradient to each input).
+    """ds is the gradient for both x and r (s = x + r copies the gradient to each input).
 
-    With g = dy * gamma (the gradient of s_hat), per row of width D:
-        ds = rstd * (g - mean(g) - s_hat * mean(g * s_hat))
-        dgamma = sum_rows(dy * s_hat),  dbeta = sum_rows(dy)
+    Derivation, per row of width N (kernels/layernorm.py uses the same names):
+        s_hat = (s - mean) * rstd,  y = gamma * s_hat + beta,  g = dL/ds_hat = dy * gamma
+        mean and var depend on s, so  ds_hat_i/ds_j = rstd * (delta_ij - 1/N - s_hat_i s_hat_j / N)
+        ds_j = sum_i g_i ds_hat_i/ds_j = rstd * (g_j - mean_g - s_hat_j * mean_gs)
+            with mean_g = sum_i g_i / N  and  mean_gs = sum_i g_i s_hat_i / N
+        dgamma = sum over rows of dy * s_hat,  dbeta = sum over rows of dy
     """
     s_hat, rstd = cache
     sd = s_hat.dtype
@@ -157,7 +164,7 @@ def gelu_backward(cache, dy, approximate="tanh"):
 
 def softmax_forward(x):
     """p = exp(x - max x) / sum exp(x - max x), computed in at least float32."""
-    x32 = x.astype(_stat_dtype(x.dtype))
+    x32 = x.astype(stat_dtype(x.dtype))
     e = jnp.exp(x32 - jnp.max(x32, axis=-1, keepdims=True))
     p = e / jnp.sum(e, axis=-1, keepdims=True)
     return p, p
@@ -182,12 +189,22 @@ def dropout_scale(key, rate, shape, dtype):
     return keep.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
 
 
-def _scale(x, scale):
-    return x if scale is None else x * scale.astype(x.dtype)
+def apply_keep(x, keep_scale):
+    """x * keep_scale (a dropout mask from dropout_scale), or x itself when there is no mask; the
+    backward of this product is the same product applied to the gradient."""
+    return x if keep_scale is None else x * keep_scale.astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
 # scaled dot-product attention, per head: inputs (B, H, L, Dh)
+
+
+class SdpaCache(NamedTuple):
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    p: jax.Array                  # softmax(S), float32 for half inputs
+    keep_scale: jax.Array | None  # attention-dropout scale, or None
 
 
 def sdpa_forward(q, k, v, keep_scale=None):
@@ -196,9 +213,9 @@ def sdpa_forward(q, k, v, keep_scale=None):
     # scores stay in the accumulation dtype (float32 for bf16 inputs) up to the softmax
     s = jnp.matmul(q, jnp.swapaxes(k, -1, -2), preferred_element_type=_acc_dtype(q.dtype)) * scale
     p, _ = softmax_forward(s)
-    p_used = _scale(p, keep_scale).astype(v.dtype)
+    p_used = apply_keep(p, keep_scale).astype(v.dtype)
     o = matmul(p_used, v)
-    return o, (q, k, v, p, keep_scale)
+    return o, SdpaCache(q, k, v, p, keep_scale)
 
 
 def sdpa_backward(cache, do):
@@ -206,9 +223,9 @@ def sdpa_backward(cache, do):
     dQ = dS K / sqrt(Dh); dK = dS^T Q / sqrt(Dh)."""
     q, k, v, p, keep_scale = cache
     scale = 1.0 / math.sqrt(q.shape[-1])
-    p_used = _scale(p, keep_scale).astype(v.dtype)
+    p_used = apply_keep(p, keep_scale).astype(v.dtype)
     dv = matmul(jnp.swapaxes(p_used, -1, -2), do)
-    dp = _scale(matmul(do, jnp.swapaxes(v, -1, -2)), keep_scale)
+    dp = apply_keep(matmul(do, jnp.swapaxes(v, -1, -2)), keep_scale)
     ds = (softmax_backward(p, dp) * scale).astype(q.dtype)
     dq = matmul(ds, k)
     dk = matmul(jnp.swapaxes(ds, -1, -2), q)
@@ -249,7 +266,7 @@ def attention_forward(qkv, heads, keep_scale=None):
 
 def attention_backward(cache, do):
     """dO (B, L, D) -> dQKV (B, L, 3D): head split of dO, sdpa backward, packed concat."""
-    heads = cache[0].shape[1]
+    heads = cache.q.shape[1]
     b, l, d = do.shape
     do_heads = do.reshape(b, l, heads, d // heads).transpose(0, 2, 1, 3)
     return pack_qkv(*sdpa_backward(cache, do_heads))
@@ -287,7 +304,7 @@ def mha_backward(params, cache, dy, ops):
 def ffn_forward(params, x, approximate="tanh", keep_scale=None):
     h, c1 = dense_forward(params["fc1"], x)
     a, c_gelu = gelu_forward(h, approximate)
-    a = _scale(a, keep_scale)
+    a = apply_keep(a, keep_scale)
     y, c2 = dense_forward(params["fc2"], a)
     return y, (c1, c_gelu, c2, keep_scale)
 
@@ -295,7 +312,7 @@ def ffn_forward(params, x, approximate="tanh", keep_scale=None):
 def ffn_backward(params, cache, dy, approximate="tanh"):
     c1, c_gelu, c2, keep_scale = cache
     da, g2 = dense_backward(params["fc2"], c2, dy)
-    dh = gelu_backward(c_gelu, _scale(da, keep_scale), approximate)
+    dh = gelu_backward(c_gelu, apply_keep(da, keep_scale), approximate)
     dx, g1 = dense_backward(params["fc1"], c1, dh)
     return dx, {"fc1": g1, "fc2": g2}
 
@@ -372,7 +389,7 @@ def cross_entropy_forward(logits, targets):
     """Mean over the batch of -sum_k t_k log softmax(z)_k = lse(z) * sum_k t_k - sum_k t_k z_k.
 
     targets: (B, K) probabilities (one-hot, smoothed, or mixed)."""
-    z = logits.astype(_stat_dtype(logits.dtype))
+    z = logits.astype(stat_dtype(logits.dtype))
     t = targets.astype(z.dtype)
     m = jnp.max(z, axis=-1, keepdims=True)
     lse = m[:, 0] + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1))
@@ -380,8 +397,9 @@ def cross_entropy_forward(logits, targets):
     return jnp.mean(per_example), (z, t, lse)
 
 
-def cross_entropy_backward(cache):
-    """dz = (softmax(z) * sum(t) - t) / B."""
+def cross_entropy_backward(cache, dloss=1.0):
+    """dz = dloss * (softmax(z) * sum(t) - t) / B  (dloss: the gradient of the mean loss, 1 for
+    the loss itself)."""
     z, t, lse = cache
     p = jnp.exp(z - lse[:, None])
-    return (p * jnp.sum(t, axis=-1, keepdims=True) - t) / z.shape[0]
+    return dloss * (p * jnp.sum(t, axis=-1, keepdims=True) - t) / z.shape[0]

@@ -9,14 +9,16 @@ functions or the fused Triton kernels; everything else is the same code either w
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vit import layers
 from vit.config import ViTConfig
-from vit.layers import _scale
-from vit.ops import REFERENCE, get_ops
+from vit.layers import apply_keep
+from vit.ops import REFERENCE, Ops
 
 # ----------------------------------------------------------------------------------------------
 # parameters
@@ -104,7 +106,19 @@ def block_masks(key, config: ViTConfig, block_index, batch, rows, dtype):
 # encoder block
 
 
-def block_forward(params, x, config: ViTConfig, ops=REFERENCE, key=None, block_index=0,
+class BlockCache(NamedTuple):
+    """What block_backward needs from block_forward."""
+
+    mha: tuple                     # layers.mha_forward's cache
+    ln1: tuple                     # the first add+LayerNorm's cache (ops.add_layernorm_forward)
+    ffn: tuple                     # layers.ffn_forward's cache
+    ln2: tuple                     # the second add+LayerNorm's cache
+    keep_branch1: jax.Array | None  # residual-dropout / drop-path scale on the attention branch
+    keep_branch2: jax.Array | None  # the same on the FFN branch
+    length: int                    # L of the block's input (the output may be the CLS row only)
+
+
+def block_forward(params, x, config: ViTConfig, ops: Ops = REFERENCE, key=None, block_index=0,
                   cls_only=False):
     """One encoder block on x (B, L, D).
 
@@ -120,21 +134,21 @@ def block_forward(params, x, config: ViTConfig, ops=REFERENCE, key=None, block_i
     if c.norm == "post":
         # x1 = LN1(x + drop(MHA(x))); x2 = LN2(x1 + drop(FFN(x1)))
         a, c_mha = layers.mha_forward(params["attn"], x, c.heads, ops, m_attn, q_rows)
-        x1, c_ln1 = ops.add_layernorm_forward(params["ln1"], x_res, _scale(a, m_branch1), c.ln_eps)
+        x1, c_ln1 = ops.add_layernorm_forward(params["ln1"], x_res, apply_keep(a, m_branch1), c.ln_eps)
         f, c_ffn = layers.ffn_forward(params["ffn"], x1, c.gelu, m_ffn)
-        x2, c_ln2 = ops.add_layernorm_forward(params["ln2"], x1, _scale(f, m_branch2), c.ln_eps)
+        x2, c_ln2 = ops.add_layernorm_forward(params["ln2"], x1, apply_keep(f, m_branch2), c.ln_eps)
     else:
         # x1 = x + drop(MHA(LN1(x))); x2 = x1 + drop(FFN(LN2(x1)))
         h1, c_ln1 = ops.add_layernorm_forward(params["ln1"], x, None, c.ln_eps)
         a, c_mha = layers.mha_forward(params["attn"], h1, c.heads, ops, m_attn, q_rows)
-        x1 = x_res + _scale(a, m_branch1)
+        x1 = x_res + apply_keep(a, m_branch1)
         h2, c_ln2 = ops.add_layernorm_forward(params["ln2"], x1, None, c.ln_eps)
         f, c_ffn = layers.ffn_forward(params["ffn"], h2, c.gelu, m_ffn)
-        x2 = x1 + _scale(f, m_branch2)
-    return x2, (c_mha, c_ln1, c_ffn, c_ln2, m_branch1, m_branch2, l)
+        x2 = x1 + apply_keep(f, m_branch2)
+    return x2, BlockCache(c_mha, c_ln1, c_ffn, c_ln2, m_branch1, m_branch2, l)
 
 
-def block_backward(params, cache, dy, config: ViTConfig, ops=REFERENCE):
+def block_backward(params, cache: BlockCache, dy, config: ViTConfig, ops: Ops = REFERENCE):
     c = config
     c_mha, c_ln1, c_ffn, c_ln2, m_branch1, m_branch2, length = cache
 
@@ -143,16 +157,16 @@ def block_backward(params, cache, dy, config: ViTConfig, ops=REFERENCE):
 
     if c.norm == "post":
         ds2, g_ln2 = ops.add_layernorm_backward(params["ln2"], c_ln2, dy)   # for x1 and the branch
-        dx1_ffn, g_ffn = layers.ffn_backward(params["ffn"], c_ffn, _scale(ds2, m_branch2), c.gelu)
+        dx1_ffn, g_ffn = layers.ffn_backward(params["ffn"], c_ffn, apply_keep(ds2, m_branch2), c.gelu)
         dx1 = ds2 + dx1_ffn
         ds1, g_ln1 = ops.add_layernorm_backward(params["ln1"], c_ln1, dx1)  # for x_res and the branch
-        dx_mha, g_mha = layers.mha_backward(params["attn"], c_mha, _scale(ds1, m_branch1), ops)
+        dx_mha, g_mha = layers.mha_backward(params["attn"], c_mha, apply_keep(ds1, m_branch1), ops)
         dx = dx_mha + to_full_length(ds1)
     else:
-        dh2, g_ffn = layers.ffn_backward(params["ffn"], c_ffn, _scale(dy, m_branch2), c.gelu)
+        dh2, g_ffn = layers.ffn_backward(params["ffn"], c_ffn, apply_keep(dy, m_branch2), c.gelu)
         dx1_ln2, g_ln2 = ops.add_layernorm_backward(params["ln2"], c_ln2, dh2)
         dx1 = dy + dx1_ln2
-        dh1, g_mha = layers.mha_backward(params["attn"], c_mha, _scale(dx1, m_branch1), ops)
+        dh1, g_mha = layers.mha_backward(params["attn"], c_mha, apply_keep(dx1, m_branch1), ops)
         dx_ln1, g_ln1 = ops.add_layernorm_backward(params["ln1"], c_ln1, dh1)
         dx = dx_ln1 + to_full_length(dx1)
     return dx, {"ln1": g_ln1, "attn": g_mha, "ln2": g_ln2, "ffn": g_ffn}
@@ -162,7 +176,7 @@ def block_backward(params, cache, dy, config: ViTConfig, ops=REFERENCE):
 # encoder stack (a Python loop at trace time only: the compiled step has no loop)
 
 
-def encoder_forward(blocks, x, config: ViTConfig, ops=REFERENCE, key=None, cls_only_last=False):
+def encoder_forward(blocks, x, config: ViTConfig, ops: Ops = REFERENCE, key=None, cls_only_last=False):
     keys = [None] * len(blocks) if key is None else list(jax.random.split(key, len(blocks)))
     caches = []
     for i, (p, k) in enumerate(zip(blocks, keys)):
@@ -172,7 +186,7 @@ def encoder_forward(blocks, x, config: ViTConfig, ops=REFERENCE, key=None, cls_o
     return x, caches
 
 
-def encoder_backward(blocks, caches, dy, config: ViTConfig, ops=REFERENCE):
+def encoder_backward(blocks, caches, dy, config: ViTConfig, ops: Ops = REFERENCE):
     grads = [None] * len(blocks)
     for i in reversed(range(len(blocks))):
         dy, grads[i] = block_backward(blocks[i], caches[i], dy, config, ops)
@@ -183,7 +197,7 @@ def encoder_backward(blocks, caches, dy, config: ViTConfig, ops=REFERENCE):
 # classification head on the CLS row: (final LN if pre-norm) then dense
 
 
-def head_forward(params, x, config: ViTConfig, ops=REFERENCE):
+def head_forward(params, x, config: ViTConfig, ops: Ops = REFERENCE):
     cls = x[:, 0]
     c_ln = None
     if config.norm == "pre":
@@ -192,7 +206,7 @@ def head_forward(params, x, config: ViTConfig, ops=REFERENCE):
     return logits, (c_dense, c_ln, x.shape)
 
 
-def head_backward(params, cache, dlogits, config: ViTConfig, ops=REFERENCE):
+def head_backward(params, cache, dlogits, config: ViTConfig, ops: Ops = REFERENCE):
     c_dense, c_ln, x_shape = cache
     dcls, g_head = layers.dense_backward(params["head"], c_dense, dlogits)
     grads = {"head": g_head}
@@ -206,7 +220,7 @@ def head_backward(params, cache, dlogits, config: ViTConfig, ops=REFERENCE):
 # whole model
 
 
-def model_forward(params, images, config: ViTConfig, ops=REFERENCE, key=None):
+def model_forward(params, images, config: ViTConfig, ops: Ops = REFERENCE, key=None):
     """images (B, S, S, C) float -> logits (B, K) float32, and the cache for model_backward.
 
     key: dropout / stochastic-depth randomness (training); None = evaluation (no masks)."""
@@ -215,10 +229,10 @@ def model_forward(params, images, config: ViTConfig, ops=REFERENCE, key=None):
     x, _ = layers.embed_forward(params["embed"], tokens)
     x, c_enc = encoder_forward(params["blocks"], x, config, ops, key, cls_only_last=True)
     logits, c_head = head_forward(params, x, config, ops)
-    return logits.astype(layers._stat_dtype(logits.dtype)), (c_patch, c_enc, c_head)
+    return logits.astype(layers.stat_dtype(logits.dtype)), (c_patch, c_enc, c_head)
 
 
-def model_backward(params, cache, dlogits, config: ViTConfig, ops=REFERENCE, need_dimages=False):
+def model_backward(params, cache, dlogits, config: ViTConfig, ops: Ops = REFERENCE, need_dimages=False):
     """dlogits (B, K) -> (grads with the structure of params, dimages or None)."""
     c_patch, c_enc, c_head = cache
     dx, grads = head_backward(params, c_head, dlogits, config, ops)
@@ -250,24 +264,23 @@ def _targets(labels, config: ViTConfig, label_smoothing):
 # public API
 
 
-def forward(params, images, config: ViTConfig, *, fused=False, interpret=None, key=None):
+def forward(params, images, config: ViTConfig, *, ops: Ops = REFERENCE, key=None):
     """Logits (B, num_classes)."""
-    logits, _ = model_forward(params, images, config, get_ops(fused, interpret), key)
+    logits, _ = model_forward(params, images, config, ops, key)
     return logits
 
 
-def loss(params, images, labels, config: ViTConfig, *, label_smoothing=0.0, fused=False,
-         interpret=None, key=None):
+def loss(params, images, labels, config: ViTConfig, *, label_smoothing=0.0,
+         ops: Ops = REFERENCE, key=None):
     """Mean softmax cross-entropy. labels: int (B,) or soft targets (B, K)."""
-    logits = forward(params, images, config, fused=fused, interpret=interpret, key=key)
+    logits = forward(params, images, config, ops=ops, key=key)
     value, _ = layers.cross_entropy_forward(logits, _targets(labels, config, label_smoothing))
     return value
 
 
 def loss_and_grads(params, images, labels, config: ViTConfig, *, label_smoothing=0.0,
-                   fused=False, interpret=None, key=None, return_logits=False):
+                   ops: Ops = REFERENCE, key=None, return_logits=False):
     """(loss, grads) with grads the same pytree as params, from the hand-written backward."""
-    ops = get_ops(fused, interpret)
     logits, cache = model_forward(params, images, config, ops, key)
     value, c_loss = layers.cross_entropy_forward(logits, _targets(labels, config, label_smoothing))
     grads, _ = model_backward(params, cache, layers.cross_entropy_backward(c_loss), config, ops)

@@ -1,33 +1,47 @@
-"""The one place that chooses between the reference jnp ops and the fused Triton kernels.
-
-Both sides provide the same four functions, so the model code never knows which one runs:
+"""The op set: the four functions the model calls for attention and residual+LayerNorm.
 
     attention_forward(qkv (B, L, 3D), heads, keep_scale=None) -> (o (B, L, D), cache)
     attention_backward(cache, do (B, L, D)) -> dqkv (B, L, 3D)
     add_layernorm_forward(params {gamma, beta}, x, r or None, eps) -> (y, cache)     # y = LN(x + r)
     add_layernorm_backward(params, cache, dy) -> (ds, {gamma, beta})                   # ds: for x and r
+
+Two op sets exist: ``REFERENCE`` here (the jnp layers of vit/layers.py) and the fused Triton
+kernels, ``kernels.fused_ops(...)``. An entry point (train.py, evaluate.py, a benchmark, a test)
+builds one and passes it down as ``ops=``; the model code never knows which runs, and this package
+never imports the kernels.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 from vit import layers
 
-REFERENCE = SimpleNamespace(
+
+class Ops(NamedTuple):
+    """One op set. ``partitionable``: XLA's SPMD partitioner can split these ops over a batch
+    sharded across devices (plain jnp code can; custom calls such as Triton kernels cannot, so
+    vit.parallel runs those per device under shard_map)."""
+
+    name: str
+    attention_forward: Callable
+    attention_backward: Callable
+    add_layernorm_forward: Callable
+    add_layernorm_backward: Callable
+    description: str = ""
+    partitionable: bool = False
+
+
+REFERENCE = Ops(
     name="reference",
     attention_forward=layers.attention_forward,
     attention_backward=layers.attention_backward,
     add_layernorm_forward=layers.add_layernorm_forward,
     add_layernorm_backward=layers.add_layernorm_backward,
+    description="reference jnp layers (vit/layers.py)",
+    partitionable=True,
 )
 
-
-def get_ops(fused: bool = False, interpret: bool | None = None):
-    """Reference ops, or the fused kernels (compiled on a GPU, Triton's interpreter when
-    interpret=True). Imported lazily: the reference path needs neither triton nor jax-triton."""
-    if not fused:
-        return REFERENCE
-    from kernels import fused_ops  # noqa: PLC0415  (lazy on purpose)
-
-    return fused_ops(interpret=interpret)
+# the names of the four functions, for code that swaps or wraps them one at a time
+FUNCTIONS = ("attention_forward", "attention_backward", "add_layernorm_forward",
+             "add_layernorm_backward")

@@ -31,9 +31,9 @@ order and keeps rows `process_batch_slice(B)` of each global batch (`Batcher(...
 gathers only those); `shard_batch` assembles the global array from those per-process rows. On the CPU the cross-process collectives are gloo
 (`jax_cpu_collectives_implementation`, jax's default); on GPUs, NCCL.
 
-    init_distributed(args.coordinator, args.num_processes, args.process_id)
-    mesh = make_mesh(args.devices)
-    step = make_parallel_train_step(config, hp, mesh, fused=..., mean=mean, std=std)
+    init_distributed(coordinator, num_processes, process_id)   # cmdline.start_processes(args)
+    mesh = make_mesh(num_devices)
+    step = make_parallel_train_step(config, hp, mesh, ops=ops, mean=mean, std=std)
     params, opt = replicate((params, opt), mesh)
     batcher = Batcher(images, labels, B, seed=seed, rows=process_batch_slice(B, mesh))
     for x, y in batcher.epoch(epoch):                     # this process's rows of each global batch
@@ -45,9 +45,7 @@ gathers only those); `shard_batch` assembles the global array from those per-pro
 
 from __future__ import annotations
 
-import os
 import warnings
-from types import SimpleNamespace
 from typing import Callable
 
 import jax
@@ -56,18 +54,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vit.config import ViTConfig
-from vit.ops import get_ops
-from vit.step import TrainHParams, eval_step_fn, train_step_fn
+from vit.config import TrainHParams, ViTConfig
+from vit.ops import REFERENCE, Ops
+from vit.step import eval_step_fn, train_step_fn
 
 DATA = "data"  # the mesh axis the batch is split along
-
-# The flags of train.py and the environment variables that stand in for them.
-_FLAGS = {
-    "coordinator": ("--coordinator", "JAX_COORDINATOR_ADDRESS"),
-    "num_processes": ("--num-processes", "JAX_NUM_PROCESSES"),
-    "process_id": ("--process-id", "JAX_PROCESS_ID"),
-}
 
 # ----------------------------------------------------------------------------------------------
 # processes
@@ -77,56 +68,20 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _env_int(name: str, flag: str) -> int | None:
-    value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{flag}: environment variable {name}={value!r} is not an integer") from None
-
-
-def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> None:
-    """Join a multi-process run (jax.distributed.initialize); a no-op for a single process.
-
-    Each argument falls back to its environment variable: JAX_COORDINATOR_ADDRESS ("host:port"
-    of process 0, which serves the coordination service there), JAX_NUM_PROCESSES,
-    JAX_PROCESS_ID. Nothing given, or num_processes == 1: a single process, nothing to do. A
-    multi-process run needs all three. Call it before any other JAX call in the process."""
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
-    if num_processes is None:
-        num_processes = _env_int("JAX_NUM_PROCESSES", "--num-processes")
-    if process_id is None:
-        process_id = _env_int("JAX_PROCESS_ID", "--process-id")
-    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
-
-    if num_processes is not None and not (_is_int(num_processes) and num_processes >= 1):
-        raise ValueError(f"--num-processes must be a positive integer, got {num_processes!r}")
-    if process_id is not None and not (_is_int(process_id) and process_id >= 0):
-        raise ValueError(f"--process-id must be a non-negative integer, got {process_id!r}")
-    if num_processes == 1 or all(v is None for v in given.values()):
-        if process_id not in (None, 0):
-            raise ValueError(f"--process-id {process_id} given for a single-process run "
-                             f"(--num-processes 1): the only process is 0")
-        return  # one process: nothing to join
-
-    missing = [name for name, value in given.items() if value is None]
-    if missing:
-        have = ", ".join(f"{_FLAGS[n][0]} {given[n]}" for n in given if given[n] is not None)
-        need = ", ".join(f"{_FLAGS[n][0]} (or {_FLAGS[n][1]})" for n in missing)
-        raise ValueError(
-            f"a multi-process run needs --coordinator host:port, --num-processes N and "
-            f"--process-id I on every process; got {have} but no {need}")
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"--process-id must be in 0..{num_processes - 1} for --num-processes "
-                         f"{num_processes}, got {process_id}")
-    host, _, port = coordinator.rpartition(":")
+def init_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
+    """Join a multi-process run as process `process_id` of `num_processes` (jax.distributed),
+    coordinated by process 0 at `coordinator` ("host:port"). Call it before any other JAX call
+    in the process. The command line's flags and environment variables that stand for these
+    three are resolved (and checked, with messages naming them) in cmdline.py."""
+    if not (_is_int(num_processes) and num_processes >= 1):
+        raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    if not (_is_int(process_id) and 0 <= process_id < num_processes):
+        raise ValueError(f"process_id must be in 0..{num_processes - 1} for {num_processes} "
+                         f"processes, got {process_id!r}")
+    host, _, port = str(coordinator).rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"--coordinator must be host:port (process 0's address and a free port), "
+        raise ValueError(f"coordinator must be host:port (process 0's address and a free port), "
                          f"got {coordinator!r}")
-
     if jax.config.jax_cpu_collectives_implementation is None:  # CPU processes: gloo over TCP
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if jax.distributed.is_initialized():
@@ -162,15 +117,15 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     if num_devices is None:
         num_devices = total
     if not (_is_int(num_devices) and 1 <= num_devices <= total):
-        raise ValueError(f"--devices must be an integer in 1..{total} (the devices of "
+        raise ValueError(f"the device count must be an integer in 1..{total} (the devices of "
                          f"{procs} process(es)), got {num_devices!r}")
     if num_devices % procs:
-        raise ValueError(f"--devices {num_devices} is not a multiple of the {procs} processes: "
+        raise ValueError(f"{num_devices} devices are not a multiple of the {procs} processes: "
                          f"each process must contribute the same number of devices")
     per_process = num_devices // procs
     short = {p: len(v) for p, v in by_process.items() if len(v) < per_process}
     if short:
-        raise ValueError(f"--devices {num_devices} needs {per_process} devices on each of "
+        raise ValueError(f"{num_devices} devices need {per_process} devices on each of "
                          f"{procs} processes; process(es) {short} have fewer")
     devices = [d for p in sorted(by_process) for d in by_process[p][:per_process]]
     return Mesh(np.array(devices), (DATA,))
@@ -227,7 +182,7 @@ def check_batch(global_batch_size: int, mesh: Mesh) -> None:
     if global_batch_size % n:
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by the {n} devices of the "
-            f"mesh; use a batch size that is a multiple of {n} (or fewer --devices)")
+            f"mesh; use a batch size that is a multiple of {n} (or fewer devices)")
 
 
 def process_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
@@ -323,7 +278,7 @@ def gather_to_host(tree):
 # the four fused ops, one kernel launch per device on its own rows
 
 
-def sharded_ops(ops, mesh: Mesh) -> SimpleNamespace:
+def sharded_ops(ops: Ops, mesh: Mesh) -> Ops:
     """`ops` (vit.ops: the fused kernels, or the reference) with each function wrapped in
     jax.shard_map over the leading batch axis of every array: each device runs the op on its
     B/N rows. LayerNorm's dgamma/dbeta are psum'd over "data" (replicated out)."""
@@ -359,23 +314,21 @@ def sharded_ops(ops, mesh: Mesh) -> SimpleNamespace:
             return ds, jax.lax.psum(grads, DATA)  # per-shard partial sums -> the global sums
         return smap(local, (repl, batch, batch), (batch, repl))(params, cache, dy)
 
-    return SimpleNamespace(
-        name=f"{getattr(ops, 'name', 'ops')}/shard_map[{DATA}={mesh.size}]",
-        description=f"{getattr(ops, 'description', getattr(ops, 'name', 'ops'))}, one launch per "
-                    f"device under shard_map over {mesh.size} devices",
-        inner=ops,
-        mesh=mesh,
+    return Ops(
+        name=f"{ops.name}/shard_map[{DATA}={mesh.size}]",
         attention_forward=attention_forward,
         attention_backward=attention_backward,
         add_layernorm_forward=add_layernorm_forward,
         add_layernorm_backward=add_layernorm_backward,
+        description=f"{ops.description or ops.name}, one launch per device under shard_map over "
+                    f"{mesh.size} devices",
+        partitionable=True,
     )
 
 
-def _mesh_ops(mesh: Mesh, fused: bool, interpret, shard_ops: bool | None):
-    ops = get_ops(fused, interpret)
+def _mesh_ops(mesh: Mesh, ops: Ops, shard_ops: bool | None) -> Ops:
     if shard_ops is None:
-        shard_ops = fused
+        shard_ops = not ops.partitionable
     return sharded_ops(ops, mesh) if shard_ops else ops
 
 
@@ -390,22 +343,23 @@ def _check_rng():
 # steps
 
 
-def make_parallel_train_step(config: ViTConfig, hp: TrainHParams, mesh: Mesh, *, fused=False,
-                             interpret=None, mean=None, std=None, precision: str = "fp32",
-                             grad_fn: Callable | None = None, donate=True,
-                             shard_ops: bool | None = None):
+def make_parallel_train_step(config: ViTConfig, hp: TrainHParams, mesh: Mesh, *,
+                             ops: Ops = REFERENCE, mean=None, std=None,
+                             compute_dtype: str = "fp32", grad_fn: Callable | None = None,
+                             donate=True, shard_ops: bool | None = None):
     """The data-parallel step, called like vit.step.make_train_step's result:
 
         step(params, opt_state, images (B, H, W, C), labels (B,), key) -> (params, opt_state, metrics)
 
     B is the global batch. One process: plain or single-device arrays are moved onto the mesh
     (the batch split, the rest replicated). Several processes: pass shard_batch's global arrays
-    and replicate()d state. shard_ops (default: = fused) wraps the ops in shard_map; the
-    reference ops need no wrapping (GSPMD partitions them), the option is there to test it."""
+    and replicate()d state. shard_ops (default: not ops.partitionable) wraps the ops in
+    shard_map; the reference ops need no wrapping (GSPMD partitions them), the option is there
+    to test it."""
     _check_rng()
-    ops = _mesh_ops(mesh, fused, interpret, shard_ops)
+    ops = _mesh_ops(mesh, ops, shard_ops)
     step = train_step_fn(config, hp, ops=ops, mean=mean, std=std, grad_fn=grad_fn,
-                         precision=precision)
+                         compute_dtype=compute_dtype)
     repl, data = _replicated(mesh), _batch_sharded(mesh)
     jitted = jax.jit(step, in_shardings=(repl, repl, data, data, repl),
                      out_shardings=(repl, repl, repl), donate_argnums=(0, 1) if donate else ())
@@ -422,15 +376,15 @@ def make_parallel_train_step(config: ViTConfig, hp: TrainHParams, mesh: Mesh, *,
     return parallel_step
 
 
-def make_parallel_eval_step(config: ViTConfig, mesh: Mesh, *, fused=False, interpret=None,
-                            mean=None, std=None, precision: str = "fp32",
+def make_parallel_eval_step(config: ViTConfig, mesh: Mesh, *, ops: Ops = REFERENCE, mean=None,
+                            std=None, compute_dtype: str = "fp32",
                             shard_ops: bool | None = None):
     """step(params, images, labels, valid) -> {"loss_sum", "top1", "top5", "count", "logits"},
     like vit.step.make_eval_step's result, for the global batch: the sums are over every valid
     row of every device; the logits (B, K) come back replicated (small), so every process can
     read them."""
-    ops = _mesh_ops(mesh, fused, interpret, shard_ops)
-    step = eval_step_fn(config, ops=ops, mean=mean, std=std, precision=precision)
+    ops = _mesh_ops(mesh, ops, shard_ops)
+    step = eval_step_fn(config, ops=ops, mean=mean, std=std, compute_dtype=compute_dtype)
     repl, data = _replicated(mesh), _batch_sharded(mesh)
     jitted = jax.jit(step, in_shardings=(repl, data, data, data), out_shardings=repl)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vit.config import ViTConfig
-from vit.step import PRECISIONS, TrainHParams
+from vit.config import COMPUTE_DTYPES, TrainHParams, ViTConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -27,7 +27,7 @@ class TrainSection:
     epochs: int = 30
     batch_size: int = 64
     seed: int = 0
-    precision: str = "fp32"
+    compute_dtype: str = "fp32"     # "fp32" | "bf16": activations and matmul inputs
     warmup_epochs: float = 0.0
     eval_batch_size: int = 256
     hparams: TrainHParams = field(default_factory=TrainHParams)
@@ -85,7 +85,27 @@ def _check_keys(d: dict, where: str):
                                   f"[{section}]: {sorted(SECTIONS[section])}")
 
 
+# keys renamed since a config or a run's config.json may have been written: old -> new
+RENAMED = {("train", "precision"): "compute_dtype"}
+
+
+def _renamed(d: dict, where: str) -> dict:
+    """d with renamed keys under their new names, and a note on stderr for each."""
+    out = {s: dict(v) if isinstance(v, dict) else v for s, v in d.items()}
+    for (section, old), new in RENAMED.items():
+        values = out.get(section)
+        if isinstance(values, dict) and old in values:
+            if new in values:
+                raise ConfigError(f"{where}: {section}.{old} is the old name of {section}.{new}; "
+                                  f"give {section}.{new} only")
+            values[new] = values.pop(old)
+            print(f"note: {where}: {section}.{old} is now called {section}.{new}",
+                  file=sys.stderr)
+    return out
+
+
 def from_dict(d: dict, where: str = "config") -> RunConfig:
+    d = _renamed(d, where)
     _check_keys(d, where)
     train = dict(d.get("train", {}))
     hp = {k: train.pop(k) for k in list(train) if k in _HPARAM_KEYS}
@@ -107,8 +127,8 @@ def _validate(t: TrainSection, where: str):
         bad("epochs", "must be a positive integer")
     if not isinstance(t.batch_size, int) or t.batch_size < 1:
         bad("batch_size", "must be a positive integer")
-    if t.precision not in PRECISIONS:
-        bad("precision", f"must be one of {PRECISIONS}")
+    if t.compute_dtype not in COMPUTE_DTYPES:
+        bad("compute_dtype", f"must be one of {COMPUTE_DTYPES}")
     hp = t.hparams
     if not hp.lr > 0:
         raise ConfigError(f"{where}: train.lr must be positive, got {hp.lr!r}")

@@ -8,73 +8,45 @@ already-normalised floats; labels: int (B,). Everything happens inside one jax.j
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from vit import layers
-from vit.config import ViTConfig
-from vit.model import model_backward, model_forward
+from vit.config import COMPUTE_DTYPES, TrainHParams, ViTConfig
 from vit.data.augment import train_augment
-from vit.data.loader import normalize as normalize_uint8
-from vit.ops import get_ops
+from vit.data.loader import normalize
+from vit.model import model_backward, model_forward
+from vit.ops import REFERENCE, Ops
 from vit.optim import adamw_update, clip_by_global_norm, decay_mask, learning_rate
 
 
-@dataclass(frozen=True)
-class TrainHParams:
-    """Optimisation and augmentation settings of one run (the [train] section of a config)."""
-
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    schedule: str = "constant"       # "constant" | "cosine"
-    warmup_steps: int = 0
-    total_steps: int = 1
-    min_lr: float = 0.0
-    clip_norm: float = 0.0           # 0 = no clipping
-    label_smoothing: float = 0.0
-    crop_pad: int = 0                # random crop after (reflect) padding by this many pixels
-    flip: bool = False               # random horizontal flip
-    mixup_alpha: float = 0.0         # 0 = off
-    cutmix_alpha: float = 0.0        # 0 = off; with both on, each batch picks one (p = 0.5)
-
-    def replace(self, **changes) -> "TrainHParams":
-        return dataclasses.replace(self, **changes)
+def jnp_dtype(compute_dtype: str):
+    """"fp32" | "bf16" -> the jnp dtype of activations and matmul inputs."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    return jnp.bfloat16 if compute_dtype == "bf16" else jnp.float32
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
-def compute_dtype(precision: str):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return jnp.bfloat16 if precision == "bf16" else jnp.float32
-
-
-def cast_params(params, precision: str):
+def cast_params(params, compute_dtype: str):
     """The compute copy of the float32 master weights (a no-op for fp32)."""
-    dtype = compute_dtype(precision)
+    dtype = jnp_dtype(compute_dtype)
     if dtype == jnp.float32:
         return params
     return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
 
 
-def hand_written_grads(config: ViTConfig, ops, precision: str = "fp32"):
+def hand_written_grads(config: ViTConfig, ops: Ops = REFERENCE, compute_dtype: str = "fp32"):
     """(params, images, targets, key) -> (loss, grads, logits) via the hand-written backward.
 
     bf16: activations and matmul inputs in bf16 with float32 accumulation; LayerNorm statistics,
     softmax, logits and the loss in float32; gradients returned in float32 for the float32
     master weights and optimizer state."""
-    dtype = compute_dtype(precision)
+    dtype = jnp_dtype(compute_dtype)
 
     def grad_fn(params, images, targets, key):
-        compute_params = cast_params(params, precision)
+        compute_params = cast_params(params, compute_dtype)
         logits, cache = model_forward(compute_params, images.astype(dtype), config, ops, key)
         loss, c_loss = layers.cross_entropy_forward(logits, targets)
         dlogits = layers.cross_entropy_backward(c_loss).astype(dtype)
@@ -84,13 +56,6 @@ def hand_written_grads(config: ViTConfig, ops, precision: str = "fp32"):
     return grad_fn
 
 
-def normalize(images, mean, std):
-    """uint8 -> float32 (x / 255 - mean) / std per channel; floats pass through unchanged."""
-    if images.dtype != jnp.uint8:
-        return images
-    return normalize_uint8(images, mean, std)
-
-
 def _stats(mean, std, channels):
     """Per-channel normalisation constants; without them, plain x / 255."""
     if mean is None:
@@ -98,12 +63,12 @@ def _stats(mean, std, channels):
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops, mean=None, std=None,
-                  grad_fn: Callable | None = None, precision: str = "fp32"):
+def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, mean=None,
+                  std=None, grad_fn: Callable | None = None, compute_dtype: str = "fp32"):
     """The un-jitted step (params, opt_state, images, labels, key) -> (params, opt_state, metrics).
 
     make_train_step jits it for one device; vit.parallel jits it with shardings for many."""
-    grad_fn = grad_fn or hand_written_grads(config, ops, precision)
+    grad_fn = grad_fn or hand_written_grads(config, ops, compute_dtype)
     mean, std = _stats(mean, std, config.channels)
 
     def step(params, opt_state, images, labels, key):
@@ -131,26 +96,27 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops, mean=None, std=No
     return step
 
 
-def make_train_step(config: ViTConfig, hp: TrainHParams, *, fused=False, interpret=None,
-                    mean=None, std=None, grad_fn: Callable | None = None, donate=True,
-                    precision: str = "fp32"):
+def make_train_step(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, mean=None,
+                    std=None, grad_fn: Callable | None = None, donate=True,
+                    compute_dtype: str = "fp32"):
     """The jitted single-device step. grad_fn overrides how gradients are taken (tests and
     benchmarks pass JAX autodiff from the oracle package as a baseline; the product always uses
     the hand-written backward)."""
-    step = train_step_fn(config, hp, ops=get_ops(fused, interpret), mean=mean, std=std,
-                         grad_fn=grad_fn, precision=precision)
+    step = train_step_fn(config, hp, ops=ops, mean=mean, std=std, grad_fn=grad_fn,
+                         compute_dtype=compute_dtype)
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def eval_step_fn(config: ViTConfig, *, ops, mean=None, std=None, precision: str = "fp32"):
+def eval_step_fn(config: ViTConfig, *, ops: Ops = REFERENCE, mean=None, std=None,
+                 compute_dtype: str = "fp32"):
     """Un-jitted (params, images, labels, valid) -> sums of loss, top-1 and top-5 hits over the
     valid rows, and the logits."""
     mean, std = _stats(mean, std, config.channels)
 
     def eval_step(params, images, labels, valid):
-        x = normalize(images, mean, std)
-        logits, _ = model_forward(cast_params(params, precision), x.astype(compute_dtype(precision)),
-                                  config, ops)
+        x = normalize(images, mean, std) if images.dtype == jnp.uint8 else images
+        logits, _ = model_forward(cast_params(params, compute_dtype),
+                                  x.astype(jnp_dtype(compute_dtype)), config, ops)
         z = logits - jax.scipy.special.logsumexp(logits, axis=-1, keepdims=True)
         nll = -jnp.take_along_axis(z, labels[:, None], axis=-1)[:, 0]
         k = min(5, config.num_classes)
@@ -164,7 +130,6 @@ def eval_step_fn(config: ViTConfig, *, ops, mean=None, std=None, precision: str 
     return eval_step
 
 
-def make_eval_step(config: ViTConfig, *, fused=False, interpret=None, mean=None, std=None,
-                   precision: str = "fp32"):
-    return jax.jit(eval_step_fn(config, ops=get_ops(fused, interpret), mean=mean, std=std,
-                                precision=precision))
+def make_eval_step(config: ViTConfig, *, ops: Ops = REFERENCE, mean=None, std=None,
+                   compute_dtype: str = "fp32"):
+    return jax.jit(eval_step_fn(config, ops=ops, mean=mean, std=std, compute_dtype=compute_dtype))

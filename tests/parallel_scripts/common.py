@@ -28,7 +28,7 @@ def config():
 
 
 def hparams():
-    from vit.step import TrainHParams  # noqa: PLC0415
+    from vit.config import TrainHParams  # noqa: PLC0415
 
     # crop + flip + mixup (a permutation of the whole global batch: rows pair across devices),
     # label smoothing, global-norm clipping and warmup: everything the step does per batch

@@ -143,14 +143,12 @@ def _run_ops(ops, inputs, mesh, heads=2, eps=1e-5):
 
 def _spy(ops, seen):
     """ops that note the leading-axis size each function is traced with."""
-    from types import SimpleNamespace  # noqa: PLC0415
-
     def wrap(name, fn, arg):
         def f(*args):
             seen.setdefault(name, []).append(int(args[arg].shape[0]))
             return fn(*args)
         return f
-    return SimpleNamespace(
+    return ops._replace(
         name="spy",
         attention_forward=wrap("attention_forward", ops.attention_forward, 0),
         attention_backward=wrap("attention_backward", ops.attention_backward, 1),
@@ -183,8 +181,8 @@ def ops(out: Path, fused: bool):
     # The whole data-parallel step with the ops under shard_map (the kernels when triton is
     # there, else the reference ops wrapped all the same).
     t0 = time.time()
-    step = parallel.make_parallel_train_step(common.config(), common.hparams(), mesh, fused=fused,
-                                             interpret=True if fused else None, shard_ops=True,
+    step = parallel.make_parallel_train_step(common.config(), common.hparams(), mesh,
+                                             ops=kernels if fused else REFERENCE, shard_ops=True,
                                              mean=common.MEAN, std=common.STD)
     params, opt, metrics = _run_steps(step, *common.init_state(), common.SHARDED_STEPS)
     host = parallel.gather_to_host({"params": params, "opt": opt})

@@ -51,11 +51,6 @@ def random_flip(key: jax.Array, images: jax.Array, p: float = 0.5) -> jax.Array:
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
-def one_hot_smoothed(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
-    """float32 (B, K) targets: 1 - smoothing + smoothing/K on the label, smoothing/K elsewhere (rows sum to 1)."""
-    return one_hot_targets(labels, num_classes, smoothing)
-
-
 def mix_params(key: jax.Array, batch_size: int, alpha: float) -> tuple[jax.Array, jax.Array]:
     """(λ ~ Beta(alpha, alpha) as a float32 scalar, partner index of each image (B,)) used by mixup/cutmix."""
     key_lam, key_partner = jax.random.split(key)
@@ -141,7 +136,7 @@ def train_augment(
     if flip:
         x = random_flip(key_flip, x)
     x = normalize(x, mean, std)
-    targets = one_hot_smoothed(labels, num_classes, smoothing)
+    targets = one_hot_targets(labels, num_classes, smoothing)
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = jax.random.bernoulli(key_choice, cutmix_prob)
         # One Beta draw with the chosen alpha (sampling Beta is the slow part to compile), then one of the two.

@@ -1,11 +1,12 @@
 """Fused kernels vs the reference layers: every output and every gradient, on fresh random inputs.
 
-    python -m kernels.gradcheck                      # default shapes; interpreter when no GPU
-    python -m kernels.gradcheck --full               # + the product shape (B=64 L=65 H=8 Dh=32)
-    python -m kernels.gradcheck --dtype bfloat16     # bf16 kernels vs the float32 reference
-    python -m kernels.gradcheck --shapes attn:2x17x4x32:keep ln:130x100:r --seed 3
+    python -m oracle.kernel_gradcheck                      # default shapes; interpreter when no GPU
+    python -m oracle.kernel_gradcheck --full               # + the product shape (B=64 L=65 H=8 Dh=32)
+    python -m oracle.kernel_gradcheck --dtype bfloat16     # bf16 kernels vs the float32 reference
+    python -m oracle.kernel_gradcheck --shapes attn:2x17x4x32:keep ln:130x100:r --seed 3
 
-For each case both ``vit.layers`` (the reference) and the fused ops run forward and backward under
+For each case both the reference (each kernel file's ``REFERENCE``: the functions of
+``vit.layers`` it must equal) and the fused ops run forward and backward under
 ``jax.jit`` on the same random inputs; the table gives, per tensor, the max abs error, the error
 relative to the tensor's largest reference magnitude (rel = max|fused - ref| / max|ref|, which is
 meaningful where elementwise relative errors are not: near-zero entries), and the number of
@@ -15,12 +16,7 @@ counted there. Exit status 1 when any tensor is over
 tolerance or non-finite. Validate-first: kernels/compile_check.py and bench/ time only what
 passes here.
 
-Tolerances (rel, as above):
-  float32 + ieee dots  1e-5   observed <= ~1e-6: only summation order differs from XLA
-  float32 + tf32 dots  5e-3   tf32 keeps 10 mantissa bits (2^-11 ~ 5e-4 per product)
-  bfloat16 / float16   2e-2   observed <= ~6e-3: outputs, P and dS rounded to the input dtype
-                              (bf16: 8 mantissa bits, 2^-9 ~ 2e-3 each), compared with the
-                              float32 reference on the same rounded inputs
+Tolerances: oracle/compare.py (float32 with ieee dots 1e-5, tf32 5e-3, bf16/fp16 2e-2).
 """
 
 from __future__ import annotations
@@ -31,10 +27,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-TOLERANCE = {("float32", "ieee"): 1e-5, ("float32", "tf32"): 5e-3, ("float32", "tf32x3"): 1e-5,
-             ("bfloat16", None): 2e-2, ("float16", None): 2e-2}
+from kernels import attention, fused_ops, layernorm
+from kernels.launch import poisoned_outputs
+from oracle.compare import Row, compare, kernel_tolerance
+from vit import layers
+from vit.ops import Ops
+
+# the reference side of every check: the functions each kernel file names as its REFERENCE
+REFERENCE_OPS = Ops("reference", *attention.REFERENCE, *layernorm.REFERENCE,
+                    description="kernels/attention.py and kernels/layernorm.py REFERENCE")
 
 DEFAULT_SHAPES = [
     # attn:BxLxHxDh[:keep] -- why each one
@@ -60,10 +62,6 @@ FULL_SHAPES = ["attn:64x65x8x32", "attn:64x65x8x32:keep", "ln:4160x256:r"]
 # cases: inputs, both runs, comparison
 
 
-def tolerance(dtype: str, precision: str) -> float:
-    return TOLERANCE[(dtype, precision if dtype == "float32" else None)]
-
-
 def parse_shape(spec: str):
     """'attn:2x17x4x32:keep' -> ('attn', (2, 17, 4, 32), True); 'ln:130x100:r' -> ('ln', ...)."""
     parts = spec.split(":")
@@ -80,8 +78,6 @@ def parse_shape(spec: str):
 
 def attention_inputs(key, b, l, heads, dh, keep, dtype):
     """qkv, dO (unit normal, in dtype) and an optional dropout scale (rate 0.1, in float32)."""
-    from vit import layers  # noqa: PLC0415
-
     k1, k2, k3 = jax.random.split(key, 3)
     d = heads * dh
     qkv = jax.random.normal(k1, (b, l, 3 * d), jnp.float32).astype(dtype)
@@ -136,34 +132,16 @@ def as_float32(inp):
     )
 
 
-def compare(fused: dict, ref: dict, tol: float):
-    """Rows (tensor, shape, max_abs, rel, nonfinite, ok) for every tensor of ``ref``."""
-    rows = []
-    for name, r in ref.items():
-        f = np.asarray(jnp.asarray(fused[name], jnp.float32), np.float64)
-        r = np.asarray(jnp.asarray(r, jnp.float32), np.float64)
-        if f.shape != r.shape:
-            rows.append((name, f.shape, np.inf, np.inf, 0, False))
-            continue
-        nonfinite = int(np.sum(~np.isfinite(f)))
-        diff = np.abs(np.where(np.isfinite(f), f, np.inf) - r)
-        max_abs = float(diff.max()) if diff.size else 0.0
-        scale = float(np.abs(r).max()) if r.size else 0.0
-        rel = max_abs / scale if scale > 0 else max_abs
-        rows.append((name, r.shape, max_abs, rel, nonfinite, nonfinite == 0 and rel <= tol))
-    return rows
-
-
-def check(spec: str, fused_ops, ref_ops, key, dtype: str, tol: float):
-    """Run one case; -> rows from ``compare``."""
+def check(spec: str, ops: Ops, ref_ops: Ops, key, dtype: str, tol: float) -> list[Row]:
+    """Run one case; -> rows from ``oracle.compare.compare``."""
     kind, dims, flag = parse_shape(spec)
     if kind == "attn":
         inp = attention_inputs(key, *dims, flag, jnp.dtype(dtype))
-        fused = run_attention(fused_ops, inp)
+        fused = run_attention(ops, inp)
         ref = run_attention(ref_ops, as_float32(inp))
     else:
         inp = layernorm_inputs(key, *dims, flag, jnp.dtype(dtype))
-        fused = run_layernorm(fused_ops, inp)
+        fused = run_layernorm(ops, inp)
         ref = run_layernorm(ref_ops, as_float32(inp))
     return compare(fused, ref, tol)
 
@@ -178,13 +156,18 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="add the product shapes (slow in the interpreter)")
     ap.add_argument("--interpret", action="store_true", help="force Triton's interpreter")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--precision", default="ieee", choices=["ieee", "tf32", "tf32x3"])
+    ap.add_argument("--dot-precision", default=None, choices=["ieee", "tf32", "tf32x3"],
+                    help="tl.dot precision of float32 operands (default ieee)")
+    ap.add_argument("--precision", default=None, choices=["ieee", "tf32", "tf32x3"],
+                    dest="old_precision", help="the old name of --dot-precision")
     ap.add_argument("--seed", type=int, default=None, help="default: fresh, printed")
     args = ap.parse_args(argv)
-
-    from kernels import attention, fused_ops  # noqa: PLC0415
-    from kernels.launch import poisoned_outputs  # noqa: PLC0415
-    from vit.ops import REFERENCE  # noqa: PLC0415
+    if args.old_precision is not None:
+        print("note: --precision is now called --dot-precision; the old name still works")
+        if args.dot_precision not in (None, args.old_precision):
+            ap.error("--precision and --dot-precision disagree; give --dot-precision only")
+        args.dot_precision = args.old_precision
+    dot_precision = args.dot_precision or "ieee"
 
     backend = jax.default_backend()
     interpret = args.interpret or backend != "gpu"
@@ -197,14 +180,14 @@ def main(argv=None) -> int:
             parse_shape(spec)
         except ValueError as e:
             ap.error(str(e))
-    tol = tolerance(args.dtype, args.precision)
-    ops = fused_ops(interpret=interpret, precision=args.precision)
+    tol = kernel_tolerance(args.dtype, dot_precision)
+    ops = fused_ops(interpret=interpret, dot_precision=dot_precision)
 
     import triton  # noqa: PLC0415
 
     device = "interpreter (CPU)" if interpret else jax.devices()[0].device_kind
     print(f"gradcheck: {device}, triton {triton.__version__}, jax {jax.__version__}, dtype {args.dtype}, "
-          f"dots {args.precision}, seed {seed}, tol rel {tol:g}; outputs NaN-poisoned")
+          f"dots {dot_precision}, seed {seed}, tol rel {tol:g}; outputs NaN-poisoned")
     header = f"{'case':<24} {'tensor':<7} {'shape':<16} {'max_abs':>10} {'rel':>10} {'nonfin':>6} {'sec':>5}  ok"
     print(header)
     print("-" * len(header))
@@ -219,7 +202,7 @@ def main(argv=None) -> int:
             continue
         t0 = time.perf_counter()
         with poisoned_outputs():
-            rows = check(spec, ops, REFERENCE, jax.random.fold_in(key, i), args.dtype, tol)
+            rows = check(spec, ops, REFERENCE_OPS, jax.random.fold_in(key, i), args.dtype, tol)
         dt = time.perf_counter() - t0
         for j, (name, shape, max_abs, rel, nonfinite, ok) in enumerate(rows):
             failures += not ok

@@ -1,11 +1,11 @@
-"""Proof of every hand-written gradient, in float64:  python -m vit.gradcheck
+"""Proof of every hand-written gradient, in float64:  python -m oracle.gradcheck
 
 For each layer type and for the whole model (both norm layouts, a small config) the hand-written
 backward is compared with
   * central finite differences: a 4-point stencil (f(-2h) - 8 f(-h) + 8 f(h) - f(2h)) / 12h along
     unit directions u of every input and parameter tensor (the gradient's own direction, then
     the gradient plus random unit vectors), against <grad, u>;
-  * JAX autodiff (the oracle package, outside the product) on the whole gradient tensor.
+  * JAX autodiff (oracle.autodiff_vjp, outside the product) on the whole gradient tensor.
 The scalar differentiated is f = sum(y * w) with a fixed random w, so the backward is fed dy = w.
 One row per layer and tensor; exits 1 if any row is above tolerance.
 """
@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oracle import autodiff_vjp
 from vit import layers, model
 from vit.config import ViTConfig
 from vit.ops import REFERENCE
@@ -64,132 +65,162 @@ def _perturbed_params(config, seed):
 # the cases: one per layer type (and variants), then the whole model
 
 
+class _Dims(NamedTuple):
+    """The sizes and random keys every layer case draws from."""
+
+    B: int
+    L: int
+    D: int
+    H: int
+    F: int
+    Dh: int
+    k: list
+
+
+def _dense_case(s):
+    B, L, D, F, k = s.B, s.L, s.D, s.F, s.k
+    inp = {"x": _normal(k[0], (B, L, D)), "w": _normal(k[1], (D, F), 0.3),
+           "b": _normal(k[2], (F,))}
+    fwd = lambda i: layers.dense_forward({"w": i["w"], "b": i["b"]}, i["x"])  # noqa: E731
+
+    def bwd(i, c, dy):
+        dx, g = layers.dense_backward({"w": i["w"], "b": i["b"]}, c, dy)
+        return {"x": dx, **g}
+    return Case("dense", inp, fwd, bwd)
+
+
+def _ln_case(s, with_residual):
+    B, L, D, k = s.B, s.L, s.D, s.k
+    inp = {"x": _normal(k[3], (B, L, D)), "gamma": 1.0 + _normal(k[4], (D,), 0.2),
+           "beta": _normal(k[5], (D,), 0.2)}
+    if with_residual:
+        inp["r"] = _normal(k[6], (B, L, D))
+
+    def fwd(i):
+        return layers.add_layernorm_forward({"gamma": i["gamma"], "beta": i["beta"]}, i["x"],
+                                            i.get("r"), 1e-5)
+
+    def bwd(i, c, dy):
+        ds, g = layers.add_layernorm_backward({"gamma": i["gamma"], "beta": i["beta"]}, c, dy)
+        out = {"x": ds, **g}
+        if with_residual:
+            out["r"] = ds
+        return out
+    return Case("residual+layernorm" if with_residual else "layernorm", inp, fwd, bwd)
+
+
+def _gelu_case(s, approx):
+    B, L, F, k = s.B, s.L, s.F, s.k
+    inp = {"x": _normal(k[7], (B, L, F), 2.0)}
+    fwd = lambda i: layers.gelu_forward(i["x"], approx)  # noqa: E731
+    bwd = lambda i, c, dy: {"x": layers.gelu_backward(c, dy, approx)}  # noqa: E731
+    return Case(f"gelu ({approx})", inp, fwd, bwd)
+
+
+def _softmax_case(s):
+    B, L, H, k = s.B, s.L, s.H, s.k
+    inp = {"x": _normal(k[8], (B, H, L, L), 2.0)}
+    fwd = lambda i: layers.softmax_forward(i["x"])  # noqa: E731
+    bwd = lambda i, c, dy: {"x": layers.softmax_backward(c, dy)}  # noqa: E731
+    return Case("softmax", inp, fwd, bwd)
+
+
+def _sdpa_case(s, dropout):
+    B, L, H, Dh, k = s.B, s.L, s.H, s.Dh, s.k
+    inp = {n: _normal(kk, (B, H, L, Dh)) for n, kk in zip("qkv", k[9:12])}
+    keep = layers.dropout_scale(k[12], 0.3, (B, H, L, L), jnp.float64) if dropout else None
+    fwd = lambda i: layers.sdpa_forward(i["q"], i["k"], i["v"], keep)  # noqa: E731
+
+    def bwd(i, c, dy):
+        dq, dk, dv = layers.sdpa_backward(c, dy)
+        return {"q": dq, "k": dk, "v": dv}
+    return Case("attention (per head)" + (" + dropout" if dropout else ""), inp, fwd, bwd)
+
+
+def _attention_core_case(s):
+    B, L, D, H, k = s.B, s.L, s.D, s.H, s.k
+    inp = {"qkv": _normal(k[13], (B, L, 3 * D))}
+    fwd = lambda i: layers.attention_forward(i["qkv"], H)  # noqa: E731
+    bwd = lambda i, c, dy: {"qkv": layers.attention_backward(c, dy)}  # noqa: E731
+    return Case("attention core (packed QKV)", inp, fwd, bwd)
+
+
+def _mha_case(s):
+    B, L, D, H, k = s.B, s.L, s.D, s.H, s.k
+    p = {"qkv": {"w": _normal(k[14], (D, 3 * D), 0.3), "b": _normal(k[15], (3 * D,), 0.1)},
+         "out": {"w": _normal(k[16], (D, D), 0.3), "b": _normal(k[17], (D,), 0.1)}}
+    inp = {"x": _normal(k[18], (B, L, D)), "params": p}
+    fwd = lambda i: layers.mha_forward(i["params"], i["x"], H, REFERENCE)  # noqa: E731
+
+    def bwd(i, c, dy):
+        dx, g = layers.mha_backward(i["params"], c, dy, REFERENCE)
+        return {"x": dx, "params": g}
+    return Case("multi-head attention", inp, fwd, bwd)
+
+
+def _ffn_case(s, approx, dropout):
+    B, L, D, F, k = s.B, s.L, s.D, s.F, s.k
+    p = {"fc1": {"w": _normal(k[19], (D, F), 0.3), "b": _normal(k[20], (F,), 0.1)},
+         "fc2": {"w": _normal(k[21], (F, D), 0.3), "b": _normal(k[22], (D,), 0.1)}}
+    inp = {"x": _normal(k[23], (B, L, D)), "params": p}
+    keep = layers.dropout_scale(k[24], 0.25, (B, L, F), jnp.float64) if dropout else None
+    fwd = lambda i: layers.ffn_forward(i["params"], i["x"], approx, keep)  # noqa: E731
+
+    def bwd(i, c, dy):
+        dx, g = layers.ffn_backward(i["params"], c, dy, approx)
+        return {"x": dx, "params": g}
+    return Case(f"feed-forward ({approx})" + (" + dropout" if dropout else ""), inp, fwd, bwd)
+
+
+def _patch_case(s):
+    B, D, k = s.B, s.D, s.k
+    P, S, C = 4, 8, 3
+    inp = {"images": _normal(k[25], (B, S, S, C)),
+           "w": _normal(k[26], (P * P * C, D), 0.2), "b": _normal(k[27], (D,), 0.1)}
+    fwd = lambda i: layers.patch_embed_forward({"w": i["w"], "b": i["b"]}, i["images"], P)  # noqa: E731
+
+    def bwd(i, c, dy):
+        dimg, g = layers.patch_embed_backward({"w": i["w"], "b": i["b"]}, c, dy, need_dx=True)
+        return {"images": dimg, **g}
+    return Case("patch embedding", inp, fwd, bwd)
+
+
+def _embed_case(s):
+    B, L, D, k = s.B, s.L, s.D, s.k
+    inp = {"tokens": _normal(k[28], (B, L - 1, D)), "cls": _normal(k[29], (D,)),
+           "pos": _normal(k[30], (L, D))}
+    fwd = lambda i: layers.embed_forward({"cls": i["cls"], "pos": i["pos"]}, i["tokens"])  # noqa: E731
+
+    def bwd(i, c, dy):
+        dt, g = layers.embed_backward(None, c, dy)
+        return {"tokens": dt, **g}
+    return Case("CLS token + position embedding", inp, fwd, bwd)
+
+
+def _ce_case(s, smoothing, soft):
+    B, k = s.B, s.k
+    K = 7
+    logits = _normal(k[31], (B + 1, K), 3.0)
+    labels = jnp.arange(B + 1) % K
+    if soft:
+        t = jax.nn.softmax(_normal(k[0], (B + 1, K)))
+    else:
+        t = layers.one_hot_targets(labels, K, smoothing, jnp.float64)
+    fwd = lambda i: layers.cross_entropy_forward(i["logits"], t)  # noqa: E731
+    bwd = lambda i, c, dy: {"logits": layers.cross_entropy_backward(c, dy)}  # noqa: E731
+    name = "cross-entropy" + (" (soft targets)" if soft else
+                              f" (label smoothing {smoothing})" if smoothing else "")
+    return Case(name, {"logits": logits}, fwd, bwd)
+
+
 def layer_cases(seed=0, batch=2, length=5, d=12, heads=3, hidden=20):
     """Small shapes on purpose: odd sequence length, several heads, width not a power of two."""
-    B, L, D, H, F = batch, length, d, heads, hidden
-    Dh = D // H
-    k = _keys(seed, 32)
-    cases = []
-
-    def dense_case():
-        inp = {"x": _normal(k[0], (B, L, D)), "w": _normal(k[1], (D, F), 0.3),
-               "b": _normal(k[2], (F,))}
-        fwd = lambda i: layers.dense_forward({"w": i["w"], "b": i["b"]}, i["x"])  # noqa: E731
-
-        def bwd(i, c, dy):
-            dx, g = layers.dense_backward({"w": i["w"], "b": i["b"]}, c, dy)
-            return {"x": dx, **g}
-        return Case("dense", inp, fwd, bwd)
-
-    def ln_case(with_residual):
-        inp = {"x": _normal(k[3], (B, L, D)), "gamma": 1.0 + _normal(k[4], (D,), 0.2),
-               "beta": _normal(k[5], (D,), 0.2)}
-        if with_residual:
-            inp["r"] = _normal(k[6], (B, L, D))
-
-        def fwd(i):
-            return layers.add_layernorm_forward({"gamma": i["gamma"], "beta": i["beta"]}, i["x"],
-                                                i.get("r"), 1e-5)
-
-        def bwd(i, c, dy):
-            ds, g = layers.add_layernorm_backward({"gamma": i["gamma"], "beta": i["beta"]}, c, dy)
-            out = {"x": ds, **g}
-            if with_residual:
-                out["r"] = ds
-            return out
-        return Case("residual+layernorm" if with_residual else "layernorm", inp, fwd, bwd)
-
-    def gelu_case(approx):
-        inp = {"x": _normal(k[7], (B, L, F), 2.0)}
-        fwd = lambda i: layers.gelu_forward(i["x"], approx)  # noqa: E731
-        bwd = lambda i, c, dy: {"x": layers.gelu_backward(c, dy, approx)}  # noqa: E731
-        return Case(f"gelu ({approx})", inp, fwd, bwd)
-
-    def softmax_case():
-        inp = {"x": _normal(k[8], (B, H, L, L), 2.0)}
-        fwd = lambda i: layers.softmax_forward(i["x"])  # noqa: E731
-        bwd = lambda i, c, dy: {"x": layers.softmax_backward(c, dy)}  # noqa: E731
-        return Case("softmax", inp, fwd, bwd)
-
-    def sdpa_case(dropout):
-        inp = {n: _normal(kk, (B, H, L, Dh)) for n, kk in zip("qkv", k[9:12])}
-        keep = layers.dropout_scale(k[12], 0.3, (B, H, L, L), jnp.float64) if dropout else None
-        fwd = lambda i: layers.sdpa_forward(i["q"], i["k"], i["v"], keep)  # noqa: E731
-
-        def bwd(i, c, dy):
-            dq, dk, dv = layers.sdpa_backward(c, dy)
-            return {"q": dq, "k": dk, "v": dv}
-        return Case("attention (per head)" + (" + dropout" if dropout else ""), inp, fwd, bwd)
-
-    def attention_core_case():
-        inp = {"qkv": _normal(k[13], (B, L, 3 * D))}
-        fwd = lambda i: layers.attention_forward(i["qkv"], H)  # noqa: E731
-        bwd = lambda i, c, dy: {"qkv": layers.attention_backward(c, dy)}  # noqa: E731
-        return Case("attention core (packed QKV)", inp, fwd, bwd)
-
-    def mha_case():
-        p = {"qkv": {"w": _normal(k[14], (D, 3 * D), 0.3), "b": _normal(k[15], (3 * D,), 0.1)},
-             "out": {"w": _normal(k[16], (D, D), 0.3), "b": _normal(k[17], (D,), 0.1)}}
-        inp = {"x": _normal(k[18], (B, L, D)), "params": p}
-        fwd = lambda i: layers.mha_forward(i["params"], i["x"], H, REFERENCE)  # noqa: E731
-
-        def bwd(i, c, dy):
-            dx, g = layers.mha_backward(i["params"], c, dy, REFERENCE)
-            return {"x": dx, "params": g}
-        return Case("multi-head attention", inp, fwd, bwd)
-
-    def ffn_case(approx, dropout):
-        p = {"fc1": {"w": _normal(k[19], (D, F), 0.3), "b": _normal(k[20], (F,), 0.1)},
-             "fc2": {"w": _normal(k[21], (F, D), 0.3), "b": _normal(k[22], (D,), 0.1)}}
-        inp = {"x": _normal(k[23], (B, L, D)), "params": p}
-        keep = layers.dropout_scale(k[24], 0.25, (B, L, F), jnp.float64) if dropout else None
-        fwd = lambda i: layers.ffn_forward(i["params"], i["x"], approx, keep)  # noqa: E731
-
-        def bwd(i, c, dy):
-            dx, g = layers.ffn_backward(i["params"], c, dy, approx)
-            return {"x": dx, "params": g}
-        return Case(f"feed-forward ({approx})" + (" + dropout" if dropout else ""), inp, fwd, bwd)
-
-    def patch_case():
-        P, S, C = 4, 8, 3
-        inp = {"images": _normal(k[25], (B, S, S, C)),
-               "w": _normal(k[26], (P * P * C, D), 0.2), "b": _normal(k[27], (D,), 0.1)}
-        fwd = lambda i: layers.patch_embed_forward({"w": i["w"], "b": i["b"]}, i["images"], P)  # noqa: E731
-
-        def bwd(i, c, dy):
-            dimg, g = layers.patch_embed_backward({"w": i["w"], "b": i["b"]}, c, dy, need_dx=True)
-            return {"images": dimg, **g}
-        return Case("patch embedding", inp, fwd, bwd)
-
-    def embed_case():
-        inp = {"tokens": _normal(k[28], (B, L - 1, D)), "cls": _normal(k[29], (D,)),
-               "pos": _normal(k[30], (L, D))}
-        fwd = lambda i: layers.embed_forward({"cls": i["cls"], "pos": i["pos"]}, i["tokens"])  # noqa: E731
-
-        def bwd(i, c, dy):
-            dt, g = layers.embed_backward(None, c, dy)
-            return {"tokens": dt, **g}
-        return Case("CLS token + position embedding", inp, fwd, bwd)
-
-    def ce_case(smoothing, soft):
-        K = 7
-        logits = _normal(k[31], (B + 1, K), 3.0)
-        labels = jnp.arange(B + 1) % K
-        if soft:
-            t = jax.nn.softmax(_normal(k[0], (B + 1, K)))
-        else:
-            t = layers.one_hot_targets(labels, K, smoothing, jnp.float64)
-        fwd = lambda i: layers.cross_entropy_forward(i["logits"], t)  # noqa: E731
-        bwd = lambda i, c, dy: {"logits": dy * layers.cross_entropy_backward(c)}  # noqa: E731
-        name = "cross-entropy" + (" (soft targets)" if soft else
-                                  f" (label smoothing {smoothing})" if smoothing else "")
-        return Case(name, {"logits": logits}, fwd, bwd)
-
-    cases += [dense_case(), ln_case(False), ln_case(True), gelu_case("tanh"), gelu_case("erf"),
-              softmax_case(), sdpa_case(False), sdpa_case(True), attention_core_case(), mha_case(),
-              ffn_case("tanh", False), ffn_case("erf", True), patch_case(), embed_case(),
-              ce_case(0.0, False), ce_case(0.1, False), ce_case(0.0, True)]
-    return cases
+    s = _Dims(batch, length, d, heads, hidden, d // heads, _keys(seed, 32))
+    return [_dense_case(s), _ln_case(s, False), _ln_case(s, True), _gelu_case(s, "tanh"),
+            _gelu_case(s, "erf"), _softmax_case(s), _sdpa_case(s, False), _sdpa_case(s, True),
+            _attention_core_case(s), _mha_case(s), _ffn_case(s, "tanh", False),
+            _ffn_case(s, "erf", True), _patch_case(s), _embed_case(s), _ce_case(s, 0.0, False),
+            _ce_case(s, 0.1, False), _ce_case(s, 0.0, True)]
 
 
 def small_config(norm="post", **kw):
@@ -317,7 +348,6 @@ def _path_name(path):
 
 def check_case(case: Case, seed=0, directions=3, h=1e-4) -> list[Row]:
     """Compare the hand-written gradient of every input tensor with FD and autodiff."""
-    from oracle import autodiff_vjp  # noqa: PLC0415  (the oracle lives outside the product)
 
     inputs = case.inputs
     y, cache = case.forward(inputs)
@@ -388,7 +418,7 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vit.gradcheck",
+        prog="python -m oracle.gradcheck",
         description="Check every hand-written gradient in float64 against central finite "
                     f"differences (relative error <= {FD_TOL:g}) and JAX autodiff "
                     f"(<= {AUTODIFF_TOL:g}). Exits 1 if any row fails.")

@@ -1,0 +1,240 @@
+"""The benchmark's results: speedups and % of peak per row, the verdict on every target, and the
+files bench/results/<device>-<date>.json (rows a plot can read) and .md (the tables, the method
+and the formulas), merged across runs with --bench-merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from bench.device import peak_for
+from bench.harness import EPOCH_IMAGES, BenchSession, shape_label
+from oracle.compare import TOLERANCE
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def finalize(rows: list[dict], peaks: dict | None) -> list[dict]:
+    """Speedups (reference median / row median within group, shape and dtype) and % of peak."""
+    ref = {(r["group"], r["shape"], r["dtype"]): r["median_ms"] for r in rows
+           if r["contender"] == "reference" and r["median_ms"]}
+    for r in rows:
+        base = ref.get((r["group"], r["shape"], r["dtype"]))
+        if r["median_ms"] and base:
+            r["speedup_vs_reference"] = base / r["median_ms"]
+        if r["median_ms"] and peaks:
+            r["frac_of_peak"] = peak_for(r, peaks)
+    return rows
+
+
+def _timed(rows, group, shape, contender, dtype):
+    for r in rows:
+        if (r["group"], r["shape"], r["contender"], r["dtype"]) == (group, shape, contender, dtype):
+            return r
+    return None
+
+
+def evaluate_targets(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the targets, at the product shape (they are GPU targets)."""
+    out = []
+
+    def check(target, group, kind, a_key, b_key, need, strict):
+        """Row a must be `need` x as fast as row b (ratio = b / a >= need; strict: > need)."""
+        shape = shape_label(kind, "product")
+        a, b = _timed(rows, group, shape, *a_key), _timed(rows, group, shape, *b_key)
+        for r, (name, dtype) in ((a, a_key), (b, b_key)):
+            if r is None:
+                out.append((target, "-", f"not evaluated: no {name} ({dtype}) row in this run"))
+                return
+            if not r["median_ms"]:
+                why = r.get("why") or r["note"]
+                out.append((target, "-", f"not evaluated: {name} ({dtype}) {r['status']}: {why}"))
+                return
+        ratio = b["median_ms"] / a["median_ms"]
+        measured = (f"{a_key[0]} {a['median_ms']:.3f} ms vs {b_key[0]} {b['median_ms']:.3f} ms "
+                    f"= {ratio:.2f}x")
+        met = ratio > need if strict else ratio >= need
+        verdict = "met" if met else f"missed by {need / ratio:.2f}x: {ratio:.2f}x where {need:g}x is needed"
+        out.append((target, measured, verdict))
+
+    check("fused attention fwd+bwd >= 2x faster than reference (fp32)",
+          "attention fwd+bwd", "attention", ("fused", "fp32"), ("reference", "fp32"), 2.0, False)
+    check("fused attention fwd+bwd no slower than dot_product_attention(cudnn) (bf16)",
+          "attention fwd+bwd", "attention", ("fused", "bf16"), ("dpa-cudnn", "bf16"), 1.0, False)
+    check("fused add+LN fwd+bwd >= 1.5x faster than reference (fp32)",
+          "add+layernorm fwd+bwd", "layernorm", ("fused", "fp32"), ("reference", "fp32"), 1.5, False)
+    check("fused add+LN fwd+bwd faster than autodiff (fp32)",
+          "add+layernorm fwd+bwd", "layernorm", ("fused", "fp32"), ("autodiff", "fp32"), 1.0, True)
+    check("train step --fused faster than the reference step (fp32)",
+          "train step", "step", ("fused", "fp32"), ("reference", "fp32"), 1.0, True)
+    check("train step --fused faster than the autodiff step (fp32)",
+          "train step", "step", ("fused", "fp32"), ("autodiff", "fp32"), 1.0, True)
+    return out
+
+
+
+
+GROUP_ORDER = ["device peak", "attention fwd", "attention fwd+bwd", "add+layernorm fwd",
+               "add+layernorm fwd+bwd", "train step"]
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown_tables(rows: list[dict]) -> str:
+    lines = []
+    groups = sorted({r["group"] for r in rows}, key=lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else 99)
+    for g in groups:
+        lines += [f"### {g}", ""]
+        if g == "device peak":
+            lines += ["| measurement | value | note |", "| --- | --- | --- |"]
+            for r in (r for r in rows if r["group"] == g):
+                value = f"{r['tflop_s']:.3f} TFLOP/s" if r["tflop_s"] is not None else f"{r['gb_s']:.1f} GB/s"
+                lines.append(f"| {r['contender']} | {value} | {r['note']} |")
+            lines.append("")
+            continue
+        step = g == "train step"
+        metric = "images/s | epoch (100k img)" if step else ("TFLOP/s" if g.startswith("attention") else "GB/s")
+        lines += [f"| shape | contender | dtype | median ms | p20-p80 ms | speedup vs ref | {metric} | % of peak "
+                  "| kernels | XLA MB | note |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if step else "")
+                  + " ---: | ---: | ---: | --- |"]
+        for r in (r for r in rows if r["group"] == g):
+            if r["median_ms"] is None:
+                t = f"{r['status']}" if r["status"] else "-"
+                lines.append(f"| {r['shape']} | {r['contender']} | {r['dtype']} | {t} | - | - | -"
+                             + (" | -" if step else "") + f" | - | - | - | {r['note']} |")
+                continue
+            spread = f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}"
+            speed = _fmt(r["speedup_vs_reference"], ".2f") + ("x" if r["speedup_vs_reference"] else "")
+            if step:
+                m = f"{r['images_s']:.1f} | {r['epoch_s'] / 60:.1f} min"
+            elif g.startswith("attention"):
+                m = _fmt(r["tflop_s"], ".3f")
+            else:
+                m = _fmt(r["gb_s"], ".1f")
+            frac = "-" if r["frac_of_peak"] is None else f"{100 * r['frac_of_peak']:.1f}%"
+            kernels = _fmt(r.get("kernels"), "d")
+            mbytes = _fmt(r.get("hlo_mbytes"), ".1f")
+            lines.append(f"| {r['shape']} | {r['contender']} | {r['dtype']} | {r['median_ms']:.3f} | {spread} | "
+                         f"{speed} | {m} | {frac} | {kernels} | {mbytes} | {r['note']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    info = meta["info"]
+    out = [f"# vitfuse benchmarks: {info['device']}, {meta['date']}", "",
+           f"`python -m pytest bench/ --benchmark` at {meta['started']}; python {info['python']}, "
+           f"jax {info['jax']} (jaxlib {info['jaxlib']}), triton {info['triton']}, "
+           f"jax-triton {info['jax_triton']}; input seed {meta['seed']}.", ""]
+    if meta.get("machine_note"):
+        out += [f"**{meta['machine_note']}**", ""]
+    out += ["## Targets (GPU, product shape)", "", "| target | measured | verdict |", "| --- | --- | --- |"]
+    out += [f"| {t} | {m} | {v} |" for t, m, v in meta["targets"]]
+    out += ["", "## Results", "", markdown_tables(rows), "## Method", ""]
+    out += [f"- {line}" for line in meta["method"]]
+    out += ["", "Formulas:", ""] + [f"- {k}: {v}" for k, v in FORMULAS.items()] + [""]
+    return "\n".join(out)
+
+
+METHOD = [
+    "Validate first, then time: each contender's outputs and gradients are compared with the reference "
+    "(vit.layers, float32) on the same fresh random inputs (rel = max|diff| / max|ref| per tensor; "
+    f"tolerances (oracle/compare.py): fp32 {TOLERANCE['float32 long sums']:g}, tf32 "
+    f"{TOLERANCE['tf32']:g}, bf16 {TOLERANCE['bfloat16 long sums']:g} against the fp32 reference on "
+    f"the same bf16 inputs, train step {TOLERANCE['train step']:g} on the loss and every gradient, "
+    f"{TOLERANCE['bf16 train step']:g} for a bf16 step against the fp32 one); "
+    "a contender that fails gets no timing.",
+    "Each contender is jit-compiled ahead of time (float32 rows under "
+    "jax.default_matmul_precision('highest'), matching the kernels' ieee dots). Attention and "
+    "add+LN: the timed executable applies the op to k fresh random input sets in sequence (k up to "
+    "16, up to 128 MiB of inputs, so no call runs from a warm cache; an optimization barrier between "
+    "applications keeps XLA from fusing or reordering them; one dispatch per k ops), and is checked "
+    "again on the first set; per-op time = call time / k. A sample is n back-to-back calls (async "
+    "dispatch) and one jax.block_until_ready on all results, divided by n (n calibrated to ~20 ms "
+    "per sample on a GPU, ~200 ms on a CPU), after one warm-up call; median and 20th/80th "
+    "percentiles over the samples (at least 15 samples on a GPU, 5 on a CPU, 3 for calls over ~7 s).",
+    "Contenders: fused = our Triton kernels (kernels.fused_ops; fused-tf32 = the same with tf32 dots, "
+    "labelled); reference = the hand-written jnp ops of vit.layers under XLA; autodiff = jax.vjp of the "
+    "reference forward (oracle.autodiff_vjp; the step: oracle.autodiff_grad_fn); dpa-xla / dpa-cudnn = "
+    "jax.nn.dot_product_attention(implementation='xla' / 'cudnn') on (B, L, H, Dh) q, k, v: the split "
+    "of the packed (B, L, 3D) qkv and the merge of the output are part of its timed call, and its "
+    "backward is jax.vjp. cuDNN runs bf16/fp16 only, so it is compared in bf16.",
+    "fwd rows return the output only (as in evaluation; what a kernel writes for the backward, such as "
+    "the LSE or LN's mean/rstd, is still paid); fwd+bwd rows return the output and every input "
+    "gradient. The train step group times vit.make_train_step (one jit: uint8 images normalised on "
+    "the device, forward, backward, AdamW; donated buffers), params and optimizer state carried from "
+    "call to call.",
+    "speedup vs ref = reference median / row median, within the same group, shape and dtype.",
+    "kernels = device operations one call of the contender's own executable (one op, not the chained "
+    "timed one) runs, counted in XLA's optimized HLO: each fusion, library or Triton custom call and "
+    "copy counts 1. XLA MB = XLA's cost analysis of that executable, 'bytes accessed', in MB; our "
+    "Triton kernels are custom calls, which XLA counts as 0 bytes, so for fused rows it covers only "
+    "the XLA ops around them. Together they say how many passes over memory an op makes.",
+]
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["group"], r["shape"], r["contender"], r["dtype"])
+
+
+def merge_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
+    """This run's rows, plus the earlier run's rows for cases this run did not produce (in the
+    earlier run's order, ahead of this run's), so one file can be filled by several runs."""
+    mine = {_row_key(r) for r in rows}
+    return [r for r in earlier if _row_key(r) not in mine] + rows
+
+
+def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path, str]:
+    date = session.started[:10]
+    info = session.info
+    stem = f"{info['device_slug']}-{date}"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    rows, runs, peaks = session.rows, [session.started], session.peaks
+    if session.merge and json_path.exists():
+        earlier = json.loads(json_path.read_text())
+        rows = merge_rows(rows, earlier["rows"])
+        runs = earlier["meta"].get("runs", [earlier["meta"]["started"]]) + runs
+        peaks = peaks or earlier["meta"].get("peaks")
+    rows = finalize(rows, peaks)
+    machine_note = ""
+    if info["backend"] == "cpu":
+        machine_note = (f"Timings taken on a shared {os.cpu_count()}-core CPU machine where other "
+                        "processes may have been running: indicative only. On the CPU the fused "
+                        "kernels run in Triton's interpreter: checked, not timed.")
+    if len(runs) > 1:
+        machine_note += (" " if machine_note else "") + (
+            f"Rows merged from {len(runs)} runs (--bench-merge), started {', '.join(runs)}; each "
+            "row's own timestamp is in the JSON.")
+    meta = {"date": date, "started": session.started, "runs": runs, "seed": session.seed, "info": info,
+            "peaks": peaks, "machine_note": machine_note, "targets": evaluate_targets(rows),
+            "method": METHOD, "formulas": FORMULAS,
+            "command": "python -m pytest bench/ --benchmark", "argv": sys.argv}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    text = markdown(rows, meta)
+    md_path.write_text(text)
+    summary = "\n".join([f"targets ({'GPU, product shape'}):"]
+                        + [f"  {t}: {v}" + (f" [{m}]" if m != "-" else "") for t, m, v in meta["targets"]]
+                        + ["", markdown_tables(rows)])
+    return json_path, md_path, summary
+
+
+
+
+FORMULAS = {
+    "attention TFLOP/s": "fwd = 4*B*H*L^2*Dh FLOP (QK^T and PV); fwd+bwd = 3.5 x fwd (backward = 2.5 x "
+                         "fwd with the QK^T recompute); the same count for every contender",
+    "add+layernorm GB/s": "fwd = 3*M*D*s + 2*D*4 + 2*M*4 bytes (read x, r, gamma, beta; write y, mean, "
+                          "rstd); bwd = 4*M*D*s + 3*D*4 + 2*M*4 (read dy, x, r, gamma, mean, rstd; write ds, "
+                          "dgamma, dbeta); M = B*L rows, s = activation bytes; the same count for every "
+                          "contender",
+    "train step": f"images/s = B / median; epoch = {EPOCH_IMAGES:,} images / (images/s)",
+    "% of peak": "against this session's measured peak: a large matmul's TFLOP/s at the row's "
+                 "precision, or a large elementwise copy's GB/s (read + write)",
+}

@@ -1,0 +1,137 @@
+"""What train.py and evaluate.py share on the command line: the op-set flags and the
+multi-process start-up flags, each turned into the value the library takes (an ``Ops``, the
+three settings of ``vit.parallel.init_distributed``), with errors that name the flag at fault.
+
+    ops = build_ops(args)          # --fused [--interpret] [--dot-precision tf32] -> vit.ops.Ops
+    start_processes(args)          # --coordinator / --num-processes / --process-id (or JAX_* env)
+
+Errors are ``UsageError``s; the commands print them as "<prog>: error: ..." and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+class UsageError(ValueError):
+    """A bad flag, environment variable or combination of them; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the op set
+
+
+def add_ops_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fused", action="store_true",
+                        help="use the fused Triton kernels for attention and residual+LayerNorm")
+    parser.add_argument("--interpret", action="store_true",
+                        help="with --fused on a machine without a GPU: run the kernels in "
+                             "Triton's (slow) CPU interpreter")
+    parser.add_argument("--dot-precision", choices=["ieee", "tf32"], default=None,
+                        help="with --fused: tl.dot precision of float32 operands in the kernels "
+                             "(default ieee: exact; tf32 is faster on a GPU)")
+
+
+def build_ops(args: argparse.Namespace):
+    """The op set the flags ask for: vit.ops.REFERENCE, or kernels.fused_ops(...)."""
+    from vit.ops import REFERENCE  # noqa: PLC0415  (keeps --help fast)
+
+    if not args.fused:
+        for flag, value in (("--interpret", args.interpret), ("--dot-precision", args.dot_precision)):
+            if value:
+                raise UsageError(f"{flag} only makes sense with --fused")
+        return REFERENCE
+    import jax  # noqa: PLC0415
+
+    if jax.default_backend() != "gpu" and not args.interpret:
+        raise UsageError(
+            "--fused needs a GPU for compiled Triton kernels, and this machine has none (JAX "
+            f"backend: {jax.default_backend()}). Add --interpret to run the same kernels in "
+            "Triton's CPU interpreter: correct but very slow, for tiny runs.")
+    try:
+        from kernels import fused_ops  # noqa: PLC0415
+    except ImportError as err:
+        raise UsageError(f"--fused needs triton ({err}); install it with pip install -e "
+                         "'.[kernels]'") from None
+    return fused_ops(interpret=args.interpret, dot_precision=args.dot_precision or "ieee")
+
+
+# ----------------------------------------------------------------------------------------------
+# several processes (jax.distributed)
+
+# flag, and the environment variable that stands in for it
+DISTRIBUTED = {
+    "coordinator": ("--coordinator", "JAX_COORDINATOR_ADDRESS"),
+    "num_processes": ("--num-processes", "JAX_NUM_PROCESSES"),
+    "process_id": ("--process-id", "JAX_PROCESS_ID"),
+}
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", default=None,
+                        help="multi-host: address host:port of process 0 (or "
+                             "JAX_COORDINATOR_ADDRESS)")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="multi-host: process count (or JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="multi-host: this process's id (or JAX_PROCESS_ID)")
+
+
+def _env_int(name: str, flag: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{flag}: environment variable {name}={value!r} is not an integer") from None
+
+
+def distributed_settings(coordinator: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None) -> tuple[str, int, int] | None:
+    """(coordinator, num_processes, process_id) for a multi-process run, or None for a single
+    process. Each flag falls back to its environment variable; a multi-process run needs all
+    three."""
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None:
+        num_processes = _env_int("JAX_NUM_PROCESSES", "--num-processes")
+    if process_id is None:
+        process_id = _env_int("JAX_PROCESS_ID", "--process-id")
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+
+    if num_processes is not None and num_processes < 1:
+        raise UsageError(f"--num-processes must be a positive integer, got {num_processes!r}")
+    if process_id is not None and process_id < 0:
+        raise UsageError(f"--process-id must be a non-negative integer, got {process_id!r}")
+    if num_processes == 1 or all(v is None for v in given.values()):
+        if process_id not in (None, 0):
+            raise UsageError(f"--process-id {process_id} given for a single-process run "
+                             f"(--num-processes 1): the only process is 0")
+        return None
+
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        have = ", ".join(f"{DISTRIBUTED[n][0]} {given[n]}" for n in given if given[n] is not None)
+        need = ", ".join(f"{DISTRIBUTED[n][0]} (or {DISTRIBUTED[n][1]})" for n in missing)
+        raise UsageError(
+            f"a multi-process run needs --coordinator host:port, --num-processes N and "
+            f"--process-id I on every process; got {have} but no {need}")
+    if not 0 <= process_id < num_processes:
+        raise UsageError(f"--process-id must be in 0..{num_processes - 1} for --num-processes "
+                         f"{num_processes}, got {process_id}")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--coordinator must be host:port (process 0's address and a free port), "
+                         f"got {coordinator!r}")
+    return coordinator, num_processes, process_id
+
+
+def start_processes(args: argparse.Namespace) -> None:
+    """Join the multi-process run the flags (or JAX_* variables) describe; nothing for one
+    process. Call it before any other JAX call."""
+    settings = distributed_settings(args.coordinator, args.num_processes, args.process_id)
+    if settings is not None:
+        from vit import parallel  # noqa: PLC0415
+
+        parallel.init_distributed(*settings)

@@ -1,0 +1,95 @@
+"""The command-line layer shared by train.py and evaluate.py (cmdline.py): the op-set flags
+become an Ops, the multi-process flags (or their JAX_* variables) the three settings of
+vit.parallel.init_distributed, and every bad value is an error naming the flag."""
+
+import argparse
+
+import jax
+import pytest
+
+import cmdline
+from vit import parallel
+from vit.ops import REFERENCE, Ops
+
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+NO_COORDINATOR = "no --coordinator (or JAX_COORDINATOR_ADDRESS), --process-id (or JAX_PROCESS_ID)"
+COORDINATOR = "10.0.0.1:1234"
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("kwargs, env, message", [
+    (dict(num_processes=2), {}, NO_COORDINATOR),
+    (dict(coordinator=COORDINATOR, process_id=1), {}, "no --num-processes (or JAX_NUM_PROCESSES)"),
+    ({}, {"JAX_COORDINATOR_ADDRESS": COORDINATOR},
+     f"got --coordinator {COORDINATOR} but no --num-processes"),
+    (dict(process_id=0), {"JAX_NUM_PROCESSES": "4"},
+     "got --num-processes 4, --process-id 0 but no --coordinator"),
+    (dict(coordinator=COORDINATOR, num_processes=2, process_id=2), {}, "--process-id must be in 0..1"),
+    (dict(coordinator="10.0.0.1", num_processes=2, process_id=0), {}, "--coordinator must be host:port"),
+    (dict(num_processes=0), {}, "--num-processes must be a positive integer"),
+    ({}, {"JAX_PROCESS_ID": "one"}, "--process-id: environment variable JAX_PROCESS_ID='one'"),
+    (dict(num_processes=1, process_id=1), {}, "--process-id 1 given for a single-process run"),
+])
+def test_distributed_errors_name_the_flags(clean_env, kwargs, env, message):
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with pytest.raises(cmdline.UsageError) as e:
+        cmdline.distributed_settings(**kwargs)
+    assert message in str(e.value)
+    assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(num_processes=1), dict(num_processes=1, process_id=0,
+                                                                    coordinator="127.0.0.1:1")])
+def test_single_process_needs_no_start(clean_env, kwargs):
+    assert cmdline.distributed_settings(**kwargs) is None
+    flags = {"coordinator": None, "num_processes": None, "process_id": None, **kwargs}
+    cmdline.start_processes(argparse.Namespace(**flags))
+    assert not jax.distributed.is_initialized()
+    assert parallel.is_main_process()
+
+
+def test_distributed_settings_from_the_environment(clean_env):
+    clean_env.setenv("JAX_COORDINATOR_ADDRESS", COORDINATOR)
+    clean_env.setenv("JAX_NUM_PROCESSES", "3")
+    assert cmdline.distributed_settings(process_id=2) == (COORDINATOR, 3, 2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(coordinator="10.0.0.1", num_processes=2, process_id=0), "coordinator must be host:port"),
+    (dict(coordinator=COORDINATOR, num_processes=2, process_id=2), "process_id must be in 0..1"),
+    (dict(coordinator=COORDINATOR, num_processes=0, process_id=0), "num_processes must be a positive"),
+])
+def test_init_distributed_checks_its_own_arguments(args, message):
+    """The library's own checks, in the library's own words (no flag names)."""
+    with pytest.raises(ValueError, match=message):
+        parallel.init_distributed(**args)
+    assert not jax.distributed.is_initialized()
+
+
+def _ops_args(*argv):
+    parser = argparse.ArgumentParser()
+    cmdline.add_ops_flags(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_build_ops():
+    assert cmdline.build_ops(_ops_args()) is REFERENCE
+    fused = cmdline.build_ops(_ops_args("--fused", "--interpret", "--dot-precision", "tf32"))
+    assert isinstance(fused, Ops) and fused.name == "fused" and "tf32" in fused.description
+    for argv, message in ((["--interpret"], "--interpret only makes sense with --fused"),
+                          (["--dot-precision", "tf32"], "--dot-precision only makes sense")):
+        with pytest.raises(cmdline.UsageError, match=message):
+            cmdline.build_ops(_ops_args(*argv))
+
+
+def test_build_ops_without_gpu_names_the_flag(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    with pytest.raises(cmdline.UsageError, match="--fused needs a GPU.*Add --interpret"):
+        cmdline.build_ops(_ops_args("--fused"))
