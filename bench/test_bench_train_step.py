@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import vit
 from bench import harness
 from bench.hlo import executable_profile
 from bench.steps import (CONTENDERS, config_for, copy_tree, make_batch, make_step,

@@ -6,7 +6,7 @@ batch 1, sequence lengths that are not powers of two (5, 7, 17), head counts 1, 
 import jax
 import pytest
 
-from oracle import gradcheck
+from oracle import gradcheck, gradient_cases as cases
 
 
 
@@ -37,13 +37,13 @@ def _assert_rows(rows):
 
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "B{batch}-L{length}-D{d}-H{heads}".format(**s))
 def test_every_layer(shape):
-    for case in gradcheck.layer_cases(seed=1, **shape):
+    for case in cases.layer_cases(seed=1, **shape):
         _assert_rows(gradcheck.check_case(case, seed=1, directions=2))
 
 
 with jax.enable_x64(True):  # the cases' arrays are built at collection, in float64
-    BLOCK_CASES = gradcheck.block_cases(seed=2)
-    MODEL_CASES = gradcheck.model_cases(seed=3) + gradcheck.model_cases(seed=4, batch=1)
+    BLOCK_CASES = cases.block_cases(seed=2)
+    MODEL_CASES = cases.model_cases(seed=3) + cases.model_cases(seed=4, batch=1)
 
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=_ids(BLOCK_CASES))
 def test_blocks_stack_and_head(case):
@@ -58,8 +58,8 @@ def test_whole_model(case):
 
 def test_whole_model_other_head_counts():
     for heads in (1, 6):
-        cfg = gradcheck.small_config("post", heads=heads)
-        case = gradcheck.Case(f"model H={heads}", *_model_case_parts(cfg))
+        cfg = cases.small_config("post", heads=heads)
+        case = cases.Case(f"model H={heads}", *_model_case_parts(cfg))
         _assert_rows(gradcheck.check_case(case, seed=5, directions=1))
 
 
@@ -67,7 +67,7 @@ def _model_case_parts(cfg):
     import jax.numpy as jnp
 
     from vit import model
-    params = gradcheck._perturbed_params(cfg, 5)
+    params = cases.perturbed_params(cfg, 5)
     images = jax.random.normal(jax.random.PRNGKey(0), (2, cfg.image_size, cfg.image_size,
                                                        cfg.channels), jnp.float64)
     fwd = lambda i: model.model_forward(i["params"], i["images"], cfg)  # noqa: E731
@@ -80,9 +80,9 @@ def _model_case_parts(cfg):
 
 def test_check_catches_a_wrong_gradient():
     """The checker itself must fail on a wrong backward (here: dx of dense off by a factor)."""
-    case = gradcheck.layer_cases(seed=0)[0]
+    case = cases.layer_cases(seed=0)[0]
     assert case.name == "dense"
-    wrong = gradcheck.Case("dense (broken)", case.inputs, case.forward,
+    wrong = cases.Case("dense (broken)", case.inputs, case.forward,
                            lambda i, c, dy: {**case.backward(i, c, dy),
                                              "x": 1.001 * case.backward(i, c, dy)["x"]})
     rows = {r.tensor: r for r in gradcheck.check_case(wrong)}
