@@ -126,8 +126,9 @@ def fit_model_to_data(cfg, train_set):
         try:
             cfg.model = model.replace(**changes)
         except ValueError as err:
+            patch = min((p for p in range(1, h + 1) if h % p == 0), key=lambda p: abs(p - h / 8))
             fail(f"{err} (the dataset's images are {h}x{w}x{c}; set a patch size that divides "
-                 f"{h}, e.g. --set model.patch_size={max(1, h // 8)})")
+                 f"{h}, e.g. --set model.patch_size={patch})")
     return cfg
 
 
