@@ -1,8 +1,12 @@
 """Evaluate a checkpoint on the whole validation set:  python evaluate.py RUN_DIR [--per-class]
 
 Every validation image is counted exactly once (the last partial batch is padded and masked).
-Prints top-1, top-5 and mean loss; --per-class adds a table with the class names from words.txt.
+Prints top-1, top-5 and mean loss; --per-class adds a table with the class names (Tiny ImageNet's
+words.txt, the folder names of an image folder) and RUN_DIR/confusion-<checkpoint>.png.
 Results are also written to RUN_DIR/eval-<checkpoint>.json.
+
+  --saliency N       RUN_DIR/saliency-<checkpoint>.png: N validation images beside |d loss / d image|
+  --predict IMAGE..  top-5 classes of image files of any size (instead of evaluating)
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ def build_parser():
                    help="which checkpoint of the run (default: best)")
     p.add_argument("--data-dir", default=None, help="override the run's data.data_dir")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--per-class", action="store_true", help="print per-class accuracy")
+    p.add_argument("--per-class", action="store_true",
+                   help="print per-class accuracy and write the confusion matrix PNG")
+    p.add_argument("--saliency", type=int, default=0, metavar="N",
+                   help="write a PNG grid of N validation images beside their saliency maps")
+    p.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
+                   help="print the top-5 classes of these image files instead of evaluating")
     cmdline.add_ops_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -58,7 +67,8 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
     model = ViTConfig.from_dict(cfg["model"])
     data = cfg["data"]
     val = load_dataset(data["dataset"], data_dir or data["data_dir"], "val",
-                       workers=data.get("workers"), progress=progress)
+                       workers=data.get("workers"), progress=progress,
+                       image_size=model.image_size, layout=data.get("layout", "auto"))
     train = cfg["train"]
     step = make_eval_step(model, ops=ops or REFERENCE, mean=meta["mean"], std=meta["std"],
                           compute_dtype=train.get("compute_dtype", train.get("precision", "fp32")))
@@ -66,6 +76,7 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
     k = model.num_classes
     correct = np.zeros(k, np.int64)
     total = np.zeros(k, np.int64)
+    confusion = np.zeros((k, k), np.int64)  # rows: true class, columns: predicted
     sums = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
     n_batches = -(-len(val.labels) // batch_size)
     for images, labels, valid in tqdm(eval_batches(val.images, val.labels, batch_size),
@@ -77,18 +88,22 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
         lab, ok = np.asarray(labels), np.asarray(valid)
         np.add.at(total, lab[ok], 1)
         np.add.at(correct, lab[ok], (pred == lab)[ok])
+        np.add.at(confusion, (lab[ok], pred[ok]), 1)
     n = sums["count"]
     if int(n) != len(val.labels):
         raise AssertionError(f"evaluated {n} images, the validation set has {len(val.labels)}")
     return {"checkpoint": str(path), "epoch": meta["epoch"], "top1": sums["top1"] / n,
             "top5": sums["top5"] / n, "loss": sums["loss_sum"] / n, "count": int(n),
             "per_class": [(name, int(c), int(t)) for name, c, t in
-                          zip(val.class_names, correct, total)]}
+                          zip(val.class_names, correct, total)],
+            "confusion": confusion, "class_names": list(val.class_names)}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from vit.data import DatasetError  # noqa: PLC0415
+    if args.predict:
+        return predict(args)
     try:
         ops = cmdline.build_ops(args)
         result = evaluate(args.run_dir, args.checkpoint, args.data_dir, args.batch_size, ops,
@@ -103,8 +118,35 @@ def main(argv=None) -> int:
         print(f"\n{'class':<48} {'correct':>8} {'total':>6} {'acc':>7}")
         for name, c, t in rows:
             print(f"{name[:48]:<48} {c:>8} {t:>6} {100 * c / max(t, 1):>6.1f}%")
+    from vit import explain  # noqa: PLC0415
+    confusion = result.pop("confusion")
+    if args.per_class:
+        written = explain.write_confusion(confusion, result["class_names"], args.run_dir,
+                                          args.checkpoint)
+        print(f"confusion matrix: {written['png']} ({len(written['shown'])} of "
+              f"{len(confusion)} classes shown)")
+    if args.saliency > 0:
+        run = explain.load_run(args.run_dir, args.checkpoint)
+        val = explain.load_val(run, args.data_dir, progress=not args.no_progress)
+        written = explain.write_saliency(run, val, args.saliency, args.run_dir, args.checkpoint)
+        print(f"saliency maps: {written['png']} ({len(written['labels'])} validation images)")
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def predict(args) -> int:
+    """--predict: top-5 classes of image files, named as the run's dataset names them."""
+    from vit import explain  # noqa: PLC0415
+    from vit.data import DatasetError  # noqa: PLC0415
+    from vit.data.cache import BadImage  # noqa: PLC0415
+    try:
+        run = explain.load_run(args.run_dir, args.checkpoint)
+        names = run.class_names or explain.load_val(run, args.data_dir,
+                                                    not args.no_progress).class_names
+        print(explain.format_predictions(explain.predict_files(run, args.predict, names)))
+    except (FileNotFoundError, DatasetError, BadImage, KeyError) as err:
+        fail(str(err))
     return 0
 
 

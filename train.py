@@ -34,11 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="TOML config file (default: configs/seed.toml, or configs/digits.toml "
                         "with --dataset digits)")
-    p.add_argument("--dataset", choices=["tiny-imagenet", "digits"], default=None,
-                   help="data.dataset: Tiny ImageNet (download it with `python -m vit.data "
-                        "download`) or scikit-learn's bundled 8x8 digits (no download)")
+    p.add_argument("--dataset", choices=["tiny-imagenet", "image-folder", "digits"], default=None,
+                   help="data.dataset: a folder of images in --data-dir (Tiny ImageNet: download it "
+                        "with `python -m vit.data download`; or any DIR/train/<class>/, "
+                        "DIR/val/<class>/ tree) or scikit-learn's bundled 8x8 digits (no download)")
     p.add_argument("--data-dir", default=None,
-                   help="data.data_dir: the folder holding tiny-imagenet-200/ (or that folder)")
+                   help="data.data_dir: the folder holding tiny-imagenet-200/ (or that folder), or "
+                        "an image folder with train/<class>/ and val/<class>/ (layout detected; "
+                        "--set data.layout=image-folder to name it, --set data.image_size=N to "
+                        "size the images and the model)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs: epochs in total")
     p.add_argument("--batch-size", type=int, default=None, help="train.batch_size: global batch")
     p.add_argument("--lr", type=float, default=None, help="train.lr: peak learning rate")
@@ -119,8 +123,9 @@ def fit_model_to_data(cfg, train_set):
         try:
             cfg.model = model.replace(**changes)
         except ValueError as err:
+            patch = min((p for p in range(1, h + 1) if h % p == 0), key=lambda p: abs(p - h / 8))
             fail(f"{err} (the dataset's images are {h}x{w}x{c}; set a patch size that divides "
-                 f"{h}, e.g. --set model.patch_size={max(1, h // 8)})")
+                 f"{h}, e.g. --set model.patch_size={patch})")
     return cfg
 
 
@@ -198,10 +203,10 @@ def main(argv=None) -> int:
     d = cfg.data
     progress = not args.no_progress
     try:
-        train_set = load_dataset(d.dataset, d.data_dir, "train", workers=d.workers,
-                                 skip_bad_images=d.skip_bad_images, progress=progress)
-        val_set = load_dataset(d.dataset, d.data_dir, "val", workers=d.workers,
-                               skip_bad_images=d.skip_bad_images, progress=progress)
+        data_options = dict(workers=d.workers, skip_bad_images=d.skip_bad_images,
+                            progress=progress, image_size=d.image_size, layout=d.layout)
+        train_set = load_dataset(d.dataset, d.data_dir, "train", **data_options)
+        val_set = load_dataset(d.dataset, d.data_dir, "val", **data_options)
     except DatasetError as err:
         fail(str(err))
     cfg = fit_model_to_data(cfg, train_set)
@@ -252,11 +257,14 @@ def main(argv=None) -> int:
         (run_dir / "config.json").write_text(dumps(cfg) + "\n")
 
     # every process reads the same seeded global order and gathers only its rows of each batch
+    budget = d.device_budget_mb << 20  # above it, stream from the memory-mapped cache
     batcher = Batcher(train_set.images, train_set.labels, t.batch_size, seed=t.seed,
-                      rows=parallel.process_batch_slice(t.batch_size, mesh))
+                      rows=parallel.process_batch_slice(t.batch_size, mesh),
+                      device_budget_bytes=budget)
     eval_bs = -(-t.eval_batch_size // n_dev) * n_dev  # a multiple of the device count
     val_batcher = Batcher(val_set.images, val_set.labels, eval_bs, seed=0, shuffle=False,
-                          drop_last=False, rows=parallel.process_batch_slice(eval_bs, mesh))
+                          drop_last=False, rows=parallel.process_batch_slice(eval_bs, mesh),
+                          device_budget_bytes=budget)
     spe = batcher.steps_per_epoch()
     if spe == 0:
         fail(f"--batch-size {t.batch_size} is larger than the training set "
@@ -276,6 +284,7 @@ def main(argv=None) -> int:
                 "global_step": epoch_ * spe + step_in_epoch_, "history": history,
                 "running": running_, "best_top1": best_top1, "mean": [float(x) for x in mean],
                 "std": [float(x) for x in std], "config": cfg.to_dict(), "seed": t.seed,
+                "class_names": list(train_set.class_names),
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         checkpoint.save(run_dir / f"{name}.npz", {"params": host_params, "opt": host_opt}, meta)
 
@@ -290,6 +299,9 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm  # noqa: PLC0415
 
+    print(f"data: {train_set.name}, {len(train_set)} train / {len(val_set)} val images of "
+          f"{'x'.join(map(str, train_set.images.shape[1:]))}, {train_set.num_classes} classes"
+          f"{'' if batcher.on_device else ' (streamed from the memory-mapped cache)'}")
     print(f"run directory: {run_dir}\nmodel: {cfg.model}\ndevices: {n_dev} x "
           f"{jax.devices()[0].platform}, {spe} steps/epoch of {t.batch_size}, "
           f"compute dtype {t.compute_dtype}, ops: {ops.description}")

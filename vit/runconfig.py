@@ -35,10 +35,23 @@ class TrainSection:
 
 @dataclass
 class DataSection:
+    """[data]: where the images come from and how they are prepared.
+
+    dataset: "tiny-imagenet" or "image-folder" (a folder in data_dir) or "digits" (bundled).
+    layout: how the folder is read: "auto" (detected), "tiny-imagenet" or "image-folder".
+    image_size: side of the cached square images of an image folder (default 64); the model's
+        image_size follows it. Tiny ImageNet (64) and digits (8) come at their own size only.
+    device_budget_mb: put the training set on the device if it fits in this many MiB, else
+        stream it from the memory-mapped cache in chunks (0: always stream).
+    """
+
     dataset: str = "tiny-imagenet"
     data_dir: str | None = None
     workers: int | None = None
     skip_bad_images: bool = False
+    layout: str = "auto"
+    image_size: int | None = None
+    device_budget_mb: int = 2048
 
 
 @dataclass
@@ -117,7 +130,24 @@ def from_dict(d: dict, where: str = "config") -> RunConfig:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
     _validate(section, where)
+    _validate_data(data, where)
     return RunConfig(model, section, data)
+
+
+def _validate_data(d: DataSection, where: str):
+    from vit.data import DATASETS, LAYOUTS  # noqa: PLC0415  (numpy only)
+
+    def positive_int(value, allow_zero=False):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if allow_zero else 1)
+    if d.dataset not in DATASETS:
+        raise ConfigError(f"{where}: data.dataset must be one of {DATASETS}, got {d.dataset!r}")
+    if d.layout not in LAYOUTS:
+        raise ConfigError(f"{where}: data.layout must be one of {LAYOUTS}, got {d.layout!r}")
+    if d.image_size is not None and not positive_int(d.image_size):
+        raise ConfigError(f"{where}: data.image_size must be a positive integer, got {d.image_size!r}")
+    if not positive_int(d.device_budget_mb, allow_zero=True):
+        raise ConfigError(f"{where}: data.device_budget_mb must be an integer >= 0, "
+                          f"got {d.device_budget_mb!r}")
 
 
 def _validate(t: TrainSection, where: str):

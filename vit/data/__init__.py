@@ -1,7 +1,9 @@
-"""Datasets for vitfuse: Tiny ImageNet (decoded once into a memory-mapped cache) and sklearn's 8x8 digits.
+"""Datasets for vitfuse: folders of images (Tiny ImageNet's layout, or any ImageFolder-style
+train/<class>/, val/<class>/ tree), decoded once into a memory-mapped cache; and sklearn's 8x8 digits.
 
     from vit.data import load_dataset
     train = load_dataset("tiny-imagenet", "data", "train")   # Dataset(images uint8 (N,64,64,3), labels int32 (N,))
+    pets = load_dataset("image-folder", "pets", "val", image_size=96)   # uint8 (N, 96, 96, 3)
     val = load_dataset("digits", None, "val")                # no download needed
 
 Batching and augmentation run on the device and need jax: import them from vit.data.loader and
@@ -14,10 +16,35 @@ import os
 
 from vit.data.common import DOWNLOAD_HINT, Dataset, DatasetError
 
-DATASETS = ("tiny-imagenet", "digits")
+DATASETS = ("tiny-imagenet", "image-folder", "digits")
+FOLDER_DATASETS = ("tiny-imagenet", "image-folder")  # read from data_dir, in the layout found there
+LAYOUTS = ("auto", "tiny-imagenet", "image-folder")
 DEFAULT_DATA_DIR = "data"  # where `python -m vit.data download` puts tiny-imagenet-200/
+NATIVE_IMAGE_SIZE = {"tiny-imagenet": 64, "digits": 8}  # datasets that are not resized
 
-__all__ = ["DATASETS", "DEFAULT_DATA_DIR", "DOWNLOAD_HINT", "Dataset", "DatasetError", "load_dataset"]
+__all__ = ["DATASETS", "DEFAULT_DATA_DIR", "DOWNLOAD_HINT", "Dataset", "DatasetError", "LAYOUTS",
+           "load_dataset", "resolve_layout"]
+
+
+def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = "auto") -> str:
+    """The layout to read dataset `name` with: 'tiny-imagenet' or 'image-folder' for a folder dataset
+    (layout "auto": the one found in data_dir), or the name itself ('digits')."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    if layout not in LAYOUTS:
+        raise DatasetError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
+    if name not in FOLDER_DATASETS:
+        return name
+    if layout != "auto":
+        return layout
+    if data_dir is None:
+        if name == "image-folder":
+            raise DatasetError("an image-folder dataset needs its folder: --data-dir DIR (data.data_dir), "
+                               "holding DIR/train/<class>/ and DIR/val/<class>/")
+        data_dir = DEFAULT_DATA_DIR
+    from vit.data.layout import detect_layout
+
+    return detect_layout(data_dir, DOWNLOAD_HINT if name == "tiny-imagenet" else "")
 
 
 def load_dataset(
@@ -28,14 +55,26 @@ def load_dataset(
     workers: int | None = None,
     skip_bad_images: bool = False,
     progress: bool = True,
+    image_size: int | None = None,
+    layout: str = "auto",
 ) -> Dataset:
-    """One split ("train" or "val") of dataset `name` ("tiny-imagenet" or "digits").
+    """One split ("train" or "val") of dataset `name` ("tiny-imagenet", "image-folder" or "digits").
 
-    data_dir: for tiny-imagenet, the folder holding wnids.txt or its parent holding tiny-imagenet-200/
-    (default "data"); ignored by digits, which ships with scikit-learn.
+    data_dir: for the folder datasets, the folder holding the data (for Tiny ImageNet, the folder with
+    wnids.txt or its parent holding tiny-imagenet-200/; default "data"); ignored by digits, which ships
+    with scikit-learn.
+    layout: how the folder is read: "auto" (detected: Tiny ImageNet's layout if wnids.txt is there, else
+    train/<class>/ + val/<class>/), "tiny-imagenet" or "image-folder" (see vit.data.image_folder).
+    image_size: the side S of the cached (N, S, S, 3) images of an image folder (default 64); Tiny
+    ImageNet (64) and digits (8) come at their own size only.
     workers, skip_bad_images, progress: see vit.data.tiny_imagenet.load_tiny_imagenet.
     """
-    if name == "tiny-imagenet":
+    kind = resolve_layout(name, data_dir, layout)
+    native = NATIVE_IMAGE_SIZE.get(kind)
+    if image_size is not None and native is not None and image_size != native:
+        raise DatasetError(f"data.image_size={image_size}: {kind} comes at its own {native}x{native} only; "
+                           "resizing is for image-folder datasets (leave data.image_size unset)")
+    if kind == "tiny-imagenet":
         from vit.data.tiny_imagenet import load_tiny_imagenet
 
         return load_tiny_imagenet(
@@ -45,8 +84,11 @@ def load_dataset(
             skip_bad_images=skip_bad_images,
             progress=progress,
         )
-    if name == "digits":
-        from vit.data.digits import load_digits_split
+    if kind == "image-folder":
+        from vit.data.image_folder import load_image_folder
 
-        return load_digits_split(split)
-    raise DatasetError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+        return load_image_folder(data_dir, split, image_size=image_size, workers=workers,
+                                 skip_bad_images=skip_bad_images, progress=progress)
+    from vit.data.digits import load_digits_split
+
+    return load_digits_split(split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vit.data import DEFAULT_DATA_DIR, DatasetError, load_dataset
+from vit.data import DEFAULT_DATA_DIR, LAYOUTS, DatasetError, load_dataset
 from vit.data.download import DEFAULT_MD5, DEFAULT_URL, download
 
 
@@ -35,11 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = commands.add_parser(
         "prepare",
-        help="decode Tiny ImageNet's JPEGs into the .npy cache now (otherwise the first training run does it)",
+        help="decode a folder dataset (Tiny ImageNet, or DIR/train/<class>/ + DIR/val/<class>/) into the .npy "
+        "cache now (otherwise the first training run does it)",
     )
     prepare.add_argument(
-        "--data-dir", default=DEFAULT_DATA_DIR, help="tiny-imagenet-200/ or its parent (default: %(default)s)"
+        "--data-dir", default=DEFAULT_DATA_DIR,
+        help="tiny-imagenet-200/ or its parent, or an image folder (default: %(default)s)"
     )
+    prepare.add_argument("--layout", choices=LAYOUTS, default="auto", help="data.layout (default: detected)")
+    prepare.add_argument("--image-size", type=int, default=None,
+                         help="data.image_size: side of the cached images of an image folder (default 64)")
     prepare.add_argument("--split", choices=["train", "val", "both"], default="both")
     prepare.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 8)")
     prepare.add_argument(
@@ -62,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             for split in ("train", "val") if args.split == "both" else (args.split,):
                 data = load_dataset("tiny-imagenet", args.data_dir, split, workers=args.workers,
-                                    skip_bad_images=args.skip_bad_images, progress=not args.quiet)
+                                    skip_bad_images=args.skip_bad_images, progress=not args.quiet,
+                                    image_size=args.image_size, layout=args.layout)
                 skipped = f", {len(data.skipped)} unreadable images skipped" if data.skipped else ""
-                print(f"tiny-imagenet {split}: {data.images.shape[0]} images {data.images.shape[1:]}, "
+                print(f"{data.name} {split}: {data.images.shape[0]} images {data.images.shape[1:]}, "
                       f"{data.num_classes} classes{skipped}")
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)

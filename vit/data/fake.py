@@ -82,3 +82,76 @@ def write_fake_tiny_imagenet(
     for j in range(test_images):
         _save_image(test_dir / f"test_{j}.JPEG", rng, "RGB")
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An image folder (train/<class>/, val/<class>/) with everything a user's folder may hold.
+
+# Each class is one colour (learnable in a few steps); the names are awkward on purpose.
+FAKE_FOLDER_CLASSES = {"blue.v2": (30, 60, 220), "green-3 #x": (40, 190, 60), "red fish (ñ)": (220, 40, 30)}
+# (width, height, format, mode) cycled over the images of a class: odd sizes, both orientations,
+# grayscale JPEG and PNG, alpha, palette, 16-bit grayscale.
+FAKE_FOLDER_KINDS = [
+    (37, 23, "JPEG", "RGB"),
+    (20, 51, "PNG", "RGBA"),
+    (64, 64, "PNG", "L"),
+    (9, 13, "JPEG", "L"),
+    (101, 77, "PNG", "P"),
+    (33, 33, "PNG", "I;16"),
+    (48, 30, "PNG", "RGB"),
+]
+
+
+def fake_colour_image(colour, width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """An RGB image of one colour with noise and a soft gradient."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.asarray(colour, float) + 20 * (yy / max(height, 1))[..., None] + rng.normal(0, 10, (height, width, 3))
+    return Image.fromarray(np.clip(pixels + 0 * xx[..., None], 0, 255).astype(np.uint8), "RGB")
+
+
+def save_as(image: Image.Image, path: Path, fmt: str, mode: str) -> None:
+    """Save an RGB image as fmt in the given mode (RGBA: a transparent border; I;16: 16-bit grayscale)."""
+    if mode == "RGBA":
+        alpha = np.zeros((image.height, image.width), np.uint8)
+        alpha[2:-2, 2:-2] = 255
+        out = image.convert("RGBA")
+        out.putalpha(Image.fromarray(alpha, "L"))
+    elif mode == "I;16":
+        out = Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257)
+    elif mode == "P":
+        out = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    else:
+        out = image.convert(mode)
+    out.save(path, format=fmt)
+
+
+def write_fake_image_folder(
+    dest: str | os.PathLike,
+    *,
+    classes: dict | None = None,
+    train_per_class: int = 7,
+    val_per_class: int = 3,
+    seed: int = 0,
+) -> Path:
+    """Write dest/train/<class>/... and dest/val/<class>/... and return dest.
+
+    Every class folder gets images of all FAKE_FOLDER_KINDS; every third image sits in a nested
+    sub-folder ("more/batch 1/"). Also a stray non-image file per class and a hidden folder, which
+    the loader must ignore."""
+    rng = np.random.default_rng(seed)
+    classes = FAKE_FOLDER_CLASSES if classes is None else classes
+    root = Path(dest)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for name, colour in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            (folder / "notes.txt").write_text("not an image\n")
+            (folder / ".hidden").mkdir()
+            (folder / ".hidden" / "ignored.png").write_bytes(b"not even a PNG")
+            for j in range(count):
+                width, height, fmt, mode = FAKE_FOLDER_KINDS[(j + len(name)) % len(FAKE_FOLDER_KINDS)]
+                where = folder / "more" / "batch 1" if j % 3 == 2 else folder
+                where.mkdir(parents=True, exist_ok=True)
+                suffix = ".jpg" if fmt == "JPEG" else ".PNG" if j % 2 else ".png"
+                save_as(fake_colour_image(colour, width, height, rng), where / f"img {j}{suffix}", fmt, mode)
+    return root

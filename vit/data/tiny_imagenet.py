@@ -9,37 +9,28 @@ Layout, as unzipped from tiny-imagenet-200.zip:
     tiny-imagenet-200/val/val_annotations.txt          filename <TAB> wnid <TAB> x0 <TAB> y0 <TAB> x1 <TAB> y1
     tiny-imagenet-200/test/images/*.JPEG               no labels: never loaded
 
-Cache, in <root>/vitfuse-cache/ (next to the data):
+Cache, in <root>/vitfuse-cache/ (next to the data), written and checked by vit.data.cache:
     <split>_images.npy    uint8 (N, 64, 64, 3), opened with np.load(mmap_mode="r")
     <split>_labels.npy    int32 (N,)
     <split>_manifest.json fingerprint of the sources + counts; written last, so it marks a complete cache
 
-The fingerprint hashes the sorted relative paths, sizes and mtimes of every image of the split and of the
-files its labels come from (wnids.txt, and val_annotations.txt for val); any change rebuilds the cache.
-A rebuild first deletes the manifest, writes every array under a temporary name and os.replace()s it into
-place, then writes the manifest: a run killed half-way leaves no manifest, so its files never count.
+The fingerprint covers every image of the split and the files its labels come from (wnids.txt, and
+val_annotations.txt for val); any change rebuilds the cache.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import multiprocessing
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from vit.data.cache import BadImage, fingerprint, load_cached
 from vit.data.common import DOWNLOAD_HINT, Dataset, DatasetError
 
 DATASET_DIRNAME = "tiny-imagenet-200"
 CACHE_DIRNAME = "vitfuse-cache"
-CACHE_FORMAT = 1  # bump when the cache files change meaning
 IMAGE_SHAPE = (64, 64, 3)
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
 SPLITS = ("train", "val")
@@ -173,21 +164,8 @@ def list_val(root: Path, wnids: list[str]) -> tuple[list[Path], np.ndarray]:
     return [images_dir / name for name in names], np.asarray([label_of_file[n] for n in names], dtype=np.int32)
 
 
-def fingerprint(root: Path, files: list[Path]) -> str:
-    """Hash of (relative path, size, mtime) of each file: changes when one is added, removed or rewritten."""
-    digest = hashlib.sha256(f"format {CACHE_FORMAT}\n".encode())
-    for path in sorted(files):
-        st = path.stat()
-        digest.update(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Decoding.
-
-
-class BadImage(Exception):
-    """An image file that cannot be decoded into a 64x64 RGB array; the message names the file."""
+# Decoding (the cache itself is vit.data.cache, shared with the image-folder layout).
 
 
 def decode_image(path: str | os.PathLike) -> np.ndarray:
@@ -203,172 +181,6 @@ def decode_image(path: str | os.PathLike) -> np.ndarray:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
-
-
-def _decode_chunk(paths: list[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Decode a list of files: (uint8 (n, 64, 64, 3), [(index in chunk, error message)]); bad rows stay zero.
-
-    Errors are returned, not raised, so that the caller decides between failing and skipping.
-    """
-    images = np.zeros((len(paths), *IMAGE_SHAPE), dtype=np.uint8)
-    errors: list[tuple[int, str]] = []
-    for i, path in enumerate(paths):
-        try:
-            images[i] = decode_image(path)
-        except BadImage as e:
-            errors.append((i, str(e)))
-    return images, errors
-
-
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def _decode_all(paths: list[Path], workers: int, on_chunk, *, desc: str, progress: bool) -> None:
-    """Decode every path in order, calling on_chunk(start_index, images, errors) per chunk.
-
-    workers=1 decodes in this process. More workers use a process pool started with "spawn": forking a
-    process that has already started jax's threads can deadlock. Chunks amortize pickling the results.
-    """
-    n = len(paths)
-    chunk_size = max(1, min(512, math.ceil(n / (4 * workers))))
-    chunks = [[str(p) for p in paths[i : i + chunk_size]] for i in range(0, n, chunk_size)]
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
-        if workers <= 1:
-            results = map(_decode_chunk, chunks)
-            for k, (images, errors) in enumerate(results):
-                on_chunk(k * chunk_size, images, errors)
-                bar.update(len(images))
-            return
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        try:
-            for k, (images, errors) in enumerate(pool.map(_decode_chunk, chunks)):
-                on_chunk(k * chunk_size, images, errors)
-                bar.update(len(images))
-        finally:
-            # On an error (bad image, Ctrl-C) drop the chunks not started yet instead of decoding them all.
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Cache.
-
-
-def _cache_paths(cache_dir: Path, split: str) -> dict[str, Path]:
-    return {
-        "images": cache_dir / f"{split}_images.npy",
-        "labels": cache_dir / f"{split}_labels.npy",
-        "manifest": cache_dir / f"{split}_manifest.json",
-    }
-
-
-def _open_cache(cache_dir: Path, split: str, source_fingerprint: str):
-    """(manifest, images memmap, labels) if a complete cache for these sources exists, else None."""
-    paths = _cache_paths(cache_dir, split)
-    try:
-        manifest = json.loads(paths["manifest"].read_text())
-        if manifest.get("format") != CACHE_FORMAT or manifest.get("fingerprint") != source_fingerprint:
-            return None
-        images = np.load(paths["images"], mmap_mode="r")
-        labels = np.load(paths["labels"])
-    except (OSError, ValueError):  # missing, unreadable or truncated files: rebuild
-        return None
-    count = manifest.get("count")
-    if images.shape != (count, *IMAGE_SHAPE) or images.dtype != np.uint8:
-        return None
-    if labels.shape != (count,) or labels.dtype != np.int32:
-        return None
-    return manifest, images, labels
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(file) into a temporary name beside path, fsync, then rename over path."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _build_cache(
-    cache_dir: Path,
-    split: str,
-    paths: list[Path],
-    labels: np.ndarray,
-    source_fingerprint: str,
-    *,
-    workers: int,
-    skip_bad_images: bool,
-    progress: bool,
-) -> None:
-    files = _cache_paths(cache_dir, split)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # The manifest marks a complete cache: remove it first, so that until the new one is written
-        # nothing here counts, whatever state the arrays are in.
-        files["manifest"].unlink(missing_ok=True)
-        for leftover in cache_dir.glob(f"{split}_*.tmp-*"):  # from a run that was killed
-            leftover.unlink(missing_ok=True)
-    except OSError as e:
-        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}") from e
-
-    n = len(paths)
-    tmp_images = files["images"].with_name(f"{files['images'].name}.tmp-{os.getpid()}")
-    compacted = tmp_images.with_name(tmp_images.name + "-compact")
-    bad: list[tuple[int, str]] = []
-    try:
-        # Decode straight into a file-backed array: the 100k train images (1.2 GB) never sit in RAM at once.
-        out = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, *IMAGE_SHAPE))
-
-        def on_chunk(start, images, errors):
-            if errors and not skip_bad_images:
-                raise DatasetError(
-                    f"{errors[0][1]}. Fix or remove the file, or pass skip_bad_images=True "
-                    f"(--skip-bad-images) to leave unreadable images out"
-                )
-            out[start : start + len(images)] = images
-            bad.extend((start + i, message) for i, message in errors)
-
-        _decode_all(
-            paths, workers, on_chunk, desc=f"decoding tiny-imagenet {split} (once)", progress=progress
-        )
-        out.flush()
-        if bad:
-            # Rare path: copy the good rows into an array of the right length.
-            keep = np.ones(n, dtype=bool)
-            keep[[i for i, _ in bad]] = False
-            labels = labels[keep]
-            good = np.flatnonzero(keep)
-            dense = np.lib.format.open_memmap(compacted, mode="w+", dtype=np.uint8, shape=(len(good), *IMAGE_SHAPE))
-            for s in range(0, len(good), 4096):
-                dense[s : s + 4096] = out[good[s : s + 4096]]
-            dense.flush()
-            del dense
-            os.replace(compacted, tmp_images)
-            print(f"tiny-imagenet {split}: skipped {len(bad)} unreadable images, e.g. {bad[0][1]}", file=sys.stderr)
-        del out
-        with open(tmp_images, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_images, files["images"])
-        _write_atomic(files["labels"], lambda f: np.save(f, labels))
-        manifest = {
-            "format": CACHE_FORMAT,
-            "split": split,
-            "fingerprint": source_fingerprint,
-            "count": int(len(labels)),
-            "image_shape": list(IMAGE_SHAPE),
-            "skipped": [message for _, message in bad],
-        }
-        _write_atomic(files["manifest"], lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-    except OSError as e:
-        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}") from e
-    finally:
-        tmp_images.unlink(missing_ok=True)
-        compacted.unlink(missing_ok=True)
 
 
 def load_tiny_imagenet(
@@ -400,30 +212,9 @@ def load_tiny_imagenet(
         label_sources = [root / "wnids.txt", root / "val" / "val_annotations.txt"]
     source_fingerprint = fingerprint(root, paths + label_sources)
     cache_dir = Path(cache_dir) if cache_dir is not None else root / CACHE_DIRNAME
-
-    cached = _open_cache(cache_dir, split, source_fingerprint)
-    if cached is None:
-        _build_cache(
-            cache_dir,
-            split,
-            paths,
-            labels,
-            source_fingerprint,
-            workers=workers or default_workers(),
-            skip_bad_images=skip_bad_images,
-            progress=progress,
-        )
-        cached = _open_cache(cache_dir, split, source_fingerprint)
-        if cached is None:
-            raise DatasetError(f"the cache just written in {cache_dir} does not read back; is the disk full?")
-    manifest, images, labels = cached
-    skipped = list(manifest.get("skipped", []))
-    if skipped and not skip_bad_images:
-        # The cache was built with skip_bad_images=True; without the flag a bad image is still an error.
-        raise DatasetError(
-            f"{skipped[0]} ({len(skipped)} unreadable images in {split}). Fix or remove the files, or pass "
-            f"skip_bad_images=True (--skip-bad-images) to leave them out"
-        )
+    images, labels, skipped = load_cached(
+        cache_dir, split, paths, labels, source_fingerprint, decode_image, IMAGE_SHAPE, workers=workers,
+        skip_bad_images=skip_bad_images, progress=progress, what=f"tiny-imagenet {split}")
     return Dataset(
         images=images, labels=labels, class_names=class_names, name="tiny-imagenet", split=split, skipped=skipped
     )

@@ -1,0 +1,320 @@
+"""Image-folder datasets (DIR/train/<class>/, DIR/val/<class>/): labels, the resize, the cache, layout
+detection and every input error. The folders are written on the fly (vit.data.fake.write_fake_image_folder:
+odd sizes, grayscale, palette, 16-bit, PNG with alpha, nested sub-folders, awkward class names)."""
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit.data import DatasetError, load_dataset, resolve_layout
+from vit.data import __main__ as cli
+from vit.data import image_folder
+from vit.data.fake import FAKE_FOLDER_CLASSES, write_fake_image_folder, write_fake_tiny_imagenet
+from vit.data.image_folder import load_image
+from vit.data.loader import Batcher
+from vit.runconfig import ConfigError, from_dict
+
+CLASSES = sorted(FAKE_FOLDER_CLASSES)  # label order: sorted folder names
+TRAIN, VAL, SIZE = 7, 3, 16
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return write_fake_image_folder(tmp_path_factory.mktemp("template") / "folder", train_per_class=TRAIN,
+                                   val_per_class=VAL)
+
+
+@pytest.fixture
+def root(template, tmp_path):
+    """A fresh copy for each test (tests modify it)."""
+    return shutil.copytree(template, tmp_path / "folder")
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Counts decoded images (the loader decodes in-process with workers=1)."""
+    calls = []
+    original = image_folder.load_image
+
+    def counting(path, size, channels=3):
+        calls.append(str(path))
+        return original(path, size, channels)
+
+    monkeypatch.setattr(image_folder, "load_image", counting)
+    return calls
+
+
+def load(root, split, **kw):
+    kw.setdefault("workers", 1)
+    kw.setdefault("image_size", SIZE)
+    return load_dataset("image-folder", root, split, progress=False, **kw)
+
+
+def save(path, array, mode=None, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8), mode).save(path, **kw)
+
+
+# --- labels and the class list ----------------------------------------------------------------------------------
+
+
+def test_labels_are_the_sorted_class_folders_with_nested_images(root):
+    train = load(root, "train")
+    assert train.name == "image-folder" and train.class_names == CLASSES
+    assert train.images.shape == (3 * TRAIN, SIZE, SIZE, 3) and train.images.dtype == np.uint8
+    assert train.labels.dtype == np.int32
+    assert train.labels.tolist() == [c for c in range(3) for _ in range(TRAIN)]
+    # notes.txt and .hidden/ignored.png are not images of the class; "more/batch 1/" images are.
+    nested = sorted((root / "train" / CLASSES[0]).rglob("more/batch 1/*"))
+    assert len(nested) == 2
+    val = load(root, "val")
+    assert val.class_names == CLASSES and val.labels.tolist() == [c for c in range(3) for _ in range(VAL)]
+    # Each image's colour is its class's (the grayscale ones aside): the labels go with the right pixels.
+    colour = [i for i in range(len(train)) if np.ptp(train.images[i].mean(axis=(0, 1))) > 30]
+    assert {int(train.labels[i]) for i in colour} == {0, 1, 2}
+    for i in colour:
+        dominant = np.argmax(FAKE_FOLDER_CLASSES[CLASSES[train.labels[i]]])
+        assert np.argmax(train.images[i].mean(axis=(0, 1))) == dominant
+
+
+def test_val_labels_index_the_train_classes(root):
+    # A val set missing a class keeps the train indices (no relabelling by its own folder list).
+    shutil.rmtree(root / "val" / CLASSES[0])
+    val = load(root, "val")
+    assert val.class_names == CLASSES
+    assert val.labels.tolist() == [1] * VAL + [2] * VAL
+
+
+# --- one image: mode, resize, crop ------------------------------------------------------------------------------
+
+
+def test_wide_and_tall_images_keep_the_centre(tmp_path):
+    # 40x20: red quarter | green half | red quarter. Shorter side 20 -> 8 gives 16x8; the centre 8x8 is
+    # exactly the green half. The tall version is the same, transposed.
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :10] = wide[:, 30:] = (255, 0, 0)
+    wide[:, 10:30] = (0, 255, 0)
+    save(tmp_path / "wide.png", wide)
+    save(tmp_path / "tall.png", wide.transpose(1, 0, 2))
+    for name in ("wide.png", "tall.png"):
+        out = load_image(tmp_path / name, 8)
+        assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+        inner = out[1:-1, 1:-1] if name == "tall.png" else out[:, 1:-1]
+        assert inner[..., 1].min() > 200 and inner[..., 0].max() < 60, name  # green, no red
+    # an image smaller than the size is enlarged the same way
+    assert load_image(tmp_path / "wide.png", 32).shape == (32, 32, 3)
+
+
+def test_modes_become_rgb_alpha_over_white(tmp_path):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (24, 24), dtype=np.uint8)
+    save(tmp_path / "gray.png", gray, "L")
+    save(tmp_path / "gray16.png", gray.astype(np.uint16) * 257)  # 16-bit grayscale PNG
+    rgba = np.zeros((24, 24, 4), np.uint8)
+    rgba[..., :3] = (0, 0, 255)
+    rgba[8:16, 8:16, 3] = 255  # opaque blue square, fully transparent (blue) elsewhere
+    save(tmp_path / "alpha.png", rgba, "RGBA")
+    Image.fromarray(gray, "L").convert("P").save(tmp_path / "palette.png")
+
+    g = load_image(tmp_path / "gray.png", 24)
+    np.testing.assert_array_equal(g, np.repeat(gray[..., None], 3, axis=-1))  # 24 -> 24: no resampling
+    np.testing.assert_array_equal(load_image(tmp_path / "gray16.png", 24), g)
+    np.testing.assert_array_equal(load_image(tmp_path / "palette.png", 24), g)
+    a = load_image(tmp_path / "alpha.png", 24)
+    assert a[0, 0].tolist() == [255, 255, 255]  # transparent: white, not the hidden blue
+    assert a[12, 12].tolist() == [0, 0, 255]
+    one = load_image(tmp_path / "alpha.png", 24, channels=1)
+    assert one.shape == (24, 24, 1) and one[0, 0, 0] == 255
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((16, 32, 3), np.uint8)
+    pixels[:, :16] = (255, 0, 0)  # red left, blue right as stored
+    pixels[:, 16:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # "rotate 180" when shown
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    out = load_image(tmp_path / "rotated.jpg", 16)  # the centre 16x16: 8 columns of each colour
+    assert out[8, 2, 2] > 200 and out[8, 2, 0] < 60  # shown upside down: blue on the left
+    assert out[8, 13, 0] > 200 and out[8, 13, 2] < 60  # and red on the right
+
+
+def test_large_jpeg_decoded_at_reduced_scale_matches_a_full_decode(tmp_path):
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:600, 0:800]
+    photo = np.stack([xx / 800 * 255, yy / 600 * 255, 128 + 60 * np.sin(xx / 40.0)], -1)
+    photo = np.clip(photo + rng.normal(0, 8, photo.shape), 0, 255)
+    save(tmp_path / "photo.jpg", photo, quality=92)
+    reduced = load_image(tmp_path / "photo.jpg", 32).astype(int)
+    with Image.open(tmp_path / "photo.jpg") as img:  # no draft: decode all 800x600 pixels
+        full = image_folder.resize_center_crop(img.convert("RGB"), 32)
+    assert np.abs(reduced - np.asarray(full, int)).mean() < 3
+
+
+# --- cache -------------------------------------------------------------------------------------------------------
+
+
+def test_second_load_reads_the_cache_and_sizes_live_side_by_side(root, decode_calls):
+    first = load(root, "train")
+    assert len(decode_calls) == 3 * TRAIN
+    again = load(root, "train")
+    assert len(decode_calls) == 3 * TRAIN  # nothing decoded again
+    assert isinstance(again.images, np.memmap) and again.images.mode == "r"
+    np.testing.assert_array_equal(first.images, again.images)
+    bigger = load(root, "train", image_size=24)
+    assert bigger.images.shape == (3 * TRAIN, 24, 24, 3) and len(decode_calls) == 6 * TRAIN
+    load(root, "train")
+    assert len(decode_calls) == 6 * TRAIN  # the 16px cache is still there
+    names = sorted(p.name for p in (root / "vitfuse-cache").iterdir())
+    assert names == [f"train_{s}px_{f}" for s in (16, 24) for f in ("images.npy", "labels.npy", "manifest.json")]
+
+
+def test_cache_is_rebuilt_when_an_image_changes(root, decode_calls):
+    load(root, "train")
+    target = root / "train" / CLASSES[2] / "img 0.png"
+    save(target, np.full((30, 50, 3), (10, 200, 10)))
+    decode_calls.clear()
+    after = load(root, "train")
+    assert len(decode_calls) == 3 * TRAIN
+    assert after.images[2 * TRAIN].mean(axis=(0, 1)).round().tolist() == [10, 200, 10]
+
+
+def test_a_new_train_class_rebuilds_val_with_new_labels(root):
+    before = load(root, "val")
+    assert before.labels[0] == 0
+    save(root / "train" / "aardvark" / "a.png", np.zeros((9, 9, 3)))  # sorts first: every label moves up
+    after = load(root, "val")
+    assert after.class_names == ["aardvark", *CLASSES]
+    assert after.labels.tolist() == (before.labels + 1).tolist()
+
+
+def test_two_decoding_processes_give_the_same_arrays(root, tmp_path):
+    one = load(root, "val")
+    two = image_folder.load_image_folder(root, "val", image_size=SIZE, workers=2, progress=False,
+                                         cache_dir=tmp_path / "c2")
+    np.testing.assert_array_equal(one.images, two.images)
+    np.testing.assert_array_equal(one.labels, two.labels)
+
+
+def test_streamed_batches_from_the_memmap_equal_on_device_batches(root):
+    train = load(root, "train")
+    on_device = Batcher(train.images, train.labels, 4, seed=3)
+    streamed = Batcher(train.images, train.labels, 4, seed=3, device_budget_bytes=0)
+    assert on_device.on_device and not streamed.on_device
+    for (a, la), (b, lb) in zip(on_device.epoch(1), streamed.epoch(1), strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+def test_neither_layout_says_what_was_expected_and_what_was_found(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(DatasetError) as e:
+        load(tmp_path, "train")
+    message = str(e.value)
+    assert "neither" in message and "wnids.txt" in message and "train/<class>/" in message
+    assert "photos/, readme.txt" in message
+    assert "download" not in message  # the Tiny ImageNet hint only when Tiny ImageNet was asked for
+
+
+def test_parent_of_an_image_folder_suggests_it(root):
+    with pytest.raises(DatasetError, match=f"did you mean --data-dir {root}"):
+        load(root.parent, "train")
+
+
+def test_empty_class_folder_is_named(root):
+    (root / "train" / "empty one").mkdir()
+    with pytest.raises(DatasetError) as e:
+        load(root, "train")
+    assert str(root / "train" / "empty one") in str(e.value) and "empty" in str(e.value)
+    (root / "train" / "empty one" / "list.csv").write_text("a,b\n")
+    with pytest.raises(DatasetError, match="1 files, none named"):
+        load(root, "train")
+
+
+def test_class_in_val_not_in_train_is_an_error(root):
+    shutil.copytree(root / "val" / CLASSES[1], root / "val" / "zebra")
+    with pytest.raises(DatasetError) as e:
+        load(root, "val")
+    assert str(root / "val" / "zebra") in str(e.value) and str(root / "train") in str(e.value)
+
+
+@pytest.mark.parametrize("how", ["no class folders", "no val folder", "image outside a class"])
+def test_split_without_images_is_an_error(root, how):
+    if how == "no val folder":
+        shutil.rmtree(root / "val")
+        expected = f"missing folder {root / 'val'}"
+    elif how == "no class folders":
+        shutil.rmtree(root / "val")
+        (root / "val").mkdir()
+        expected = f"no images in {root / 'val'}"
+    else:
+        shutil.copy(root / "train" / CLASSES[0] / "img 0.jpg", root / "train" / "loose.jpg")
+        expected = f"{root / 'train' / 'loose.jpg'} is not in a class folder"
+    with pytest.raises(DatasetError) as e:
+        load(root, "val" if how != "image outside a class" else "train")
+    assert expected in str(e.value)
+
+
+def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root):
+    bad = root / "train" / CLASSES[1] / "img 4.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    with pytest.raises(DatasetError) as e:
+        load(root, "train")
+    assert str(bad) in str(e.value) and "skip_bad_images" in str(e.value)
+    assert not list((root / "vitfuse-cache").glob("*manifest*"))
+    train = load(root, "train", skip_bad_images=True)
+    assert len(train) == 3 * TRAIN - 1 and len(train.skipped) == 1 and str(bad) in train.skipped[0]
+    assert train.labels.tolist() == [0] * TRAIN + [1] * (TRAIN - 1) + [2] * TRAIN
+    with pytest.raises(DatasetError, match=str(bad)):  # the skipping cache does not hide it later
+        load(root, "train")
+
+
+# --- layout and size choices -------------------------------------------------------------------------------------
+
+
+def test_layout_is_detected_or_named(root, tmp_path):
+    tiny = write_fake_tiny_imagenet(tmp_path / "t")
+    assert resolve_layout("tiny-imagenet", root) == "image-folder"
+    assert resolve_layout("tiny-imagenet", tiny) == "tiny-imagenet"
+    assert resolve_layout("tiny-imagenet", tiny.parent) == "tiny-imagenet"
+    assert resolve_layout("image-folder", tiny, "image-folder") == "image-folder"
+    assert resolve_layout("digits", None) == "digits"
+    # The same command line works for both: --data-dir, with the dataset name left at its default.
+    assert load_dataset("tiny-imagenet", root, "val", workers=1, progress=False).images.shape[1:] == (64, 64, 3)
+    with pytest.raises(DatasetError, match="wnids.txt"):  # named, not detected
+        load_dataset("tiny-imagenet", root, "val", layout="tiny-imagenet", progress=False)
+    with pytest.raises(DatasetError, match="data.layout"):
+        load(root, "val", layout="imagenet")
+    with pytest.raises(DatasetError, match="--data-dir"):
+        load_dataset("image-folder", None, "train")
+
+
+def test_image_size_is_for_image_folders(tmp_path):
+    tiny = write_fake_tiny_imagenet(tmp_path / "t")
+    with pytest.raises(DatasetError, match="data.image_size=32"):
+        load_dataset("tiny-imagenet", tiny, "train", image_size=32, progress=False)
+    assert load_dataset("tiny-imagenet", tiny, "train", image_size=64, workers=1, progress=False).images.shape[1] == 64
+    assert load_dataset("digits", None, "val", image_size=8).images.shape[1:] == (8, 8, 1)
+
+
+def test_config_keys_are_checked():
+    cfg = from_dict({"data": {"layout": "image-folder", "image_size": 96, "device_budget_mb": 0}})
+    assert (cfg.data.layout, cfg.data.image_size, cfg.data.device_budget_mb) == ("image-folder", 96, 0)
+    for bad in ({"layout": "flat"}, {"image_size": 0}, {"image_size": 1.5}, {"device_budget_mb": -1},
+                {"dataset": "imagenet"}):
+        with pytest.raises(ConfigError, match="data." + next(iter(bad))):
+            from_dict({"data": bad})
+
+
+def test_prepare_command_builds_the_cache(root, capsys):
+    assert cli.main(["prepare", "--data-dir", str(root), "--image-size", "12", "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"image-folder train: {3 * TRAIN} images (12, 12, 3), 3 classes" in out
+    assert f"image-folder val: {3 * VAL} images" in out
+    assert (root / "vitfuse-cache" / "val_12px_manifest.json").is_file()

@@ -1,0 +1,252 @@
+"""train.py and evaluate.py on an image folder written on the fly, and what evaluate.py draws from the run:
+the saliency grid (checked against finite differences of the loss), --predict, the confusion matrix."""
+
+import contextlib
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate
+import train
+import vit
+from vit import explain
+from vit.data.fake import (FAKE_FOLDER_CLASSES, fake_colour_image, save_as, write_fake_image_folder,
+                           write_fake_tiny_imagenet)
+from vit.data.image_folder import load_image
+
+CLASSES = sorted(FAKE_FOLDER_CLASSES)
+SIZE = 16
+SMALL_MODEL = ["--set", "model.patch_size=8", "--set", "model.d_model=32", "--set", "model.heads=2",
+               "--set", "model.layers=1", "--set", "model.mlp_dim=64", "--no-progress", "--set", "data.workers=1"]
+
+
+def run_quietly(main, args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    """8 epochs of a 1-layer ViT on the fake colour folder at 16x16, streamed from the memory-mapped
+    cache (device_budget_mb=0), as a user would run it."""
+    base = tmp_path_factory.mktemp("colours")
+    root = write_fake_image_folder(base / "folder")
+    run = base / "run"
+    code, out = run_quietly(train.main, ["--data-dir", root, "--out", run, "--set", f"data.image_size={SIZE}",
+                                         "--set", "data.device_budget_mb=0", "--batch-size", 7, "--epochs", 8,
+                                         "--lr", 3e-3, *SMALL_MODEL])
+    assert code == 0, out
+    return root, run, out
+
+
+def test_image_folder_trains_streamed_and_evaluates(colour_run):
+    root, run, out = colour_run
+    assert "data: image-folder, 21 train / 9 val images of 16x16x3, 3 classes (streamed" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["image_size"] == SIZE and config["model"]["num_classes"] == 3
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    best = max(x["val_top1"] for x in lines)
+    assert len(lines) == 8 and best >= 8 / 9  # the colours are learnt
+    result = evaluate.evaluate(run, "best", progress=False)
+    assert result["count"] == 9 and result["top1"] == pytest.approx(best, abs=1e-6)
+    assert result["class_names"] == CLASSES
+    assert explain.load_run(run).class_names == CLASSES  # kept in the checkpoint
+
+
+def test_image_size_that_the_patch_does_not_divide_suggests_one(colour_run, tmp_path, capsys):
+    root, _, _ = colour_run
+    with pytest.raises(SystemExit):
+        train.main(["--data-dir", str(root), "--out", str(tmp_path / "r"), "--set", "data.image_size=50",
+                    "--no-progress", "--set", "data.workers=1"])
+    err = capsys.readouterr().err
+    assert "image_size=50 is not divisible by patch_size=8" in err and "--set model.patch_size=5" in err
+
+
+# --- saliency ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saliency_run(colour_run):
+    """python evaluate.py RUN --saliency 5"""
+    _, run, _ = colour_run
+    code, out = run_quietly(evaluate.main, [run, "--saliency", 5, "--no-progress"])
+    assert code == 0 and f"saliency maps: {run / 'saliency-best.png'} (5 validation images)" in out, out
+    return run
+
+
+def test_saliency_grid_and_maps(saliency_run):
+    run = saliency_run
+    with Image.open(run / "saliency-best.png") as png:
+        assert png.size == explain.saliency_figure_size(5)
+        assert np.asarray(png.convert("L")).std() > 10  # not a blank page
+    s = np.load(run / "saliency-best.npz")
+    assert s["indices"].tolist() == explain.pick_indices(9, 5).tolist() == [0, 2, 4, 6, 8]
+    assert s["images"].shape == (5, SIZE, SIZE, 3) and s["images"].dtype == np.uint8
+    assert s["maps"].shape == (5, SIZE, SIZE) and s["grads"].shape == (5, SIZE, SIZE, 3)
+    assert np.isfinite(s["maps"]).all() and (s["maps"] >= 0).all() and (s["maps"].max(axis=(1, 2)) > 0).all()
+    np.testing.assert_array_equal(s["maps"], np.abs(s["grads"]).max(axis=-1))
+    assert s["labels"].tolist() == [0, 0, 1, 2, 2]  # val is sorted by class, 3 images each
+    assert set(s["predictions"].tolist()) <= {0, 1, 2}
+
+
+def test_saliency_map_is_the_gradient_of_each_images_loss(saliency_run):
+    """The map against central finite differences of the loss in float64, pixel by pixel.
+
+    float64 (jax.enable_x64): the hand-written image gradient, scaled to one image's loss and to pixel
+    units, matches the differences to 1e-6 (step 1e-4 in [0, 1] pixel units: truncation ~1e-8).
+    The map evaluate.py drew was computed in float32: it matches to 1e-3 of its largest value, the
+    float32 rounding of a forward/backward pass (~1e-6 relative per op) with a wide margin."""
+    run = saliency_run
+    s = np.load(run / "saliency-best.npz")
+    r = explain.load_run(run)
+    rng = np.random.default_rng(0)
+    h = 1e-4
+    with jax.enable_x64(True):
+        params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), r.params)
+        mean, std = r.mean.astype(np.float64), r.std.astype(np.float64)
+        _, grads64, _ = explain.saliency(params, r.model, s["images"], s["labels"], mean, std)
+        loss = jax.jit(lambda pixels, label: vit.loss(params, (pixels - mean) / std, label, r.model))
+        checked = 0
+        for i in range(3):
+            pixels = s["images"][i : i + 1].astype(np.float64) / 255.0
+            label = jnp.asarray(s["labels"][i : i + 1])
+            spots = [np.unravel_index(np.argmax(s["maps"][i]), s["maps"][i].shape), *rng.integers(0, SIZE, (2, 2))]
+            for y, x in spots:
+                fd = np.zeros(3)
+                for c in range(3):
+                    step = np.zeros_like(pixels)
+                    step[0, y, x, c] = h
+                    fd[c] = (float(loss(pixels + step, label)) - float(loss(pixels - step, label))) / (2 * h)
+                scale = np.abs(grads64[i]).max()
+                np.testing.assert_allclose(grads64[i, y, x], fd, rtol=1e-6, atol=1e-6 * scale)
+                assert s["maps"][i, y, x] == pytest.approx(np.abs(fd).max(), rel=1e-3, abs=1e-3 * s["maps"][i].max())
+                checked += 1
+    assert checked == 9
+
+
+def test_saliency_titles_name_true_and_predicted_classes(monkeypatch, tmp_path):
+    saved = {}
+    monkeypatch.setattr(explain, "_save", lambda fig, path: saved.setdefault("fig", fig))
+    images = np.zeros((3, 8, 8, 1), np.uint8)
+    maps = np.random.default_rng(0).random((3, 8, 8))
+    explain.plot_saliency(images, maps, ["cat", "dog", "cat"], ["cat", "cat", "cat"], tmp_path / "x.png")
+    titles = [ax.get_title() for ax in saved["fig"].axes]
+    assert "true: dog\npred: cat" in titles and titles.count("true: cat\npred: cat") == 2
+    assert sum("d loss / d image" in t for t in titles) == 3
+
+
+# --- predict -----------------------------------------------------------------------------------------------------
+
+
+def parse_predictions(text):
+    blocks, current = {}, None
+    for line in text.splitlines():
+        if not line.startswith("  "):
+            current = blocks.setdefault(line, [])
+        else:
+            rank, percent, name = line.split(None, 2)
+            current.append((int(rank[:-1]), float(percent[:-1]), name))
+    return blocks
+
+
+def test_predict_names_the_class_of_images_of_any_size(colour_run, tmp_path, capsys):
+    _, run, _ = colour_run
+    rng = np.random.default_rng(5)
+    red = tmp_path / "a red thing.jpg"
+    fake_colour_image(FAKE_FOLDER_CLASSES["red fish (ñ)"], 123, 45, rng).save(red, quality=90)
+    blue = tmp_path / "blue.png"
+    save_as(fake_colour_image(FAKE_FOLDER_CLASSES["blue.v2"], 31, 77, rng), blue, "PNG", "RGBA")
+    assert evaluate.main([str(run), "--predict", str(red), str(blue)]) == 0
+    blocks = parse_predictions(capsys.readouterr().out)
+    assert list(blocks) == [str(red), str(blue)]
+    assert blocks[str(red)][0][2] == "red fish (ñ)" and blocks[str(blue)][0][2] == "blue.v2"
+    r = explain.load_run(run)
+    for path, rows in blocks.items():
+        assert [k for k, _, _ in rows] == [1, 2, 3]  # 3 classes: all of them, best first
+        assert sorted(name for _, _, name in rows) == CLASSES
+        assert sum(p for _, p, _ in rows) == pytest.approx(100, abs=0.02)
+        # the same numbers straight from the model, on the image resized as the cache resizes
+        x = explain.model_input(load_image(path, SIZE)[None], r.mean, r.std)
+        logits = np.asarray(vit.forward(r.params, x, r.model))[0]
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        assert [name for _, _, name in rows] == [CLASSES[k] for k in np.argsort(-probs)]
+        np.testing.assert_allclose([p for _, p, _ in rows], 100 * np.sort(probs)[::-1], atol=0.006)
+
+
+def test_predict_bad_file_is_named(colour_run, tmp_path, capsys):
+    _, run, _ = colour_run
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG nope")
+    with pytest.raises(SystemExit):
+        evaluate.main([str(run), "--predict", str(bad)])
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_predict_uses_tiny_imagenet_words(tmp_path, capsys, monkeypatch):
+    root = write_fake_tiny_imagenet(tmp_path / "data")
+    run = tmp_path / "run"
+    code, _ = run_quietly(train.main, ["--data-dir", root, "--out", run, "--batch-size", 4, "--epochs", 1,
+                                       *SMALL_MODEL])
+    assert code == 0
+    words = [f"class {i}, fake thing {i}" for i in range(3)]
+    image = root / "val" / "images" / "val_1.JPEG"
+    assert evaluate.main([str(run), "--predict", str(image)]) == 0
+    rows = parse_predictions(capsys.readouterr().out)[str(image)]
+    assert sorted(name for _, _, name in rows) == words
+    r = explain.load_run(run)
+    logits = np.asarray(vit.forward(r.params, explain.model_input(load_image(image, 64)[None], r.mean, r.std),
+                                    r.model))[0]
+    assert rows[0][2] == words[int(np.argmax(logits))]
+    # A checkpoint without the names (older runs): read from the dataset, the same answer.
+    monkeypatch.setattr(explain.Run, "class_names", property(lambda self: None))
+    assert evaluate.main([str(run), "--predict", str(image), "--no-progress"]) == 0
+    assert parse_predictions(capsys.readouterr().out)[str(image)] == rows
+
+
+# --- confusion matrix --------------------------------------------------------------------------------------------
+
+
+def test_per_class_writes_the_confusion_matrix(colour_run):
+    _, run, _ = colour_run
+    code, out = run_quietly(evaluate.main, [run, "--per-class", "--no-progress"])
+    assert code == 0 and "confusion matrix:" in out
+    with Image.open(run / "confusion-best.png") as png:
+        assert png.size == explain.confusion_figure_size(3)
+    c = np.load(run / "confusion-best.npz")
+    assert c["matrix"].shape == (3, 3) and c["matrix"].sum() == 9  # every val image once
+    assert sorted(c["shown"].tolist()) == [0, 1, 2] and c["class_names"].tolist() == CLASSES
+    per_class = json.loads((run / "eval-best.json").read_text())["per_class"]
+    assert [[name, int(c["matrix"][k, k]), int(c["matrix"][k].sum())] for k, name in enumerate(CLASSES)] == per_class
+
+
+def test_200_classes_show_the_worst_and_their_confusions_side_by_side(tmp_path):
+    k = 200
+    m = np.diag(np.full(k, 50))
+    planted = {17: (103, 40), 42: (150, 30), 5: (6, 20)}  # true class: (taken for, how often)
+    for true, (pred, n) in planted.items():
+        m[true, true] -= n
+        m[true, pred] += n
+    rng = np.random.default_rng(0)
+    for _ in range(60):  # a little noise elsewhere
+        a, b = rng.integers(0, k, 2)
+        if a != b and m[a, a] > 45:
+            m[a, a] -= 1
+            m[a, b] += 1
+    shown = explain.confusion_classes(m)
+    assert len(shown) == explain.CONFUSION_MAX_CLASSES == 30 and len(set(shown.tolist())) == 30
+    order = shown.tolist()
+    assert order[0] in (17, 103)  # the biggest confusion leads
+    for true, (pred, _) in planted.items():
+        assert abs(order.index(true) - order.index(pred)) == 1, (true, pred, order)
+    written = explain.write_confusion(m, [f"class {i}" for i in range(k)], tmp_path)
+    with Image.open(written["png"]) as png:
+        assert png.size == explain.confusion_figure_size(30)
+    c = np.load(written["npz"])
+    assert c["matrix"].sum() == 50 * k and c["shown"].tolist() == order

@@ -1,0 +1,264 @@
+"""The decoded-image cache shared by every folder dataset: decode once, memory-map ever after.
+
+A cache is three files in one folder, named by a prefix (e.g. "train", or "train_96px"):
+    <prefix>_images.npy    uint8 (N, H, W, C), opened with np.load(mmap_mode="r")
+    <prefix>_labels.npy    int32 (N,)
+    <prefix>_manifest.json fingerprint of the sources + counts; written last, so it marks a complete cache
+
+The fingerprint hashes the sorted relative paths, sizes and mtimes of every source file (the images and
+whatever the labels come from) and a string naming how they were decoded; any change rebuilds the cache.
+A rebuild first deletes the manifest, writes every array under a temporary name and os.replace()s it into
+place, then writes the manifest: a run killed half-way leaves no manifest, so its files never count.
+
+Images are decoded by `decode(path) -> uint8 (H, W, C)` (raising BadImage with a message naming the file) in
+worker processes started with "spawn", so `decode` must be picklable: a module-level function or a
+functools.partial of one. They go straight into a file-backed array, never all in memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vit.data.common import DatasetError
+
+CACHE_FORMAT = 1  # bump when the cache files change meaning
+
+Decode = Callable[[str], np.ndarray]
+
+
+class BadImage(Exception):
+    """An image file that cannot be decoded into the cached shape; the message names the file."""
+
+
+def fingerprint(root: Path, files: list[Path], method: str = "") -> str:
+    """Hash of (relative path, size, mtime) of each file and of `method` (how the files are decoded):
+    changes when a file is added, removed or rewritten, or the decoding changes."""
+    digest = hashlib.sha256(f"format {CACHE_FORMAT}\n".encode())
+    if method:
+        digest.update(f"method {method}\n".encode())
+    for path in sorted(files):
+        st = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding.
+
+
+def _decode_chunk(decode: Decode, shape: tuple, paths: list[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode a list of files: (uint8 (n, *shape), [(index in chunk, error message)]); bad rows stay zero.
+
+    Errors are returned, not raised, so that the caller decides between failing and skipping.
+    """
+    images = np.zeros((len(paths), *shape), dtype=np.uint8)
+    errors: list[tuple[int, str]] = []
+    for i, path in enumerate(paths):
+        try:
+            images[i] = decode(path)
+        except BadImage as e:
+            errors.append((i, str(e)))
+    return images, errors
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def decode_all(paths: list[Path], decode: Decode, shape: tuple, workers: int, on_chunk, *, desc: str,
+               progress: bool) -> None:
+    """Decode every path in order, calling on_chunk(start_index, images, errors) per chunk.
+
+    workers=1 decodes in this process. More workers use a process pool started with "spawn": forking a
+    process that has already started jax's threads can deadlock. Chunks amortize pickling the results.
+    """
+    n = len(paths)
+    chunk_size = max(1, min(512, math.ceil(n / (4 * workers))))
+    chunks = [[str(p) for p in paths[i : i + chunk_size]] for i in range(0, n, chunk_size)]
+    work = partial(_decode_chunk, decode, tuple(shape))
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+        if workers <= 1:
+            for k, (images, errors) in enumerate(map(work, chunks)):
+                on_chunk(k * chunk_size, images, errors)
+                bar.update(len(images))
+            return
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            for k, (images, errors) in enumerate(pool.map(work, chunks)):
+                on_chunk(k * chunk_size, images, errors)
+                bar.update(len(images))
+        finally:
+            # On an error (bad image, Ctrl-C) drop the chunks not started yet instead of decoding them all.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cache files.
+
+
+def cache_paths(cache_dir: Path, prefix: str) -> dict[str, Path]:
+    return {
+        "images": cache_dir / f"{prefix}_images.npy",
+        "labels": cache_dir / f"{prefix}_labels.npy",
+        "manifest": cache_dir / f"{prefix}_manifest.json",
+    }
+
+
+def open_cache(cache_dir: Path, prefix: str, source_fingerprint: str, shape: tuple):
+    """(manifest, images memmap, labels) if a complete cache for these sources exists, else None."""
+    paths = cache_paths(cache_dir, prefix)
+    try:
+        manifest = json.loads(paths["manifest"].read_text())
+        if manifest.get("format") != CACHE_FORMAT or manifest.get("fingerprint") != source_fingerprint:
+            return None
+        images = np.load(paths["images"], mmap_mode="r")
+        labels = np.load(paths["labels"])
+    except (OSError, ValueError):  # missing, unreadable or truncated files: rebuild
+        return None
+    count = manifest.get("count")
+    if images.shape != (count, *shape) or images.dtype != np.uint8:
+        return None
+    if labels.shape != (count,) or labels.dtype != np.int32:
+        return None
+    return manifest, images, labels
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(file) into a temporary name beside path, fsync, then rename over path."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_cache(
+    cache_dir: Path,
+    prefix: str,
+    paths: list[Path],
+    labels: np.ndarray,
+    source_fingerprint: str,
+    decode: Decode,
+    shape: tuple,
+    *,
+    workers: int,
+    skip_bad_images: bool,
+    progress: bool,
+    what: str,
+) -> None:
+    """Decode `paths` into the cache `prefix` in cache_dir. what: the split's name in messages."""
+    files = cache_paths(cache_dir, prefix)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # The manifest marks a complete cache: remove it first, so that until the new one is written
+        # nothing here counts, whatever state the arrays are in.
+        files["manifest"].unlink(missing_ok=True)
+        for path in files.values():  # leftovers from a run that was killed
+            for leftover in cache_dir.glob(f"{path.name}.tmp-*"):
+                leftover.unlink(missing_ok=True)
+    except OSError as e:
+        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}") from e
+
+    n = len(paths)
+    tmp_images = files["images"].with_name(f"{files['images'].name}.tmp-{os.getpid()}")
+    compacted = tmp_images.with_name(tmp_images.name + "-compact")
+    bad: list[tuple[int, str]] = []
+    try:
+        # Decode straight into a file-backed array: the images never sit in RAM all at once.
+        out = np.lib.format.open_memmap(tmp_images, mode="w+", dtype=np.uint8, shape=(n, *shape))
+
+        def on_chunk(start, images, errors):
+            if errors and not skip_bad_images:
+                raise DatasetError(
+                    f"{errors[0][1]}. Fix or remove the file, or pass skip_bad_images=True "
+                    f"(--skip-bad-images, --set data.skip_bad_images=true) to leave unreadable images out"
+                )
+            out[start : start + len(images)] = images
+            bad.extend((start + i, message) for i, message in errors)
+
+        decode_all(paths, decode, shape, workers, on_chunk, desc=f"decoding {what} (once)", progress=progress)
+        out.flush()
+        if bad:
+            # Rare path: copy the good rows into an array of the right length.
+            keep = np.ones(n, dtype=bool)
+            keep[[i for i, _ in bad]] = False
+            labels = labels[keep]
+            good = np.flatnonzero(keep)
+            dense = np.lib.format.open_memmap(compacted, mode="w+", dtype=np.uint8, shape=(len(good), *shape))
+            for s in range(0, len(good), 4096):
+                dense[s : s + 4096] = out[good[s : s + 4096]]
+            dense.flush()
+            del dense
+            os.replace(compacted, tmp_images)
+            print(f"{what}: skipped {len(bad)} unreadable images, e.g. {bad[0][1]}", file=sys.stderr)
+        del out
+        with open(tmp_images, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_images, files["images"])
+        write_atomic(files["labels"], lambda f: np.save(f, labels))
+        manifest = {
+            "format": CACHE_FORMAT,
+            "prefix": prefix,
+            "fingerprint": source_fingerprint,
+            "count": int(len(labels)),
+            "image_shape": list(shape),
+            "skipped": [message for _, message in bad],
+        }
+        write_atomic(files["manifest"], lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    except OSError as e:
+        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}") from e
+    finally:
+        tmp_images.unlink(missing_ok=True)
+        compacted.unlink(missing_ok=True)
+
+
+def load_cached(
+    cache_dir: Path,
+    prefix: str,
+    paths: list[Path],
+    labels: np.ndarray,
+    source_fingerprint: str,
+    decode: Decode,
+    shape: tuple,
+    *,
+    workers: int | None,
+    skip_bad_images: bool,
+    progress: bool,
+    what: str,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images memmap, labels, skipped messages) from the cache, building it first if it is missing or stale.
+
+    A cache built with skip_bad_images=True does not hide its bad files from a load without the flag.
+    """
+    cached = open_cache(cache_dir, prefix, source_fingerprint, shape)
+    if cached is None:
+        build_cache(cache_dir, prefix, paths, labels, source_fingerprint, decode, shape,
+                    workers=workers or default_workers(), skip_bad_images=skip_bad_images, progress=progress,
+                    what=what)
+        cached = open_cache(cache_dir, prefix, source_fingerprint, shape)
+        if cached is None:
+            raise DatasetError(f"the cache just written in {cache_dir} does not read back; is the disk full?")
+    manifest, images, labels = cached
+    skipped = list(manifest.get("skipped", []))
+    if skipped and not skip_bad_images:
+        raise DatasetError(
+            f"{skipped[0]} ({len(skipped)} unreadable images in {what}). Fix or remove the files, or pass "
+            f"skip_bad_images=True (--skip-bad-images, --set data.skip_bad_images=true) to leave them out"
+        )
+    return images, labels, skipped

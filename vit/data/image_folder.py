@@ -1,0 +1,208 @@
+"""Any image-folder dataset (torchvision ImageFolder's layout), resized once into the memory-mapped cache.
+
+Layout:
+    DIR/train/<class>/**/*.{jpg,jpeg,png,bmp,webp}   any size; RGB, grayscale, palette, CMYK or with alpha
+    DIR/val/<class>/**/*                              every val class must also be a train class
+
+Classes are the folder names under train/, sorted (Python string order, as torchvision does): label i is
+the i-th name. Images may sit in sub-folders of a class folder (found recursively, in sorted path order).
+Names starting with "." (.DS_Store, .ipynb_checkpoints) and files with other suffixes are ignored.
+
+Every image becomes uint8 (S, S, 3) RGB, S = image_size, by `load_image` (the same function classifies
+single files in `python evaluate.py RUN --predict`):
+    1. decode; a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still >= S
+    2. apply the EXIF orientation (photos from phones)
+    3. to RGB: grayscale is repeated over the channels, CMYK/palette converted, 16-bit grayscale scaled
+       to 8 bits, and alpha composited over white
+    4. resize so the shorter side is S (Pillow's bicubic filter, antialiased when shrinking; aspect kept)
+    5. crop the centre S x S
+
+Cache, in DIR/vitfuse-cache/ (vit.data.cache): <split>_<S>px_{images,labels}.npy and a manifest whose
+fingerprint covers every image (path, size, mtime), the class list, S and the method above, so changing any
+of them rebuilds it; caches of several sizes live side by side.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vit.data.cache import BadImage, fingerprint, load_cached
+from vit.data.common import Dataset, DatasetError
+
+CACHE_DIRNAME = "vitfuse-cache"
+DEFAULT_IMAGE_SIZE = 64
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SPLITS = ("train", "val")
+# Part of every cache fingerprint: change it when load_image changes what it returns.
+METHOD = "v1: jpeg draft, exif orientation, rgb (alpha over white), shorter side bicubic, centre crop"
+LAYOUT_HELP = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/*.jpg|png (torchvision's ImageFolder layout)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One image: decode, orient, RGB, resize the shorter side, centre crop.
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """img as "RGB" or "L" (mode): 16-bit grayscale scaled to 8 bits, alpha composited over white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale PNG: keep the top 8 bits
+        values = np.asarray(img).astype(np.int64)
+        img = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img if img.mode == mode else img.convert(mode)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (bicubic, aspect kept), then the centre size x size."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image(path: str | os.PathLike, size: int, channels: int = 3) -> np.ndarray:
+    """uint8 (size, size, channels) from an image file of any size and mode (see the module docstring).
+
+    channels: 3 (RGB) or 1 (grayscale, ITU-R 601-2 luma). Raises BadImage naming the file.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    try:
+        with Image.open(path) as img:
+            img.draft(None, (size, size))  # JPEG only: decode at a reduced scale, shorter side still >= size
+            img.load()  # Image.open only reads the header: decode now, so a truncated file fails here
+            try:
+                img = ImageOps.exif_transpose(img)
+            except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+                pass  # unreadable orientation metadata: keep the pixels as stored
+            img = resize_center_crop(_to_mode(img, "RGB" if channels == 3 else "L"), size)
+            pixels = np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+    return pixels.reshape(size, size, channels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout: the class folders and their images.
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def is_image_file(name: str) -> bool:
+    return _visible(name) and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def class_folders(split_dir: Path) -> list[str]:
+    """Sorted names of the class folders in split_dir (hidden ones left out)."""
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
+
+
+def images_in(class_dir: Path) -> list[Path]:
+    """Every image file under class_dir (sub-folders included), sorted by relative path."""
+    found = []
+    for folder, dirs, files in os.walk(class_dir, followlinks=True):
+        dirs[:] = [d for d in dirs if _visible(d)]
+        found += [Path(folder) / name for name in files if is_image_file(name)]
+    return sorted(found, key=lambda p: p.relative_to(class_dir).as_posix())
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetError(f"missing folder {split_dir}: an image-folder dataset needs {LAYOUT_HELP}")
+    return split_dir
+
+
+def list_split(root: Path, split: str, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+    """(image paths, labels, class names) of root/split. classes: the train classes (labels index them);
+    None lists train itself."""
+    split_dir = _split_dir(root, split)
+    names = class_folders(split_dir)
+    stray = sorted(e.name for e in os.scandir(split_dir) if e.is_file() and is_image_file(e.name))
+    if stray:
+        raise DatasetError(f"{split_dir / stray[0]} is not in a class folder ({len(stray)} such images); "
+                           f"expected {LAYOUT_HELP}")
+    if not names:
+        raise DatasetError(f"no images in {split_dir}: it has no class folders; expected {LAYOUT_HELP}")
+    if classes is None:
+        classes = names
+    else:
+        unknown = [n for n in names if n not in set(classes)]
+        if unknown:
+            raise DatasetError(
+                f"{split_dir / unknown[0]} is a class that is not in {root / 'train'} ({len(unknown)} such "
+                f"classes: {', '.join(map(repr, unknown[:5]))}); every {split} class needs training images")
+    label_of = {name: i for i, name in enumerate(classes)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    for name in names:
+        found = images_in(split_dir / name)
+        if not found:
+            others = sum(len(files) for _, _, files in os.walk(split_dir / name))
+            what = f"{others} files, none named *{', *'.join(IMAGE_SUFFIXES)}" if others else "it is empty"
+            raise DatasetError(f"no images in class folder {split_dir / name} ({what}); "
+                               f"remove the folder or add images")
+        paths += found
+        labels += [label_of[name]] * len(found)
+    return paths, np.asarray(labels, dtype=np.int32), list(classes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset.
+
+
+def load_image_folder(
+    data_dir: str | os.PathLike,
+    split: str,
+    *,
+    image_size: int | None = None,
+    workers: int | None = None,
+    skip_bad_images: bool = False,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """One split as uint8 (N, S, S, 3) memmap + int32 labels, S = image_size (default 64); decodes on first use.
+
+    data_dir: the folder holding train/ and val/.
+    workers: decoding processes (default: up to 8); only used when the cache is (re)built.
+    skip_bad_images: leave out unreadable images instead of failing; Dataset.skipped lists them.
+    cache_dir: where the decoded arrays go (default DIR/vitfuse-cache).
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} for an image folder; expected one of {SPLITS}")
+    size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise DatasetError(f"data.image_size must be a positive integer, got {image_size!r}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data directory {root} does not exist or is not a folder; expected {LAYOUT_HELP}")
+    train_paths, train_labels, classes = list_split(root, "train")
+    if split == "train":
+        paths, labels = train_paths, train_labels
+    else:
+        paths, labels, _ = list_split(root, split, classes)
+    method = f"{METHOD}; size {size}; classes {len(classes)}: " + "\x00".join(classes)
+    source_fingerprint = fingerprint(root, paths, method)
+    cache_dir = Path(cache_dir) if cache_dir is not None else root / CACHE_DIRNAME
+    images, labels, skipped = load_cached(
+        cache_dir, f"{split}_{size}px", paths, labels, source_fingerprint, partial(load_image, size=size),
+        (size, size, 3), workers=workers, skip_bad_images=skip_bad_images, progress=progress,
+        what=f"image-folder {split} at {size}x{size}")
+    if not len(labels):
+        raise DatasetError(f"no images left in {root / split}: all {len(skipped)} were unreadable, "
+                           f"e.g. {skipped[0] if skipped else '?'}")
+    return Dataset(images=images, labels=labels, class_names=classes, name="image-folder", split=split,
+                   skipped=skipped)

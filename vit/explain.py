@@ -1,0 +1,321 @@
+"""What a trained model does, in pictures: saliency grids, confusion matrices, top-5 predictions.
+
+Used by `python evaluate.py RUN --saliency N | --per-class | --predict IMAGE...`; every function also
+works on its own. All of it runs the float32 reference ops (vit/ops.py), whatever the run trained with.
+
+Saliency: for validation image i with true label y_i, the map is |d loss_i / d pixel| with loss_i the
+cross-entropy of image i alone and pixels in [0, 1] units, the largest over the colour channels. It comes
+from the model's hand-written backward (vit.image_gradient): the model sees x = (pixel - mean) / std, so
+d loss_i / d pixel = (d loss_i / d x) / std, and d loss_i / d x = B * d mean-loss / d x for a batch of B.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit import checkpoint
+from vit.config import ViTConfig
+from vit.model import forward, image_gradient
+
+# ----------------------------------------------------------------------------------------------
+# a run
+
+
+@dataclass
+class Run:
+    """A checkpoint of train.py, with what is needed to feed it images."""
+
+    path: Path
+    params: dict
+    model: ViTConfig
+    mean: np.ndarray
+    std: np.ndarray
+    config: dict  # the run's resolved config (config.json)
+    meta: dict
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names saved with the checkpoint (runs since the image-folder support), else None."""
+        return self.meta.get("class_names")
+
+
+def load_run(run_dir, checkpoint_name: str = "best") -> Run:
+    run_dir = Path(run_dir)
+    path = run_dir / f"{checkpoint_name}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
+                                "train.py that finished at least one epoch?)")
+    trees, meta = checkpoint.load(path)
+    cfg = meta["config"]
+    return Run(path, trees["params"], ViTConfig.from_dict(cfg["model"]),
+               np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32), cfg, meta)
+
+
+def load_val(run: Run, data_dir=None, progress: bool = True):
+    """The run's validation set, at the model's image size."""
+    from vit.data import load_dataset  # noqa: PLC0415
+
+    data = run.config["data"]
+    return load_dataset(data["dataset"], data_dir or data.get("data_dir"), "val",
+                        workers=data.get("workers"), progress=progress,
+                        image_size=run.model.image_size, layout=data.get("layout", "auto"))
+
+
+def model_input(images_u8, mean, std, dtype=jnp.float32):
+    """uint8 (N, S, S, C) -> what the model sees: (pixel / 255 - mean) / std, per channel."""
+    x = jnp.asarray(images_u8).astype(dtype) / 255.0
+    return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# saliency
+
+
+def pick_indices(total: int, n: int) -> np.ndarray:
+    """n indices spread evenly over 0..total-1 (so the picks cover the classes of a sorted set)."""
+    n = max(0, min(n, total))
+    return np.unique(np.linspace(0, total - 1, n).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
+_image_gradient = jax.jit(image_gradient, static_argnums=3)
+_forward = jax.jit(forward, static_argnums=2)
+
+
+def saliency(params, model: ViTConfig, images_u8, labels, mean, std, chunk: int = 64):
+    """-> (maps (N, S, S) >= 0, pixel gradients (N, S, S, C), logits (N, K)).
+
+    pixel gradients: d loss_i / d pixel (pixels in [0, 1]) of each image's own cross-entropy loss,
+    by the hand-written backward; maps: their absolute value, the largest over the channels.
+    Runs in the dtype of params (float64 under jax.enable_x64, for checks)."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    std_ = jnp.asarray(std, dtype)
+    grads, logits = [], []
+    for s in range(0, len(labels), chunk):
+        x = model_input(images_u8[s:s + chunk], mean, std, dtype)
+        y = jnp.asarray(np.asarray(labels[s:s + chunk]), jnp.int32)
+        dx = _image_gradient(params, x, y, model)  # d mean-loss / d x
+        grads.append(np.asarray(dx * x.shape[0] / std_))  # d loss_i / d pixel
+        logits.append(np.asarray(_forward(params, x, model)))
+    grads = np.concatenate(grads)
+    return np.abs(grads).max(axis=-1), grads, np.concatenate(logits)
+
+
+SALIENCY_PAIRS_PER_ROW = 4
+SALIENCY_CELL_INCHES = (1.8, 2.2)  # one image or map, with its title
+SALIENCY_HEADER_INCHES = 0.6  # the figure's title
+DPI = 100
+
+
+def saliency_figure_size(n: int) -> tuple[int, int]:
+    """(width, height) in pixels of the grid for n images."""
+    cols = 2 * min(n, SALIENCY_PAIRS_PER_ROW)
+    rows = -(-n // SALIENCY_PAIRS_PER_ROW)
+    return (round(max(cols * SALIENCY_CELL_INCHES[0], 6.0) * DPI),
+            round((rows * SALIENCY_CELL_INCHES[1] + SALIENCY_HEADER_INCHES) * DPI))
+
+
+def _save(fig, path: Path):
+    """Write a figure atomically (a temporary file renamed into place)."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=DPI)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    return plt
+
+
+def plot_saliency(images_u8, maps, true_names, pred_names, path) -> Path:
+    """Grid of (image, map) pairs, SALIENCY_PAIRS_PER_ROW per row, titled true / predicted class."""
+    plt = _pyplot()
+    n = len(maps)
+    if n == 0:
+        raise ValueError("no images to plot")
+    width, height = saliency_figure_size(n)
+    cols, rows = 2 * min(n, SALIENCY_PAIRS_PER_ROW), -(-n // SALIENCY_PAIRS_PER_ROW)
+    fig, axes = plt.subplots(rows, cols, figsize=(width / DPI, height / DPI), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        r, c = divmod(i, SALIENCY_PAIRS_PER_ROW)
+        ax_img, ax_map = axes[r, 2 * c], axes[r, 2 * c + 1]
+        image = np.asarray(images_u8[i])
+        if image.shape[-1] == 1:
+            ax_img.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        else:
+            ax_img.imshow(image, interpolation="nearest")
+        ok = true_names[i] == pred_names[i]
+        ax_img.set_title(f"true: {true_names[i][:22]}\npred: {pred_names[i][:22]}", fontsize=7,
+                         color="darkgreen" if ok else "firebrick")
+        ax_map.imshow(maps[i], cmap="inferno", vmin=0, vmax=max(float(maps[i].max()), 1e-30),
+                      interpolation="nearest")
+        ax_map.set_title(f"|d loss / d image|\nmax {float(maps[i].max()):.2g}", fontsize=7)
+    fig.suptitle("validation images beside |d loss / d pixel| from the hand-written backward\n"
+                 "(largest over the channels; each map scaled to its own max)", fontsize=8,
+                 y=1 - 0.08 / (height / DPI), va="top")
+    title_room = SALIENCY_HEADER_INCHES + 0.35  # the header and the first row's titles
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - title_room / (height / DPI),
+                        wspace=0.08, hspace=0.35)
+    path = Path(path)
+    _save(fig, path)
+    return path
+
+
+def write_saliency(run: Run, val, n: int, out_dir, name: str = "best") -> dict:
+    """saliency-<name>.png (the grid) and saliency-<name>.npz (the arrays it draws) in out_dir for n
+    validation images spread over the set. -> the arrays and paths."""
+    idx = pick_indices(len(val.labels), n)
+    images = np.asarray(val.images[idx])
+    labels = np.asarray(val.labels[idx], np.int32)
+    maps, grads, logits = saliency(run.params, run.model, images, labels, run.mean, run.std)
+    pred = logits.argmax(-1)
+    names = list(val.class_names)
+    out_dir = Path(out_dir)
+    png = plot_saliency(images, maps, [names[k] for k in labels], [names[k] for k in pred],
+                        out_dir / f"saliency-{name}.png")
+    arrays = {"indices": idx, "images": images, "labels": labels, "predictions": pred.astype(np.int32),
+              "maps": maps.astype(np.float32), "grads": grads.astype(np.float32)}
+    npz = out_dir / f"saliency-{name}.npz"
+    tmp = npz.with_name(npz.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, npz)
+    return {**arrays, "png": png, "npz": npz}
+
+
+# ----------------------------------------------------------------------------------------------
+# confusion matrix
+
+CONFUSION_MAX_CLASSES = 30
+
+
+def confusion_classes(matrix: np.ndarray, max_classes: int = CONFUSION_MAX_CLASSES) -> np.ndarray:
+    """The classes to show, in an order that puts confusions side by side.
+
+    Up to max_classes: every class. Beyond: the classes with the lowest accuracy, each followed by the
+    class it is most often mistaken for, until max_classes are chosen. Order: start from the class with
+    the most confusions; then repeatedly the not yet placed class most confused (both ways) with the
+    last one placed (none: the one with the most confusions left), so pairs and groups that are mixed
+    up sit next to each other along the diagonal."""
+    m = np.asarray(matrix, np.int64)
+    k = len(m)
+    total = m.sum(axis=1)
+    accuracy = np.where(total > 0, np.diag(m) / np.maximum(total, 1), np.inf)  # unseen classes last
+    off = m - np.diag(np.diag(m))
+    mixed = off + off.T
+    if k <= max_classes:
+        chosen = list(range(k))
+    else:
+        chosen = []
+        for c in np.argsort(accuracy, kind="stable"):
+            for cls in (int(c), int(np.argmax(off[c])) if off[c].any() else None):
+                if cls is not None and cls not in chosen and len(chosen) < max_classes:
+                    chosen.append(cls)
+            if len(chosen) >= max_classes:
+                break
+    left = set(chosen)
+    mass = mixed.sum(axis=1)
+    order = []
+    while left:
+        candidates = sorted(left)
+        if order and mixed[order[-1], candidates].max() > 0:
+            nxt = candidates[int(np.argmax(mixed[order[-1], candidates]))]
+        else:
+            nxt = candidates[int(np.argmax(mass[candidates]))]
+        order.append(nxt)
+        left.remove(nxt)
+    return np.asarray(order, np.int64)
+
+
+def confusion_figure_size(shown: int) -> tuple[int, int]:
+    side = 4.0 + 0.3 * shown
+    return round((side + 1.0) * DPI), round((side + 0.4) * DPI)
+
+
+def plot_confusion(matrix, class_names, path, max_classes: int = CONFUSION_MAX_CLASSES) -> np.ndarray:
+    """Confusion matrix PNG (rows: true class, columns: predicted; colour: share of the row, counts
+    written in). -> the indices of the classes shown, in the order shown."""
+    from matplotlib.colors import PowerNorm  # noqa: PLC0415
+
+    plt = _pyplot()
+    m = np.asarray(matrix, np.int64)
+    shown = confusion_classes(m, max_classes)
+    sub = m[np.ix_(shown, shown)]
+    rates = sub / np.maximum(m[shown].sum(axis=1, keepdims=True), 1)
+    width, height = confusion_figure_size(len(shown))
+    fig, ax = plt.subplots(figsize=(width / DPI, height / DPI))
+    im = ax.imshow(rates, cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    for r in range(len(shown)):
+        for c in range(len(shown)):
+            if sub[r, c]:
+                ax.text(c, r, str(sub[r, c]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[r, c] > 0.5 else ("firebrick" if r != c else "black"))
+    labels = [class_names[i][:24] for i in shown]
+    ax.set_xticks(range(len(shown)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(shown)), labels, fontsize=7)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    which = (f"all {len(m)} classes" if len(shown) == len(m) else
+             f"{len(shown)} of {len(m)} classes:\nthe least accurate, and what they are taken for")
+    ax.set_title(f"confusion on {int(m.sum())} validation images, {which}\n"
+                 "colour: share of the true class (sqrt scale)\nnumbers: counts (red: mistakes)",
+                 fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    return shown
+
+
+def write_confusion(matrix, class_names, out_dir, name: str = "best") -> dict:
+    """confusion-<name>.png and confusion-<name>.npz (the full matrix and the classes shown)."""
+    out_dir = Path(out_dir)
+    png = out_dir / f"confusion-{name}.png"
+    shown = plot_confusion(matrix, class_names, png)
+    npz = out_dir / f"confusion-{name}.npz"
+    tmp = npz.with_name(npz.stem + ".tmp.npz")
+    np.savez(tmp, matrix=np.asarray(matrix, np.int64), shown=shown, class_names=np.asarray(class_names))
+    os.replace(tmp, npz)
+    return {"png": png, "npz": npz, "shown": shown}
+
+
+# ----------------------------------------------------------------------------------------------
+# predict
+
+
+def predict_files(run: Run, paths, class_names: list[str], k: int = 5):
+    """-> [(path, [(class name, probability), ...top k])] for image files of any size, resized as the
+    image-folder cache is (vit.data.image_folder.load_image). Raises BadImage naming a bad file."""
+    from vit.data.image_folder import load_image  # noqa: PLC0415
+
+    if len(class_names) != run.model.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model of {run.model.num_classes} classes")
+    images = np.stack([load_image(p, run.model.image_size, run.model.channels) for p in paths])
+    logits = np.asarray(_forward(run.params, model_input(images, run.mean, run.std), run.model), np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    k = min(k, run.model.num_classes)
+    out = []
+    for path, p in zip(paths, probs):
+        top = np.argsort(-p, kind="stable")[:k]
+        out.append((str(path), [(class_names[i], float(p[i])) for i in top]))
+    return out
+
+
+def format_predictions(predictions) -> str:
+    lines = []
+    for path, top in predictions:
+        lines.append(path)
+        lines += [f"  {rank}. {100 * prob:6.2f}%  {name}" for rank, (name, prob) in enumerate(top, 1)]
+    return "\n".join(lines)
