@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import re
 import subprocess
@@ -60,12 +61,9 @@ def install_command(target: str) -> list[str]:
 
 def missing_packages() -> list[str]:
     """What of jax-triton, absl-py and a CUDA plugin's ``_triton`` module this process lacks."""
-    missing = []
-    for module in ("absl", "jax_triton"):
-        try:
-            __import__(module)
-        except ImportError as e:
-            missing.append(f"{module} ({e})")
+    # found, not imported: importing jax_triton clears TRITON_CACHE_DIR (launch._import_jax_triton)
+    missing = [f"{module} (no module named {module!r})" for module in ("absl", "jax_triton")
+               if importlib.util.find_spec(module) is None]
     from jax._src.lib import gpu_triton  # noqa: PLC0415
 
     if not hasattr(gpu_triton, "get_compute_capability"):
@@ -349,11 +347,10 @@ def main(argv=None) -> int:
               f"`python -m kernels.lowering_check --install {DEFAULT_SITE}` and run with "
               f"PYTHONPATH={DEFAULT_SITE} first on the path.", file=sys.stderr)
         return 2
-    import jax_triton  # noqa: PLC0415
     import triton  # noqa: PLC0415
     from kernels.launch import _import_jax_triton  # noqa: PLC0415
 
-    _import_jax_triton()  # jax-triton 0.3.1 clears TRITON_CACHE_DIR on import; this restores it
+    jax_triton = _import_jax_triton()  # as the launcher imports it (keeps TRITON_CACHE_DIR)
     fake_compute_capability(args.arch)
     from jax._src.lib import gpu_triton  # noqa: PLC0415
 
