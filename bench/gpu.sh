@@ -24,16 +24,20 @@
 #              kernels timed at the product shape; $OUT/tune-attention.md
 #   profile    one reference and one fused train step under Nsight Compute (ncu), kernel by
 #              kernel; $OUT/ncu-step-{reference,fused}.csv and their summaries in profile.log
-# Before any part, the jax-triton wheel carried in .whl/ is installed to /tmp/site and put on
-# PYTHONPATH (the GPU image has jax with CUDA, triton, pytest and pytest-benchmark, no jax-triton);
-# its output goes to $OUT/env.log.
+# Before any part, the wheels carried in .whl/ (jax-triton 0.3.1 and absl-py, which it imports:
+# `pip download --no-deps jax-triton==0.3.1 absl-py -d .whl`) are installed to /tmp/site and put
+# first on PYTHONPATH (the GPU image has jax with CUDA, triton, pytest and pytest-benchmark, no
+# jax-triton). --upgrade replaces what an earlier call left in /tmp/site on a warm machine (without
+# it pip keeps the old copy and exits 0); the versions then found there are printed. Its
+# output opens $OUT/env.log. A missing wheel or a failed install fails the run (the parts still run).
 #
 # Every part runs even when an earlier one failed; the exit status is 1 if any part (or the
 # install) failed, 2 for a bad part name. $OUT/ gets one log per part, the results .json and .md,
 # one .png, tune-attention.md and two ncu CSVs, none in subfolders.
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
-# command, default 0 = none; a part past it fails with exit 124 and the next part runs).
+# command, default 0 = none; a part past it fails with exit 124 and the next part runs), WHEELS
+# (default .whl) and SITE (default /tmp/site): where the wheels are and where they go.
 
 set -u -o pipefail
 
@@ -41,6 +45,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-/tmp/vitfuse-gpu}
 PY=${PYTHON:-python3}
 PART_TIMEOUT=${PART_TIMEOUT:-0}
+WHEELS=${WHEELS:-.whl}
+SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT" || exit 1
 
 failed=()
@@ -176,19 +182,37 @@ for name in env "${parts[@]}"; do  # fresh logs (env.log: the install's output, 
   : > "$OUT/$name.log"
 done
 
-# install jax-triton here, in this shell, so that PYTHONPATH reaches every part; its output opens
-# env.log
-shopt -s nullglob
-wheels=(.whl/*.whl)
-shopt -u nullglob
-echo "=== install: ${wheels[*]:-no wheel in .whl/}" | tee -a "$OUT/env.log"
-if [ "${#wheels[@]}" -eq 0 ]; then
-  failed+=("install (no .whl/*.whl)")
-elif ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${wheels[@]}" \
-    2>&1 | tee -a "$OUT/env.log"; then
-  failed+=("install (pip failed)")
+# install jax-triton and absl-py here, in this shell, so that PYTHONPATH reaches every part; the
+# install's output opens env.log
+install_wheels() {
+  local wheels dist missing=()
+  shopt -s nullglob
+  wheels=("$WHEELS"/*.whl)
+  for dist in jax_triton absl_py; do
+    local found=("$WHEELS/$dist"-*.whl)
+    [ "${#found[@]}" -eq 0 ] && missing+=("$dist")
+  done
+  shopt -u nullglob
+  echo "=== install into $SITE: ${wheels[*]:-no wheel in $WHEELS/}"
+  if [ "${#missing[@]}" -ne 0 ]; then
+    echo "no ${missing[*]} wheel in $WHEELS/: pip download --no-deps jax-triton==0.3.1 absl-py -d $WHEELS"
+    return 1
+  fi
+  # --upgrade replaces the packages' folders but leaves an older version's .dist-info beside the
+  # new one (then importlib.metadata may report either): remove those first
+  rm -rf "$SITE"/jax_triton-*.dist-info "$SITE"/absl_py-*.dist-info
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}" \
+    || return 1
+  PYTHONPATH="$SITE" "$PY" -c '
+import importlib.metadata as md
+for dist in ("jax-triton", "absl-py"):
+    print(f"installed: {dist} {md.version(dist)} from", md.distribution(dist).locate_file(""))'
+}
+install_wheels 2>&1 | tee -a "$OUT/env.log"
+if [ "${PIPESTATUS[0]}" -ne 0 ]; then
+  failed+=("install (see env.log)")
 fi
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 for name in "${parts[@]}"; do
   run_part "$name"

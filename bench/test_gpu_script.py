@@ -1,15 +1,20 @@
 """bench/gpu.sh plumbing on a machine without a GPU: a bad part name, and a part that fails
-(tune needs a GPU) still leaves its log and makes the script exit 1 naming it."""
+(tune needs a GPU) still leaves its log and makes the script exit 1 naming it; the carried wheels
+install over an older copy and both jax-triton and absl-py must be there."""
 
+import base64
+import hashlib
 import os
 import subprocess
+import zipfile
 from pathlib import Path
 
 SCRIPT = Path(__file__).with_name("gpu.sh")
 
 
-def run(tmp_path, *parts):
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "JAX_PLATFORMS": "cpu"}
+def run(tmp_path, *parts, **env):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "JAX_PLATFORMS": "cpu",
+           "WHEELS": str(tmp_path / "no-wheels"), "SITE": str(tmp_path / "site"), **env}
     return subprocess.run(["bash", str(SCRIPT), *parts], capture_output=True, text=True, env=env,
                           timeout=300)
 
@@ -37,3 +42,52 @@ def test_split_bench_parts_are_dispatched(tmp_path):
     for part in ("bench-ops", "bench-step"):
         log = (tmp_path / "out" / f"{part}.log").read_text()
         assert "no results file was written" in log and f"=== {part}: exit 1" in log
+
+
+def fake_wheel(folder: Path, dist: str, module: str, version: str) -> Path:
+    """A minimal pure-Python wheel whose module records its version."""
+    name = f"{dist.replace('-', '_')}-{version}"
+    files = {f"{module}/__init__.py": f'__version__ = "{version}"\n',
+             f"{name}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+             f"{name}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n"}
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for path, text in files.items()]
+    files[f"{name}.dist-info/RECORD"] = "\n".join(record + [f"{name}.dist-info/RECORD,,"]) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in files.items():
+            z.writestr(member, text)
+    return path
+
+
+def test_install_replaces_an_older_copy(tmp_path):
+    """A warm machine's /tmp/site holds the last call's packages: the next call's wheels replace
+    them (module and metadata), and env.log says which versions are installed."""
+    site = tmp_path / "site"
+    for version in ("0.0.1", "0.0.2"):
+        wheels = tmp_path / f"wheels-{version}"
+        fake_wheel(wheels, "jax-triton", "jax_triton", version)
+        fake_wheel(wheels, "absl-py", "absl", version)
+        proc = run(tmp_path, "env", WHEELS=str(wheels))
+        log = (tmp_path / "out" / "env.log").read_text()
+        assert "install (" not in proc.stdout, proc.stdout + log
+        assert f'__version__ = "{version}"' in (site / "jax_triton" / "__init__.py").read_text()
+        assert f'__version__ = "{version}"' in (site / "absl" / "__init__.py").read_text()
+        assert sorted(p.name for p in site.glob("*.dist-info")) == [
+            f"absl_py-{version}.dist-info", f"jax_triton-{version}.dist-info"]
+        assert f"installed: jax-triton {version} from {site}" in log, log
+        assert f"installed: absl-py {version} from {site}" in log, log
+        # the env part then imports jax_triton from there (here it fails later, on the backend)
+        assert f"jax_triton from {site}" in log, log
+
+
+def test_install_needs_absl_beside_jax_triton(tmp_path):
+    wheels = tmp_path / "wheels"
+    fake_wheel(wheels, "jax-triton", "jax_triton", "0.0.1")
+    proc = run(tmp_path, "env", WHEELS=str(wheels))
+    log = (tmp_path / "out" / "env.log").read_text()
+    assert "no absl_py wheel in" in log and "pip download --no-deps jax-triton==0.3.1 absl-py" in log
+    assert proc.returncode == 1 and "install (see env.log)" in proc.stdout
+    assert not (tmp_path / "site" / "jax_triton").exists()

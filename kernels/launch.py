@@ -10,8 +10,22 @@ Inputs are jax arrays (passed as pointers, contiguous, row-major), outputs are d
 ``jax.ShapeDtypeStruct``s and come back as a tuple of arrays, and every scalar (sizes, strides,
 eps, flags, tile sizes) is a ``tl.constexpr`` passed by keyword. jax-triton 0.3.1 lays a call out
 exactly like that: positional arrays, then one pointer per ``out_shape``, then the keywords as
-compile-time constants. Keeping scalars out of the positional list means the same kernel
-signature works for jax-triton 0.3.x and 0.4.x and for the interpreter.
+compile-time constants; the interpreter path below does the same.
+
+Which jax-triton works, as far as lowering for cuda sm_90 on a CPU shows (``python -m
+kernels.lowering_check``; nothing here has run on a GPU yet):
+
+- 0.3.1, the one pinned (the ``gpu`` extra): every launch, plain and inside ``poisoned_outputs()``,
+  lowers to the legacy ``triton_kernel_call`` custom call, with jax 0.11.2 and 0.12.0.1 on triton
+  3.6.0 and with jax 0.10.2 on triton 3.6.0 and 3.9.0.
+- 0.4.1 (0.4.0 not checked): plain launches lower (to ``triton_kernel_call_ffi``) with jax 0.11.2 on
+  triton 3.9.0, but no poisoned one does: 0.4.x gives an aliased output no pointer parameter of its
+  own, so the wrapper kernel below has one parameter per output too many ("ValueError: out_type has
+  0 unaliased outputs, but 3 kernel parameters are missing an argument" for _ln_fwd). On triton
+  3.6 nothing lowers (it imports ``TMA_TF32`` from triton's NVIDIA driver, absent there, then
+  treats the NVIDIA backend as missing: "TypeError: object.__new__() takes exactly one argument"),
+  and on jax 0.12.0.1 its DCE rule fails ("_triton_kernel_call_dce_rule() takes 2 positional
+  arguments but 3 were given").
 
 Checks only (they cost time or skip the kernel):
 - ``poisoned_outputs()``: compiled launches start their outputs as NaN, as the interpreter's
@@ -133,7 +147,8 @@ def _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name,
     if _POISON_COMPILED:
         # jax-triton 0.3.x hands an aliased output its own pointer parameter as well, so the NaN
         # arrays are extra inputs of a wrapper kernel(*inputs, *nan_inputs, *outputs) whose
-        # output pointers are the NaN buffers themselves (input_output_aliases)
+        # output pointers are the NaN buffers themselves (input_output_aliases). 0.4.x does not,
+        # and rejects this call (see the module docstring)
         n_inputs = len(inputs)
         kernel = _poisoned_wrapper(kernel, n_inputs, len(outputs))
         inputs = list(inputs) + [_poison_fill(o) for o in outputs]

@@ -1,0 +1,134 @@
+"""The fused kernels and the whole fused train step lower for an NVIDIA GPU through the real
+jax-triton 0.3.1, on this machine without one (``python -m kernels.lowering_check``).
+
+Each kernel configuration and two small train steps are lowered to StableHLO for "cuda" with the
+compute capability faked to 90, plainly and inside ``poisoned_outputs()``; every case must hold one
+``triton_kernel_call`` per launch that ``record_launches`` saw, named as kernels/launch.py names it,
+with PTX for sm_90a. A kernel that stops lowering (a Triton compile error, a calling convention
+jax-triton no longer accepts, a launch dropped or duplicated) fails its case.
+
+The check needs jax-triton, absl-py and the jax CUDA plugin, which live in their own folder
+(``.lowering-site/``, or ``VITFUSE_LOWERING_SITE``), never in the test environment's
+site-packages, so it runs in a subprocess with that folder on PYTHONPATH. ``.ci/run`` installs
+them; without them these tests fail under CI and are skipped elsewhere, saying how to install.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from kernels import lowering_check
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SITE = pathlib.Path(os.environ.get("VITFUSE_LOWERING_SITE", ROOT / lowering_check.DEFAULT_SITE))
+ARCH = 90
+HANG_GUARD_S = 3600  # not a speed limit: the whole check takes well under a minute on 2 cores
+
+CASES = [(label, poisoned) for label, _ in lowering_check.cases() for poisoned in (False, True)]
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _tail(text: str, n: int = 6000) -> str:
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Run the check once for the whole module; its --json report, by (label, poisoned)."""
+    out = tmp_path_factory.mktemp("lowering") / "report.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    path = [str(SITE)] if SITE.is_dir() else []
+    env["PYTHONPATH"] = os.pathsep.join(path + [str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "kernels.lowering_check", "--arch", str(ARCH), "--json", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    if done.returncode == 2:  # jax-triton, absl-py or the CUDA plugin is missing
+        message = f"{done.stderr.strip()}\n(tests/test_lowering.py looked in {SITE})"
+        if _in_ci():
+            pytest.fail(message + "\nCI must run this check: .ci/run installs them before the tests")
+        pytest.skip(message)
+    if not out.exists():
+        pytest.fail(f"lowering check crashed (rc {done.returncode}):\n{_tail(done.stdout)}\n{_tail(done.stderr)}")
+    data = json.loads(out.read_text())
+    data["log"] = done.stdout
+    data["by_case"] = {(r["case"], r["poisoned"]): r for r in data["results"]}
+    return data
+
+
+@pytest.mark.parametrize("label,poisoned", CASES,
+                         ids=[f"{label}{' poisoned' if p else ''}" for label, p in CASES])
+def test_lowers_one_call_per_launch(report, label, poisoned):
+    result = report["by_case"].get((label, poisoned))
+    assert result is not None, f"the check did not run this case\n{report['log']}"
+    assert not result["problems"], "\n".join(result["problems"])
+    assert result["launches"] > 0 and len(result["calls"]) == result["launches"]
+    for call in result["calls"]:
+        assert call["name"].startswith("vitfuse_"), call["name"]
+        assert call["ptx_target"] == f"sm_{ARCH}a" and call["compute_capability"] == ARCH
+
+
+def test_every_kernel_and_both_launch_paths_are_covered(report):
+    """All five launch names appear, plainly and poisoned, in kernel cases and train steps."""
+    names = {"vitfuse_attn_fwd", "vitfuse_attn_bwd", "vitfuse_ln_fwd", "vitfuse_ln_bwd",
+             "vitfuse_ln_bwd_reduce"}
+    for poisoned in (False, True):
+        rs = [r for r in report["results"] if r["poisoned"] == poisoned]
+        assert {c["name"] for r in rs if not r["case"].startswith("train") for c in r["calls"]} == names
+        assert {c["name"] for r in rs if r["case"].startswith("train") for c in r["calls"]} == names
+    assert report["jax_triton"] == "0.3.1"
+
+
+# ----------------------------------------------------------------------------------------------
+# the comparison itself can fail (these need neither jax-triton nor a CUDA plugin)
+
+
+def _call(name="vitfuse_ln_fwd", **changes):
+    call = {"name": name, "kernel": "_ln_fwd", "grid": [4, 1, 1], "num_warps": 4, "params": 5,
+            "operands": 2, "results": 3, "aliases": 0}
+    return {**call, **changes}
+
+
+def _lowered(call, target="sm_90a", cc=90):
+    return {**call, "ptx_target": target, "compute_capability": cc, "ptx_bytes": 1}
+
+
+def test_compare_accepts_exactly_the_launches():
+    expected = [_call(), _call("vitfuse_ln_bwd", kernel="_ln_bwd")]
+    assert lowering_check.compare(expected, [_lowered(c) for c in reversed(expected)], 90) == []
+
+
+@pytest.mark.parametrize("calls,needle", [
+    ([_lowered(_call())], "1 triton_kernel_call(s) in the module for 2 launch(es)"),
+    ([_lowered(_call())] * 3, "unexpected call"),
+    ([_lowered(_call()), _lowered(_call(params=4))], "no call for launch"),
+    ([_lowered(_call()), _lowered(_call(), target="sm_90")], "PTX .target sm_90,"),
+], ids=["dropped", "duplicated", "other-signature", "wrong-arch"])
+def test_compare_reports(calls, needle):
+    problems = lowering_check.compare([_call(), _call()], calls, 90)
+    assert any(needle in p for p in problems), problems
+
+
+def test_a_case_that_raises_is_a_failed_case():
+    def make():
+        raise RuntimeError("triton.compiler.errors.CompilationError: boom")
+    result = lowering_check.check_case("broken", make, 90, poisoned=False)
+    assert result["problems"] == ["RuntimeError: triton.compiler.errors.CompilationError: boom"]
+
+
+def test_proto_fields_reads_nested_messages():
+    """TritonAnyKernelCall{kernel_call{kernel{kernel_name, num_warps}, grid_0}, name} by hand."""
+    def field(number, payload):  # length-delimited (wire type 2); payloads < 128 bytes here
+        return bytes([number << 3 | 2, len(payload)]) + payload
+    kernel = field(1, b"_attn_fwd") + bytes([2 << 3, 4]) + field(4, b".version 8.4\n.target sm_90a\n")
+    call = field(1, kernel) + bytes([2 << 3, 0x80, 0x01])  # grid_0 = 128 (a two-byte varint)
+    import zlib
+    decoded = lowering_check.decode_backend_config(zlib.compress(field(1, call) + field(4, b"vitfuse_attn_fwd")))
+    assert decoded["name"] == "vitfuse_attn_fwd" and decoded["kernel"] == "_attn_fwd"
+    assert decoded["grid"] == [128, 0, 0] and decoded["num_warps"] == 4
+    assert decoded["ptx_target"] == "sm_90a"
