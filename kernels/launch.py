@@ -142,7 +142,7 @@ def launch(kernel, *, grid, inputs, outputs, interpret: bool, name: str, num_war
 
 
 def _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name, constexprs):
-    jax_triton = _import_jax_triton()
+    jax_triton = import_jax_triton()
     extra = {}
     if _POISON_COMPILED:
         # jax-triton 0.3.x hands an aliased output its own pointer parameter as well, so the NaN
@@ -167,7 +167,7 @@ def _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name,
     return tuple(result)
 
 
-def _import_jax_triton():
+def import_jax_triton():
     """``import jax_triton``, undoing its import-time ``os.environ["TRITON_CACHE_DIR"] = ""``
     (jax-triton 0.3.1; fixed upstream after it), which makes every later ``triton.compile`` in
     the process fail with "Could not create or locate cache dir" (kernels.compile_check does

@@ -61,7 +61,7 @@ def install_command(target: str) -> list[str]:
 
 def missing_packages() -> list[str]:
     """What of jax-triton, absl-py and a CUDA plugin's ``_triton`` module this process lacks."""
-    # found, not imported: importing jax_triton clears TRITON_CACHE_DIR (launch._import_jax_triton)
+    # found, not imported: importing jax_triton clears TRITON_CACHE_DIR (launch.import_jax_triton)
     missing = [f"{module} (no module named {module!r})" for module in ("absl", "jax_triton")
                if importlib.util.find_spec(module) is None]
     from jax._src.lib import gpu_triton  # noqa: PLC0415
@@ -170,14 +170,15 @@ def triton_calls(module) -> list[dict]:
 # jax.jit caches a trace per function and record_launches / poisoned_outputs act at trace time
 
 
-def _attention_case(b, l, heads, dh, dtype, keep, precision):
+def _attention_case(b, l, heads, dh, dtype, keep, dot_precision):
     import jax  # noqa: PLC0415
     from kernels import attention  # noqa: PLC0415
 
     def make():
         def run(qkv, ks):
-            o, cache = attention.attention_forward(qkv, heads, ks, interpret=False, precision=precision)
-            return attention.attention_backward(cache, o, interpret=False, precision=precision)
+            o, cache = attention.attention_forward(qkv, heads, ks, interpret=False,
+                                                   dot_precision=dot_precision)
+            return attention.attention_backward(cache, o, interpret=False, dot_precision=dot_precision)
 
         d = heads * dh
         args = (jax.ShapeDtypeStruct((b, l, 3 * d), dtype),
@@ -203,14 +204,27 @@ def _layernorm_case(m, n, dtype, residual):
     return make
 
 
-def _train_step_case(config, hp, precision):
+def _compiled_ops():
+    """kernels.fused_ops() as on a GPU: it checks JAX's backend, which here is the CPU we lower on."""
+    import jax  # noqa: PLC0415
+    from kernels import fused_ops  # noqa: PLC0415
+
+    backend = jax.default_backend
+    jax.default_backend = lambda: "gpu"
+    try:
+        return fused_ops(interpret=False)
+    finally:
+        jax.default_backend = backend
+
+
+def _train_step_case(config, hp, compute_dtype):
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import vit  # noqa: PLC0415
     from vit.step import make_train_step  # noqa: PLC0415
 
     def make():
-        step = make_train_step(config, hp, fused=True, interpret=False, precision=precision)
+        step = make_train_step(config, hp, ops=_compiled_ops(), compute_dtype=compute_dtype)
         params = jax.eval_shape(lambda k: vit.init_params(k, config), jax.random.PRNGKey(0))
         opt_state = jax.eval_shape(vit.adamw_init, params)
         batch = 8
@@ -228,11 +242,11 @@ def cases():
     import vit  # noqa: PLC0415
 
     b, l, h, dh = 64, 65, 8, 32  # the product's attention shape
-    for dtype, precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.bfloat16, "ieee")):
+    for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.bfloat16, "ieee")):
         for keep in (False, True):
-            name = f"{jnp.dtype(dtype).name}/{precision}"
+            name = f"{jnp.dtype(dtype).name}/{dot_precision}"
             label = f"attn B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
-            yield label, _attention_case(b, l, h, dh, dtype, keep, precision)
+            yield label, _attention_case(b, l, h, dh, dtype, keep, dot_precision)
     m, n = 64 * 65, 256  # the product's rows and width
     for dtype in (jnp.float32, jnp.bfloat16):
         for residual in (False, True):
@@ -348,9 +362,9 @@ def main(argv=None) -> int:
               f"PYTHONPATH={DEFAULT_SITE} first on the path.", file=sys.stderr)
         return 2
     import triton  # noqa: PLC0415
-    from kernels.launch import _import_jax_triton  # noqa: PLC0415
+    from kernels.launch import import_jax_triton  # noqa: PLC0415
 
-    jax_triton = _import_jax_triton()  # as the launcher imports it (keeps TRITON_CACHE_DIR)
+    jax_triton = import_jax_triton()  # as the launcher imports it (keeps TRITON_CACHE_DIR)
     fake_compute_capability(args.arch)
     from jax._src.lib import gpu_triton  # noqa: PLC0415
 

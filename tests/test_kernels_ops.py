@@ -111,11 +111,11 @@ def test_importing_jax_triton_leaves_triton_cache_dir_alone(tmp_path, monkeypatc
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     real = sys.modules.pop("jax_triton", None)  # on a GPU machine an earlier test imported it
     try:
-        assert launch_module._import_jax_triton().__file__ == str(tmp_path / "jax_triton.py")
+        assert launch_module.import_jax_triton().__file__ == str(tmp_path / "jax_triton.py")
         assert "TRITON_CACHE_DIR" not in os.environ
         del sys.modules["jax_triton"]
         monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
-        launch_module._import_jax_triton()
+        launch_module.import_jax_triton()
         assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache")
     finally:
         sys.modules.pop("jax_triton", None)
@@ -163,7 +163,7 @@ class FakeJaxTriton:
 @pytest.fixture
 def fake_jax_triton(monkeypatch):
     fake = FakeJaxTriton()
-    monkeypatch.setattr(launch_module, "_import_jax_triton", lambda: fake)
+    monkeypatch.setattr(launch_module, "import_jax_triton", lambda: fake)
     return fake
 
 
