@@ -4,6 +4,12 @@
     python -m kernels.gradcheck --full               # + the product shape (B=64 L=65 H=8 Dh=32)
     python -m kernels.gradcheck --dtype bfloat16     # bf16 kernels vs the float32 reference
     python -m kernels.gradcheck --shapes attn:2x17x4x32:keep ln:130x100:r --seed 3
+    python -m kernels.gradcheck --kernel key-blocked # one attention kernel (default: both, and auto)
+
+Every attn shape runs through each attention kernel (--kernel both, the default): the one-tile
+kernel (kernels/attention.py; skipped where it cannot run: L > 1024, or compiled with a K/V tile
+over its shared-memory budget) and the key-blocked kernel (kernels/flash_attention.py), with the
+blocks the dispatcher (kernels/dispatch.py) would give them.
 
 For each case both ``vit.layers`` (the reference) and the fused ops run forward and backward under
 ``jax.jit`` on the same random inputs; the table gives, per tensor, the max abs error, the error
@@ -47,6 +53,13 @@ DEFAULT_SHAPES = [
     "attn:1x197x2x64:keep",  # ViT-B/16 at 224px: L=197, tile 256 (too big for fp32 on a GPU)
     "attn:2x197x2x32",  # L=197 with a K/V tile that fits the compiled fp32 kernel
     "attn:2x33x1x128",  # Dh 128, a single head
+    "attn:1x127x2x32",  # one below 128, the dispatcher's one-tile limit
+    "attn:1x128x2x16:keep",  # exactly 128: two full 64-key blocks
+    "attn:1x129x2x32:keep",  # one above: the dispatcher's first key-blocked length, 1-key tail
+    "attn:1x31x2x32",  # key-blocked fp32 Dh<=64 blocks of 32 keys: L = BLOCK_N - 1
+    "attn:1x33x2x64:keep",  # L = BLOCK_N + 1 (32-key blocks)
+    "attn:1x577x1x64:keep",  # ViT at 384 px (24x24 patches + CLS): many key and query blocks
+    "attn:1x1100x1x16",  # beyond the one-tile limit (1024): key-blocked only
     # ln:MxN[:r] -- rows x width, r: residual given
     "ln:130x64",  # small width, no residual
     "ln:130x256:r",  # product width
@@ -180,9 +193,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--precision", default="ieee", choices=["ieee", "tf32", "tf32x3"])
     ap.add_argument("--seed", type=int, default=None, help="default: fresh, printed")
+    ap.add_argument("--kernel", default="both", choices=["both", "auto", "one-tile", "key-blocked"],
+                    help="attention kernel(s) to check: both (one-tile and key-blocked), auto "
+                         "(the dispatcher's choice), or one")
     args = ap.parse_args(argv)
 
-    from kernels import attention, fused_ops  # noqa: PLC0415
+    from kernels import dispatch, fused_ops  # noqa: PLC0415
     from kernels.launch import poisoned_outputs  # noqa: PLC0415
     from vit.ops import REFERENCE  # noqa: PLC0415
 
@@ -198,35 +214,39 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(str(e))
     tol = tolerance(args.dtype, args.precision)
-    ops = fused_ops(interpret=interpret, precision=args.precision)
+    kernels = ["one-tile", "key-blocked"] if args.kernel == "both" else [args.kernel]
+    ops = {k: fused_ops(interpret=interpret, precision=args.precision, attention_kernel=k) for k in kernels}
 
     import triton  # noqa: PLC0415
 
     device = "interpreter (CPU)" if interpret else jax.devices()[0].device_kind
     print(f"gradcheck: {device}, triton {triton.__version__}, jax {jax.__version__}, dtype {args.dtype}, "
           f"dots {args.precision}, seed {seed}, tol rel {tol:g}; outputs NaN-poisoned")
-    header = f"{'case':<24} {'tensor':<7} {'shape':<16} {'max_abs':>10} {'rel':>10} {'nonfin':>6} {'sec':>5}  ok"
+    header = f"{'case':<38} {'tensor':<7} {'shape':<16} {'max_abs':>10} {'rel':>10} {'nonfin':>6} {'sec':>5}  ok"
     print(header)
     print("-" * len(header))
     failures = skipped = 0
     key = jax.random.PRNGKey(seed)
     for i, spec in enumerate(shapes):
         kind, dims, _ = parse_shape(spec)
-        if kind == "attn" and not interpret and not attention.compiled_fits(dims[1], dims[3], args.dtype):
-            skipped += 1
-            print(f"{spec:<24} SKIP: K/V tile over the compiled kernel's shared-memory budget "
-                  f"(attention.compiled_fits; the interpreter runs it)")
-            continue
-        t0 = time.perf_counter()
-        with poisoned_outputs():
-            rows = check(spec, ops, REFERENCE, jax.random.fold_in(key, i), args.dtype, tol)
-        dt = time.perf_counter() - t0
-        for j, (name, shape, max_abs, rel, nonfinite, ok) in enumerate(rows):
-            failures += not ok
-            shape_s = "x".join(str(s) for s in shape)
-            sec = f"{dt:5.1f}" if j == 0 else ""
-            print(f"{spec if j == 0 else '':<24} {name:<7} {shape_s:<16} {max_abs:>10.2e} {rel:>10.2e} "
-                  f"{nonfinite:>6} {sec:>5}  {'ok' if ok else 'FAIL'}")
+        for kernel in kernels if kind == "attn" else kernels[:1]:
+            label = f"{spec} [{kernel}]" if kind == "attn" else spec
+            if kind == "attn" and kernel == "one-tile" and not dispatch.one_tile_runs(
+                    dims[1], dims[3], args.dtype, interpret):
+                skipped += 1
+                print(f"{label:<38} SKIP: the one-tile kernel does not run this shape here (L > "
+                      f"1024, or compiled with a K/V tile over its shared-memory budget)")
+                continue
+            t0 = time.perf_counter()
+            with poisoned_outputs():
+                rows = check(spec, ops[kernel], REFERENCE, jax.random.fold_in(key, i), args.dtype, tol)
+            dt = time.perf_counter() - t0
+            for j, (name, shape, max_abs, rel, nonfinite, ok) in enumerate(rows):
+                failures += not ok
+                shape_s = "x".join(str(s) for s in shape)
+                sec = f"{dt:5.1f}" if j == 0 else ""
+                print(f"{label if j == 0 else '':<38} {name:<7} {shape_s:<16} {max_abs:>10.2e} {rel:>10.2e} "
+                      f"{nonfinite:>6} {sec:>5}  {'ok' if ok else 'FAIL'}", flush=True)
     print("-" * len(header))
     print("all tensors within tolerance" if not failures else f"{failures} tensor(s) over tolerance or non-finite")
     if skipped:
