@@ -33,15 +33,22 @@ def _poisoning(fn):
     return wrapped
 
 
-@pytest.fixture(scope="module")
-def ops():
-    """The fused ops: interpreted on the CPU, compiled on a GPU (the same kernel source), with
-    every kernel output starting as NaN either way, so an unwritten element fails the checks."""
-    ops = fused_ops(interpret=INTERPRET)
+def poisoned_fused_ops(attention_kernel="auto"):
+    """fused_ops here (interpreted on the CPU, compiled on a GPU: the same kernel source) with
+    every kernel output starting as NaN either way, so an unwritten element fails the checks.
+    attention_kernel: "auto" (the dispatcher), "one-tile" or "key-blocked"."""
+    ops = fused_ops(interpret=INTERPRET, attention_kernel=attention_kernel)
     for name in ("attention_forward", "attention_backward", "add_layernorm_forward",
                  "add_layernorm_backward"):
         setattr(ops, name, _poisoning(getattr(ops, name)))
     return ops
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The fused ops as the model gets them (the dispatcher picks the attention kernel), with
+    NaN-poisoned outputs (poisoned_fused_ops)."""
+    return poisoned_fused_ops()
 
 
 def assert_all_close(rows, tol):
