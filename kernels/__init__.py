@@ -1,7 +1,8 @@
 """Fused Triton kernels for vitfuse: attention and residual-add LayerNorm, forward and backward.
 
-``fused_ops(interpret=None, precision="ieee", attention_kernel="auto")`` returns the drop-in replacement for the reference
-ops of ``vit.ops.REFERENCE`` (same four functions, same signatures, same results):
+``fused_ops(interpret=None, precision="ieee", attention_kernel="auto")`` returns the drop-in
+replacement for the reference ops of ``vit.ops.REFERENCE`` (same four functions, same
+signatures, same results):
 
     attention_forward(qkv (B, L, 3D), heads, keep_scale=None) -> (o (B, L, D), cache)
     attention_backward(cache, do (B, L, D)) -> dqkv (B, L, 3D)

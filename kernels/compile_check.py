@@ -73,8 +73,7 @@ def _layernorm_launches(m, n, dtype, residual):
 def cases(quick: bool):
     """(label, specs) for every configuration to compile."""
     # the product shape, small ones, and the largest tiles attention.compiled_fits admits
-    # (the dispatcher's rule sends it only shapes with a K/V tile of <= 128 x 32 elements: the
-    # product shape, (64, 64) and (32, 128) are that limit; the others show why)
+    # (the dispatcher's rule sends it only L <= 128 with Dh <= 32; the others show why)
     att = [(64, 65, 8, 32), (2, 17, 2, 16), (2, 1, 4, 128), (2, 64, 2, 64), (2, 32, 2, 128),
            (2, 197, 2, 32), (2, 100, 2, 64), (2, 33, 2, 128), (2, 197, 2, 64), (2, 100, 2, 128)]
     # key-blocked: the product shape, ViT-S/B at 224 px (L=197) and 384 px (L=577), long

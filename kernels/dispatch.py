@@ -17,9 +17,7 @@ Two kernels compute the same attention, with the same signatures and the same ca
    wins. Empty until a GPU run fills it; never consulted in the interpreter.
 2. the rule, until GPU figures exist:
 
-   one-tile  when the sequence pads to at most 128 keys (L <= 128) and its padded K/V tile
-             (BLOCK_L x Dh) has at most 4096 elements, the product shape's 128 x 32 (so
-             L <= 128 at Dh <= 32, L <= 64 at Dh = 64, L <= 32 at Dh = 128);
+   one-tile  when L <= 128 and Dh <= 32 (the product shape, L=65 Dh=32, is one);
    key-blocked otherwise, with flash_attention.default_blocks.
 
    Why: up to 128 keys the one-tile kernel holds no more keys than the one or two key blocks
@@ -27,13 +25,13 @@ Two kernels compute the same attention, with the same signatures and the same ca
    kernel does less work: its backward is one launch that forms delta inline and computes S and
    dP once per tile, where the key-blocked backward adds the delta launch and recomputes S and
    dP in both its dK/dV and its dQ programs (7 L x L x Dh matmuls against 5). It also keeps the
-   product shape (L=65, Dh=32) on the kernel it has been tuned and checked on (issue 15's
-   target: the dispatcher's choice there is never slower than the one-tile kernel). The 4096
-   elements: the one-tile backward keeps dK and dV for the whole padded sequence next to its
-   score tiles, and beyond that tile it spills registers on sm_90 (kernels.compile_check, triton
-   3.9: L=100 Dh=64 fp32 255 registers + 208 stack bytes; L=33 Dh=128 fp32 + 288 bytes), while
-   the key-blocked kernel's tiles do not grow. Beyond 128 keys the one-tile kernel is the wrong
-   shape anyway: L=197 pads to 256 keys (23% wasted), its query step shrinks to 16 rows, and
+   product shape on the kernel it has been tuned and checked on (issue 15's target: the
+   dispatcher's choice there is never slower than the one-tile kernel). Dh <= 32: the one-tile
+   backward keeps dK and dV for the whole padded sequence next to its score tiles, and at
+   Dh >= 64 it spills registers (kernels.compile_check, triton 3.9: L=32 Dh=128 fp32 824 stack
+   bytes on sm_90, L=100 Dh=64 fp32 208 on sm_90, L=64 Dh=64 bf16 80 on sm_80), where the
+   key-blocked kernel's default blocks spill nowhere. Beyond 128 keys the one-tile kernel is
+   the wrong shape: L=197 pads to 256 keys (23% wasted), its query step shrinks to 16 rows, and
    its grid (B x H) does not grow with L; the key-blocked grid is cdiv(L, BLOCK_M) x H x B.
    The GPU tune replaces this guess with measurements.
 
@@ -53,11 +51,10 @@ import numpy as np
 
 from kernels import attention, flash_attention
 from kernels.flash_attention import Blocks
-from kernels.launch import next_power_of_2
 
 KERNELS = ("auto", "one-tile", "key-blocked")
 ONE_TILE_MAX_LEN = 128  # the rule: above this the key-blocked kernel runs
-ONE_TILE_MAX_KV = 128 * 32  # the rule: nor above this many elements of padded K/V tile
+ONE_TILE_MAX_DH = 32  # the rule: nor above this head dim
 TABLE_PATH = Path(__file__).with_name("attention_table.json")
 _TABLE_KEYS = {"device", "dtype", "dh", "direction", "max_len", "kernel", "block_m", "block_n",
                "num_warps", "num_stages"}
@@ -153,8 +150,7 @@ def plan(l: int, dh: int, dtype, precision: str, direction: str, interpret: bool
         return Plan(kernel, default, "forced")
     if row is not None and one_tile_runs(l, dh, dtype, interpret):
         return Plan("one-tile", None, f"table {row['device']}")
-    if (l <= ONE_TILE_MAX_LEN and max(16, next_power_of_2(l)) * dh <= ONE_TILE_MAX_KV
-            and one_tile_runs(l, dh, dtype, interpret)):
+    if l <= ONE_TILE_MAX_LEN and dh <= ONE_TILE_MAX_DH and one_tile_runs(l, dh, dtype, interpret):
         return Plan("one-tile", None, "rule")
     return Plan("key-blocked", default, "rule")
 

@@ -1,8 +1,8 @@
 """Fused attention as the model gets it (kernels.fused_ops: the dispatcher of kernels/dispatch.py
-picks the one-tile kernel of kernels/attention.py up to L=128 and the key-blocked kernel of
-kernels/flash_attention.py above) vs vit.layers.attention_forward/backward, in Triton's
-interpreter on the CPU or compiled on a GPU (tests/kernel_checks.py): O and dQ, dK, dV (the thirds
-of the packed dQKV) on awkward shapes, with and without the dropout scale, bf16/fp16, the saved
+picks the one-tile kernel of kernels/attention.py for L <= 128 with Dh <= 32 and the
+key-blocked kernel of kernels/flash_attention.py otherwise) vs vit.layers.attention_forward /
+attention_backward, in Triton's interpreter on the CPU or compiled on a GPU
+(tests/kernel_checks.py): O and dQ, dK, dV (the thirds of the packed dQKV) on awkward shapes, with and without the dropout scale, bf16/fp16, the saved
 log-sum-exp, errors, use under jax.jit. tests/test_kernels_flash.py checks each kernel on its own.
 
 Error metric (kernels.gradcheck.compare): rel = max|fused - ref| / max|ref| per tensor, plus a

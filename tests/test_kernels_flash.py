@@ -224,10 +224,9 @@ def test_dispatch_rule():
     f32 = jnp.float32
     assert dispatch.plan(65, 32, f32, "ieee", "fwd", True) == dispatch.Plan("one-tile", None, "rule")
     assert dispatch.plan(128, 32, f32, "ieee", "bwd", True).kernel == "one-tile"
-    assert dispatch.plan(64, 64, f32, "ieee", "bwd", True).kernel == "one-tile"  # K/V tile 64 x 64
-    assert dispatch.plan(65, 64, f32, "ieee", "bwd", True).kernel == "key-blocked"  # 128 x 64
-    assert dispatch.plan(32, 128, f32, "ieee", "fwd", True).kernel == "one-tile"
-    assert dispatch.plan(33, 128, f32, "ieee", "fwd", True).kernel == "key-blocked"
+    assert dispatch.plan(17, 16, f32, "ieee", "bwd", True).kernel == "one-tile"
+    assert dispatch.plan(64, 64, f32, "ieee", "bwd", True).kernel == "key-blocked"  # Dh > 32
+    assert dispatch.plan(1, 128, f32, "ieee", "fwd", True).kernel == "key-blocked"
     p = dispatch.plan(129, 64, f32, "ieee", "bwd", True)
     assert p.kernel == "key-blocked" and p.source == "rule"
     assert p.blocks == flash_attention.default_blocks(129, 64, f32, "ieee", True)
@@ -235,7 +234,7 @@ def test_dispatch_rule():
     assert dispatch.plan(8192, 128, f32, "tf32", "fwd", True).kernel == "key-blocked"
     # compiled (no table row for this device) the rule is the same
     assert dispatch.plan(65, 32, f32, "ieee", "fwd", False).kernel == "one-tile"
-    assert dispatch.plan(30, 128, jnp.bfloat16, "ieee", "fwd", False).kernel == "one-tile"
+    assert dispatch.plan(100, 32, jnp.bfloat16, "ieee", "bwd", False).kernel == "one-tile"
     assert dispatch.plan(100, 64, jnp.bfloat16, "ieee", "bwd", False).kernel == "key-blocked"
     # forcing
     assert dispatch.plan(65, 32, f32, "ieee", "fwd", True, kernel="key-blocked").kernel == "key-blocked"

@@ -113,7 +113,7 @@ def test_shrunken_vit_s16_fused_steps_match_reference():
     smoothing). The dispatcher runs this length on the key-blocked kernel (several key blocks).
 
     Fused vs reference: per-step losses within 1e-5 relative; each parameter tensor within 1e-3
-    of its update, |fused - ref| / |ref - init| (2-norms; observed <= 7e-5), with two parts of
+    of its update, |fused - ref| / |ref - init| (2-norms; observed <= 2e-4), with two parts of
     the key projection measured apart. The key bias's gradient is exactly zero (it adds q_i . b_k
     to a whole row of scores, which the softmax ignores), and the key weights' gradient is zero
     along any input direction shared by all tokens (sum_j dK_j = 0): there both runs' gradients
@@ -153,19 +153,22 @@ def test_shrunken_vit_s16_fused_steps_match_reference():
     init = vit.init_params(jax.random.PRNGKey(0), c)
     d = c.d_model
     errors = {}
+
+    def ratio(f, r, p0, part=...):  # |fused - ref| / |ref - init| over part of a tensor
+        return float(np.linalg.norm(f[part] - r[part]) / np.linalg.norm(r[part] - p0[part]))
+
     for (path, f), r, p0 in zip(jax.tree_util.tree_flatten_with_path(fused_params)[0],
                                 jax.tree_util.tree_leaves(ref_params), jax.tree_util.tree_leaves(init)):
         f, r, p0, name = np.asarray(f), np.asarray(r), np.asarray(p0), jax.tree_util.keystr(path)
         if name.endswith("['qkv']['w']"):
             for i, part in enumerate("QKV"):
-                sl = (slice(None), slice(i * d, (i + 1) * d))
-                errors[name + part] = float(np.linalg.norm(f[sl] - r[sl]) / np.linalg.norm(r[sl] - p0[sl]))
+                errors[name + part] = ratio(f, r, p0, (slice(None), slice(i * d, (i + 1) * d)))
         if name.endswith("['qkv']['b']"):  # [Q | K | V] biases; K's gradient is zero, see above
-            errors[name + "[K]"] = float(np.linalg.norm(f[d:2 * d] - r[d:2 * d]) / np.linalg.norm(r[d:2 * d] - p0[d:2 * d]))
+            errors[name + "[K]"] = ratio(f, r, p0, slice(d, 2 * d))
             keep = np.r_[0:d, 2 * d:3 * d]
             f, r, p0 = f[keep], r[keep], p0[keep]
         assert np.linalg.norm(r - p0) > 0, name  # every tensor was updated
-        errors[name] = float(np.linalg.norm(f - r) / np.linalg.norm(r - p0))
+        errors[name] = ratio(f, r, p0)
     print({k: f"{v:.1e}" for k, v in errors.items()})
     qkv_w = "['blocks'][0]['attn']['qkv']['w']"
     assert errors.pop(qkv_w + "K") <= 1e-2, errors

@@ -53,7 +53,8 @@ def param_count(c: ViTConfig) -> int:
     d, f = c.d_model, c.mlp_dim
     block = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 2 * (2 * d)
     final_ln = 2 * d if c.norm == "pre" else 0
-    return (c.patch_dim * d + d) + d + c.seq_len * d + c.layers * block + final_ln + (d * c.num_classes + c.num_classes)
+    patch, embed, head = c.patch_dim * d + d, d + c.seq_len * d, d * c.num_classes + c.num_classes
+    return patch + embed + c.layers * block + final_ln + head
 
 
 def describe(c: ViTConfig) -> str:
