@@ -50,14 +50,14 @@ DEFAULT_SHAPES = [
     "attn:2x65x8x32",  # product L, heads and head dim (batch 2)
     "attn:2x65x4x32:keep",  # product L with dropout
     "attn:1x65x2x64",  # Dh 64
-    "attn:1x197x2x64:keep",  # ViT-B/16 at 224px: L=197, tile 256 (too big for fp32 on a GPU)
-    "attn:2x197x2x32",  # L=197 with a K/V tile that fits the compiled fp32 kernel
+    "attn:1x197x2x64:keep",  # ViT-B/16 at 224px: L=197 (one-tile: tile 256, too big for fp32 on a GPU)
+    "attn:2x197x2x32",  # L=197 with a one-tile K/V tile that fits the compiled fp32 kernel
     "attn:2x33x1x128",  # Dh 128, a single head
-    "attn:1x127x2x32",  # one below 128, the dispatcher's one-tile limit
-    "attn:1x128x2x16:keep",  # exactly 128: two full 64-key blocks
+    "attn:1x127x2x32",  # one below 128, the dispatcher's one-tile limit (at Dh <= 32)
+    "attn:1x128x2x16:keep",  # exactly 128: whole key blocks only (fp32 blocks of 32 / 16 keys)
     "attn:1x129x2x32:keep",  # one above: the dispatcher's first key-blocked length, 1-key tail
-    "attn:1x31x2x32",  # key-blocked fp32 Dh<=64 blocks of 32 keys: L = BLOCK_N - 1
-    "attn:1x33x2x64:keep",  # L = BLOCK_N + 1 (32-key blocks)
+    "attn:1x31x2x32",  # fp32 forward key blocks of 32: L = BLOCK_N - 1
+    "attn:1x33x2x64:keep",  # L = BLOCK_N + 1 (forward 32-key blocks; backward 16: 3 blocks)
     "attn:1x577x1x64:keep",  # ViT at 384 px (24x24 patches + CLS): many key and query blocks
     "attn:1x1100x1x16",  # beyond the one-tile limit (1024): key-blocked only
     # ln:MxN[:r] -- rows x width, r: residual given
