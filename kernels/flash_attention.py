@@ -30,8 +30,8 @@ keep_in V_n: the rescaling moves every earlier term to the new max. After the la
 
 and only O and LSE (B, H, L) float32 are written: no L x L tensor. Every exponent is <= 0, so
 nothing overflows. The code works in base 2 (exp2 is the GPU's native exponential): with
-qk_scale = log2(e) / sqrt(Dh), s = Q K^T * qk_scale = S * log2(e) and exp(S - m) = 2^(s - m2);
-m_i holds the max in those units, and LSE_i = (m_i + log2(l_i)) * ln(2).
+qk_scale = log2(e) / sqrt(Dh), s = Q K^T * qk_scale = S * log2(e), so exp(S - m) = 2^(s - m2)
+with m2 = m * log2(e); m_i holds that running max of s, and LSE_i = (m_i + log2(l_i)) * ln(2).
 
 Backward (as vit.layers.sdpa_backward, with P recomputed, never stored):
 
@@ -79,8 +79,8 @@ from kernels.attention import check_backward_inputs, check_forward_inputs
 from kernels.launch import cdiv, check_precision, launch, next_power_of_2
 
 REFERENCE = "vit.layers.attention_forward / vit.layers.attention_backward"
-LOG2E = 1.4426950408889634  # log2(e)
-LN2 = 0.6931471805599453  # ln(2)
+LOG2E = 1.4426950408889634  # log2(e); the kernels write it (and ln 2) as literals
+# (triton.jit functions read module globals only as tl.constexpr; literals keep them plain)
 
 
 # ----------------------------------------------------------------------------------------------
