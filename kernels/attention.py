@@ -290,22 +290,14 @@ def _check_qkv(qkv, heads):
         )
     if b < 1 or l < 1:
         raise ValueError(f"attention_forward: qkv must be non-empty, got shape {tuple(qkv.shape)}")
-    if l > MAX_LEN:
-        raise ValueError(f"attention_forward: sequence length {l} exceeds the one-tile limit {MAX_LEN}")
     check_dtype("attention_forward: qkv", qkv.dtype)
     return b, l, d3 // 3, dh, heads
 
 
-def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_precision: str = "ieee"):
-    """qkv (B, L, 3D) -> (o (B, L, D), cache). keep_scale: optional (B, H, L, L) dropout scale."""
-    dot_precision = check_dot_precision(dot_precision)
+def check_forward_inputs(qkv, heads, keep_scale):
+    """Shapes and dtypes of an attention_forward call (shared with kernels/flash_attention.py);
+    -> (B, L, D, Dh, heads) as Python ints."""
     b, l, d, dh, heads = _check_qkv(qkv, heads)
-    if not interpret and not compiled_fits(l, dh, qkv.dtype):
-        raise ValueError(
-            f"attention_forward: L={l} (tile {max(16, next_power_of_2(l))}) x Dh={dh} in {np.dtype(qkv.dtype)} "
-            f"needs more GPU shared memory than the single-tile kernel may use (K/V tile over "
-            f"{MAX_KV_TILE_BYTES // 1024} KiB); use bfloat16, a smaller head dim, or the reference ops"
-        )
     if keep_scale is not None:
         if tuple(keep_scale.shape) != (b, heads, l, l):
             raise ValueError(
@@ -313,6 +305,36 @@ def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_preci
                 f"got {tuple(keep_scale.shape)}"
             )
         check_dtype("attention_forward: keep_scale", keep_scale.dtype)
+    return b, l, d, dh, heads
+
+
+def check_backward_inputs(cache, do):
+    """-> (B, L, D, heads) of an attention_backward call, after checking dO against the cache."""
+    _, o, lse, _ = cache
+    b, l, d = (int(s) for s in o.shape)
+    heads = int(lse.shape[1])
+    if tuple(do.shape) != (b, l, d):
+        raise ValueError(f"attention_backward: do must have shape (B, L, D) = {(b, l, d)}, got {tuple(do.shape)}")
+    check_dtype("attention_backward: do", do.dtype)
+    return b, l, d, heads
+
+
+def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_precision: str = "ieee"):
+    """qkv (B, L, 3D) -> (o (B, L, D), cache). keep_scale: optional (B, H, L, L) dropout scale."""
+    dot_precision = check_dot_precision(dot_precision)
+    b, l, d, dh, heads = check_forward_inputs(qkv, heads, keep_scale)
+    if l > MAX_LEN:
+        raise ValueError(
+            f"attention_forward: sequence length {l} exceeds the one-tile limit {MAX_LEN} "
+            "(kernels/attention.py holds the whole sequence in one tile; the key-blocked kernel, "
+            "kernels/flash_attention.py, takes any length, and kernels.fused_ops sends it there)"
+        )
+    if not interpret and not compiled_fits(l, dh, qkv.dtype):
+        raise ValueError(
+            f"attention_forward: L={l} (tile {max(16, next_power_of_2(l))}) x Dh={dh} in {np.dtype(qkv.dtype)} "
+            f"needs more GPU shared memory than the single-tile kernel may use (K/V tile over "
+            f"{MAX_KV_TILE_BYTES // 1024} KiB); use bfloat16, a smaller head dim, or the reference ops"
+        )
     consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision)
     o, lse = launch(
         _attn_fwd,
@@ -336,11 +358,7 @@ def attention_backward(cache, do, *, interpret: bool, dot_precision: str = "ieee
     """dO (B, L, D) -> dQKV (B, L, 3D), packed like qkv."""
     dot_precision = check_dot_precision(dot_precision)
     qkv, o, lse, keep_scale = cache
-    b, l, d = (int(s) for s in o.shape)
-    heads = int(lse.shape[1])
-    if tuple(do.shape) != (b, l, d):
-        raise ValueError(f"attention_backward: do must have shape (B, L, D) = {(b, l, d)}, got {tuple(do.shape)}")
-    check_dtype("attention_backward: do", do.dtype)
+    b, l, d, heads = check_backward_inputs(cache, do)
     do = do.astype(qkv.dtype)
     consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision, backward=True)
     (dqkv,) = launch(

@@ -13,6 +13,12 @@ as "spills" but not counted as a failure (it is slow, not wrong).
 
     python -m kernels.compile_check                 # product shapes + the awkward ones, sm_80/sm_90
     python -m kernels.compile_check --arch 90 --quick
+    python -m kernels.compile_check --only flash    # cases whose label contains "flash"
+
+Cases: "attn" the one-tile attention (kernels/attention.py) at the shapes it serves; "flash" the
+key-blocked attention (kernels/flash_attention.py) at the ViT shapes of issue 15 (L = 65, 197,
+577, 4096 and 8192; Dh 32, 64, 128) and small awkward ones, with the blocks the dispatcher gives
+it when no tuned table row applies; "ln" the residual + LayerNorm kernels.
 """
 
 import argparse
@@ -27,7 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels import attention, layernorm
+from kernels import attention, dispatch, layernorm
 from kernels.launch import record_launches
 
 # bytes of shared memory one block may use (opt-in maximum), per compute capability
@@ -35,15 +41,17 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 _TRITON_TYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def _attention_launches(b, l, heads, dh, dtype, keep, dot_precision):
+def _attention_launches(b, l, heads, dh, dtype, keep, dot_precision, kernel="one-tile"):
+    """The launches of fused_ops(attention_kernel=kernel): forward, then backward."""
     d = heads * dh
     qkv = jax.ShapeDtypeStruct((b, l, 3 * d), dtype)
     ks = jax.ShapeDtypeStruct((b, heads, l, l), dtype) if keep else None
 
     def run(qkv, ks):
-        o, cache = attention.attention_forward(qkv, heads, ks, interpret=False,
-                                                dot_precision=dot_precision)
-        return attention.attention_backward(cache, o, interpret=False, dot_precision=dot_precision)
+        o, cache = dispatch.attention_forward(qkv, heads, ks, interpret=False,
+                                              dot_precision=dot_precision, kernel=kernel)
+        return dispatch.attention_backward(cache, o, interpret=False, dot_precision=dot_precision,
+                                           kernel=kernel)
 
     with record_launches() as specs:
         jax.eval_shape(run, qkv, ks)
@@ -66,12 +74,23 @@ def _layernorm_launches(m, n, dtype, residual):
 def cases(quick: bool):
     """(label, specs) for every configuration to compile."""
     # the product shape, small ones, and the largest tiles attention.compiled_fits admits
-    att = [(64, 65, 8, 32), (2, 17, 2, 16), (2, 1, 4, 128), (2, 197, 2, 32), (2, 100, 2, 64),
-           (2, 33, 2, 128), (2, 197, 2, 64), (2, 100, 2, 128)]
+    # (the dispatcher's rule sends it only L <= 128 with Dh <= 32; the others show why)
+    att = [(64, 65, 8, 32), (2, 17, 2, 16), (2, 1, 4, 128), (2, 64, 2, 64), (2, 32, 2, 128),
+           (2, 197, 2, 32), (2, 100, 2, 64), (2, 33, 2, 128), (2, 197, 2, 64), (2, 100, 2, 128)]
+    # key-blocked: the product shape, ViT-S/B at 224 px (L=197) and 384 px (L=577), long
+    # sequences at Dh 64 and 128, and small awkward ones
+    flash = [(64, 65, 8, 32), (2, 197, 6, 64), (2, 577, 6, 64), (2, 4096, 4, 64), (2, 4096, 4, 128),
+             (1, 8192, 2, 64), (2, 17, 2, 16), (2, 1, 4, 128)]
     lns = [(64 * 65, 256), (100, 1000), (7, 64)]
     dtypes = [jnp.float32, jnp.bfloat16]
     if quick:
-        att, lns = att[:1], lns[:1]
+        att, flash, lns = att[:1], flash[:2], lns[:1]
+    for b, l, h, dh in flash:
+        for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.bfloat16, "ieee")):
+            for keep in (False, True):
+                name = dispatch.dtype_key(dtype, dot_precision)
+                label = f"flash B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
+                yield label, _attention_launches(b, l, h, dh, dtype, keep, dot_precision, "key-blocked")
     for b, l, h, dh in att:
         for dtype in dtypes:
             if not attention.compiled_fits(l, dh, dtype):
@@ -134,19 +153,31 @@ def resource_usage(compiled) -> dict | None:
     return {"regs": int(match.group(1)), "stack": int(match.group(2))} if match else None
 
 
+def _tile(spec) -> str:
+    """Rows x columns of the kernel's tiles: BLOCK_M x BLOCK_N (key-blocked), BLOCK_M x BLOCK_L
+    (one-tile: the padded sequence), or rows x width (LayerNorm, the delta kernel)."""
+    c = spec.constexprs
+    rows = c.get("BLOCK_M")
+    cols = c.get("BLOCK_N", c.get("BLOCK_L", c.get("DH")))
+    return f"{rows}x{cols}" if rows and cols else "-"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     ap.add_argument("--quick", action="store_true", help="product shapes only")
+    ap.add_argument("--only", default=None, metavar="TEXT", help="only cases whose label contains TEXT")
     args = ap.parse_args(argv)
     import triton  # noqa: PLC0415
 
     print(f"triton {triton.__version__}, jax {jax.__version__}; compiling for sm_{args.arch}")
-    print(f"{'case':<48} {'kernel':<22} {'arch':>4} {'warps':>5} {'smem B':>8} {'regs':>4} "
+    print(f"{'case':<48} {'kernel':<24} {'tile':>8} {'arch':>4} {'warps':>5} {'smem B':>8} {'regs':>4} "
           f"{'stack':>5} {'sec':>5}  ok")
     failures = spilling = 0
     seen = set()
     for label, specs in cases(args.quick):
+        if args.only and args.only not in label:
+            continue
         for spec in specs:
             for arch in args.arch:
                 key = (spec.name, tuple(sorted((k, str(v)) for k, v in spec.constexprs.items())),
@@ -170,7 +201,7 @@ def main(argv=None) -> int:
                 spilling += spills
                 regs, stack = (usage["regs"], usage["stack"]) if usage else ("?", "?")
                 dt = time.perf_counter() - t0
-                print(f"{label:<48} {spec.name:<22} {arch:>4} {spec.num_warps:>5} {shared:>8} {regs:>4} "
+                print(f"{label:<48} {spec.name:<24} {_tile(spec):>8} {arch:>4} {spec.num_warps:>5} {shared:>8} {regs:>4} "
                       f"{stack:>5} {dt:>5.1f}  {'ok' if ok else 'FAIL'}{' spills' if spills else ''}{note}")
     print("all kernels compile" if not failures else f"{failures} compile failure(s)")
     if _cuobjdump() is None:

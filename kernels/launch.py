@@ -193,7 +193,7 @@ _POISON_COMPILED: list[bool] = []
 def poisoned_outputs():
     """Compiled launches traced inside this context start their outputs as NaN (ints as -1), as
     the interpreter's always do, so an element a kernel never writes shows up as non-finite.
-    It costs one fill per output, so only checks use it (kernels.gradcheck, the kernel tests).
+    It costs one fill per output, so only checks use it (oracle.kernel_gradcheck, the kernel tests).
     Read at trace time: a jitted function traced outside the context stays unpoisoned."""
     _POISON_COMPILED.append(True)
     try:

@@ -4,6 +4,12 @@
     python -m oracle.kernel_gradcheck --full               # + the product shape (B=64 L=65 H=8 Dh=32)
     python -m oracle.kernel_gradcheck --dtype bfloat16     # bf16 kernels vs the float32 reference
     python -m oracle.kernel_gradcheck --shapes attn:2x17x4x32:keep ln:130x100:r --seed 3
+    python -m oracle.kernel_gradcheck --kernel key-blocked # one attention kernel (default: both)
+
+Every attn shape runs through each attention kernel (--kernel both, the default): the one-tile
+kernel (kernels/attention.py; skipped where it cannot run: L > 1024, or compiled with a K/V tile
+over its shared-memory budget) and the key-blocked kernel (kernels/flash_attention.py), with the
+blocks the dispatcher (kernels/dispatch.py) would give them.
 
 For each case both the reference (each kernel file's ``REFERENCE``: the functions of
 ``vit.layers`` it must equal) and the fused ops run forward and backward under
@@ -28,15 +34,21 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels import attention, fused_ops, layernorm
+from kernels import attention, dispatch, flash_attention, fused_ops, layernorm
 from kernels.launch import poisoned_outputs
 from oracle.compare import Row, compare, kernel_tolerance
 from vit import layers
 from vit.ops import Ops
 
 # the reference side of every check: the functions each kernel file names as its REFERENCE
-REFERENCE_OPS = Ops("reference", *attention.REFERENCE, *layernorm.REFERENCE,
-                    description="kernels/attention.py and kernels/layernorm.py REFERENCE")
+ATTENTION_FILES = {"one-tile": attention, "key-blocked": flash_attention}
+
+
+def reference_ops(attention_kernel: str = "one-tile") -> Ops:
+    """The reference functions named by the kernel files that `attention_kernel` runs."""
+    module = ATTENTION_FILES.get(attention_kernel, attention)
+    return Ops("reference", *module.REFERENCE, *layernorm.REFERENCE,
+               description=f"{module.__name__}.REFERENCE and kernels.layernorm.REFERENCE")
 
 DEFAULT_SHAPES = [
     # attn:BxLxHxDh[:keep] -- why each one
@@ -46,9 +58,16 @@ DEFAULT_SHAPES = [
     "attn:2x65x8x32",  # product L, heads and head dim (batch 2)
     "attn:2x65x4x32:keep",  # product L with dropout
     "attn:1x65x2x64",  # Dh 64
-    "attn:1x197x2x64:keep",  # ViT-B/16 at 224px: L=197, tile 256 (too big for fp32 on a GPU)
-    "attn:2x197x2x32",  # L=197 with a K/V tile that fits the compiled fp32 kernel
+    "attn:1x197x2x64:keep",  # ViT-B/16 at 224px: L=197 (one-tile: tile 256, too big for fp32 on a GPU)
+    "attn:2x197x2x32",  # L=197 with a one-tile K/V tile that fits the compiled fp32 kernel
     "attn:2x33x1x128",  # Dh 128, a single head
+    "attn:1x127x2x32",  # one below 128, the dispatcher's one-tile limit (at Dh <= 32)
+    "attn:1x128x2x16:keep",  # exactly 128: whole key blocks only (fp32 blocks of 32 / 16 keys)
+    "attn:1x129x2x32:keep",  # one above: the dispatcher's first key-blocked length, 1-key tail
+    "attn:1x31x2x32",  # fp32 forward key blocks of 32: L = BLOCK_N - 1
+    "attn:1x33x2x64:keep",  # L = BLOCK_N + 1 (forward 32-key blocks; backward 16: 3 blocks)
+    "attn:1x577x1x64:keep",  # ViT at 384 px (24x24 patches + CLS): many key and query blocks
+    "attn:1x1100x1x16",  # beyond the one-tile limit (1024): key-blocked only
     # ln:MxN[:r] -- rows x width, r: residual given
     "ln:130x64",  # small width, no residual
     "ln:130x256:r",  # product width
@@ -161,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default=None, choices=["ieee", "tf32", "tf32x3"],
                     dest="old_precision", help="the old name of --dot-precision")
     ap.add_argument("--seed", type=int, default=None, help="default: fresh, printed")
+    ap.add_argument("--kernel", default="both", choices=["both", "auto", "one-tile", "key-blocked"],
+                    help="attention kernel(s) to check: both (one-tile and key-blocked), auto "
+                         "(the dispatcher's choice), or one")
     args = ap.parse_args(argv)
     if args.old_precision is not None:
         print("note: --precision is now called --dot-precision; the old name still works")
@@ -181,35 +203,41 @@ def main(argv=None) -> int:
         except ValueError as e:
             ap.error(str(e))
     tol = kernel_tolerance(args.dtype, dot_precision)
-    ops = fused_ops(interpret=interpret, dot_precision=dot_precision)
+    kernels = ["one-tile", "key-blocked"] if args.kernel == "both" else [args.kernel]
+    ops = {k: fused_ops(interpret=interpret, dot_precision=dot_precision, attention_kernel=k)
+           for k in kernels}
 
     import triton  # noqa: PLC0415
 
     device = "interpreter (CPU)" if interpret else jax.devices()[0].device_kind
     print(f"gradcheck: {device}, triton {triton.__version__}, jax {jax.__version__}, dtype {args.dtype}, "
           f"dots {dot_precision}, seed {seed}, tol rel {tol:g}; outputs NaN-poisoned")
-    header = f"{'case':<24} {'tensor':<7} {'shape':<16} {'max_abs':>10} {'rel':>10} {'nonfin':>6} {'sec':>5}  ok"
+    header = f"{'case':<38} {'tensor':<7} {'shape':<16} {'max_abs':>10} {'rel':>10} {'nonfin':>6} {'sec':>5}  ok"
     print(header)
     print("-" * len(header))
     failures = skipped = 0
     key = jax.random.PRNGKey(seed)
     for i, spec in enumerate(shapes):
         kind, dims, _ = parse_shape(spec)
-        if kind == "attn" and not interpret and not attention.compiled_fits(dims[1], dims[3], args.dtype):
-            skipped += 1
-            print(f"{spec:<24} SKIP: K/V tile over the compiled kernel's shared-memory budget "
-                  f"(attention.compiled_fits; the interpreter runs it)")
-            continue
-        t0 = time.perf_counter()
-        with poisoned_outputs():
-            rows = check(spec, ops, REFERENCE_OPS, jax.random.fold_in(key, i), args.dtype, tol)
-        dt = time.perf_counter() - t0
-        for j, (name, shape, max_abs, rel, nonfinite, ok) in enumerate(rows):
-            failures += not ok
-            shape_s = "x".join(str(s) for s in shape)
-            sec = f"{dt:5.1f}" if j == 0 else ""
-            print(f"{spec if j == 0 else '':<24} {name:<7} {shape_s:<16} {max_abs:>10.2e} {rel:>10.2e} "
-                  f"{nonfinite:>6} {sec:>5}  {'ok' if ok else 'FAIL'}")
+        for kernel in kernels if kind == "attn" else kernels[:1]:
+            label = f"{spec} [{kernel}]" if kind == "attn" else spec
+            if kind == "attn" and kernel == "one-tile" and not dispatch.one_tile_runs(
+                    dims[1], dims[3], args.dtype, interpret):
+                skipped += 1
+                print(f"{label:<38} SKIP: the one-tile kernel does not run this shape here (L > "
+                      f"1024, or compiled with a K/V tile over its shared-memory budget)")
+                continue
+            t0 = time.perf_counter()
+            with poisoned_outputs():
+                rows = check(spec, ops[kernel], reference_ops(kernel), jax.random.fold_in(key, i),
+                             args.dtype, tol)
+            dt = time.perf_counter() - t0
+            for j, (name, shape, max_abs, rel, nonfinite, ok) in enumerate(rows):
+                failures += not ok
+                shape_s = "x".join(str(s) for s in shape)
+                sec = f"{dt:5.1f}" if j == 0 else ""
+                print(f"{label if j == 0 else '':<38} {name:<7} {shape_s:<16} {max_abs:>10.2e} {rel:>10.2e} "
+                      f"{nonfinite:>6} {sec:>5}  {'ok' if ok else 'FAIL'}", flush=True)
     print("-" * len(header))
     print("all tensors within tolerance" if not failures else f"{failures} tensor(s) over tolerance or non-finite")
     if skipped:

@@ -34,12 +34,19 @@ def _poisoning(fn):
     return wrapped
 
 
+def poisoned_fused_ops(attention_kernel="auto"):
+    """fused_ops here (interpreted on the CPU, compiled on a GPU: the same kernel source) with
+    every kernel output starting as NaN either way, so an unwritten element fails the checks.
+    attention_kernel: "auto" (the dispatcher), "one-tile" or "key-blocked"."""
+    ops = fused_ops(interpret=INTERPRET, attention_kernel=attention_kernel)
+    return ops._replace(**{name: _poisoning(getattr(ops, name)) for name in FUNCTIONS})
+
+
 @pytest.fixture(scope="module")
 def ops():
-    """The fused ops: interpreted on the CPU, compiled on a GPU (the same kernel source), with
-    every kernel output starting as NaN either way, so an unwritten element fails the checks."""
-    ops = fused_ops(interpret=INTERPRET)
-    return ops._replace(**{name: _poisoning(getattr(ops, name)) for name in FUNCTIONS})
+    """The fused ops as the model gets them (the dispatcher picks the attention kernel), with
+    NaN-poisoned outputs (poisoned_fused_ops)."""
+    return poisoned_fused_ops()
 
 
 def assert_all_close(rows, tol):

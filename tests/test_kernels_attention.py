@@ -1,6 +1,9 @@
-"""Fused attention (kernels/attention.py) vs vit.layers.attention_forward/backward, in Triton's
-interpreter on the CPU or compiled on a GPU (tests/kernel_checks.py): O and dQ, dK, dV (the thirds of the packed dQKV) on awkward shapes, with and without
-the dropout scale, bf16/fp16, the saved log-sum-exp, errors, use under jax.jit.
+"""Fused attention as the model gets it (kernels.fused_ops: the dispatcher of kernels/dispatch.py
+picks the one-tile kernel of kernels/attention.py for L <= 128 with Dh <= 32 and the
+key-blocked kernel of kernels/flash_attention.py otherwise) vs vit.layers.attention_forward /
+attention_backward, in Triton's interpreter on the CPU or compiled on a GPU
+(tests/kernel_checks.py): O and dQ, dK, dV (the thirds of the packed dQKV) on awkward shapes, with and without the dropout scale, bf16/fp16, the saved
+log-sum-exp, errors, use under jax.jit. tests/test_kernels_flash.py checks each kernel on its own.
 
 Error metric (oracle.compare.compare): rel = max|fused - ref| / max|ref| per tensor, plus a
 count of non-finite fused values (outputs start as NaN in the interpreter, so an element the
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention, fused_ops
+from kernels import attention
 from oracle.compare import TOLERANCE, compare
 from oracle.kernel_gradcheck import as_float32, attention_inputs, run_attention
 from vit import layers
@@ -42,14 +45,11 @@ HALF_TOL = TOLERANCE["bfloat16"]
         (2, 65, 8, 32),  # the product's L, heads and head dim
         (1, 65, 2, 64),  # Dh 64
         (2, 33, 1, 128),  # Dh 128, one head
-        (1, 197, 2, 64),  # ViT-B/16 at 224px: tile 256, several query steps
+        (1, 197, 2, 64),  # ViT-B/16 at 224px: the key-blocked kernel
     ],
 )
 @pytest.mark.parametrize("keep", [False, True], ids=["no-dropout", "keep_scale"])
 def test_matches_reference_float32(ops, b, l, heads, dh, keep):
-    if not INTERPRET and not attention.compiled_fits(l, dh, jnp.float32):
-        pytest.skip(f"the compiled path refuses fp32 L={l} Dh={dh} (shared memory), as "
-                    "test_compiled_path_refuses_tiles_over_shared_memory checks")
     inp = attention_inputs(jax.random.PRNGKey(l * 131 + dh), b, l, heads, dh, keep, jnp.float32)
     rows = compare(run_attention(ops, inp), run_attention(REFERENCE, inp), F32_TOL)
     assert [r[0] for r in rows] == ["o", "dq", "dk", "dv"]
@@ -115,16 +115,17 @@ def test_shape_errors(ops):
         ops.attention_forward(qkv, 2, jnp.ones((2, 2, 5, 4)))
     with pytest.raises(ValueError, match="qkv: dtype must be one of"):
         ops.attention_forward(qkv.astype(jnp.int32), 2)
-    with pytest.raises(ValueError, match="exceeds the one-tile limit"):
-        ops.attention_forward(jnp.ones((1, attention.MAX_LEN + 1, 3 * 16)), 1)
+    with pytest.raises(ValueError, match="exceeds the one-tile limit"):  # the kernel itself
+        attention.attention_forward(jnp.ones((1, attention.MAX_LEN + 1, 3 * 16)), 1, interpret=True)
     _, cache = ops.attention_forward(qkv, np.int64(2))  # numpy ints are fine
     with pytest.raises(ValueError, match=r"do must have shape \(B, L, D\) = \(2, 5, 64\)"):
         ops.attention_backward(cache, jnp.ones((2, 5, 32)))
 
 
 def test_compiled_path_refuses_tiles_over_shared_memory():
-    """fp32 L=197 Dh=64 keeps a 64 KiB K/V tile: the compiled path says so before launching
-    (kernels/compile_check.py measured the limit); the interpreter runs it (tested above)."""
+    """fp32 L=197 Dh=64 keeps a 64 KiB K/V tile: the compiled one-tile kernel says so before
+    launching (kernels/compile_check.py measured the limit); the interpreter runs it
+    (tests/test_kernels_flash.py), and the dispatcher sends it to the key-blocked kernel."""
     assert attention.compiled_fits(65, 32, jnp.float32) and attention.compiled_fits(197, 64, jnp.bfloat16)
     assert not attention.compiled_fits(197, 64, jnp.float32)
     with pytest.raises(ValueError, match="shared memory"):

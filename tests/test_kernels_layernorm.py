@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import fused_ops, layernorm
+from kernels import layernorm
 from oracle.compare import TOLERANCE, compare
 from oracle.kernel_gradcheck import as_float32, layernorm_inputs, run_layernorm
 from vit.ops import REFERENCE

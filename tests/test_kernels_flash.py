@@ -1,0 +1,302 @@
+"""Both fused attention kernels and the dispatcher (kernels/attention.py one-tile,
+kernels/flash_attention.py key-blocked, kernels/dispatch.py) vs vit.layers.attention_forward /
+attention_backward: O and dQ, dK, dV on awkward lengths and at block edges, with and without
+the dropout scale, float32 and bf16/fp16, NaN-poisoned outputs; in Triton's interpreter on the
+CPU or compiled on a GPU (tests/kernel_checks.py).
+
+Error metric (oracle.compare.compare): rel = max|fused - ref| / max|ref| per tensor, and no
+non-finite value (every output starts as NaN, so an element no program writes fails).
+Tolerances: float32 with ieee dots 1e-5 (observed <= ~1e-6: summation order, and the online
+softmax's rescaling); bf16/fp16 2e-2 against the float32 reference on the same rounded inputs
+(observed <= ~4e-3: P and dS rounded to the input dtype before their dots).
+
+Interpreter cost: the long lengths run with B=1 and small H/Dh (the kernels' loops and masks do
+not depend on B or H; each (batch, head) is one more grid index).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import attention, dispatch, flash_attention
+from kernels.flash_attention import Blocks
+from oracle.compare import compare
+from oracle.kernel_gradcheck import as_float32, attention_inputs, run_attention
+from kernels.launch import poisoned_outputs
+from vit.ops import REFERENCE
+
+from kernel_checks import INTERPRET, assert_all_close, poisoned_fused_ops
+
+F32_TOL = 1e-5
+HALF_TOL = 2e-2
+KERNELS = ["one-tile", "key-blocked"]
+
+
+@pytest.fixture(scope="module")
+def kernel_ops():
+    return {k: poisoned_fused_ops(k) for k in KERNELS + ["auto"]}
+
+
+def one_tile_runs(l, dh, dtype):
+    return l <= attention.MAX_LEN and (INTERPRET or attention.compiled_fits(l, dh, dtype))
+
+
+def skip_unless_runs(kernel, l, dh, dtype):
+    if kernel == "one-tile" and not one_tile_runs(l, dh, dtype):
+        pytest.skip(f"the one-tile kernel does not run L={l} Dh={dh} {jnp.dtype(dtype).name} here "
+                    "(MAX_LEN or, compiled, shared memory): the dispatcher sends it to key-blocked")
+
+
+def check(ops, b, l, heads, dh, keep, dtype=jnp.float32, seed=0):
+    inp = attention_inputs(jax.random.PRNGKey(seed * 1000 + l), b, l, heads, dh, keep, dtype)
+    fused = run_attention(ops, inp)
+    assert all(v.dtype == dtype for v in fused.values())
+    tol = F32_TOL if dtype == jnp.float32 else HALF_TOL
+    rows = compare(fused, run_attention(REFERENCE, as_float32(inp)), tol)
+    assert [r[0] for r in rows] == ["o", "dq", "dk", "dv"]
+    assert_all_close(rows, tol)
+    return rows
+
+
+class BlockedOps:
+    """The key-blocked kernel with explicit blocks, outputs NaN-poisoned (block-edge tests)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def attention_forward(self, qkv, heads, keep_scale=None):
+        with poisoned_outputs():
+            return flash_attention.attention_forward(qkv, heads, keep_scale, interpret=INTERPRET,
+                                                     blocks=self.blocks)
+
+    def attention_backward(self, cache, do):
+        with poisoned_outputs():
+            return flash_attention.attention_backward(cache, do, interpret=INTERPRET, blocks=self.blocks)
+
+
+# ----------------------------------------------------------------------------------------------
+# both kernels at the issue's awkward lengths
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(
+    "b, l, heads, dh, keep",
+    [
+        (2, 1, 2, 16, True),  # one token: every block almost all padding
+        (2, 17, 3, 16, True),  # one above a power of two; odd head count
+        (2, 65, 2, 32, True),  # the product length and head dim
+        (1, 127, 2, 16, False),  # one below 128
+        (1, 128, 2, 16, True),  # exactly 128: nothing masked, two 64-key blocks
+        (1, 129, 2, 32, False),  # one above: a 1-key tail block
+        (1, 197, 2, 64, True),  # ViT-B/16 at 224 px
+        (1, 577, 1, 64, True),  # ViT at 384 px (24x24 patches + CLS)
+    ],
+)
+def test_both_kernels_at_awkward_lengths(kernel_ops, kernel, b, l, heads, dh, keep):
+    skip_unless_runs(kernel, l, dh, jnp.float32)
+    check(kernel_ops[kernel], b, l, heads, dh, keep)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype, l, dh, keep", [
+    (jnp.bfloat16, 65, 32, True),  # the product shape in bf16
+    (jnp.bfloat16, 197, 64, True),  # ViT-S/B at 224 px in bf16 (the GPU target shape)
+    (jnp.float16, 129, 16, False),  # fp16, one key past 128
+], ids=["bf16-65", "bf16-197", "fp16-129"])
+def test_both_kernels_half_precision(kernel_ops, kernel, dtype, l, dh, keep):
+    skip_unless_runs(kernel, l, dh, dtype)
+    check(kernel_ops[kernel], 1, l, 2, dh, keep, dtype)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_head_dim_128(kernel_ops, kernel):
+    skip_unless_runs(kernel, 70, 128, jnp.float32)
+    check(kernel_ops[kernel], 1, 70, 1, 128, True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the key-blocked kernel at its block edges
+
+
+@pytest.mark.parametrize(
+    "block_m, block_n, l, keep",
+    [
+        (16, 16, 15, True),  # L = BLOCK_N - 1: one partial key block and one partial query block
+        (16, 16, 16, False),  # L = BLOCK_N: exactly one block, nothing masked
+        (16, 16, 17, True),  # L = BLOCK_N + 1: a 1-key tail block
+        (16, 16, 49, False),  # several key blocks (4) and a 1-row tail query block
+        (32, 16, 33, True),  # BLOCK_M > BLOCK_N: 3 key blocks, 2 query blocks, both with a tail
+        (16, 32, 31, False),  # BLOCK_M < BLOCK_N: one key block, two query blocks
+        (16, 32, 97, True),  # BLOCK_M < BLOCK_N: 4 key blocks, 7 query blocks
+    ],
+)
+def test_key_blocked_block_edges(block_m, block_n, l, keep):
+    check(BlockedOps(Blocks(block_m, block_n, 4, 2)), 2, l, 2, 16, keep)
+
+
+@pytest.mark.parametrize("dtype, dh", [(jnp.float32, 32), (jnp.bfloat16, 64)], ids=["fp32-dh32", "bf16-dh64"])
+def test_key_blocked_default_blocks_at_their_edges(kernel_ops, dtype, dh):
+    """L = BLOCK_N - 1, BLOCK_N + 1 and 2 BLOCK_N + 1 of the blocks the dispatcher would use
+    (forward and backward blocks may differ; each gets its own edges)."""
+    lengths = set()
+    for backward in (False, True):
+        n = flash_attention.default_blocks(10**4, dh, dtype, "ieee", backward).block_n
+        lengths |= {n - 1, n + 1, 2 * n + 1}
+    for l in sorted(lengths):
+        check(kernel_ops["key-blocked"], 1, l, 1, dh, l % 2 == 1, dtype)
+
+
+def test_lengths_beyond_the_one_tile_limit(kernel_ops):
+    """L = 1100 > attention.MAX_LEN (1024): the one-tile kernel refuses it, the fused ops (the
+    dispatcher) run it on the key-blocked kernel, with dropout, and match the reference."""
+    l = 1100
+    assert l > attention.MAX_LEN
+    with pytest.raises(ValueError, match="exceeds the one-tile limit"):
+        attention.attention_forward(jnp.ones((1, l, 3 * 16)), 1, interpret=True)
+    assert dispatch.plan(l, 16, jnp.float32, "ieee", "fwd", INTERPRET).kernel == "key-blocked"
+    check(kernel_ops["auto"], 1, l, 1, 16, True)
+
+
+# ----------------------------------------------------------------------------------------------
+# properties of the key-blocked kernel
+
+
+def test_key_blocked_lse_is_float32_logsumexp_of_scores(kernel_ops):
+    import math
+
+    from vit import layers
+
+    b, l, heads, dh = 1, 70, 2, 16
+    qkv = 3.0 * jax.random.normal(jax.random.PRNGKey(1), (b, l, 3 * heads * dh))
+    _, (_, _, lse, _) = kernel_ops["key-blocked"].attention_forward(qkv, heads)
+    q, k, _ = layers.split_heads(qkv, heads)
+    s = jnp.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(dh)
+    assert lse.dtype == jnp.float32 and lse.shape == (b, heads, l)
+    np.testing.assert_allclose(lse, jax.scipy.special.logsumexp(s, axis=-1), rtol=1e-6, atol=1e-5)
+
+
+def test_key_blocked_all_zero_keep_gives_zeros(kernel_ops):
+    inp = attention_inputs(jax.random.PRNGKey(4), 1, 40, 2, 16, True, jnp.float32)
+    inp["keep_scale"] = jnp.zeros_like(inp["keep_scale"])
+    for name, v in run_attention(BlockedOps(Blocks(16, 16, 4, 2)), inp).items():
+        assert np.all(np.asarray(v) == 0.0), name
+
+
+def test_caches_are_interchangeable(kernel_ops):
+    """Both forwards leave the same cache (qkv, o, lse, keep), so either backward takes either
+    forward's cache: one-tile forward + key-blocked backward and the reverse match the reference."""
+    inp = attention_inputs(jax.random.PRNGKey(5), 2, 40, 2, 16, True, jnp.float32)
+    o_ref, c_ref = REFERENCE.attention_forward(inp["qkv"], 2, inp["keep_scale"])
+    want = {"o": o_ref, "dqkv": REFERENCE.attention_backward(c_ref, inp["do"])}
+    for fwd, bwd in (("one-tile", "key-blocked"), ("key-blocked", "one-tile")):
+        o, cache = kernel_ops[fwd].attention_forward(inp["qkv"], 2, inp["keep_scale"])
+        assert all(isinstance(leaf, jax.Array) for leaf in jax.tree_util.tree_leaves(cache))
+        dqkv = kernel_ops[bwd].attention_backward(cache, inp["do"])
+        assert_all_close(compare({"o": o, "dqkv": dqkv}, want, F32_TOL), F32_TOL)
+
+
+def test_key_blocked_backward_is_deterministic(kernel_ops):
+    """No atomics: two backward runs give bitwise the same dQKV."""
+    inp = attention_inputs(jax.random.PRNGKey(6), 2, 50, 2, 16, True, jnp.float32)
+    ops = kernel_ops["key-blocked"]
+    _, cache = ops.attention_forward(inp["qkv"], 2, inp["keep_scale"])
+    first = np.asarray(ops.attention_backward(cache, inp["do"]))
+    np.testing.assert_array_equal(first, np.asarray(ops.attention_backward(cache, inp["do"])))
+
+
+def test_blocks_are_validated():
+    with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
+        Blocks(24, 16, 4, 2)
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16"):
+        Blocks(16, 8, 4, 2)
+    with pytest.raises(ValueError, match="num_warps"):
+        Blocks(16, 16, 3, 2)
+    assert Blocks(128, 64, 8, 2).fit(17) == Blocks(32, 32, 8, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# the dispatcher
+
+
+def test_dispatch_rule():
+    f32 = jnp.float32
+    assert dispatch.plan(65, 32, f32, "ieee", "fwd", True) == dispatch.Plan("one-tile", None, "rule")
+    assert dispatch.plan(128, 32, f32, "ieee", "bwd", True).kernel == "one-tile"
+    assert dispatch.plan(17, 16, f32, "ieee", "bwd", True).kernel == "one-tile"
+    assert dispatch.plan(64, 64, f32, "ieee", "bwd", True).kernel == "key-blocked"  # Dh > 32
+    assert dispatch.plan(1, 128, f32, "ieee", "fwd", True).kernel == "key-blocked"
+    p = dispatch.plan(129, 64, f32, "ieee", "bwd", True)
+    assert p.kernel == "key-blocked" and p.source == "rule"
+    assert p.blocks == flash_attention.default_blocks(129, 64, f32, "ieee", True)
+    assert dispatch.plan(197, 64, jnp.bfloat16, "ieee", "fwd", True).kernel == "key-blocked"
+    assert dispatch.plan(8192, 128, f32, "tf32", "fwd", True).kernel == "key-blocked"
+    # compiled (no table row for this device) the rule is the same
+    assert dispatch.plan(65, 32, f32, "ieee", "fwd", False).kernel == "one-tile"
+    assert dispatch.plan(100, 32, jnp.bfloat16, "ieee", "bwd", False).kernel == "one-tile"
+    assert dispatch.plan(100, 64, jnp.bfloat16, "ieee", "bwd", False).kernel == "key-blocked"
+    # forcing
+    assert dispatch.plan(65, 32, f32, "ieee", "fwd", True, kernel="key-blocked").kernel == "key-blocked"
+    assert dispatch.plan(900, 32, f32, "ieee", "fwd", True, kernel="one-tile").kernel == "one-tile"
+    with pytest.raises(ValueError, match="attention kernel must be one of"):
+        dispatch.plan(65, 32, f32, "ieee", "fwd", True, kernel="flash")
+
+
+def test_dispatch_table_overrides_the_rule(tmp_path):
+    """A tuned row for this device wins over the rule (smallest max_len >= L); the interpreter
+    never reads the table; a bad table file is an error naming it."""
+    device = jax.devices()[0].device_kind
+    row = dict(device=device, dtype="bfloat16", dh=32, direction="fwd", max_len=100,
+               kernel="key-blocked", block_m=32, block_n=16, num_warps=4, num_stages=3)
+    rows = [row, dict(row, max_len=4096, kernel="one-tile")]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"rows": rows}))
+    rows = dispatch.load_table(path)
+    bf16 = jnp.bfloat16
+    p = dispatch.plan(65, 32, bf16, "ieee", "fwd", False, rows=rows)
+    assert p == dispatch.Plan("key-blocked", Blocks(32, 16, 4, 3), f"table {device}")
+    assert dispatch.plan(101, 32, bf16, "ieee", "fwd", False, rows=rows).kernel == "one-tile"
+    assert dispatch.plan(2000, 32, bf16, "ieee", "fwd", False, rows=rows).kernel == "key-blocked"  # > MAX_LEN
+    assert dispatch.plan(65, 32, bf16, "ieee", "bwd", False, rows=rows).source == "rule"
+    assert dispatch.plan(65, 32, jnp.float32, "ieee", "fwd", False, rows=rows).source == "rule"
+    assert dispatch.plan(65, 32, bf16, "ieee", "fwd", True, rows=rows).source == "rule"
+    # forcing key-blocked keeps the tuned blocks
+    assert dispatch.plan(65, 32, bf16, "ieee", "fwd", False, "key-blocked", rows).blocks == Blocks(32, 16, 4, 3)
+    path.write_text(json.dumps({"rows": [dict(row, block_m=24)]}))
+    with pytest.raises(ValueError, match=f"{path.name}: row 0: Blocks.block_m"):
+        dispatch.load_table(path)
+    path.write_text(json.dumps({"rows": [dict(row, colour="red")]}))
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+        dispatch.load_table(path)
+    assert dispatch.load_table(tmp_path / "absent.json") == []
+
+
+def test_shipped_table_is_valid():
+    assert isinstance(dispatch.load_table(), list)
+
+
+def test_fused_ops_route_through_the_dispatcher(monkeypatch):
+    """The model's ops call dispatch with the kernel they were built for; both kernels stay
+    reachable, an unknown one is an error."""
+    from kernels import fused_ops
+
+    seen = []
+    real = dispatch.plan
+
+    def spy(*args, **kwargs):
+        p = real(*args, **kwargs)
+        seen.append(p.kernel)
+        return p
+
+    monkeypatch.setattr(dispatch, "plan", spy)
+    qkv = jnp.ones((1, 20, 3 * 16))
+    for kernel, want in (("auto", "one-tile"), ("one-tile", "one-tile"), ("key-blocked", "key-blocked")):
+        seen.clear()
+        ops = fused_ops(interpret=True, attention_kernel=kernel)
+        assert ops.attention_kernel == kernel
+        jax.eval_shape(lambda x: ops.attention_backward(ops.attention_forward(x, 1)[1], x[..., :16]), qkv)
+        assert seen == [want, want]
+    with pytest.raises(ValueError, match="attention kernel must be one of"):
+        fused_ops(interpret=True, attention_kernel="flash")
