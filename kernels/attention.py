@@ -67,7 +67,7 @@ def _attn_fwd(
     sm_scale: tl.constexpr,  # 1/sqrt(DH)
     HAS_KEEP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands
-    DOT_F32: tl.constexpr,  # upcast half dot operands (interpreter only; see kernels/launch.py)
+    DOT_F32: tl.constexpr,  # upcast half dot operands (interpreter only; see kernels/interpreter.py)
     BLOCK_L: tl.constexpr,  # keys: the whole sequence, padded
     BLOCK_M: tl.constexpr,  # query rows per step (divides BLOCK_L)
 ):

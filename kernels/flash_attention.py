@@ -62,7 +62,11 @@ are never stored.
 Dtypes: float32, bfloat16 or float16 in; float32 scores, softmax, statistics and accumulators;
 half-precision P and dS rounded to the input dtype before their dots (as the reference rounds
 P' and dS); outputs in the input dtype. In the interpreter, DOT_F32 upcasts half operands after
-every load (its bf16 arithmetic is not usable, see kernels/launch.py).
+every load (its bf16 arithmetic is not usable, see kernels/interpreter.py).
+
+Long because: the derivation above, the three kernels and their launcher read top to bottom in
+one file with the same names (Triton tutorial 06's shape); splitting them would separate each
+kernel from the lines of maths it implements.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def _flash_fwd(
     qk_scale: tl.constexpr,  # log2(e) / sqrt(DH): scores in base-2 units
     HAS_KEEP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision for float32 operands
-    DOT_F32: tl.constexpr,  # upcast half dot operands (interpreter only; see kernels/launch.py)
+    DOT_F32: tl.constexpr,  # upcast half dot operands (interpreter only; see kernels/interpreter.py)
     BLOCK_M: tl.constexpr,  # query rows of this program
     BLOCK_N: tl.constexpr,  # keys per step of the loop
 ):
