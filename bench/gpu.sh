@@ -20,8 +20,10 @@
 #              the same in two halves (attention + add+LN; the train step), each with
 #              --bench-merge so that together they fill one results file: for when the whole
 #              bench does not fit one 10-minute command
-#   tune       python -m bench.tune_attention: every (BLOCK_M, warps) variant of the attention
-#              kernels timed at the product shape; $OUT/tune-attention.md
+#   tune       python -m bench.tune_attention: every variant of both attention kernels (one-tile
+#              BLOCK_M x warps; key-blocked blocks, TUNE_GRID=quick|full) checked and timed at the
+#              product shape and ViT-B/16's L=197; $OUT/tune-attention.md, and the winners in
+#              $OUT/attention_table.json (copy it over kernels/attention_table.json)
 #   profile    one reference and one fused train step under Nsight Compute (ncu), kernel by
 #              kernel; $OUT/ncu-step-{reference,fused}.csv and their summaries in profile.log
 # Before any part, the wheels carried in .whl/ (jax-triton 0.3.1 and absl-py, which it imports:
@@ -33,7 +35,7 @@
 #
 # Every part runs even when an earlier one failed; the exit status is 1 if any part (or the
 # install) failed, 2 for a bad part name. $OUT/ gets one log per part, the results .json and .md,
-# one .png, tune-attention.md and two ncu CSVs, none in subfolders.
+# one .png, tune-attention.md, attention_table.json and two ncu CSVs, none in subfolders.
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
 # command, default 0 = none; a part past it fails with exit 124 and the next part runs), WHEELS
@@ -133,7 +135,10 @@ part_bench-step() {
 }
 
 part_tune() {
-  with_timeout "$PY" -m bench.tune_attention --out "$OUT/tune-attention.md"
+  # the dispatcher's table comes back in $OUT: copy it over kernels/attention_table.json
+  cp kernels/attention_table.json "$OUT/attention_table.json" || return 1
+  with_timeout "$PY" -m bench.tune_attention --grid "${TUNE_GRID:-quick}" \
+    --table "$OUT/attention_table.json" --out "$OUT/tune-attention.md"
 }
 
 part_profile() {

@@ -40,20 +40,28 @@ from oracle.compare import TOLERANCE, assert_close, kernel_tolerance
 
 # ----------------------------------------------------------------------------------------------
 # shapes: "quick" is what the checks use without --benchmark (and what the interpreter is checked
-# at under --benchmark on a CPU); "product" is ViTConfig() at the product batch; "large" B=512.
+# at under --benchmark on a CPU); "product" is ViTConfig() at the product batch; "large" B=512;
+# the standard ViT sizes at a typical per-GPU batch (configs/vit-*.toml): "vit-s" ViT-S/16 and
+# "vit-b" ViT-B/16 at 224 px (L = 197, Dh = 64, 6 and 12 heads), "vit-b-384" ViT-B/16 at 384 px
+# (L = 577); "vit-s16" the whole ViT-S/16 train step at 224 px on synthetic images.
 
-ATTN_SHAPES = {"quick": (2, 65, 8, 32), "product": (64, 65, 8, 32), "large": (512, 65, 8, 32)}
+ATTN_SHAPES = {"quick": (2, 65, 8, 32), "product": (64, 65, 8, 32), "large": (512, 65, 8, 32),
+               "vit-s": (128, 197, 6, 64), "vit-b": (64, 197, 12, 64),
+               "vit-b-384": (16, 577, 12, 64)}
 LN_SHAPES = {"quick": (2, 65, 256), "product": (64, 65, 256), "large": (512, 65, 256)}
-STEP_BATCH = {"quick": 4, "product": 64, "large": 512}
-TIMED_SHAPES = ("product", "large")
+STEP_BATCH = {"quick": 4, "product": 64, "large": 512, "vit-s16": 128}
+TIMED_SHAPES = {"attention": ("product", "large", "vit-s", "vit-b", "vit-b-384"),
+                "layernorm": ("product", "large"), "step": ("product", "large", "vit-s16")}
+GPU_ONLY_SHAPES = {"vit-s16"}  # a CPU takes minutes per step there: not run on a CPU
 EPOCH_IMAGES = 100_000  # one Tiny ImageNet training epoch
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
-def shape_names(config) -> tuple[str, ...]:
-    """The shapes the tests are parametrised over: the reduced one, or both timed ones."""
-    return TIMED_SHAPES if config.getoption("vitfuse_benchmark") else ("quick",)
+def shape_names(config, kind: str) -> tuple[str, ...]:
+    """The shapes a group ("attention", "layernorm", "step") is parametrised over: the reduced
+    one, or its timed ones."""
+    return TIMED_SHAPES[kind] if config.getoption("vitfuse_benchmark") else ("quick",)
 
 
 def tolerance(dtype: str, contender: str) -> float:
@@ -112,7 +120,8 @@ def shape_label(kind: str, name: str) -> str:
     if kind == "layernorm":
         b, l, d = LN_SHAPES[name]
         return f"B={b} L={l} D={d} ({b * l}x{d})"
-    return f"B={STEP_BATCH[name]}" + (" (tiny ViT)" if name == "quick" else " (ViT 8x256, 64x64 images)")
+    model = {"quick": "tiny ViT", "vit-s16": "ViT-S/16, 224x224 images"}.get(name, "ViT 8x256, 64x64 images")
+    return f"B={STEP_BATCH[name]} ({model})"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,7 +53,16 @@ def make_step(contender: str, config, interpret: bool):
 
 
 def config_for(shape):
-    return TINY if shape == "quick" else vit.ViTConfig()
+    """The model of a step shape: the tiny ViT (checks), the product ViT, or the ViT-S/16 preset
+    (configs/vit-s16.toml) at 224 px."""
+    if shape == "quick":
+        return TINY
+    if shape == "vit-s16":
+        from vit import runconfig  # noqa: PLC0415
+
+        preset = runconfig.CONFIG_DIR / "vit-s16.toml"
+        return runconfig.from_dict(runconfig.load_toml(preset), str(preset)).model
+    return vit.ViTConfig()
 
 
 def make_batch(config, batch, key):

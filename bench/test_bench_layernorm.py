@@ -35,7 +35,7 @@ def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     cases = [harness.KernelCase(f"add+layernorm {mode}", "layernorm", mode, shape, contender, dtype)
-             for shape in harness.shape_names(metafunc.config)
+             for shape in harness.shape_names(metafunc.config, "layernorm")
              for mode in ("fwd", "fwd+bwd")
              for dtype in ("fp32", "bf16")
              for contender in CONTENDERS[mode]]

@@ -1,11 +1,13 @@
-"""bench/tune_attention.py: its geometry override reaches the launches, and on the CPU it checks
-every variant in Triton's interpreter (nothing timed) and exits 0."""
+"""bench/tune_attention.py: its one-tile geometry override reaches the launches, on the CPU it
+checks every variant of both kernels in Triton's interpreter (nothing timed) and exits 0, and the
+dispatcher's table it writes from timed rows is one kernels/dispatch.py reads back."""
 
 import jax
 import jax.numpy as jnp
 
 from bench import tune_attention
-from kernels import attention
+from kernels import attention, dispatch
+from kernels.flash_attention import Blocks
 from kernels.launch import record_launches
 
 
@@ -31,10 +33,33 @@ def test_geometry_override_reaches_only_its_direction():
     assert launched_geometry("bwd") == default["bwd"]  # restored
 
 
-def test_interpreted_run_checks_every_variant(tmp_path, capsys):
+def test_interpreted_run_checks_every_variant_of_both_kernels(tmp_path, capsys):
     out = tmp_path / "tune.md"
     assert tune_attention.main(["--interpret", "--shape", "1x5x1x16", "--dtype", "float32/ieee",
-                                "--out", str(out)]) == 0
+                                "--grid", "quick", "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.count("| float32/ieee |") == 4 and "default" in text  # BLOCK_M 16 x warps 4, 8
-    assert "wrong" not in capsys.readouterr().out
+    one_tile = text.count("| one-tile |")
+    key_blocked = text.count("| key-blocked |")
+    assert one_tile == 2 * 2  # BLOCK_M 16 x warps 4, 8, in both directions
+    assert key_blocked >= 2  # at L=5 every block fits to 16x16: the grid collapses
+    assert "wrong" not in capsys.readouterr().out and "not timed" in text
+
+
+def test_table_rows_pick_the_fastest_and_round_trip(tmp_path):
+    def row(kernel, setting, ms, default=False, direction="fwd"):
+        return {"shape": "64x197x12x64", "dtype": "bfloat16", "direction": direction,
+                "kernel": kernel, "variant": str(setting), "setting": setting,
+                "default": default, "planned": False, "median_ms": ms}
+    rows = [row("one-tile", (16, 8), 0.9, default=True), row("one-tile", (32, 4), 0.1),  # not default
+            row("key-blocked", Blocks(64, 32, 8, 2), 0.5), row("key-blocked", Blocks(128, 64, 8, 2), 0.4),
+            row("one-tile", (16, 8), 0.2, default=True, direction="bwd"),
+            row("key-blocked", Blocks(64, 32, 8, 2), 0.3, direction="bwd")]
+    table = tune_attention.table_rows(rows, "NVIDIA H200")
+    assert [(r["direction"], r["kernel"], r["block_m"], r["block_n"]) for r in table] == [
+        ("fwd", "key-blocked", 128, 64), ("bwd", "one-tile", 16, 16)]
+    path = tmp_path / "table.json"
+    tune_attention.write_table(path, table)
+    loaded = dispatch.load_table(path)
+    assert len(loaded) == 2 and {r["max_len"] for r in loaded} == {197}
+    tune_attention.write_table(path, table[:1])  # same key: replaced, not duplicated
+    assert len(dispatch.load_table(path)) == 2

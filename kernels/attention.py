@@ -219,7 +219,7 @@ def _attn_bwd(
 # forward / backward (same signatures as vit.layers, plus the launch settings)
 
 
-def _geometry(b, l, d, heads, dtype, interpret, dot_precision, backward=False):
+def geometry(b, l, d, heads, dtype, interpret, dot_precision, backward=False):
     """Constexprs for one of the kernels, and the number of warps.
 
     BLOCK_M (query rows per step) and the warps are chosen so that no kernel spills registers
@@ -335,7 +335,7 @@ def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_preci
             f"needs more GPU shared memory than the single-tile kernel may use (K/V tile over "
             f"{MAX_KV_TILE_BYTES // 1024} KiB); use bfloat16, a smaller head dim, or the reference ops"
         )
-    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision)
+    consts, num_warps = geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision)
     o, lse = launch(
         _attn_fwd,
         grid=(b, heads),
@@ -360,7 +360,7 @@ def attention_backward(cache, do, *, interpret: bool, dot_precision: str = "ieee
     qkv, o, lse, keep_scale = cache
     b, l, d, heads = check_backward_inputs(cache, do)
     do = do.astype(qkv.dtype)
-    consts, num_warps = _geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision, backward=True)
+    consts, num_warps = geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision, backward=True)
     (dqkv,) = launch(
         _attn_bwd,
         grid=(b, heads),

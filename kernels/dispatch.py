@@ -63,7 +63,7 @@ _TABLE_KEYS = {"device", "dtype", "dh", "direction", "max_len", "kernel", "block
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What runs for one direction of one shape: the kernel, the key-blocked kernel's blocks
-    (None for one-tile, whose geometry is attention._geometry), and where the choice came from."""
+    (None for one-tile, whose geometry is attention.geometry), and where the choice came from."""
 
     kernel: str
     blocks: Blocks | None

@@ -65,7 +65,8 @@ class Row(NamedTuple):
 
 
 def _leaves(tree) -> list[tuple[str, object]]:
-    if isinstance(tree, dict) and all(isinstance(k, str) for k in tree):
+    if isinstance(tree, dict) and all(isinstance(k, str) and not isinstance(v, (dict, list, tuple))
+                                      for k, v in tree.items()):
         return list(tree.items())  # a flat dict of named tensors keeps its plain names
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     return [(jax.tree_util.keystr(path) or "out", leaf) for path, leaf in flat]

@@ -270,3 +270,14 @@ def test_gradcheck_command_runs_and_exits_zero(capsys):
     assert "all tensors within tolerance" in out
     for tensor in ("o", "dq", "dk", "dv", "y", "ds", "dgamma", "dbeta"):
         assert f" {tensor} " in out
+
+
+def test_compare_names_nested_tensors_by_path():
+    """oracle.compare on a nested pytree (the bench's train-step check: loss and every gradient)."""
+    want = {"loss": jnp.array(1.0), "grads": {"w": jnp.ones((2, 2)), "b": [jnp.zeros(3)]}}
+    got = jax.tree_util.tree_map(lambda a: a + 1e-3, want)
+    rows = compare(got, want, 1e-2)
+    assert [r.name for r in rows] == ["['grads']['b'][0]", "['grads']['w']", "['loss']"]
+    assert all(r.ok for r in rows)
+    got["grads"]["w"] = got["grads"]["w"].at[0, 1].add(0.5)
+    assert [r.ok for r in compare(got, want, 1e-2)] == [True, False, True]
