@@ -181,3 +181,18 @@ def test_shrunken_vit_s16_fused_steps_match_reference():
     errors.pop(qkv_w)  # its Q and V thirds are checked below, its K third above
     errors.pop("['blocks'][0]['attn']['qkv']['b'][K]")
     assert all(v <= 1e-3 for v in errors.values()), errors
+
+
+def test_a_preset_trains_on_an_image_folder_at_its_patch_grid(tmp_path):
+    """The way a preset gets its own image size: an image folder resized by data.image_size (48 px
+    here for time: 3x3 patches of 16, L = 10), one layer, one epoch; the run's model follows."""
+    from vit.data.fake import write_fake_image_folder
+
+    data = write_fake_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=1)
+    out = tmp_path / "run"
+    assert train.main(["--config", str(runconfig.CONFIG_DIR / "vit-ti16.toml"), "--data-dir", str(data),
+                       "--set", "data.image_size=48", "--set", "model.layers=1", "--epochs", "1",
+                       "--batch-size", "4", "--no-progress", "--out", str(out)]) == 0
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert (model["image_size"], model["patch_size"], model["d_model"]) == (48, 16, 192)
+    assert evaluate.evaluate(out, "last", progress=False)["count"] > 0
