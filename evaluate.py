@@ -34,6 +34,31 @@ def fail(message):
     sys.exit(2)
 
 
+EVAL_META = ("config", "mean", "std", "epoch")
+
+
+def load_checkpoint(run_dir: Path, name: str):
+    """RUN_DIR/<name>.npz, or a CheckpointError naming what is wrong with it and offering the
+    run's other checkpoint when that one is sound."""
+    from vit import checkpoint  # noqa: PLC0415
+
+    path = run_dir / f"{name}.npz"
+    try:
+        return checkpoint.load(path, meta_keys=EVAL_META, trees=("params",))
+    except checkpoint.CheckpointError as err:
+        message = str(err)
+    other = "last" if name == "best" else "best"
+    if (run_dir / f"{other}.npz").is_file():
+        try:
+            meta = checkpoint.load(run_dir / f"{other}.npz", meta_keys=EVAL_META,
+                                   trees=("params",))[1]
+            message += (f". The run's {other}.npz is sound (epoch {meta['epoch']}): evaluate it "
+                        f"with python evaluate.py {run_dir} --checkpoint {other}")
+        except checkpoint.CheckpointError:
+            pass
+    raise checkpoint.CheckpointError(message)
+
+
 def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, fused=False,
              interpret=None, progress=True):
     """-> dict with top1, top5, loss, count, per_class (list of (name, correct, total))."""
@@ -41,7 +66,6 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, fus
     import numpy as np  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
-    from vit import checkpoint  # noqa: PLC0415
     from vit.config import ViTConfig  # noqa: PLC0415
     from vit.data import load_dataset  # noqa: PLC0415
     from vit.data.loader import eval_batches  # noqa: PLC0415
@@ -52,7 +76,7 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, fus
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
                                 "train.py that finished at least one epoch?)")
-    trees, meta = checkpoint.load(path)
+    trees, meta = load_checkpoint(run_dir, checkpoint_name)
     cfg = meta["config"]
     model = ViTConfig.from_dict(cfg["model"])
     data = cfg["data"]
@@ -86,11 +110,12 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, fus
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from vit.checkpoint import CheckpointError  # noqa: PLC0415
     from vit.data import DatasetError  # noqa: PLC0415
     try:
         result = evaluate(args.run_dir, args.checkpoint, args.data_dir, args.batch_size,
                           args.fused, True if args.interpret else None, not args.no_progress)
-    except (FileNotFoundError, DatasetError, KeyError) as err:
+    except (FileNotFoundError, DatasetError, CheckpointError) as err:
         fail(str(err))
     print(f"{result['checkpoint']} (epoch {result['epoch']}): top-1 {100 * result['top1']:.2f}%"
           f"  top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}  "

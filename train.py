@@ -1,10 +1,25 @@
 """Train the ViT:  python train.py [--config FILE] [--dataset tiny-imagenet|digits] ...
 
-Every epoch: a progress bar (loss, accuracy, images/s, ETA), validation top-1/top-5/loss, a line
-in RUN_DIR/metrics.jsonl, RUN_DIR/curves.png redrawn, and checkpoints RUN_DIR/last.npz (every
-epoch) and RUN_DIR/best.npz (best validation top-1), written atomically. Ctrl-C (or SIGTERM) saves
-a checkpoint at the current step and exits; `--resume RUN_DIR` continues exactly where it stopped.
-A NaN/Inf loss stops the run with a message and leaves the last good checkpoint untouched.
+Every epoch: a progress bar (loss, accuracy, images/s, ETA), validation top-1/top-5/loss,
+checkpoints RUN_DIR/last.npz (every epoch) and RUN_DIR/best.npz (best validation top-1) written
+atomically, then a line in RUN_DIR/metrics.jsonl and RUN_DIR/curves.png redrawn. `--resume RUN_DIR`
+continues exactly where it stopped, and first rewrites metrics.jsonl from the checkpoint's own
+history, so the two agree whatever moment a crash came at. The run directory is checked for
+writing before any work; a start that fails leaves no run directory behind.
+
+Exit codes:
+    0    every epoch done
+    130  stopped early with last.npz saved at the current step, to be continued with --resume:
+         by Ctrl-C (SIGINT), SIGTERM, or --stop-after-epoch K (a stop asked for in advance is
+         still a stop before the end, so a script can tell "finished" from "resume me")
+    3    the training loss became NaN/Inf: stopped, last.npz is left as it was
+    2    bad usage or input (a flag, config value, data or checkpoint file): the message names it
+A second Ctrl-C while stopping leaves at once without saving (also 130).
+
+Called from Python (`train.main([...])`, as the tests do) rather than run as a script, a SIGINT or
+SIGTERM still saves last.npz first, and is then passed on to the handler that was there before
+(KeyboardInterrupt for SIGINT, termination for SIGTERM), so the calling program stops as it would
+have without train.py.
 """
 
 from __future__ import annotations
@@ -15,11 +30,20 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # stopped early, last.npz saved: Ctrl-C, SIGTERM or --stop-after-epoch
 EXIT_NONFINITE = 3
+# what a resumable checkpoint holds besides params/opt
+RESUME_META = ("epoch", "step_in_epoch", "global_step", "history", "running", "best_top1",
+               "mean", "std")
+# named flags: (section, key) of the config value each overrides
+NAMED_FLAGS = {"--dataset": ("data", "dataset"), "--data-dir": ("data", "data_dir"),
+               "--epochs": ("train", "epochs"), "--batch-size": ("train", "batch_size"),
+               "--lr": ("train", "lr"), "--precision": ("train", "precision"),
+               "--seed": ("train", "seed")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python train.py",
         description="Train the hand-differentiated ViT. Configs are TOML files with [model], "
                     "[train] and [data] sections (configs/*.toml); every value can be "
-                    "overridden here, by a named flag or by --set section.key=value.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "overridden here, by a named flag or by --set section.key=value; a flag "
+                    "left out keeps the config's value.")
     p.add_argument("--config", default=None,
                    help="TOML config file (default: configs/seed.toml, or configs/digits.toml "
                         "with --dataset digits)")
@@ -64,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: process count")
     p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's id")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="K",
-                   help="stop cleanly after epoch K (checkpoint saved) as if interrupted; "
+                   help="stop after epoch K with last.npz saved and exit 130, as Ctrl-C does; "
                         "continue later with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -96,17 +120,61 @@ def resolve_config(args):
             path = runconfig.CONFIG_DIR / name
         base = runconfig.load_toml(path)
         where = f"--config {path}"
-    named = {("data", "dataset"): args.dataset, ("data", "data_dir"): args.data_dir,
-             ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
-             ("train", "lr"): args.lr, ("train", "precision"): args.precision,
-             ("train", "seed"): args.seed}
-    for (section, key), value in named.items():
+    sources = {}  # "section.key" -> the flag that set it, so an error blames the right source
+    for flag, (section, key) in NAMED_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             base = runconfig.merge(base, section, key, value)
+            sources[f"{section}.{key}"] = f"{flag} {value}"
     for text in args.set:
         section, key, value = runconfig.parse_override(text)
         base = runconfig.merge(base, section, key, value)
-    return runconfig.from_dict(base, where)
+        sources[f"{section}.{key}"] = f"--set {text}"
+    return runconfig.from_dict(base, where, sources)
+
+
+def check_writable(run_dir: Path, flag: str):
+    """Before any work: the run directory (or the folder it will be made in) takes files."""
+    folder = run_dir
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            fail(f"{flag} {run_dir} is a file, not a directory")
+        while not folder.exists():  # the nearest folder that exists: run_dir will be made there
+            folder = folder.parent
+        if not folder.is_dir():
+            fail(f"{flag} {run_dir}: {folder} is a file, not a directory")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        where = run_dir if folder == run_dir else f"{folder} (where {run_dir} would be made)"
+        fail(f"{flag} {run_dir}: {where} is not writable ({e.strerror or e}); fix its "
+             "permissions or choose another --out")
+
+
+def load_resume_checkpoint(run_dir: Path):
+    """last.npz of run_dir, or fail() naming what is wrong with it, offering best.npz if sound."""
+    from vit import checkpoint  # noqa: PLC0415
+
+    last, best = run_dir / "last.npz", run_dir / "best.npz"
+    try:
+        return checkpoint.load(last, meta_keys=RESUME_META, trees=("params", "opt"))
+    except checkpoint.CheckpointError as err:
+        message = f"--resume {run_dir}: {err}."
+    if best.is_file():
+        try:
+            meta = checkpoint.load(best, meta_keys=RESUME_META, trees=("params", "opt"))[1]
+            message += (f" {best} is sound (end of epoch {meta['epoch']}): to continue from it, "
+                        f"cp {best} {last} and run python train.py --resume {run_dir} again.")
+        except checkpoint.CheckpointError as err2:
+            message += f" No way out through {best} either: {err2}."
+    fail(message)
+
+
+def write_metrics(path: Path, history: list[dict]):
+    """metrics.jsonl as exactly the given records, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+    os.replace(tmp, path)
 
 
 def fit_model_to_data(cfg, train_set):
@@ -165,7 +233,14 @@ class Interrupted(Exception):
     pass
 
 
-def main(argv=None) -> int:
+class InterruptedTwice(Exception):
+    pass
+
+
+def main(argv=None, *, standalone=False) -> int:
+    """standalone: this process is `python train.py` itself, so a SIGINT/SIGTERM ends in exit
+    code 130 after the checkpoint. Otherwise (called from Python) the signal is passed on to the
+    handler that was there before, once the checkpoint is saved (see the module docstring)."""
     args = build_parser().parse_args(argv)
     if args.interpret and not args.fused:
         fail("--interpret only makes sense with --fused")
@@ -191,6 +266,24 @@ def main(argv=None) -> int:
         fail(str(err))
     main_process = parallel.is_main_process()
 
+    # --- run directory: checked before any work; made only once the run is about to start ----
+    d = cfg.data
+    if args.resume:
+        run_dir = Path(args.resume)
+        if main_process:
+            check_writable(run_dir, "--resume")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{d.dataset}-{stamp}")
+        if main_process:
+            check_writable(run_dir, "--out")
+        if (run_dir / "last.npz").exists():
+            fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
+                 f"{run_dir} or choose another --out")
+    resumed = None
+    if args.resume and (run_dir / "last.npz").exists():
+        resumed = load_resume_checkpoint(run_dir)
+
     interpret = None
     if args.fused:
         if jax.default_backend() != "gpu" and not args.interpret:
@@ -200,7 +293,6 @@ def main(argv=None) -> int:
         interpret = True if args.interpret else None
 
     # --- data -------------------------------------------------------------------------------
-    d = cfg.data
     progress = not args.no_progress
     try:
         train_set = load_dataset(d.dataset, d.data_dir, "train", workers=d.workers,
@@ -212,17 +304,6 @@ def main(argv=None) -> int:
     cfg = fit_model_to_data(cfg, train_set)
     t = cfg.train
 
-    # --- run directory ----------------------------------------------------------------------
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out or f"runs/{d.dataset}-{stamp}")
-        if (run_dir / "last.npz").exists():
-            fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
-                 f"{run_dir} or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     # --- devices ------------------------------------------------------------------------------
     mesh = parallel.make_mesh(args.devices)
     n_dev = mesh.devices.size
@@ -232,8 +313,8 @@ def main(argv=None) -> int:
 
     # --- state: fresh or resumed ---------------------------------------------------------------
     history: list[dict] = []
-    if args.resume and (run_dir / "last.npz").exists():
-        trees, meta = checkpoint.load(run_dir / "last.npz")
+    if resumed is not None:
+        trees, meta = resumed
         params, opt_state = trees["params"], trees["opt"]
         mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
         epoch, step_in_epoch = meta["epoch"], meta["step_in_epoch"]
@@ -249,9 +330,6 @@ def main(argv=None) -> int:
         epoch, step_in_epoch = 0, 0
         running = {"loss": 0.0, "correct": 0.0, "seen": 0}
         best_top1 = -1.0
-    if main_process:
-        from vit.runconfig import dumps  # noqa: PLC0415
-        (run_dir / "config.json").write_text(dumps(cfg) + "\n")
 
     # every process reads the same seeded global order and gathers only its rows of each batch
     batcher = Batcher(train_set.images, train_set.labels, t.batch_size, seed=t.seed,
@@ -286,11 +364,20 @@ def main(argv=None) -> int:
 
     def on_signal(signum, _frame):
         if stop["signal"] is not None:  # a second Ctrl-C: the user insists
-            raise KeyboardInterrupt
+            raise InterruptedTwice
         stop["signal"] = signum
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     from tqdm import tqdm  # noqa: PLC0415
+
+    # --- the run directory, made now that nothing more can fail before training --------------
+    created_run_dir = main_process and not run_dir.exists()
+    if main_process:
+        from vit.runconfig import dumps  # noqa: PLC0415
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(dumps(cfg) + "\n")
+        if resumed is not None:  # the checkpoint's history is the record: metrics.jsonl follows it
+            write_metrics(run_dir / "metrics.jsonl", history)
 
     print(f"run directory: {run_dir}\nmodel: {cfg.model}\ndevices: {n_dev} x "
           f"{jax.devices()[0].platform}, {spe} steps/epoch of {t.batch_size}, "
@@ -354,6 +441,12 @@ def main(argv=None) -> int:
             history.append(record)
             epoch, step_in_epoch = epoch + 1, 0
             running = {"loss": 0.0, "correct": 0.0, "seen": 0}
+            # checkpoints first, then the metrics line: metrics.jsonl never gets ahead of last.npz
+            # (and --resume rewrites it from last.npz's history)
+            if record["val_top1"] > best_top1:
+                best_top1 = record["val_top1"]
+                save("best", epoch, 0, running)
+            save("last", epoch, 0, running)
             if main_process:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -363,19 +456,16 @@ def main(argv=None) -> int:
                       f"{record['val_loss']:.4f} top-1 {100 * record['val_top1']:.2f}% top-5 "
                       f"{100 * record['val_top5']:.2f}% | {record['images_per_s']:.0f} img/s",
                       flush=True)
-            if record["val_top1"] > best_top1:
-                best_top1 = record["val_top1"]
-                save("best", epoch, 0, running)
-            save("last", epoch, 0, running)
             if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch \
                     and epoch < t.epochs:
-                print(f"stopping after epoch {epoch} as asked; continue with "
-                      f"python train.py --resume {run_dir}")
-                return 0
+                print(f"stopping after epoch {epoch} as asked (exit code {EXIT_INTERRUPTED}); "
+                      f"continue with python train.py --resume {run_dir}")
+                return EXIT_INTERRUPTED
     except FloatingPointError as err:
+        kept = (f"the last good checkpoint ({run_dir / 'last.npz'}) is untouched"
+                if (run_dir / "last.npz").exists() else "no checkpoint had been written yet")
         print(f"\ntrain.py: the training loss became {err} at epoch {epoch + 1}, step "
-              f"{step_in_epoch}. Training stopped; the last good checkpoint "
-              f"({run_dir / 'last.npz'}) is untouched. Try a lower --lr, gradient clipping "
+              f"{step_in_epoch}. Training stopped; {kept}. Try a lower --lr, gradient clipping "
               "(--set train.clip_norm=1.0) or warmup (--set train.warmup_epochs=2).",
               file=sys.stderr)
         return EXIT_NONFINITE
@@ -385,16 +475,28 @@ def main(argv=None) -> int:
               f"{step_in_epoch}; continue with python train.py --resume {run_dir}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # a second Ctrl-C while stopping: leave without writing anything
-        print(f"\ninterrupted twice: exiting without saving; {run_dir / 'last.npz'} holds the "
-              "last completed epoch", file=sys.stderr)
+    except InterruptedTwice:  # a second Ctrl-C while stopping: leave without writing anything
+        kept = (f"{run_dir / 'last.npz'} holds the last completed epoch"
+                if (run_dir / "last.npz").exists() else "no checkpoint had been written yet")
+        print(f"\ninterrupted twice: exiting without saving; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        if created_run_dir and not (run_dir / "last.npz").exists():
+            # stopped before its first checkpoint: leave no run directory holding only config.json
+            (run_dir / "config.json").unlink(missing_ok=True)
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        if stop["signal"] is not None and not standalone:
+            # called from Python: with last.npz saved, the caller's own handler gets the signal
+            # it would have got without train.py (KeyboardInterrupt, termination, ...)
+            signal.raise_signal(stop["signal"])
     print(f"done: best val top-1 {100 * best_top1:.2f}%; run directory {run_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(standalone=True))

@@ -1,8 +1,18 @@
 import os
+import re
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The in-process tests expect JAX's one CPU device; the multi-device tests make their own devices
+# in subprocesses (tests/test_parallel.py sets XLA_FLAGS for them). So a caller's
+# --xla_force_host_platform_device_count is dropped here, before JAX is imported, and every
+# subprocess inherits the cleaned environment. (Other XLA flags pass through.)
+FORCED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=\S*")
+DROPPED_XLA_FLAGS = FORCED_DEVICES.findall(os.environ.get("XLA_FLAGS", ""))
+if DROPPED_XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = " ".join(FORCED_DEVICES.sub("", os.environ["XLA_FLAGS"]).split())
 
 
 def pytest_configure(config):
@@ -18,8 +28,12 @@ def pytest_configure(config):
 def pytest_report_header(config):
     from kernel_checks import KERNEL_MODE  # noqa: PLC0415  (after JAX_PLATFORMS is set)
     import jax  # noqa: PLC0415
-    return [f"vitfuse: jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
-            f"fused kernels {KERNEL_MODE}"]
+    lines = [f"vitfuse: jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
+             f"fused kernels {KERNEL_MODE}"]
+    if DROPPED_XLA_FLAGS:
+        lines.append(f"vitfuse: ignoring the caller's XLA_FLAGS {' '.join(DROPPED_XLA_FLAGS)} "
+                     "(the tests make their own devices)")
+    return lines
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,11 @@ from vit.data.common import DOWNLOAD_HINT, Dataset, DatasetError
 
 DATASET_DIRNAME = "tiny-imagenet-200"
 CACHE_DIRNAME = "vitfuse-cache"
+# how to leave unreadable images out, with each command's own flag for it
+SKIP_HINT = (
+    "leave unreadable images out: python train.py ... --set data.skip_bad_images=true, "
+    "python -m vit.data prepare ... --skip-bad-images, load_dataset(..., skip_bad_images=True)"
+)
 CACHE_FORMAT = 1  # bump when the cache files change meaning
 IMAGE_SHAPE = (64, 64, 3)
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
@@ -306,6 +311,7 @@ def _build_cache(
     progress: bool,
 ) -> None:
     files = _cache_paths(cache_dir, split)
+    made = [d for d in (cache_dir, *cache_dir.parents) if not d.exists()]  # removed again on failure
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # The manifest marks a complete cache: remove it first, so that until the new one is written
@@ -326,10 +332,7 @@ def _build_cache(
 
         def on_chunk(start, images, errors):
             if errors and not skip_bad_images:
-                raise DatasetError(
-                    f"{errors[0][1]}. Fix or remove the file, or pass skip_bad_images=True "
-                    f"(--skip-bad-images) to leave unreadable images out"
-                )
+                raise DatasetError(f"{errors[0][1]}. Fix or remove the file, or {SKIP_HINT}")
             out[start : start + len(images)] = images
             bad.extend((start + i, message) for i, message in errors)
 
@@ -369,6 +372,11 @@ def _build_cache(
     finally:
         tmp_images.unlink(missing_ok=True)
         compacted.unlink(missing_ok=True)
+        for folder in made:  # a failed build leaves no empty cache folder behind
+            try:
+                folder.rmdir()  # only if empty: a folder with a finished cache stays
+            except OSError:
+                break
 
 
 def load_tiny_imagenet(
@@ -421,8 +429,7 @@ def load_tiny_imagenet(
     if skipped and not skip_bad_images:
         # The cache was built with skip_bad_images=True; without the flag a bad image is still an error.
         raise DatasetError(
-            f"{skipped[0]} ({len(skipped)} unreadable images in {split}). Fix or remove the files, or pass "
-            f"skip_bad_images=True (--skip-bad-images) to leave them out"
+            f"{skipped[0]} ({len(skipped)} unreadable images in {split}). Fix or remove the files, or {SKIP_HINT}"
         )
     return Dataset(
         images=images, labels=labels, class_names=class_names, name="tiny-imagenet", split=split, skipped=skipped
