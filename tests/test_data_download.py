@@ -108,7 +108,8 @@ def dataset_zip(tmp_path_factory):
 
 def get(dest, server, md5, **kw):
     kw.setdefault("retries", 0)
-    return download(dest, server.url, md5, retry_wait=0, timeout=10, progress=False, **kw)
+    # the socket timeout only guards against a hang: generous, so that load cannot trip it
+    return download(dest, server.url, md5, retry_wait=0, timeout=120, progress=False, **kw)
 
 
 def test_good_zip_is_extracted_into_a_dataset_that_loads(tmp_path, dataset_zip):
@@ -149,7 +150,7 @@ def test_failed_download_with_nothing_received_claims_no_part_file(tmp_path, dat
         url = server.url
     part = tmp_path / "tiny-imagenet-200.zip.part"
     with pytest.raises(DownloadError) as e:  # the server is gone: connection refused
-        download(tmp_path, url, md5, retries=0, retry_wait=0, timeout=10, progress=False)
+        download(tmp_path, url, md5, retries=0, retry_wait=0, timeout=120, progress=False)
     assert "nothing was received" in str(e.value).lower() and ".part" not in str(e.value), str(e.value)
     assert not part.exists()
     with LoopbackServer(payload, cut_after=0) as server:
