@@ -184,12 +184,11 @@ def test_crash_between_checkpoint_and_metrics_leaves_them_agreeing(reference, tm
 
 def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
     """A real SIGINT to python train.py after its epoch 1: it saves at the current step and exits
-    130; the resumed run ends bitwise equal to an uninterrupted one."""
+    130; resumed to the end of that epoch, it equals a run that never stopped, bitwise."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    # 40 short epochs: long enough that the SIGINT sent right after epoch 1 lands well before
-    # the end, wherever exactly it lands.
+    # 40 short epochs: the SIGINT sent right after epoch 1 lands long before the end, wherever
+    # exactly it lands; both runs are then compared at the end of the epoch it landed in.
     args = [*RANDOM, "--epochs", 40, "--batch-size", 64]
-    assert run_train(*args, "--out", ref) == 0
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
     proc = Watched([sys.executable, ROOT / "train.py", *args, "--out", run],
                    log=tmp_path / "train.log", env=env, cwd=ROOT)
@@ -202,8 +201,13 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
     text = proc.text()
     assert proc.returncode == train.EXIT_INTERRUPTED, proc.tail()
     assert "interrupted: saved" in text and "--resume" in text
-    assert meta_of(run)["epoch"] < 40  # it really stopped early
-    assert run_train("--resume", run, "--no-progress") == 0
+    stopped = meta_of(run)
+    assert 1 <= stopped["epoch"] < 40  # it really stopped early, after epoch 1
+    until = stopped["epoch"] + 1
+    assert run_train("--resume", run, "--no-progress", "--stop-after-epoch", until) \
+        == train.EXIT_INTERRUPTED
+    assert run_train(*args, "--out", ref, "--stop-after-epoch", until) == train.EXIT_INTERRUPTED
+    assert meta_of(ref)["epoch"] == meta_of(run)["epoch"] == until
     assert_same_run(ref, run)
 
 
