@@ -43,6 +43,21 @@ def fail(message):
     sys.exit(2)
 
 
+EVAL_META = ("config", "mean", "std", "epoch")
+
+
+def load_checkpoint(run_dir: Path, name: str):
+    """RUN_DIR/<name>.npz, or a CheckpointError naming what is wrong with it and offering the
+    run's other checkpoint when that one is sound."""
+    from vit import checkpoint  # noqa: PLC0415
+
+    def way_out(other, meta):
+        return (f"The run's {other.name} is sound (epoch {meta['epoch']}): evaluate it with "
+                f"python evaluate.py {run_dir} --checkpoint {other.stem}")
+    return checkpoint.load_from_run(run_dir, name, meta_keys=EVAL_META, trees=("params",),
+                                    way_out=way_out)
+
+
 def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops=None,
              progress=True):
     """-> dict with top1, top5, loss, count, per_class (list of (name, correct, total))."""
@@ -50,19 +65,18 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
     import numpy as np  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
-    from vit import checkpoint  # noqa: PLC0415
     from vit.config import ViTConfig  # noqa: PLC0415
     from vit.data import load_dataset  # noqa: PLC0415
     from vit.data.loader import eval_batches  # noqa: PLC0415
     from vit.ops import REFERENCE  # noqa: PLC0415
-    from vit.step import make_eval_step  # noqa: PLC0415
+    from vit.step import evaluate_batches, make_eval_step  # noqa: PLC0415
 
     run_dir = Path(run_dir)
     path = run_dir / f"{checkpoint_name}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
                                 "train.py that finished at least one epoch?)")
-    trees, meta = checkpoint.load(path)
+    trees, meta = load_checkpoint(run_dir, checkpoint_name)
     cfg = meta["config"]
     model = ViTConfig.from_dict(cfg["model"])
     data = cfg["data"]
@@ -72,28 +86,23 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
     train = cfg["train"]
     step = make_eval_step(model, ops=ops or REFERENCE, mean=meta["mean"], std=meta["std"],
                           compute_dtype=train.get("compute_dtype", train.get("precision", "fp32")))
-    params = trees["params"]
     k = model.num_classes
-    correct = np.zeros(k, np.int64)
-    total = np.zeros(k, np.int64)
     confusion = np.zeros((k, k), np.int64)  # rows: true class, columns: predicted
-    sums = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
-    n_batches = -(-len(val.labels) // batch_size)
-    for images, labels, valid in tqdm(eval_batches(val.images, val.labels, batch_size),
-                                      total=n_batches, desc="evaluating", disable=not progress):
-        out = step(params, images, labels, valid)
-        for key in sums:
-            sums[key] += float(out[key])
+
+    def count(out, labels, valid):
         pred = np.asarray(jnp.argmax(out["logits"], axis=-1))
         lab, ok = np.asarray(labels), np.asarray(valid)
-        np.add.at(total, lab[ok], 1)
-        np.add.at(correct, lab[ok], (pred == lab)[ok])
         np.add.at(confusion, (lab[ok], pred[ok]), 1)
-    n = sums["count"]
-    if int(n) != len(val.labels):
-        raise AssertionError(f"evaluated {n} images, the validation set has {len(val.labels)}")
-    return {"checkpoint": str(path), "epoch": meta["epoch"], "top1": sums["top1"] / n,
-            "top5": sums["top5"] / n, "loss": sums["loss_sum"] / n, "count": int(n),
+
+    n_batches = -(-len(val.labels) // batch_size)
+    batches = tqdm(eval_batches(val.images, val.labels, batch_size), total=n_batches,
+                   desc="evaluating", disable=not progress)
+    result = evaluate_batches(step, trees["params"], batches, on_batch=count)
+    if result["count"] != len(val.labels):
+        raise AssertionError(f"evaluated {result['count']} images, the validation set has "
+                             f"{len(val.labels)}")
+    correct, total = np.diag(confusion), confusion.sum(axis=1)
+    return {"checkpoint": str(path), "epoch": meta["epoch"], **result,
             "per_class": [(name, int(c), int(t)) for name, c, t in
                           zip(val.class_names, correct, total)],
             "confusion": confusion, "class_names": list(val.class_names)}
@@ -101,6 +110,7 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from vit.checkpoint import CheckpointError  # noqa: PLC0415
     from vit.data import DatasetError  # noqa: PLC0415
     if args.predict:
         return predict(args)
@@ -108,7 +118,7 @@ def main(argv=None) -> int:
         ops = cmdline.build_ops(args)
         result = evaluate(args.run_dir, args.checkpoint, args.data_dir, args.batch_size, ops,
                           not args.no_progress)
-    except (cmdline.UsageError, FileNotFoundError, DatasetError, KeyError) as err:
+    except (cmdline.UsageError, FileNotFoundError, DatasetError, CheckpointError) as err:
         fail(str(err))
     print(f"{result['checkpoint']} (epoch {result['epoch']}): top-1 {100 * result['top1']:.2f}%"
           f"  top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}  "
@@ -139,13 +149,14 @@ def predict(args) -> int:
     """--predict: top-5 classes of image files, named as the run's dataset names them."""
     from vit import explain  # noqa: PLC0415
     from vit.data import DatasetError  # noqa: PLC0415
+    from vit.checkpoint import CheckpointError  # noqa: PLC0415
     from vit.data.cache import BadImage  # noqa: PLC0415
     try:
         run = explain.load_run(args.run_dir, args.checkpoint)
         names = run.class_names or explain.load_val(run, args.data_dir,
                                                     not args.no_progress).class_names
         print(explain.format_predictions(explain.predict_files(run, args.predict, names)))
-    except (FileNotFoundError, DatasetError, BadImage, KeyError) as err:
+    except (FileNotFoundError, DatasetError, BadImage, KeyError, CheckpointError) as err:
         fail(str(err))
     return 0
 

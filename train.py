@@ -1,27 +1,53 @@
-"""Train the ViT:  python train.py [--config FILE] [--dataset tiny-imagenet|digits] ...
+"""Train the ViT:  python train.py [--config FILE] [--dataset tiny-imagenet|image-folder|digits] ...
 
-Every epoch: a progress bar (loss, accuracy, images/s, ETA), validation top-1/top-5/loss, a line
-in RUN_DIR/metrics.jsonl, RUN_DIR/curves.png redrawn, and checkpoints RUN_DIR/last.npz (every
-epoch) and RUN_DIR/best.npz (best validation top-1), written atomically. Ctrl-C (or SIGTERM) saves
-a checkpoint at the current step and exits; `--resume RUN_DIR` continues exactly where it stopped.
-A NaN/Inf loss stops the run with a message and leaves the last good checkpoint untouched.
+Every epoch: a progress bar (loss, accuracy, images/s, ETA), validation top-1/top-5/loss,
+checkpoints RUN_DIR/last.npz (every epoch) and RUN_DIR/best.npz (best validation top-1) written
+atomically, then a line in RUN_DIR/metrics.jsonl and RUN_DIR/curves.png redrawn. `--resume RUN_DIR`
+continues exactly where it stopped, and first rewrites metrics.jsonl from the checkpoint's own
+history, so the two agree whatever moment a crash came at. The run directory is checked for
+writing before any work; a start that fails leaves no run directory behind.
+
+Exit codes:
+    0    every epoch done
+    130  stopped early with last.npz saved at the current step, to be continued with --resume:
+         by Ctrl-C (SIGINT), SIGTERM, or --stop-after-epoch K (a stop asked for in advance is
+         still a stop before the end, so a script can tell "finished" from "resume me")
+    3    the training loss became NaN/Inf: stopped, last.npz is left as it was
+    2    bad usage or input (a flag, config value, data or checkpoint file): the message names it
+A second Ctrl-C while stopping leaves at once without saving (also 130).
+
+Called from Python (`train.main([...])`, as the tests do) rather than run as a script, a SIGINT or
+SIGTERM still saves last.npz first, and is then passed on to the handler that was there before
+(KeyboardInterrupt for SIGINT, termination for SIGTERM), so the calling program stops as it would
+have without train.py.
+
+This file is the command line: flags and config (build_parser, resolve_config), the run directory
+and the checkpoint to resume (check_writable, load_resume_checkpoint), the op set and processes
+(cmdline.py); vit/training.py is the run itself (start_run, train, StopOnSignal).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import cmdline
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # stopped early, last.npz saved: Ctrl-C, SIGTERM or --stop-after-epoch
 EXIT_NONFINITE = 3
+# named flags: their argparse dest and the (section, key) of the config value each overrides
+NAMED_FLAGS = {"--dataset": ("dataset", "data", "dataset"),
+               "--data-dir": ("data_dir", "data", "data_dir"),
+               "--epochs": ("epochs", "train", "epochs"),
+               "--batch-size": ("batch_size", "train", "batch_size"),
+               "--lr": ("lr", "train", "lr"),
+               "--compute-dtype": ("compute_dtype", "train", "compute_dtype"),
+               "--precision": ("old_precision", "train", "compute_dtype"),  # the old name
+               "--seed": ("seed", "train", "seed")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python train.py",
         description="Train the hand-differentiated ViT. Configs are TOML files with [model], "
                     "[train] and [data] sections (configs/*.toml); every value can be "
-                    "overridden here, by a named flag or by --set section.key=value.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "overridden here, by a named flag or by --set section.key=value; a flag "
+                    "left out keeps the config's value.")
     p.add_argument("--config", default=None,
                    help="TOML config file (default: configs/seed.toml, or configs/digits.toml "
                         "with --dataset digits)")
@@ -65,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-parallel over this many devices (default: all; 1 = no sharding)")
     cmdline.add_distributed_flags(p)
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="K",
-                   help="stop cleanly after epoch K (checkpoint saved) as if interrupted; "
+                   help="stop after epoch K with last.npz saved and exit 130, as Ctrl-C does; "
                         "continue later with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -78,6 +104,17 @@ def fail(message: str, code: int = 2):
 
 # ----------------------------------------------------------------------------------------------
 # configuration
+
+
+def parse_args(argv) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.old_precision is not None:
+        print("train.py: note: --precision is now called --compute-dtype (train.compute_dtype); "
+              "the old name still works", file=sys.stderr)
+        if args.compute_dtype not in (None, args.old_precision):
+            fail(f"--precision {args.old_precision} and --compute-dtype {args.compute_dtype} "
+                 "disagree; give --compute-dtype only")
+    return args
 
 
 def resolve_config(args):
@@ -97,314 +134,116 @@ def resolve_config(args):
             path = runconfig.CONFIG_DIR / name
         base = runconfig.load_toml(path)
         where = f"--config {path}"
-    named = {("data", "dataset"): args.dataset, ("data", "data_dir"): args.data_dir,
-             ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
-             ("train", "lr"): args.lr, ("train", "compute_dtype"): args.compute_dtype,
-             ("train", "seed"): args.seed}
-    for (section, key), value in named.items():
+    sources = {}  # "section.key" -> the flag that set it, so an error blames the right source
+    for flag, (dest, section, key) in NAMED_FLAGS.items():
+        value = getattr(args, dest)
         if value is not None:
             base = runconfig.merge(base, section, key, value)
+            sources[f"{section}.{key}"] = f"{flag} {value}"
     for text in args.set:
         section, key, value = runconfig.parse_override(text)
         base = runconfig.merge(base, section, key, value)
-    return runconfig.from_dict(base, where)
-
-
-def fit_model_to_data(cfg, train_set):
-    """The model follows the data: image size, channels and classes come from the dataset."""
-    _, h, w, c = train_set.images.shape
-    if h != w:
-        fail(f"images must be square, the dataset has {h}x{w}")
-    model = cfg.model
-    changes = {k: v for k, v in dict(image_size=h, channels=c,
-                                     num_classes=train_set.num_classes).items()
-               if getattr(model, k) != v}
-    if changes:
-        try:
-            cfg.model = model.replace(**changes)
-        except ValueError as err:
-            patch = min((p for p in range(1, h + 1) if h % p == 0), key=lambda p: abs(p - h / 8))
-            fail(f"{err} (the dataset's images are {h}x{w}x{c}; set a patch size that divides "
-                 f"{h}, e.g. --set model.patch_size={patch})")
-    return cfg
+        sources[f"{section}.{key}"] = f"--set {text}"
+    return runconfig.from_dict(base, where, sources)
 
 
 # ----------------------------------------------------------------------------------------------
-# curves
+# the run directory: checked before any work, made only once the run is about to start
 
 
-def plot_curves(history: list[dict], path: Path):
-    """Train vs val accuracy and loss per epoch, written atomically."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [100 * h["val_top1"] for h in history], "o-", label="val top-1")
-    ax_acc.plot(epochs, [100 * h["val_top5"] for h in history], "--", label="val top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+def check_writable(run_dir: Path, flag: str):
+    """Before any work: the run directory (or the folder it will be made in) takes files."""
+    folder = run_dir
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            fail(f"{flag} {run_dir} is a file, not a directory")
+        while not folder.exists():  # the nearest folder that exists: run_dir will be made there
+            folder = folder.parent
+        if not folder.is_dir():
+            fail(f"{flag} {run_dir}: {folder} is a file, not a directory")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        where = run_dir if folder == run_dir else f"{folder} (where {run_dir} would be made)"
+        fail(f"{flag} {run_dir}: {where} is not writable ({e.strerror or e}); fix its "
+             "permissions or choose another --out")
 
 
-# ----------------------------------------------------------------------------------------------
-# the run
+def choose_run_dir(args, cfg, main_process: bool) -> Path:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if main_process:
+            check_writable(run_dir, "--resume")
+        return run_dir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.out or f"runs/{cfg.data.dataset}-{stamp}")
+    if main_process:
+        check_writable(run_dir, "--out")
+    if (run_dir / "last.npz").exists():
+        fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
+             f"{run_dir} or choose another --out")
+    return run_dir
 
 
-class Interrupted(Exception):
-    pass
+def load_resume_checkpoint(run_dir: Path):
+    """last.npz of run_dir, or fail() naming what is wrong with it, offering best.npz if sound."""
+    from vit import checkpoint  # noqa: PLC0415
+    from vit.runstate import RESUME_META, RESUME_TREES  # noqa: PLC0415
+
+    def way_out(best, meta):
+        return (f"{best} is sound (end of epoch {meta['epoch']}): to continue from it, cp {best} "
+                f"{run_dir / 'last.npz'} and run python train.py --resume {run_dir} again.")
+    try:
+        return checkpoint.load_from_run(run_dir, "last", meta_keys=RESUME_META,
+                                        trees=RESUME_TREES, way_out=way_out)
+    except checkpoint.CheckpointError as err:
+        fail(f"--resume {run_dir}: {err}")
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.old_precision is not None:
-        print("train.py: note: --precision is now called --compute-dtype (train.compute_dtype); "
-              "the old name still works", file=sys.stderr)
-        if args.compute_dtype not in (None, args.old_precision):
-            fail(f"--precision {args.old_precision} and --compute-dtype {args.compute_dtype} "
-                 "disagree; give --compute-dtype only")
-        args.compute_dtype = args.old_precision
-
+def main(argv=None, *, standalone=False) -> int:
+    """standalone: this process is `python train.py` itself, so a SIGINT/SIGTERM ends in exit
+    code 130 after the checkpoint. Otherwise (called from Python) the signal is passed on to the
+    handler that was there before, once the checkpoint is saved (see the module docstring)."""
+    args = parse_args(argv)
     from vit.runconfig import ConfigError  # noqa: PLC0415
     try:
         cfg = resolve_config(args)
     except ConfigError as err:
         fail(str(err))
-
     import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
 
-    from vit import checkpoint, parallel  # noqa: PLC0415
-    from vit.data import DatasetError, load_dataset  # noqa: PLC0415
-    from vit.data.loader import Batcher, channel_stats  # noqa: PLC0415
-    from vit.model import init_params  # noqa: PLC0415
-    from vit.optim import adamw_init  # noqa: PLC0415
-
+    from vit import parallel, training  # noqa: PLC0415
     try:
-        cmdline.start_processes(args)
+        cmdline.start_processes(args)  # before any other JAX call
+        main_process = parallel.is_main_process()
+        run_dir = choose_run_dir(args, cfg, main_process)
+        resumed = load_resume_checkpoint(run_dir) if args.resume and (run_dir / "last.npz").exists() \
+            else None
         ops = cmdline.build_ops(args)
-    except (cmdline.UsageError, ValueError) as err:
+        run = training.start_run(cfg, run_dir, ops, args.devices, resumed, main_process,
+                                 progress=not args.no_progress)
+    except (cmdline.UsageError, training.RunError, ValueError) as err:
         fail(str(err))
-    main_process = parallel.is_main_process()
-
-    # --- data -------------------------------------------------------------------------------
-    d = cfg.data
-    progress = not args.no_progress
-    try:
-        data_options = dict(workers=d.workers, skip_bad_images=d.skip_bad_images,
-                            progress=progress, image_size=d.image_size, layout=d.layout)
-        train_set = load_dataset(d.dataset, d.data_dir, "train", **data_options)
-        val_set = load_dataset(d.dataset, d.data_dir, "val", **data_options)
-    except DatasetError as err:
-        fail(str(err))
-    cfg = fit_model_to_data(cfg, train_set)
-    t = cfg.train
-
-    # --- run directory ----------------------------------------------------------------------
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out or f"runs/{d.dataset}-{stamp}")
-        if (run_dir / "last.npz").exists():
-            fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
-                 f"{run_dir} or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    # --- devices ------------------------------------------------------------------------------
-    try:
-        mesh = parallel.make_mesh(args.devices)
-    except ValueError as err:
-        fail(f"--devices {args.devices}: {err}")
-    n_dev = mesh.devices.size
-    if t.batch_size % n_dev:
-        fail(f"--batch-size {t.batch_size} is not divisible by the {n_dev} devices in use; "
-             f"pick a multiple of {n_dev} or pass --devices")
-
-    # --- state: fresh or resumed ---------------------------------------------------------------
-    history: list[dict] = []
-    if args.resume and (run_dir / "last.npz").exists():
-        trees, meta = checkpoint.load(run_dir / "last.npz")
-        params, opt_state = trees["params"], trees["opt"]
-        mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
-        epoch, step_in_epoch = meta["epoch"], meta["step_in_epoch"]
-        history = meta["history"]
-        running = meta["running"]
-        best_top1 = meta["best_top1"]
-        print(f"resuming {run_dir} at epoch {epoch + 1}, step {step_in_epoch} "
-              f"(global step {meta['global_step']})")
-    else:
-        params = init_params(jax.random.PRNGKey(t.seed), cfg.model)
-        opt_state = adamw_init(params)
-        mean, std = channel_stats(train_set.images)
-        epoch, step_in_epoch = 0, 0
-        running = {"loss": 0.0, "correct": 0.0, "seen": 0}
-        best_top1 = -1.0
-    if main_process:
-        from vit.runconfig import dumps  # noqa: PLC0415
-        (run_dir / "config.json").write_text(dumps(cfg) + "\n")
-
-    # every process reads the same seeded global order and gathers only its rows of each batch
-    budget = d.device_budget_mb << 20  # above it, stream from the memory-mapped cache
-    batcher = Batcher(train_set.images, train_set.labels, t.batch_size, seed=t.seed,
-                      rows=parallel.process_batch_slice(t.batch_size, mesh),
-                      device_budget_bytes=budget)
-    eval_bs = -(-t.eval_batch_size // n_dev) * n_dev  # a multiple of the device count
-    val_batcher = Batcher(val_set.images, val_set.labels, eval_bs, seed=0, shuffle=False,
-                          drop_last=False, rows=parallel.process_batch_slice(eval_bs, mesh),
-                          device_budget_bytes=budget)
-    spe = batcher.steps_per_epoch()
-    if spe == 0:
-        fail(f"--batch-size {t.batch_size} is larger than the training set "
-             f"({len(train_set.labels)} images)")
-    hp = cfg.hparams(spe)
-    common = dict(ops=ops, mean=mean, std=std, compute_dtype=t.compute_dtype)
-    train_step = parallel.make_parallel_train_step(cfg.model, hp, mesh, **common)
-    eval_step = parallel.make_parallel_eval_step(cfg.model, mesh, **common)
-    params, opt_state = parallel.replicate((params, opt_state), mesh)
-    base_key = jax.random.PRNGKey(t.seed)
-
-    def save(name, epoch_, step_in_epoch_, running_):
-        if not main_process:
-            return
-        host_params, host_opt = parallel.gather_to_host((params, opt_state))
-        meta = {"epoch": epoch_, "step_in_epoch": step_in_epoch_,
-                "global_step": epoch_ * spe + step_in_epoch_, "history": history,
-                "running": running_, "best_top1": best_top1, "mean": [float(x) for x in mean],
-                "std": [float(x) for x in std], "config": cfg.to_dict(), "seed": t.seed,
-                "class_names": list(train_set.class_names),
-                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-        checkpoint.save(run_dir / f"{name}.npz", {"params": host_params, "opt": host_opt}, meta)
-
-    # Ctrl-C / SIGTERM: finish the step in flight, save, exit.
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        if stop["signal"] is not None:  # a second Ctrl-C: the user insists
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    from tqdm import tqdm  # noqa: PLC0415
-
-    print(f"data: {train_set.name}, {len(train_set)} train / {len(val_set)} val images of "
-          f"{'x'.join(map(str, train_set.images.shape[1:]))}, {train_set.num_classes} classes"
-          f"{'' if batcher.on_device else ' (streamed from the memory-mapped cache)'}")
-    print(f"run directory: {run_dir}\nmodel: {cfg.model}\ndevices: {n_dev} x "
-          f"{jax.devices()[0].platform}, {spe} steps/epoch of {t.batch_size}, "
-          f"compute dtype {t.compute_dtype}, ops: {ops.description}")
-    try:
-        while epoch < t.epochs:
-            bar = tqdm(total=spe, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                       disable=not (progress and main_process), unit="step", leave=True)
-            pending = None  # metrics of the step in flight, read one step late (no stall)
-            t0, images_done = time.perf_counter(), 0
-
-            def account(m, n_images):
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise FloatingPointError(loss)
-                running["loss"] += loss * n_images
-                running["correct"] += float(m["accuracy"]) * n_images
-                running["seen"] += n_images
-                return loss
-
-            for images, labels in batcher.epoch(epoch, step_in_epoch):
-                gstep = epoch * spe + step_in_epoch
-                images, labels = parallel.shard_batch(mesh, images, labels)
-                key = jax.random.fold_in(base_key, gstep)
-                new_params, new_opt, m = train_step(params, opt_state, images, labels, key)
-                if pending is not None:
-                    account(*pending)
-                    bar.update(1)
-                params, opt_state = new_params, new_opt
-                pending = (m, t.batch_size)
-                step_in_epoch += 1
-                images_done += t.batch_size
-                if bar.n % 10 == 0 and running["seen"]:
-                    rate = images_done / (time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{running['loss'] / running['seen']:.3f}",
-                                    acc=f"{100 * running['correct'] / running['seen']:.1f}%",
-                                    img_s=f"{rate:.0f}")
-                if stop["signal"] is not None:
-                    break
-            if pending is not None:
-                account(*pending)
-                bar.update(1)
-            bar.close()
-            if stop["signal"] is not None:
-                raise Interrupted
-            # --- end of epoch: validate, log, plot, checkpoint ---------------------------------
-            sums = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
-            for images, labels, valid in val_batcher.eval_batches():
-                images, labels, valid = parallel.shard_batch(mesh, images, labels, valid)
-                out = eval_step(params, images, labels, valid)
-                for k in sums:
-                    sums[k] += float(out[k])
-            n = max(sums["count"], 1.0)
-            record = {"epoch": epoch + 1, "step": (epoch + 1) * spe,
-                      "train_loss": running["loss"] / max(running["seen"], 1),
-                      "train_accuracy": running["correct"] / max(running["seen"], 1),
-                      "val_loss": sums["loss_sum"] / n, "val_top1": sums["top1"] / n,
-                      "val_top5": sums["top5"] / n, "val_images": int(sums["count"]),
-                      "lr": float(m["lr"]), "images_per_s": images_done / (time.perf_counter() - t0),
-                      "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-            history.append(record)
-            epoch, step_in_epoch = epoch + 1, 0
-            running = {"loss": 0.0, "correct": 0.0, "seen": 0}
-            if main_process:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                plot_curves(history, run_dir / "curves.png")
-                print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
-                      f"acc {100 * record['train_accuracy']:.2f}% | val loss "
-                      f"{record['val_loss']:.4f} top-1 {100 * record['val_top1']:.2f}% top-5 "
-                      f"{100 * record['val_top5']:.2f}% | {record['images_per_s']:.0f} img/s",
-                      flush=True)
-            if record["val_top1"] > best_top1:
-                best_top1 = record["val_top1"]
-                save("best", epoch, 0, running)
-            save("last", epoch, 0, running)
-            if args.stop_after_epoch is not None and epoch >= args.stop_after_epoch \
-                    and epoch < t.epochs:
-                print(f"stopping after epoch {epoch} as asked; continue with "
-                      f"python train.py --resume {run_dir}")
-                return 0
-    except FloatingPointError as err:
-        print(f"\ntrain.py: the training loss became {err} at epoch {epoch + 1}, step "
-              f"{step_in_epoch}. Training stopped; the last good checkpoint "
-              f"({run_dir / 'last.npz'}) is untouched. Try a lower --lr, gradient clipping "
-              "(--set train.clip_norm=1.0) or warmup (--set train.warmup_epochs=2).",
-              file=sys.stderr)
-        return EXIT_NONFINITE
-    except Interrupted:  # first Ctrl-C / SIGTERM: the state is consistent at a step boundary
-        save("last", epoch, step_in_epoch, running)
-        print(f"\ninterrupted: saved {run_dir / 'last.npz'} at epoch {epoch + 1}, step "
-              f"{step_in_epoch}; continue with python train.py --resume {run_dir}",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except KeyboardInterrupt:  # a second Ctrl-C while stopping: leave without writing anything
-        print(f"\ninterrupted twice: exiting without saving; {run_dir / 'last.npz'} holds the "
-              "last completed epoch", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    print(f"done: best val top-1 {100 * best_top1:.2f}%; run directory {run_dir}")
-    return 0
+    with training.StopOnSignal(standalone) as stop:
+        created = training.make_run_dir(run)
+        t = run.cfg.train
+        print(f"run directory: {run.run_dir}\nmodel: {run.cfg.model}\ndevices: "
+              f"{run.mesh.devices.size} x {jax.devices()[0].platform}, {run.steps_per_epoch} "
+              f"steps/epoch of {t.batch_size}, compute dtype {t.compute_dtype}, ops: "
+              f"{run.ops.description}")
+        try:
+            outcome = training.train(run, stop, args.stop_after_epoch)
+        finally:
+            if created and not (run.run_dir / "last.npz").exists():
+                # stopped before its first checkpoint: leave no run directory holding only config.json
+                (run.run_dir / "config.json").unlink(missing_ok=True)
+                try:
+                    run.run_dir.rmdir()
+                except OSError:
+                    pass
+    return {training.DONE: 0, training.STOPPED: EXIT_INTERRUPTED,
+            training.NONFINITE: EXIT_NONFINITE}[outcome]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(standalone=True))

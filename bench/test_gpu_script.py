@@ -15,8 +15,8 @@ SCRIPT = Path(__file__).with_name("gpu.sh")
 def run(tmp_path, *parts, **env):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "JAX_PLATFORMS": "cpu",
            "WHEELS": str(tmp_path / "no-wheels"), "SITE": str(tmp_path / "site"), **env}
-    return subprocess.run(["bash", str(SCRIPT), *parts], capture_output=True, text=True, env=env,
-                          timeout=300)
+    # no timeout: a wall clock that a busy machine can exceed is no test (each part fails at once)
+    return subprocess.run(["bash", str(SCRIPT), *parts], capture_output=True, text=True, env=env)
 
 
 def test_unknown_part_is_exit_2(tmp_path):
@@ -37,7 +37,7 @@ def test_split_bench_parts_are_dispatched(tmp_path):
     says no results file was written)."""
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": "false"}
     proc = subprocess.run(["bash", str(SCRIPT), "bench-ops", "bench-step"], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env)
     assert proc.returncode == 1
     for part in ("bench-ops", "bench-step"):
         log = (tmp_path / "out" / f"{part}.log").read_text()

@@ -1,8 +1,31 @@
+import atexit
 import os
+import re
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The in-process tests expect JAX's one CPU device; the multi-device tests make their own devices
+# in subprocesses (tests/test_parallel.py sets XLA_FLAGS for them). So a caller's
+# --xla_force_host_platform_device_count is dropped here, before JAX is imported, and every
+# subprocess inherits the cleaned environment. (Other XLA flags pass through.)
+FORCED_DEVICES = re.compile(r"--xla_force_host_platform_device_count=\S*")
+DROPPED_XLA_FLAGS = FORCED_DEVICES.findall(os.environ.get("XLA_FLAGS", ""))
+if DROPPED_XLA_FLAGS:
+    os.environ["XLA_FLAGS"] = " ".join(FORCED_DEVICES.sub("", os.environ["XLA_FLAGS"]).split())
+
+# One persistent XLA compilation cache for the whole test session, shared with every subprocess
+# (workers, python train.py): the many runs that compile the same train step compile it once.
+# (The tests' time goes mostly into compiling: the resume tests take a third of the time with it.)
+# A fresh folder each session, removed at the end, so no run depends on what an earlier one left.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="vitfuse-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def pytest_configure(config):
@@ -18,8 +41,12 @@ def pytest_configure(config):
 def pytest_report_header(config):
     from kernel_checks import KERNEL_MODE  # noqa: PLC0415  (after JAX_PLATFORMS is set)
     import jax  # noqa: PLC0415
-    return [f"vitfuse: jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
-            f"fused kernels {KERNEL_MODE}"]
+    lines = [f"vitfuse: jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
+             f"fused kernels {KERNEL_MODE}"]
+    if DROPPED_XLA_FLAGS:
+        lines.append(f"vitfuse: ignoring the caller's XLA_FLAGS {' '.join(DROPPED_XLA_FLAGS)} "
+                     "(the tests make their own devices)")
+    return lines
 
 
 @pytest.fixture(autouse=True)

@@ -161,3 +161,128 @@ def test_train_augment_pipeline(mixing):
     np.testing.assert_array_equal(t, t2)
     if not mixing:  # no mixing: the targets are the smoothed labels
         np.testing.assert_allclose(t, one_hot_targets(labels, 5, 0.1), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each augmentation the step is configured with happens to the batch the gradient sees: the
+# training step (vit.step.train_step_fn) is run with a grad_fn that records its inputs.
+
+B, S, C = 48, 8, 3
+MEAN, STD = np.array([0.4, 0.5, 0.6], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
+
+
+def seen_by_the_gradient(seed=0, num_classes=5, **hparams):
+    """(images uint8, labels, x float32, targets) of one step with these TrainHParams fields."""
+    from vit import ViTConfig, adamw_init, init_params
+    from vit.ops import REFERENCE
+    from vit.config import TrainHParams
+    from vit.step import train_step_fn
+
+    cfg = ViTConfig(image_size=S, patch_size=4, channels=C, d_model=8, heads=2, layers=1,
+                    mlp_dim=8, num_classes=num_classes)
+    params = init_params(jax.random.key(0), cfg)
+    seen = {}
+
+    def recording_grad_fn(p, x, targets, key):
+        seen["x"], seen["targets"] = np.asarray(x), np.asarray(targets)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, p)
+        return jnp.float32(0.0), zeros, jnp.zeros((x.shape[0], num_classes), jnp.float32)
+
+    step = train_step_fn(cfg, TrainHParams(**hparams), ops=REFERENCE, mean=MEAN, std=STD,
+                         grad_fn=recording_grad_fn)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (B, S, S, C), dtype=np.uint8)
+    labels = np.arange(B) % num_classes
+    step(params, adamw_init(params), jnp.asarray(images), jnp.asarray(labels), jax.random.key(seed))
+    return images, labels, seen["x"], seen["targets"]
+
+
+def normalized(images):
+    return (images.astype(np.float32) / 255 - MEAN) / STD
+
+
+def geometric_matches(images, x, pad):
+    """(B, offsets, 2) bool: x[i] is the (dy, dx) window of the reflect-padded image i, mirrored
+    (index 1) or not (index 0)."""
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    out = []
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            window = padded[:, dy:dy + S, dx:dx + S]
+            out.append([np.isclose(x, normalized(w), rtol=0, atol=1e-5).all(axis=(1, 2, 3))
+                        for w in (window, window[:, :, ::-1])])
+    return np.array(out).transpose(2, 0, 1)
+
+
+def test_step_without_augmentation_passes_the_batch_through():
+    images, labels, x, targets = seen_by_the_gradient()
+    np.testing.assert_allclose(x, normalized(images), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(targets, np.eye(5, dtype=np.float32)[labels])
+
+
+def test_step_flips_about_half_the_images():
+    images, _, x, _ = seen_by_the_gradient(flip=True)
+    m = geometric_matches(images, x, pad=0)[:, 0]         # (B, 2): kept, mirrored
+    assert m.any(axis=1).all()                            # each image kept or exactly mirrored
+    assert 0.2 * B < m[:, 1].sum() < 0.8 * B, m[:, 1].sum()  # ... and many really are mirrored
+
+
+def test_step_crops_at_random_offsets():
+    pad = 2
+    images, _, x, _ = seen_by_the_gradient(crop_pad=pad)
+    m = geometric_matches(images, x, pad)[:, :, 0]         # (B, offsets), no mirroring
+    assert m.any(axis=1).all()
+    offsets = {int(np.flatnonzero(row)[0]) for row in m}
+    centre = pad * (2 * pad + 1) + pad
+    assert len(offsets) > 5 and not m[:, centre].all()    # moved, and not all the same way
+
+
+def test_step_crops_and_flips_together_with_smoothing():
+    pad = 1
+    images, labels, x, targets = seen_by_the_gradient(crop_pad=pad, flip=True, label_smoothing=0.1)
+    m = geometric_matches(images, x, pad)
+    assert m.any(axis=(1, 2)).all()
+    mirrored = m[:, :, 1].any(axis=1) & ~m[:, :, 0].any(axis=1)
+    assert 0.2 * B < mirrored.sum() < 0.8 * B
+    np.testing.assert_allclose(targets, 0.02 + 0.9 * np.eye(5, dtype=np.float32)[labels], rtol=1e-6)
+
+
+def mixing_of(targets):
+    """With B classes and label i for image i: (lam of each row, partner of each row)."""
+    own = np.diag(targets)
+    rest = targets - np.diag(own)
+    partner = np.where(rest.max(axis=1) > 0, rest.argmax(axis=1), np.arange(len(targets)))
+    return own, partner
+
+
+def test_step_mixes_up_images_and_targets():
+    images, _, x, targets = seen_by_the_gradient(num_classes=B, mixup_alpha=0.4)
+    lam, partner = mixing_of(targets)
+    moved = partner != np.arange(B)
+    lam = lam[moved][0]
+    assert moved.sum() > B // 2 and 0 < lam < 1
+    xn = normalized(images)
+    np.testing.assert_allclose(x, lam * xn + (1 - lam) * xn[partner], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("both", [False, True], ids=["cutmix", "cutmix-or-mixup"])
+def test_step_cuts_and_mixes(both):
+    kinds = set()
+    for seed in range(6):
+        images, _, x, targets = seen_by_the_gradient(seed=seed, num_classes=B, cutmix_alpha=1.0,
+                                                     mixup_alpha=0.4 if both else 0.0)
+        xn = normalized(images)
+        lam, partner = mixing_of(targets)
+        from_a = np.isclose(x, xn, rtol=0, atol=1e-5).all(axis=-1)           # (B, S, S)
+        from_b = np.isclose(x, xn[partner], rtol=0, atol=1e-5).all(axis=-1)
+        if (from_a | from_b).all():  # cutmix: every pixel from the image or its partner
+            moved = partner != np.arange(B)
+            assert from_b[moved].any(), "cutmix pasted nothing"
+            np.testing.assert_allclose(lam[moved], from_a[moved].mean(axis=(1, 2)), rtol=1e-5)
+            kinds.add("cutmix")
+        else:
+            moved = partner != np.arange(B)
+            lam = lam[moved][0]
+            np.testing.assert_allclose(x, lam * xn + (1 - lam) * xn[partner], rtol=0, atol=1e-4)
+            kinds.add("mixup")
+    assert kinds == ({"cutmix", "mixup"} if both else {"cutmix"}), kinds

@@ -108,7 +108,8 @@ def dataset_zip(tmp_path_factory):
 
 def get(dest, server, md5, **kw):
     kw.setdefault("retries", 0)
-    return download(dest, server.url, md5, retry_wait=0, timeout=10, progress=False, **kw)
+    # the socket timeout only guards against a hang: generous, so that load cannot trip it
+    return download(dest, server.url, md5, retry_wait=0, timeout=120, progress=False, **kw)
 
 
 def test_good_zip_is_extracted_into_a_dataset_that_loads(tmp_path, dataset_zip):
@@ -139,6 +140,24 @@ def test_dropped_connection_keeps_the_part_and_the_next_run_resumes(tmp_path, da
         assert server.ranges == [None, f"bytes={cut}-"]
     assert (dest / "tiny-imagenet-200.zip").read_bytes() == payload
     assert (dest / "tiny-imagenet-200" / "wnids.txt").is_file()
+
+
+def test_failed_download_with_nothing_received_claims_no_part_file(tmp_path, dataset_zip):
+    """A refused connection, or one closed before the first byte: the error says nothing was
+    received, and names no .part file (none is left)."""
+    payload, md5 = dataset_zip
+    with LoopbackServer(payload) as server:
+        url = server.url
+    part = tmp_path / "tiny-imagenet-200.zip.part"
+    with pytest.raises(DownloadError) as e:  # the server is gone: connection refused
+        download(tmp_path, url, md5, retries=0, retry_wait=0, timeout=120, progress=False)
+    assert "nothing was received" in str(e.value).lower() and ".part" not in str(e.value), str(e.value)
+    assert not part.exists()
+    with LoopbackServer(payload, cut_after=0) as server:
+        with pytest.raises(DownloadError) as e:
+            get(tmp_path, server, md5)
+    assert "nothing was received" in str(e.value).lower() and ".part" not in str(e.value), str(e.value)
+    assert not part.exists()
 
 
 def test_dropped_connection_is_retried_in_the_same_run(tmp_path, dataset_zip):

@@ -140,7 +140,10 @@ def test_product_config_train_step_runs():
     assert np.isfinite(float(m["loss"])) and int(state["step"]) == 1
 
 
-FORBIDDEN = {"grad", "vjp", "jvp", "linearize", "value_and_grad", "custom_vjp", "custom_jvp"}
+# JAX's automatic differentiation, by every name it goes under (jet: Taylor-mode autodiff)
+FORBIDDEN = {"grad", "value_and_grad", "vjp", "jvp", "linearize", "linear_transpose", "jacfwd",
+             "jacrev", "jacobian", "hessian", "custom_vjp", "custom_jvp", "custom_gradient",
+             "custom_transpose", "jet"}
 
 
 def _product_files():
@@ -149,21 +152,64 @@ def _product_files():
     return files
 
 
+def autodiff_uses(source: str, filename: str = "<snippet>") -> list[str]:
+    """Where `source` uses or imports JAX autodiff (FORBIDDEN), or imports the oracle package."""
+    offenders = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN:
+            offenders.append(f"{filename}:{node.lineno}: .{node.attr}")
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "jax" and set(alias.name.split(".")) & FORBIDDEN:
+                    offenders.append(f"{filename}:{node.lineno}: import {alias.name}")
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = {a.name for a in node.names}
+            if node.module.split(".")[0] == "jax" and (names | set(node.module.split("."))) & FORBIDDEN:
+                offenders.append(f"{filename}:{node.lineno}: from {node.module} import {names}")
+            if node.module.split(".")[0] == "oracle":
+                offenders.append(f"{filename}:{node.lineno}: imports the autodiff oracle")
+    return offenders
+
+
 def test_no_autograd_in_the_product():
-    """No jax.grad / vjp / jvp / linearize / value_and_grad / custom_vjp / custom_jvp is used or
+    """No JAX autodiff (FORBIDDEN: jax.grad, vjp, jvp, jacfwd, hessian, custom_vjp, ...) is used or
     imported anywhere under vit/, kernels/, train.py or evaluate.py (the oracle package is where
     autodiff lives), and nothing there imports the oracle."""
     offenders = []
     for path in _product_files():
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr in FORBIDDEN:
-                offenders.append(f"{path}:{node.lineno}: .{node.attr}")
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = {a.name for a in node.names}
-                if node.module.startswith("jax") and names & FORBIDDEN:
-                    offenders.append(f"{path}:{node.lineno}: from {node.module} import {names}")
-                if node.module.split(".")[0] == "oracle":
-                    offenders.append(f"{path}:{node.lineno}: imports the autodiff oracle")
+        offenders += autodiff_uses(path.read_text(), str(path))
     assert len(_product_files()) >= 8
     assert not offenders, "\n".join(offenders)
+
+
+PLANTED = {
+    "grad": "import jax\ng = jax.grad(f)(x)",
+    "value_and_grad": "import jax as j\nj.value_and_grad(f)",
+    "vjp": "from jax import vjp\nvjp(f, x)",
+    "jvp": "import jax\njax.jvp(f, (x,), (t,))",
+    "linearize": "import jax\ny, f_jvp = jax.linearize(f, x)",
+    "jacfwd": "import jax\njax.jacfwd(f)(x)",
+    "jacrev": "import jax\njax.jacrev(f)(x)",
+    "hessian": "import jax\njax.hessian(f)(x)",
+    "custom_vjp": "import jax\n@jax.custom_vjp\ndef f(x):\n    return x",
+    "custom_jvp": "from jax import custom_jvp\n@custom_jvp\ndef f(x):\n    return x",
+    "custom_gradient": "from jax import custom_gradient",
+    "linear_transpose": "import jax\njax.linear_transpose(f, x)",
+    "from-import": "from jax import grad as g\ng(f)",
+    "from-import-jacrev": "from jax import jacrev, numpy",
+    "from-import-hessian": "from jax import hessian",
+    "jet": "from jax.experimental.jet import jet",
+    "import-jet": "import jax.experimental.jet as taylor",
+    "oracle": "from oracle import autodiff_vjp",
+}
+
+
+@pytest.mark.parametrize("snippet", PLANTED.values(), ids=PLANTED.keys())
+def test_autodiff_guard_catches_planted_use(snippet):
+    assert autodiff_uses(snippet), snippet
+
+
+def test_autodiff_guard_passes_clean_code():
+    clean = ("import jax\nimport jax.numpy as jnp\nfrom jax import lax, random\n"
+             "y = jax.jit(f)(x)\nz = jnp.tanh(y)\nw = lax.dot_general(a, b, dims)\n")
+    assert autodiff_uses(clean) == []

@@ -1,4 +1,6 @@
-"""AdamW against optax.adamw (a test-only oracle) with the same decay mask."""
+"""AdamW against optax.adamw (a test-only oracle). optax gets a decay mask built here from the
+README's rule (the dense weight matrices: patch projection, QKV, attention output, FFN, head),
+not the product's decay_mask, so a wrong mask in the product fails the comparison."""
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +28,35 @@ def test_decay_mask_is_dense_weights_only():
     assert len(decayed) == 2 + 4 * 2  # patch, head, and qkv/out/fc1/fc2 in each of 2 blocks
 
 
+def independent_decay_mask(params):
+    """True exactly for the dense weight matrices, listed by where they sit in the model."""
+    weights = {"patch/w", "head/w"} | {
+        f"blocks/{i}/{layer}/w" for i in range(len(params["blocks"]))
+        for layer in ("attn/qkv", "attn/out", "ffn/fc1", "ffn/fc2")}
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            return {k: walk(v, f"{path}{k}/") for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{path}{i}/") for i, v in enumerate(node)]
+        return path[:-1] in weights
+    return walk(params, "")
+
+
+def test_independent_mask_is_what_the_readme_says():
+    _, params = _tiny()
+    flat = jax.tree_util.tree_flatten_with_path(independent_decay_mask(params))[0]
+    decayed = sorted(jax.tree_util.keystr(path) for path, m in flat if m)
+    assert len(decayed) == 2 + 4 * 2 and len(flat) > 3 * len(decayed)
+    assert all(p.endswith("['w']") for p in decayed)
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.05])
 def test_adamw_matches_optax_over_several_steps(wd):
     _, params = _tiny()
     lr, b1, b2, eps = 3e-3, 0.9, 0.98, 1e-7
-    mask = optim.decay_mask(params)
-    tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=mask)
+    tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd,
+                     mask=independent_decay_mask(params))
     ref_params, ref_state = params, tx.init(params)
     ours, state = params, optim.adamw_init(params)
     for step in range(6):
@@ -39,8 +64,9 @@ def test_adamw_matches_optax_over_several_steps(wd):
             lambda p, k=step: jax.random.normal(jax.random.PRNGKey(k), p.shape) * (1 + k), params)
         updates, ref_state = tx.update(grads, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
+        # the product's own mask: decay_mask(params), as vit.step passes it
         ours, state = optim.adamw_update(ours, grads, state, lr, b1=b1, b2=b2, eps=eps,
-                                         weight_decay=wd, mask=mask)
+                                         weight_decay=wd, mask=optim.decay_mask(ours))
     assert int(state["step"]) == 6
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7)

@@ -15,7 +15,7 @@ import evaluate
 import train
 import vit
 from kernels import dispatch, fused_ops
-from vit import flops, runconfig
+from vit import flops, runconfig, training
 from vit.data.fake import write_fake_tiny_imagenet
 from vit.step import make_train_step
 from vit.ops import REFERENCE
@@ -87,7 +87,7 @@ def test_train_resolves_every_preset(name):
     cfg = train.resolve_config(args)
     assert cfg.model == load(name).model
     tiny_imagenet = SimpleNamespace(images=np.zeros((1, 64, 64, 3), np.uint8), num_classes=200)
-    fitted = train.fit_model_to_data(cfg, tiny_imagenet).model
+    fitted = training.fit_model_to_data(cfg, tiny_imagenet).model
     assert (fitted.image_size, fitted.num_classes, fitted.d_model) == (64, 200, cfg.model.d_model)
 
 

@@ -5,6 +5,10 @@ position, configs, metrics history).
 Written atomically: to `<name>.npz.tmp`, flushed and fsync'd, then os.replace'd over the old file,
 so the previous good checkpoint stays intact until the new one is complete, and a crash mid-write
 leaves at most a stray .tmp file that is never read.
+
+Read back by load(), which turns every way a file can fail to be a checkpoint (truncated or
+damaged, not an .npz at all, an .npz of something else) into a CheckpointError naming the file
+and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -12,12 +16,19 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import jax
 import numpy as np
 
 META_KEY = "__meta__"
+ZIP_MAGIC = b"PK\x03\x04"  # every .npz is a zip file and starts with this
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint; the message names it and says why."""
 
 
 def flatten(tree, prefix: str) -> dict[str, np.ndarray]:
@@ -72,13 +83,59 @@ def save(path, trees: dict, meta: dict) -> Path:
     return path
 
 
-def load(path) -> tuple[dict, dict]:
-    """-> ({'params': ..., 'opt': ..., ...} as numpy pytrees, meta dict)."""
+def load(path, *, meta_keys=(), trees=()) -> tuple[dict, dict]:
+    """-> ({'params': ..., 'opt': ..., ...} as numpy pytrees, meta dict).
+
+    meta_keys / trees: what the caller needs the checkpoint to hold; a checkpoint without one of
+    them is a CheckpointError too (an .npz written by something else)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    meta = json.loads(str(arrays.pop(META_KEY)))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
+    if head != ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not an .npz file (a checkpoint is a zip archive; this "
+                              f"file starts with {head!r}, {path.stat().st_size:,} bytes)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} is damaged: truncated or corrupted ({path.stat().st_size:,} "
+                              f"bytes; {type(e).__name__}: {e})") from None
+    if META_KEY not in arrays:
+        names = ", ".join(sorted(arrays)[:5]) + (", ..." if len(arrays) > 5 else "")
+        raise CheckpointError(f"{path} is an .npz file but not a checkpoint: it has no {META_KEY} "
+                              f"record (it holds {names or 'nothing'})")
+    try:
+        meta = json.loads(str(arrays.pop(META_KEY)))
+    except ValueError as e:
+        raise CheckpointError(f"{path} is damaged: its {META_KEY} record is not JSON ({e})") from None
     prefixes = sorted({k.split("/")[0] for k in arrays})
+    missing = [f"meta '{k}'" for k in meta_keys if not isinstance(meta, dict) or k not in meta]
+    missing += [f"arrays '{t}/...'" for t in trees if t not in prefixes]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this kind: it lacks "
+                              f"{', '.join(missing)}")
     return {p: unflatten(arrays, p) for p in prefixes}, meta
+
+
+def load_from_run(run_dir, name: str, *, meta_keys=(), trees=(), way_out=None) -> tuple[dict, dict]:
+    """RUN_DIR/<name>.npz (a run of train.py keeps last.npz and best.npz), or a CheckpointError
+    saying what is wrong with it and, when the run's other checkpoint is sound, how to use that
+    one instead: way_out(other_path, other_meta) -> a sentence (the caller's command for it)."""
+    run_dir = Path(run_dir)
+    path = run_dir / f"{name}.npz"
+    try:
+        return load(path, meta_keys=meta_keys, trees=trees)
+    except CheckpointError as err:
+        message = str(err)
+    other = run_dir / ("last.npz" if name == "best" else "best.npz")
+    if other.is_file() and way_out is not None:
+        try:
+            message += ". " + way_out(other, load(other, meta_keys=meta_keys, trees=trees)[1])
+        except CheckpointError as err:
+            message += f". No way out through {other} either: {err}"
+    raise CheckpointError(message)

@@ -2,13 +2,15 @@
 
 Loaded from a TOML file (configs/*.toml), then overridden on the command line (`--set
 train.lr=3e-4`, or the named flags of train.py). An unknown section or key is an error naming it,
-never a silent no-op.
+never a silent no-op, and every error names where the bad value came from: the flag that set it,
+else the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -86,28 +88,39 @@ class ConfigError(ValueError):
     pass
 
 
-def _check_keys(d: dict, where: str):
+def _source(where: str, sources: dict | None):
+    """source(*"section.key") -> the flags that set those values, else `where` (the file)."""
+    def source(*keys):
+        flags = [sources[k] for k in keys if sources and k in sources]
+        return ", ".join(dict.fromkeys(flags)) if flags else where
+    return source
+
+
+def _check_keys(d: dict, source):
     for section, values in d.items():
+        keys = [f"{section}.{k}" for k in values] if isinstance(values, dict) else []
         if section not in SECTIONS:
-            raise ConfigError(f"{where}: unknown section [{section}]; known: {sorted(SECTIONS)}")
+            raise ConfigError(f"{source(*keys)}: unknown section [{section}]; "
+                              f"known: {sorted(SECTIONS)}")
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: [{section}] must be a table of key = value")
+            raise ConfigError(f"{source()}: [{section}] must be a table of key = value")
         for key in values:
             if key not in SECTIONS[section]:
-                raise ConfigError(f"{where}: unknown key {section}.{key}; known keys of "
-                                  f"[{section}]: {sorted(SECTIONS[section])}")
+                raise ConfigError(f"{source(f'{section}.{key}')}: unknown key {section}.{key}; "
+                                  f"known keys of [{section}]: {sorted(SECTIONS[section])}")
 
 
 # keys renamed since a config or a run's config.json may have been written: old -> new
 RENAMED = {("train", "precision"): "compute_dtype"}
 
 
-def _renamed(d: dict, where: str) -> dict:
+def _renamed(d: dict, source) -> dict:
     """d with renamed keys under their new names, and a note on stderr for each."""
     out = {s: dict(v) if isinstance(v, dict) else v for s, v in d.items()}
     for (section, old), new in RENAMED.items():
         values = out.get(section)
         if isinstance(values, dict) and old in values:
+            where = source(f"{section}.{old}")
             if new in values:
                 raise ConfigError(f"{where}: {section}.{old} is the old name of {section}.{new}; "
                                   f"give {section}.{new} only")
@@ -117,42 +130,51 @@ def _renamed(d: dict, where: str) -> dict:
     return out
 
 
-def from_dict(d: dict, where: str = "config") -> RunConfig:
-    d = _renamed(d, where)
-    _check_keys(d, where)
+def from_dict(d: dict, where: str = "config", sources: dict | None = None) -> RunConfig:
+    """where: the file the values come from; sources: {"section.key": the flag that set it}."""
+    source = _source(where, sources)
+    d = _renamed(d, source)
+    _check_keys(d, source)
     train = dict(d.get("train", {}))
     hp = {k: train.pop(k) for k in list(train) if k in _HPARAM_KEYS}
-    try:
-        model = ViTConfig(**d.get("model", {}))
-        hparams = TrainHParams(**hp)
-        section = TrainSection(**train, hparams=hparams)
-        data = DataSection(**d.get("data", {}))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
-    _validate(section, where)
-    _validate_data(data, where)
+    for section, cls, values in (("model", ViTConfig, d.get("model", {})),
+                                 ("data", DataSection, d.get("data", {}))):
+        try:
+            cls(**values)
+        except (TypeError, ValueError) as err:  # blame the fields the message names
+            named = [f"{section}.{k}" for k in values if re.search(rf"\b{k}\b", str(err))]
+            raise ConfigError(f"{source(*named)}: {err}") from None
+    model = ViTConfig(**d.get("model", {}))
+    section = TrainSection(**train, hparams=TrainHParams(**hp))
+    data = DataSection(**d.get("data", {}))
+    _validate(section, source)
+    _validate_data(data, source)
     return RunConfig(model, section, data)
 
 
-def _validate_data(d: DataSection, where: str):
+def _validate_data(d: DataSection, source):
     from vit.data import DATASETS, LAYOUTS  # noqa: PLC0415  (numpy only)
 
     def positive_int(value, allow_zero=False):
         return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if allow_zero else 1)
     if d.dataset not in DATASETS:
-        raise ConfigError(f"{where}: data.dataset must be one of {DATASETS}, got {d.dataset!r}")
+        raise ConfigError(f"{source('data.dataset')}: data.dataset must be one of {DATASETS}, "
+                          f"got {d.dataset!r}")
     if d.layout not in LAYOUTS:
-        raise ConfigError(f"{where}: data.layout must be one of {LAYOUTS}, got {d.layout!r}")
+        raise ConfigError(f"{source('data.layout')}: data.layout must be one of {LAYOUTS}, "
+                          f"got {d.layout!r}")
     if d.image_size is not None and not positive_int(d.image_size):
-        raise ConfigError(f"{where}: data.image_size must be a positive integer, got {d.image_size!r}")
+        raise ConfigError(f"{source('data.image_size')}: data.image_size must be a positive "
+                          f"integer, got {d.image_size!r}")
     if not positive_int(d.device_budget_mb, allow_zero=True):
-        raise ConfigError(f"{where}: data.device_budget_mb must be an integer >= 0, "
-                          f"got {d.device_budget_mb!r}")
+        raise ConfigError(f"{source('data.device_budget_mb')}: data.device_budget_mb must be an "
+                          f"integer >= 0, got {d.device_budget_mb!r}")
 
 
-def _validate(t: TrainSection, where: str):
+def _validate(t: TrainSection, source):
     def bad(key, why):
-        raise ConfigError(f"{where}: train.{key} {why}, got {getattr(t, key, None)!r}")
+        raise ConfigError(f"{source(f'train.{key}')}: train.{key} {why}, "
+                          f"got {getattr(t, key, None)!r}")
     if not isinstance(t.epochs, int) or t.epochs < 1:
         bad("epochs", "must be a positive integer")
     if not isinstance(t.batch_size, int) or t.batch_size < 1:
@@ -160,14 +182,14 @@ def _validate(t: TrainSection, where: str):
     if t.compute_dtype not in COMPUTE_DTYPES:
         bad("compute_dtype", f"must be one of {COMPUTE_DTYPES}")
     hp = t.hparams
-    if not hp.lr > 0:
-        raise ConfigError(f"{where}: train.lr must be positive, got {hp.lr!r}")
+    if not (isinstance(hp.lr, (int, float)) and hp.lr > 0):
+        raise ConfigError(f"{source('train.lr')}: train.lr must be positive, got {hp.lr!r}")
     if hp.schedule not in ("constant", "cosine"):
-        raise ConfigError(f"{where}: train.schedule must be 'constant' or 'cosine', "
-                          f"got {hp.schedule!r}")
-    if not 0.0 <= hp.label_smoothing < 1.0:
-        raise ConfigError(f"{where}: train.label_smoothing must be in [0, 1), "
-                          f"got {hp.label_smoothing!r}")
+        raise ConfigError(f"{source('train.schedule')}: train.schedule must be 'constant' or "
+                          f"'cosine', got {hp.schedule!r}")
+    if not (isinstance(hp.label_smoothing, (int, float)) and 0.0 <= hp.label_smoothing < 1.0):
+        raise ConfigError(f"{source('train.label_smoothing')}: train.label_smoothing must be in "
+                          f"[0, 1), got {hp.label_smoothing!r}")
 
 
 def load_toml(path) -> dict:

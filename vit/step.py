@@ -133,3 +133,20 @@ def eval_step_fn(config: ViTConfig, *, ops: Ops = REFERENCE, mean=None, std=None
 def make_eval_step(config: ViTConfig, *, ops: Ops = REFERENCE, mean=None, std=None,
                    compute_dtype: str = "fp32"):
     return jax.jit(eval_step_fn(config, ops=ops, mean=mean, std=std, compute_dtype=compute_dtype))
+
+
+def evaluate_batches(eval_step, params, batches, on_batch=None) -> dict:
+    """Run an eval step (make_eval_step's, or vit.parallel's) over batches of (images, labels,
+    valid) -> {"loss", "top1", "top5"} means over the valid rows, and their "count". The one
+    validation loop of train.py and evaluate.py; on_batch(out, labels, valid) sees each batch's
+    outputs (evaluate.py counts its confusion matrix there)."""
+    sums = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "count": 0.0}
+    for images, labels, valid in batches:
+        out = eval_step(params, images, labels, valid)
+        for key in sums:
+            sums[key] += float(out[key])
+        if on_batch is not None:
+            on_batch(out, labels, valid)
+    n = max(sums["count"], 1.0)
+    return {"loss": sums["loss_sum"] / n, "top1": sums["top1"] / n, "top5": sums["top5"] / n,
+            "count": int(sums["count"])}

@@ -1,7 +1,8 @@
 """Subprocess entry points of tests/test_parallel.py: the pytest process already has JAX with one
 CPU device, so every multi-device or multi-process run happens here, in a fresh interpreter with
 XLA_FLAGS=--xla_force_host_platform_device_count=N set by the test. Results go to npz/json files
-under --out; the test compares them. No assertions here except on the setup itself.
+under --out; the test compares them. No assertions here except on the setup itself. Each step
+prints a line: the test waits for a worker as long as it makes progress (tests/watch.py).
 
     python tests/parallel_scripts/worker.py equivalence --out DIR          # 4 devices
     python tests/parallel_scripts/worker.py ops --out DIR                  # 4 devices
@@ -45,6 +46,7 @@ def _run_steps(step, params, opt, steps, *, checkpoint=None):
         images, labels = common.batch(s)
         params, opt, m = step(params, opt, images, labels, common.step_key(s))
         metrics.append({k: float(v) for k, v in m.items()})
+        print(f"step {s + 1} of {steps} done", flush=True)
         if checkpoint is not None and s + 1 == common.CKPT_STEP:
             host = parallel.gather_to_host({"params": params, "opt": opt})
             ckpt.save(checkpoint, host, {"step": s + 1})
@@ -220,6 +222,7 @@ def multiprocess(out: Path, coordinator: str, num_processes: int, process_id: in
         images, labels = parallel.shard_batch(mesh, images[rows], labels[rows])  # ...own rows
         params, opt, m = step(params, opt, images, labels, common.step_key(s))
         metrics.append({k: float(v) for k, v in m.items()})
+        print(f"process {process_id}: step {s + 1} of {common.MP_STEPS} done", flush=True)
     evaluate = parallel.make_parallel_eval_step(cfg, mesh, mean=common.MEAN, std=common.STD)
     # eval rows as device arrays, the way vit.data.loader.Batcher yields them
     images_e, labels_e, valid_e = (jax.device_put(a) for a in common.eval_batch())

@@ -34,6 +34,11 @@ from tqdm import tqdm
 from vit.data.common import DatasetError
 
 CACHE_FORMAT = 1  # bump when the cache files change meaning
+# how to leave unreadable images out, with each command's own flag for it
+SKIP_HINT = (
+    "leave unreadable images out: python train.py ... --set data.skip_bad_images=true, "
+    "python -m vit.data prepare ... --skip-bad-images, load_dataset(..., skip_bad_images=True)"
+)
 
 Decode = Callable[[str], np.ndarray]
 
@@ -164,6 +169,7 @@ def build_cache(
 ) -> None:
     """Decode `paths` into the cache `prefix` in cache_dir. what: the split's name in messages."""
     files = cache_paths(cache_dir, prefix)
+    made = [d for d in (cache_dir, *cache_dir.parents) if not d.exists()]  # removed again on failure
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         # The manifest marks a complete cache: remove it first, so that until the new one is written
@@ -186,8 +192,7 @@ def build_cache(
         def on_chunk(start, images, errors):
             if errors and not skip_bad_images:
                 raise DatasetError(
-                    f"{errors[0][1]}. Fix or remove the file, or pass skip_bad_images=True "
-                    f"(--skip-bad-images, --set data.skip_bad_images=true) to leave unreadable images out"
+                    f"{errors[0][1]}. Fix or remove the file, or {SKIP_HINT}"
                 )
             out[start : start + len(images)] = images
             bad.extend((start + i, message) for i, message in errors)
@@ -226,6 +231,11 @@ def build_cache(
     finally:
         tmp_images.unlink(missing_ok=True)
         compacted.unlink(missing_ok=True)
+        for folder in made:  # a failed build leaves no empty cache folder behind
+            try:
+                folder.rmdir()  # only if empty: a folder with a finished cache stays
+            except OSError:
+                break
 
 
 def load_cached(
@@ -258,7 +268,7 @@ def load_cached(
     skipped = list(manifest.get("skipped", []))
     if skipped and not skip_bad_images:
         raise DatasetError(
-            f"{skipped[0]} ({len(skipped)} unreadable images in {what}). Fix or remove the files, or pass "
-            f"skip_bad_images=True (--skip-bad-images, --set data.skip_bad_images=true) to leave them out"
+            f"{skipped[0]} ({len(skipped)} unreadable images in {what}). Fix or remove the files, or "
+            f"{SKIP_HINT}"
         )
     return images, labels, skipped

@@ -124,7 +124,12 @@ def fetch(url: str, part: Path, *, retries: int = 3, retry_wait: float = 2.0, ti
         except (_ShortRead, urllib.error.URLError, http.client.HTTPException, OSError) as e:
             error = e
         kept = part.stat().st_size if part.exists() else 0
+        if not kept:
+            part.unlink(missing_ok=True)  # an empty .part is no progress to keep
         if attempt == retries:
+            if not kept:
+                raise DownloadError(f"download of {url} failed: {error}. Nothing was received; "
+                                    f"run the same command again to retry") from error
             raise DownloadError(
                 f"download of {url} failed: {error}. The {kept:,} bytes received are kept in {part}; "
                 f"run the same command again to resume"

@@ -1,0 +1,263 @@
+"""What train.py and evaluate.py do with bad input and faults: each is a message naming the file or
+flag at fault and saying what is wrong (no traceback), found before any work, and leaving nothing
+half-made behind.
+
+Covers: damaged / junk / foreign checkpoints (with the other checkpoint offered), an unwritable run
+directory or --out, a failed start, a corrupt image's hint, config errors blamed on the flag or file
+they came from, --help, and the exit code of --stop-after-epoch."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import evaluate
+import train
+from vit.data.fake import fake_wnid, write_fake_tiny_imagenet
+from watch import run_watched
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1",
+         "--set", "model.d_model=32", "--set", "model.mlp_dim=64", "--batch-size", "128"]
+
+
+def run_train(*args):
+    return train.main([str(a) for a in args])
+
+
+def exits_with_message(capsys, fn, *args) -> str:
+    """fn(*args) must end by a usage error (exit code 2, as argparse does): its stderr."""
+    with pytest.raises(SystemExit) as e:
+        fn([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-epoch digits run: config.json, metrics.jsonl, best.npz and last.npz."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert run_train(*QUICK, "--epochs", 2, "--out", run) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged checkpoints
+
+
+def truncate(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def junk(path: Path):
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+
+
+def foreign(path: Path):
+    np.savez(path.with_suffix(""), weights=np.zeros(3))  # np.savez adds the .npz
+
+
+DAMAGE = {"truncated": (truncate, "damaged"), "junk": (junk, "not an .npz"),
+          "not-a-checkpoint": (foreign, "not a checkpoint")}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_from_a_damaged_last_npz_names_it_and_offers_best(run_copy, capsys, damage):
+    spoil, what = DAMAGE[damage]
+    spoil(run_copy / "last.npz")
+    err = exits_with_message(capsys, train.main, "--resume", run_copy, "--no-progress")
+    assert str(run_copy / "last.npz") in err and what in err, err
+    assert str(run_copy / "best.npz") in err and "--resume" in err, err  # the way out offered
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_evaluate_a_damaged_best_npz_names_it_and_offers_last(run_copy, capsys, damage):
+    spoil, what = DAMAGE[damage]
+    spoil(run_copy / "best.npz")
+    err = exits_with_message(capsys, evaluate.main, run_copy, "--no-progress")
+    assert str(run_copy / "best.npz") in err and what in err, err
+    assert "--checkpoint last" in err, err
+    assert "pickled" not in err and "'__meta__'" not in err.replace(str(run_copy), "")
+
+
+def test_evaluate_a_damaged_last_npz_offers_best(run_copy, capsys):
+    truncate(run_copy / "last.npz")
+    err = exits_with_message(capsys, evaluate.main, run_copy, "--checkpoint", "last", "--no-progress")
+    assert str(run_copy / "last.npz") in err and "--checkpoint best" in err, err
+
+
+def test_both_checkpoints_damaged_offers_nothing_false(run_copy, capsys):
+    truncate(run_copy / "last.npz")
+    junk(run_copy / "best.npz")
+    err = exits_with_message(capsys, train.main, "--resume", run_copy, "--no-progress")
+    assert str(run_copy / "last.npz") in err and "damaged" in err
+    assert "cp " not in err  # best.npz is no way out here
+    assert str(run_copy / "best.npz") in err and "not an .npz" in err  # ... and says why
+
+
+# ----------------------------------------------------------------------------------------------
+# unwritable run directory / --out: found before any work
+
+
+# Run as root, a process writes into a directory without write permission all the same
+# (CAP_DAC_OVERRIDE). This wrapper drops that capability from the bounding set, then execs the
+# command, so permissions bind it as they bind any other user. Exit 77: it could not.
+DROP_DAC_OVERRIDE = """
+import ctypes, os, sys
+if os.geteuid() == 0:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+        print("prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE):", os.strerror(ctypes.get_errno()))
+        sys.exit(77)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def train_unprivileged(tmp_path, *args):
+    """python train.py in a subprocess that file permissions bind, even when the tests run as root."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = run_watched([sys.executable, "-c", DROP_DAC_OVERRIDE, sys.executable, ROOT / "train.py",
+                        *args], log=tmp_path / "train.log", env=env, cwd=ROOT)
+    if proc.returncode == 77:
+        pytest.skip(f"cannot make a subprocess that file permissions bind: {proc.text()}")
+    return proc
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    made = []
+
+    def make(path: Path) -> Path:
+        path.chmod(0o555)
+        made.append(path)
+        return path
+    yield make
+    for path in made:
+        path.chmod(0o755)
+
+
+def test_unwritable_run_directory_is_found_before_any_work(run_copy, read_only, tmp_path):
+    metrics = (run_copy / "metrics.jsonl").read_text()
+    read_only(run_copy)
+    proc = train_unprivileged(tmp_path, "--resume", run_copy, "--epochs", 3, "--no-progress")
+    out = proc.text()
+    assert proc.returncode == 2, out
+    assert f"{run_copy} is not writable" in out and "Traceback" not in out, out
+    assert "resuming" not in out and "epoch 3" not in out  # nothing was trained
+    assert (run_copy / "metrics.jsonl").read_text() == metrics
+
+
+def test_unwritable_out_parent_is_found_before_any_work(read_only, tmp_path):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    read_only(parent)
+    proc = train_unprivileged(tmp_path, *QUICK, "--epochs", 1, "--out", parent / "run")
+    out = proc.text()
+    assert proc.returncode == 2, out
+    assert "--out" in out and str(parent) in out and "not writable" in out, out
+    assert "Traceback" not in out and "run directory:" not in out, out
+    assert not (parent / "run").exists()
+
+
+def test_out_inside_a_file_is_a_message(tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    err = exits_with_message(capsys, train.main, *QUICK, "--out", tmp_path / "afile" / "run")
+    assert f"--out {tmp_path / 'afile' / 'run'}" in err and "not a directory" in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+# a failed start leaves nothing behind
+
+
+def test_failed_start_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    err = exits_with_message(capsys, train.main, *QUICK, "--batch-size", 5000, "--out", out)
+    assert "larger than the training set" in err
+    assert not out.exists(), list(out.iterdir())
+
+
+def test_corrupt_image_hint_is_the_train_flag_and_nothing_is_left(tmp_path, capsys):
+    root = write_fake_tiny_imagenet(tmp_path, num_classes=2, train_per_class=4, val_images=2)
+    bad = root / "train" / fake_wnid(1) / "images" / f"{fake_wnid(1)}_2.JPEG"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated mid-scan
+    out = tmp_path / "run"
+    tiny = ["--dataset", "tiny-imagenet", "--data-dir", root, "--no-progress", "--epochs", 1,
+            "--batch-size", 4, "--set", "model.layers=1", "--set", "model.d_model=16",
+            "--set", "model.heads=2", "--set", "model.mlp_dim=16", "--set", "data.workers=1",
+            "--out", out]
+    err = exits_with_message(capsys, train.main, *tiny)
+    assert str(bad) in err and "--set data.skip_bad_images=true" in err, err
+    assert not (root / "vitfuse-cache").exists()
+    assert not out.exists()
+    # ... and the flag it names works
+    assert run_train(*tiny, "--set", "data.skip_bad_images=true") == 0
+    assert (out / "last.npz").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# config errors name their source
+
+
+@pytest.mark.parametrize("flags, blamed", [
+    (["--set", "train.bogus=1"], "--set train.bogus=1"),
+    (["--epochs", "-3"], "--epochs -3"),
+    (["--batch-size", "0"], "--batch-size 0"),
+    (["--set", "model.heads=3"], "--set model.heads=3"),        # d_model 32 is not divisible by 3
+    (["--set", "train.epochs=many"], "--set train.epochs=many"),
+    (["--set", "nosuch.key=1"], "--set nosuch.key=1"),
+])
+def test_config_error_names_the_flag(capsys, flags, blamed):
+    err = exits_with_message(capsys, train.main, *QUICK, *flags)
+    assert blamed in err and "digits.toml" not in err, err
+
+
+def test_config_error_in_the_file_names_the_file(tmp_path, capsys):
+    config = tmp_path / "mine.toml"
+    config.write_text("[train]\nepochs = -1\n[data]\ndataset = 'digits'\n")
+    err = exits_with_message(capsys, train.main, "--config", config, "--no-progress")
+    assert f"--config {config}" in err and "train.epochs" in err, err
+    # a flag that fixes the file's value is not blamed, and then the run is fine to start
+    err = exits_with_message(capsys, train.main, "--config", config, "--epochs", 2,
+                             "--batch-size", 5000, "--no-progress")
+    assert "train.epochs" not in err and "larger than the training set" in err
+
+
+def test_config_error_on_resume_names_the_flag(finished_run, capsys):
+    err = exits_with_message(capsys, train.main, "--resume", finished_run, "--epochs", "-3")
+    assert "--epochs -3" in err and "config.json" not in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+# --help and exit codes
+
+
+@pytest.mark.parametrize("parser", [train.build_parser, evaluate.build_parser])
+def test_help_states_each_default_once(parser):
+    text = parser().format_help()
+    entries = [e for e in text.split("\n  -") if e.strip()]
+    for entry in entries:
+        assert entry.count("default") <= 1, entry
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_stop_after_epoch_exits_like_an_interrupt(tmp_path, capsys):
+    """--stop-after-epoch stops early with a checkpoint, as Ctrl-C does: the same exit code."""
+    run = tmp_path / "run"
+    assert run_train(*QUICK, "--epochs", 2, "--stop-after-epoch", 1, "--out", run) \
+        == train.EXIT_INTERRUPTED == 130
+    assert "--resume" in capsys.readouterr().out
+    assert run_train("--resume", run, "--no-progress") == 0  # done: 0
+    for doc in (train.__doc__, (ROOT / "README.md").read_text()):
+        assert "130" in doc and "--stop-after-epoch" in doc

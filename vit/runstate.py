@@ -1,0 +1,84 @@
+"""The state of a training run between two steps: what a checkpoint holds and a resume restores.
+
+    state = RunState.fresh(params, opt_state, mean, std)          # a new run
+    state = RunState.from_checkpoint(*checkpoint.load(path, ...))  # --resume
+    trees, meta = state.to_checkpoint(host_params, host_opt, steps_per_epoch, config=..., ...)
+
+One shape for both directions, so a field saved is a field restored: params and AdamW state (as
+arrays), the data position (epoch, step in the epoch), the running train loss/accuracy sums of
+the epoch in progress, the metrics history, the best validation top-1 so far, and the
+normalisation statistics of the training set.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# the meta keys a resumable checkpoint must hold (checkpoint.load(..., meta_keys=RESUME_META))
+RESUME_META = ("epoch", "step_in_epoch", "global_step", "history", "running", "best_top1",
+               "mean", "std")
+RESUME_TREES = ("params", "opt")
+
+
+def _no_running() -> dict:
+    return {"loss": 0.0, "correct": 0.0, "seen": 0}
+
+
+@dataclass
+class RunState:
+    params: Any
+    opt_state: Any
+    mean: np.ndarray  # per-channel normalisation of the training set
+    std: np.ndarray
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of epoch `epoch` (0-based) completed
+    running: dict = field(default_factory=_no_running)  # loss, correct, seen of that epoch
+    history: list = field(default_factory=list)  # one metrics record per completed epoch
+    best_top1: float = -1.0
+
+    @classmethod
+    def fresh(cls, params, opt_state, mean, std) -> "RunState":
+        return cls(params, opt_state, np.asarray(mean, np.float32), np.asarray(std, np.float32))
+
+    @classmethod
+    def from_checkpoint(cls, trees: dict, meta: dict) -> "RunState":
+        return cls(trees["params"], trees["opt"], np.asarray(meta["mean"], np.float32),
+                   np.asarray(meta["std"], np.float32), meta["epoch"], meta["step_in_epoch"],
+                   dict(meta["running"]), list(meta["history"]), meta["best_top1"])
+
+    def to_checkpoint(self, host_params, host_opt, steps_per_epoch: int, **extra) -> tuple[dict, dict]:
+        """(trees, meta) for vit.checkpoint.save; host_*: numpy copies of params and opt_state
+        (parallel.gather_to_host); extra: more JSON-able meta (config, seed, class names)."""
+        meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.epoch * steps_per_epoch + self.step_in_epoch,
+                "history": self.history, "running": self.running, "best_top1": self.best_top1,
+                "mean": [float(x) for x in self.mean], "std": [float(x) for x in self.std],
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
+        return {"params": host_params, "opt": host_opt}, meta
+
+    def account(self, loss: float, accuracy: float, n_images: int) -> None:
+        """Add one step's loss and accuracy over n_images to the epoch's running sums; a
+        non-finite loss raises FloatingPointError (training must stop)."""
+        if not math.isfinite(loss):
+            raise FloatingPointError(loss)
+        self.running["loss"] += loss * n_images
+        self.running["correct"] += accuracy * n_images
+        self.running["seen"] += n_images
+
+    def train_means(self) -> tuple[float, float]:
+        seen = max(self.running["seen"], 1)
+        return self.running["loss"] / seen, self.running["correct"] / seen
+
+    def finish_epoch(self, record: dict) -> bool:
+        """Close the epoch with its metrics record; -> whether its val top-1 is the best yet."""
+        self.history.append(record)
+        self.epoch, self.step_in_epoch, self.running = self.epoch + 1, 0, _no_running()
+        best = record["val_top1"] > self.best_top1
+        if best:
+            self.best_top1 = record["val_top1"]
+        return best

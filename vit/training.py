@@ -1,0 +1,374 @@
+"""One training run, the part of train.py that is not the command line: load the data, fit the
+model to it, set up the state (fresh or from a checkpoint) and the data-parallel steps, then
+train epoch by epoch with validation, checkpoints, metrics.jsonl and curves.png, stopping cleanly
+on Ctrl-C / SIGTERM.
+
+    run = start_run(cfg, run_dir, ops, devices, resumed, main_process, progress)
+    with StopOnSignal(standalone) as stop:
+        created = make_run_dir(run)
+        outcome = train(run, stop, stop_after_epoch)     # DONE | STOPPED | NONFINITE
+
+Errors a user can fix (data, devices, batch size, image size) are RunErrors whose message names
+the file or flag at fault; train.py prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+DONE, STOPPED, NONFINITE = "done", "stopped", "nonfinite"
+
+
+class RunError(ValueError):
+    """A run cannot start: the message says what to change."""
+
+
+def fit_model_to_data(cfg, train_set):
+    """The model follows the data: image size, channels and classes come from the dataset."""
+    _, h, w, c = train_set.images.shape
+    if h != w:
+        raise RunError(f"images must be square, the dataset has {h}x{w}")
+    model = cfg.model
+    changes = {k: v for k, v in dict(image_size=h, channels=c,
+                                     num_classes=train_set.num_classes).items()
+               if getattr(model, k) != v}
+    if changes:
+        try:
+            cfg.model = model.replace(**changes)
+        except ValueError as err:
+            patch = min((p for p in range(1, h + 1) if h % p == 0), key=lambda p: abs(p - h / 8))
+            raise RunError(f"{err} (the dataset's images are {h}x{w}x{c}; set a patch size that "
+                           f"divides {h}, e.g. --set model.patch_size={patch})") from None
+    return cfg
+
+
+def write_metrics(path: Path, history: list[dict]):
+    """metrics.jsonl as exactly the given records, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict], path: Path):
+    """Train vs val accuracy and loss per epoch, written atomically."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
+    ax_acc.plot(epochs, [100 * h["val_top1"] for h in history], "o-", label="val top-1")
+    ax_acc.plot(epochs, [100 * h["val_top5"] for h in history], "--", label="val top-5")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# the run: set up once, then epochs
+
+
+@dataclass
+class Run:
+    """Everything a training run works with, set up by start_run."""
+
+    cfg: Any  # vit.runconfig.RunConfig, fitted to the data
+    run_dir: Path
+    ops: Any  # vit.ops.Ops
+    mesh: Any
+    state: Any  # vit.runstate.RunState (params and optimizer state replicated on the mesh)
+    batcher: Any
+    val_batcher: Any
+    train_step: Callable
+    eval_step: Callable
+    hparams: Any  # vit.config.TrainHParams with this run's step counts
+    steps_per_epoch: int
+    class_names: list
+    main_process: bool
+    progress: bool
+    resumed: bool
+
+    def save(self, name: str):
+        """RUN_DIR/<name>.npz from the current state (process 0 writes; a no-op elsewhere)."""
+        if not self.main_process:
+            return
+        from vit import checkpoint, parallel  # noqa: PLC0415
+
+        host_params, host_opt = parallel.gather_to_host((self.state.params, self.state.opt_state))
+        trees, meta = self.state.to_checkpoint(
+            host_params, host_opt, self.steps_per_epoch, config=self.cfg.to_dict(),
+            seed=self.cfg.train.seed, class_names=self.class_names)
+        checkpoint.save(self.run_dir / f"{name}.npz", trees, meta)
+
+
+def load_data(cfg, progress: bool):
+    """(train, val) datasets of the config's [data], and the config with the model fitted to them."""
+    from vit.data import DatasetError, load_dataset  # noqa: PLC0415
+
+    d = cfg.data
+    try:
+        options = dict(workers=d.workers, skip_bad_images=d.skip_bad_images, progress=progress,
+                       image_size=d.image_size, layout=d.layout)
+        train_set = load_dataset(d.dataset, d.data_dir, "train", **options)
+        val_set = load_dataset(d.dataset, d.data_dir, "val", **options)
+    except DatasetError as err:
+        raise RunError(str(err)) from None
+    return train_set, val_set, fit_model_to_data(cfg, train_set)
+
+
+def start_run(cfg, run_dir: Path, ops, devices: int | None, resumed, main_process: bool,
+              progress: bool) -> Run:
+    """Data, devices, state and the jitted steps of a run (resumed: (trees, meta) of the
+    checkpoint to continue, or None): every check that can fail happens here, before the run
+    directory is made; a failure is a RunError naming what is wrong."""
+    from vit import parallel  # noqa: PLC0415
+
+    train_set, val_set, cfg = load_data(cfg, progress)
+    try:
+        mesh = parallel.make_mesh(devices)
+    except ValueError as err:
+        raise RunError(f"--devices {devices}: {err}") from None
+    n_dev = mesh.devices.size
+    if cfg.train.batch_size % n_dev:
+        raise RunError(f"--batch-size {cfg.train.batch_size} is not divisible by the {n_dev} "
+                       f"devices in use; pick a multiple of {n_dev} or pass --devices")
+    state = initial_state(cfg, train_set, resumed, run_dir)
+    return build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, progress,
+                     resumed is not None)
+
+
+def initial_state(cfg, train_set, resumed, run_dir):
+    """The checkpoint's RunState, or a fresh one (init from the seed, the data's statistics)."""
+    import jax  # noqa: PLC0415
+
+    from vit.data.loader import channel_stats  # noqa: PLC0415
+    from vit.model import init_params  # noqa: PLC0415
+    from vit.optim import adamw_init  # noqa: PLC0415
+    from vit.runstate import RunState  # noqa: PLC0415
+
+    if resumed is not None:
+        state = RunState.from_checkpoint(*resumed)
+        print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} "
+              f"(global step {resumed[1]['global_step']})")
+        return state
+    params = init_params(jax.random.PRNGKey(cfg.train.seed), cfg.model)
+    return RunState.fresh(params, adamw_init(params), *channel_stats(train_set.images))
+
+
+def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, progress,
+              resumed) -> Run:
+    """Batchers over this process's rows, the data-parallel train and eval steps, the state on
+    the mesh."""
+    from vit import parallel  # noqa: PLC0415
+    from vit.data.loader import Batcher  # noqa: PLC0415
+
+    t, n_dev = cfg.train, mesh.devices.size
+    budget = cfg.data.device_budget_mb << 20  # above it, stream from the memory-mapped cache
+    # every process reads the same seeded global order and gathers only its rows of each batch
+    batcher = Batcher(train_set.images, train_set.labels, t.batch_size, seed=t.seed,
+                      rows=parallel.process_batch_slice(t.batch_size, mesh),
+                      device_budget_bytes=budget)
+    eval_bs = -(-t.eval_batch_size // n_dev) * n_dev  # a multiple of the device count
+    val_batcher = Batcher(val_set.images, val_set.labels, eval_bs, seed=0, shuffle=False,
+                          drop_last=False, rows=parallel.process_batch_slice(eval_bs, mesh),
+                          device_budget_bytes=budget)
+    spe = batcher.steps_per_epoch()
+    if spe == 0:
+        raise RunError(f"--batch-size {t.batch_size} is larger than the training set "
+                       f"({len(train_set.labels)} images)")
+    common = dict(ops=ops, mean=state.mean, std=state.std, compute_dtype=t.compute_dtype)
+    hp = cfg.hparams(spe)
+    train_step = parallel.make_parallel_train_step(cfg.model, hp, mesh, **common)
+    eval_step = parallel.make_parallel_eval_step(cfg.model, mesh, **common)
+    state.params, state.opt_state = parallel.replicate((state.params, state.opt_state), mesh)
+    print(f"data: {train_set.name}, {len(train_set)} train / {len(val_set)} val images of "
+          f"{'x'.join(map(str, train_set.images.shape[1:]))}, {train_set.num_classes} classes"
+          f"{'' if batcher.on_device else ' (streamed from the memory-mapped cache)'}")
+    return Run(cfg, run_dir, ops, mesh, state, batcher, val_batcher, train_step, eval_step, hp,
+               spe, list(train_set.class_names), main_process, progress, resumed)
+
+
+def make_run_dir(run: Run) -> bool:
+    """Make the run directory with config.json (and, resuming, metrics.jsonl rewritten from the
+    checkpoint's history); -> whether it was made now (removed again if no checkpoint follows)."""
+    from vit.runconfig import dumps  # noqa: PLC0415
+
+    if not run.main_process:
+        return False
+    created = not run.run_dir.exists()
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    (run.run_dir / "config.json").write_text(dumps(run.cfg) + "\n")
+    if run.resumed:  # the checkpoint's history is the record: metrics.jsonl follows it
+        write_metrics(run.run_dir / "metrics.jsonl", run.state.history)
+    return created
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptedTwice(Exception):
+    pass
+
+
+class StopOnSignal:
+    """Ctrl-C / SIGTERM while training: the first asks the loop to stop at the next step boundary
+    (``requested``), a second raises InterruptedTwice at once. On exit the old handlers are back,
+    and, when train.py was called from Python (not standalone), a signal that stopped the run is
+    passed on to them (see the module docstring)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, standalone: bool):
+        self.standalone, self.signum, self.old = standalone, None, {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _on_signal(self, signum, _frame):
+        if self.signum is not None:  # a second Ctrl-C: the user insists
+            raise InterruptedTwice
+        self.signum = signum
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        if self.signum is not None and not self.standalone:
+            # called from Python: with last.npz saved, the caller's own handler gets the signal
+            # it would have got without train.py (KeyboardInterrupt, termination, ...)
+            signal.raise_signal(self.signum)
+        return False
+
+
+def train_epoch(run: Run, stop: StopOnSignal):
+    """The rest of the current epoch, from state.step_in_epoch; -> (last metrics, images, seconds).
+    Raises Interrupted at a step boundary when a signal asked for a stop."""
+    import jax  # noqa: PLC0415
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from vit import parallel  # noqa: PLC0415
+
+    s, t, spe = run.state, run.cfg.train, run.steps_per_epoch
+    bar = tqdm(total=spe, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
+               disable=not (run.progress and run.main_process), unit="step", leave=True)
+    base_key = jax.random.PRNGKey(t.seed)
+    pending, m = None, None  # metrics of the step in flight, read one step late (no stall)
+    t0, images_done = time.perf_counter(), 0
+    for images, labels in run.batcher.epoch(s.epoch, s.step_in_epoch):
+        images, labels = parallel.shard_batch(run.mesh, images, labels)
+        key = jax.random.fold_in(base_key, s.epoch * spe + s.step_in_epoch)
+        new_params, new_opt, m = run.train_step(s.params, s.opt_state, images, labels, key)
+        if pending is not None:
+            s.account(float(pending["loss"]), float(pending["accuracy"]), t.batch_size)
+            bar.update(1)
+        s.params, s.opt_state, pending = new_params, new_opt, m
+        s.step_in_epoch += 1
+        images_done += t.batch_size
+        if bar.n % 10 == 0 and s.running["seen"]:
+            loss, acc = s.train_means()
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
+                            img_s=f"{images_done / (time.perf_counter() - t0):.0f}")
+        if stop.requested:
+            break
+    if pending is not None:
+        s.account(float(pending["loss"]), float(pending["accuracy"]), t.batch_size)
+        bar.update(1)
+    bar.close()
+    if stop.requested:
+        raise Interrupted
+    return m, images_done, time.perf_counter() - t0
+
+
+def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> dict:
+    """Validate, then checkpoints first and the metrics line after them (metrics.jsonl never
+    gets ahead of last.npz; --resume rewrites it from last.npz's history), the plot, one line."""
+    from vit import parallel  # noqa: PLC0415
+    from vit.step import evaluate_batches  # noqa: PLC0415
+
+    s = run.state
+    if last_metrics is not None:
+        lr = float(last_metrics["lr"])
+    else:  # resumed after the epoch's last step: no step ran, the schedule gives its lr
+        from vit.optim import learning_rate  # noqa: PLC0415
+
+        hp = run.hparams
+        lr = float(learning_rate((s.epoch + 1) * run.steps_per_epoch - 1, base_lr=hp.lr,
+                                 total_steps=hp.total_steps, warmup_steps=hp.warmup_steps,
+                                 schedule=hp.schedule, min_lr=hp.min_lr))
+    batches = (parallel.shard_batch(run.mesh, *b) for b in run.val_batcher.eval_batches())
+    val = evaluate_batches(run.eval_step, s.params, batches)
+    train_loss, train_accuracy = s.train_means()
+    record = {"epoch": s.epoch + 1, "step": (s.epoch + 1) * run.steps_per_epoch,
+              "train_loss": train_loss, "train_accuracy": train_accuracy,
+              "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+              "val_images": val["count"], "lr": lr,
+              "images_per_s": images_done / seconds, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if s.finish_epoch(record):
+        run.save("best")
+    run.save("last")
+    if run.main_process:
+        with open(run.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        plot_curves(s.history, run.run_dir / "curves.png")
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
+              f"acc {100 * record['train_accuracy']:.2f}% | val loss {record['val_loss']:.4f} "
+              f"top-1 {100 * record['val_top1']:.2f}% top-5 {100 * record['val_top5']:.2f}% | "
+              f"{record['images_per_s']:.0f} img/s", flush=True)
+    return record
+
+
+def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
+    """Epochs until the config's last; -> how it ended: DONE, STOPPED (last.npz saved, to be
+    resumed: a signal or stop_after_epoch) or NONFINITE (the loss became NaN/Inf)."""
+    s, epochs, last = run.state, run.cfg.train.epochs, run.run_dir / "last.npz"
+    try:
+        while s.epoch < epochs:
+            finish_epoch(run, *train_epoch(run, stop))
+            if stop_after_epoch is not None and stop_after_epoch <= s.epoch < epochs:
+                print(f"stopping after epoch {s.epoch} as asked; continue with python train.py "
+                      f"--resume {run.run_dir}")
+                return STOPPED
+    except FloatingPointError as err:
+        kept = (f"the last good checkpoint ({last}) is untouched" if last.exists()
+                else "no checkpoint had been written yet")
+        print(f"\ntrain.py: the training loss became {err} at epoch {s.epoch + 1}, step "
+              f"{s.step_in_epoch}. Training stopped; {kept}. Try a lower --lr, gradient clipping "
+              "(--set train.clip_norm=1.0) or warmup (--set train.warmup_epochs=2).",
+              file=sys.stderr)
+        return NONFINITE
+    except Interrupted:  # first Ctrl-C / SIGTERM: the state is consistent at a step boundary
+        run.save("last")
+        print(f"\ninterrupted: saved {last} at epoch {s.epoch + 1}, step {s.step_in_epoch}; "
+              f"continue with python train.py --resume {run.run_dir}", file=sys.stderr)
+        return STOPPED
+    except InterruptedTwice:  # a second Ctrl-C while stopping: leave without writing anything
+        kept = (f"{last} holds the last completed epoch" if last.exists()
+                else "no checkpoint had been written yet")
+        print(f"\ninterrupted twice: exiting without saving; {kept}", file=sys.stderr)
+        return STOPPED
+    print(f"done: best val top-1 {100 * s.best_top1:.2f}%; run directory {run.run_dir}")
+    return DONE
