@@ -408,7 +408,7 @@ class Blocks:
 # bf16/fp16. Each is the largest tile found with no register spill (stack 0) on sm_90, and none
 # on sm_80 either where one was found, with shared memory within sm_80's 163 KiB, with and
 # without dropout, at L = 65, 197, 577, 4096 and 8192 (``python -m kernels.compile_check``,
-# triton 3.9 and the ptxas in its wheel; the sweep is in the report of issue 15). Rejected
+# triton 3.9 and the ptxas in its wheel; bench/results/compile-check-2026-11-30.md). Rejected
 # there, for example: ieee forward 64x64 (spills kilobytes at Dh=64); ieee backward 64x32 with
 # 8 warps (ptxas trades registers for occupancy at L=4096: 128 registers + 32 stack bytes);
 # half backward 64x64 with 8 warps at Dh=64 (255 registers + 40 bytes on sm_80) and Dh=128

@@ -295,7 +295,7 @@ def test_fused_ops_route_through_the_dispatcher(monkeypatch):
     for kernel, want in (("auto", "one-tile"), ("one-tile", "one-tile"), ("key-blocked", "key-blocked")):
         seen.clear()
         ops = fused_ops(interpret=True, attention_kernel=kernel)
-        assert ops.description.endswith(f"attention {kernel}")
+        assert ops.description.endswith(f"attention {kernel})")
         jax.eval_shape(lambda x: ops.attention_backward(ops.attention_forward(x, 1)[1], x[..., :16]), qkv)
         assert seen == [want, want]
     with pytest.raises(ValueError, match="attention kernel must be one of"):
