@@ -170,15 +170,15 @@ def triton_calls(module) -> list[dict]:
 # jax.jit caches a trace per function and record_launches / poisoned_outputs act at trace time
 
 
-def _attention_case(b, l, heads, dh, dtype, keep, dot_precision):
+def _attention_case(b, l, heads, dh, dtype, keep, dot_precision, kernel="one-tile"):
     import jax  # noqa: PLC0415
-    from kernels import attention  # noqa: PLC0415
+    from kernels import dispatch  # noqa: PLC0415
 
     def make():
         def run(qkv, ks):
-            o, cache = attention.attention_forward(qkv, heads, ks, interpret=False,
-                                                   dot_precision=dot_precision)
-            return attention.attention_backward(cache, o, interpret=False, dot_precision=dot_precision)
+            launch = dict(interpret=False, dot_precision=dot_precision, kernel=kernel)
+            o, cache = dispatch.attention_forward(qkv, heads, ks, **launch)
+            return dispatch.attention_backward(cache, o, **launch)
 
         d = heads * dh
         args = (jax.ShapeDtypeStruct((b, l, 3 * d), dtype),
@@ -237,16 +237,22 @@ def _train_step_case(config, hp, compute_dtype):
 
 
 def cases():
-    """(label, make) for every kernel configuration and two small whole train steps."""
+    """(label, make) for every kernel configuration and three small whole train steps."""
     import jax.numpy as jnp  # noqa: PLC0415
     import vit  # noqa: PLC0415
 
-    b, l, h, dh = 64, 65, 8, 32  # the product's attention shape
+    b, l, h, dh = 64, 65, 8, 32  # the product's attention shape: the one-tile kernel
     for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.bfloat16, "ieee")):
         for keep in (False, True):
             name = f"{jnp.dtype(dtype).name}/{dot_precision}"
             label = f"attn B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
             yield label, _attention_case(b, l, h, dh, dtype, keep, dot_precision)
+    b, l, h, dh = 8, 197, 12, 64  # ViT-B/16 at 224 px: the key-blocked kernel
+    for dtype, dot_precision, keep in ((jnp.float32, "ieee", True), (jnp.float32, "tf32", False),
+                                       (jnp.bfloat16, "ieee", True)):
+        name = f"{jnp.dtype(dtype).name}/{dot_precision}"
+        label = f"attn key-blocked B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
+        yield label, _attention_case(b, l, h, dh, dtype, keep, dot_precision, "key-blocked")
     m, n = 64 * 65, 256  # the product's rows and width
     for dtype in (jnp.float32, jnp.bfloat16):
         for residual in (False, True):
@@ -258,6 +264,9 @@ def cases():
     yield ("train step post-norm fp32 dropout",
            _train_step_case(small.replace(dropout=0.1, attn_dropout=0.1, drop_path=0.1), hp, "fp32"))
     yield "train step pre-norm bf16", _train_step_case(small.replace(norm="pre"), hp, "bf16")
+    # Dh = 64: the dispatcher sends attention to the key-blocked kernel
+    yield ("train step key-blocked attention (Dh=64) fp32 dropout",
+           _train_step_case(small.replace(d_model=128, attn_dropout=0.1), hp, "fp32"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -83,9 +83,10 @@ def test_lowers_one_call_per_launch(report, label, poisoned):
 
 
 def test_every_kernel_and_both_launch_paths_are_covered(report):
-    """All five launch names appear, plainly and poisoned, in kernel cases and train steps."""
-    names = {"vitfuse_attn_fwd", "vitfuse_attn_bwd", "vitfuse_ln_fwd", "vitfuse_ln_bwd",
-             "vitfuse_ln_bwd_reduce"}
+    """All eight launch names (both attention kernels, add+LN) appear, plainly and poisoned, in
+    kernel cases and in train steps."""
+    names = {"vitfuse_attn_fwd", "vitfuse_attn_bwd", "vitfuse_flash_fwd", "vitfuse_flash_bwd_delta",
+             "vitfuse_flash_bwd", "vitfuse_ln_fwd", "vitfuse_ln_bwd", "vitfuse_ln_bwd_reduce"}
     for poisoned in (False, True):
         rs = [r for r in report["results"] if r["poisoned"] == poisoned]
         assert {c["name"] for r in rs if not r["case"].startswith("train") for c in r["calls"]} == names
