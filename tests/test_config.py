@@ -34,3 +34,26 @@ def test_round_trip_and_unknown_keys():
     assert ViTConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="d_modle"):
         ViTConfig.from_dict({"d_modle": 3})
+
+
+def test_the_old_precision_key_still_works_with_a_note(capsys):
+    """train.precision was renamed train.compute_dtype; a config or a run's config.json written
+    before still loads (with a note), and giving both names is an error naming them."""
+    from vit import runconfig
+
+    cfg = runconfig.from_dict({"train": {"precision": "bf16"}}, "old.toml")
+    assert cfg.train.compute_dtype == "bf16"
+    assert "old.toml: train.precision is now called train.compute_dtype" in capsys.readouterr().err
+    with pytest.raises(runconfig.ConfigError, match="train.precision is the old name of train.compute_dtype"):
+        runconfig.from_dict({"train": {"precision": "bf16", "compute_dtype": "fp32"}}, "both.toml")
+
+
+def test_the_old_precision_flag_still_works_with_a_note(capsys):
+    import train
+
+    args = train.parse_args(["--dataset", "digits", "--precision", "bf16"])
+    assert train.resolve_config(args).train.compute_dtype == "bf16"
+    assert "--precision is now called --compute-dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--precision", "bf16", "--compute-dtype", "fp32"])
+    assert "disagree" in capsys.readouterr().err
