@@ -83,6 +83,8 @@ def test_build_ops():
     assert cmdline.build_ops(_ops_args()) is REFERENCE
     fused = cmdline.build_ops(_ops_args("--fused", "--interpret", "--dot-precision", "tf32"))
     assert isinstance(fused, Ops) and fused.name == "fused" and "tf32" in fused.description
+    plain = cmdline.build_ops(_ops_args("--fused", "--interpret"))  # ieee unless asked
+    assert "dot precision ieee" in plain.description and "tf32" not in plain.description
     for argv, message in ((["--interpret"], "--interpret only makes sense with --fused"),
                           (["--dot-precision", "tf32"], "--dot-precision only makes sense")):
         with pytest.raises(cmdline.UsageError, match=message):

@@ -271,8 +271,9 @@ def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root):
     train = load(root, "train", skip_bad_images=True)
     assert len(train) == 3 * TRAIN - 1 and len(train.skipped) == 1 and str(bad) in train.skipped[0]
     assert train.labels.tolist() == [0] * TRAIN + [1] * (TRAIN - 1) + [2] * TRAIN
-    with pytest.raises(DatasetError, match=str(bad)):  # the skipping cache does not hide it later
+    with pytest.raises(DatasetError, match=str(bad)) as e:  # the skipping cache does not hide it later
         load(root, "train")
+    assert "skip_bad_images" in str(e.value)  # ... and the way to leave it out is named again
 
 
 # --- layout and size choices -------------------------------------------------------------------------------------

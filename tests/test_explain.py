@@ -226,6 +226,32 @@ def test_per_class_writes_the_confusion_matrix(colour_run):
     assert [[name, int(c["matrix"][k, k]), int(c["matrix"][k].sum())] for k, name in enumerate(CLASSES)] == per_class
 
 
+def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
+    """A model that answers the last class whatever it sees (head weights zeroed, bias towards
+    it): every image lands in that column, in the row of its true class, and per-class totals are
+    the images of each class, not the answers given."""
+    import shutil
+
+    from vit import checkpoint
+
+    _, run, _ = colour_run
+    run = shutil.copytree(run, tmp_path / "run")
+    trees, meta = checkpoint.load(run / "best.npz")
+    head = trees["params"]["head"]
+    head["w"] = np.zeros_like(head["w"])
+    head["b"] = np.array([0.0, 0.0, 5.0], head["b"].dtype)
+    checkpoint.save(run / "best.npz", trees, meta)
+    result = evaluate.evaluate(run, "best", progress=False)
+    true = np.bincount(explain.load_val(explain.load_run(run), progress=False).labels, minlength=3)
+    assert true.min() > 0 and true.sum() == 9
+    want = np.zeros((3, 3), np.int64)
+    want[:, 2] = true
+    np.testing.assert_array_equal(result["confusion"], want)
+    assert result["per_class"] == [(name, 0 if k < 2 else int(true[k]), int(true[k]))
+                                   for k, name in enumerate(CLASSES)]
+    assert result["top1"] == pytest.approx(true[2] / 9)
+
+
 def test_200_classes_show_the_worst_and_their_confusions_side_by_side(tmp_path):
     k = 200
     m = np.diag(np.full(k, 50))

@@ -250,7 +250,9 @@ def test_dispatch_table_overrides_the_rule(tmp_path):
     device = jax.devices()[0].device_kind
     row = dict(device=device, dtype="bfloat16", dh=32, direction="fwd", max_len=100,
                kernel="key-blocked", block_m=32, block_n=16, num_warps=4, num_stages=3)
-    rows = [row, dict(row, max_len=4096, kernel="one-tile")]
+    # another GPU's row, a closer fit for L <= 80 that this device must not take
+    rows = [row, dict(row, max_len=4096, kernel="one-tile"),
+            dict(row, device=f"not {device}", max_len=80, kernel="one-tile")]
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"rows": rows}))
     rows = dispatch.load_table(path)
@@ -300,3 +302,25 @@ def test_fused_ops_route_through_the_dispatcher(monkeypatch):
         assert seen == [want, want]
     with pytest.raises(ValueError, match="attention kernel must be one of"):
         fused_ops(interpret=True, attention_kernel="flash")
+
+
+def test_fused_ops_pass_their_dot_precision_to_both_directions(monkeypatch):
+    """fused_ops(dot_precision=...) reaches the dispatcher (and so the kernels) in the forward
+    and the backward alike: a tf32 op set whose forward ran ieee dots would pass every check on
+    the CPU interpreter and be slow on a GPU."""
+    from kernels import fused_ops
+
+    seen = []
+    real = dispatch.plan
+
+    def spy(l, dh, dtype, dot_precision, direction, interpret, *args, **kwargs):
+        seen.append((direction, dot_precision, interpret))
+        return real(l, dh, dtype, dot_precision, direction, interpret, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "plan", spy)
+    qkv = jnp.ones((1, 20, 3 * 16))
+    for dot_precision in ("ieee", "tf32"):
+        seen.clear()
+        ops = fused_ops(interpret=True, dot_precision=dot_precision)
+        jax.eval_shape(lambda x: ops.attention_backward(ops.attention_forward(x, 1)[1], x[..., :16]), qkv)
+        assert seen == [("fwd", dot_precision, True), ("bwd", dot_precision, True)]

@@ -13,7 +13,7 @@ from kernels import fused_ops
 from kernels import launch as launch_module
 from kernels.interpreter import run_interpreted, run_on_host
 from kernels.launch import launch, poisoned_outputs
-from oracle.compare import compare
+from oracle.compare import TOLERANCE, compare, kernel_tolerance
 from oracle.kernel_gradcheck import attention_inputs, layernorm_inputs, run_attention, run_layernorm
 from vit import ops as vit_ops
 
@@ -260,6 +260,25 @@ def test_gradcheck_compare_flags_errors_and_nan():
     nan = {"a": ref["a"], "b": ref["b"].at[0].set(jnp.nan)}
     _, (name, _, _, _, nonfinite, ok) = compare(nan, ref, 1e-5)
     assert (name, nonfinite, ok) == ("b", 1, False)
+    inf = {"a": ref["a"].at[0].set(jnp.inf).at[2].set(-jnp.inf), "b": ref["b"].at[1].set(jnp.nan)}
+    (_, _, _, _, nonfinite_a, ok_a), (_, _, _, _, nonfinite_b, ok_b) = compare(inf, ref, 1e-5)
+    assert (nonfinite_a, ok_a, nonfinite_b, ok_b) == (2, False, 1, False)  # +-inf count as NaN does
+
+
+def test_kernel_tolerance_follows_the_table():
+    """kernel_tolerance picks TOLERANCE's row for the dtype and dot precision, and the looser
+    "long sums" row only when asked (the benchmarks' sizes): the checks at test sizes keep the
+    tight one."""
+    f32, bf16, f16 = jnp.float32, jnp.bfloat16, jnp.float16
+    assert kernel_tolerance(f32) == TOLERANCE["float32"] == 1e-5
+    assert kernel_tolerance(f32, long_sums=True) == TOLERANCE["float32 long sums"]
+    assert kernel_tolerance(f32, "tf32") == kernel_tolerance(f32, "tf32", long_sums=True) == TOLERANCE["tf32"]
+    assert kernel_tolerance(f32, "tf32x3") == TOLERANCE["tf32x3"]
+    assert kernel_tolerance(bf16) == TOLERANCE["bfloat16"]
+    assert kernel_tolerance(bf16, long_sums=True) == TOLERANCE["bfloat16 long sums"]
+    assert kernel_tolerance(f16) == kernel_tolerance(f16, long_sums=True) == TOLERANCE["float16"]
+    assert TOLERANCE["float32"] < TOLERANCE["float32 long sums"]
+    assert TOLERANCE["bfloat16"] < TOLERANCE["bfloat16 long sums"]
 
 
 def test_gradcheck_command_runs_and_exits_zero(capsys):

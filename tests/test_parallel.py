@@ -380,3 +380,22 @@ def test_single_process_helpers():
         parallel.make_mesh(2)
     with pytest.raises(ValueError, match="same number of rows"):
         parallel.shard_batch(mesh, images, labels[:4])
+
+
+def test_ops_xla_cannot_partition_run_under_shard_map_by_default():
+    """The parallel steps wrap an op set in shard_map unless XLA can partition it: the fused
+    kernels (custom calls) get one launch per device on its own rows, where unwrapped they would
+    run on the gathered global batch (the same numbers, N times the work); the reference ops are
+    left to GSPMD. shard_ops overrides the default either way."""
+    from kernels import fused_ops
+    from vit.ops import REFERENCE
+
+    mesh, config, hp = parallel.make_mesh(1), common.config(), common.hparams()
+    fused = fused_ops(interpret=True)
+    makers = {"train": lambda **kw: parallel.make_parallel_train_step(config, hp, mesh, **kw),
+              "eval": lambda **kw: parallel.make_parallel_eval_step(config, mesh, **kw)}
+    for what, make in makers.items():
+        assert make().ops is REFERENCE, what
+        assert make(ops=fused).ops.name == "fused/shard_map[data=1]", what
+        assert make(ops=fused, shard_ops=False).ops is fused, what
+        assert make(shard_ops=True).ops.name == "reference/shard_map[data=1]", what

@@ -1,13 +1,15 @@
 """train.py and evaluate.py end to end on the real (bundled) digits dataset.
 
-Covers: accuracy on real data, resume exactness (stop after an epoch, a stop mid-epoch, a real
-Ctrl-C, a crash between the checkpoint and the metrics), NaN handling, checkpoints without pickle,
-metrics/curves, and the error messages. (More faults and their messages: test_train_faults.py.)
+Covers: accuracy on real data, resume exactness (stop after an epoch, a stop mid-epoch, a stop
+right after an epoch's last step, a real Ctrl-C, a crash between the checkpoint and the metrics),
+a key of its own for every step, NaN handling, checkpoints without pickle, metrics/curves, and the
+error messages. (More faults and their messages: test_train_faults.py.)
 
 The resume tests switch on every source of randomness the step has (dropout on residual branches,
 attention weights and FFN activations, drop-path, crop, flip, mixup and cutmix, label smoothing)
-and compare bitwise: a resumed run that draws any random number differently from the run that
-never stopped fails them."""
+and a warmup + cosine learning rate, and compare bitwise: a resumed run that draws any random
+number differently from the run that never stopped, or steps at another learning rate, fails
+them."""
 
 import json
 import os
@@ -27,12 +29,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # A small, quick digits model for the resume tests (the accuracy test uses configs/digits.toml).
 QUICK = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1",
          "--set", "model.d_model=32", "--set", "model.mlp_dim=64", "--batch-size", "128"]
-# ... with every source of randomness on (digits: 8x8 images, so a 1-pixel crop padding)
+# ... with every source of randomness on (digits: 8x8 images, so a 1-pixel crop padding), and
+# a warmup + cosine schedule, so that every step has its own learning rate
 RANDOM = [*QUICK, "--set", "model.dropout=0.1", "--set", "model.attn_dropout=0.1",
           "--set", "model.ffn_dropout=0.1", "--set", "model.drop_path=0.2",
           "--set", "train.crop_pad=1", "--set", "train.flip=true",
           "--set", "train.mixup_alpha=0.4", "--set", "train.cutmix_alpha=1.0",
-          "--set", "train.label_smoothing=0.1"]
+          "--set", "train.label_smoothing=0.1", "--set", "train.schedule=cosine",
+          "--set", "train.warmup_epochs=1"]
 EPOCHS = 3
 STEPS_PER_EPOCH = 1437 // 128  # 11: the digits training set in batches of 128
 VOLATILE = ("time", "images_per_s")  # the only fields of a metrics line that may differ
@@ -120,6 +124,7 @@ def sigint_after_step(monkeypatch):
                 return out
             return counting_step
         monkeypatch.setattr(parallel, "make_parallel_train_step", make_counting)
+    arm.received = received
     yield arm
     signal.signal(signal.SIGINT, previous)
 
@@ -143,8 +148,45 @@ def test_stop_mid_epoch_and_resume_is_bitwise_exact(reference, tmp_path, sigint_
     meta = meta_of(run)
     assert (meta["epoch"], meta["step_in_epoch"]) == (1, 5), meta
     assert meta["running"]["seen"] == 5 * 128  # the interrupted epoch's running sums are kept
+    # called from Python, train.py passes the signal on to the caller's handler once it has saved
+    assert sigint_after_step.received == [signal.SIGINT]
     assert run_train("--resume", run, "--no-progress") == 0
     assert_same_run(reference, run)
+
+
+def test_stop_after_the_last_step_of_an_epoch_and_resume_is_bitwise_exact(reference, tmp_path,
+                                                                          sigint_after_step):
+    """A Ctrl-C right after epoch 2's last step saves before that epoch is validated: resumed,
+    no step is left in it, and its metrics line (the lr too, which no step reports now but the
+    schedule gives) equals the one-go run's."""
+    run = tmp_path / "run"
+    sigint_after_step(2 * STEPS_PER_EPOCH)
+    assert run_train(*RANDOM, "--epochs", EPOCHS, "--out", run) == train.EXIT_INTERRUPTED
+    meta = meta_of(run)
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, STEPS_PER_EPOCH), meta
+    assert run_train("--resume", run, "--no-progress") == 0
+    assert_same_run(reference, run)
+
+
+def test_every_step_draws_its_own_key(tmp_path, monkeypatch):
+    """Dropout, drop-path, crop, flip and mixup draw from the key the loop gives each step: no
+    two steps of a run get the same one (a key repeated every epoch would replay the same masks
+    and augmentations each epoch, and a resumed run would replay them just the same)."""
+    keys = []
+    make = parallel.make_parallel_train_step
+
+    def make_recording(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def recording_step(params, opt_state, images, labels, key):
+            keys.append(tuple(np.asarray(key).ravel().tolist()))
+            return step(params, opt_state, images, labels, key)
+        return recording_step
+
+    monkeypatch.setattr(parallel, "make_parallel_train_step", make_recording)
+    assert run_train(*QUICK, "--epochs", 2, "--out", tmp_path / "run") == 0
+    assert len(keys) == 2 * STEPS_PER_EPOCH
+    assert len(set(keys)) == len(keys), "a step key repeats"
 
 
 class Crash(BaseException):

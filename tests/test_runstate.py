@@ -1,0 +1,92 @@
+"""The state of a run between two steps (vit/runstate.py) and the one validation loop
+(vit.step.evaluate_batches), unit by unit, without training anything: a checkpoint restores every
+field it saved, closing an epoch starts clean sums and keeps the best, and validation means are
+over rows, not batches. (End to end, resumed runs are compared bitwise in test_train.py; these
+catch what a run and its resumed copy would get wrong alike.)"""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from vit import checkpoint
+from vit.runstate import RESUME_META, RESUME_TREES, RunState
+from vit.step import evaluate_batches
+
+STEPS_PER_EPOCH = 11
+
+
+def mid_run_state() -> RunState:
+    """A run stopped at step 5 of its third epoch, every field distinct from its default."""
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32(0.5)}
+    opt = {"step": np.int32(27), "m": {"w": np.full((2, 3), 0.25, np.float32)}}
+    s = RunState.fresh(params, opt, [0.1, 0.2, 0.3], [1.5, 2.5, 3.5])
+    s.epoch, s.step_in_epoch = 2, 5
+    s.running = {"loss": 12.5, "correct": 31.0, "seen": 40}
+    s.history = [{"epoch": 1, "val_top1": 0.5}, {"epoch": 2, "val_top1": 0.75}]
+    s.best_top1 = 0.75
+    return s
+
+
+def test_a_checkpoint_restores_every_field(tmp_path):
+    """to_checkpoint -> checkpoint.save -> load (as --resume loads it) -> from_checkpoint gives
+    the same state, field by field, and the meta says where the run stands."""
+    s = mid_run_state()
+    trees, meta = s.to_checkpoint(s.params, s.opt_state, STEPS_PER_EPOCH, config={"train": {}},
+                                  seed=3, class_names=["a", "b"])
+    assert (meta["epoch"], meta["step_in_epoch"]) == (2, 5)
+    assert meta["global_step"] == 2 * STEPS_PER_EPOCH + 5  # steps taken so far
+    assert (meta["seed"], meta["class_names"]) == (3, ["a", "b"])
+    path = checkpoint.save(tmp_path / "last.npz", trees, meta)
+    trees, meta = checkpoint.load(path, meta_keys=RESUME_META, trees=RESUME_TREES)
+    r = RunState.from_checkpoint(trees, meta)
+    for f in dataclasses.fields(RunState):
+        got, want = getattr(r, f.name), getattr(s, f.name)
+        if f.name in ("params", "opt_state"):
+            np.testing.assert_equal(got, want, err_msg=f.name)
+        elif f.name in ("mean", "std"):
+            np.testing.assert_array_equal(got, want, err_msg=f.name)
+            assert got.dtype == np.float32
+        else:
+            assert got == want, f.name
+
+
+def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
+    s = RunState.fresh({}, {}, [0.0], [1.0])
+    s.account(2.0, 0.5, 10)
+    s.account(1.0, 1.0, 30)  # per-image means: (2*10 + 1*30) / 40, (0.5*10 + 1*30) / 40
+    assert s.train_means() == pytest.approx((1.25, 0.875))
+    assert s.finish_epoch({"epoch": 1, "val_top1": 0.4}) is True  # the first epoch is the best yet
+    assert (s.epoch, s.step_in_epoch, s.best_top1) == (1, 0, 0.4)
+    assert s.running == {"loss": 0.0, "correct": 0.0, "seen": 0}  # epoch 2 starts from nothing
+    assert s.train_means() == (0.0, 0.0)
+    s.account(4.0, 0.0, 8)
+    assert s.train_means() == (4.0, 0.0)  # epoch 2's own, not mixed with epoch 1's
+    assert s.finish_epoch({"epoch": 2, "val_top1": 0.3}) is False
+    assert s.finish_epoch({"epoch": 3, "val_top1": 0.4}) is False  # a tie keeps the earlier best
+    assert s.finish_epoch({"epoch": 4, "val_top1": 0.6}) is True
+    assert s.best_top1 == 0.6 and [h["epoch"] for h in s.history] == [1, 2, 3, 4]
+    with pytest.raises(FloatingPointError):
+        s.account(math.nan, 0.0, 8)
+
+
+def fake_eval_step(params, losses, labels, valid):
+    """An eval step over rows whose loss is given: sums over the valid rows, as make_eval_step's."""
+    w = valid.astype(np.float64)
+    return {"loss_sum": np.sum(losses * w), "top1": np.sum((labels == 0) * w),
+            "top5": np.sum((labels <= 1) * w), "count": np.sum(w), "logits": None}
+
+
+def test_validation_means_are_over_rows_not_batches():
+    """A full batch of 4 rows and a last batch padded to 4 with one real row: every mean weighs
+    the 5 real rows alike, and the padding counts nowhere."""
+    batches = [(np.array([1.0, 1.0, 1.0, 1.0]), np.array([0, 0, 1, 2]), np.ones(4, bool)),
+               (np.array([6.0, 9.0, 9.0, 9.0]), np.array([0, 0, 0, 0]), np.array([1, 0, 0, 0], bool))]
+    seen = []
+    out = evaluate_batches(fake_eval_step, None, iter(batches),
+                           on_batch=lambda out, labels, valid: seen.append(int(valid.sum())))
+    assert out == {"loss": pytest.approx(10 / 5), "top1": pytest.approx(3 / 5),
+                   "top5": pytest.approx(4 / 5), "count": 5}
+    assert seen == [4, 1]
+    assert evaluate_batches(fake_eval_step, None, iter([]))["count"] == 0
