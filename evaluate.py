@@ -94,6 +94,7 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
         lab, ok = np.asarray(labels), np.asarray(valid)
         np.add.at(confusion, (lab[ok], pred[ok]), 1)
 
+    batch_size = min(batch_size, max(len(val.labels), 1))  # padding rows cost as much as real ones
     n_batches = -(-len(val.labels) // batch_size)
     batches = tqdm(eval_batches(val.images, val.labels, batch_size), total=n_batches,
                    desc="evaluating", disable=not progress)

@@ -252,6 +252,25 @@ def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
     assert result["top1"] == pytest.approx(true[2] / 9)
 
 
+def test_evaluate_batches_no_larger_than_the_validation_set(colour_run, monkeypatch):
+    """9 validation images are one batch of 9, not 9 real rows padded to the default 256 (which
+    cost as much as 256 real ones); a smaller batch size still splits them."""
+    from vit import step as step_module
+
+    rows = []
+    make = step_module.make_eval_step
+
+    def recording(*args, **kwargs):
+        step = make(*args, **kwargs)
+        return lambda params, images, *rest: (rows.append(len(images)), step(params, images, *rest))[1]
+
+    monkeypatch.setattr(step_module, "make_eval_step", recording)
+    _, run, _ = colour_run
+    assert evaluate.evaluate(run, "best", progress=False)["count"] == 9 and rows == [9]
+    rows.clear()
+    assert evaluate.evaluate(run, "best", batch_size=4, progress=False)["count"] == 9 and rows == [4, 4, 4]
+
+
 def test_200_classes_show_the_worst_and_their_confusions_side_by_side(tmp_path):
     k = 200
     m = np.diag(np.full(k, 50))

@@ -187,7 +187,9 @@ def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, 
     batcher = Batcher(train_set.images, train_set.labels, t.batch_size, seed=t.seed,
                       rows=parallel.process_batch_slice(t.batch_size, mesh),
                       device_budget_bytes=budget)
-    eval_bs = -(-t.eval_batch_size // n_dev) * n_dev  # a multiple of the device count
+    # no larger than the validation set (padding rows cost as much as real ones), and a multiple
+    # of the device count
+    eval_bs = -(-min(t.eval_batch_size, max(len(val_set.labels), 1)) // n_dev) * n_dev
     val_batcher = Batcher(val_set.images, val_set.labels, eval_bs, seed=0, shuffle=False,
                           drop_last=False, rows=parallel.process_batch_slice(eval_bs, mesh),
                           device_budget_bytes=budget)
