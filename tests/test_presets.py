@@ -183,6 +183,52 @@ def test_shrunken_vit_s16_fused_steps_match_reference():
     assert all(v <= 1e-3 for v in errors.values()), errors
 
 
+def test_train_py_fused_agrees_with_reference_on_a_shrunken_vit_s16(tmp_path, monkeypatch):
+    """The same through the command a user types: `python train.py --config configs/vit-s16.toml
+    --fused --interpret` (compiled on a GPU: --fused) and the same command without --fused, on a
+    synthetic image folder resized to 128 px (8x8 patches of 16: L = 65, 6 heads of 64: the
+    key-blocked kernel, over 3 key blocks forward and 5 backward), one layer, fp32, attention
+    dropout on, two epochs of the preset's augmentation and drop-path. Every metrics line agrees:
+    train and validation losses within 1e-5 relative, the same top-1. (Validation batches are no
+    larger than the 3-image validation set: padded to the default 256 rows, the interpreter took
+    six times as long.)"""
+    from vit import parallel
+    from vit.data.fake import write_fake_image_folder
+
+    eval_rows = []
+    make_eval_step = parallel.make_parallel_eval_step
+
+    def recording(*args, **kwargs):
+        step = make_eval_step(*args, **kwargs)
+        return lambda params, images, *rest: (eval_rows.append(len(images)), step(params, images, *rest))[1]
+
+    monkeypatch.setattr(parallel, "make_parallel_eval_step", recording)
+
+    data = write_fake_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=1)
+    common = ["--config", str(runconfig.CONFIG_DIR / "vit-s16.toml"), "--data-dir", str(data),
+              "--set", "data.image_size=128", "--set", "model.layers=1", "--compute-dtype", "fp32",
+              "--set", "model.attn_dropout=0.1", "--set", "train.warmup_epochs=0",
+              "--set", "train.crop_pad=8", "--epochs", "2", "--batch-size", "3", "--no-progress"]
+    fused_flags = ["--fused", "--interpret"] if INTERPRET else ["--fused"]
+    runs = {"reference": tmp_path / "reference", "fused": tmp_path / "fused"}
+    assert train.main([*common, "--out", str(runs["reference"])]) == 0
+    assert train.main([*common, *fused_flags, "--out", str(runs["fused"])]) == 0
+    model = json.loads((runs["fused"] / "config.json").read_text())["model"]
+    assert (model["image_size"], model["heads"], model["d_model"] // model["heads"]) == (128, 6, 64)
+    for direction in ("fwd", "bwd"):
+        plan = dispatch.plan(65, 64, np.float32, "ieee", direction, INTERPRET)
+        assert plan.kernel == "key-blocked" and -(-65 // plan.blocks.block_n) >= 3, plan
+    lines = {name: [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+             for name, run in runs.items()}
+    assert [m["epoch"] for m in lines["fused"]] == [m["epoch"] for m in lines["reference"]] == [1, 2]
+    for f, r in zip(lines["fused"], lines["reference"]):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_top5"):
+            assert f[key] == pytest.approx(r[key], rel=1e-5), (f["epoch"], key, f[key], r[key])
+        assert f["val_top1"] == r["val_top1"], f["epoch"]
+    assert lines["fused"][1]["train_loss"] != lines["fused"][0]["train_loss"]  # it trained
+    assert eval_rows == [3] * 4  # 2 runs x 2 epochs, one batch of the 3 validation images each
+
+
 def test_a_preset_trains_on_an_image_folder_at_its_patch_grid(tmp_path):
     """The way a preset gets its own image size: an image folder resized by data.image_size (48 px
     here for time: 3x3 patches of 16, L = 10), one layer, one epoch; the run's model follows."""
