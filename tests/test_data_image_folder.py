@@ -171,6 +171,33 @@ def test_second_load_reads_the_cache_and_sizes_live_side_by_side(root, decode_ca
     assert names == [f"train_{s}px_{f}" for s in (16, 24) for f in ("images.npy", "labels.npy", "manifest.json")]
 
 
+def test_loads_that_start_together_decode_once(root, decode_calls, capsys):
+    """Two starts on new data at once (threads here; the lock is per open file, so the same holds
+    between processes, e.g. the hosts of a multi-host run): while a third party holds the build
+    lock both wait and say so; then one builds the cache and the other reads it. Every image is
+    decoded once, both get the same arrays, and no lock file is left in the cache folder."""
+    import threading
+    import time
+
+    from vit.data.cache import build_lock
+
+    got = {}
+    threads = [threading.Thread(target=lambda k=k: got.update({k: load(root, "train")})) for k in (0, 1)]
+    with build_lock(root / "vitfuse-cache", f"train_{SIZE}px", "test"):  # another process, building
+        for t in threads:
+            t.start()
+        err = ""
+        while any(t.is_alive() for t in threads) and err.count("waiting for it") < 2:
+            time.sleep(0.01)  # until both have blocked, or (no lock) finished without waiting
+            err += capsys.readouterr().err
+        assert err.count("another process is building the cache") == 2, err
+    for t in threads:
+        t.join()
+    assert len(decode_calls) == 3 * TRAIN  # one build, the other read it
+    np.testing.assert_array_equal(got[0].images, got[1].images)
+    assert not list((root / "vitfuse-cache").glob("*.lock"))
+
+
 def test_cache_is_rebuilt_when_an_image_changes(root, decode_calls):
     load(root, "train")
     target = root / "train" / CLASSES[2] / "img 0.png"

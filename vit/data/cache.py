@@ -9,6 +9,8 @@ The fingerprint hashes the sorted relative paths, sizes and mtimes of every sour
 whatever the labels come from) and a string naming how they were decoded; any change rebuilds the cache.
 A rebuild first deletes the manifest, writes every array under a temporary name and os.replace()s it into
 place, then writes the manifest: a run killed half-way leaves no manifest, so its files never count.
+One process builds a given cache at a time (build_lock: an exclusive flock on <prefix>.lock in the folder,
+which the system releases if its holder dies); another that needs it meanwhile waits, then reads it.
 
 Images are decoded by `decode(path) -> uint8 (H, W, C)` (raising BadImage with a message naming the file) in
 worker processes started with "spawn", so `decode` must be picklable: a module-level function or a
@@ -17,6 +19,8 @@ functools.partial of one. They go straight into a file-backed array, never all i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -167,11 +171,10 @@ def build_cache(
     progress: bool,
     what: str,
 ) -> None:
-    """Decode `paths` into the cache `prefix` in cache_dir. what: the split's name in messages."""
+    """Decode `paths` into the cache `prefix` in cache_dir (which exists: load_cached makes it,
+    holding build_lock). what: the split's name in messages."""
     files = cache_paths(cache_dir, prefix)
-    made = [d for d in (cache_dir, *cache_dir.parents) if not d.exists()]  # removed again on failure
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
         # The manifest marks a complete cache: remove it first, so that until the new one is written
         # nothing here counts, whatever state the arrays are in.
         files["manifest"].unlink(missing_ok=True)
@@ -231,11 +234,56 @@ def build_cache(
     finally:
         tmp_images.unlink(missing_ok=True)
         compacted.unlink(missing_ok=True)
-        for folder in made:  # a failed build leaves no empty cache folder behind
-            try:
-                folder.rmdir()  # only if empty: a folder with a finished cache stays
-            except OSError:
-                break
+
+
+@contextlib.contextmanager
+def build_lock(cache_dir: Path, prefix: str, what: str):
+    """Hold the right to build the cache `prefix` in cache_dir (made if missing). Other processes
+    wait here (threads too: flock is per open file), so two starts on the same data decode it
+    once, and neither deletes the other's half-written files as leftovers.
+
+    The lock file, <prefix>.lock, lives only while a build runs: its holder deletes it before it
+    lets go, and a waiter that then gets the lock on the deleted file sees that and takes the new
+    one. A build that fails leaves no folder behind that it made."""
+    lock_path = cache_dir / f"{prefix}.lock"
+    told = False
+    while True:
+        made = [d for d in (cache_dir, *cache_dir.parents) if not d.exists()]
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(lock_path, "a")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:  # its folder was removed between the two: a failed build's
+            continue
+        except OSError as e:
+            raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}") from e
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not told:
+                print(f"{what}: another process is building the cache {cache_dir / prefix}_*; waiting for it",
+                      file=sys.stderr)
+                told = True
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        lock.close()  # locked a file its holder had deleted: take the one at the path now
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        lock_path.unlink(missing_ok=True)  # while still held: see above
+        lock.close()  # releases the flock
+        if not done:  # a failed build leaves no cache folder behind that it made
+            for folder in made:
+                try:
+                    folder.rmdir()  # only if empty: a folder with a finished cache stays
+                except OSError:
+                    break
 
 
 def load_cached(
@@ -258,12 +306,16 @@ def load_cached(
     """
     cached = open_cache(cache_dir, prefix, source_fingerprint, shape)
     if cached is None:
-        build_cache(cache_dir, prefix, paths, labels, source_fingerprint, decode, shape,
-                    workers=workers or default_workers(), skip_bad_images=skip_bad_images, progress=progress,
-                    what=what)
-        cached = open_cache(cache_dir, prefix, source_fingerprint, shape)
-        if cached is None:
-            raise DatasetError(f"the cache just written in {cache_dir} does not read back; is the disk full?")
+        with build_lock(cache_dir, prefix, what):
+            cached = open_cache(cache_dir, prefix, source_fingerprint, shape)  # built while we waited?
+            if cached is None:
+                build_cache(cache_dir, prefix, paths, labels, source_fingerprint, decode, shape,
+                            workers=workers or default_workers(), skip_bad_images=skip_bad_images,
+                            progress=progress, what=what)
+                cached = open_cache(cache_dir, prefix, source_fingerprint, shape)
+                if cached is None:
+                    raise DatasetError(f"the cache just written in {cache_dir} does not read back; "
+                                       "is the disk full?")
     manifest, images, labels = cached
     skipped = list(manifest.get("skipped", []))
     if skipped and not skip_bad_images:
