@@ -198,6 +198,20 @@ def test_loads_that_start_together_decode_once(root, decode_calls, capsys):
     assert not list((root / "vitfuse-cache").glob("*.lock"))
 
 
+def test_a_file_system_without_flock_still_builds_with_a_note(root, decode_calls, capsys, monkeypatch):
+    import errno
+
+    from vit.data import cache
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(cache.fcntl, "flock", no_flock)
+    assert len(load(root, "train")) == 3 * TRAIN and len(decode_calls) == 3 * TRAIN
+    assert "cannot lock" in capsys.readouterr().err
+    assert not list((root / "vitfuse-cache").glob("*.lock"))
+
+
 def test_cache_is_rebuilt_when_an_image_changes(root, decode_calls):
     load(root, "train")
     target = root / "train" / CLASSES[2] / "img 0.png"

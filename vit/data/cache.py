@@ -264,6 +264,10 @@ def build_lock(cache_dir: Path, prefix: str, what: str):
                       file=sys.stderr)
                 told = True
             fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without flock (Lustre mounted without -o flock)
+            print(f"{what}: cannot lock {lock_path} ({e}); building the cache without it: start one "
+                  "process at a time on new data, or run python -m vit.data prepare first", file=sys.stderr)
+            break
         try:
             current = os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino
         except FileNotFoundError:
