@@ -255,16 +255,10 @@ def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
 def test_evaluate_batches_no_larger_than_the_validation_set(colour_run, monkeypatch):
     """9 validation images are one batch of 9, not 9 real rows padded to the default 256 (which
     cost as much as 256 real ones); a smaller batch size still splits them."""
+    from step_spy import batch_rows_seen
     from vit import step as step_module
 
-    rows = []
-    make = step_module.make_eval_step
-
-    def recording(*args, **kwargs):
-        step = make(*args, **kwargs)
-        return lambda params, images, *rest: (rows.append(len(images)), step(params, images, *rest))[1]
-
-    monkeypatch.setattr(step_module, "make_eval_step", recording)
+    rows = batch_rows_seen(monkeypatch, step_module, "make_eval_step")
     _, run, _ = colour_run
     assert evaluate.evaluate(run, "best", progress=False)["count"] == 9 and rows == [9]
     rows.clear()

@@ -192,17 +192,11 @@ def test_train_py_fused_agrees_with_reference_on_a_shrunken_vit_s16(tmp_path, mo
     train and validation losses within 1e-5 relative, the same top-1. (Validation batches are no
     larger than the 3-image validation set: padded to the default 256 rows, the interpreter took
     six times as long.)"""
+    from step_spy import batch_rows_seen
     from vit import parallel
     from vit.data.fake import write_fake_image_folder
 
-    eval_rows = []
-    make_eval_step = parallel.make_parallel_eval_step
-
-    def recording(*args, **kwargs):
-        step = make_eval_step(*args, **kwargs)
-        return lambda params, images, *rest: (eval_rows.append(len(images)), step(params, images, *rest))[1]
-
-    monkeypatch.setattr(parallel, "make_parallel_eval_step", recording)
+    eval_rows = batch_rows_seen(monkeypatch, parallel, "make_parallel_eval_step")
 
     data = write_fake_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=1)
     common = ["--config", str(runconfig.CONFIG_DIR / "vit-s16.toml"), "--data-dir", str(data),
