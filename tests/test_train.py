@@ -23,6 +23,7 @@ import pytest
 import evaluate
 import train
 from vit import parallel
+from step_spy import after_each_step
 from watch import Watched, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,22 +109,15 @@ def sigint_after_step(monkeypatch):
     on once it has saved."""
     received = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    make = parallel.make_parallel_train_step
 
     def arm(n):
-        armed = {"calls": 0}
+        calls = []
 
-        def make_counting(*args, **kwargs):
-            step = make(*args, **kwargs)
-
-            def counting_step(*a):
-                out = step(*a)
-                armed["calls"] += 1
-                if armed["calls"] == n:
-                    signal.raise_signal(signal.SIGINT)
-                return out
-            return counting_step
-        monkeypatch.setattr(parallel, "make_parallel_train_step", make_counting)
+        def count(*_):
+            calls.append(1)
+            if len(calls) == n:
+                signal.raise_signal(signal.SIGINT)
+        after_each_step(monkeypatch, parallel, "make_parallel_train_step", count)
     arm.received = received
     yield arm
     signal.signal(signal.SIGINT, previous)
@@ -173,17 +167,9 @@ def test_every_step_draws_its_own_key(tmp_path, monkeypatch):
     two steps of a run get the same one (a key repeated every epoch would replay the same masks
     and augmentations each epoch, and a resumed run would replay them just the same)."""
     keys = []
-    make = parallel.make_parallel_train_step
-
-    def make_recording(*args, **kwargs):
-        step = make(*args, **kwargs)
-
-        def recording_step(params, opt_state, images, labels, key):
-            keys.append(tuple(np.asarray(key).ravel().tolist()))
-            return step(params, opt_state, images, labels, key)
-        return recording_step
-
-    monkeypatch.setattr(parallel, "make_parallel_train_step", make_recording)
+    after_each_step(monkeypatch, parallel, "make_parallel_train_step",
+                    lambda params, opt_state, images, labels, key:
+                    keys.append(tuple(np.asarray(key).ravel().tolist())))
     assert run_train(*QUICK, "--epochs", 2, "--out", tmp_path / "run") == 0
     assert len(keys) == 2 * STEPS_PER_EPOCH
     assert len(set(keys)) == len(keys), "a step key repeats"
