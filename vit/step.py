@@ -63,6 +63,13 @@ def _stats(mean, std, channels):
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+def scheduled_lr(hp: TrainHParams, step):
+    """The learning rate of optimizer step `step` (0-based) under hp's schedule: what the train
+    step applies, and what train.py logs for an epoch."""
+    return learning_rate(step, base_lr=hp.lr, total_steps=hp.total_steps,
+                         warmup_steps=hp.warmup_steps, schedule=hp.schedule, min_lr=hp.min_lr)
+
+
 def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, mean=None,
                   std=None, grad_fn: Callable | None = None, compute_dtype: str = "fp32"):
     """The un-jitted step (params, opt_state, images, labels, key) -> (params, opt_state, metrics).
@@ -83,8 +90,7 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, 
             targets = layers.one_hot_targets(labels, config.num_classes, hp.label_smoothing)
         loss, grads, logits = grad_fn(params, x, targets, k_drop if config.has_dropout else None)
         grads, grad_norm = clip_by_global_norm(grads, hp.clip_norm)
-        lr = learning_rate(opt_state["step"], base_lr=hp.lr, total_steps=hp.total_steps,
-                           warmup_steps=hp.warmup_steps, schedule=hp.schedule, min_lr=hp.min_lr)
+        lr = scheduled_lr(hp, opt_state["step"])
         params, opt_state = adamw_update(params, grads, opt_state, lr, b1=hp.b1, b2=hp.b2,
                                          eps=hp.eps, weight_decay=hp.weight_decay,
                                          mask=decay_mask(params))

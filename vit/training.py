@@ -309,18 +309,13 @@ def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> di
     """Validate, then checkpoints first and the metrics line after them (metrics.jsonl never
     gets ahead of last.npz; --resume rewrites it from last.npz's history), the plot, one line."""
     from vit import parallel  # noqa: PLC0415
-    from vit.step import evaluate_batches  # noqa: PLC0415
+    from vit.step import evaluate_batches, scheduled_lr  # noqa: PLC0415
 
     s = run.state
     if last_metrics is not None:
         lr = float(last_metrics["lr"])
     else:  # resumed after the epoch's last step: no step ran, the schedule gives its lr
-        from vit.optim import learning_rate  # noqa: PLC0415
-
-        hp = run.hparams
-        lr = float(learning_rate((s.epoch + 1) * run.steps_per_epoch - 1, base_lr=hp.lr,
-                                 total_steps=hp.total_steps, warmup_steps=hp.warmup_steps,
-                                 schedule=hp.schedule, min_lr=hp.min_lr))
+        lr = float(scheduled_lr(run.hparams, (s.epoch + 1) * run.steps_per_epoch - 1))
     batches = (parallel.shard_batch(run.mesh, *b) for b in run.val_batcher.eval_batches())
     val = evaluate_batches(run.eval_step, s.params, batches)
     train_loss, train_accuracy = s.train_means()
