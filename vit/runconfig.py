@@ -137,16 +137,16 @@ def from_dict(d: dict, where: str = "config", sources: dict | None = None) -> Ru
     _check_keys(d, source)
     train = dict(d.get("train", {}))
     hp = {k: train.pop(k) for k in list(train) if k in _HPARAM_KEYS}
-    for section, cls, values in (("model", ViTConfig, d.get("model", {})),
-                                 ("data", DataSection, d.get("data", {}))):
+    built = {}
+    for name, cls in (("model", ViTConfig), ("data", DataSection)):
+        values = d.get(name, {})
         try:
-            cls(**values)
+            built[name] = cls(**values)
         except (TypeError, ValueError) as err:  # blame the fields the message names
-            named = [f"{section}.{k}" for k in values if re.search(rf"\b{k}\b", str(err))]
+            named = [f"{name}.{k}" for k in values if re.search(rf"\b{k}\b", str(err))]
             raise ConfigError(f"{source(*named)}: {err}") from None
-    model = ViTConfig(**d.get("model", {}))
+    model, data = built["model"], built["data"]
     section = TrainSection(**train, hparams=TrainHParams(**hp))
-    data = DataSection(**d.get("data", {}))
     _validate(section, source)
     _validate_data(data, source)
     return RunConfig(model, section, data)
