@@ -137,8 +137,6 @@ def plan(l: int, dh: int, dtype, dot_precision: str, direction: str, interpret: 
     dim dh. kernel="one-tile"/"key-blocked" forces one (the key-blocked kernel still takes its
     tuned blocks where the table has them); rows: the tuned table (default: TABLE_PATH's)."""
     check_kernel(kernel)
-    backward = direction == "bwd"
-    default = flash_attention.default_blocks(l, dh, dtype, dot_precision, backward)
     if kernel == "one-tile":
         return Plan(kernel, None, "forced")
     row = None if interpret else _tuned_row(l, dh, dtype, dot_precision, direction, rows,
@@ -146,6 +144,7 @@ def plan(l: int, dh: int, dtype, dot_precision: str, direction: str, interpret: 
     if row is not None and row["kernel"] == "key-blocked":
         blocks = Blocks(row["block_m"], row["block_n"], row["num_warps"], row["num_stages"])
         return Plan("key-blocked", blocks.fit(l), f"table {row['device']}")
+    default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction == "bwd")
     if kernel == "key-blocked":
         return Plan(kernel, default, "forced")
     if row is not None and one_tile_runs(l, dh, dtype, interpret):
