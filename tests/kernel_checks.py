@@ -1,5 +1,5 @@
-"""Shared by the kernel tests: which launcher they use, the fused ops, and the assertion on
-gradcheck rows.
+"""Shared by the kernel tests: which launcher they use, the fused ops, the assertion on
+gradcheck rows, and the LSE check both attention kernels must pass.
 
 Where JAX's default backend is a GPU (``bench/gpu.sh`` runs the kernel tests with
 ``JAX_PLATFORMS=cuda``) the tests compile the kernels through jax-triton; everywhere else (CI,
@@ -8,12 +8,16 @@ interpreter. The pytest header says which (tests/conftest.py).
 """
 
 import functools
+import math
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kernels import fused_ops
 from kernels.launch import poisoned_outputs
+from vit import layers
 from vit.ops import FUNCTIONS
 
 # False: compiled through jax-triton on the GPU; True: Triton's interpreter on the CPU
@@ -54,3 +58,14 @@ def assert_all_close(rows, tol):
     for name, shape, max_abs, rel, nonfinite, _ in rows:
         assert nonfinite == 0, f"{name}{shape}: {nonfinite} non-finite values (unwritten or overflow)"
         assert rel <= tol, f"{name}{shape}: rel error {rel:.2e} (max abs {max_abs:.2e}) > {tol:g}"
+
+
+def assert_lse_is_logsumexp_of_scores(attention_forward, b, l, heads, dh, scale, atol):
+    """The cache's LSE (B, H, L) is float32 logsumexp over the keys of S = Q K^T / sqrt(Dh), for
+    qkv drawn from N(0, scale^2)."""
+    qkv = scale * jax.random.normal(jax.random.PRNGKey(1), (b, l, 3 * heads * dh))
+    _, (_, _, lse, _) = attention_forward(qkv, heads)
+    q, k, _ = layers.split_heads(qkv, heads)
+    s = jnp.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(dh)
+    assert lse.dtype == jnp.float32 and lse.shape == (b, heads, l)
+    np.testing.assert_allclose(lse, jax.scipy.special.logsumexp(s, axis=-1), rtol=1e-6, atol=atol)

@@ -13,7 +13,6 @@ bf16/fp16 2e-2 against the float32 reference on the same rounded inputs (observe
 O, P and dS rounded to the input dtype, as in the reference's half-precision path).
 """
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +22,9 @@ import pytest
 from kernels import attention
 from oracle.compare import TOLERANCE, compare
 from oracle.kernel_gradcheck import as_float32, attention_inputs, run_attention
-from vit import layers
 from vit.ops import REFERENCE
 
-from kernel_checks import INTERPRET, assert_all_close, ops  # noqa: F401  (ops is a fixture)
+from kernel_checks import INTERPRET, assert_all_close, assert_lse_is_logsumexp_of_scores, ops  # noqa: F401  (ops is a fixture)
 
 F32_TOL = TOLERANCE["float32"]
 HALF_TOL = TOLERANCE["bfloat16"]
@@ -66,13 +64,7 @@ def test_half_precision_vs_float32_reference(ops, dtype, b, l, heads, dh, keep):
 
 
 def test_lse_is_float32_logsumexp_of_scores(ops):
-    b, l, heads, dh = 2, 17, 2, 16
-    qkv = jax.random.normal(jax.random.PRNGKey(1), (b, l, 3 * heads * dh))
-    _, (_, _, lse, _) = ops.attention_forward(qkv, heads)
-    q, k, _ = layers.split_heads(qkv, heads)
-    s = jnp.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(dh)
-    assert lse.dtype == jnp.float32 and lse.shape == (b, heads, l)
-    np.testing.assert_allclose(lse, jax.scipy.special.logsumexp(s, axis=-1), rtol=1e-6, atol=1e-6)
+    assert_lse_is_logsumexp_of_scores(ops.attention_forward, 2, 17, 2, 16, scale=1.0, atol=1e-6)
 
 
 def test_dropout_mask_is_applied(ops):
