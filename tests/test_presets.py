@@ -189,7 +189,9 @@ def test_train_py_fused_agrees_with_reference_on_a_shrunken_vit_s16(tmp_path, mo
     synthetic image folder resized to 128 px (8x8 patches of 16: L = 65, 6 heads of 64: the
     key-blocked kernel, over 3 key blocks forward and 5 backward), one layer, fp32, attention
     dropout on, two epochs of the preset's augmentation and drop-path. Every metrics line agrees:
-    train and validation losses within 1e-5 relative, the same top-1. (Validation batches are no
+    train and validation losses within 1e-5 relative (or 2e-6 absolute: a loss near 0, like the
+    first epoch's validation loss of 0.027, carries the logits' absolute rounding error; with jax
+    0.11.2 the two runs differ by 3.2e-7 there), the same top-1. (Validation batches are no
     larger than the 3-image validation set: padded to the default 256 rows, the interpreter took
     six times as long.)"""
     from step_spy import batch_rows_seen
@@ -217,7 +219,7 @@ def test_train_py_fused_agrees_with_reference_on_a_shrunken_vit_s16(tmp_path, mo
     assert [m["epoch"] for m in lines["fused"]] == [m["epoch"] for m in lines["reference"]] == [1, 2]
     for f, r in zip(lines["fused"], lines["reference"]):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_top5"):
-            assert f[key] == pytest.approx(r[key], rel=1e-5), (f["epoch"], key, f[key], r[key])
+            assert f[key] == pytest.approx(r[key], rel=1e-5, abs=2e-6), (f["epoch"], key, f[key], r[key])
         assert f["val_top1"] == r["val_top1"], f["epoch"]
     assert lines["fused"][1]["train_loss"] != lines["fused"][0]["train_loss"]  # it trained
     assert eval_rows == [3] * 4  # 2 runs x 2 epochs, one batch of the 3 validation images each
