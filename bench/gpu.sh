@@ -10,7 +10,8 @@
 #
 # Parts (each one's output is shown and tee'd to $OUT/<part>.log):
 #   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
-#   tests      the kernel tests, the fused whole model and bf16 tests, compiled through jax-triton
+#   tests      the kernel tests (both attention kernels and the dispatcher, LN, the launcher), the
+#              fused whole model, bf16, and the ViT presets' fused runs, compiled through jax-triton
 #              (JAX_PLATFORMS=cuda; VITFUSE_REQUIRE_GPU=1 makes them fail rather than fall back to
 #              Triton's interpreter)
 #   gradcheck  python -m oracle.kernel_gradcheck (float32), then --dtype bfloat16
@@ -89,8 +90,8 @@ EOF
 
 part_tests() {
   JAX_PLATFORMS=cuda VITFUSE_REQUIRE_GPU=1 with_timeout "$PY" -m pytest -q -rs \
-    tests/test_kernels_attention.py tests/test_kernels_layernorm.py tests/test_kernels_ops.py \
-    tests/test_fused_model.py tests/test_precision.py
+    tests/test_kernels_attention.py tests/test_kernels_flash.py tests/test_kernels_layernorm.py \
+    tests/test_kernels_ops.py tests/test_fused_model.py tests/test_precision.py tests/test_presets.py
 }
 
 part_gradcheck() {

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from bench.device import device_info, measure_peaks
 from bench.hlo import executable_profile
 from bench.timer import Timing, chain, nbytes, rotation_count, time_calls, timer_settings
-from oracle.compare import TOLERANCE, assert_close, kernel_tolerance
+from oracle.compare import TOLERANCE, assert_close, exact_float32_dots, kernel_tolerance
 
 # ----------------------------------------------------------------------------------------------
 # shapes: "quick" is what the checks use without --benchmark (and what the interpreter is checked
@@ -81,7 +81,7 @@ def matmul_precision(dtype: str):
     """float32 rows: full-precision dots for XLA ("highest"; TF32 otherwise on recent GPUs), to
     match the kernels' ieee dots. Half-precision rows keep XLA's default."""
     if dtype == "fp32":
-        return jax.default_matmul_precision("highest")
+        return exact_float32_dots()
     return contextlib.nullcontext()
 
 

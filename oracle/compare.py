@@ -43,6 +43,21 @@ TOLERANCE = {
 }
 
 
+# XLA's dots in every check: float32 at full precision. JAX's default on NVIDIA GPUs from Ampere on
+# (the lent H200 too) rounds the operands of float32 dots to TF32, 10 mantissa bits: the float32
+# reference itself would then be off by ~1e-3, a hundred times the 1e-5 the ieee kernels are held
+# to (jax-ml/jax#12008: "Many JAX tests fail on A100 because of TF32 math"). On the CPU float32
+# dots are exact either way, so only a GPU run shows the difference.
+CHECK_MATMUL_PRECISION = "highest"
+
+
+def exact_float32_dots():
+    """Context for a check: XLA's float32 dots (the reference's, and the XLA parts of a fused
+    step) at full precision, as CHECK_MATMUL_PRECISION says; a kernel's own tl.dot follows its
+    dot_precision whatever this is."""
+    return jax.default_matmul_precision(CHECK_MATMUL_PRECISION)
+
+
 def kernel_tolerance(dtype, dot_precision: str = "ieee", long_sums: bool = False) -> float:
     """The tolerance of a kernel's outputs and gradients in ``dtype`` (float32: with
     ``dot_precision``); ``long_sums`` at the benchmarks' sizes."""

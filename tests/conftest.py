@@ -49,6 +49,16 @@ def pytest_report_header(config):
     return lines
 
 
+@pytest.fixture(scope="session", autouse=True)
+def exact_float32_dots():
+    """Every test runs with XLA's float32 dots at full precision (oracle.compare.exact_float32_dots):
+    on a GPU, JAX's default (TF32) would make a float32 reference wrong by ~1e-3, against the 1e-5
+    its ieee kernels are held to. The same on the CPU, where float32 dots are exact anyway."""
+    from oracle.compare import exact_float32_dots as exact  # noqa: PLC0415
+    with exact():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def no_float64_leak():
     """float64 is switched on only inside a `with jax.enable_x64(True)` scope (the gradient

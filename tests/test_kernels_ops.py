@@ -13,7 +13,7 @@ from kernels import fused_ops
 from kernels import launch as launch_module
 from kernels.interpreter import run_interpreted, run_on_host
 from kernels.launch import launch, poisoned_outputs
-from oracle.compare import TOLERANCE, compare, kernel_tolerance
+from oracle.compare import CHECK_MATMUL_PRECISION, TOLERANCE, compare, kernel_tolerance
 from oracle.kernel_gradcheck import attention_inputs, layernorm_inputs, run_attention, run_layernorm
 from vit import ops as vit_ops
 
@@ -291,6 +291,26 @@ def test_gradcheck_command_runs_and_exits_zero(capsys):
     assert "all tensors within tolerance" in out
     for tensor in ("o", "dq", "dk", "dv", "y", "ds", "dgamma", "dbeta"):
         assert f" {tensor} " in out
+
+
+def test_checks_compute_xla_float32_dots_exactly(monkeypatch):
+    """On a GPU, JAX's default float32 dots are TF32 (~1e-3 relative error): a reference computed
+    so would fail the 1e-5 checks of correct ieee kernels. The tests (tests/conftest.py) and
+    `python -m oracle.kernel_gradcheck`, whatever its caller set, run with full-precision dots.
+    On the CPU both give the same numbers, so the setting itself is what is checked here."""
+    from oracle import kernel_gradcheck as gradcheck
+
+    assert jax.config.jax_default_matmul_precision == CHECK_MATMUL_PRECISION == "highest"
+    seen, real_check = [], gradcheck.check
+
+    def spy(*args, **kwargs):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(gradcheck, "check", spy)
+    with jax.default_matmul_precision("bfloat16"):
+        assert gradcheck.main(["--interpret", "--seed", "0", "--shapes", "ln:3x10"]) == 0
+    assert seen == ["highest"]
 
 
 def test_compare_names_nested_tensors_by_path():
