@@ -13,8 +13,8 @@
 #   tests      the kernel tests (both attention kernels and the dispatcher, LN, the launcher), the
 #              fused whole model, bf16, and the ViT presets' fused runs, compiled through jax-triton
 #              (JAX_PLATFORMS=cuda; VITFUSE_REQUIRE_GPU=1 makes them fail rather than fall back to
-#              Triton's interpreter)
-#   gradcheck  python -m oracle.kernel_gradcheck (float32), then --dtype bfloat16
+#              Triton's interpreter), in TEST_WORKERS pytest-xdist processes where xdist is installed
+#   gradcheck  python -m oracle.kernel_gradcheck (float32) and --dtype bfloat16, side by side
 #   bench      python -m pytest bench/ --benchmark -q; this run's bench/results files and a
 #              speedup plot copied to $OUT/
 #   bench-ops, bench-step
@@ -39,7 +39,8 @@
 # one .png, tune-attention.md, attention_table.json and two ncu CSVs, none in subfolders.
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
-# command, default 0 = none; a part past it fails with exit 124 and the next part runs), WHEELS
+# command, default 0 = none; a part past it fails with exit 124 and the next part runs),
+# TEST_WORKERS (default 8: pytest-xdist processes of the tests part; 1 = one process), WHEELS
 # (default .whl) and SITE (default /tmp/site): where the wheels are and where they go.
 
 set -u -o pipefail
@@ -88,16 +89,42 @@ EOF
   return "$rc"
 }
 
+# On a GPU the tests and the gradchecks spend their time compiling kernels: jax-triton compiles
+# each one (to PTX) in the process that lowers it and keeps no cache on disk; the tests part
+# launches about 290 distinct kernels, each kernel_gradcheck 90. So these parts run several
+# processes side by side on the machine's cores, each allocating GPU memory as it needs it
+# (XLA_PYTHON_CLIENT_PREALLOCATE=false; JAX's default takes 75% of the GPU per process).
+
+# test_workers: pytest-xdist's -n TEST_WORKERS (default 8) where it is installed, else nothing
+test_workers() {
+  local n=${TEST_WORKERS:-8}
+  if [ "$n" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    echo "-n $n"
+  fi
+}
+
 part_tests() {
-  JAX_PLATFORMS=cuda VITFUSE_REQUIRE_GPU=1 with_timeout "$PY" -m pytest -q -rs \
+  local workers
+  workers=$(test_workers)
+  echo "pytest workers: ${workers:-none (one process)}"
+  # shellcheck disable=SC2086  # $workers is "" or "-n N"
+  JAX_PLATFORMS=cuda VITFUSE_REQUIRE_GPU=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    with_timeout "$PY" -m pytest -q -rs $workers \
     tests/test_kernels_attention.py tests/test_kernels_flash.py tests/test_kernels_layernorm.py \
     tests/test_kernels_ops.py tests/test_fused_model.py tests/test_precision.py tests/test_presets.py
 }
 
 part_gradcheck() {
-  local rc=0
-  with_timeout "$PY" -m oracle.kernel_gradcheck || rc=1
-  with_timeout "$PY" -m oracle.kernel_gradcheck --dtype bfloat16 || rc=1
+  # float32 and bf16 side by side: the bf16 run's output follows the float32 run's
+  local rc=0 log16 pid16
+  log16=$(mktemp)
+  XLA_PYTHON_CLIENT_PREALLOCATE=false with_timeout "$PY" -m oracle.kernel_gradcheck --dtype bfloat16 \
+    > "$log16" 2>&1 &
+  pid16=$!
+  XLA_PYTHON_CLIENT_PREALLOCATE=false with_timeout "$PY" -m oracle.kernel_gradcheck || rc=1
+  wait "$pid16" || rc=1
+  cat "$log16"
+  rm -f "$log16"
   return "$rc"
 }
 

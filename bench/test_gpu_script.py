@@ -44,6 +44,58 @@ def test_split_bench_parts_are_dispatched(tmp_path):
         assert "no results file was written" in log and f"=== {part}: exit 1" in log
 
 
+FAKE_PYTHON = """#!/usr/bin/env bash
+# stands in for python3: notes each call, answers the ones gpu.sh makes in its tests and gradcheck parts
+echo "$*" >> "$FAKE_CALLS"
+case "$*" in
+  "-c import xdist") exit "${FAKE_XDIST_RC:-0}" ;;
+  "-m oracle.kernel_gradcheck --dtype bfloat16") echo "bf16 gradcheck"; exit "${FAKE_BF16_RC:-0}" ;;
+  "-m oracle.kernel_gradcheck") sleep 1; echo "fp32 gradcheck"; exit "${FAKE_FP32_RC:-0}" ;;
+  "-m pytest "*) echo "preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE platforms=$JAX_PLATFORMS"; exit 0 ;;
+esac
+exit 1
+"""
+
+
+def run_fake_python(tmp_path, *parts, **env):
+    """gpu.sh with PYTHON a fake (FAKE_PYTHON); -> (exit status, {part: log}, python calls)."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    proc = run(tmp_path, *parts, PYTHON=str(fake), FAKE_CALLS=str(calls), **env)
+    logs = {part: (tmp_path / "out" / f"{part}.log").read_text() for part in parts}
+    return proc.returncode, logs, calls.read_text().splitlines()
+
+
+def test_tests_part_spreads_over_workers_where_xdist_is_installed(tmp_path):
+    """The tests part runs pytest -n TEST_WORKERS (default 8) when `import xdist` works, one
+    process when it does not or TEST_WORKERS=1; GPU memory is allocated as needed either way."""
+    for env, workers in (({}, "-n 8"), ({"TEST_WORKERS": "3"}, "-n 3"),
+                         ({"TEST_WORKERS": "1"}, None), ({"FAKE_XDIST_RC": "1"}, None)):
+        _, logs, calls = run_fake_python(tmp_path, "tests", **env)
+        (pytest_call,) = [c for c in calls if c.startswith("-m pytest")]
+        assert ("-n" in pytest_call.split()) == (workers is not None), (env, pytest_call)
+        if workers:
+            assert workers in pytest_call, (env, pytest_call)
+        assert "tests/test_kernels_flash.py" in pytest_call and "tests/test_presets.py" in pytest_call
+        assert "preallocate=false platforms=cuda" in logs["tests"]
+        assert "=== tests: exit 0" in logs["tests"]
+        (tmp_path / "calls").unlink()
+
+
+def test_gradcheck_part_runs_float32_and_bf16_and_fails_if_either_does(tmp_path):
+    """float32 and bf16 gradchecks run side by side; the log shows the float32 output, then the
+    bf16 output (though the bf16 run ended first); either one failing fails the part."""
+    for env, rc in (({}, 0), ({"FAKE_FP32_RC": "1"}, 1), ({"FAKE_BF16_RC": "1"}, 1)):
+        _, logs, calls = run_fake_python(tmp_path, "gradcheck", **env)
+        assert sorted(calls) == ["-m oracle.kernel_gradcheck", "-m oracle.kernel_gradcheck --dtype bfloat16"]
+        log = logs["gradcheck"]
+        assert log.index("fp32 gradcheck") < log.index("bf16 gradcheck"), log
+        assert f"=== gradcheck: exit {rc}" in log, (env, log)
+        (tmp_path / "calls").unlink()
+
+
 def fake_wheel(folder: Path, dist: str, module: str, version: str) -> Path:
     """A minimal pure-Python wheel whose module records its version."""
     name = f"{dist.replace('-', '_')}-{version}"
