@@ -41,8 +41,9 @@ def pytest_configure(config):
 def pytest_report_header(config):
     from kernel_checks import KERNEL_MODE  # noqa: PLC0415  (after JAX_PLATFORMS is set)
     import jax  # noqa: PLC0415
+    from oracle.compare import CHECK_MATMUL_PRECISION  # noqa: PLC0415
     lines = [f"vitfuse: jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
-             f"fused kernels {KERNEL_MODE}"]
+             f"fused kernels {KERNEL_MODE}; XLA's float32 dots {CHECK_MATMUL_PRECISION!r} in every test"]
     if DROPPED_XLA_FLAGS:
         lines.append(f"vitfuse: ignoring the caller's XLA_FLAGS {' '.join(DROPPED_XLA_FLAGS)} "
                      "(the tests make their own devices)")
