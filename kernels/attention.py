@@ -319,22 +319,30 @@ def check_backward_inputs(cache, do):
     return b, l, d, heads
 
 
+def check_one_tile(what: str, l: int, dh: int, dtype, interpret: bool) -> None:
+    """Refuse, before any launch, a sequence the one-tile kernel cannot hold: over MAX_LEN, or
+    compiled with a K/V tile over the shared-memory budget (``compiled_fits``); both directions
+    check, since either backward takes either forward's cache."""
+    if l > MAX_LEN:
+        raise ValueError(
+            f"{what}: sequence length {l} exceeds the one-tile limit {MAX_LEN} "
+            "(kernels/attention.py holds the whole sequence in one tile; the key-blocked kernel, "
+            "kernels/flash_attention.py, takes any length, and kernels.fused_ops sends it there)"
+        )
+    if not interpret and not compiled_fits(l, dh, dtype):
+        raise ValueError(
+            f"{what}: L={l} (tile {max(16, next_power_of_2(l))}) x Dh={dh} in {np.dtype(dtype)} "
+            f"needs more GPU shared memory than the single-tile kernel may use (K/V tile over "
+            f"{MAX_KV_TILE_BYTES // 1024} KiB); use bfloat16, a smaller head dim, the key-blocked "
+            "kernel, or the reference ops"
+        )
+
+
 def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_precision: str = "ieee"):
     """qkv (B, L, 3D) -> (o (B, L, D), cache). keep_scale: optional (B, H, L, L) dropout scale."""
     dot_precision = check_dot_precision(dot_precision)
     b, l, d, dh, heads = check_forward_inputs(qkv, heads, keep_scale)
-    if l > MAX_LEN:
-        raise ValueError(
-            f"attention_forward: sequence length {l} exceeds the one-tile limit {MAX_LEN} "
-            "(kernels/attention.py holds the whole sequence in one tile; the key-blocked kernel, "
-            "kernels/flash_attention.py, takes any length, and kernels.fused_ops sends it there)"
-        )
-    if not interpret and not compiled_fits(l, dh, qkv.dtype):
-        raise ValueError(
-            f"attention_forward: L={l} (tile {max(16, next_power_of_2(l))}) x Dh={dh} in {np.dtype(qkv.dtype)} "
-            f"needs more GPU shared memory than the single-tile kernel may use (K/V tile over "
-            f"{MAX_KV_TILE_BYTES // 1024} KiB); use bfloat16, a smaller head dim, or the reference ops"
-        )
+    check_one_tile("attention_forward", l, dh, qkv.dtype, interpret)
     consts, num_warps = geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision)
     o, lse = launch(
         _attn_fwd,
@@ -359,6 +367,8 @@ def attention_backward(cache, do, *, interpret: bool, dot_precision: str = "ieee
     dot_precision = check_dot_precision(dot_precision)
     qkv, o, lse, keep_scale = cache
     b, l, d, heads = check_backward_inputs(cache, do)
+    # the cache may come from the key-blocked forward, which takes any length
+    check_one_tile("attention_backward", l, d // heads, qkv.dtype, interpret)
     do = do.astype(qkv.dtype)
     consts, num_warps = geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision, backward=True)
     (dqkv,) = launch(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention
+from kernels import attention, dispatch
 from oracle.compare import TOLERANCE, compare
 from oracle.kernel_gradcheck import as_float32, attention_inputs, run_attention
 from vit.ops import REFERENCE
@@ -122,3 +122,22 @@ def test_compiled_path_refuses_tiles_over_shared_memory():
     assert not attention.compiled_fits(197, 64, jnp.float32)
     with pytest.raises(ValueError, match="shared memory"):
         attention.attention_forward(jnp.ones((1, 197, 3 * 64)), 1, interpret=False)
+
+
+def one_head_cache(l, dh):
+    """A one-head attention cache (qkv, o, lse, keep_scale) of length l, as either forward makes it."""
+    return (jnp.ones((1, l, 3 * dh)), jnp.ones((1, l, dh)), jnp.zeros((1, 1, l)), None)
+
+
+def test_one_tile_backward_refuses_what_its_forward_refuses():
+    """Either backward takes either forward's cache, so a key-blocked forward's cache can reach
+    the one-tile backward at any length: it refuses, before launching, what the one-tile forward
+    refuses (on a GPU the launch itself would fail with a bare shared-memory error from jaxlib;
+    fp32 L=577 Dh=64 needs 598,016 bytes against sm_90's 232,448, kernels.compile_check's way)."""
+    with pytest.raises(ValueError, match=r"attention_backward: L=197 .* shared memory"):
+        attention.attention_backward(one_head_cache(197, 64), jnp.ones((1, 197, 64)), interpret=False)
+    with pytest.raises(ValueError, match="attention_backward: sequence length 1025 exceeds the one-tile limit"):
+        attention.attention_backward(one_head_cache(1025, 16), jnp.ones((1, 1025, 16)), interpret=True)
+    with pytest.raises(ValueError, match="attention_backward: .* shared memory"):
+        dispatch.attention_backward(one_head_cache(197, 64), jnp.ones((1, 197, 64)), interpret=False,
+                                    kernel="one-tile")
