@@ -177,6 +177,32 @@ def test_key_blocked_all_zero_keep_gives_zeros(kernel_ops):
         assert np.all(np.asarray(v) == 0.0), name
 
 
+# the key-blocked dK/dV programs compute inf and NaN in the rows of padded keys, which they
+# never store (see kernels/flash_attention.py); numpy, running them here, says so
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rows_of_very_negative_scores(kernel_ops, kernel):
+    """Softmax does not care how negative a row's scores all are, and neither may the kernels.
+    Here every score is about -100 (q ~ 5, k ~ -5: LSE between -98 and -92), so exp(-LSE)
+    overflows float32: a padded key (k = 0, so s = 0) that the dQ programs did not mask to -inf
+    would get P = exp(0 - LSE) = inf, and dS K = inf * 0 = NaN. L = 40 leaves padded keys in the
+    last key block. The scores' own float32 rounding (~1e-5 of 100) and dQ's cancellation (every
+    key shares the -5 component, and sum_j dS_ij = 0) cost accuracy, so 1e-4 here (observed
+    <= 5e-5); what this catches is a non-finite value."""
+    b, l, heads, dh = 1, 40, 2, 16
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(7), 4)
+    d = heads * dh
+    q = 5.0 + 0.3 * jax.random.normal(k1, (b, l, d))
+    k = -5.0 + 0.3 * jax.random.normal(k2, (b, l, d))
+    v = jax.random.normal(k3, (b, l, d))
+    inp = {"qkv": jnp.concatenate([q, k, v], axis=-1), "heads": heads, "keep_scale": None,
+           "do": jax.random.normal(k4, (b, l, d))}
+    _, (_, _, lse, _) = kernel_ops[kernel].attention_forward(inp["qkv"], heads)
+    assert float(jnp.max(lse)) < -88.8  # exp(-LSE) > float32's largest
+    assert_all_close(compare(run_attention(kernel_ops[kernel], inp), run_attention(REFERENCE, inp), 1e-4), 1e-4)
+
+
 def test_caches_are_interchangeable(kernel_ops):
     """Both forwards leave the same cache (qkv, o, lse, keep), so either backward takes either
     forward's cache: one-tile forward + key-blocked backward and the reverse match the reference."""
@@ -207,6 +233,28 @@ def test_blocks_are_validated():
     with pytest.raises(ValueError, match="num_warps"):
         Blocks(16, 16, 3, 2)
     assert Blocks(128, 64, 8, 2).fit(17) == Blocks(32, 32, 8, 2)
+
+
+def test_default_blocks_are_the_table_row_of_their_dot_kind_and_direction():
+    """default_blocks: the forward entry of _DEFAULT_BLOCKS for the forward, the backward one for
+    the backward, under the right dot kind (float32 ieee, float32 tf32/tf32x3, half), fitted to
+    L down to the smallest tl.dot tile. A wrong row still computes the right numbers, so only
+    this shows it (larger tiles than the compile figures allow spill registers on a GPU)."""
+    f32, bf16, f16 = jnp.float32, jnp.bfloat16, jnp.float16
+    assert [flash_attention.dot_kind(dt, p) for dt, p in (
+        (f32, "ieee"), (f32, "tf32"), (f32, "tf32x3"), (bf16, "ieee"), (f16, "ieee"))] == [
+        "ieee", "tf32", "tf32", "half", "half"]
+    for (kind, dh), both in flash_attention._DEFAULT_BLOCKS.items():
+        dtype, precision = {"ieee": (f32, "ieee"), "tf32": (f32, "tf32"), "half": (bf16, "ieee")}[kind]
+        for backward in (False, True):
+            got = flash_attention.default_blocks(10**4, dh, dtype, precision, backward)
+            assert got == both[backward], (kind, dh, backward)
+    # the table's directions differ, so a mix-up shows above
+    assert flash_attention._DEFAULT_BLOCKS[("ieee", 32)][0] != flash_attention._DEFAULT_BLOCKS[("ieee", 32)][1]
+    # fitted: no block larger than the sequence needs, none under 16
+    assert flash_attention.default_blocks(5, 64, f32, "ieee") == Blocks(16, 16, 8, 2)
+    assert Blocks(128, 64, 8, 2).fit(1) == Blocks(16, 16, 8, 2)
+    assert Blocks(128, 64, 8, 2).fit(100) == Blocks(128, 64, 8, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +313,26 @@ def test_dispatch_table_overrides_the_rule(tmp_path):
     with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
         dispatch.load_table(path)
     assert dispatch.load_table(tmp_path / "absent.json") == []
+
+
+def test_dispatch_table_edges():
+    """A row serves L up to and including its max_len; a forced key-blocked plan takes the
+    nearest key-blocked row even where a one-tile row fits closer; a row's blocks are fitted to
+    L as the rule's are (a 128-row tile for L = 20 would be 84% padding)."""
+    device = jax.devices()[0].device_kind
+    bf16 = jnp.bfloat16
+    blocked = dict(device=device, dtype="bfloat16", dh=64, direction="fwd", max_len=197,
+                   kernel="key-blocked", block_m=128, block_n=64, num_warps=8, num_stages=2)
+    one_tile = dict(blocked, max_len=100, kernel="one-tile")
+    rows = [blocked, one_tile]
+    at_max = dispatch.plan(197, 64, bf16, "ieee", "fwd", False, rows=rows)
+    assert at_max == dispatch.Plan("key-blocked", Blocks(128, 64, 8, 2), f"table {device}")
+    assert dispatch.plan(198, 64, bf16, "ieee", "fwd", False, rows=rows).source == "rule"
+    assert dispatch.plan(100, 64, bf16, "ieee", "fwd", False, rows=rows).kernel == "one-tile"
+    forced = dispatch.plan(65, 64, bf16, "ieee", "fwd", False, "key-blocked", rows)
+    assert forced == dispatch.Plan("key-blocked", Blocks(128, 64, 8, 2), f"table {device}")
+    short = dispatch.plan(20, 64, bf16, "ieee", "fwd", False, "key-blocked", rows)
+    assert short.blocks == Blocks(32, 32, 8, 2) and short.source == f"table {device}"
 
 
 def test_shipped_table_is_valid():
