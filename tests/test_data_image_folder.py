@@ -79,6 +79,16 @@ def test_labels_are_the_sorted_class_folders_with_nested_images(root):
         assert np.argmax(train.images[i].mean(axis=(0, 1))) == dominant
 
 
+def test_hidden_folders_beside_the_classes_are_not_classes(root):
+    """.ipynb_checkpoints/ (or any name starting with ".") next to the class folders, even with
+    images in it, is neither a class nor a source of images, in train/ and in val/."""
+    for split in ("train", "val"):
+        shutil.copytree(root / split / CLASSES[0], root / split / ".ipynb_checkpoints")
+    train, val = load(root, "train"), load(root, "val")
+    assert train.class_names == val.class_names == CLASSES
+    assert (len(train), len(val)) == (3 * TRAIN, 3 * VAL)
+
+
 def test_val_labels_index_the_train_classes(root):
     # A val set missing a class keeps the train indices (no relabelling by its own folder list).
     shutil.rmtree(root / "val" / CLASSES[0])
@@ -127,6 +137,18 @@ def test_modes_become_rgb_alpha_over_white(tmp_path):
     assert a[12, 12].tolist() == [0, 0, 255]
     one = load_image(tmp_path / "alpha.png", 24, channels=1)
     assert one.shape == (24, 24, 1) and one[0, 0, 0] == 255
+
+
+def test_palette_transparency_becomes_white(tmp_path):
+    """A palette PNG (or GIF) marks its transparent colour in img.info["transparency"], not in an
+    alpha mode: those pixels are composited over white too, not shown as the hidden colour."""
+    index = np.zeros((24, 24), np.uint8)
+    index[8:16, 8:16] = 1
+    img = Image.fromarray(index, "P")
+    img.putpalette([0, 0, 255, 255, 0, 0] + [0] * (3 * 254))  # 0: blue (transparent), 1: red
+    img.save(tmp_path / "palette.png", transparency=0)
+    out = load_image(tmp_path / "palette.png", 24)
+    assert out[0, 0].tolist() == [255, 255, 255] and out[12, 12].tolist() == [255, 0, 0]
 
 
 def test_exif_orientation_is_applied(tmp_path):
