@@ -61,6 +61,38 @@ def test_header_states_the_computed_parameters_and_flops(name):
         assert float(match.group(2)) == pytest.approx(flops.forward_flops(fitted)["total"] / 1e9, abs=0.005)
 
 
+def header_text(name):
+    """The comment lines above a preset's first section, as one line."""
+    text = (runconfig.CONFIG_DIR / name).read_text()
+    return " ".join(line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#"))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_header_states_the_layout_and_recipe_the_file_sets(name):
+    """The model layout a preset's header names (pre/post-norm, erf/tanh GELU, LayerNorm eps)
+    and, for the ViT-*/16 presets, the DeiT recipe it quotes (epochs, global batch, lr, weight
+    decay, warmup + cosine, label smoothing, mixup / cutmix, drop-path, bf16 compute) are the
+    values the file sets: neither changes a parameter count or a FLOP figure, so nothing else
+    would notice one drifting from the papers'."""
+    cfg, header = load(name), header_text(name)
+    norm, gelu, eps = re.search(r"(pre|post)-norm, (erf|tanh) GELU(?:, LayerNorm eps ([\d.e-]+))?",
+                                header).groups()
+    assert (cfg.model.norm, cfg.model.gelu) == (norm, gelu)
+    if eps is not None:
+        assert cfg.model.ln_eps == float(eps)
+    if PRESETS[name][0] != 224:
+        return
+    t, hp = cfg.train, cfg.train.hparams
+    epochs, batch, lr = re.search(r"\((\d+) epochs, global batch (\d+), AdamW lr ([\d.e-]+)", header).groups()
+    assert (t.epochs, t.batch_size, hp.lr) == (int(epochs), int(batch), float(lr))
+    wd, warmup, smoothing, mixup, cutmix, drop_path = map(float, re.search(
+        r"weight decay ([\d.]+), (\d+) warmup epochs \+ cosine, label smoothing ([\d.]+), "
+        r"mixup ([\d.]+) / cutmix ([\d.]+), drop-path ([\d.]+)", header).groups())
+    assert (hp.weight_decay, t.warmup_epochs, hp.schedule, hp.label_smoothing) == (wd, warmup, "cosine", smoothing)
+    assert (hp.mixup_alpha, hp.cutmix_alpha, cfg.model.drop_path) == (mixup, cutmix, drop_path)
+    assert "bf16 compute" in header and t.compute_dtype == "bf16"
+
+
 def test_flops_match_the_published_figures():
     """Forward multiply-adds, the figure the ViT/DeiT papers call FLOPs: Ti 1.3 G, S 4.6 G,
     B 17.6 G; parameters 5.7 M, 22.1 M, 86.6 M."""
