@@ -57,3 +57,37 @@ def test_the_old_precision_flag_still_works_with_a_note(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--precision", "bf16", "--compute-dtype", "fp32"])
     assert "disagree" in capsys.readouterr().err
+
+
+def test_errors_blame_the_flag_that_set_the_value_else_the_file():
+    """A bad value set by a flag names that flag; one from the file names the file."""
+    import train
+    from vit import runconfig
+
+    args = train.parse_args(["--dataset", "digits", "--lr", "-1", "--set", "model.heads=7"])
+    with pytest.raises(runconfig.ConfigError, match=r"^--set model\.heads=7: ViTConfig\.d_model=64"):
+        train.resolve_config(args)
+    args = train.parse_args(["--dataset", "digits", "--lr", "-1"])
+    with pytest.raises(runconfig.ConfigError, match=r"^--lr -1\.0: train\.lr must be positive"):
+        train.resolve_config(args)
+    with pytest.raises(runconfig.ConfigError, match=r"^old\.toml: train\.lr must be positive"):
+        runconfig.from_dict({"train": {"lr": -1}}, "old.toml")
+
+
+def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
+    from vit import runconfig
+
+    cfg = runconfig.from_dict({"train": {"epochs": 3, "warmup_epochs": 0.5}})
+    hp = cfg.hparams(steps_per_epoch=10)
+    assert (hp.total_steps, hp.warmup_steps) == (30, 5)
+    assert cfg.hparams(steps_per_epoch=3).warmup_steps == 2  # 1.5 rounds to 2
+    assert cfg.hparams(steps_per_epoch=0).total_steps == 1  # never a zero-length schedule
+
+
+@pytest.mark.parametrize("key, value", [("epochs", 0), ("epochs", 2.5), ("batch_size", 0),
+                                        ("compute_dtype", "fp16")])
+def test_bad_train_values_are_errors(key, value):
+    from vit import runconfig
+
+    with pytest.raises(runconfig.ConfigError, match=rf"^run\.toml: train\.{key} must be"):
+        runconfig.from_dict({"train": {key: value}}, "run.toml")
