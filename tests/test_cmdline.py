@@ -34,6 +34,7 @@ def clean_env(monkeypatch):
     (dict(coordinator="10.0.0.1", num_processes=2, process_id=0), {}, "--coordinator must be host:port"),
     (dict(num_processes=0), {}, "--num-processes must be a positive integer"),
     ({}, {"JAX_PROCESS_ID": "one"}, "--process-id: environment variable JAX_PROCESS_ID='one'"),
+    ({}, {"JAX_NUM_PROCESSES": "two"}, "--num-processes: environment variable JAX_NUM_PROCESSES='two'"),
     (dict(num_processes=1, process_id=1), {}, "--process-id 1 given for a single-process run"),
 ])
 def test_distributed_errors_name_the_flags(clean_env, kwargs, env, message):
@@ -59,6 +60,13 @@ def test_distributed_settings_from_the_environment(clean_env):
     clean_env.setenv("JAX_COORDINATOR_ADDRESS", COORDINATOR)
     clean_env.setenv("JAX_NUM_PROCESSES", "3")
     assert cmdline.distributed_settings(process_id=2) == (COORDINATOR, 3, 2)
+
+
+def test_an_ipv6_coordinator_is_host_and_port(clean_env):
+    """[::1]:1234: the port is what follows the last colon."""
+    assert cmdline.distributed_settings("[::1]:1234", 2, 1) == ("[::1]:1234", 2, 1)
+    with pytest.raises(cmdline.UsageError, match="--coordinator must be host:port"):
+        cmdline.distributed_settings("[::1]", 2, 1)
 
 
 @pytest.mark.parametrize("args, message", [
