@@ -293,6 +293,47 @@ def test_gradcheck_command_runs_and_exits_zero(capsys):
         assert f" {tensor} " in out
 
 
+def test_gradcheck_command_fails_when_a_kernel_is_wrong(monkeypatch, capsys):
+    """A fused forward 1e-3 off (its cache, and so every gradient, still right): the one bad
+    tensor among the case's four fails the run, exit status 1, however the rows after it fare."""
+    from oracle import kernel_gradcheck as gradcheck
+
+    real = gradcheck.fused_ops
+
+    def off_by_1e3(**kwargs):
+        ops = real(**kwargs)
+
+        def forward(qkv, heads, keep_scale=None):
+            o, cache = ops.attention_forward(qkv, heads, keep_scale)
+            return o * 1.001, cache
+        return ops._replace(attention_forward=forward)
+
+    monkeypatch.setattr(gradcheck, "fused_ops", off_by_1e3)
+    assert gradcheck.main(["--interpret", "--seed", "0", "--kernel", "key-blocked",
+                           "--shapes", "attn:1x5x1x16"]) == 1
+    out = capsys.readouterr().out
+    assert "1 tensor(s) over tolerance or non-finite" in out
+    assert [line.split()[-1] for line in out.splitlines() if " dq " in line or " o " in line] == ["FAIL", "ok"]
+
+
+def test_gradcheck_runs_the_kernel_it_names(monkeypatch):
+    """--kernel key-blocked / one-tile check that kernel, not the dispatcher's choice (the
+    one-tile kernel at L=5, Dh=16)."""
+    from kernels import attention, flash_attention
+    from oracle import kernel_gradcheck as gradcheck
+
+    ran = []
+    for module, name in ((attention, "one-tile"), (flash_attention, "key-blocked")):
+        real = module.attention_forward
+        monkeypatch.setattr(module, "attention_forward",
+                            lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
+    for kernel in ("key-blocked", "one-tile"):
+        ran.clear()
+        assert gradcheck.main(["--interpret", "--seed", "0", "--kernel", kernel,
+                               "--shapes", "attn:1x5x1x16"]) == 0
+        assert set(ran) == {kernel}, (kernel, ran)
+
+
 def test_checks_compute_xla_float32_dots_exactly(monkeypatch):
     """On a GPU, JAX's default float32 dots are TF32 (~1e-3 relative error): a reference computed
     so would fail the 1e-5 checks of correct ieee kernels. The tests (tests/conftest.py) and
