@@ -1,9 +1,13 @@
-"""bench.hlo.count_kernels / executable_profile: the kernels and XLA bytes beside each time."""
+"""bench.hlo.count_kernels / executable_profile: the kernels and XLA bytes beside each time; and
+bench.harness.run_kernel_case's check-then-time: a wrong contender is recorded as failing and
+never timed."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 
-from bench import hlo
+from bench import harness, hlo
+from bench.timer import Timing
 
 GPU_LIKE_HLO = """\
 HloModule jit_f, is_scheduled=true
@@ -50,3 +54,29 @@ def test_executable_profile_of_a_compiled_function():
     p1, p2 = hlo.executable_profile(one), hlo.executable_profile(two)
     assert p1["kernels"] >= 1 and p2["kernels"] >= p1["kernels"]
     assert p1["hlo_mbytes"] is None or p1["hlo_mbytes"] >= 2 * 64 * 64 * 4 / 1e6 * 0.99
+
+
+def test_a_wrong_contender_is_reported_failing_and_never_timed(monkeypatch):
+    """With timing on: a contender 1% off the reference raises, leaves a "check FAILED" row and
+    never reaches the timer; a right one is timed (the timer replaced by a stub: no clock here)."""
+    timed = []
+    monkeypatch.setattr(harness, "time_calls", lambda run, settings: timed.append(run) or Timing(1.0, 0.9, 1.1, 5, 1))
+    monkeypatch.setattr(harness, "measure_peaks", lambda backend: {"copy_mib": 1, "copy_gb_s": 1.0})
+    bench = harness.BenchSession(timing=True, seed=20240611)
+
+    def make_inputs(shape, dtype, key):
+        return (jax.random.normal(key, (4, 8), jnp.float32).astype(dtype),)
+
+    def build(contender, shape):
+        return (lambda x: x * 2.02) if contender == "wrong" else (lambda x: x * 2.0)
+
+    def case(contender):
+        return harness.KernelCase("check-then-time test", "layernorm", "fwd", "quick", contender, "fp32")
+
+    run = dict(make_inputs=make_inputs, build=build, work=lambda shape: {"gbytes": 1e-6})
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        harness.run_kernel_case(bench, case("wrong"), **run)
+    assert timed == [] and [(r["contender"], r["status"]) for r in bench.rows] == [("wrong", "check FAILED")]
+    assert bench.rows[0]["median_ms"] is None
+    harness.run_kernel_case(bench, case("right"), **run)
+    assert len(timed) == 1 and (bench.rows[-1]["contender"], bench.rows[-1]["status"]) == ("right", "timed")
