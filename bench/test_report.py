@@ -1,5 +1,10 @@
 """The verdicts on the benchmark targets (bench/report.py evaluate_targets): which way a ratio of
-medians goes, where the line falls, and what happens without a row to compare."""
+medians goes, where the line falls, and what happens without a row to compare; and the speedup
+plot bench/plot.py draws from a results file."""
+
+import json
+
+import pytest
 
 from bench import report
 from bench.harness import shape_label
@@ -45,3 +50,68 @@ def test_a_target_without_its_rows_is_not_evaluated():
     untimed = dict(row("reference", "fp32", None), status="failed", why="wrong result")
     got = verdicts([row("fused", "fp32", 1.0), untimed])
     assert got[FP32_2X] == ("-", "not evaluated: reference (fp32) failed: wrong result")
+
+
+def test_faster_than_targets_are_strict():
+    """"faster than" needs a ratio above 1 (a tie is missed); ">= 1.5x" is met at exactly 1.5x."""
+    ln = dict(group="add+layernorm fwd+bwd", kind="layernorm")
+    step = dict(group="train step", kind="step")
+    tie = verdicts([row("fused", "fp32", 2.0, **ln), row("autodiff", "fp32", 2.0, **ln),
+                    row("reference", "fp32", 3.0, **ln),
+                    row("fused", "fp32", 2.0, **step), row("reference", "fp32", 2.0, **step),
+                    row("autodiff", "fp32", 2.0, **step)])
+    for target in ("fused add+LN fwd+bwd faster than autodiff (fp32)",
+                   "train step --fused faster than the reference step (fp32)",
+                   "train step --fused faster than the autodiff step (fp32)"):
+        assert tie[target][1].startswith("missed"), (target, tie[target])
+    assert tie["fused add+LN fwd+bwd >= 1.5x faster than reference (fp32)"][1] == "met"
+
+
+def test_key_blocked_targets_at_the_vit_shapes():
+    """Within 1.25x of cuDNN means fused-key-blocked / cuDNN <= 1.25, at each ViT size's own
+    shape (rows of the product shape do not count for it)."""
+    within = "key-blocked attention fwd+bwd within 1.25x of cuDNN at L=197 Dh=64, {} (bf16)"
+    twice = "key-blocked attention fwd+bwd >= 2x faster than reference at L=197 Dh=64, {} (bf16)"
+    rows = [row("fused-key-blocked", "bf16", 1.2, shape="vit-s"), row("dpa-cudnn", "bf16", 1.0, shape="vit-s"),
+            row("reference", "bf16", 2.5, shape="vit-s"),
+            row("fused-key-blocked", "bf16", 1.3, shape="vit-b"), row("dpa-cudnn", "bf16", 1.0, shape="vit-b"),
+            row("reference", "bf16", 2.5, shape="vit-b")]
+    got = verdicts(rows)
+    assert got[within.format("ViT-S/16")][1] == "met"
+    assert got[within.format("ViT-B/16")][1].startswith("missed")
+    assert got[twice.format("ViT-S/16")][1] == "met" and got[twice.format("ViT-B/16")][1].startswith("missed")
+    product = verdicts([dict(r, shape=shape_label("attention", "product")) for r in rows])
+    for size in ("ViT-S/16", "ViT-B/16"):
+        for target in (within, twice):
+            assert product[target.format(size)][1].startswith("not evaluated"), product[target.format(size)]
+
+
+def test_the_dispatcher_target_is_met_outright_only_when_both_directions_run_one_tile():
+    target = "at L=65 the dispatcher's choice no slower than the one-tile kernel, fwd+bwd (fp32)"
+    one_tile = verdicts([row("fused", "fp32", 1.0, note="dispatcher: fwd one-tile (rule), bwd one-tile (rule)")])
+    assert one_tile[target][1].startswith("met: the dispatcher runs the one-tile kernel itself")
+    mixed = "dispatcher: fwd key-blocked (table), bwd one-tile (rule)"
+    slower = verdicts([row("fused", "fp32", 1.2, note=mixed), row("fused-one-tile", "fp32", 1.0)])
+    assert slower[target][1].startswith("missed"), slower[target]
+    untimed = verdicts([row("fused", "fp32", 1.0, note=mixed)])
+    assert untimed[target][1] == "not evaluated: no fused-one-tile (fp32) row in this run"
+
+
+def test_plot_draws_each_timed_rows_speedup(tmp_path, capsys):
+    """bench/plot.py on a results file: one bar per timed row with a speedup, its height that
+    speedup; untimed rows are listed, not drawn."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+
+    from bench import plot
+
+    rows = [dict(row("reference", "fp32", 2.0), speedup_vs_reference=1.0),
+            dict(row("fused", "fp32", 0.5), speedup_vs_reference=4.0),
+            dict(row("fused", "bf16", None), status="checked, not timed", speedup_vs_reference=None)]
+    path = tmp_path / "cpu-2026-01-01.json"
+    path.write_text(json.dumps({"meta": {"date": "2026-01-01", "info": {"device": "cpu"}}, "rows": rows}))
+    plt.close("all")
+    assert plot.main([str(path), "-o", str(tmp_path / "speedup.png")]) == 0
+    assert "speedup.png: 2 bars" in capsys.readouterr().out and (tmp_path / "speedup.png").is_file()
+    (ax,) = plt.gcf().axes
+    assert sorted(bar.get_height() for bar in ax.patches) == [1.0, 4.0]
+    plt.close("all")
