@@ -49,8 +49,10 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_CALLS"
 case "$*" in
   "-c import xdist") exit "${FAKE_XDIST_RC:-0}" ;;
-  "-m oracle.kernel_gradcheck --dtype bfloat16") echo "bf16 gradcheck"; exit "${FAKE_BF16_RC:-0}" ;;
-  "-m oracle.kernel_gradcheck") sleep 1; echo "fp32 gradcheck"; exit "${FAKE_FP32_RC:-0}" ;;
+  "-m oracle.kernel_gradcheck --dtype bfloat16") echo "bf16 gradcheck preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE"
+    exit "${FAKE_BF16_RC:-0}" ;;
+  "-m oracle.kernel_gradcheck") sleep 1; echo "fp32 gradcheck preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE"
+    exit "${FAKE_FP32_RC:-0}" ;;
   "-m pytest "*) echo "preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE platforms=$JAX_PLATFORMS"; exit 0 ;;
 esac
 exit 1
@@ -92,6 +94,8 @@ def test_gradcheck_part_runs_float32_and_bf16_and_fails_if_either_does(tmp_path)
         assert sorted(calls) == ["-m oracle.kernel_gradcheck", "-m oracle.kernel_gradcheck --dtype bfloat16"]
         log = logs["gradcheck"]
         assert log.index("fp32 gradcheck") < log.index("bf16 gradcheck"), log
+        # two processes on one GPU: each allocates as it needs, neither takes JAX's default 75%
+        assert "fp32 gradcheck preallocate=false" in log and "bf16 gradcheck preallocate=false" in log, log
         assert f"=== gradcheck: exit {rc}" in log, (env, log)
         (tmp_path / "calls").unlink()
 
