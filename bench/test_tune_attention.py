@@ -63,3 +63,7 @@ def test_table_rows_pick_the_fastest_and_round_trip(tmp_path):
     assert len(loaded) == 2 and {r["max_len"] for r in loaded} == {197}
     tune_attention.write_table(path, table[:1])  # same key: replaced, not duplicated
     assert len(dispatch.load_table(path)) == 2
+    # another GPU's rows for the same dtype, head dim, direction and length sit beside them
+    tune_attention.write_table(path, [dict(r, device="NVIDIA A100-SXM4-80GB") for r in table])
+    loaded = dispatch.load_table(path)
+    assert sorted(r["device"] for r in loaded) == ["NVIDIA A100-SXM4-80GB"] * 2 + ["NVIDIA H200"] * 2
