@@ -2,6 +2,7 @@ import atexit
 import os
 import re
 import shutil
+import signal
 import tempfile
 
 import pytest
@@ -26,6 +27,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# A shell starts a background job (`pytest ... &`, a CI step run that way) with SIGINT ignored,
+# and every process started from it inherits that. The suite stops on SIGINT however it was
+# started, and its subprocesses (train.py, an inner pytest) get SIGINT as from a terminal: Python's
+# own handler replaces an inherited "ignore", and a child starts with the default again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config):
