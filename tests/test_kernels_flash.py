@@ -40,12 +40,8 @@ def kernel_ops():
     return {k: poisoned_fused_ops(k) for k in KERNELS + ["auto"]}
 
 
-def one_tile_runs(l, dh, dtype):
-    return l <= attention.MAX_LEN and (INTERPRET or attention.compiled_fits(l, dh, dtype))
-
-
 def skip_unless_runs(kernel, l, dh, dtype):
-    if kernel == "one-tile" and not one_tile_runs(l, dh, dtype):
+    if kernel == "one-tile" and not dispatch.one_tile_runs(l, dh, dtype, INTERPRET):
         pytest.skip(f"the one-tile kernel does not run L={l} Dh={dh} {jnp.dtype(dtype).name} here "
                     "(MAX_LEN or, compiled, shared memory): the dispatcher sends it to key-blocked")
 
