@@ -8,7 +8,9 @@ contender is checked against the reference at a reduced size and nothing is time
 --benchmark every contender is checked at the timed shape, then timed, and at the end of the
 session bench/results/<device>-<date>.json and .md are written and the tables printed. Where
 there is no GPU, the fused kernels run in Triton's interpreter: they are checked (at the reduced
-size) but not timed, and their timing rows are skipped with that reason.
+size) but not timed, and their timing rows are skipped with that reason. The files are also
+rewritten after every test that added rows, marked partial until the session ends, so a run cut
+short (a timeout, a crash) keeps every row it measured.
 
 ``--benchmark`` is our own flag, not pytest-benchmark's (whose options all start with
 ``--benchmark-``; pytest matches option names exactly, so the two live side by side). The tests
@@ -18,6 +20,7 @@ do not use pytest-benchmark's fixture: see harness.py for the timer.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +37,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-merge", action="store_true", dest="vitfuse_bench_merge",
                     help="bench/: keep the rows of an earlier results file of the same device and "
                          "day that this run does not produce (to fill one file in several runs)")
+    group.addoption("--bench-results", default=str(report.RESULTS_DIR), dest="vitfuse_bench_results",
+                    help="bench/: the folder the results files go to (default: bench/results)")
     group.addoption("--bench-seed", type=int, default=None, dest="vitfuse_bench_seed",
                     help="bench/: seed of the random inputs (default: fresh each session, recorded)")
 
@@ -49,9 +54,21 @@ def _session(config) -> harness.BenchSession:
     return config.stash[SESSION]
 
 
+def _results_dir(config) -> Path:
+    return Path(config.getoption("vitfuse_bench_results"))
+
+
 @pytest.fixture(scope="session")
 def bench(request) -> harness.BenchSession:
     return _session(request.config)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """After each test that added rows, the results files are rewritten (marked partial): a run
+    cut short (gpu.sh's PART_TIMEOUT, a machine's time limit, a crash) keeps what it measured."""
+    session = item.config.stash.get(SESSION, None)
+    if session is not None and session.timing and len(session.rows) > session.rows_written:
+        report.write_results(session, _results_dir(item.config), finished=False)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -60,7 +77,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = config.stash[SESSION]
     if not session.timing or not session.rows:
         return
-    json_path, md_path, table = report.write_results(session)
+    # a run stopped by Ctrl-C keeps its files marked partial; failed checks still end a run
+    finished = exitstatus != pytest.ExitCode.INTERRUPTED
+    json_path, md_path, table = report.write_results(session, _results_dir(config), finished=finished)
     terminalreporter.section("vitfuse benchmark results")
     for line in table.splitlines():
         terminalreporter.write_line(line)

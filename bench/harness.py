@@ -137,6 +137,10 @@ class BenchSession:
     peaks: dict | None = None
     started: str = field(default_factory=lambda: _dt.datetime.now().astimezone().isoformat(timespec="seconds"))
     merge: bool = False  # --bench-merge: keep rows of an earlier run (same device, same day)
+    # the results file of the earlier run, as it was before this run's first write replaced it
+    # (report.write_results; {} when there was none): read once, since this run rewrites the file
+    earlier: dict | None = None
+    rows_written: int = 0  # how many of self.rows the results files on disk hold
 
     @property
     def backend(self) -> str:

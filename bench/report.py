@@ -150,6 +150,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"`python -m pytest bench/ --benchmark` at {meta['started']}; python {info['python']}, "
            f"jax {info['jax']} (jaxlib {info['jaxlib']}), triton {info['triton']}, "
            f"jax-triton {info['jax_triton']}; input seed {meta['seed']}.", ""]
+    if meta.get("partial"):
+        out += [f"**{meta['partial']}**", ""]
     if meta.get("machine_note"):
         out += [f"**{meta['machine_note']}**", ""]
     out += ["## Targets (GPU, product shape)", "", "| target | measured | verdict |", "| --- | --- | --- |"]
@@ -208,14 +210,21 @@ def merge_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
     return [r for r in earlier if _row_key(r) not in mine] + rows
 
 
-def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path, str]:
+def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
+                  finished: bool = True) -> tuple[Path, Path, str]:
+    """Write bench/results/<device>-<date>.json and .md from the session's rows so far. The bench
+    calls it after every test that added rows (finished=False: the files say the run had not
+    ended, so a run cut short by a timeout or a crash leaves every row it measured), and once at
+    the end."""
     date = session.started[:10]
     info = session.info
     stem = f"{info['device_slug']}-{date}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     rows, runs, peaks = session.rows, [session.started], session.peaks
-    if session.merge and json_path.exists():
-        earlier = json.loads(json_path.read_text())
+    if session.merge and session.earlier is None:  # before this run's first write replaces it
+        session.earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
+    if session.merge and session.earlier:
+        earlier = session.earlier
         rows = merge_rows(rows, earlier["rows"])
         runs = earlier["meta"].get("runs", [earlier["meta"]["started"]]) + runs
         peaks = peaks or earlier["meta"].get("peaks")
@@ -229,20 +238,36 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR) -> tuple[P
         machine_note += (" " if machine_note else "") + (
             f"Rows merged from {len(runs)} runs (--bench-merge), started {', '.join(runs)}; each "
             "row's own timestamp is in the JSON.")
+    partial = None
+    if not finished:
+        last = session.rows[-1] if session.rows else {}
+        partial = (f"Partial results: written after this run's row {len(session.rows)} "
+                   f"({last.get('group')}, {last.get('shape')}, {last.get('contender')}, "
+                   f"{last.get('dtype')}) while the run went on; if this note is still here, "
+                   "the run never finished (timeout, crash or interrupt), and rows past that "
+                   "one are missing.")
     meta = {"date": date, "started": session.started, "runs": runs, "seed": session.seed, "info": info,
+            "finished": finished, "partial": partial,
             "peaks": peaks, "machine_note": machine_note, "targets": evaluate_targets(rows),
             "method": METHOD, "formulas": FORMULAS,
             "command": "python -m pytest bench/ --benchmark", "argv": sys.argv}
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    text = markdown(rows, meta)
-    md_path.write_text(text)
+    _replace(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    _replace(md_path, markdown(rows, meta))
+    session.rows_written = len(session.rows)
     summary = "\n".join([f"targets ({'GPU, product shape'}):"]
                         + [f"  {t}: {v}" + (f" [{m}]" if m != "-" else "") for t, m, v in meta["targets"]]
                         + ["", markdown_tables(rows)])
     return json_path, md_path, summary
 
 
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write path whole or not at all (a kill mid-write leaves the previous version)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 FORMULAS = {

@@ -1,7 +1,13 @@
-"""--bench-merge: one results file filled by several runs (bench/gpu.sh can split the benchmark
-over two commands on a machine that allows 10 minutes per command)."""
+"""The results files: --bench-merge fills one file from several runs (bench/gpu.sh can split
+the benchmark over two commands on a machine that allows 10 minutes per command), and a run
+rewrites its files after every test that added rows, so one cut short keeps what it measured."""
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 from bench import harness, report
 
@@ -31,3 +37,79 @@ def test_without_merge_a_run_replaces_the_file(tmp_path):
     report.write_results(session(1, False, [("reference", 2.0)]), tmp_path)
     json_path, _, _ = report.write_results(session(2, False, [("fused", 1.0)]), tmp_path)
     assert [r["contender"] for r in json.loads(json_path.read_text())["rows"]] == ["fused"]
+
+
+def test_partial_writes_of_a_merging_run_read_the_earlier_file_once(tmp_path):
+    """A merging run rewrites the file after each test: the earlier run's rows and start stay
+    those of the file as it was before this run's first write (not this run's own partial file),
+    and the files say 'partial' until the last write."""
+    report.write_results(session(1, False, [("reference", 2.0), ("autodiff", 3.0)]), tmp_path)
+    earlier_start = json.loads(next(tmp_path.glob("*.json")).read_text())["meta"]["started"]
+    run = session(2, True, [("fused", 1.0)])
+    json_path, md_path, _ = report.write_results(run, tmp_path, finished=False)
+    run.record(group="add+layernorm fwd+bwd", shape="B=64", contender="autodiff", mode="fwd+bwd",
+               dtype="fp32", status="timed", median_ms=4.0, p20_ms=4.0, p80_ms=4.0, gb_s=1.0)
+    report.write_results(run, tmp_path, finished=False)
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["runs"] == [earlier_start, run.started], data["meta"]["runs"]
+    assert {r["contender"]: r["seed"] for r in data["rows"]} == {"reference": 1, "fused": 2, "autodiff": 2}
+    assert data["meta"]["finished"] is False and "row 2 (add+layernorm fwd+bwd, B=64, autodiff, fp32)" \
+        in data["meta"]["partial"]
+    assert "Partial results" in md_path.read_text()
+    report.write_results(run, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["finished"] is True and data["meta"]["partial"] is None
+    assert data["meta"]["runs"] == [earlier_start, run.started]
+    assert "Partial results" not in md_path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([json_path.name, md_path.name])
+
+
+ROW = ('bench.record(group="add+layernorm fwd+bwd", shape="B=64", contender="{0}", mode="fwd+bwd", '
+       'dtype="fp32", status="timed", median_ms=1.0, p20_ms=1.0, p80_ms=1.0, gb_s=1.0)')
+
+
+def run_bench_session(tmp_path, last_test: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """pytest --benchmark with bench/conftest.py as a plugin on two tests that each add a row and
+    a third, last_test; -> (the process, the results file it left)."""
+    tests = tmp_path / "test_rows.py"
+    tests.write_text(textwrap.dedent(f"""\
+        import os, signal
+        def test_reference(bench):
+            {ROW.format("reference")}
+        def test_fused(bench):
+            {ROW.format("fused")}
+        def test_last(bench):
+            {last_test}
+        """))
+    results = tmp_path / "results"
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not the repository's settings
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "bench.conftest", "-p", "no:cacheprovider",
+                           "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), "--benchmark",
+                           "--bench-results", str(results), str(tests)],
+                          cwd=root, capture_output=True, text=True)
+    (json_path,) = results.glob("*.json")
+    return proc, json.loads(json_path.read_text())
+
+
+def test_a_killed_run_leaves_the_rows_it_measured(tmp_path):
+    proc, data = run_bench_session(tmp_path, "os.kill(os.getpid(), signal.SIGKILL)")
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert [r["contender"] for r in data["rows"]] == ["reference", "fused"]
+    assert data["meta"]["finished"] is False and "row 2" in data["meta"]["partial"]
+    fused = data["rows"][1]
+    assert fused["speedup_vs_reference"] == 1.0  # rows written so far are finalized like the last write
+
+
+def test_a_run_that_ends_is_not_marked_partial(tmp_path):
+    proc, data = run_bench_session(tmp_path, "assert False, 'a failed check still ends the run'")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert [r["contender"] for r in data["rows"]] == ["reference", "fused"]
+    assert data["meta"]["finished"] is True and data["meta"]["partial"] is None
+
+
+def test_an_interrupted_run_stays_partial(tmp_path):
+    proc, data = run_bench_session(tmp_path, "raise KeyboardInterrupt")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert [r["contender"] for r in data["rows"]] == ["reference", "fused"]
+    assert data["meta"]["finished"] is False and "row 2" in data["meta"]["partial"]
