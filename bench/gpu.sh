@@ -5,8 +5,13 @@
 #   bash bench/gpu.sh gradcheck bench  # only some parts (same order as given)
 #   bash bench/gpu.sh env tune profile # the two extra parts (the why behind the bench's times)
 #
-# A lent machine allows 10 minutes per command: split the parts, e.g.
-#   bash bench/gpu.sh env tests gradcheck  ;  bash bench/gpu.sh env bench  ;  bash bench/gpu.sh env tune profile
+# A lent machine allows 10 minutes per command: set TOTAL_TIMEOUT below that, so that gpu.sh stops
+# what would run past it and still copies to $OUT the rows the bench measured so far (its results
+# files are rewritten after every row; logs go to $OUT as they come), and split the parts if they
+# need more, e.g.
+#   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tests gradcheck bench
+#   TOTAL_TIMEOUT=540 bash bench/gpu.sh env bench-step   # what the first call did not reach
+#   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tune profile
 #
 # Parts (each one's output is shown and tee'd to $OUT/<part>.log):
 #   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
@@ -40,6 +45,10 @@
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
 # command, default 0 = none; a part past it fails with exit 124 and the next part runs),
+# TOTAL_TIMEOUT (seconds for the whole script, default 0 = none: each command gets at most what is
+# left of it less TOTAL_RESERVE, default 20 s kept for copying results and the plot; a part with
+# no time left is not started and counts as failed; set it below a machine's limit per command,
+# e.g. TOTAL_TIMEOUT=540 for 10 minutes, so the script, not the machine, ends the call),
 # TEST_WORKERS (default 8: pytest-xdist processes of the tests part; 1 = one process), WHEELS
 # (default .whl) and SITE (default /tmp/site): where the wheels are and where they go.
 
@@ -49,15 +58,36 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-/tmp/vitfuse-gpu}
 PY=${PYTHON:-python3}
 PART_TIMEOUT=${PART_TIMEOUT:-0}
+TOTAL_TIMEOUT=${TOTAL_TIMEOUT:-0}
+TOTAL_RESERVE=${TOTAL_RESERVE:-20}
+STARTED=$(date +%s)
 WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT" || exit 1
 
 failed=()
 
-# with_timeout CMD...: run CMD under PART_TIMEOUT (GNU timeout; 0 = no limit)
+# seconds_left: what is left of TOTAL_TIMEOUT less TOTAL_RESERVE (only when TOTAL_TIMEOUT is set)
+seconds_left() {
+  echo $((TOTAL_TIMEOUT - TOTAL_RESERVE - ($(date +%s) - STARTED)))
+}
+
+# with_timeout CMD...: run CMD for at most PART_TIMEOUT seconds and at most what is left of
+# TOTAL_TIMEOUT (GNU timeout, whose signal reaches CMD's whole process group, and KILL 10 s
+# after it; 0 = no limit); exit 124 without running CMD when no time is left
 with_timeout() {
-  timeout "$PART_TIMEOUT" "$@"
+  local limit=$PART_TIMEOUT left
+  if [ "$TOTAL_TIMEOUT" -gt 0 ]; then
+    left=$(seconds_left)
+    if [ "$left" -le 0 ]; then
+      echo "gpu.sh: no time left of TOTAL_TIMEOUT=${TOTAL_TIMEOUT}s for: $*"
+      return 124
+    fi
+    if [ "$limit" -eq 0 ] || [ "$left" -lt "$limit" ]; then
+      limit=$left
+    fi
+  fi
+  timeout -k 10 "$limit" "$@"
 }
 
 part_env() {
@@ -191,6 +221,11 @@ part_profile() {
 run_part() {
   local name=$1 start=$SECONDS rc
   echo "=== $name" | tee -a "$OUT/$name.log"
+  if [ "$TOTAL_TIMEOUT" -gt 0 ] && [ "$(seconds_left)" -le 0 ]; then
+    echo "=== $name: not started, no time left of TOTAL_TIMEOUT=${TOTAL_TIMEOUT}s" | tee -a "$OUT/$name.log"
+    failed+=("$name (not started: no time left)")
+    return
+  fi
   "part_$name" 2>&1 | tee -a "$OUT/$name.log"
   rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT/$name.log"

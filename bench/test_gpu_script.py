@@ -53,7 +53,9 @@ case "$*" in
     exit "${FAKE_BF16_RC:-0}" ;;
   "-m oracle.kernel_gradcheck") sleep 1; echo "fp32 gradcheck preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE"
     exit "${FAKE_FP32_RC:-0}" ;;
-  "-m pytest "*) echo "preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE platforms=$JAX_PLATFORMS"; exit 0 ;;
+  "-m pytest "*) echo "preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE platforms=$JAX_PLATFORMS"
+    [ -n "${FAKE_PYTEST_SLEEP:-}" ] && { echo "pytest sleeps"; sleep "$FAKE_PYTEST_SLEEP"; echo "pytest woke"; }
+    exit 0 ;;
 esac
 exit 1
 """
@@ -97,6 +99,44 @@ def test_gradcheck_part_runs_float32_and_bf16_and_fails_if_either_does(tmp_path)
         # two processes on one GPU: each allocates as it needs, neither takes JAX's default 75%
         assert "fp32 gradcheck preallocate=false" in log and "bf16 gradcheck preallocate=false" in log, log
         assert f"=== gradcheck: exit {rc}" in log, (env, log)
+        (tmp_path / "calls").unlink()
+
+
+def test_total_timeout_ends_the_script_and_skips_the_parts_it_leaves_no_time(tmp_path):
+    """TOTAL_TIMEOUT bounds the whole script: a command that would run past it is stopped
+    (exit 124) and a later part is not started; both are named as failed. (A slower machine only
+    reaches the same end sooner: the stand-in pytest sleeps far longer than the limit.)"""
+    _, logs, calls = run_fake_python(tmp_path, "tests", "gradcheck", FAKE_PYTEST_SLEEP="60",
+                                      TOTAL_TIMEOUT="3", TOTAL_RESERVE="0")
+    assert "pytest woke" not in logs["tests"] and "=== tests: exit 124" in logs["tests"], logs["tests"]
+    assert "not started, no time left of TOTAL_TIMEOUT=3s" in logs["gradcheck"], logs["gradcheck"]
+    assert not any("kernel_gradcheck" in c for c in calls), calls
+    # without it the same parts run to their end
+    (tmp_path / "calls").unlink()
+    _, logs, calls = run_fake_python(tmp_path, "tests", "gradcheck", FAKE_PYTEST_SLEEP="1")
+    assert "pytest woke" in logs["tests"] and "=== tests: exit 0" in logs["tests"], logs["tests"]
+    assert "=== gradcheck: exit 0" in logs["gradcheck"], logs["gradcheck"]
+
+
+def test_total_timeout_cuts_part_timeout_to_what_is_left(tmp_path):
+    """The limit of a command is the smaller of PART_TIMEOUT and what is left of TOTAL_TIMEOUT."""
+    fake_timeout = tmp_path / "bin" / "timeout"
+    fake_timeout.parent.mkdir()
+    fake_timeout.write_text('#!/usr/bin/env bash\necho "timeout $*" >> "$FAKE_CALLS"\nshift 3\nexec "$@"\n')
+    fake_timeout.chmod(0o755)
+    path = f"{fake_timeout.parent}:{os.environ['PATH']}"
+    for env, limit in (({"PART_TIMEOUT": "100"}, 100), ({"TOTAL_TIMEOUT": "500", "TOTAL_RESERVE": "20"}, None),
+                       ({"PART_TIMEOUT": "100", "TOTAL_TIMEOUT": "1000"}, 100),
+                       ({"PART_TIMEOUT": "100", "TOTAL_TIMEOUT": "70", "TOTAL_RESERVE": "20"}, None)):
+        _, logs, calls = run_fake_python(tmp_path, "tests", PATH=path, **env)
+        (line,) = [c for c in calls if c.startswith("timeout ")]
+        assert "=== tests: exit 0" in logs["tests"] and line.split()[1:3] == ["-k", "10"], line
+        got = int(line.split()[3])
+        if limit is not None:
+            assert got == limit, (env, line)
+        else:  # what is left: TOTAL_TIMEOUT - TOTAL_RESERVE less the seconds already gone
+            total = int(env["TOTAL_TIMEOUT"]) - int(env["TOTAL_RESERVE"])
+            assert 0 < got <= total and got >= total - 30, (env, line)
         (tmp_path / "calls").unlink()
 
 
