@@ -1,9 +1,11 @@
 """bench/tune_attention.py: its one-tile geometry override reaches the launches, on the CPU it
 checks every variant of both kernels in Triton's interpreter (nothing timed) and exits 0, and the
-dispatcher's table it writes from timed rows is one kernels/dispatch.py reads back."""
+dispatcher's table it writes from timed rows is one kernels/dispatch.py reads back, also when a
+run is cut short."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from bench import tune_attention
 from kernels import attention, dispatch
@@ -43,6 +45,29 @@ def test_interpreted_run_checks_every_variant_of_both_kernels(tmp_path, capsys):
     assert one_tile == 2 * 2  # BLOCK_M 16 x warps 4, 8, in both directions
     assert key_blocked >= 2  # at L=5 every block fits to 16x16: the grid collapses
     assert "wrong" not in capsys.readouterr().out and "not timed" in text
+
+
+def test_a_run_cut_short_keeps_the_tables_of_the_shapes_it_finished(tmp_path, monkeypatch):
+    """--out and --table are written after every shape and dtype: when the second shape dies
+    (here tune raises; on a GPU, a timeout), the first one's table and winners are on disk."""
+    def fake_tune(shape, dtype, dot_precision, interpret, settings, grid, with_resources):
+        if shape[1] != 197:
+            raise RuntimeError("cut short")
+        return [{"shape": "x".join(map(str, shape)), "dtype": "bfloat16", "direction": direction,
+                 "kernel": "key-blocked", "variant": "64x32", "setting": Blocks(64, 32, 4, 2),
+                 "default": True, "planned": True, "median_ms": 0.5, "p20_ms": 0.4, "p80_ms": 0.6}
+                for direction in ("fwd", "bwd")]
+    monkeypatch.setattr(tune_attention, "tune", fake_tune)
+    monkeypatch.setattr(tune_attention.jax, "default_backend", lambda: "gpu")
+    out, table = tmp_path / "tune.md", tmp_path / "table.json"
+    with pytest.raises(RuntimeError, match="cut short"):
+        tune_attention.main(["--shape", "64x197x12x64", "64x577x12x64", "--dtype", "bfloat16",
+                             "--out", str(out), "--table", str(table)])
+    text = out.read_text()
+    assert "B,L,H,Dh = (64, 197, 12, 64)" in text and "577" not in text
+    assert "Partial: 1 of 2 shape/dtype pairs" in text
+    rows = dispatch.load_table(table)
+    assert sorted((r["direction"], r["max_len"]) for r in rows) == [("bwd", 197), ("fwd", 197)]
 
 
 def test_table_rows_pick_the_fastest_and_round_trip(tmp_path):

@@ -16,7 +16,8 @@ Each variant is checked (oracle/compare.py tolerance), then timed (bench/timer.p
 row for a (device, dtype, head dim, direction, max_len = L) is the faster of the one-tile kernel
 at its default geometry (the table cannot change that geometry) and the fastest key-blocked
 variant. --table merges those rows into the file (replacing rows with the same key); only timed
-results are written, so --interpret never writes a table.
+results are written, so --interpret never writes a table. Both --table and --out are rewritten
+after every shape and dtype, so a run cut short keeps what it timed.
 
 Prints one table per shape, dtype and direction: median ms (p20-p80), speed relative to the
 dispatcher's current plan, and with --resources the registers and stack bytes per thread of the
@@ -296,7 +297,8 @@ def main(argv=None) -> int:
     title = f"fused attention variants, {device}, jax {jax.__version__}, triton {version('triton')}"
     print(title)
     tables, failed, new_rows = [], 0, []
-    for shape, spec in itertools.product(shapes, args.dtype):
+    pairs = list(itertools.product(shapes, args.dtype))
+    for shape, spec in pairs:
         name, _, dot_precision = spec.partition("/")
         dtype = jnp.dtype(name)
         with matmul_precision("fp32" if dtype == np.float32 else "bf16"):
@@ -305,12 +307,15 @@ def main(argv=None) -> int:
         failed += sum(r.get("error", "").startswith("wrong") for r in rows)
         tables.append(markdown(rows, f"B,L,H,Dh = {shape}, {spec}"))
         new_rows += table_rows(rows, jax.devices()[0].device_kind)
-    if args.out:
-        Path(args.out).write_text(f"# {title}\n\n" + "\n".join(tables))
-        print(f"wrote {args.out}")
-    if args.table:
-        write_table(Path(args.table), new_rows)
-        print(f"merged {len(new_rows)} row(s) into {args.table}")
+        # written after every shape and dtype: a run cut short (a timeout) keeps what it timed
+        if args.out:
+            partial = (f"**Partial: {len(tables)} of {len(pairs)} shape/dtype pairs so far; if this "
+                       "line is still here, the run never finished.**\n\n") if len(tables) < len(pairs) else ""
+            Path(args.out).write_text(f"# {title}\n\n{partial}" + "\n".join(tables))
+            print(f"wrote {args.out} ({len(tables)} of {len(pairs)})")
+        if args.table and new_rows:
+            write_table(Path(args.table), new_rows)
+            print(f"merged {len(new_rows)} row(s) into {args.table}")
     if failed:
         print(f"{failed} variant(s) gave wrong results")
     return 1 if failed else 0
