@@ -70,6 +70,11 @@ def tolerance(dtype: str, contender: str) -> float:
                             long_sums=True)
 
 
+def step_dtype(contender: str) -> str:
+    """A train-step row's dtype: its contender's name ends in -bf16 for a bf16 step."""
+    return "bf16" if contender.endswith("-bf16") else "fp32"
+
+
 STEP_TOLERANCE = {"fp32": TOLERANCE["train step"], "bf16": TOLERANCE["bf16 train step"]}
 
 

@@ -75,9 +75,9 @@ def reference_step(bench, shape):
 
 def test_train_step(step_case, bench):
     shape, contender = step_case
-    bf16 = contender.endswith("-bf16")
+    bf16 = harness.step_dtype(contender) == "bf16"
     row = dict(group="train step", shape=harness.shape_label("step", shape), contender=contender,
-               mode="step", dtype="bf16" if bf16 else "fp32")
+               mode="step", dtype=harness.step_dtype(contender))
     if shape in harness.GPU_ONLY_SHAPES and bench.backend != "gpu":
         reason = (f"GPU-only row: one {harness.shape_label('step', shape)} step is several TFLOP, "
                   "minutes on a CPU; not checked or timed here")

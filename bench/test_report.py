@@ -1,12 +1,15 @@
 """The verdicts on the benchmark targets (bench/report.py evaluate_targets): which way a ratio of
-medians goes, where the line falls, and what happens without a row to compare; and the speedup
-plot bench/plot.py draws from a results file."""
+medians goes, where the line falls, and what happens without a row to compare; that --benchmark
+measures the targets' rows first; and the speedup plot bench/plot.py draws from a results file."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import harness, report
 from bench.harness import shape_label
 
 ATTN = "attention fwd+bwd"
@@ -115,3 +118,40 @@ def test_plot_draws_each_timed_rows_speedup(tmp_path, capsys):
     (ax,) = plt.gcf().axes
     assert sorted(bar.get_height() for bar in ax.patches) == [1.0, 4.0]
     plt.close("all")
+
+
+def test_benchmark_runs_every_targets_rows_first():
+    """Under --benchmark, the tests of the rows the targets need are collected first (a run cut
+    short still judges what it can), and every such row has a test (a target naming a contender,
+    dtype or shape the bench does not produce could never be judged)."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "--benchmark",
+                           "-p", "no:cacheprovider", "bench/"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = [line for line in proc.stdout.splitlines() if "::" in line]
+    # test ids name mode-shape-dtype-contender (attention, add+LN) and shape-contender (step);
+    # shape names may hold a '-' (vit-s), so they are matched against the shape tables
+    def split_shape(params, names):
+        shape = max((s for s in names if params.startswith(s + "-")), key=len)  # vit-b-384, not vit-b
+        return shape, params[len(shape) + 1:]
+
+    def key(test_id):
+        name, _, params = test_id.partition("[")
+        params = params.rstrip("]")
+        if "test_train_step" in name:
+            shape, contender = split_shape(params, harness.STEP_BATCH)
+            return "train step", shape, contender, "bf16" if contender.endswith("-bf16") else "fp32"
+        for test, group, shapes in (("test_attention", "attention", harness.ATTN_SHAPES),
+                                    ("test_add_layernorm", "add+layernorm", harness.LN_SHAPES)):
+            if test in name:
+                mode, rest = params.split("-", 1)
+                shape, rest = split_shape(rest, shapes)
+                dtype, contender = rest.split("-", 1)
+                return f"{group} {mode}", shape, contender, dtype
+        return None
+
+    keys = [key(i) for i in ids]
+    wanted = report.target_rows()
+    assert wanted <= set(keys), sorted(wanted - set(keys))
+    n = len(wanted)
+    assert set(keys[:n]) == wanted, keys[:n]
