@@ -281,6 +281,9 @@ if [ "${PIPESTATUS[0]}" -ne 0 ]; then
   failed+=("install (see env.log)")
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# every line printed reaches its log at once: a command stopped by a timeout keeps its output
+# (Python buffers a pipe's or a file's output in blocks, which a kill throws away)
+export PYTHONUNBUFFERED=1
 
 for name in "${parts[@]}"; do
   run_part "$name"

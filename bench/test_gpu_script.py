@@ -53,7 +53,7 @@ case "$*" in
     exit "${FAKE_BF16_RC:-0}" ;;
   "-m oracle.kernel_gradcheck") sleep 1; echo "fp32 gradcheck preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE"
     exit "${FAKE_FP32_RC:-0}" ;;
-  "-m pytest "*) echo "preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE platforms=$JAX_PLATFORMS"
+  "-m pytest "*) echo "preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE platforms=$JAX_PLATFORMS unbuffered=${PYTHONUNBUFFERED:-}"
     [ -n "${FAKE_PYTEST_SLEEP:-}" ] && { echo "pytest sleeps"; sleep "$FAKE_PYTEST_SLEEP"; echo "pytest woke"; }
     exit 0 ;;
 esac
@@ -110,6 +110,8 @@ def test_total_timeout_ends_the_script_and_skips_the_parts_it_leaves_no_time(tmp
                                       TOTAL_TIMEOUT="3", TOTAL_RESERVE="0")
     assert "pytest woke" not in logs["tests"] and "=== tests: exit 124" in logs["tests"], logs["tests"]
     assert "not started, no time left of TOTAL_TIMEOUT=3s" in logs["gradcheck"], logs["gradcheck"]
+    # what the stopped command printed is in the log: Python writes unbuffered under gpu.sh
+    assert "pytest sleeps" in logs["tests"] and "unbuffered=1" in logs["tests"], logs["tests"]
     assert not any("kernel_gradcheck" in c for c in calls), calls
     # without it the same parts run to their end
     (tmp_path / "calls").unlink()
