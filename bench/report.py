@@ -58,6 +58,23 @@ class Target:
         return tuple((self.group, self.shape, *key) for key in (self.a, self.b))
 
 
+def _key_blocked_targets(shape: str, size: str) -> list[Target]:
+    """Issue 15's targets for the key-blocked kernel at one standard ViT shape (L=197, Dh=64)."""
+    return [Target(f"key-blocked attention fwd+bwd within 1.25x of cuDNN at L=197 Dh=64, {size} (bf16)",
+                   "attention fwd+bwd", "attention", ("fused-key-blocked", "bf16"), ("dpa-cudnn", "bf16"),
+                   1 / 1.25, shape=shape),
+            Target(f"key-blocked attention fwd+bwd >= 2x faster than reference at L=197 Dh=64, {size} (bf16)",
+                   "attention fwd+bwd", "attention", ("fused-key-blocked", "bf16"), ("reference", "bf16"),
+                   2.0, shape=shape)]
+
+
+def _dispatcher_target(dtype: str) -> Target:
+    """At L=65 the dispatcher's choice must be no slower than the one-tile kernel."""
+    return Target(f"at L=65 the dispatcher's choice no slower than the one-tile kernel, fwd+bwd ({dtype})",
+                  "attention fwd+bwd", "attention", ("fused", dtype), ("fused-one-tile", dtype), 1.0,
+                  met_if_dispatcher_is_one_tile=True)
+
+
 TARGETS = [
     Target("fused attention fwd+bwd >= 2x faster than reference (fp32)",
            "attention fwd+bwd", "attention", ("fused", "fp32"), ("reference", "fp32"), 2.0),
@@ -72,19 +89,10 @@ TARGETS = [
     Target("train step --fused faster than the autodiff step (fp32)",
            "train step", "step", ("fused", "fp32"), ("autodiff", "fp32"), 1.0, strict=True),
     # issue 15: the key-blocked kernel at the standard ViT shapes, the dispatcher at L=65
-    *(target
-      for name, size in (("vit-s", "ViT-S/16"), ("vit-b", "ViT-B/16"))
-      for target in (
-          Target(f"key-blocked attention fwd+bwd within 1.25x of cuDNN at L=197 Dh=64, {size} (bf16)",
-                 "attention fwd+bwd", "attention", ("fused-key-blocked", "bf16"), ("dpa-cudnn", "bf16"),
-                 1 / 1.25, shape=name),
-          Target(f"key-blocked attention fwd+bwd >= 2x faster than reference at L=197 Dh=64, {size} (bf16)",
-                 "attention fwd+bwd", "attention", ("fused-key-blocked", "bf16"), ("reference", "bf16"),
-                 2.0, shape=name))),
-    *(Target(f"at L=65 the dispatcher's choice no slower than the one-tile kernel, fwd+bwd ({dtype})",
-             "attention fwd+bwd", "attention", ("fused", dtype), ("fused-one-tile", dtype), 1.0,
-             met_if_dispatcher_is_one_tile=True)
-      for dtype in ("fp32", "bf16")),
+    *_key_blocked_targets("vit-s", "ViT-S/16"),
+    *_key_blocked_targets("vit-b", "ViT-B/16"),
+    _dispatcher_target("fp32"),
+    _dispatcher_target("bf16"),
 ]
 
 
