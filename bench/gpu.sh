@@ -41,7 +41,9 @@
 #
 # Every part runs even when an earlier one failed; the exit status is 1 if any part (or the
 # install) failed, 2 for a bad part name. $OUT/ gets one log per part, the results .json and .md,
-# one .png, tune-attention.md, attention_table.json and two ncu CSVs, none in subfolders.
+# one .png, tune-attention.md, attention_table.json and two ncu CSVs, none in subfolders. (A lent
+# machine returns at most 8 files from $OUT: `env tests gradcheck bench` leaves 7, `env tune
+# profile` 7; all six parts in one call would leave 11.)
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
 # command, default 0 = none; a part past it fails with exit 124 and the next part runs),
