@@ -51,6 +51,8 @@ def test_crop_is_a_window_of_the_padded_image_chosen_per_image(mode):
         offsets.append(matches[0])
     assert len(set(offsets)) > 5  # independent offsets per image, not one for the batch
     np.testing.assert_array_equal(random_crop(KEY, images, pad, mode), out)  # same key, same crops
+    # every offset 0..2*pad along each axis, both edges of the padded image included
+    assert {dy for dy, _ in offsets} == {dx for _, dx in offsets} == set(range(2 * pad + 1))
     assert not np.array_equal(random_crop(jax.random.key(1), images, pad, mode), out)
 
 
