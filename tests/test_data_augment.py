@@ -56,6 +56,16 @@ def test_crop_is_a_window_of_the_padded_image_chosen_per_image(mode):
     assert not np.array_equal(random_crop(jax.random.key(1), images, pad, mode), out)
 
 
+def test_reflect_crop_needs_images_larger_than_the_padding():
+    # reflecting pad rows needs pad + 1 of them: pad == height (or width) is refused, one less is fine
+    images = random_images(b=2, h=4, w=6)
+    for pad in (4, 6):
+        with pytest.raises(ValueError, match="reflect padding"):
+            random_crop(KEY, images, pad, "reflect")
+    assert random_crop(KEY, images, 3, "reflect").shape == images.shape
+    assert random_crop(KEY, images, 4, "zero").shape == images.shape  # zero padding has no such limit
+
+
 def test_flip_is_an_exact_mirror_of_about_half_the_images():
     images = random_images(b=64)
     out = np.asarray(jax.jit(random_flip)(KEY, images))
