@@ -15,6 +15,7 @@ from vit.data.augment import (
     random_flip,
     train_augment,
 )
+from vit.data.loader import normalize
 from vit.layers import one_hot_targets
 
 KEY = jax.random.key(0)
@@ -50,9 +51,9 @@ def test_crop_is_a_window_of_the_padded_image_chosen_per_image(mode):
         assert matches, f"image {i} is not a {h}x{w} window of its padded self"
         offsets.append(matches[0])
     assert len(set(offsets)) > 5  # independent offsets per image, not one for the batch
-    np.testing.assert_array_equal(random_crop(KEY, images, pad, mode), out)  # same key, same crops
     # every offset 0..2*pad along each axis, both edges of the padded image included
     assert {dy for dy, _ in offsets} == {dx for _, dx in offsets} == set(range(2 * pad + 1))
+    np.testing.assert_array_equal(random_crop(KEY, images, pad, mode), out)  # same key, same crops
     assert not np.array_equal(random_crop(jax.random.key(1), images, pad, mode), out)
 
 
@@ -275,6 +276,31 @@ def test_step_mixes_up_images_and_targets():
     assert moved.sum() > B // 2 and 0 < lam < 1
     xn = normalized(images)
     np.testing.assert_allclose(x, lam * xn + (1 - lam) * xn[partner], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("cutmix_prob", [0.0, 1.0], ids=["mixup", "cutmix"])
+def test_with_both_mixings_each_draws_lambda_with_its_own_alpha(cutmix_prob):
+    # alpha 50: Beta(50, 50) keeps lambda near 1/2; alpha 0.05 puts it near 0 or 1. The mixing
+    # chosen (cutmix_prob 0: always mixup, 1: always cutmix) must draw with its own alpha.
+    b = 16
+    images = random_images(b=b, h=8, w=8)
+    mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+    alphas = {"mixup_alpha": 50.0, "cutmix_alpha": 0.05} if cutmix_prob == 0.0 else \
+             {"mixup_alpha": 0.05, "cutmix_alpha": 50.0}
+    step = jax.jit(partial(train_augment, num_classes=b, crop_pad=0, flip=False,
+                           cutmix_prob=cutmix_prob, **alphas))
+    xn = np.asarray(normalize(images, mean, std))
+    for seed in range(4):
+        x, targets = (np.asarray(a) for a in step(jax.random.key(seed), images, jnp.arange(b), mean, std))
+        lam, partner = mixing_of(targets)
+        moved = partner != np.arange(b)
+        pixels_from_a = np.isclose(x, xn, rtol=0, atol=1e-5).all(axis=-1)[moved].mean()
+        if cutmix_prob == 0.0:
+            assert pixels_from_a < 0.5, "expected mixup (blended pixels), got cutmix"
+        else:
+            assert pixels_from_a > 0.1, "expected cutmix (pixels copied), got mixup"
+        # cutmix's box area is (1 - lambda) H W, clipped at the borders: lambda stays well inside (0, 1)
+        assert 0.25 < lam[moved].min() <= lam[moved].max() < 0.9, (seed, lam[moved])
 
 
 @pytest.mark.parametrize("both", [False, True], ids=["cutmix", "cutmix-or-mixup"])
