@@ -129,6 +129,15 @@ def test_epoch_yields_each_image_once_with_its_label(mode, request):
     np.testing.assert_array_equal(np.concatenate([np.asarray(y) for _, y in batches]), labels[ids])
 
 
+def test_device_budget_counts_images_and_labels():
+    images, labels = numbered_images(N), np.arange(N, dtype=np.int32)
+    both = images.nbytes + labels.nbytes
+    assert Batcher(images, labels, B, seed=0, device_budget_bytes=both).on_device
+    # room for the images alone is not enough: the labels go to the device too
+    assert not Batcher(images, labels, B, seed=0, device_budget_bytes=both - 1).on_device
+    assert not Batcher(images, labels, B, seed=0, device_budget_bytes=images.nbytes).on_device
+
+
 def test_streamed_batches_equal_on_device_batches(tmp_path, streamed):
     np.save(tmp_path / "images.npy", numbered_images(N))
     mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
