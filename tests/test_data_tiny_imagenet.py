@@ -282,6 +282,26 @@ def test_unknown_wnid_in_annotations_gives_file_line_and_text(root):
     assert f"{path}:4" in message and "n99999999" in message and "val_3.JPEG\\tn99999999" in message
 
 
+def test_a_wnid_listed_twice_is_an_error(root):
+    # a second line for a class would shift every later label by one
+    path = root / "wnids.txt"
+    path.write_text(path.read_text() + fake_wnid(1) + "\n")
+    with pytest.raises(DatasetError, match="listed twice") as e:
+        load(root, "train")
+    assert f"{path}:{NUM_CLASSES + 1}" in str(e.value)
+
+
+def test_class_without_a_name_in_words_txt_is_called_by_its_wnid(root):
+    words = root / "words.txt"
+    lines = words.read_text().splitlines()
+    lines = [line for line in lines if not line.startswith(fake_wnid(0))]  # not listed at all
+    lines = [f"{fake_wnid(1)}\t  " if line.startswith(fake_wnid(1)) else line for line in lines]  # empty name
+    words.write_text("\n".join(lines) + "\n")
+    names = load(root, "train").class_names
+    assert names[:2] == [fake_wnid(0), fake_wnid(1)]
+    assert names[2] == "class 2, fake thing 2"
+
+
 def test_val_image_without_annotation_is_an_error(root):
     shutil.copy(root / "val" / "images" / "val_1.JPEG", root / "val" / "images" / "val_99.JPEG")
     with pytest.raises(DatasetError, match="val_99.JPEG"):
