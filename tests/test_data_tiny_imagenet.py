@@ -302,6 +302,28 @@ def test_class_without_a_name_in_words_txt_is_called_by_its_wnid(root):
     assert names[2] == "class 2, fake thing 2"
 
 
+def test_val_image_annotated_twice_is_an_error(root):
+    path = root / "val" / "val_annotations.txt"
+    lines = path.read_text().splitlines()
+    first, wnid, *box = lines[0].split("\t")
+    other = next(fake_wnid(i) for i in range(NUM_CLASSES) if fake_wnid(i) != wnid)
+    path.write_text("\n".join(lines + ["\t".join([first, other, *box])]) + "\n")
+    with pytest.raises(DatasetError, match="annotated twice") as e:
+        load(root, "val")
+    assert f"{path}:{len(lines) + 1}" in str(e.value) and first in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["..", ".", "sub/val_0.JPEG"])
+def test_val_annotation_naming_no_file_in_the_images_folder_is_an_error(root, name):
+    path = root / "val" / "val_annotations.txt"
+    lines = path.read_text().splitlines()
+    lines[2] = "\t".join([name, *lines[2].split("\t")[1:]])
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match="is not a file name") as e:
+        load(root, "val")
+    assert f"{path}:3" in str(e.value)
+
+
 def test_val_image_without_annotation_is_an_error(root):
     shutil.copy(root / "val" / "images" / "val_1.JPEG", root / "val" / "images" / "val_99.JPEG")
     with pytest.raises(DatasetError, match="val_99.JPEG"):
