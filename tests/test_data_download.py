@@ -37,11 +37,12 @@ class LoopbackServer:
 
     cut_after: the first `cuts` responses send only this many body bytes, then close the connection.
     honor_range: answer "Range: bytes=N-" with 206 Partial Content; False answers 200 with the whole file.
+    wrong_range: answer "Range: bytes=N-" with 206 Partial Content of bytes 0- (not the range asked for).
     """
 
-    def __init__(self, payload, *, cut_after=None, cuts=1, honor_range=True, status=None):
+    def __init__(self, payload, *, cut_after=None, cuts=1, honor_range=True, status=None, wrong_range=False):
         self.payload, self.cut_after, self.cuts = payload, cut_after, cuts
-        self.honor_range, self.status = honor_range, status
+        self.honor_range, self.status, self.wrong_range = honor_range, status, wrong_range
         self.ranges = []  # the Range header of each request (None if absent)
         owner = self
 
@@ -54,7 +55,7 @@ class LoopbackServer:
                 data, start = owner.payload, 0
                 requested = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if requested and owner.honor_range:
-                    start = int(requested[1])
+                    start = 0 if owner.wrong_range else int(requested[1])
                     if start >= len(data):
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -177,6 +178,24 @@ def test_server_that_ignores_range_makes_us_restart_from_zero(tmp_path, dataset_
     assert (tmp_path / "tiny-imagenet-200.zip").read_bytes() == payload
 
 
+def test_partial_content_of_another_range_is_not_appended(tmp_path, dataset_zip):
+    # a 206 for bytes 0- when bytes=100- was asked: appending it would corrupt the file, so the
+    # .part is dropped and the retry downloads from the start
+    payload, md5 = dataset_zip
+    (tmp_path / "tiny-imagenet-200.zip.part").write_bytes(payload[:100])
+    with LoopbackServer(payload, wrong_range=True) as server:
+        get(tmp_path, server, md5, retries=1, keep_zip=True)
+        assert server.ranges == ["bytes=100-", None]
+    assert (tmp_path / "tiny-imagenet-200.zip").read_bytes() == payload
+
+
+def test_checksum_may_be_given_in_upper_case(tmp_path, dataset_zip):
+    payload, md5 = dataset_zip
+    with LoopbackServer(payload) as server:
+        assert get(tmp_path, server, md5.upper()) == tmp_path / "tiny-imagenet-200"
+    assert (tmp_path / "tiny-imagenet-200" / "wnids.txt").is_file()
+
+
 def test_complete_part_file_is_verified_not_downloaded_again(tmp_path, dataset_zip):
     payload, md5 = dataset_zip
     (tmp_path / "tiny-imagenet-200.zip.part").write_bytes(payload)
@@ -206,10 +225,12 @@ def _symlink_member():
     [
         ("../escape.txt", b"x"),
         ("tiny-imagenet-200/../../escape.txt", b"x"),
+        ("tiny-imagenet-200/val/../escape.txt", b"x"),  # stays inside, but '..' is refused all the same
         ("/tmp/escape.txt", b"x"),
+        ("C:/escape.txt", b"x"),
         _symlink_member(),
     ],
-    ids=["dotdot", "nested-dotdot", "absolute", "symlink"],
+    ids=["dotdot", "nested-dotdot", "inner-dotdot", "absolute", "drive", "symlink"],
 )
 def test_unsafe_zip_member_is_refused_and_nothing_is_extracted(tmp_path, dataset_zip, member):
     src = write_fake_tiny_imagenet(tmp_path / "src", num_classes=1, train_per_class=1, val_images=1)
@@ -242,6 +263,33 @@ def test_http_error_is_reported_without_retrying(tmp_path):
         with pytest.raises(DownloadError, match="HTTP 404"):
             get(tmp_path, server, "0" * 32, retries=3)
         assert len(server.ranges) == 1
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_server_error_is_retried(tmp_path, status):
+    with LoopbackServer(b"", status=status) as server:
+        with pytest.raises(DownloadError, match=f"HTTP Error {status}"):
+            get(tmp_path, server, "0" * 32, retries=2)
+        assert len(server.ranges) == 3
+
+
+def test_range_not_satisfiable_without_a_part_file_is_an_error(tmp_path):
+    # 416 means "the .part is complete" only when a range was asked for
+    with LoopbackServer(b"", status=416) as server:
+        with pytest.raises(DownloadError, match="HTTP 416"):
+            get(tmp_path, server, "0" * 32, retries=3)
+        assert server.ranges == [None]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dataset_folder_without_wnids_is_not_taken_for_a_download(tmp_path, dataset_zip):
+    payload, md5 = dataset_zip
+    (tmp_path / "tiny-imagenet-200" / "train").mkdir(parents=True)
+    with LoopbackServer(payload) as server:
+        with pytest.raises(DownloadError, match="has no wnids.txt"):
+            get(tmp_path, server, md5)
+        assert server.ranges == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-imagenet-200"]
 
 
 def test_existing_dataset_is_left_alone(tmp_path, dataset_zip):
