@@ -52,6 +52,15 @@ def test_a_checkpoint_restores_every_field(tmp_path):
             assert got == want, f.name
 
 
+def test_a_checkpoint_keeps_the_order_of_a_list_of_ten_or_more(tmp_path):
+    """Lists are saved under their indices as names ('blocks/0', ..., 'blocks/11'): a model
+    with 12 blocks must get block 10 back as block 10, not after block 1."""
+    blocks = [{"w": np.full((2,), i, np.float32)} for i in range(12)]
+    path = checkpoint.save(tmp_path / "c.npz", {"params": {"blocks": blocks}}, {"epoch": 0})
+    trees, _ = checkpoint.load(path)
+    assert [float(b["w"][0]) for b in trees["params"]["blocks"]] == list(range(12))
+
+
 def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
     s = RunState.fresh({}, {}, [0.0], [1.0])
     s.account(2.0, 0.5, 10)
@@ -67,8 +76,9 @@ def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
     assert s.finish_epoch({"epoch": 3, "val_top1": 0.4}) is False  # a tie keeps the earlier best
     assert s.finish_epoch({"epoch": 4, "val_top1": 0.6}) is True
     assert s.best_top1 == 0.6 and [h["epoch"] for h in s.history] == [1, 2, 3, 4]
-    with pytest.raises(FloatingPointError):
-        s.account(math.nan, 0.0, 8)
+    for loss in (math.nan, math.inf, -math.inf):  # an overflowed loss stops training as a NaN does
+        with pytest.raises(FloatingPointError):
+            s.account(loss, 0.0, 8)
 
 
 def fake_eval_step(params, losses, labels, valid):
