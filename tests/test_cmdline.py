@@ -62,6 +62,16 @@ def test_distributed_settings_from_the_environment(clean_env):
     assert cmdline.distributed_settings(process_id=2) == (COORDINATOR, 3, 2)
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_environment_variable_counts_as_unset(clean_env, blank):
+    clean_env.setenv("JAX_NUM_PROCESSES", blank)
+    clean_env.setenv("JAX_PROCESS_ID", blank)
+    assert cmdline.distributed_settings() is None
+    clean_env.setenv("JAX_COORDINATOR_ADDRESS", COORDINATOR)
+    clean_env.setenv("JAX_NUM_PROCESSES", "2")
+    assert cmdline.distributed_settings(process_id=1) == (COORDINATOR, 2, 1)
+
+
 def test_an_ipv6_coordinator_is_host_and_port(clean_env):
     """[::1]:1234: the port is what follows the last colon."""
     assert cmdline.distributed_settings("[::1]:1234", 2, 1) == ("[::1]:1234", 2, 1)
