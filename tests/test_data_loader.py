@@ -195,6 +195,11 @@ def test_batcher_rejects_what_would_silently_train_on_nothing():
         Batcher(numbered_images(5), np.arange(4), 2, seed=0)
     with pytest.raises(ValueError, match="start_step"):
         next(Batcher(numbered_images(N), np.arange(N), B, seed=0).epoch(0, start_step=7))
+    for bad in (-1, -7):  # refused up front, even by a Batcher that never shuffles
+        with pytest.raises(ValueError, match="seed must be >= 0"):
+            Batcher(numbered_images(N), np.arange(N), B, seed=bad, shuffle=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        Batcher(numbered_images(N), np.arange(N), 0, seed=0)
 
 
 @pytest.mark.parametrize("mode", ["on-device", "streamed"])
