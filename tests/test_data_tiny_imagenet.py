@@ -1,5 +1,6 @@
 """Tiny ImageNet loading from the real folder layout: labels, decoding, the .npy cache, and every input error."""
 
+import json
 import os
 import shutil
 
@@ -196,6 +197,31 @@ def test_cache_without_manifest_or_with_leftover_temp_files_is_rebuilt(root, dec
     assert len(decode_calls) == NUM_CLASSES * PER_CLASS
     np.testing.assert_array_equal(again.images, good)
     assert not list(cache.glob("*.tmp-*"))
+
+
+def _old_format(cache):
+    manifest = cache / "train_manifest.json"
+    meta = json.loads(manifest.read_text())
+    meta["format"] = meta["format"] - 1
+    manifest.write_text(json.dumps(meta))
+
+
+def _int64_labels(cache):
+    labels = cache / "train_labels.npy"
+    np.save(labels, np.load(labels).astype(np.int64))
+
+
+@pytest.mark.parametrize("spoil", [_old_format, _int64_labels])
+def test_cache_of_another_format_or_label_dtype_is_rebuilt(root, decode_calls, spoil):
+    good = load(root, "train")
+    good_images, good_labels = np.array(good.images), np.array(good.labels)
+    spoil(root / tiny_imagenet.CACHE_DIRNAME)
+    decode_calls.clear()
+    again = load(root, "train")
+    assert len(decode_calls) == NUM_CLASSES * PER_CLASS
+    np.testing.assert_array_equal(again.images, good_images)
+    assert again.labels.dtype == np.int32
+    np.testing.assert_array_equal(again.labels, good_labels)
 
 
 def test_truncated_cache_array_is_rebuilt_even_with_a_manifest(root, decode_calls):
