@@ -61,6 +61,19 @@ def test_a_checkpoint_keeps_the_order_of_a_list_of_ten_or_more(tmp_path):
     assert [float(b["w"][0]) for b in trees["params"]["blocks"]] == list(range(12))
 
 
+def test_a_checkpoint_round_trips_a_bare_array_and_names_a_missing_tree(tmp_path):
+    rng = np.array([7, 9], np.uint32)
+    path = checkpoint.save(tmp_path / "c.npz", {"params": {"w": np.ones(2, np.float32)}, "rng": rng},
+                           {"epoch": 0})
+    trees, _ = checkpoint.load(path, trees=("params", "rng"))
+    assert isinstance(trees["rng"], np.ndarray)  # a tree that is one array comes back as that array
+    np.testing.assert_array_equal(trees["rng"], rng)
+    with pytest.raises(checkpoint.CheckpointError, match="lacks arrays 'opt/...'"):
+        checkpoint.load(path, meta_keys=("epoch",), trees=RESUME_TREES)
+    with pytest.raises(checkpoint.CheckpointError, match="lacks meta 'step_in_epoch'"):
+        checkpoint.load(path, meta_keys=("epoch", "step_in_epoch"), trees=("params",))
+
+
 def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
     s = RunState.fresh({}, {}, [0.0], [1.0])
     s.account(2.0, 0.5, 10)
