@@ -113,3 +113,31 @@ def test_validation_means_are_over_rows_not_batches():
                    "top5": pytest.approx(4 / 5), "count": 5}
     assert seen == [4, 1]
     assert evaluate_batches(fake_eval_step, None, iter([]))["count"] == 0
+
+
+@pytest.mark.parametrize("num_classes", [7, 3])
+def test_the_eval_step_sums_over_the_valid_rows_only(num_classes):
+    """vit.step's eval step against numpy on its own logits: loss, top-1 and top-5 hits and the
+    count are sums over the rows marked valid; a padding row adds nothing (3 classes: top-5 is
+    top-3, every label a hit)."""
+    import jax
+
+    from vit import ViTConfig, init_params
+    from vit.step import make_eval_step
+
+    cfg = ViTConfig(image_size=8, patch_size=4, channels=3, d_model=8, heads=2, layers=1,
+                    mlp_dim=8, num_classes=num_classes)
+    params = init_params(jax.random.key(0), cfg)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(6) % num_classes
+    valid = np.array([True, True, False, True, False, True])
+    out = make_eval_step(cfg, mean=[0.5] * 3, std=[0.25] * 3)(params, images, labels, valid)
+    logits = np.asarray(out["logits"], np.float64)
+    z = logits - logits.max(axis=1, keepdims=True)
+    nll = np.log(np.exp(z).sum(axis=1)) - z[np.arange(6), labels]
+    ranks = (logits > logits[np.arange(6), labels][:, None]).sum(axis=1)  # classes scored above the label
+    assert float(out["loss_sum"]) == pytest.approx(nll[valid].sum(), rel=1e-5)
+    assert float(out["top1"]) == (ranks == 0)[valid].sum()
+    assert float(out["top5"]) == (ranks < 5)[valid].sum()
+    assert float(out["count"]) == valid.sum()
