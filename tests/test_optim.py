@@ -76,6 +76,16 @@ def test_adamw_matches_optax_over_several_steps(wd):
     assert min(moved) > 1e-3
 
 
+def test_adamw_keeps_the_dtype_of_each_param():
+    params = {"w": jnp.ones((2, 2), jnp.bfloat16), "b": jnp.ones((2,), jnp.float32)}
+    grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.5), params)
+    new, state = optim.adamw_update(params, grads, optim.adamw_init(params), jnp.float32(1e-2),
+                                    weight_decay=0.1)
+    assert new["w"].dtype == jnp.bfloat16 and new["b"].dtype == jnp.float32
+    assert state["m"]["w"].dtype == jnp.float32  # moments in float32 whatever the param dtype
+    assert float(new["b"][0]) < 1.0  # and the step was taken
+
+
 def test_clip_by_global_norm():
     g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0])}
     clipped, norm = optim.clip_by_global_norm(g, 1.0)
@@ -83,6 +93,10 @@ def test_clip_by_global_norm():
     assert float(optim.global_norm(clipped)) == pytest.approx(1.0, rel=1e-6)
     same, _ = optim.clip_by_global_norm(g, 10.0)
     np.testing.assert_allclose(same["a"], g["a"])
+    for off in (None, 0.0):  # clip_norm 0 or None: no clipping, and the norm still reported
+        unclipped, norm = optim.clip_by_global_norm(g, off)
+        np.testing.assert_array_equal(unclipped["a"], g["a"])
+        assert float(norm) == pytest.approx(5.0)
 
 
 def test_learning_rate_warmup_then_cosine():
@@ -91,5 +105,7 @@ def test_learning_rate_warmup_then_cosine():
     assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == pytest.approx(1.0)
     assert lr(10) == pytest.approx(1.0) and lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)
     assert all(lr(s) >= lr(s + 1) for s in range(10, 110))
+    # past total_steps (a run extended with more epochs) the schedule stays at min_lr, it does not rise again
+    assert lr(111) == pytest.approx(0.1) and lr(200) == pytest.approx(0.1) and lr(210) == pytest.approx(0.1)
     const = optim.learning_rate(50, base_lr=0.3, total_steps=100)
     assert float(const) == pytest.approx(0.3)
