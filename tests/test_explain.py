@@ -252,6 +252,29 @@ def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
     assert result["top1"] == pytest.approx(true[2] / 9)
 
 
+def test_per_class_table_lists_the_least_accurate_classes_first(colour_run, tmp_path, monkeypatch):
+    """A model that answers the first class whatever it sees: that class is 100% right, the others
+    0%, so the table (worst first) puts the first class last."""
+    import shutil
+
+    from vit import checkpoint
+
+    _, run, _ = colour_run
+    run = shutil.copytree(run, tmp_path / "run")
+    trees, meta = checkpoint.load(run / "best.npz")
+    head = trees["params"]["head"]
+    head["w"] = np.zeros_like(head["w"])
+    head["b"] = np.array([5.0, 0.0, 0.0], head["b"].dtype)
+    checkpoint.save(run / "best.npz", trees, meta)
+    monkeypatch.setattr(explain, "write_confusion", lambda *a: {"png": "-", "shown": [0, 1, 2]})  # no PNG
+    code, out = run_quietly(evaluate.main, [run, "--per-class", "--no-progress"])
+    assert code == 0, out
+    lines = out.splitlines()
+    table = lines[lines.index(next(l for l in lines if l.startswith("class "))) + 1:][:3]
+    assert [line[:48].rstrip() for line in table] == [CLASSES[1], CLASSES[2], CLASSES[0]], out
+    assert table[-1].endswith("100.0%") and table[0].endswith("0.0%")
+
+
 def test_evaluate_batches_no_larger_than_the_validation_set(colour_run, monkeypatch):
     """9 validation images are one batch of 9, not 9 real rows padded to the default 256 (which
     cost as much as 256 real ones); a smaller batch size still splits them."""
