@@ -288,6 +288,23 @@ def test_evaluate_batches_no_larger_than_the_validation_set(colour_run, monkeypa
     assert evaluate.evaluate(run, "best", batch_size=4, progress=False)["count"] == 9 and rows == [4, 4, 4]
 
 
+def test_confusion_colours_are_shares_of_every_image_of_the_true_class(tmp_path, monkeypatch):
+    """With only some classes shown, a row's colour is its share of all the images of that class,
+    not of those that landed in the shown columns."""
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, x, *a, **kw: drawn.append(np.asarray(x)) or original(self, x, *a, **kw))
+    rng = np.random.default_rng(1)
+    m = rng.integers(0, 5, (6, 6)) + np.diag(np.full(6, 10))
+    shown = explain.plot_confusion(m, [f"c{i}" for i in range(6)], tmp_path / "c.png", max_classes=3)
+    assert len(shown) == 3
+    (rates,) = drawn
+    np.testing.assert_allclose(rates, m[np.ix_(shown, shown)] / m[shown].sum(axis=1, keepdims=True))
+
+
 def test_200_classes_show_the_worst_and_their_confusions_side_by_side(tmp_path):
     k = 200
     m = np.diag(np.full(k, 50))
