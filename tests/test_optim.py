@@ -109,3 +109,28 @@ def test_learning_rate_warmup_then_cosine():
     assert lr(111) == pytest.approx(0.1) and lr(200) == pytest.approx(0.1) and lr(210) == pytest.approx(0.1)
     const = optim.learning_rate(50, base_lr=0.3, total_steps=100)
     assert float(const) == pytest.approx(0.3)
+
+
+def test_the_train_step_applies_the_learning_rate_of_its_own_step():
+    """Step t (0-based: t updates made before it) uses learning_rate(t): with 4 warmup steps to
+    lr 1, the first three steps use 1/4, 2/4, 3/4 and move a decayed weight by lr * wd * w (the
+    gradients are zero, so AdamW's own update is 0)."""
+    from vit.config import TrainHParams
+    from vit.step import train_step_fn
+
+    cfg = vit.ViTConfig(image_size=8, patch_size=4, channels=3, d_model=16, heads=2, layers=1,
+                        mlp_dim=32, num_classes=5)
+    params = {"head": {"w": jnp.full((16, 5), 2.0), "b": jnp.ones(5)}}  # the grads below ignore the model
+    hp = TrainHParams(lr=1.0, weight_decay=0.5, warmup_steps=4, total_steps=20, schedule="cosine")
+
+    def zero_grads(p, x, targets, key):
+        return jnp.float32(0.0), jax.tree_util.tree_map(jnp.zeros_like, p), jnp.zeros((x.shape[0], 5))
+
+    step = jax.jit(train_step_fn(cfg, hp, grad_fn=zero_grads))
+    images, labels = jnp.zeros((2, 8, 8, 3), jnp.float32), jnp.zeros((2,), jnp.int32)
+    state, p = optim.adamw_init(params), params
+    for t in range(3):
+        before = np.asarray(p["head"]["w"])
+        p, state, metrics = step(p, state, images, labels, jax.random.key(t))
+        assert float(metrics["lr"]) == pytest.approx((t + 1) / 4)
+        np.testing.assert_allclose(p["head"]["w"], before * (1 - (t + 1) / 4 * 0.5), rtol=1e-6)
