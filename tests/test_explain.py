@@ -305,6 +305,17 @@ def test_confusion_colours_are_shares_of_every_image_of_the_true_class(tmp_path,
     np.testing.assert_allclose(rates, m[np.ix_(shown, shown)] / m[shown].sum(axis=1, keepdims=True))
 
 
+def test_confusion_order_follows_confusions_both_ways():
+    """Class 1 is placed first (most confusions: 5 and 2 are taken for it); next comes the class
+    most confused with it either way, 5 (5 -> 1, never 1 -> 5), ahead of 3 and 4, which have more
+    confusions than 5 but none with 1."""
+    m = np.diag(np.full(6, 50))
+    for true, pred, n in [(5, 1, 40), (2, 1, 30), (3, 4, 60)]:
+        m[true, pred] += n
+    order = explain.confusion_classes(m).tolist()
+    assert order[:2] == [1, 5] and sorted(order) == list(range(6))
+
+
 def test_200_classes_show_the_worst_and_their_confusions_side_by_side(tmp_path):
     k = 200
     m = np.diag(np.full(k, 50))
