@@ -101,15 +101,22 @@ def test_shape_and_dtype_errors(ops):
         ops.add_layernorm_forward({"gamma": jnp.ones((7,)), "beta": jnp.zeros((8,))}, x, None, 1e-5)
     with pytest.raises(ValueError, match="r must match x"):
         ops.add_layernorm_forward(params, x, jnp.ones((4, 9)), 1e-5)
+    with pytest.raises(ValueError, match="r must match x"):
+        ops.add_layernorm_forward(params, x, x.astype(jnp.bfloat16), 1e-5)
     with pytest.raises(ValueError, match="x: dtype must be one of"):
         ops.add_layernorm_forward(params, x.astype(jnp.int32), None, 1e-5)
     with pytest.raises(ValueError, match="width 16385 exceeds the one-tile limit 16384"):
         ops.add_layernorm_forward(params, jnp.ones((2, 16385)), None, 1e-5)
+    wide = {"gamma": jnp.ones((16384,)), "beta": jnp.zeros((16384,))}  # the limit itself is accepted
+    y = jax.eval_shape(lambda x: ops.add_layernorm_forward(wide, x, None, 1e-5)[0], jnp.ones((2, 16384)))
+    assert y.shape == (2, 16384)
     with pytest.raises(ValueError, match="non-empty"):
         ops.add_layernorm_forward(params, jnp.ones((0, 8)), None, 1e-5)
     _, cache = ops.add_layernorm_forward(params, x, None, 1e-5)
     with pytest.raises(ValueError, match=r"dy must have the shape of x \(4, 8\)"):
         ops.add_layernorm_backward(params, cache, jnp.ones((4, 9)))
+    with pytest.raises(ValueError, match=r"dy must have the shape of x \(4, 8\), got \(8, 4\)"):
+        ops.add_layernorm_backward(params, cache, jnp.ones((8, 4)))  # as many elements, transposed
 
 
 def test_eps_must_be_static(ops):
