@@ -74,6 +74,17 @@ def test_bfloat16_vs_float32_reference(ops, m, n, residual):
     assert_all_close(compare(fused, run_layernorm(REFERENCE, as_float32(inp)), BF16_TOL), BF16_TOL)
 
 
+def test_bfloat16_backward_rounds_the_sum_as_the_forward_did(ops):
+    """x + r far from 0 (x ~ 100 + N(0, 1), where a bf16 ulp is 0.5): the backward must rebuild
+    s = x + r rounded to bf16, as the forward (and the reference in bf16) did, or s_hat no longer
+    matches the saved mean and rstd. The reference: float32 LayerNorm of that rounded sum."""
+    inp = layernorm_inputs(jax.random.PRNGKey(4), 9, 64, True, jnp.bfloat16)
+    inp["x"] = (inp["x"].astype(jnp.float32) + 97.0).astype(jnp.bfloat16)
+    rounded_sum = as_float32({**inp, "x": inp["x"] + inp["r"], "r": None})
+    assert_all_close(compare(run_layernorm(ops, inp), run_layernorm(REFERENCE, rounded_sum), BF16_TOL),
+                     BF16_TOL)
+
+
 def test_saved_statistics_are_float32_mean_and_rstd(ops):
     inp = layernorm_inputs(jax.random.PRNGKey(5), 9, 100, True, jnp.bfloat16)
     _, (x, r, mean, rstd) = ops.add_layernorm_forward(inp["params"], inp["x"], inp["r"], 1e-6)
