@@ -252,6 +252,40 @@ def test_poison_covers_every_float_dtype(dtype):
     assert np.isnan(np.asarray(y, np.float32)).all()
 
 
+def test_compiled_poison_is_nan_for_floats_and_minus_one_for_ints():
+    # poisoned_outputs(): "outputs start as NaN (ints as -1)"; a 0 would pass for a written value
+    for dtype, check in ((jnp.float32, np.isnan), (jnp.bfloat16, lambda a: np.isnan(a.astype(np.float32))),
+                         (jnp.int32, lambda a: a == -1)):
+        filled = np.asarray(launch_module._poison_fill(jax.ShapeDtypeStruct((2, 3), dtype)))
+        assert filled.shape == (2, 3) and filled.dtype == jnp.dtype(dtype) and check(filled).all(), dtype
+
+
+def test_tile_arithmetic():
+    for n in range(0, 70):
+        want = 1
+        while want < n:
+            want *= 2
+        assert launch_module.next_power_of_2(n) == want, n
+        assert launch_module.cdiv(n, 8) == -(-n // 8) == (n + 7) // 8
+
+
+def test_record_launches_goes_to_the_innermost_recording():
+    def one_launch():
+        return launch(_write_first_half, grid=(1,), inputs=[jnp.zeros(8)],
+                      outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)], interpret=True,
+                      name="half", N=8, BLOCK=8)
+
+    with launch_module.record_launches() as outer:
+        one_launch()
+        with launch_module.record_launches() as inner:
+            (y,) = one_launch()
+            one_launch()
+        one_launch()
+    assert len(outer) == 2 and len(inner) == 2
+    assert inner[0].name == "half" and inner[0].grid == (1,) and inner[0].constexprs == {"N": 8, "BLOCK": 8}
+    np.testing.assert_array_equal(y, np.zeros(8))  # recorded, not run
+
+
 def test_gradcheck_compare_flags_errors_and_nan():
     ref = {"a": jnp.array([1.0, -2.0, 4.0]), "b": jnp.array([1.0, 2.0])}
     good = {"a": ref["a"] * (1 + 1e-7), "b": ref["b"]}
