@@ -13,7 +13,7 @@ from kernels import fused_ops
 from kernels import launch as launch_module
 from kernels.interpreter import run_interpreted, run_on_host
 from kernels.launch import launch, poisoned_outputs
-from oracle.compare import CHECK_MATMUL_PRECISION, TOLERANCE, compare, kernel_tolerance
+from oracle.compare import CHECK_MATMUL_PRECISION, TOLERANCE, assert_close, compare, kernel_tolerance
 from oracle.kernel_gradcheck import attention_inputs, layernorm_inputs, run_attention, run_layernorm
 from vit import ops as vit_ops
 
@@ -299,6 +299,14 @@ def test_gradcheck_compare_flags_errors_and_nan():
     inf = {"a": ref["a"].at[0].set(jnp.inf).at[2].set(-jnp.inf), "b": ref["b"].at[1].set(jnp.nan)}
     (_, _, _, _, nonfinite_a, ok_a), (_, _, _, _, nonfinite_b, ok_b) = compare(inf, ref, 1e-5)
     assert (nonfinite_a, ok_a, nonfinite_b, ok_b) == (2, False, 1, False)  # +-inf count as NaN does
+
+
+def test_compare_fails_a_tensor_of_another_shape():
+    ref = {"a": jnp.ones((2, 3)), "b": jnp.ones((4,))}
+    rows = compare({"a": jnp.ones((3, 2)), "b": jnp.ones((4,))}, ref, 1e-5)
+    assert [(r.name, r.shape, r.ok) for r in rows] == [("a", (2, 3), False), ("b", (4,), True)]
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        assert_close({"a": jnp.ones((6,)), "b": jnp.ones((4,))}, ref, 1.0)  # no tolerance excuses it
 
 
 def test_kernel_tolerance_follows_the_table():
