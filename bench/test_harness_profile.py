@@ -80,3 +80,67 @@ def test_a_wrong_contender_is_reported_failing_and_never_timed(monkeypatch):
     assert bench.rows[0]["median_ms"] is None
     harness.run_kernel_case(bench, case("right"), **run)
     assert len(timed) == 1 and (bench.rows[-1]["contender"], bench.rows[-1]["status"]) == ("right", "timed")
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.timer: how many calls per sample and how many samples, on a fake clock (nothing is timed
+# here: each call advances the clock by exactly 1/64 s)
+
+
+def fake_clock_run(monkeypatch, size=1):
+    from bench import timer
+
+    now = [0.0]
+    monkeypatch.setattr(timer.time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def run(i):
+        calls.append(i)
+        now[0] += 1 / 64
+        return jnp.zeros((size,), jnp.float32)
+    return run, calls
+
+
+def test_timer_samples_until_both_minimums_are_met(monkeypatch):
+    from bench.timer import TimerSettings, time_calls
+
+    run, calls = fake_clock_run(monkeypatch)
+    # 1/16 s per sample = 4 calls; at least 5 samples and 1 s: 16 samples
+    t = time_calls(run, TimerSettings(target_sample_s=1 / 16, min_samples=5, min_total_s=1.0, max_total_s=20.0))
+    assert (t.calls_per_sample, t.samples) == (4, 16)
+    assert t.median_ms == t.p20_ms == t.p80_ms == 1000 / 64
+    assert calls == list(range(1 + 16 * 4))  # a warm-up call, then fresh indices, none repeated
+    run, _ = fake_clock_run(monkeypatch)
+    t = time_calls(run, TimerSettings(target_sample_s=1 / 16, min_samples=40, min_total_s=0.1, max_total_s=20.0))
+    assert t.samples == 40  # enough time, not yet enough samples
+
+
+def test_timer_stops_at_max_total_with_three_samples(monkeypatch):
+    from bench.timer import TimerSettings, time_calls
+
+    run, _ = fake_clock_run(monkeypatch)
+    t = time_calls(run, TimerSettings(target_sample_s=1 / 16, min_samples=1000, min_total_s=100.0,
+                                      max_total_s=0.5))
+    assert t.samples == 8  # 0.5 s of 1/16 s samples
+    run, _ = fake_clock_run(monkeypatch)
+    t = time_calls(run, TimerSettings(target_sample_s=1.0, min_samples=1000, min_total_s=100.0,
+                                      max_total_s=0.5))
+    assert (t.calls_per_sample, t.samples) == (64, 3)  # past max_total after one sample: still 3
+
+
+def test_timer_caps_calls_in_flight_by_their_bytes(monkeypatch):
+    from bench.timer import TimerSettings, time_calls
+
+    run, _ = fake_clock_run(monkeypatch, size=1000)  # 4000 bytes per result
+    t = time_calls(run, TimerSettings(target_sample_s=1.0, min_samples=3, min_total_s=0.0, max_total_s=1.0,
+                                      max_inflight_bytes=10_000))
+    assert t.calls_per_sample == 2
+
+
+def test_rotation_count_covers_the_rotate_bytes_up_to_the_cap():
+    from bench.timer import MAX_ROTATE_SETS, ROTATE_BYTES, rotation_count
+
+    assert rotation_count(ROTATE_BYTES) == rotation_count(2 * ROTATE_BYTES) == 1
+    assert rotation_count(ROTATE_BYTES // 3) == 4  # ceil: at least ROTATE_BYTES in all
+    assert rotation_count(ROTATE_BYTES // 3 + 1) == 3
+    assert rotation_count(1) == rotation_count(0) == MAX_ROTATE_SETS
