@@ -113,3 +113,25 @@ def test_an_interrupted_run_stays_partial(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert [r["contender"] for r in data["rows"]] == ["reference", "fused"]
     assert data["meta"]["finished"] is False and "row 2" in data["meta"]["partial"]
+
+
+def test_merged_rows_runs_and_peaks_keep_their_order_and_the_newest_peaks(tmp_path):
+    """Earlier rows ahead of this run's (in their own order); the runs listed oldest first; this
+    run's measured peaks win over the earlier run's, which are kept when this run measured none."""
+    first = session(1, False, [("reference", 2.0), ("dpa-xla", 5.0), ("autodiff", 3.0)])
+    first.started, first.peaks = "2026-01-02T09:00:00+00:00", {"copy_gb_s": 10.0}
+    report.write_results(first, tmp_path)
+    second = session(2, True, [("fused", 1.0), ("autodiff", 4.0)])
+    second.started, second.peaks = "2026-01-02T11:00:00+00:00", {"copy_gb_s": 4.0}
+    json_path, _, _ = report.write_results(second, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert [r["contender"] for r in data["rows"]] == ["reference", "dpa-xla", "fused", "autodiff"]
+    assert data["meta"]["runs"] == [first.started, second.started]
+    assert data["meta"]["peaks"] == {"copy_gb_s": 4.0}
+    assert next(r for r in data["rows"] if r["contender"] == "fused")["frac_of_peak"] == 1.0 / 4.0
+    third = session(3, True, [("fused", 1.0)])
+    third.started = "2026-01-02T12:00:00+00:00"  # measured no peaks
+    json_path, _, _ = report.write_results(third, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["peaks"] == {"copy_gb_s": 4.0}
+    assert data["meta"]["runs"] == [first.started, second.started, third.started]
