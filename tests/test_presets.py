@@ -103,6 +103,20 @@ def test_flops_match_the_published_figures():
         assert flops.param_count(cfg) / 1e6 == pytest.approx(mparams, abs=0.05), name
 
 
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_param_count_is_what_init_params_makes_for_either_norm_layout(norm):
+    """Pre-norm has a final LayerNorm, post-norm none: counted from the shapes init_params makes."""
+    cfg = vit.ViTConfig(image_size=16, patch_size=4, channels=3, d_model=24, heads=2, layers=3,
+                        mlp_dim=40, num_classes=7, norm=norm)
+    shapes = jax.eval_shape(lambda: vit.init_params(jax.random.PRNGKey(0), cfg))
+    assert flops.param_count(cfg) == vit.count_params(shapes)
+    # the last block on the CLS row only: L - 1 fewer rows through its output projection and FFN
+    full = flops.forward_flops(cfg)["total"]
+    rows = cfg.seq_len - 1
+    saved = 2 * rows * cfg.d_model ** 2 + 4 * rows * cfg.d_model * cfg.mlp_dim
+    assert flops.forward_flops(cfg, cls_only_last=True)["total"] == full - saved
+
+
 @pytest.fixture(scope="module")
 def fake_data(tmp_path_factory):
     return write_fake_tiny_imagenet(tmp_path_factory.mktemp("data"), num_classes=3, train_per_class=2,
