@@ -321,6 +321,9 @@ def test_kernel_tolerance_follows_the_table():
     assert kernel_tolerance(bf16) == TOLERANCE["bfloat16"]
     assert kernel_tolerance(bf16, long_sums=True) == TOLERANCE["bfloat16 long sums"]
     assert kernel_tolerance(f16) == kernel_tolerance(f16, long_sums=True) == TOLERANCE["float16"]
+    # a dot precision concerns float32 operands only: half inputs keep their own row
+    assert kernel_tolerance(bf16, "tf32") == kernel_tolerance(bf16, "tf32x3") == TOLERANCE["bfloat16"]
+    assert kernel_tolerance(f16, "tf32", long_sums=True) == TOLERANCE["float16"]
     assert TOLERANCE["float32"] < TOLERANCE["float32 long sums"]
     assert TOLERANCE["bfloat16"] < TOLERANCE["bfloat16 long sums"]
 
