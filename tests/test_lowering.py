@@ -142,3 +142,14 @@ def test_proto_fields_reads_nested_messages():
     assert decoded["name"] == "vitfuse_attn_fwd" and decoded["kernel"] == "_attn_fwd"
     assert decoded["grid"] == [128, 0, 0] and decoded["num_warps"] == 4
     assert decoded["ptx_target"] == "sm_90a"
+
+
+def test_proto_fields_reads_fixed_width_fields():
+    """fixed64 (wire type 1) is 8 bytes, fixed32 (wire type 5) 4; the fields after them still parse."""
+    import struct
+    buf = (bytes([1 << 3 | 1]) + struct.pack("<d", 2.5) + bytes([2 << 3 | 5]) + struct.pack("<f", 1.5)
+           + bytes([3 << 3 | 0, 0xAC, 0x02]))  # field 3 = 300, a two-byte varint
+    fields = lowering_check.proto_fields(buf)
+    assert fields == {1: [struct.pack("<d", 2.5)], 2: [struct.pack("<f", 1.5)], 3: [300]}
+    with pytest.raises(ValueError, match="unsupported wire type 3"):
+        lowering_check.proto_fields(bytes([4 << 3 | 3]))
