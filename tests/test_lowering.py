@@ -118,7 +118,8 @@ def test_compare_accepts_exactly_the_launches():
     ([_lowered(_call())] * 3, "unexpected call"),
     ([_lowered(_call()), _lowered(_call(params=4))], "no call for launch"),
     ([_lowered(_call()), _lowered(_call(), target="sm_90")], "PTX .target sm_90,"),
-], ids=["dropped", "duplicated", "other-signature", "wrong-arch"])
+    ([_lowered(_call()), _lowered(_call(), cc=80)], "compute capability 80 (want sm_90a, 90)"),
+], ids=["dropped", "duplicated", "other-signature", "wrong-arch", "wrong-capability"])
 def test_compare_reports(calls, needle):
     problems = lowering_check.compare([_call(), _call()], calls, 90)
     assert any(needle in p for p in problems), problems
