@@ -144,3 +144,28 @@ def test_rotation_count_covers_the_rotate_bytes_up_to_the_cap():
     assert rotation_count(ROTATE_BYTES // 3) == 4  # ceil: at least ROTATE_BYTES in all
     assert rotation_count(ROTATE_BYTES // 3 + 1) == 3
     assert rotation_count(1) == rotation_count(0) == MAX_ROTATE_SETS
+
+
+# ----------------------------------------------------------------------------------------------
+# the work formulas, counted tensor by tensor
+
+
+def test_layernorm_bytes_count_every_tensor_read_and_written():
+    import numpy as np
+
+    m, n = 6, 10
+    for dtype in (jnp.float32, jnp.bfloat16):
+        act = lambda: np.empty((m, n), dtype)  # noqa: E731  x, r, y, dy, ds
+        row, col = np.empty(m, np.float32), np.empty(n, np.float32)  # mean, rstd / gamma, beta, dgamma, dbeta
+        fwd = sum(a.nbytes for a in (act(), act(), col, col, act(), row, row))  # x r gamma beta -> y mean rstd
+        bwd = sum(a.nbytes for a in (act(), act(), act(), col, row, row, act(), col, col))  # dy x r gamma mean rstd -> ds dgamma dbeta
+        itemsize = jnp.dtype(dtype).itemsize
+        assert harness.layernorm_bytes(m, n, itemsize, "fwd") == fwd
+        assert harness.layernorm_bytes(m, n, itemsize, "fwd+bwd") == fwd + bwd
+
+
+def test_attention_flops_count_the_matmuls():
+    b, l, h, dh = 2, 5, 3, 4
+    matmul = 2 * b * h * l * l * dh  # one (L, Dh) x (Dh, L) or (L, L) x (L, Dh) product per head
+    assert harness.attention_flops(b, l, h, dh, "fwd") == 2 * matmul  # QK^T, PV
+    assert harness.attention_flops(b, l, h, dh, "fwd+bwd") == (2 + 5) * matmul  # + QK^T again, dP, dV, dQ, dK
