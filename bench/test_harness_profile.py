@@ -80,6 +80,11 @@ def test_a_wrong_contender_is_reported_failing_and_never_timed(monkeypatch):
     assert bench.rows[0]["median_ms"] is None
     harness.run_kernel_case(bench, case("right"), **run)
     assert len(timed) == 1 and (bench.rows[-1]["contender"], bench.rows[-1]["status"]) == ("right", "timed")
+    # the timed call runs the op on k input sets: each figure is per op, the call's divided by k
+    row, k = bench.rows[-1], harness.rotation_count(4 * 8 * 4)
+    assert k > 1 and row["ops_per_call"] == k
+    assert (row["median_ms"], row["p20_ms"], row["p80_ms"]) == pytest.approx((1.0 / k, 0.9 / k, 1.1 / k))
+    assert row["gb_s"] == pytest.approx(1e-6 / (1e-3 / k))
 
 
 # ----------------------------------------------------------------------------------------------
