@@ -87,6 +87,27 @@ def test_a_wrong_contender_is_reported_failing_and_never_timed(monkeypatch):
     assert row["gb_s"] == pytest.approx(1e-6 / (1e-3 / k))
 
 
+def test_an_interpreted_contender_is_checked_at_the_quick_shape_and_not_timed(monkeypatch):
+    """--benchmark on a machine without a GPU: the fused kernels run in the interpreter, so a
+    product-shape case is checked at the quick shape only, recorded as such and skipped."""
+    monkeypatch.setattr(harness, "time_calls", lambda run, settings: pytest.fail("timed"))
+    bench = harness.BenchSession(timing=True, seed=7, info={**harness.device_info(), "backend": "cpu"})
+    built = []
+
+    def build(contender, shape):
+        built.append((contender, shape))
+        return lambda x: x * 2.0
+
+    case = harness.KernelCase("interpreter test", "layernorm", "fwd", "product", "fused", "fp32")
+    with pytest.raises(pytest.skip.Exception, match="not timed"):
+        harness.run_kernel_case(bench, case, make_inputs=lambda shape, dtype, key: (jnp.ones((2, 3), dtype),),
+                                build=build, work=lambda shape: {"gbytes": 1e-6})
+    assert built == [("reference", "quick"), ("fused", "quick")]
+    (row,) = bench.rows
+    assert (row["status"], row["median_ms"]) == ("checked, not timed", None)
+    assert harness.shape_label("layernorm", "quick") in row["note"]
+
+
 # ----------------------------------------------------------------------------------------------
 # bench.timer: how many calls per sample and how many samples, on a fake clock (nothing is timed
 # here: each call advances the clock by exactly 1/64 s)
