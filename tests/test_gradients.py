@@ -89,6 +89,13 @@ def test_check_catches_a_wrong_gradient():
     assert not rows["x"].ok and rows["w"].ok
 
 
+def test_a_row_is_ok_only_within_both_tolerances():
+    ok = dict(case="c", tensor="t", shape=(2,), fd_rel_err=gradcheck.FD_TOL, autodiff_rel_err=gradcheck.AUTODIFF_TOL)
+    assert gradcheck.Row(**ok).ok
+    assert not gradcheck.Row(**{**ok, "fd_rel_err": 2 * gradcheck.FD_TOL}).ok
+    assert not gradcheck.Row(**{**ok, "autodiff_rel_err": 2 * gradcheck.AUTODIFF_TOL}).ok
+
+
 def test_gradcheck_command_exits_zero(capsys):
     assert gradcheck.main(["--only", "cross-entropy", "--directions", "1"]) == 0
     out = capsys.readouterr().out
