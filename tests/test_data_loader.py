@@ -168,6 +168,18 @@ def test_keep_last_partial_batch_covers_every_image():
     assert batcher.steps_per_epoch() == len(batches) == 7
     assert [len(ids) for ids, _ in batches] == [B] * 6 + [N - 6 * B]
     assert sorted(np.concatenate([ids for ids, _ in batches]).tolist()) == list(range(N))
+    exact = Batcher(numbered_images(2 * B), np.arange(2 * B), B, seed=0, drop_last=False)
+    assert exact.steps_per_epoch() == len(list(exact.epoch(0))) == 2  # no empty third batch
+
+
+def test_streaming_moves_at_most_stream_chunk_bytes_per_transfer(streamed, monkeypatch):
+    # the streamed fixture allows three batches per transfer
+    batcher = Batcher(numbered_images(N), np.arange(N), B, seed=0, **streamed)
+    sizes = []
+    gather = batcher._host_gather
+    monkeypatch.setattr(batcher, "_host_gather", lambda indices: sizes.append(len(indices)) or gather(indices))
+    assert len(list(batcher.epoch(0))) == N // B == 6
+    assert sizes == [3 * B, 3 * B]
 
 
 @pytest.mark.parametrize("mode", ["on-device", "streamed"])
