@@ -394,6 +394,10 @@ def test_wrong_image_size_names_the_file_and_its_size(root):
     with pytest.raises(DatasetError) as e:
         load(root, "train")
     assert str(odd) in str(e.value) and "80x60" in str(e.value)
+    Image.new("RGB", (64, 48)).save(odd, format="JPEG")  # the right width, the wrong height
+    with pytest.raises(DatasetError) as e:
+        load(root, "train")
+    assert str(odd) in str(e.value) and "64x48" in str(e.value)
 
 
 def test_unknown_split_and_dataset(root):
