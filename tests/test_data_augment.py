@@ -11,6 +11,7 @@ from vit.data.augment import (
     cutmix,
     mix_params,
     mixup,
+    paste_box,
     random_crop,
     random_flip,
     train_augment,
@@ -135,6 +136,23 @@ def test_cutmix_pastes_one_box_and_targets_match_its_area():
         np.testing.assert_allclose(mixed_targets, expected, rtol=1e-6, atol=1e-7)
         box_areas.append(int(box.sum()))
     assert any(0 < area < h * w for area in box_areas)  # real boxes were tested, not only empty ones
+
+
+def test_cutmix_box_centre_ranges_over_each_axis():
+    # a wide image (4 x 64), lambda 1/2: a box about 45 columns wide whose centre column is drawn
+    # over all 64 columns (and its row over the 4 rows)
+    b, h, w = 2, 4, 64
+    images = jnp.broadcast_to(jnp.arange(1, b + 1, dtype=jnp.float32)[:, None, None, None], (b, h, w, 1))
+    targets = one_hot_targets(jnp.arange(b), b, 0.0)
+    partner = jnp.array([1, 0])
+    lefts, rights = [], []
+    for seed in range(8):
+        mixed, _ = paste_box(jax.random.key(seed), images, targets, jnp.float32(0.5), partner)
+        cols = np.flatnonzero((np.asarray(mixed)[0, ..., 0] == 2).any(axis=0))  # image 1's pixels in image 0
+        lefts.append(cols.min())
+        rights.append(cols.max())
+    assert max(lefts) > 0 and min(rights) < w - 1  # boxes clipped at neither edge exist
+    assert max(rights) > w // 2 + 8  # centres right of the middle are drawn too
 
 
 def test_cutmix_keeps_uint8_images():
