@@ -30,6 +30,33 @@ def data(cfg, n=16):
     return images, jax.random.randint(k2, (n,), 0, cfg.num_classes)
 
 
+@pytest.mark.parametrize("compute_dtype, dtype", [("bf16", jnp.bfloat16), ("fp32", jnp.float32)])
+def test_the_forward_gets_weights_and_images_in_the_compute_dtype(monkeypatch, compute_dtype, dtype):
+    """Traced only (jax.eval_shape): the train and eval steps hand the model a compute copy of the
+    float32 master weights and the images in the compute dtype; gradients come back float32."""
+    from vit import step as step_module
+
+    seen = []
+    forward = step_module.model_forward
+
+    def spy(params, x, *args, **kwargs):
+        seen.append(({leaf.dtype for leaf in jax.tree_util.tree_leaves(params)}, x.dtype))
+        return forward(params, x, *args, **kwargs)
+
+    monkeypatch.setattr(step_module, "model_forward", spy)
+    cfg = small()
+    params = jax.eval_shape(lambda: vit.init_params(jax.random.PRNGKey(0), cfg))  # shapes only
+    images = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.uint8)
+    labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+    targets = jax.ShapeDtypeStruct((2, cfg.num_classes), jnp.float32)
+    grads = jax.eval_shape(hand_written_grads(cfg, compute_dtype=compute_dtype), params,
+                           jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32), targets, None)[1]
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}
+    jax.eval_shape(step_module.eval_step_fn(cfg, compute_dtype=compute_dtype), params, images, labels,
+                   jax.ShapeDtypeStruct((2,), jnp.bool_))
+    assert seen == [({jnp.dtype(dtype)}, jnp.dtype(dtype))] * 2
+
+
 @pytest.mark.parametrize("norm", ["post", "pre"])
 def test_bf16_gradients_close_to_fp32(norm):
     cfg = small(norm)
