@@ -226,6 +226,18 @@ def test_per_class_writes_the_confusion_matrix(colour_run):
     assert [[name, int(c["matrix"][k, k]), int(c["matrix"][k].sum())] for k, name in enumerate(CLASSES)] == per_class
 
 
+def test_evaluating_the_last_checkpoint_writes_eval_last_json(colour_run, tmp_path):
+    import shutil
+
+    _, run, _ = colour_run
+    run = shutil.copytree(run, tmp_path / "run", ignore=shutil.ignore_patterns("eval-*.json"))
+    code, out = run_quietly(evaluate.main, [run, "--checkpoint", "last", "--no-progress"])
+    assert code == 0, out
+    result = json.loads((run / "eval-last.json").read_text())
+    assert result["checkpoint"] == str(run / "last.npz") and result["count"] == 9
+    assert not (run / "eval-best.json").exists()
+
+
 def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
     """A model that answers the last class whatever it sees (head weights zeroed, bias towards
     it): every image lands in that column, in the row of its true class, and per-class totals are
