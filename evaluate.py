@@ -156,6 +156,10 @@ def predict(args) -> int:
         run = explain.load_run(args.run_dir, args.checkpoint)
         names = run.class_names or explain.load_val(run, args.data_dir,
                                                     not args.no_progress).class_names
+        if len(names) != run.model.num_classes:
+            data_dir = args.data_dir or run.config["data"].get("data_dir")
+            raise DatasetError(f"{data_dir} has {len(names)} classes and the model of {args.run_dir} "
+                               f"{run.model.num_classes} classes: pass the --data-dir it was trained on")
         print(explain.format_predictions(explain.predict_files(run, args.predict, names)))
     except (FileNotFoundError, DatasetError, BadImage, KeyError, CheckpointError) as err:
         fail(str(err))

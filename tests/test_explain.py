@@ -189,6 +189,24 @@ def test_predict_bad_file_is_named(colour_run, tmp_path, capsys):
     assert str(bad) in capsys.readouterr().err
 
 
+def test_predict_with_a_data_dir_of_other_classes_is_an_error(colour_run, tmp_path, capsys, monkeypatch):
+    """A checkpoint without class names (older runs) takes them from --data-dir: one with another
+    number of classes is an error naming both counts, not a traceback."""
+    import shutil
+
+    root, run, _ = colour_run
+    other = shutil.copytree(root, tmp_path / "other", ignore=shutil.ignore_patterns("vitfuse-cache*"))
+    for split in ("train", "val"):
+        shutil.rmtree(other / split / CLASSES[0])
+    monkeypatch.setattr(explain.Run, "class_names", property(lambda self: None))
+    image = next(p for p in (root / "val" / CLASSES[1]).iterdir() if p.is_file())
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run), "--predict", str(image), "--data-dir", str(other), "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "evaluate.py: error:" in err and "2 class" in err and "3 classes" in err, err
+
+
 def test_predict_uses_tiny_imagenet_words(tmp_path, capsys, monkeypatch):
     root = write_fake_tiny_imagenet(tmp_path / "data")
     run = tmp_path / "run"
