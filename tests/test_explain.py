@@ -94,6 +94,9 @@ def test_saliency_grid_and_maps(saliency_run):
     np.testing.assert_array_equal(s["maps"], np.abs(s["grads"]).max(axis=-1))
     assert s["labels"].tolist() == [0, 0, 1, 2, 2]  # val is sorted by class, 3 images each
     assert set(s["predictions"].tolist()) <= {0, 1, 2}
+    r = explain.load_run(run)  # the predictions are the model's top class of each image
+    logits = np.asarray(vit.forward(r.params, explain.model_input(s["images"], r.mean, r.std), r.model))
+    np.testing.assert_array_equal(s["predictions"], logits.argmax(-1))
 
 
 def test_saliency_map_is_the_gradient_of_each_images_loss(saliency_run):
