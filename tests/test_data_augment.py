@@ -95,6 +95,16 @@ def labelled_batch(b=16, k=20):
     return images, labels, one_hot_targets(labels, k, 0.1)
 
 
+def test_lambda_is_symmetric_beta_alpha_alpha():
+    # Beta(a, a) is symmetric about 1/2 with variance 1 / (4 (2a + 1)); 4000 draws pin both
+    alpha, n = 0.4, 4000
+    lam = np.asarray(jax.vmap(lambda k: mix_params(k, 2, alpha)[0])(jax.random.split(KEY, n)))
+    assert lam.dtype == np.float32 and ((lam >= 0) & (lam <= 1)).all()
+    se = np.sqrt(1 / (4 * (2 * alpha + 1)) / n)
+    assert abs(lam.mean() - 0.5) < 6 * se
+    assert abs(lam.var() - 1 / (4 * (2 * alpha + 1))) < 0.1 * lam.var()
+
+
 def test_mixup_mixes_images_and_targets_with_the_same_lambda():
     images, _, targets = labelled_batch()
     mixed, mixed_targets = mixup(KEY, images, targets, 0.4)
