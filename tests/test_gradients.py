@@ -89,6 +89,17 @@ def test_check_catches_a_wrong_gradient():
     assert not rows["x"].ok and rows["w"].ok
 
 
+def test_gradcheck_command_exits_one_when_a_gradient_is_wrong(monkeypatch, capsys):
+    def broken_cases(seed):  # y = a * b, whose gradient for b is off by 0.1% (for a right)
+        a, b = cases.normal(jax.random.PRNGKey(1), (3,)), cases.normal(jax.random.PRNGKey(2), (3,))
+        return [cases.Case("product (broken)", {"a": a, "b": b}, lambda i: (i["a"] * i["b"], None),
+                           lambda i, c, dy: {"a": dy * i["b"], "b": 1.001 * dy * i["a"]})]
+    monkeypatch.setattr(gradcheck, "all_cases", broken_cases)
+    assert gradcheck.main(["--directions", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert "FAIL" in out and "FAILED: 1 tensor(s) above tolerance" in err
+
+
 def test_a_row_is_ok_only_within_both_tolerances():
     ok = dict(case="c", tensor="t", shape=(2,), fd_rel_err=gradcheck.FD_TOL, autodiff_rel_err=gradcheck.AUTODIFF_TOL)
     assert gradcheck.Row(**ok).ok
