@@ -74,6 +74,30 @@ def test_a_checkpoint_round_trips_a_bare_array_and_names_a_missing_tree(tmp_path
         checkpoint.load(path, meta_keys=("epoch", "step_in_epoch"), trees=("params",))
 
 
+def test_a_zip_of_damaged_arrays_is_a_checkpoint_error(tmp_path):
+    """A sound zip with a meta record whose array is damaged (a broken .npy header) or pickled (an
+    object array, which load refuses to unpickle): a CheckpointError naming the file, not numpy's
+    own ValueError."""
+    import io
+    import zipfile
+
+    def npy(array):
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=True)
+        return buffer.getvalue()
+
+    good = npy(np.arange(3.0))
+    for name, member in (("header.npz", good[:8] + b"{'descr': nonsense}" + good[8:]),
+                         ("pickled.npz", npy(np.array([{"a": 1}], dtype=object)))):
+        path = tmp_path / name
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("__meta__.npy", npy(np.array('{"epoch": 0}')))
+            z.writestr("params/w.npy", member)
+        with pytest.raises(checkpoint.CheckpointError, match="is damaged") as e:
+            checkpoint.load(path)
+        assert str(path) in str(e.value)
+
+
 def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
     s = RunState.fresh({}, {}, [0.0], [1.0])
     s.account(2.0, 0.5, 10)
