@@ -138,12 +138,13 @@ def test_benchmark_runs_every_targets_rows_first():
     def key(test_id):
         name, _, params = test_id.partition("[")
         params = params.rstrip("]")
-        if "test_train_step" in name:
+        name = name.rpartition("::")[2]
+        if name == "test_train_step":
             shape, contender = split_shape(params, harness.STEP_BATCH)
             return "train step", shape, contender, "bf16" if contender.endswith("-bf16") else "fp32"
         for test, group, shapes in (("test_attention", "attention", harness.ATTN_SHAPES),
                                     ("test_add_layernorm", "add+layernorm", harness.LN_SHAPES)):
-            if test in name:
+            if name == test:
                 mode, rest = params.split("-", 1)
                 shape, rest = split_shape(rest, shapes)
                 dtype, contender = rest.split("-", 1)
