@@ -4,6 +4,7 @@ the saliency grid (checked against finite differences of the loss), --predict, t
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -259,10 +260,9 @@ def test_evaluating_the_last_checkpoint_writes_eval_last_json(colour_run, tmp_pa
     assert not (run / "eval-best.json").exists()
 
 
-def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
-    """A model that answers the last class whatever it sees (head weights zeroed, bias towards
-    it): every image lands in that column, in the row of its true class, and per-class totals are
-    the images of each class, not the answers given."""
+def run_that_answers(colour_run, tmp_path, k: int) -> Path:
+    """A copy of the colour run whose model answers class k whatever it sees (head weights
+    zeroed, bias towards k)."""
     import shutil
 
     from vit import checkpoint
@@ -272,8 +272,16 @@ def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
     trees, meta = checkpoint.load(run / "best.npz")
     head = trees["params"]["head"]
     head["w"] = np.zeros_like(head["w"])
-    head["b"] = np.array([0.0, 0.0, 5.0], head["b"].dtype)
+    head["b"] = np.where(np.arange(head["b"].shape[0]) == k, 5.0, 0.0).astype(head["b"].dtype)
     checkpoint.save(run / "best.npz", trees, meta)
+    return run
+
+
+def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
+    """A model that answers the last class whatever it sees (head weights zeroed, bias towards
+    it): every image lands in that column, in the row of its true class, and per-class totals are
+    the images of each class, not the answers given."""
+    run = run_that_answers(colour_run, tmp_path, 2)
     result = evaluate.evaluate(run, "best", progress=False)
     true = np.bincount(explain.load_val(explain.load_run(run), progress=False).labels, minlength=3)
     assert true.min() > 0 and true.sum() == 9
@@ -288,17 +296,7 @@ def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
 def test_per_class_table_lists_the_least_accurate_classes_first(colour_run, tmp_path, monkeypatch):
     """A model that answers the first class whatever it sees: that class is 100% right, the others
     0%, so the table (worst first) puts the first class last."""
-    import shutil
-
-    from vit import checkpoint
-
-    _, run, _ = colour_run
-    run = shutil.copytree(run, tmp_path / "run")
-    trees, meta = checkpoint.load(run / "best.npz")
-    head = trees["params"]["head"]
-    head["w"] = np.zeros_like(head["w"])
-    head["b"] = np.array([5.0, 0.0, 0.0], head["b"].dtype)
-    checkpoint.save(run / "best.npz", trees, meta)
+    run = run_that_answers(colour_run, tmp_path, 0)
     monkeypatch.setattr(explain, "write_confusion", lambda *a: {"png": "-", "shown": [0, 1, 2]})  # no PNG
     code, out = run_quietly(evaluate.main, [run, "--per-class", "--no-progress"])
     assert code == 0, out
