@@ -14,6 +14,7 @@ from pathlib import Path
 from bench.device import peak_for
 from bench.harness import EPOCH_IMAGES, BenchSession, shape_label
 from oracle.compare import TOLERANCE
+from vit.data.cache import write_text_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -283,8 +284,9 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
             "method": METHOD, "formulas": FORMULAS,
             "command": "python -m pytest bench/ --benchmark", "argv": sys.argv}
     out_dir.mkdir(parents=True, exist_ok=True)
-    _replace(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    _replace(md_path, markdown(rows, meta))
+    # whole or not at all: a run killed mid-write leaves the previous version
+    write_text_atomic(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_text_atomic(md_path, markdown(rows, meta))
     session.rows_written = len(session.rows)
     summary = "\n".join([f"targets ({'GPU, product shape'}):"]
                         + [f"  {t}: {v}" + (f" [{m}]" if m != "-" else "") for t, m, v in meta["targets"]]
@@ -292,13 +294,6 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
     return json_path, md_path, summary
 
 
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write path whole or not at all (a kill mid-write leaves the previous version)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 FORMULAS = {

@@ -45,6 +45,7 @@ from kernels.flash_attention import Blocks
 from kernels.launch import record_launches
 from oracle.compare import compare, kernel_tolerance
 from oracle.kernel_gradcheck import attention_inputs
+from vit.data.cache import write_text_atomic
 from vit.ops import REFERENCE
 
 ONE_TILE_WARPS = (4, 8)
@@ -235,7 +236,7 @@ def write_table(path: Path, new_rows: list[dict]) -> None:
     replaced = {key(r) for r in new_rows}
     data["rows"] = [r for r in data["rows"] if key(r) not in replaced] + new_rows
     data["rows"].sort(key=key)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")  # rewritten during a run: whole or not at all
     dispatch.load_table(path)  # the file must still be a valid table
 
 
@@ -311,7 +312,7 @@ def main(argv=None) -> int:
         if args.out:
             partial = (f"**Partial: {len(tables)} of {len(pairs)} shape/dtype pairs so far; if this "
                        "line is still here, the run never finished.**\n\n") if len(tables) < len(pairs) else ""
-            Path(args.out).write_text(f"# {title}\n\n{partial}" + "\n".join(tables))
+            write_text_atomic(Path(args.out), f"# {title}\n\n{partial}" + "\n".join(tables))
             print(f"wrote {args.out} ({len(tables)} of {len(pairs)})")
         if args.table and new_rows:
             write_table(Path(args.table), new_rows)

@@ -157,6 +157,11 @@ def write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """write_atomic of a text file (UTF-8)."""
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
 def build_cache(
     cache_dir: Path,
     prefix: str,
