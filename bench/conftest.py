@@ -59,11 +59,12 @@ def pytest_collection_modifyitems(config, items):
     then the rest: a run cut short still judges as many targets as it measured."""
     if config.getoption("vitfuse_benchmark"):
         first = report.target_rows()
-        items.sort(key=lambda item: _row_key(item) not in first)  # stable: False first
+        items.sort(key=lambda item: _target_row_key(item) not in first)  # stable: False first
 
 
-def _row_key(item) -> tuple | None:
-    """(group, shape name, contender, dtype) of a bench test's row, None for other tests."""
+def _target_row_key(item) -> tuple | None:
+    """(group, shape name, contender, dtype) of a bench test's row, as report.target_rows names
+    rows (report._row_key names them by shape label instead); None for other tests."""
     params = getattr(item, "callspec", None) and item.callspec.params
     if not params:
         return None
