@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit import layers, model
 from vit.config import ViTConfig
@@ -27,7 +28,11 @@ class Case:
 
 
 def normal(key, shape, scale=1.0):
-    return scale * jax.random.normal(key, shape, jnp.float64)
+    """Standard normal draws (times `scale`) as float64, from numpy's generator seeded with the
+    key's bits: jax.random.normal compiles once per shape, and those compilations were most of
+    the time it took to build the cases."""
+    rng = np.random.default_rng(np.asarray(key, np.uint32))
+    return jnp.asarray(scale * rng.standard_normal(shape), jnp.float64)
 
 
 def keys(seed, n):
