@@ -73,8 +73,9 @@ def test_float32_gradients_equal_autodiff(norm):
     key = jax.random.PRNGKey(5)
     from vit.ops import REFERENCE
     from vit.step import hand_written_grads
-    l1, g1, _ = hand_written_grads(cfg, REFERENCE)(params, x, targets, key)
-    l2, g2, _ = autodiff_grad_fn(cfg)(params, x, targets, key)
+    # jitted, as the training step runs them (op by op, each op's compilation took most of the time)
+    l1, g1, _ = jax.jit(hand_written_grads(cfg, REFERENCE))(params, x, targets, key)
+    l2, g2, _ = jax.jit(autodiff_grad_fn(cfg))(params, x, targets, key)
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
     scale = float(vit.optim.global_norm(g2))
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
