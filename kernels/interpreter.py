@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import types
 
 import jax
 import numpy as np
@@ -70,9 +71,12 @@ def _interpreted_device_calls():
        in triton.language.standard). With TRITON_INTERPRET=1 set before triton is imported,
        ``triton.jit`` makes every function an ``InterpretedFunction``; we decide per call instead,
        so those library functions stay ``JITFunction``s whose ``__call__`` refuses to run outside
-       a compiled kernel. Here ``JITFunction.__call__`` runs the function's Python body with
-       ``triton.language`` patched for the interpreter (patched and restored around each call, so
-       the patches nest and nothing leaks into later compiled launches).
+       a compiled kernel. Here ``JITFunction.__call__`` runs the function's Python body, with
+       ``triton.language`` patched for the interpreter: ``tl`` by the launch itself, ``tl.core``
+       (what the library functions see) by us, once per launch and *before* the launch patches
+       ``tl``, so that the two patches unwind in reverse order (they share ``tl.tensor``) and
+       nothing leaks into later compiled launches. (Patching around each call instead cost a
+       fifth of an interpreted attention launch.)
     2. Round float32 -> bfloat16 to nearest even, as the GPU does (``x.to(tl.bfloat16)`` defaults
        to RTNE); the interpreter (3.6 and 3.9) truncates toward zero there, a bias of up to one
        bf16 ulp that the reference (XLA, RTNE) does not have.
@@ -82,11 +86,7 @@ def _interpreted_device_calls():
     import triton.language as tl  # noqa: PLC0415
 
     def device_call(jit_fn, *args, **kwargs):
-        scope = interp._patch_lang(jit_fn.fn)
-        try:
-            return interp.InterpretedFunction(jit_fn.fn).rewrite()(*args, **kwargs)
-        finally:
-            scope.restore()
+        return interp.InterpretedFunction(jit_fn.fn).rewrite()(*args, **kwargs)
 
     builder_cls = interp.InterpreterBuilder
     original_trunc = builder_cls.create_fp_trunc
@@ -97,14 +97,18 @@ def _interpreted_device_calls():
             return interp.TensorHandle(data, dst_type.scalar)
         return original_trunc(builder, src, dst_type)
 
+    # tl.core patched once, before the launch patches tl (see 1. above); _patch_lang reads only
+    # a function's __globals__, so a stand-in that sees tl.core alone will do.
+    core_scope = interp._patch_lang(types.SimpleNamespace(__globals__={"core": tl.core}))
     original_call = JITFunction.__call__
-    JITFunction.__call__ = device_call
-    builder_cls.create_fp_trunc = fp_trunc_rtne
     try:
+        JITFunction.__call__ = device_call
+        builder_cls.create_fp_trunc = fp_trunc_rtne
         yield
     finally:
         JITFunction.__call__ = original_call
         builder_cls.create_fp_trunc = original_trunc
+        core_scope.restore()
 
 
 _BF16 = np.dtype(jax.numpy.bfloat16)
