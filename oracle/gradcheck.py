@@ -116,13 +116,17 @@ def check_case(case: Case, seed=0, directions=3, h=1e-4) -> list[Row]:
     return rows
 
 
+_HEADER = (f"{'layer':<52} {'tensor':<26} {'shape':<14} {'vs finite diff':>14} "
+           f"{'vs autodiff':>12}  ok")
+
+
+def format_row(r: Row) -> str:
+    return (f"{r.case:<52} {r.tensor:<26} {str(r.shape).replace(' ', ''):<14} "
+            f"{r.fd_rel_err:>14.2e} {r.autodiff_rel_err:>12.2e}  {'ok' if r.ok else 'FAIL'}")
+
+
 def format_table(rows: list[Row]) -> str:
-    head = f"{'layer':<52} {'tensor':<26} {'shape':<14} {'vs finite diff':>14} {'vs autodiff':>12}  ok"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.case:<52} {r.tensor:<26} {str(r.shape).replace(' ', ''):<14} "
-                     f"{r.fd_rel_err:>14.2e} {r.autodiff_rel_err:>12.2e}  {'ok' if r.ok else 'FAIL'}")
-    return "\n".join(lines)
+    return "\n".join([_HEADER, "-" * len(_HEADER)] + [format_row(r) for r in rows])
 
 
 def main(argv=None) -> int:
@@ -147,10 +151,12 @@ def _run(parser, args) -> int:
         cases = [c for c in cases if args.only.lower() in c.name.lower()]
         if not cases:
             parser.error(f"--only {args.only!r} matches no case")
+    print(format_table([]), flush=True)
     rows = []
-    for case in cases:
-        rows += check_case(case, args.seed, args.directions)
-    print(format_table(rows))
+    for case in cases:  # each case's rows as soon as it is checked (the whole run takes ~40 s)
+        case_rows = check_case(case, args.seed, args.directions)
+        print("\n".join(format_row(r) for r in case_rows), flush=True)
+        rows += case_rows
     bad = [r for r in rows if not r.ok]
     worst_fd = max(r.fd_rel_err for r in rows)
     worst_ad = max(r.autodiff_rel_err for r in rows)

@@ -111,3 +111,16 @@ def test_gradcheck_command_exits_zero(capsys):
     assert gradcheck.main(["--only", "cross-entropy", "--directions", "1"]) == 0
     out = capsys.readouterr().out
     assert "vs finite diff" in out and "all gradients agree" in out
+
+
+def test_gradcheck_command_prints_each_case_as_it_is_checked(monkeypatch, capsys):
+    """Rows come out case by case, not all at the end: here a later case breaks, and the rows of
+    the one before it have been printed already."""
+    def stop(i):
+        raise RuntimeError("the second case")
+    good = cases.layer_cases(seed=0)[0]
+    monkeypatch.setattr(gradcheck, "all_cases", lambda seed: [good, cases.Case("broken", good.inputs, stop, None)])
+    with pytest.raises(RuntimeError, match="the second case"):
+        gradcheck.main(["--directions", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("dense ")]
+    assert sorted(r[1] for r in rows) == ["b", "w", "x"] and all(r[-1] == "ok" for r in rows)
