@@ -68,9 +68,10 @@ ROW = ('bench.record(group="add+layernorm fwd+bwd", shape="B=64", contender="{0}
        'dtype="fp32", status="timed", median_ms=1.0, p20_ms=1.0, p80_ms=1.0, gb_s=1.0)')
 
 
-def run_bench_session(tmp_path, last_test: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """pytest --benchmark with bench/conftest.py as a plugin on two tests that each add a row and
-    a third, last_test; -> (the process, the results file it left)."""
+def run_bench_session(tmp_path, last_test: str, *flags: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """pytest (flags: --benchmark unless given) with bench/conftest.py as a plugin on two tests
+    that each add a row and a third, last_test; -> (the process, the results file it left, or
+    None if it left none)."""
     tests = tmp_path / "test_rows.py"
     tests.write_text(textwrap.dedent(f"""\
         import os, signal
@@ -85,10 +86,13 @@ def run_bench_session(tmp_path, last_test: str) -> tuple[subprocess.CompletedPro
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not the repository's settings
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "bench.conftest", "-p", "no:cacheprovider",
-                           "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"), "--benchmark",
-                           "--bench-results", str(results), str(tests)],
+                           "--rootdir", str(tmp_path), "-c", str(tmp_path / "pytest.ini"),
+                           *(flags or ["--benchmark"]), "--bench-results", str(results), str(tests)],
                           cwd=root, capture_output=True, text=True)
-    (json_path,) = results.glob("*.json")
+    found = list(results.glob("*.json"))
+    if not found:
+        return proc, None
+    (json_path,) = found
     return proc, json.loads(json_path.read_text())
 
 
@@ -113,6 +117,14 @@ def test_an_interrupted_run_stays_partial(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert [r["contender"] for r in data["rows"]] == ["reference", "fused"]
     assert data["meta"]["finished"] is False and "row 2" in data["meta"]["partial"]
+
+
+def test_a_run_without_benchmark_writes_no_results_files(tmp_path):
+    """Plain pytest (the quick checks, also part of the suite) records rows too, but times
+    nothing: it must not write results files (bench/results/ is committed)."""
+    proc, data = run_bench_session(tmp_path, "pass", "-q")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert data is None and not (tmp_path / "results").exists()
 
 
 def test_merged_rows_runs_and_peaks_keep_their_order_and_the_newest_peaks(tmp_path):
