@@ -100,6 +100,17 @@ def test_the_dispatcher_target_is_met_outright_only_when_both_directions_run_one
     assert untimed[target][1] == "not evaluated: no fused-one-tile (fp32) row in this run"
 
 
+def test_the_rows_the_bench_runs_first_are_enough_to_judge_every_target():
+    """report.target_rows names (group, shape name, contender, dtype): timed rows of exactly
+    those give every target a verdict (a row left out, or named at the wrong shape, would be
+    run late and leave its target unjudged in a run cut short)."""
+    kinds = {"attention fwd+bwd": "attention", "add+layernorm fwd+bwd": "layernorm", "train step": "step"}
+    rows = [row(contender, dtype, 1.0, group=group, kind=kinds[group], shape=shape)
+            for group, shape, contender, dtype in report.target_rows()]
+    for target, (measured, verdict) in verdicts(rows).items():
+        assert not verdict.startswith("not evaluated"), (target, verdict)
+
+
 def test_plot_draws_each_timed_rows_speedup(tmp_path, capsys):
     """bench/plot.py on a results file: one bar per timed row with a speedup, its height that
     speedup; untimed rows are listed, not drawn."""
