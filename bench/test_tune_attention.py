@@ -47,16 +47,21 @@ def test_interpreted_run_checks_every_variant_of_both_kernels(tmp_path, capsys):
     assert "wrong" not in capsys.readouterr().out and "not timed" in text
 
 
+def timed_rows(shape):
+    """What tune returns for one shape on a GPU: one timed key-blocked row per direction."""
+    return [{"shape": "x".join(map(str, shape)), "dtype": "bfloat16", "direction": direction,
+             "kernel": "key-blocked", "variant": "64x32", "setting": Blocks(64, 32, 4, 2),
+             "default": True, "planned": True, "median_ms": 0.5, "p20_ms": 0.4, "p80_ms": 0.6}
+            for direction in ("fwd", "bwd")]
+
+
 def test_a_run_cut_short_keeps_the_tables_of_the_shapes_it_finished(tmp_path, monkeypatch):
     """--out and --table are written after every shape and dtype: when the second shape dies
     (here tune raises; on a GPU, a timeout), the first one's table and winners are on disk."""
     def fake_tune(shape, dtype, dot_precision, interpret, settings, grid, with_resources):
         if shape[1] != 197:
             raise RuntimeError("cut short")
-        return [{"shape": "x".join(map(str, shape)), "dtype": "bfloat16", "direction": direction,
-                 "kernel": "key-blocked", "variant": "64x32", "setting": Blocks(64, 32, 4, 2),
-                 "default": True, "planned": True, "median_ms": 0.5, "p20_ms": 0.4, "p80_ms": 0.6}
-                for direction in ("fwd", "bwd")]
+        return timed_rows(shape)
     monkeypatch.setattr(tune_attention, "tune", fake_tune)
     monkeypatch.setattr(tune_attention.jax, "default_backend", lambda: "gpu")
     out, table = tmp_path / "tune.md", tmp_path / "table.json"
@@ -92,3 +97,26 @@ def test_table_rows_pick_the_fastest_and_round_trip(tmp_path):
     tune_attention.write_table(path, [dict(r, device="NVIDIA A100-SXM4-80GB") for r in table])
     loaded = dispatch.load_table(path)
     assert sorted(r["device"] for r in loaded) == ["NVIDIA A100-SXM4-80GB"] * 2 + ["NVIDIA H200"] * 2
+
+
+def test_a_finished_run_is_not_marked_partial_and_a_wrong_variant_fails_it(tmp_path, monkeypatch, capsys):
+    """The last write of --out drops the 'Partial' line; a variant that gave wrong results makes
+    the run exit 1 (gpu.sh's tune part fails on it), one that does not compile (too many blocks
+    for shared memory) is reported but is no failure."""
+    def fake_tune(shape, dtype, dot_precision, interpret, settings, grid, with_resources):
+        rows = timed_rows(shape)
+        error = "wrong: rel 3.0e-01, 0 non-finite" if shape[1] == 577 else "OutOfResources: shared memory"
+        rows.append({k: v for k, v in rows[0].items() if k not in ("median_ms", "p20_ms", "p80_ms")})
+        rows[-1].update(variant="128x64", setting=Blocks(128, 64, 8, 2), default=False, planned=False,
+                        error=error)
+        return rows
+    monkeypatch.setattr(tune_attention, "tune", fake_tune)
+    monkeypatch.setattr(tune_attention.jax, "default_backend", lambda: "gpu")
+    out = tmp_path / "tune.md"
+    assert tune_attention.main(["--shape", "64x197x12x64", "64x577x12x64", "--dtype", "bfloat16",
+                                "--out", str(out)]) == 1
+    text = out.read_text()
+    assert "B,L,H,Dh = (64, 197, 12, 64)" in text and "B,L,H,Dh = (64, 577, 12, 64)" in text
+    assert "Partial" not in text, text
+    assert "1 variant(s) gave wrong results" in capsys.readouterr().out
+
