@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from bench import tune_attention
-from kernels import attention, dispatch
+from kernels import attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
 from kernels.launch import record_launches
 
@@ -120,3 +120,29 @@ def test_a_finished_run_is_not_marked_partial_and_a_wrong_variant_fails_it(tmp_p
     assert "Partial" not in text, text
     assert "1 variant(s) gave wrong results" in capsys.readouterr().out
 
+
+def test_tune_marks_the_plan_and_the_defaults_and_times_each_variant_against_the_plan(monkeypatch):
+    """Per direction: exactly one row is the dispatcher's plan (its kernel at its setting), one
+    one-tile row is attention.geometry's default and one key-blocked row default_blocks'; each
+    row's vs_plan is the planned median over its own (here with made-up timings)."""
+    medians = iter(1.0 + 0.25 * i for i in range(1000))
+
+    def fake_check_and_time(row, *args):
+        m = next(medians)
+        row.update(median_ms=m, p20_ms=m, p80_ms=m)
+    monkeypatch.setattr(tune_attention, "_check_and_time", fake_check_and_time)
+    b, l, heads, dh, f32 = 1, 5, 1, 16, jnp.float32
+    rows = tune_attention.tune((b, l, heads, dh), f32, "ieee", True, None, grid="quick")
+    for direction in ("fwd", "bwd"):
+        mine = [r for r in rows if r["direction"] == direction]
+        plan = dispatch.plan(l, dh, f32, "ieee", direction, True)
+        one_tile_default = tune_attention.default_geometry(b, l, heads, dh, f32, "ieee", direction)
+        (planned,) = [r for r in mine if r["planned"]]
+        assert planned["kernel"] == plan.kernel == "one-tile" and planned["setting"] == one_tile_default
+        defaults = {r["kernel"]: r["setting"] for r in mine if r["default"]}
+        assert len([r for r in mine if r["default"]]) == 2 and defaults == {
+            "one-tile": one_tile_default,
+            "key-blocked": flash_attention.default_blocks(l, dh, f32, "ieee", direction == "bwd")}
+        assert len({r["kernel"] for r in mine}) == 2 and len(mine) > 2
+        for r in mine:
+            assert r["vs_plan"] == pytest.approx(planned["median_ms"] / r["median_ms"]), r
