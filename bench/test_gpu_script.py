@@ -5,6 +5,7 @@ install over an older copy and both jax-triton and absl-py must be there."""
 import base64
 import hashlib
 import os
+import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -12,11 +13,11 @@ from pathlib import Path
 SCRIPT = Path(__file__).with_name("gpu.sh")
 
 
-def run(tmp_path, *parts, **env):
+def run(tmp_path, *parts, script=SCRIPT, **env):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "JAX_PLATFORMS": "cpu",
            "WHEELS": str(tmp_path / "no-wheels"), "SITE": str(tmp_path / "site"), **env}
     # no timeout: a wall clock that a busy machine can exceed is no test (each part fails at once)
-    return subprocess.run(["bash", str(SCRIPT), *parts], capture_output=True, text=True, env=env)
+    return subprocess.run(["bash", str(script), *parts], capture_output=True, text=True, env=env)
 
 
 def test_unknown_part_is_exit_2(tmp_path):
@@ -55,19 +56,23 @@ case "$*" in
     exit "${FAKE_FP32_RC:-0}" ;;
   "-m pytest "*) echo "preallocate=$XLA_PYTHON_CLIENT_PREALLOCATE platforms=$JAX_PLATFORMS unbuffered=${PYTHONUNBUFFERED:-}"
     [ -n "${FAKE_PYTEST_SLEEP:-}" ] && { echo "pytest sleeps"; sleep "$FAKE_PYTEST_SLEEP"; echo "pytest woke"; }
-    exit 0 ;;
+    # the bench's results files (only with a copy of the repository: see repo_copy); written a
+    # little after the start, so that they are newer than gpu.sh's marker at any clock resolution
+    [ -n "${FAKE_RESULTS:-}" ] && { sleep 0.1; touch "bench/results/$FAKE_RESULTS.json" "bench/results/$FAKE_RESULTS.md"; }
+    exit "${FAKE_PYTEST_RC:-0}" ;;
+  "-m bench.tune_attention "*) exit 0 ;;
 esac
 exit 1
 """
 
 
-def run_fake_python(tmp_path, *parts, **env):
+def run_fake_python(tmp_path, *parts, script=SCRIPT, **env):
     """gpu.sh with PYTHON a fake (FAKE_PYTHON); -> (exit status, {part: log}, python calls)."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     calls = tmp_path / "calls"
-    proc = run(tmp_path, *parts, PYTHON=str(fake), FAKE_CALLS=str(calls), **env)
+    proc = run(tmp_path, *parts, script=script, PYTHON=str(fake), FAKE_CALLS=str(calls), **env)
     logs = {part: (tmp_path / "out" / f"{part}.log").read_text() for part in parts}
     return proc.returncode, logs, calls.read_text().splitlines()
 
@@ -100,6 +105,48 @@ def test_gradcheck_part_runs_float32_and_bf16_and_fails_if_either_does(tmp_path)
         assert "fp32 gradcheck preallocate=false" in log and "bf16 gradcheck preallocate=false" in log, log
         assert f"=== gradcheck: exit {rc}" in log, (env, log)
         (tmp_path / "calls").unlink()
+
+
+def repo_copy(tmp_path) -> Path:
+    """A folder laid out as the repository with gpu.sh in it (gpu.sh works in the repository its
+    bench/ is in), for parts that read or write files there; -> its root."""
+    root = tmp_path / "repo"
+    (root / "bench" / "results").mkdir(parents=True)
+    (root / "kernels").mkdir()
+    shutil.copy(SCRIPT, root / "bench" / "gpu.sh")
+    return root
+
+
+def test_bench_part_copies_only_this_runs_results_and_fails_when_the_bench_does(tmp_path):
+    """bench/results/ also holds committed results of other runs: only the files this run wrote
+    go to $OUT (a lent machine returns a few files only); a bench whose checks fail fails the
+    part, though its results files are still copied."""
+    root = repo_copy(tmp_path)
+    committed = root / "bench" / "results" / "cpu-2026-01-01.json"
+    committed.write_text("{}")
+    os.utime(committed, (0, 0))
+    for rc in (0, 1):
+        _, logs, _ = run_fake_python(tmp_path, "bench", script=root / "bench" / "gpu.sh",
+                                     FAKE_RESULTS=f"gpu-run{rc}", FAKE_PYTEST_RC=str(rc))
+        assert f"=== bench: exit {rc}" in logs["bench"], logs["bench"]
+        copied = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix != ".log")
+        assert copied == [f"gpu-run{rc}.json", f"gpu-run{rc}.md"], (copied, logs["bench"])
+        shutil.rmtree(tmp_path / "out")
+        (tmp_path / "calls").unlink()
+
+
+def test_tune_part_merges_into_a_copy_of_the_committed_table(tmp_path):
+    """The tune part's table starts as kernels/attention_table.json, so the one that comes back
+    in $OUT keeps the rows of other GPUs when it is copied over the committed one."""
+    root = repo_copy(tmp_path)
+    table = '{"rows": [{"device": "another GPU"}]}\n'
+    (root / "kernels" / "attention_table.json").write_text(table)
+    _, logs, calls = run_fake_python(tmp_path, "tune", script=root / "bench" / "gpu.sh")
+    out = tmp_path / "out"
+    assert "=== tune: exit 0" in logs["tune"], logs["tune"]
+    assert (out / "attention_table.json").read_text() == table
+    assert calls == [f"-m bench.tune_attention --grid quick --table {out}/attention_table.json "
+                     f"--out {out}/tune-attention.md"]
 
 
 def test_total_timeout_ends_the_script_and_skips_the_parts_it_leaves_no_time(tmp_path):
