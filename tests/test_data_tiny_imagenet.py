@@ -11,6 +11,7 @@ from PIL import Image
 from vit.data import DatasetError, load_dataset
 from vit.data import __main__ as cli
 from vit.data import tiny_imagenet
+from vit.data.cache import write_atomic, write_text_atomic
 from vit.data.fake import fake_wnid, write_fake_tiny_imagenet
 
 NUM_CLASSES, PER_CLASS, VAL = 3, 4, 6
@@ -254,6 +255,27 @@ def test_interrupted_rebuild_leaves_no_cache_that_counts(root, monkeypatch):
     monkeypatch.setattr(tiny_imagenet, "decode_image", original)
     after = load(root, "train")
     np.testing.assert_array_equal(after.images[0], reference_rgb(first_train_image(root)))
+
+
+def test_write_atomic_replaces_a_file_whole_or_not_at_all(tmp_path):
+    """write_atomic (the cache's labels and manifest; the bench's results files, rewritten while
+    a run goes on): a reader that opened the old file reads all of it, a new reader the new one;
+    a write that fails half-way leaves the old file and no temporary file."""
+    path = tmp_path / "results.json"
+    path.write_text("old version\n")
+    with open(path) as reader:
+        write_text_atomic(path, "new version\n")
+        assert reader.read() == "old version\n"
+    assert path.read_text() == "new version\n"
+
+    def failing(f):
+        f.write(b"half of a new ver")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, failing)
+    assert path.read_text() == "new version\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
 # --- errors ------------------------------------------------------------------------------------------------------
