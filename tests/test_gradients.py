@@ -87,6 +87,9 @@ def test_check_catches_a_wrong_gradient():
                                              "x": 1.001 * case.backward(i, c, dy)["x"]})
     rows = {r.tensor: r for r in gradcheck.check_case(wrong)}
     assert not rows["x"].ok and rows["w"].ok
+    # both columns see it: each is a check of its own (the autodiff one measured against the
+    # oracle's gradient, not the hand-written one again)
+    assert rows["x"].fd_rel_err > gradcheck.FD_TOL and rows["x"].autodiff_rel_err > gradcheck.AUTODIFF_TOL
 
 
 def test_gradcheck_command_exits_one_when_a_gradient_is_wrong(monkeypatch, capsys):
