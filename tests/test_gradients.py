@@ -92,6 +92,16 @@ def test_check_catches_a_wrong_gradient():
     assert rows["x"].fd_rel_err > gradcheck.FD_TOL and rows["x"].autodiff_rel_err > gradcheck.AUTODIFF_TOL
 
 
+def test_check_refuses_a_gradient_of_another_shape():
+    """A gradient with the input's size but not its shape (here db as (1, F)) would broadcast
+    against autodiff's and pass: it is an error naming the tensor."""
+    case = cases.layer_cases(seed=0)[0]
+    wrong = cases.Case("dense (db 2-D)", case.inputs, case.forward,
+                       lambda i, c, dy: {**case.backward(i, c, dy), "b": case.backward(i, c, dy)["b"][None]})
+    with pytest.raises(AssertionError, match=r"gradient of b has shape \(1, 20\), input has \(20,\)"):
+        gradcheck.check_case(wrong)
+
+
 def test_gradcheck_command_exits_one_when_a_gradient_is_wrong(monkeypatch, capsys):
     def broken_cases(seed):  # y = a * b, whose gradient for b is off by 0.1% (for a right)
         a, b = cases.normal(jax.random.PRNGKey(1), (3,)), cases.normal(jax.random.PRNGKey(2), (3,))
