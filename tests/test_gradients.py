@@ -102,6 +102,16 @@ def test_check_refuses_a_gradient_of_another_shape():
         gradcheck.check_case(wrong)
 
 
+def test_normal_draws_follow_the_key_and_the_scale():
+    """The cases' inputs: the same key draws the same values, another key others (a generator
+    seeded regardless of the key would make q, k and v of a case equal), scaled, float64."""
+    k1, k2 = cases.keys(0, 2)
+    a = cases.normal(k1, (4, 5))
+    assert a.dtype == jax.numpy.float64 and a.shape == (4, 5)
+    assert (cases.normal(k1, (4, 5)) == a).all() and not (cases.normal(k2, (4, 5)) == a).any()
+    assert jax.numpy.allclose(cases.normal(k1, (4, 5), 0.1), 0.1 * a, rtol=1e-15, atol=0)
+
+
 def test_gradcheck_command_exits_one_when_a_gradient_is_wrong(monkeypatch, capsys):
     def broken_cases(seed):  # y = a * b, whose gradient for b is off by 0.1% (for a right)
         a, b = cases.normal(jax.random.PRNGKey(1), (3,)), cases.normal(jax.random.PRNGKey(2), (3,))
