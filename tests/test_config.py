@@ -85,7 +85,8 @@ def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
 
 
 @pytest.mark.parametrize("key, value", [("epochs", 0), ("epochs", 2.5), ("batch_size", 0),
-                                        ("compute_dtype", "fp16")])
+                                        ("compute_dtype", "fp16"), ("lr", 0.0), ("schedule", "linear"),
+                                        ("label_smoothing", 1.0)])
 def test_bad_train_values_are_errors(key, value):
     from vit import runconfig
 
