@@ -92,3 +92,17 @@ def test_bad_train_values_are_errors(key, value):
 
     with pytest.raises(runconfig.ConfigError, match=rf"^run\.toml: train\.{key} must be"):
         runconfig.from_dict({"train": {key: value}}, "run.toml")
+
+
+def test_set_reads_the_value_after_the_first_equals_sign_as_toml():
+    """--set section.key=value: the value is TOML (a bare word a string) and may itself hold '='."""
+    from vit import runconfig
+
+    assert runconfig.parse_override("train.lr=3e-4") == ("train", "lr", 3e-4)
+    assert runconfig.parse_override("data.skip_bad_images=true") == ("data", "skip_bad_images", True)
+    assert runconfig.parse_override("train.schedule=cosine") == ("train", "schedule", "cosine")
+    assert runconfig.parse_override("data.data_dir=/data/run=2") == ("data", "data_dir", "/data/run=2")
+    assert runconfig.parse_override('data.data_dir="a b"') == ("data", "data_dir", "a b")
+    for bad in ("train.lr", "lr=3e-4"):
+        with pytest.raises(runconfig.ConfigError, match="expected section.key=value"):
+            runconfig.parse_override(bad)
