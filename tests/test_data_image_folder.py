@@ -121,7 +121,10 @@ def test_modes_become_rgb_alpha_over_white(tmp_path):
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (24, 24), dtype=np.uint8)
     save(tmp_path / "gray.png", gray, "L")
-    save(tmp_path / "gray16.png", gray.astype(np.uint16) * 257)  # 16-bit grayscale PNG
+    # a 16-bit grayscale PNG (not through save(), whose uint8 cast would make it 8-bit again)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    with Image.open(tmp_path / "gray16.png") as img16:
+        assert img16.mode == "I;16"
     rgba = np.zeros((24, 24, 4), np.uint8)
     rgba[..., :3] = (0, 0, 255)
     rgba[8:16, 8:16, 3] = 255  # opaque blue square, fully transparent (blue) elsewhere
