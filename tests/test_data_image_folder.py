@@ -256,6 +256,17 @@ def test_a_new_train_class_rebuilds_val_with_new_labels(root):
     assert after.labels.tolist() == (before.labels + 1).tolist()
 
 
+def test_renaming_a_train_class_relabels_val(root):
+    """val's labels index the train classes: renaming a train class that val lacks (the same
+    number of classes, val's own files untouched) moves the other labels, and val's cache follows."""
+    shutil.rmtree(root / "val" / CLASSES[0])
+    before = load(root, "val")
+    (root / "train" / CLASSES[0]).rename(root / "train" / "zebra")  # sorted first -> last
+    after = load(root, "val")
+    assert after.class_names == [*CLASSES[1:], "zebra"]
+    assert after.labels.tolist() == (before.labels - 1).tolist()
+
+
 def test_two_decoding_processes_give_the_same_arrays(root, tmp_path):
     one = load(root, "val")
     two = image_folder.load_image_folder(root, "val", image_size=SIZE, workers=2, progress=False,
