@@ -353,6 +353,15 @@ def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root):
     assert "skip_bad_images" in str(e.value)  # ... and the way to leave it out is named again
 
 
+def test_a_split_whose_every_image_is_unreadable_is_an_error_even_when_skipping(root):
+    """skip_bad_images leaves nothing to train or validate on: an error saying so, not an empty set."""
+    for path in (root / "val").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match=rf"no images left in .*val: all {3 * VAL} were unreadable"):
+        load(root, "val", skip_bad_images=True)
+
+
 # --- layout and size choices -------------------------------------------------------------------------------------
 
 
