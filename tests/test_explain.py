@@ -306,6 +306,41 @@ def test_per_class_table_lists_the_least_accurate_classes_first(colour_run, tmp_
     assert table[-1].endswith("100.0%") and table[0].endswith("0.0%")
 
 
+def test_evaluate_reads_the_data_dir_given_and_evaluates_in_the_runs_compute_dtype(colour_run, tmp_path,
+                                                                                   monkeypatch):
+    """A run moved from where it was trained: --data-dir stands in for the run's data_dir, and the
+    eval step computes in the dtype the run trained in (train.compute_dtype, or the old name
+    train.precision of an older run)."""
+    import shutil
+
+    from vit import checkpoint
+    from vit import step as step_module
+
+    root, run, _ = colour_run
+    run = shutil.copytree(run, tmp_path / "run")
+    trees, meta = checkpoint.load(run / "best.npz")
+    meta["config"]["data"]["data_dir"] = str(tmp_path / "moved away")
+    dtypes = []
+
+    class Built(Exception):
+        pass
+
+    def spy(*args, compute_dtype="fp32", **kwargs):
+        dtypes.append(compute_dtype)
+        raise Built  # what follows is checked elsewhere
+
+    monkeypatch.setattr(step_module, "make_eval_step", spy)
+    train_section = meta["config"]["train"]
+    for key in ("compute_dtype", "precision"):
+        train_section.pop("compute_dtype")
+        train_section[key] = "bf16"
+        checkpoint.save(run / "best.npz", trees, meta)
+        with pytest.raises(Built):
+            evaluate.evaluate(run, "best", data_dir=root, progress=False)
+        train_section["compute_dtype"] = train_section.pop(key)
+    assert dtypes == ["bf16", "bf16"]
+
+
 def test_evaluate_batches_no_larger_than_the_validation_set(colour_run, monkeypatch):
     """9 validation images are one batch of 9, not 9 real rows padded to the default 256 (which
     cost as much as 256 real ones); a smaller batch size still splits them."""
