@@ -111,6 +111,17 @@ def test_the_rows_the_bench_runs_first_are_enough_to_judge_every_target():
         assert not verdict.startswith("not evaluated"), (target, verdict)
 
 
+def test_speedups_are_against_the_reference_row_of_the_same_dtype():
+    rows = [dict(row("reference", "fp32", 2.0), speedup_vs_reference=None),
+            dict(row("reference", "bf16", 1.0), speedup_vs_reference=None),
+            dict(row("fused", "fp32", 1.0), speedup_vs_reference=None),
+            dict(row("fused", "bf16", 0.25), speedup_vs_reference=None),
+            dict(row("dpa-cudnn", "fp16", 0.5), speedup_vs_reference=None)]  # no fp16 reference
+    got = {(r["contender"], r["dtype"]): r["speedup_vs_reference"] for r in report.finalize(rows, None)}
+    assert got == {("reference", "fp32"): 1.0, ("reference", "bf16"): 1.0, ("fused", "fp32"): 2.0,
+                   ("fused", "bf16"): 4.0, ("dpa-cudnn", "fp16"): None}
+
+
 def test_plot_draws_each_timed_rows_speedup(tmp_path, capsys):
     """bench/plot.py on a results file: one bar per timed row with a speedup, its height that
     speedup; untimed rows are listed, not drawn."""
