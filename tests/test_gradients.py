@@ -78,10 +78,18 @@ def _model_case_parts(cfg):
     return {"params": params, "images": images}, fwd, bwd
 
 
-def test_check_catches_a_wrong_gradient():
-    """The checker itself must fail on a wrong backward (here: dx of dense off by a factor)."""
-    case = cases.layer_cases(seed=0)[0]
+@pytest.fixture(scope="module")
+def dense_case():
+    """The dense layer's case (float64), built once for the tests of the checker itself."""
+    with jax.enable_x64(True):
+        case = cases.layer_cases(seed=0)[0]
     assert case.name == "dense"
+    return case
+
+
+def test_check_catches_a_wrong_gradient(dense_case):
+    """The checker itself must fail on a wrong backward (here: dx of dense off by a factor)."""
+    case = dense_case
     wrong = cases.Case("dense (broken)", case.inputs, case.forward,
                            lambda i, c, dy: {**case.backward(i, c, dy),
                                              "x": 1.001 * case.backward(i, c, dy)["x"]})
@@ -92,10 +100,10 @@ def test_check_catches_a_wrong_gradient():
     assert rows["x"].fd_rel_err > gradcheck.FD_TOL and rows["x"].autodiff_rel_err > gradcheck.AUTODIFF_TOL
 
 
-def test_check_refuses_a_gradient_of_another_shape():
+def test_check_refuses_a_gradient_of_another_shape(dense_case):
     """A gradient with the input's size but not its shape (here db as (1, F)) would broadcast
     against autodiff's and pass: it is an error naming the tensor."""
-    case = cases.layer_cases(seed=0)[0]
+    case = dense_case
     wrong = cases.Case("dense (db 2-D)", case.inputs, case.forward,
                        lambda i, c, dy: {**case.backward(i, c, dy), "b": case.backward(i, c, dy)["b"][None]})
     with pytest.raises(AssertionError, match=r"gradient of b has shape \(1, 20\), input has \(20,\)"):
@@ -136,12 +144,12 @@ def test_gradcheck_command_exits_zero(capsys):
     assert "vs finite diff" in out and "all gradients agree" in out
 
 
-def test_gradcheck_command_prints_each_case_as_it_is_checked(monkeypatch, capsys):
+def test_gradcheck_command_prints_each_case_as_it_is_checked(dense_case, monkeypatch, capsys):
     """Rows come out case by case, not all at the end: here a later case breaks, and the rows of
     the one before it have been printed already."""
     def stop(i):
         raise RuntimeError("the second case")
-    good = cases.layer_cases(seed=0)[0]
+    good = dense_case
     monkeypatch.setattr(gradcheck, "all_cases", lambda seed: [good, cases.Case("broken", good.inputs, stop, None)])
     with pytest.raises(RuntimeError, match="the second case"):
         gradcheck.main(["--directions", "1"])
