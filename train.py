@@ -44,6 +44,7 @@ NAMED_FLAGS = {"--dataset": ("dataset", "data", "dataset"),
                "--data-dir": ("data_dir", "data", "data_dir"),
                "--epochs": ("epochs", "train", "epochs"),
                "--batch-size": ("batch_size", "train", "batch_size"),
+               "--accum-steps": ("accum_steps", "train", "accum_steps"),
                "--lr": ("lr", "train", "lr"),
                "--compute-dtype": ("compute_dtype", "train", "compute_dtype"),
                "--precision": ("old_precision", "train", "compute_dtype"),  # the old name
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "size the images and the model)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs: epochs in total")
     p.add_argument("--batch-size", type=int, default=None, help="train.batch_size: global batch")
+    p.add_argument("--accum-steps", type=int, default=None,
+                   help="train.accum_steps: take each batch's gradients in this many micro-batches, "
+                        "one after another (gradient accumulation: the memory of batch/N rows, the "
+                        "update of the whole batch)")
     p.add_argument("--lr", type=float, default=None, help="train.lr: peak learning rate")
     p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None,
                    help="train.compute_dtype: bf16 = bf16 activations/matmuls, fp32 master weights")
@@ -227,9 +232,11 @@ def main(argv=None, *, standalone=False) -> int:
     with training.StopOnSignal(standalone) as stop:
         created = training.make_run_dir(run)
         t = run.cfg.train
+        accum = t.hparams.accum_steps
+        micro = f" ({accum} micro-batches of {t.batch_size // accum})" if accum > 1 else ""
         print(f"run directory: {run.run_dir}\nmodel: {run.cfg.model}\ndevices: "
               f"{run.mesh.devices.size} x {jax.devices()[0].platform}, {run.steps_per_epoch} "
-              f"steps/epoch of {t.batch_size}, compute dtype {t.compute_dtype}, ops: "
+              f"steps/epoch of {t.batch_size}{micro}, compute dtype {t.compute_dtype}, ops: "
               f"{run.ops.description}")
         try:
             outcome = training.train(run, stop, args.stop_after_epoch)

@@ -287,6 +287,6 @@ def test_fused_without_gpu_asks_for_interpret(capsys):
 def test_help_explains_every_flag():
     text = train.build_parser().format_help()
     for flag in ("--fused", "--config", "--dataset", "--data-dir", "--epochs", "--batch-size",
-                 "--lr", "--out", "--resume", "--interpret", "--compute-dtype", "--dot-precision",
-                 "--set"):
+                 "--accum-steps", "--lr", "--out", "--resume", "--interpret", "--compute-dtype",
+                 "--dot-precision", "--set"):
         assert flag in text

@@ -113,6 +113,7 @@ class TrainHParams:
     flip: bool = False               # random horizontal flip
     mixup_alpha: float = 0.0         # 0 = off
     cutmix_alpha: float = 0.0        # 0 = off; with both on, each batch picks one (p = 0.5)
+    accum_steps: int = 1             # gradient accumulation: the batch in this many micro-batches
 
     def replace(self, **changes) -> "TrainHParams":
         return dataclasses.replace(self, **changes)

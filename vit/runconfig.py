@@ -182,6 +182,14 @@ def _validate(t: TrainSection, source):
     if t.compute_dtype not in COMPUTE_DTYPES:
         bad("compute_dtype", f"must be one of {COMPUTE_DTYPES}")
     hp = t.hparams
+    steps = hp.accum_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"{source('train.accum_steps')}: train.accum_steps must be a positive "
+                          f"integer, got {steps!r}")
+    if t.batch_size % steps:
+        raise ConfigError(f"{source('train.batch_size', 'train.accum_steps')}: train.batch_size "
+                          f"{t.batch_size} does not split into train.accum_steps = {steps} "
+                          f"micro-batches of equal size")
     if not (isinstance(hp.lr, (int, float)) and hp.lr > 0):
         raise ConfigError(f"{source('train.lr')}: train.lr must be positive, got {hp.lr!r}")
     if hp.schedule not in ("constant", "cosine"):

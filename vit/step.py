@@ -56,6 +56,57 @@ def hand_written_grads(config: ViTConfig, ops: Ops = REFERENCE, compute_dtype: s
     return grad_fn
 
 
+def accumulated_grads(grad_fn: Callable, accum_steps: int) -> Callable:
+    """grad_fn taken over `accum_steps` micro-batches one after another (gradient accumulation).
+
+        (params, x (B, ...), targets (B, K), key) -> (loss, grads, logits (B, K)), as grad_fn
+
+    The loss and every gradient grad_fn returns is a mean over its rows, so with micro-batches of
+    equal size m = B / accum_steps the whole batch's values are the means of the micro-batches':
+
+        loss = (1/A) sum_j loss_j        grads = (1/A) sum_j grads_j        (A = accum_steps)
+
+    the same as grad_fn on the whole batch up to the order of float summation. A lax.scan runs
+    the micro-batches, so only one micro-batch's activations (the forward's cache) are live at a
+    time: memory for m rows, not B. Micro-batch j holds rows j, j + A, j + 2A, ...: on a
+    data-parallel mesh (the batch split over the devices in contiguous blocks) every micro-batch
+    is then spread over all devices. The logits come back in the batch's own row order.
+    Dropout: micro-batch j draws its masks with jax.random.fold_in(key, j) (so they are not the
+    masks of one whole-batch draw; without dropout nothing else differs)."""
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+    if accum_steps == 1:
+        return grad_fn
+
+    def grad_fn_accumulated(params, x, targets, key):
+        rows = x.shape[0]
+        if rows % accum_steps:
+            raise ValueError(f"a batch of {rows} rows does not split into accum_steps = "
+                             f"{accum_steps} micro-batches of equal size")
+        m = rows // accum_steps
+
+        def micro_batches(a):  # (B, ...) -> (A, m, ...); micro-batch j = rows j, j + A, ...
+            return jnp.swapaxes(a.reshape(m, accum_steps, *a.shape[1:]), 0, 1)
+
+        def one_micro_batch(carry, inputs):
+            loss_sum, grad_sum = carry
+            j, x_j, targets_j = inputs
+            key_j = None if key is None else jax.random.fold_in(key, j)
+            loss, grads, logits = grad_fn(params, x_j, targets_j, key_j)
+            grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+            return (loss_sum + loss.astype(jnp.float32), grad_sum), logits
+
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (loss_sum, grad_sum), logits = jax.lax.scan(
+            one_micro_batch, (jnp.zeros((), jnp.float32), zeros),
+            (jnp.arange(accum_steps), micro_batches(x), micro_batches(targets)))
+        grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grad_sum)
+        logits = jnp.swapaxes(logits, 0, 1).reshape(rows, *logits.shape[2:])
+        return loss_sum / accum_steps, grads, logits
+
+    return grad_fn_accumulated
+
+
 def _stats(mean, std, channels):
     """Per-channel normalisation constants; without them, plain x / 255."""
     if mean is None:
@@ -74,8 +125,11 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, 
                   std=None, grad_fn: Callable | None = None, compute_dtype: str = "fp32"):
     """The un-jitted step (params, opt_state, images, labels, key) -> (params, opt_state, metrics).
 
-    make_train_step jits it for one device; vit.parallel jits it with shardings for many."""
-    grad_fn = grad_fn or hand_written_grads(config, ops, compute_dtype)
+    make_train_step jits it for one device; vit.parallel jits it with shardings for many. The
+    batch is augmented whole (mixup partners come from all of it), then its gradients are taken
+    in hp.accum_steps micro-batches (accumulated_grads) before one clip and one AdamW update."""
+    grad_fn = accumulated_grads(grad_fn or hand_written_grads(config, ops, compute_dtype),
+                                hp.accum_steps)
     mean, std = _stats(mean, std, config.channels)
 
     def step(params, opt_state, images, labels, key):

@@ -147,13 +147,22 @@ def start_run(cfg, run_dir: Path, ops, devices: int | None, resumed, main_proces
         mesh = parallel.make_mesh(devices)
     except ValueError as err:
         raise RunError(f"--devices {devices}: {err}") from None
-    n_dev = mesh.devices.size
-    if cfg.train.batch_size % n_dev:
-        raise RunError(f"--batch-size {cfg.train.batch_size} is not divisible by the {n_dev} "
-                       f"devices in use; pick a multiple of {n_dev} or pass --devices")
+    check_batch_split(cfg.train.batch_size, mesh.devices.size, cfg.train.hparams.accum_steps)
     state = initial_state(cfg, train_set, resumed, run_dir)
     return build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, progress,
                      resumed is not None)
+
+
+def check_batch_split(batch_size: int, devices: int, accum_steps: int):
+    """The global batch splits evenly over the devices and, on each, into accum_steps
+    micro-batches (vit.step.accumulated_grads): a RunError naming what to change if not."""
+    if batch_size % devices:
+        raise RunError(f"--batch-size {batch_size} is not divisible by the {devices} "
+                       f"devices in use; pick a multiple of {devices} or pass --devices")
+    if batch_size % (devices * accum_steps):
+        raise RunError(f"--batch-size {batch_size} does not split into {accum_steps} micro-batches "
+                       f"(train.accum_steps) spread over the {devices} devices in use; pick a "
+                       f"multiple of {devices * accum_steps}")
 
 
 def initial_state(cfg, train_set, resumed, run_dir):
