@@ -14,6 +14,7 @@ STEPS = 4            # steps of the equivalence run
 CKPT_STEP = 2        # the 4-device run writes a checkpoint after this many steps
 MP_STEPS = 3         # steps of the two-process run
 SHARDED_STEPS = 2    # steps of the 4-device run with the ops under shard_map (the fused kernels)
+ACCUM_STEPS = 2      # micro-batches of the runs with gradient accumulation (SHARDED_STEPS steps)
 
 
 def config():
@@ -27,14 +28,15 @@ def config():
                      ffn_dropout=0.1, drop_path=0.1)
 
 
-def hparams():
+def hparams(accum_steps: int = 1):
     from vit.config import TrainHParams  # noqa: PLC0415
 
     # crop + flip + mixup (a permutation of the whole global batch: rows pair across devices),
-    # label smoothing, global-norm clipping and warmup: everything the step does per batch
+    # label smoothing, global-norm clipping and warmup: everything the step does per batch;
+    # accum_steps = ACCUM_STEPS: 2 micro-batches of 4 rows, one row per device of 4
     return TrainHParams(lr=1e-3, weight_decay=0.05, warmup_steps=2, total_steps=10,
                         schedule="cosine", clip_norm=1.0, label_smoothing=0.1, crop_pad=2,
-                        flip=True, mixup_alpha=0.4)
+                        flip=True, mixup_alpha=0.4, accum_steps=accum_steps)
 
 
 MEAN = (0.45, 0.5, 0.55)

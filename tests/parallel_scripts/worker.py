@@ -79,6 +79,16 @@ def equivalence(out: Path):
     report["gspmd"] = metrics
     report["seconds"]["gspmd"] = time.time() - t0
     report["param_sharding"] = str(jax.tree_util.tree_leaves(params)[0].sharding)
+
+    # Gradient accumulation: ACCUM_STEPS micro-batches spread over the 4 devices.
+    t0 = time.time()
+    accum_step = parallel.make_parallel_train_step(cfg, common.hparams(common.ACCUM_STEPS), mesh,
+                                                   mean=common.MEAN, std=common.STD)
+    accum_params, accum_opt, report["gspmd_accum"] = _run_steps(
+        accum_step, *common.init_state(), common.SHARDED_STEPS)
+    common.save_npz(out / "gspmd_accum.npz", **common.flat(
+        parallel.gather_to_host({"params": accum_params, "opt": accum_opt}), "state"))
+    report["seconds"]["gspmd_accum"] = time.time() - t0
     report["logits_sharding"] = str(evaluate(params, *common.eval_batch())["logits"].sharding)
 
     # The gradient all-reduce is in the compiled step (the SPMD partitioner put it there).
@@ -192,6 +202,16 @@ def ops(out: Path, fused: bool):
     report["sharded_step"] = metrics
     report["sharded_step_ops"] = step.ops.name
     report["sharded_step_seconds"] = time.time() - t0
+    # The same with gradient accumulation: the shard_map-ed ops inside the micro-batch scan.
+    t0 = time.time()
+    step = parallel.make_parallel_train_step(common.config(), common.hparams(common.ACCUM_STEPS),
+                                             mesh, ops=kernels if fused else REFERENCE,
+                                             shard_ops=True, mean=common.MEAN, std=common.STD)
+    params, opt, report["sharded_step_accum"] = _run_steps(step, *common.init_state(),
+                                                           common.SHARDED_STEPS)
+    common.save_npz(out / "sharded_step_accum.npz", **common.flat(
+        parallel.gather_to_host({"params": params, "opt": opt}), "state"))
+    report["sharded_step_accum_seconds"] = time.time() - t0
     common.save_npz(out / "ops.npz", **{f"{k}/{name}": v for k, vals in results.items()
                                        for name, v in vals.items()})
     (out / "ops.json").write_text(json.dumps(report, indent=1))
