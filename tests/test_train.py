@@ -239,6 +239,30 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
     assert_same_run(ref, run)
 
 
+def test_second_ctrl_c_while_saving_exits_130_keeping_the_last_checkpoint(
+        tmp_path, capsys, monkeypatch, sigint_after_step):
+    """A second SIGINT that lands while the first one's checkpoint is being written: exit 130
+    with a message (no traceback), last.npz still the end of epoch 1, no .tmp file left."""
+    from vit import checkpoint, training  # noqa: PLC0415
+
+    fsync, seconds = checkpoint.os.fsync, []
+
+    def fsync_then_ctrl_c(fd):
+        if sys.exc_info()[0] is training.Interrupted:  # the save of the first Ctrl-C
+            seconds.append(1)
+            signal.raise_signal(signal.SIGINT)
+        return fsync(fd)
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync_then_ctrl_c)
+    run = tmp_path / "run"
+    sigint_after_step(STEPS_PER_EPOCH + 3)
+    assert run_train(*QUICK, "--epochs", 2, "--out", run) == train.EXIT_INTERRUPTED
+    assert seconds == [1]
+    assert "interrupted twice: exiting without saving" in capsys.readouterr().err
+    assert (meta_of(run)["epoch"], meta_of(run)["step_in_epoch"]) == (1, 0)
+    assert not list(run.glob("*.tmp*"))
+    assert sigint_after_step.received == [signal.SIGINT]
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     assert run_train(*QUICK, "--epochs", 1, "--out", run) == 0

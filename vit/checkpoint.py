@@ -1,10 +1,12 @@
-"""Checkpoints without pickle: one .npz per checkpoint holding every array (params, optimizer
-state, RNG key) under its path name, plus a JSON string with everything else (step, epoch, data
-position, configs, metrics history).
+"""Checkpoints without pickle: one .npz per checkpoint holding every array (params and optimizer
+state) under its path name, plus a JSON string with everything else (step, epoch, data
+position, configs, metrics history). No random key is stored: a run derives each step's key from
+its seed and the global step (vit/training.py), so a resume draws the same numbers.
 
 Written atomically: to `<name>.npz.tmp`, flushed and fsync'd, then os.replace'd over the old file,
-so the previous good checkpoint stays intact until the new one is complete, and a crash mid-write
-leaves at most a stray .tmp file that is never read.
+so the previous good checkpoint stays intact until the new one is complete; a write stopped by an
+exception (a second Ctrl-C) removes its .tmp, and a crash mid-write leaves at most a stray .tmp
+file that is never read.
 
 Read back by load(), which turns every way a file can fail to be a checkpoint (truncated or
 damaged, not an .npz at all, an .npz of something else) into a CheckpointError naming the file
@@ -65,7 +67,7 @@ def unflatten(arrays: dict[str, np.ndarray], prefix: str):
 
 
 def save(path, trees: dict, meta: dict) -> Path:
-    """trees: {'params': ..., 'opt': ..., 'rng': ...} pytrees of arrays; meta: JSON-able dict."""
+    """trees: {'params': ..., 'opt': ...} pytrees of arrays; meta: JSON-able dict."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
@@ -75,11 +77,14 @@ def save(path, trees: dict, meta: dict) -> Path:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -347,6 +347,13 @@ def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> di
     return record
 
 
+def _interrupted_twice(last: Path) -> str:
+    kept = (f"{last} holds the last completed epoch" if last.exists()
+            else "no checkpoint had been written yet")
+    print(f"\ninterrupted twice: exiting without saving; {kept}", file=sys.stderr)
+    return STOPPED
+
+
 def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
     """Epochs until the config's last; -> how it ended: DONE, STOPPED (last.npz saved, to be
     resumed: a signal or stop_after_epoch) or NONFINITE (the loss became NaN/Inf)."""
@@ -367,14 +374,14 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
               file=sys.stderr)
         return NONFINITE
     except Interrupted:  # first Ctrl-C / SIGTERM: the state is consistent at a step boundary
-        run.save("last")
+        try:
+            run.save("last")
+        except InterruptedTwice:  # during the save: checkpoint.save replaces last.npz whole
+            return _interrupted_twice(last)
         print(f"\ninterrupted: saved {last} at epoch {s.epoch + 1}, step {s.step_in_epoch}; "
               f"continue with python train.py --resume {run.run_dir}", file=sys.stderr)
         return STOPPED
     except InterruptedTwice:  # a second Ctrl-C while stopping: leave without writing anything
-        kept = (f"{last} holds the last completed epoch" if last.exists()
-                else "no checkpoint had been written yet")
-        print(f"\ninterrupted twice: exiting without saving; {kept}", file=sys.stderr)
-        return STOPPED
+        return _interrupted_twice(last)
     print(f"done: best val top-1 {100 * s.best_top1:.2f}%; run directory {run.run_dir}")
     return DONE
