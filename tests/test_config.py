@@ -84,14 +84,51 @@ def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
     assert cfg.hparams(steps_per_epoch=0).total_steps == 1  # never a zero-length schedule
 
 
-@pytest.mark.parametrize("key, value", [("epochs", 0), ("epochs", 2.5), ("batch_size", 0),
-                                        ("compute_dtype", "fp16"), ("lr", 0.0), ("schedule", "linear"),
-                                        ("label_smoothing", 1.0)])
+@pytest.mark.parametrize("key, value", [
+    ("epochs", 0), ("epochs", 2.5), ("batch_size", 0), ("compute_dtype", "fp16"), ("lr", 0.0),
+    ("schedule", "linear"), ("label_smoothing", 1.0),
+    # types: a value TOML read as another type than the field's
+    ("flip", "False"), ("flip", "yes"), ("flip", 1), ("clip_norm", "x"), ("lr", True),
+    ("seed", 1.5), ("mixup_alpha", "0.8"), ("compute_dtype", 16),
+    # ranges: negative where 0 switches a feature off, the Adam betas, eps, the eval batch
+    ("warmup_epochs", -3), ("weight_decay", -0.1), ("clip_norm", -1.0), ("crop_pad", -1),
+    ("mixup_alpha", -0.2), ("cutmix_alpha", -1.0), ("min_lr", -1e-5), ("b1", 1.0),
+    ("b2", -0.5), ("eps", 0.0), ("eval_batch_size", 0)])
 def test_bad_train_values_are_errors(key, value):
     from vit import runconfig
 
     with pytest.raises(runconfig.ConfigError, match=rf"^run\.toml: train\.{key} must be"):
         runconfig.from_dict({"train": {key: value}}, "run.toml")
+
+
+@pytest.mark.parametrize("key, value", [("skip_bad_images", "False"), ("workers", 0),
+                                        ("workers", "4"), ("device_budget_mb", 1.5),
+                                        ("data_dir", 3), ("image_size", "64")])
+def test_bad_data_values_are_errors(key, value):
+    from vit import runconfig
+
+    with pytest.raises(runconfig.ConfigError, match=rf"^run\.toml: data\.{key} must be"):
+        runconfig.from_dict({"data": {key: value}}, "run.toml")
+
+
+def test_a_capitalised_boolean_is_refused_with_the_toml_spelling():
+    """`--set train.flip=False` is not TOML's false: TOML reads the bare word as the string
+    'False', which is truthy; it used to switch flipping on."""
+    from vit import runconfig
+
+    section, key, value = runconfig.parse_override("train.flip=False")
+    with pytest.raises(runconfig.ConfigError, match="lower case: true, false") as err:
+        runconfig.from_dict({section: {key: value}}, "f.toml", {"train.flip": "--set train.flip=False"})
+    assert str(err.value).startswith("--set train.flip=False: train.flip must be true or false")
+
+
+def test_good_values_of_every_type_are_taken():
+    from vit import runconfig
+
+    cfg = runconfig.from_dict({"train": {"lr": 1, "flip": True, "warmup_epochs": 2, "clip_norm": 0,
+                                         "b1": 0.0, "crop_pad": 4},
+                               "data": {"workers": 2, "data_dir": None, "skip_bad_images": False}})
+    assert (cfg.train.hparams.lr, cfg.train.hparams.flip, cfg.data.workers) == (1, True, 2)
 
 
 def test_set_reads_the_value_after_the_first_equals_sign_as_toml():

@@ -223,6 +223,15 @@ def test_config_error_names_the_flag(capsys, flags, blamed):
     assert blamed in err and "digits.toml" not in err, err
 
 
+def test_crop_padding_the_images_cannot_take_is_a_message(tmp_path, capsys):
+    """Reflect padding needs images larger than the pad; known once the data is loaded (digits:
+    8x8), before any step (it used to be a traceback from inside the first jitted step)."""
+    err = exits_with_message(capsys, train.main, *QUICK, "--set", "train.crop_pad=8",
+                             "--out", tmp_path / "run")
+    assert "train.crop_pad 8" in err and "8x8" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_error_in_the_file_names_the_file(tmp_path, capsys):
     config = tmp_path / "mine.toml"
     config.write_text("[train]\nepochs = -1\n[data]\ndataset = 'digits'\n")

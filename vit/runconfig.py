@@ -157,6 +157,10 @@ def _validate_data(d: DataSection, source):
 
     def positive_int(value, allow_zero=False):
         return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if allow_zero else 1)
+    _check_types("data", d, source)
+    if d.workers is not None and d.workers < 1:
+        raise ConfigError(f"{source('data.workers')}: data.workers must be a positive integer, "
+                          f"got {d.workers!r}")
     if d.dataset not in DATASETS:
         raise ConfigError(f"{source('data.dataset')}: data.dataset must be one of {DATASETS}, "
                           f"got {d.dataset!r}")
@@ -171,17 +175,65 @@ def _validate_data(d: DataSection, source):
                           f"integer >= 0, got {d.device_budget_mb!r}")
 
 
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _type_ok(kind: str, value) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _check_types(section: str, obj, source):
+    """Every field of a [train]/[data] dataclass has its annotated type ("int", "float | None",
+    ...): a TOML value of another type (a quoted number, `flip = "yes"`, or `--set
+    train.flip=False`, which TOML reads as the string 'False') is an error naming the key."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if dataclasses.is_dataclass(value) or (value is None and "None" in kinds):
+            continue
+        kind = kinds[0]
+        if kind in _TYPE_NAMES and not _type_ok(kind, value):
+            hint = (" (TOML writes them in lower case: true, false)" if kind == "bool"
+                    and isinstance(value, str) and value.lower() in ("true", "false") else "")
+            raise ConfigError(f"{source(f'{section}.{f.name}')}: {section}.{f.name} must be "
+                              f"{_TYPE_NAMES[kind]}{hint}, got {value!r}")
+
+
+# [train] values that must not be negative (0 switches each off), and those in [0, 1)
+_NON_NEGATIVE = ("weight_decay", "min_lr", "clip_norm", "crop_pad", "mixup_alpha", "cutmix_alpha",
+                 "warmup_epochs")
+_UNIT_INTERVAL = ("b1", "b2")
+
+
 def _validate(t: TrainSection, source):
     def bad(key, why):
         raise ConfigError(f"{source(f'train.{key}')}: train.{key} {why}, "
-                          f"got {getattr(t, key, None)!r}")
+                          f"got {getattr(t, key, getattr(t.hparams, key, None))!r}")
+    _check_types("train", t, source)
+    _check_types("train", t.hparams, source)
     if not isinstance(t.epochs, int) or t.epochs < 1:
         bad("epochs", "must be a positive integer")
     if not isinstance(t.batch_size, int) or t.batch_size < 1:
         bad("batch_size", "must be a positive integer")
+    if t.eval_batch_size < 1:
+        bad("eval_batch_size", "must be a positive integer")
     if t.compute_dtype not in COMPUTE_DTYPES:
         bad("compute_dtype", f"must be one of {COMPUTE_DTYPES}")
     hp = t.hparams
+    for key in _NON_NEGATIVE:
+        if getattr(hp, key, getattr(t, key, 0)) < 0:
+            bad(key, "must be >= 0")
+    for key in _UNIT_INTERVAL:
+        if not 0.0 <= getattr(hp, key) < 1.0:
+            bad(key, "must be in [0, 1)")
+    if hp.eps <= 0:
+        bad("eps", "must be positive")
     steps = hp.accum_steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ConfigError(f"{source('train.accum_steps')}: train.accum_steps must be a positive "

@@ -143,6 +143,10 @@ def start_run(cfg, run_dir: Path, ops, devices: int | None, resumed, main_proces
     from vit import parallel  # noqa: PLC0415
 
     train_set, val_set, cfg = load_data(cfg, progress)
+    pad, size = cfg.train.hparams.crop_pad, cfg.model.image_size
+    if pad >= size:  # reflect padding repeats the image's inner pixels: it needs more than pad
+        raise RunError(f"train.crop_pad {pad} needs images larger than {pad} pixels, and this "
+                       f"data's are {size}x{size}; pick a smaller --set train.crop_pad")
     try:
         mesh = parallel.make_mesh(devices)
     except ValueError as err:
