@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: runs/<dataset>-<date>-<time>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint, exactly; its "
-                        "config is used (--epochs may extend it)")
+                        "config is used (--epochs may extend it; --lr and other training values "
+                        "may change it, with a note; batch size, seed, model and data may not)")
     cmdline.add_ops_flags(p)
     p.add_argument("--devices", type=int, default=None,
                    help="data-parallel over this many devices (default: all; 1 = no sharding)")
@@ -130,7 +131,7 @@ def resolve_config(args):
         saved = run_dir / "config.json"
         if not saved.is_file():
             fail(f"--resume {run_dir}: no config.json there; is it a run directory?")
-        base = json.loads(saved.read_text())
+        base = saved_base = json.loads(saved.read_text())  # merge() copies: this stays as saved
         where = str(saved)
     else:
         path = args.config
@@ -149,7 +150,40 @@ def resolve_config(args):
         section, key, value = runconfig.parse_override(text)
         base = runconfig.merge(base, section, key, value)
         sources[f"{section}.{key}"] = f"--set {text}"
-    return runconfig.from_dict(base, where, sources)
+    cfg = runconfig.from_dict(base, where, sources)
+    if args.resume:
+        check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
+    return cfg
+
+
+# what a resumed run's checkpoint depends on: changing it on --resume is refused
+RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
+                "train.seed": "its data order and random numbers",
+                "model": "the shapes of its parameters",
+                "data.dataset": "the images it was trained on",
+                "data.layout": "the images it was trained on",
+                "data.image_size": "the images it was trained on"}
+
+
+def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
+    """--resume RUN_DIR with flags: a change to what the checkpoint depends on (RESUME_FIXED)
+    is an error naming the flag; any other change (--epochs, --lr, --accum-steps, ...) is
+    taken, with a note, since the run then differs from the one that would have gone on."""
+    old, new = saved.to_dict(), cfg.to_dict()
+    for section in new:
+        for key, value in new[section].items():
+            before = old[section].get(key)
+            if value == before:
+                continue
+            name = f"{section}.{key}"
+            flag = sources.get(name, name)
+            why = RESUME_FIXED.get(name) or RESUME_FIXED.get(section)
+            if why:
+                fail(f"{flag}: --resume {run_dir} continues that run, and {name} fixes {why}; "
+                     f"start a new run (--out) to change it")
+            if name not in ("train.epochs", "data.data_dir"):
+                print(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
+                      f"{before!r})", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

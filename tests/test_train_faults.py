@@ -6,6 +6,7 @@ Covers: damaged / junk / foreign checkpoints (with the other checkpoint offered)
 directory or --out, a failed start, a corrupt image's hint, config errors blamed on the flag or file
 they came from, --help, and the exit code of --stop-after-epoch."""
 
+import json
 import os
 import shutil
 import sys
@@ -241,6 +242,33 @@ def test_config_error_in_the_file_names_the_file(tmp_path, capsys):
     err = exits_with_message(capsys, train.main, "--config", config, "--epochs", 2,
                              "--batch-size", 5000, "--no-progress")
     assert "train.epochs" not in err and "larger than the training set" in err
+
+
+@pytest.mark.parametrize("flags, fixed", [
+    (["--batch-size", 64], "train.batch_size"),       # the checkpoint's data position
+    (["--seed", 7], "train.seed"),                     # the data order
+    (["--set", "model.layers=2"], "model.layers"),     # the params' shapes
+    (["--set", "data.image_size=16"], "data.image_size"),
+])
+def test_resume_refuses_changing_what_the_checkpoint_depends_on(finished_run, capsys, flags,
+                                                                fixed):
+    before = (finished_run / "config.json").read_text()
+    err = exits_with_message(capsys, train.main, "--resume", finished_run, *flags, "--epochs", 3)
+    assert f"{flags[0]} {flags[1]}" in err, err  # the flag at fault
+    assert fixed in err and "new run" in err, err
+    assert (finished_run / "config.json").read_text() == before
+
+
+def test_resume_takes_other_changes_with_a_note(run_copy, capsys):
+    """--lr and --accum-steps on --resume: taken, each named in a note; --epochs needs none."""
+    assert train.main(["--resume", str(run_copy), "--no-progress", "--epochs", "3", "--lr",
+                       "5e-4", "--accum-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "note: --lr 0.0005: resuming with train.lr = 0.0005" in err, err
+    assert "note: --accum-steps 2: resuming with train.accum_steps = 2 (the run had 1)" in err
+    assert "train.epochs" not in err
+    saved = json.loads((run_copy / "config.json").read_text())["train"]
+    assert (saved["lr"], saved["accum_steps"], saved["epochs"]) == (5e-4, 2, 3)
 
 
 def test_config_error_on_resume_names_the_flag(finished_run, capsys):
