@@ -54,6 +54,14 @@ def build_ops(args: argparse.Namespace):
     except ImportError as err:
         raise UsageError(f"--fused needs triton ({err}); install it with pip install -e "
                          "'.[kernels]'") from None
+    if not args.interpret:  # compiled: launched through jax-triton, imported at the first launch
+        from kernels.launch import import_jax_triton  # noqa: PLC0415
+        try:
+            import_jax_triton()
+        except ImportError as err:
+            raise UsageError(f"--fused on a GPU launches the kernels through jax-triton, which "
+                             f"does not import ({err}); install it with pip install -e '.[gpu]' "
+                             "(jax-triton 0.3.1 and absl-py), or add --interpret") from None
     return fused_ops(interpret=args.interpret, dot_precision=args.dot_precision or "ieee")
 
 

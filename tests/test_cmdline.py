@@ -113,3 +113,15 @@ def test_build_ops_without_gpu_names_the_flag(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     with pytest.raises(cmdline.UsageError, match="--fused needs a GPU.*Add --interpret"):
         cmdline.build_ops(_ops_args("--fused"))
+
+
+def test_build_ops_on_a_gpu_without_jax_triton_says_what_to_install(monkeypatch):
+    """Compiled kernels launch through jax-triton: without it, a message at start naming the
+    extra to install, not an ImportError from inside the first step."""
+    import sys  # noqa: PLC0415
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setitem(sys.modules, "jax_triton", None)  # import jax_triton raises ImportError
+    with pytest.raises(cmdline.UsageError, match=r"jax-triton.*pip install -e '\.\[gpu\]'"):
+        cmdline.build_ops(_ops_args("--fused"))
+    assert cmdline.build_ops(_ops_args("--fused", "--interpret")).name == "fused"
