@@ -33,6 +33,17 @@ def add_ops_flags(parser: argparse.ArgumentParser) -> None:
                              "(default ieee: exact; tf32 is faster on a GPU)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_ops(args: argparse.Namespace):
     """The op set the flags ask for: vit.ops.REFERENCE, or kernels.fused_ops(...)."""
     from vit.ops import REFERENCE  # noqa: PLC0415  (keeps --help fast)

@@ -26,10 +26,11 @@ def build_parser():
     p.add_argument("--checkpoint", default="best", choices=["best", "last"],
                    help="which checkpoint of the run (default: best)")
     p.add_argument("--data-dir", default=None, help="override the run's data.data_dir")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--batch-size", type=cmdline.positive_int, default=256,
+                   help="evaluation batch size")
     p.add_argument("--per-class", action="store_true",
                    help="print per-class accuracy and write the confusion matrix PNG")
-    p.add_argument("--saliency", type=int, default=0, metavar="N",
+    p.add_argument("--saliency", type=cmdline.positive_int, default=0, metavar="N",
                    help="write a PNG grid of N validation images beside their saliency maps")
     p.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
                    help="print the top-5 classes of these image files instead of evaluating")

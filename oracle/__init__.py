@@ -9,7 +9,8 @@ gradients against and as the *baseline* the benchmarks beat, and where the check
     python -m oracle.kernel_gradcheck    every fused kernel output and gradient vs the reference
     oracle/compare.py                    the one comparison and tolerance table of those checks
 
-It imports the product (vit/, kernels/); no product module imports it (tests/test_imports.py).
+It imports the product (vit/, kernels/); no product module (vit/, kernels/, train.py, evaluate.py,
+cmdline.py) imports it (tests/test_layout.py).
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def load_run(run_dir, checkpoint_name: str = "best") -> Run:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
                                 "train.py that finished at least one epoch?)")
-    trees, meta = checkpoint.load(path)
+    # what a run's checkpoint holds for this: an .npz without it is a CheckpointError naming it
+    trees, meta = checkpoint.load(path, meta_keys=("config", "mean", "std"), trees=("params",))
     cfg = meta["config"]
     return Run(path, trees["params"], ViTConfig.from_dict(cfg["model"]),
                np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32), cfg, meta)

@@ -234,7 +234,8 @@ def sdpa_backward(cache, do):
 
 # ----------------------------------------------------------------------------------------------
 # attention core on the packed QKV projection: (B, L, 3D) -> (B, L, D)
-# This is the unit the fused Triton kernel replaces (kernels/attention.py).
+# This is the unit the fused Triton kernels replace: kernels/dispatch.py picks the one-tile
+# kernel (kernels/attention.py) or the key-blocked one (kernels/flash_attention.py).
 
 
 def split_heads(qkv, heads):

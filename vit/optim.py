@@ -72,7 +72,8 @@ def clip_by_global_norm(grads, max_norm):
 
 def learning_rate(step, *, base_lr, total_steps, warmup_steps=0, schedule="constant",
                   min_lr=0.0):
-    """Linear warmup from 0 to base_lr over warmup_steps, then constant or cosine to min_lr.
+    """Linear warmup over warmup_steps (base_lr * (step + 1) / warmup_steps: base_lr / warmup_steps
+    at step 0, base_lr at step warmup_steps - 1), then constant or cosine to min_lr.
 
     step counts from 0 (the update being made); works on traced integers."""
     s = jnp.asarray(step, jnp.float32)

@@ -39,8 +39,8 @@ gathers only those); `shard_batch` assembles the global array from those per-pro
     for x, y in batcher.epoch(epoch):                     # this process's rows of each global batch
         x, y = shard_batch(mesh, x, y)
         params, opt, metrics = step(params, opt, x, y, key)
-    host = gather_to_host({"params": params, "opt": opt})  # on every process (a collective)
-    if is_main_process(): checkpoint.save(path, host, meta)
+    if is_main_process():  # replicated params: this process's own copy, no collective
+        checkpoint.save(path, gather_to_host({"params": params, "opt": opt}), meta)
 """
 
 from __future__ import annotations
