@@ -153,7 +153,7 @@ def from_dict(d: dict, where: str = "config", sources: dict | None = None) -> Ru
 
 
 def _validate_data(d: DataSection, source):
-    from vit.data import DATASETS, LAYOUTS  # noqa: PLC0415  (numpy only)
+    from vit.data import DATASETS, LAYOUTS  # noqa: PLC0415
 
     def positive_int(value, allow_zero=False):
         return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if allow_zero else 1)

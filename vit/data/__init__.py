@@ -7,7 +7,8 @@ train/<class>/, val/<class>/ tree), decoded once into a memory-mapped cache; and
     val = load_dataset("digits", None, "val")                # no download needed
 
 Batching and augmentation run on the device and need jax: import them from vit.data.loader and
-vit.data.augment. This module only needs numpy, so the command line (`python -m vit.data`) starts fast.
+vit.data.augment. This module and the dataset modules use numpy only (the `vit` package they sit
+in imports jax on its own, see vit/data/common.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Types shared by every dataset: one split of images with labels, and the error for bad input.
 
-Kept free of jax so that `python -m vit.data download` and the decoding workers start quickly.
+Itself free of jax, like the dataset modules; importing any of them still runs vit/__init__.py,
+which imports jax and the model (about 0.5 s, measured: `import vit.data.cache` 0.58 s, numpy and
+PIL alone 0.14 s), once per spawned decoding worker.
 """
 
 from __future__ import annotations
