@@ -190,7 +190,7 @@ def test_train_augment_pipeline(mixing):
     images = random_images(b=8, h=8, w=8)
     labels = jnp.arange(8) % 5
     mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
-    step = partial(train_augment, num_classes=5, crop_pad=2, smoothing=0.1, **mixing)
+    step = partial(train_augment, num_classes=5, crop_pad=2, flip=True, smoothing=0.1, **mixing)
     if len(mixing) == 2:  # jit one configuration, the one with lax.cond (each compile of Beta takes seconds)
         step = jax.jit(step)
     x, t = step(KEY, images, labels, mean, std)

@@ -279,13 +279,11 @@ def loss(params, images, labels, config: ViTConfig, *, label_smoothing=0.0,
 
 
 def loss_and_grads(params, images, labels, config: ViTConfig, *, label_smoothing=0.0,
-                   ops: Ops = REFERENCE, key=None, return_logits=False):
+                   ops: Ops = REFERENCE, key=None):
     """(loss, grads) with grads the same pytree as params, from the hand-written backward."""
     logits, cache = model_forward(params, images, config, ops, key)
     value, c_loss = layers.cross_entropy_forward(logits, _targets(labels, config, label_smoothing))
     grads, _ = model_backward(params, cache, layers.cross_entropy_backward(c_loss), config, ops)
-    if return_logits:
-        return value, grads, logits
     return value, grads
 
 

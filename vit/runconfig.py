@@ -223,6 +223,8 @@ def _validate(t: TrainSection, source):
         bad("batch_size", "must be a positive integer")
     if t.eval_batch_size < 1:
         bad("eval_batch_size", "must be a positive integer")
+    if t.seed < 0:
+        bad("seed", "must be >= 0 (it seeds numpy's generator for the data order)")
     if t.compute_dtype not in COMPUTE_DTYPES:
         bad("compute_dtype", f"must be one of {COMPUTE_DTYPES}")
     hp = t.hparams
