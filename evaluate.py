@@ -44,50 +44,39 @@ def fail(message):
     sys.exit(2)
 
 
-EVAL_META = ("config", "mean", "std", "epoch")
-
-
-def load_checkpoint(run_dir: Path, name: str):
-    """RUN_DIR/<name>.npz, or a CheckpointError naming what is wrong with it and offering the
-    run's other checkpoint when that one is sound."""
-    from vit import checkpoint  # noqa: PLC0415
+def load_run(run_dir, name: str):
+    """RUN_DIR/<name>.npz (vit.explain.load_run), a damaged one offering the run's other
+    checkpoint when that one is sound."""
+    from vit import explain  # noqa: PLC0415
 
     def way_out(other, meta):
         return (f"The run's {other.name} is sound (epoch {meta['epoch']}): evaluate it with "
                 f"python evaluate.py {run_dir} --checkpoint {other.stem}")
-    return checkpoint.load_from_run(run_dir, name, meta_keys=EVAL_META, trees=("params",),
-                                    way_out=way_out)
+    return explain.load_run(run_dir, name, way_out=way_out)
 
 
 def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops=None,
              progress=True):
     """-> dict with top1, top5, loss, count, per_class (list of (name, correct, total))."""
+    from vit import explain  # noqa: PLC0415
+
+    run = load_run(run_dir, checkpoint_name)
+    return evaluate_run(run, explain.load_val(run, data_dir, progress), batch_size, ops, progress)
+
+
+def evaluate_run(run, val, batch_size=256, ops=None, progress=True):
+    """A loaded run (vit.explain.Run) on its validation set, in the run's compute dtype."""
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
-    from vit.config import ViTConfig  # noqa: PLC0415
-    from vit.data import load_dataset  # noqa: PLC0415
     from vit.data.loader import eval_batches  # noqa: PLC0415
     from vit.ops import REFERENCE  # noqa: PLC0415
     from vit.step import evaluate_batches, make_eval_step  # noqa: PLC0415
 
-    run_dir = Path(run_dir)
-    path = run_dir / f"{checkpoint_name}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
-                                "train.py that finished at least one epoch?)")
-    trees, meta = load_checkpoint(run_dir, checkpoint_name)
-    cfg = meta["config"]
-    model = ViTConfig.from_dict(cfg["model"])
-    data = cfg["data"]
-    val = load_dataset(data["dataset"], data_dir or data["data_dir"], "val",
-                       workers=data.get("workers"), progress=progress,
-                       image_size=model.image_size, layout=data.get("layout", "auto"))
-    train = cfg["train"]
-    step = make_eval_step(model, ops=ops or REFERENCE, mean=meta["mean"], std=meta["std"],
-                          compute_dtype=train.get("compute_dtype", train.get("precision", "fp32")))
-    k = model.num_classes
+    step = make_eval_step(run.model, ops=ops or REFERENCE, mean=run.mean, std=run.std,
+                          compute_dtype=run.config.train.compute_dtype)
+    k = run.model.num_classes
     confusion = np.zeros((k, k), np.int64)  # rows: true class, columns: predicted
 
     def count(out, labels, valid):
@@ -99,12 +88,12 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
     n_batches = -(-len(val.labels) // batch_size)
     batches = tqdm(eval_batches(val.images, val.labels, batch_size), total=n_batches,
                    desc="evaluating", disable=not progress)
-    result = evaluate_batches(step, trees["params"], batches, on_batch=count)
+    result = evaluate_batches(step, run.params, batches, on_batch=count)
     if result["count"] != len(val.labels):
         raise AssertionError(f"evaluated {result['count']} images, the validation set has "
                              f"{len(val.labels)}")
     correct, total = np.diag(confusion), confusion.sum(axis=1)
-    return {"checkpoint": str(path), "epoch": meta["epoch"], **result,
+    return {"checkpoint": str(run.path), "epoch": run.meta["epoch"], **result,
             "per_class": [(name, int(c), int(t)) for name, c, t in
                           zip(val.class_names, correct, total)],
             "confusion": confusion, "class_names": list(val.class_names)}
@@ -112,15 +101,19 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from vit import explain  # noqa: PLC0415
     from vit.checkpoint import CheckpointError  # noqa: PLC0415
     from vit.data import DatasetError  # noqa: PLC0415
+    from vit.runconfig import ConfigError  # noqa: PLC0415
     if args.predict:
         return predict(args)
     try:
         ops = cmdline.build_ops(args)
-        result = evaluate(args.run_dir, args.checkpoint, args.data_dir, args.batch_size, ops,
-                          not args.no_progress)
-    except (cmdline.UsageError, FileNotFoundError, DatasetError, CheckpointError) as err:
+        run = load_run(args.run_dir, args.checkpoint)
+        val = explain.load_val(run, args.data_dir, progress=not args.no_progress)
+        result = evaluate_run(run, val, args.batch_size, ops, not args.no_progress)
+    except (cmdline.UsageError, FileNotFoundError, DatasetError, CheckpointError,
+            ConfigError) as err:
         fail(str(err))
     print(f"{result['checkpoint']} (epoch {result['epoch']}): top-1 {100 * result['top1']:.2f}%"
           f"  top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}  "
@@ -130,7 +123,6 @@ def main(argv=None) -> int:
         print(f"\n{'class':<48} {'correct':>8} {'total':>6} {'acc':>7}")
         for name, c, t in rows:
             print(f"{name[:48]:<48} {c:>8} {t:>6} {100 * c / max(t, 1):>6.1f}%")
-    from vit import explain  # noqa: PLC0415
     confusion = result.pop("confusion")
     if args.per_class:
         written = explain.write_confusion(confusion, result["class_names"], args.run_dir,
@@ -138,8 +130,6 @@ def main(argv=None) -> int:
         print(f"confusion matrix: {written['png']} ({len(written['shown'])} of "
               f"{len(confusion)} classes shown)")
     if args.saliency > 0:
-        run = explain.load_run(args.run_dir, args.checkpoint)
-        val = explain.load_val(run, args.data_dir, progress=not args.no_progress)
         written = explain.write_saliency(run, val, args.saliency, args.run_dir, args.checkpoint)
         print(f"saliency maps: {written['png']} ({len(written['labels'])} validation images)")
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
@@ -153,16 +143,17 @@ def predict(args) -> int:
     from vit.data import DatasetError  # noqa: PLC0415
     from vit.checkpoint import CheckpointError  # noqa: PLC0415
     from vit.data.cache import BadImage  # noqa: PLC0415
+    from vit.runconfig import ConfigError  # noqa: PLC0415
     try:
-        run = explain.load_run(args.run_dir, args.checkpoint)
+        run = load_run(args.run_dir, args.checkpoint)
         names = run.class_names or explain.load_val(run, args.data_dir,
                                                     not args.no_progress).class_names
         if len(names) != run.model.num_classes:
-            data_dir = args.data_dir or run.config["data"].get("data_dir")
+            data_dir = args.data_dir or run.config.data.data_dir
             raise DatasetError(f"{data_dir} has {len(names)} classes and the model of {args.run_dir} "
                                f"{run.model.num_classes} classes: pass the --data-dir it was trained on")
         print(explain.format_predictions(explain.predict_files(run, args.predict, names)))
-    except (FileNotFoundError, DatasetError, BadImage, KeyError, CheckpointError) as err:
+    except (FileNotFoundError, DatasetError, BadImage, CheckpointError, ConfigError) as err:
         fail(str(err))
     return 0
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit import checkpoint
+from vit import checkpoint, runconfig
 from vit.config import ViTConfig
 from vit.model import forward, image_gradient
 
@@ -36,7 +36,7 @@ class Run:
     model: ViTConfig
     mean: np.ndarray
     std: np.ndarray
-    config: dict  # the run's resolved config (config.json)
+    config: runconfig.RunConfig  # the run's resolved config (config.json)
     meta: dict
 
     @property
@@ -45,27 +45,33 @@ class Run:
         return self.meta.get("class_names")
 
 
-def load_run(run_dir, checkpoint_name: str = "best") -> Run:
+RUN_META = ("config", "mean", "std", "epoch")  # what a checkpoint of train.py holds beside params
+
+
+def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
+    """RUN_DIR/<checkpoint_name>.npz of train.py: the one loader of evaluate.py and of the
+    pictures. A missing file is a FileNotFoundError; a damaged one, or an .npz without what a run
+    saves (RUN_META), a CheckpointError naming it (way_out: see checkpoint.load_from_run); a
+    saved config that no longer reads, a ConfigError naming the file."""
     run_dir = Path(run_dir)
     path = run_dir / f"{checkpoint_name}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
                                 "train.py that finished at least one epoch?)")
-    # what a run's checkpoint holds for this: an .npz without it is a CheckpointError naming it
-    trees, meta = checkpoint.load(path, meta_keys=("config", "mean", "std"), trees=("params",))
-    cfg = meta["config"]
-    return Run(path, trees["params"], ViTConfig.from_dict(cfg["model"]),
-               np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32), cfg, meta)
+    trees, meta = checkpoint.load_from_run(run_dir, checkpoint_name, meta_keys=RUN_META,
+                                           trees=("params",), way_out=way_out)
+    cfg = runconfig.from_dict(meta["config"], f"{path} (its config)")
+    return Run(path, trees["params"], cfg.model, np.asarray(meta["mean"], np.float32),
+               np.asarray(meta["std"], np.float32), cfg, meta)
 
 
 def load_val(run: Run, data_dir=None, progress: bool = True):
     """The run's validation set, at the model's image size."""
     from vit.data import load_dataset  # noqa: PLC0415
 
-    data = run.config["data"]
-    return load_dataset(data["dataset"], data_dir or data.get("data_dir"), "val",
-                        workers=data.get("workers"), progress=progress,
-                        image_size=run.model.image_size, layout=data.get("layout", "auto"))
+    data = run.config.data
+    return load_dataset(data.dataset, data_dir or data.data_dir, "val", workers=data.workers,
+                        progress=progress, image_size=run.model.image_size, layout=data.layout)
 
 
 def model_input(images_u8, mean, std, dtype=jnp.float32):
