@@ -38,6 +38,8 @@ from tqdm import tqdm
 from vit.data.common import DatasetError
 
 CACHE_FORMAT = 1  # bump when the cache files change meaning
+CACHE_DIRNAME = "vitfuse-cache"  # the cache's folder inside a dataset's folder
+SPLITS = ("train", "val")  # the splits a folder dataset has, each cached on its own
 # how to leave unreadable images out, with each command's own flag for it
 SKIP_HINT = (
     "leave unreadable images out: python train.py ... --set data.skip_bad_images=true, "

@@ -31,13 +31,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from vit.data.cache import BadImage, fingerprint, load_cached
+from vit.data.cache import CACHE_DIRNAME, SPLITS, BadImage, fingerprint, load_cached
 from vit.data.common import Dataset, DatasetError
 
-CACHE_DIRNAME = "vitfuse-cache"
 DEFAULT_IMAGE_SIZE = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-SPLITS = ("train", "val")
 # Part of every cache fingerprint: change it when load_image changes what it returns.
 METHOD = "v1: jpeg draft, exif orientation, rgb (alpha over white), shorter side bicubic, centre crop"
 LAYOUT_HELP = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/*.jpg|png (torchvision's ImageFolder layout)"

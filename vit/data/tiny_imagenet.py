@@ -26,14 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vit.data.cache import BadImage, fingerprint, load_cached
+from vit.data.cache import CACHE_DIRNAME, SPLITS, BadImage, fingerprint, load_cached
 from vit.data.common import DOWNLOAD_HINT, Dataset, DatasetError
 
 DATASET_DIRNAME = "tiny-imagenet-200"
-CACHE_DIRNAME = "vitfuse-cache"
 IMAGE_SHAPE = (64, 64, 3)
 IMAGE_SUFFIXES = (".jpeg", ".jpg")
-SPLITS = ("train", "val")
 
 
 # ---------------------------------------------------------------------------------------------------------------
