@@ -21,6 +21,7 @@ import numpy as np
 
 from vit import checkpoint, runconfig
 from vit.config import ViTConfig
+from vit.data.loader import normalize
 from vit.model import forward, image_gradient
 
 # ----------------------------------------------------------------------------------------------
@@ -75,9 +76,8 @@ def load_val(run: Run, data_dir=None, progress: bool = True):
 
 
 def model_input(images_u8, mean, std, dtype=jnp.float32):
-    """uint8 (N, S, S, C) -> what the model sees: (pixel / 255 - mean) / std, per channel."""
-    x = jnp.asarray(images_u8).astype(dtype) / 255.0
-    return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
+    """uint8 (N, S, S, C) -> what the model sees, as the train and eval steps normalise it."""
+    return normalize(images_u8, mean, std, dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -58,10 +58,11 @@ def channel_stats(images: np.ndarray, chunk_size: int = 2048) -> tuple[np.ndarra
     return mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
 
 
-def normalize(images: jax.Array, mean, std) -> jax.Array:
-    """uint8 (..., C) -> float32 (x / 255 - mean) / std, per channel; jit-able."""
-    x = images.astype(jnp.float32) * (1.0 / 255.0)
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
+    """uint8 (..., C) -> (x / 255 - mean) / std per channel, in dtype (float32; the saliency
+    check's float64); jit-able. The one normalisation of training, evaluation and pictures."""
+    x = jnp.asarray(images).astype(dtype) * (1.0 / 255.0)
+    return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
 
 
 @jax.jit
