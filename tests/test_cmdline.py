@@ -83,9 +83,14 @@ def test_an_ipv6_coordinator_is_host_and_port(clean_env):
     (dict(coordinator="10.0.0.1", num_processes=2, process_id=0), "coordinator must be host:port"),
     (dict(coordinator=COORDINATOR, num_processes=2, process_id=2), "process_id must be in 0..1"),
     (dict(coordinator=COORDINATOR, num_processes=0, process_id=0), "num_processes must be a positive"),
+    (dict(coordinator="10.0.0.1:", num_processes=2, process_id=1), "coordinator must be host:port"),
+    (dict(coordinator="10.0.0.1:port", num_processes=2, process_id=1), "coordinator must be host:port"),
 ])
-def test_init_distributed_checks_its_own_arguments(args, message):
+def test_init_distributed_checks_its_own_arguments(args, message, monkeypatch):
     """The library's own checks, in the library's own words (no flag names)."""
+    def joined(**kwargs):  # a check that let a bad value through would get here, not hang connecting
+        raise AssertionError(f"jax.distributed.initialize reached with {kwargs}")
+    monkeypatch.setattr(jax.distributed, "initialize", joined)
     with pytest.raises(ValueError, match=message):
         parallel.init_distributed(**args)
     assert not jax.distributed.is_initialized()
