@@ -63,6 +63,16 @@ def test_channel_stats_reads_a_memmap(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_channel_stats_refuses_what_it_cannot_count():
+    """An empty set has no mean (not NaN statistics); images must be uint8 (N, H, W, C)."""
+    with pytest.raises(ValueError, match="empty image set"):
+        channel_stats(np.zeros((0, 4, 4, 3), np.uint8))
+    images = np.random.default_rng(3).integers(0, 256, size=(6, 4, 4, 3), dtype=np.uint8)
+    for bad in (images.astype(np.uint16), images.astype(np.float32) / 255, images[0]):
+        with pytest.raises(TypeError, match="uint8 \\(N, H, W, C\\)"):
+            channel_stats(bad)
+
+
 def test_normalize_is_per_channel_and_jits():
     images = np.random.default_rng(2).integers(0, 256, size=(4, 3, 3, 3), dtype=np.uint8)
     mean = np.array([0.4, 0.5, 0.6], np.float32)
@@ -207,6 +217,9 @@ def test_batcher_rejects_what_would_silently_train_on_nothing():
         Batcher(numbered_images(5), np.arange(4), 2, seed=0)
     with pytest.raises(ValueError, match="start_step"):
         next(Batcher(numbered_images(N), np.arange(N), B, seed=0).epoch(0, start_step=7))
+    for shuffle in (True, False):  # a negative epoch is a caller's bug, not an order
+        with pytest.raises(ValueError, match="epoch must be >= 0"):
+            next(Batcher(numbered_images(N), np.arange(N), B, seed=0, shuffle=shuffle).epoch(-1))
     for bad in (-1, -7):  # refused up front, even by a Batcher that never shuffles
         with pytest.raises(ValueError, match="seed must be >= 0"):
             Batcher(numbered_images(N), np.arange(N), B, seed=bad, shuffle=False)
