@@ -165,6 +165,18 @@ def test_cutmix_box_centre_ranges_over_each_axis():
     assert max(rights) > w // 2 + 8  # centres right of the middle are drawn too
 
 
+def test_cutmix_box_centre_reaches_every_row_and_column():
+    # 1 - lambda = 0.09 on a 4 x 5 image: a one-pixel box (int(4 * 0.3) = int(5 * 0.3) = 1) at the
+    # centre itself; over 200 keys it lands in every row and every column, the last ones included
+    h, w = 4, 5
+    images = jnp.zeros((2, h, w, 1), jnp.float32).at[1].set(1.0)
+    targets = one_hot_targets(jnp.arange(2), 2, 0.0)
+    paste = jax.jit(jax.vmap(lambda key: paste_box(key, images, targets, jnp.float32(0.91), jnp.array([1, 0]))[0]))
+    boxes = np.asarray(paste(jax.random.split(KEY, 200)))[:, 0, :, :, 0] == 1.0  # (keys, H, W)
+    assert (boxes.sum(axis=(1, 2)) == 1).all()
+    assert set(np.nonzero(boxes)[1]) == set(range(h)) and set(np.nonzero(boxes)[2]) == set(range(w))
+
+
 def test_cutmix_keeps_uint8_images():
     images = random_images(b=8, h=8, w=8)
     mixed, targets = cutmix(KEY, images, one_hot_targets(jnp.arange(8), 8), 1.0)
