@@ -331,6 +331,28 @@ def test_dispatch_table_edges():
     assert short.blocks == Blocks(32, 32, 8, 2) and short.source == f"table {device}"
 
 
+def test_dispatch_table_row_matches_head_dim_and_dot_precision(tmp_path):
+    """A row serves only its own head dim and, for float32, its own dot precision (a tf32 row's
+    blocks were measured with tf32 dots); a row naming the kernel "auto" or a direction other
+    than fwd/bwd is refused when the table is read."""
+    device = jax.devices()[0].device_kind
+    row = dict(device=device, dtype="float32/tf32", dh=64, direction="fwd", max_len=256,
+               kernel="key-blocked", block_m=64, block_n=32, num_warps=4, num_stages=2)
+    rows = [row]
+    f32 = jnp.float32
+    tuned = dispatch.plan(65, 64, f32, "tf32", "fwd", False, rows=rows)
+    assert tuned == dispatch.Plan("key-blocked", Blocks(64, 32, 4, 2), f"table {device}")
+    assert dispatch.dtype_key(f32, "tf32") == "float32/tf32" and dispatch.dtype_key(f32, "ieee") == "float32/ieee"
+    assert dispatch.dtype_key(jnp.bfloat16, "tf32") == "bfloat16"
+    assert dispatch.plan(65, 64, f32, "ieee", "fwd", False, rows=rows).source == "rule"
+    assert dispatch.plan(65, 32, f32, "tf32", "fwd", False, rows=rows) == dispatch.Plan("one-tile", None, "rule")
+    path = tmp_path / "table.json"
+    for bad in (dict(row, kernel="auto"), dict(row, direction="both")):
+        path.write_text(json.dumps({"rows": [row, bad]}))
+        with pytest.raises(ValueError, match=f"{path.name}: row 1: kernel must be one-tile or key-blocked"):
+            dispatch.load_table(path)
+
+
 def test_shipped_table_is_valid():
     assert isinstance(dispatch.load_table(), list)
 
