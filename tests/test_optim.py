@@ -134,3 +134,28 @@ def test_the_train_step_applies_the_learning_rate_of_its_own_step():
         p, state, metrics = step(p, state, images, labels, jax.random.key(t))
         assert float(metrics["lr"]) == pytest.approx((t + 1) / 4)
         np.testing.assert_allclose(p["head"]["w"], before * (1 - (t + 1) / 4 * 0.5), rtol=1e-6)
+
+
+def test_the_train_step_clips_what_adamw_sees_and_reports_the_norm_before():
+    """Gradients of global norm 3 * sqrt(80) with clip_norm 1.5: the first moment AdamW keeps is
+    (1 - b1) times the gradient scaled down to norm 1.5; the metrics report the unclipped norm.
+    (Adam's first step is scale-free, so the moment is where clipping shows.)"""
+    from vit.config import TrainHParams
+    from vit.step import train_step_fn
+
+    cfg = vit.ViTConfig(image_size=8, patch_size=4, channels=3, d_model=16, heads=2, layers=1,
+                        mlp_dim=32, num_classes=5)
+    params = {"head": {"w": jnp.ones((16, 5)), "b": jnp.ones(5)}}  # the grads below ignore the model
+
+    def constant_grads(p, x, targets, key):
+        grads = {"head": {"w": jnp.full((16, 5), 3.0), "b": jnp.zeros(5)}}
+        return jnp.float32(0.0), grads, jnp.zeros((x.shape[0], 5))
+
+    images, labels = jnp.zeros((2, 8, 8, 3), jnp.float32), jnp.zeros((2,), jnp.int32)
+    norm = 3.0 * np.sqrt(80.0)
+    for clip, scale in ((1.5, 1.5 / norm), (0.0, 1.0), (1000.0, 1.0)):
+        hp = TrainHParams(lr=1e-3, clip_norm=clip)
+        step = jax.jit(train_step_fn(cfg, hp, grad_fn=constant_grads))
+        _, state, metrics = step(params, optim.adamw_init(params), images, labels, jax.random.key(0))
+        assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-6)
+        np.testing.assert_allclose(state["m"]["head"]["w"], (1 - hp.b1) * 3.0 * scale, rtol=1e-5)
