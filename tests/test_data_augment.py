@@ -224,8 +224,9 @@ B, S, C = 48, 8, 3
 MEAN, STD = np.array([0.4, 0.5, 0.6], np.float32), np.array([0.2, 0.25, 0.3], np.float32)
 
 
-def seen_by_the_gradient(seed=0, num_classes=5, **hparams):
-    """(images uint8, labels, x float32, targets) of one step with these TrainHParams fields."""
+def seen_by_the_gradient(seed=0, num_classes=5, float_images=False, **hparams):
+    """(images uint8, labels, x float32, targets) of one step with these TrainHParams fields
+    (float_images: the step gets the images already normalized, as floats)."""
     from vit import ViTConfig, adamw_init, init_params
     from vit.ops import REFERENCE
     from vit.config import TrainHParams
@@ -246,7 +247,8 @@ def seen_by_the_gradient(seed=0, num_classes=5, **hparams):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (B, S, S, C), dtype=np.uint8)
     labels = np.arange(B) % num_classes
-    step(params, adamw_init(params), jnp.asarray(images), jnp.asarray(labels), jax.random.key(seed))
+    given = normalized(images) if float_images else images
+    step(params, adamw_init(params), jnp.asarray(given), jnp.asarray(labels), jax.random.key(seed))
     return images, labels, seen["x"], seen["targets"]
 
 
@@ -271,6 +273,14 @@ def test_step_without_augmentation_passes_the_batch_through():
     images, labels, x, targets = seen_by_the_gradient()
     np.testing.assert_allclose(x, normalized(images), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(targets, np.eye(5, dtype=np.float32)[labels])
+
+
+def test_step_takes_float_images_as_they_are_with_smoothed_targets():
+    # already-normalized float images skip the uint8 augmentations, but not label smoothing
+    images, labels, x, targets = seen_by_the_gradient(float_images=True, label_smoothing=0.1,
+                                                      crop_pad=2, flip=True)
+    np.testing.assert_array_equal(x, normalized(images))
+    np.testing.assert_allclose(targets, 0.02 + 0.9 * np.eye(5, dtype=np.float32)[labels], rtol=1e-6)
 
 
 def test_step_flips_about_half_the_images():
