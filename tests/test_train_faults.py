@@ -298,3 +298,12 @@ def test_stop_after_epoch_exits_like_an_interrupt(tmp_path, capsys):
     assert run_train("--resume", run, "--no-progress") == 0  # done: 0
     for doc in (train.__doc__, (ROOT / "README.md").read_text()):
         assert "130" in doc and "--stop-after-epoch" in doc
+
+
+def test_stop_after_the_last_epoch_is_done(tmp_path, capsys):
+    """--stop-after-epoch K with K the last epoch stops nothing early: every epoch is done, exit 0
+    (130 would tell a script to resume a finished run)."""
+    run = tmp_path / "run"
+    assert run_train(*QUICK, "--epochs", 1, "--stop-after-epoch", 1, "--out", run) == 0
+    out = capsys.readouterr().out
+    assert "done: best val top-1" in out and "stopping after epoch" not in out
