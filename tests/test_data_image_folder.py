@@ -267,6 +267,20 @@ def test_renaming_a_train_class_relabels_val(root):
     assert after.labels.tolist() == (before.labels - 1).tolist()
 
 
+def test_an_image_moved_to_another_class_is_relabelled(root):
+    """Moved (renamed: same name, size and mtime) from the end of one class to the start of the
+    next, an image keeps its place in the sorted file list; only its folder says its new class."""
+    before = load(root, "train")
+    first, second = root / "train" / CLASSES[0], root / "train" / CLASSES[1]
+    last = sorted(p for p in first.rglob("img *") if ".hidden" not in p.parts)[-1]
+    (second / "a").mkdir()
+    last.rename(second / "a" / last.name)  # sorts before every other image of the second class
+    after = load(root, "train")
+    assert np.bincount(after.labels).tolist() == [TRAIN - 1, TRAIN + 1, TRAIN]
+    np.testing.assert_array_equal(after.images, before.images)  # the same pixels, in the same order
+    assert after.labels[TRAIN - 1] == 1 and before.labels[TRAIN - 1] == 0
+
+
 def test_two_decoding_processes_give_the_same_arrays(root, tmp_path):
     one = load(root, "val")
     two = image_folder.load_image_folder(root, "val", image_size=SIZE, workers=2, progress=False,
