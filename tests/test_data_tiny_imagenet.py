@@ -212,7 +212,12 @@ def _int64_labels(cache):
     np.save(labels, np.load(labels).astype(np.int64))
 
 
-@pytest.mark.parametrize("spoil", [_old_format, _int64_labels])
+def _int16_images(cache):
+    images = cache / "train_images.npy"
+    np.save(images, np.load(images).astype(np.int16))
+
+
+@pytest.mark.parametrize("spoil", [_old_format, _int64_labels, _int16_images])
 def test_cache_of_another_format_or_label_dtype_is_rebuilt(root, decode_calls, spoil):
     good = load(root, "train")
     good_images, good_labels = np.array(good.images), np.array(good.labels)
@@ -221,7 +226,7 @@ def test_cache_of_another_format_or_label_dtype_is_rebuilt(root, decode_calls, s
     again = load(root, "train")
     assert len(decode_calls) == NUM_CLASSES * PER_CLASS
     np.testing.assert_array_equal(again.images, good_images)
-    assert again.labels.dtype == np.int32
+    assert again.images.dtype == np.uint8 and again.labels.dtype == np.int32
     np.testing.assert_array_equal(again.labels, good_labels)
 
 
