@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import io
 import re
+import shutil
 import stat
 import threading
 import zipfile
@@ -203,6 +204,21 @@ def test_complete_part_file_is_verified_not_downloaded_again(tmp_path, dataset_z
         get(tmp_path, server, md5)
         assert server.ranges == [f"bytes={len(payload)}-"]  # answered 416: nothing left to send
     assert (tmp_path / "tiny-imagenet-200" / "wnids.txt").is_file()
+
+
+def test_a_kept_zip_is_reused_only_if_its_checksum_matches(tmp_path, dataset_zip):
+    payload, md5 = dataset_zip
+    kept = tmp_path / "tiny-imagenet-200.zip"
+    kept.write_bytes(payload)  # from an earlier run with keep_zip
+    with LoopbackServer(payload) as server:
+        get(tmp_path, server, md5, keep_zip=True)
+        assert server.ranges == []  # verified, not downloaded again
+    shutil.rmtree(tmp_path / "tiny-imagenet-200")
+    kept.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))  # one bit off: not the file
+    with LoopbackServer(payload) as server:
+        get(tmp_path, server, md5, keep_zip=True)
+        assert server.ranges == [None]  # downloaded anew, from the start
+    assert kept.read_bytes() == payload and (tmp_path / "tiny-imagenet-200" / "wnids.txt").is_file()
 
 
 def test_wrong_checksum_is_an_error_and_nothing_is_extracted(tmp_path, dataset_zip):
