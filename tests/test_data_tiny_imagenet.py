@@ -185,6 +185,23 @@ def test_cache_is_rebuilt_when_val_annotations_change(root):
     np.testing.assert_array_equal(after.labels[1:], before.labels[1:])
 
 
+def test_reordering_wnids_txt_relabels_both_cached_splits(root):
+    """Label i is line i of wnids.txt: reversing it (same size, same images) reverses every label
+    of train and val, through their caches."""
+    def label_of_each_image(split):
+        data = load(root, split)
+        pairs = {image.tobytes(): int(label) for image, label in zip(data.images, data.labels)}
+        assert len(pairs) == len(data)  # every image distinct, so it can be told by its pixels
+        return pairs
+
+    before = {split: label_of_each_image(split) for split in ("train", "val")}
+    path = root / "wnids.txt"
+    path.write_text("\n".join(reversed(path.read_text().split())) + "\n")
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse-grained file system
+    for split, labels in before.items():
+        assert label_of_each_image(split) == {k: NUM_CLASSES - 1 - v for k, v in labels.items()}, split
+
+
 def test_cache_without_manifest_or_with_leftover_temp_files_is_rebuilt(root, decode_calls):
     good = np.array(load(root, "train").images)
     cache = root / tiny_imagenet.CACHE_DIRNAME
