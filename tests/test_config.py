@@ -22,11 +22,20 @@ def test_defaults_are_the_product_model():
     (dict(ln_eps=0.0), "ln_eps", "0.0"),
     (dict(dropout=1.0), "dropout", "1.0"),
     (dict(drop_path=-0.1), "drop_path", "-0.1"),
+    (dict(layers=True), "layers", "True"),              # a bool is not a count
 ])
 def test_invalid_config_names_field_and_value(changes, field, value):
     with pytest.raises(ValueError) as err:
         ViTConfig(**changes)
     assert field in str(err.value) and value in str(err.value)
+
+
+def test_any_dropout_rate_alone_makes_the_step_draw_a_dropout_key():
+    """has_dropout decides whether the train step hands the model a key: each rate on its own
+    needs one (without it that dropout would silently never happen)."""
+    assert not ViTConfig().has_dropout
+    for name in ("dropout", "attn_dropout", "ffn_dropout", "drop_path"):
+        assert ViTConfig(**{name: 0.1}).has_dropout, name
 
 
 def test_round_trip_and_unknown_keys():
