@@ -406,6 +406,22 @@ def test_confusion_order_follows_confusions_both_ways():
     assert order[:2] == [1, 5] and sorted(order) == list(range(6))
 
 
+def test_classes_without_validation_images_come_after_every_seen_class():
+    """An image folder's val may lack some classes: their rows are empty, which is no accuracy at
+    all, not 0%. With 40 classes, 12 of them unseen, the 30 shown are the 28 seen ones first
+    (the least accurate of them ahead), never 12 unseen ones in place of the worst seen ones."""
+    k, unseen = 40, list(range(28, 40))
+    m = np.diag(np.full(k, 50))
+    m[unseen, unseen] = 0
+    for c in range(28):  # seen class c right 50 - c times, taken for class (c + 1) % 28 otherwise
+        m[c, c] -= c
+        m[c, (c + 1) % 28] += c
+    shown = explain.confusion_classes(m).tolist()
+    assert len(shown) == 30
+    assert set(range(28)) <= set(shown)  # every seen class, the 2 others are unseen ones
+    assert len(set(shown) & set(unseen)) == 2
+
+
 def test_200_classes_show_the_worst_and_their_confusions_side_by_side(tmp_path):
     k = 200
     m = np.diag(np.full(k, 50))
