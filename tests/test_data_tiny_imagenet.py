@@ -1,4 +1,7 @@
-"""Tiny ImageNet loading from the real folder layout: labels, decoding, the .npy cache, and every input error."""
+"""Tiny ImageNet loading from the real folder layout: labels, decoding, the .npy cache, and every input error.
+
+Long because: one short test per input error and per reason the cache must be rebuilt, each on its own
+copy of the one fake dataset; split up, the files would share that fixture and little else."""
 
 import json
 import os
