@@ -310,6 +310,10 @@ def test_neither_layout_says_what_was_expected_and_what_was_found(tmp_path):
     message = str(e.value)
     assert "neither" in message and "wnids.txt" in message and "train/<class>/" in message
     assert "photos/, readme.txt" in message
+    for i in range(7):  # 9 entries: the first 8 named, and the 9th counted
+        (tmp_path / f"z{i}.txt").write_text("")
+    with pytest.raises(DatasetError, match=r"photos/, readme.txt, z0.txt, .*, z5.txt and 1 more"):
+        load(tmp_path, "train")
     assert "download" not in message  # the Tiny ImageNet hint only when Tiny ImageNet was asked for
 
 
@@ -398,8 +402,11 @@ def test_layout_is_detected_or_named(root, tmp_path):
 
 def test_image_size_is_for_image_folders(tmp_path):
     tiny = write_fake_tiny_imagenet(tmp_path / "t")
-    with pytest.raises(DatasetError, match="data.image_size=32"):
-        load_dataset("tiny-imagenet", tiny, "train", image_size=32, progress=False)
+    for size in (32, 128):  # neither smaller nor larger than its own 64
+        with pytest.raises(DatasetError, match=f"data.image_size={size}"):
+            load_dataset("tiny-imagenet", tiny, "train", image_size=size, progress=False)
+    with pytest.raises(DatasetError, match="data.image_size=16: digits comes at its own 8x8 only"):
+        load_dataset("digits", None, "val", image_size=16)
     assert load_dataset("tiny-imagenet", tiny, "train", image_size=64, workers=1, progress=False).images.shape[1] == 64
     assert load_dataset("digits", None, "val", image_size=8).images.shape[1:] == (8, 8, 1)
 
