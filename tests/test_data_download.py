@@ -324,6 +324,11 @@ def test_download_command_end_to_end(tmp_path, dataset_zip, capsys):
     assert rc == 0, capsys.readouterr().err
     val = load_dataset("tiny-imagenet", tmp_path / "tiny-imagenet-200", "val", workers=1, progress=False)
     assert val.images.dtype == np.uint8 and len(val) == 4
+    assert not (tmp_path / "tiny-imagenet-200.zip").exists()  # deleted once unpacked, unless --keep-zip
+    with LoopbackServer(payload) as server:
+        assert cli.main(["download", "--dest", str(tmp_path / "k"), "--url", server.url, "--md5", md5,
+                         "--keep-zip", "--quiet"]) == 0
+    assert (tmp_path / "k" / "tiny-imagenet-200.zip").read_bytes() == payload
     with LoopbackServer(payload) as server:
         rc = cli.main(["download", "--dest", str(tmp_path / "x"), "--url", server.url, "--md5", "f" * 32, "--quiet"])
     assert rc == 1 and "checksum mismatch" in capsys.readouterr().err
