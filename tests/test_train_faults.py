@@ -307,3 +307,16 @@ def test_stop_after_the_last_epoch_is_done(tmp_path, capsys):
     assert run_train(*QUICK, "--epochs", 1, "--stop-after-epoch", 1, "--out", run) == 0
     out = capsys.readouterr().out
     assert "done: best val top-1" in out and "stopping after epoch" not in out
+
+
+def test_a_dataset_of_non_square_images_is_a_run_error():
+    """The model takes square images: a dataset of 8x10 ones (from a loader of one's own) is
+    refused naming both sides, not fitted to a model that cannot read them."""
+    from types import SimpleNamespace
+
+    from vit import runconfig, training
+
+    cfg = runconfig.from_dict({"model": {"image_size": 8, "patch_size": 2}})
+    data = SimpleNamespace(images=np.zeros((2, 8, 10, 3), np.uint8), num_classes=4)
+    with pytest.raises(training.RunError, match="images must be square, the dataset has 8x10"):
+        training.fit_model_to_data(cfg, data)
