@@ -175,6 +175,25 @@ def test_every_step_draws_its_own_key(tmp_path, monkeypatch):
     assert len(set(keys)) == len(keys), "a step key repeats"
 
 
+def test_validation_batches_are_no_larger_than_the_validation_set(tmp_path, monkeypatch):
+    """train.eval_batch_size 1000 on digits' 360 validation images: one batch of 360, not 1000 rows
+    of which 640 are padding (each costs as much as a real one)."""
+    from vit.data import loader
+
+    made = []
+
+    class Recording(loader.Batcher):
+        def __init__(self, images, labels, batch_size, **kwargs):
+            made.append((len(labels), batch_size, kwargs.get("shuffle", True)))
+            super().__init__(images, labels, batch_size, **kwargs)
+
+    monkeypatch.setattr(loader, "Batcher", Recording)
+    assert run_train(*QUICK, "--epochs", 1, "--set", "train.eval_batch_size=1000",
+                     "--out", tmp_path / "run") == 0
+    assert made == [(1437, 128, True), (360, 360, False)]
+    assert records(tmp_path / "run")[0]["val_images"] == 360
+
+
 class Crash(BaseException):
     """Stands for the process dying (kill -9, power loss): nothing in train.py catches it."""
 
