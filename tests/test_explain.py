@@ -135,6 +135,17 @@ def test_saliency_map_is_the_gradient_of_each_images_loss(saliency_run):
     assert checked == 9
 
 
+def test_saliency_in_chunks_equals_saliency_at_once():
+    """Chunks of 2 over 5 images (the last one short) give each image's own gradient, as one chunk does."""
+    cfg = vit.ViTConfig(image_size=8, patch_size=4, channels=3, d_model=8, heads=2, layers=1, mlp_dim=8,
+                        num_classes=4)
+    params, mean, std = vit.init_params(jax.random.key(2), cfg), np.full(3, .5, np.float32), np.full(3, .25, np.float32)
+    images, labels = np.random.default_rng(1).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8), np.array([0, 3, 1, 2, 0])
+    whole = explain.saliency(params, cfg, images, labels, mean, std)
+    for a, b in zip(explain.saliency(params, cfg, images, labels, mean, std, chunk=2), whole, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+
+
 def test_saliency_titles_name_true_and_predicted_classes(monkeypatch, tmp_path):
     saved = {}
     monkeypatch.setattr(explain, "_save", lambda fig, path: saved.setdefault("fig", fig))
@@ -190,9 +201,8 @@ def test_predict_gives_the_top_5_of_more_classes(tmp_path):
                         num_classes=7)
     mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
     run = explain.Run(tmp_path, vit.init_params(jax.random.key(1), cfg), cfg, mean, std, {}, {})
-    image = tmp_path / "x.png"
+    image, names = tmp_path / "x.png", [f"c{i}" for i in range(7)]
     save_as(fake_colour_image((200, 30, 90), 20, 13, np.random.default_rng(0)), image, "PNG", "RGB")
-    names = [f"c{i}" for i in range(7)]
     [(path, top)] = explain.predict_files(run, [image], names)
     logits = np.asarray(vit.forward(run.params, explain.model_input(load_image(image, 8)[None], mean, std), cfg))[0]
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
