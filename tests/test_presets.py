@@ -103,6 +103,22 @@ def test_flops_match_the_published_figures():
         assert flops.param_count(cfg) / 1e6 == pytest.approx(mparams, abs=0.05), name
 
 
+def test_flops_command_prints_each_configs_figures_and_names_a_bad_one(tmp_path, capsys):
+    """python -m vit.flops CONFIG...: the parameters, the full forward FLOPs and the smaller figure of
+    vitfuse's CLS-only last block; a config it cannot read is exit 2 with the file named."""
+    path = str(runconfig.CONFIG_DIR / "vit-b16.toml")
+    assert flops.main([path]) == 0
+    cfg = load("vit-b16.toml").model
+    out = capsys.readouterr().out
+    assert f"{path}: 224 px" in out and f"parameters            {flops.param_count(cfg):,}" in out
+    assert f"forward FLOPs/image   {flops.forward_flops(cfg)['total'] / 1e9:.2f} G" in out
+    assert f"as vitfuse runs it    {flops.forward_flops(cfg, cls_only_last=True)['total'] / 1e9:.2f} G" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nd_model = 768\nheads = 7\n")
+    assert flops.main([path, str(bad)]) == 2
+    assert f"vit.flops: error: --config {bad}: ViTConfig.d_model=768" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_param_count_is_what_init_params_makes_for_either_norm_layout(norm):
     """Pre-norm has a final LayerNorm, post-norm none: counted from the shapes init_params makes."""
