@@ -219,30 +219,6 @@ def test_predict_bad_file_is_named(colour_run, tmp_path, capsys):
     assert str(bad) in capsys.readouterr().err
 
 
-def test_predict_with_a_checkpoint_of_something_else_names_the_file(tmp_path, capsys):
-    """An .npz in the run's place without the run's config: a message naming the file and what
-    it lacks, not the bare KeyError 'config'."""
-    from vit import checkpoint  # noqa: PLC0415
-
-    checkpoint.save(tmp_path / "best.npz", {"params": {"w": np.zeros(2)}}, {"epoch": 1})
-    image = tmp_path / "x.png"
-    Image.new("RGB", (8, 8)).save(image)
-    with pytest.raises(SystemExit):
-        evaluate.main([str(tmp_path), "--predict", str(image)])
-    err = capsys.readouterr().err
-    assert str(tmp_path / "best.npz") in err and "config" in err and "Traceback" not in err, err
-
-
-@pytest.mark.parametrize("flag", ["--batch-size", "--saliency"])
-def test_evaluate_counts_must_be_positive(tmp_path, capsys, flag):
-    for bad in ("0", "-3", "many"):
-        with pytest.raises(SystemExit) as e:
-            evaluate.main([str(tmp_path), flag, bad])
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert f"argument {flag}: must be a positive integer" in err, err
-
-
 def test_predict_with_a_data_dir_of_other_classes_is_an_error(colour_run, tmp_path, capsys, monkeypatch):
     """A checkpoint without class names (older runs) takes them from --data-dir: one with another
     number of classes is an error naming both counts, not a traceback."""

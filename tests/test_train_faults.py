@@ -98,6 +98,32 @@ def test_evaluate_a_damaged_last_npz_offers_best(run_copy, capsys):
     assert str(run_copy / "last.npz") in err and "--checkpoint best" in err, err
 
 
+def test_predict_with_a_checkpoint_of_something_else_names_the_file(tmp_path, capsys):
+    """An .npz in the run's place without the run's config: a message naming the file and what
+    it lacks, not the bare KeyError 'config'."""
+    from PIL import Image  # noqa: PLC0415
+
+    from vit import checkpoint  # noqa: PLC0415
+
+    checkpoint.save(tmp_path / "best.npz", {"params": {"w": np.zeros(2)}}, {"epoch": 1})
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path), "--predict", str(image)])
+    err = capsys.readouterr().err
+    assert str(tmp_path / "best.npz") in err and "config" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--saliency"])
+def test_evaluate_counts_must_be_positive(tmp_path, capsys, flag):
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([str(tmp_path), flag, bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: must be a positive integer" in err, err
+
+
 def test_both_checkpoints_damaged_offers_nothing_false(run_copy, capsys):
     truncate(run_copy / "last.npz")
     junk(run_copy / "best.npz")
