@@ -154,7 +154,7 @@ def test_bad_accumulation_is_refused_naming_it():
         accumulated_grads(grad_fn, 4)(params, x, layers.one_hot_targets(labels, 5, 0.0), None)
     base = {"train": {"batch_size": 64}}
     for value, flag, message in ((0, "--set train.accum_steps=0", "positive integer"),
-                                 (True, "--set train.accum_steps=true", "positive integer"),
+                                 (True, "--set train.accum_steps=true", "must be an integer"),
                                  (3, "--accum-steps 3", "does not split")):
         with pytest.raises(runconfig.ConfigError, match=message) as err:
             runconfig.from_dict(runconfig.merge(base, "train", "accum_steps", value), "f.toml",
