@@ -58,15 +58,21 @@ def _assert_tree_close(got, want, rtol, what, key_bias_bound=None):
         assert diff <= rtol * scale + 1e-30, (what, jax.tree_util.keystr(path), diff, scale)
 
 
-@pytest.mark.parametrize("accum_steps", [2, 3, ROWS])
-def test_accumulated_grads_equal_the_whole_batch(accum_steps):
-    """Loss, every gradient and the logits (in the batch's row order) of A micro-batches equal the
-    whole batch's; ROWS micro-batches = one row each."""
+@pytest.fixture(scope="module")
+def whole_batch():
+    """The tiny model's loss, gradients and logits on the whole batch, and what produced them."""
     cfg, params = _tiny()
     x, labels = _batch()
     targets = layers.one_hot_targets(labels, cfg.num_classes, 0.1)
     grad_fn = hand_written_grads(cfg)
-    loss, grads, logits = jax.jit(grad_fn)(params, x, targets, None)
+    return (grad_fn, params, x, targets), jax.jit(grad_fn)(params, x, targets, None)
+
+
+@pytest.mark.parametrize("accum_steps", [3, ROWS])
+def test_accumulated_grads_equal_the_whole_batch(whole_batch, accum_steps):
+    """Loss, every gradient and the logits (in the batch's row order) of A micro-batches equal the
+    whole batch's; ROWS micro-batches = one row each."""
+    (grad_fn, params, x, targets), (loss, grads, logits) = whole_batch
     loss_a, grads_a, logits_a = jax.jit(accumulated_grads(grad_fn, accum_steps))(
         params, x, targets, None)
     assert float(loss_a) == pytest.approx(float(loss), rel=1e-6)
@@ -173,9 +179,18 @@ def test_batch_must_split_over_devices_and_micro_batches():
         training.check_batch_split(48, 4, 8)  # 48 / 8 = 6 rows a micro-batch: not over 4 devices
 
 
-def test_train_py_accum_steps_trains_like_the_whole_batch(tmp_path, capsys):
-    """train.py --accum-steps 4: the config, run directory and log say so, and one epoch on the
-    digits ends where the run without accumulation does (float summation order aside)."""
+def test_train_py_accum_steps_trains_like_the_whole_batch(tmp_path, capsys, monkeypatch):
+    """train.py --accum-steps 4: its step takes the gradients in 4 micro-batches, the config, run
+    directory and log say so, and one epoch on the digits ends where the run without
+    accumulation does (float summation order aside)."""
+    from vit import step as step_module  # noqa: PLC0415
+
+    asked = []
+
+    def spy(grad_fn, accum_steps):
+        asked.append(accum_steps)
+        return accumulated_grads(grad_fn, accum_steps)
+    monkeypatch.setattr(step_module, "accumulated_grads", spy)
     quick = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1",
              "--set", "model.d_model=32", "--set", "model.mlp_dim=64", "--batch-size", "128",
              "--epochs", "1", "--set", "train.flip=true", "--set", "train.mixup_alpha=0.4"]
@@ -183,6 +198,7 @@ def test_train_py_accum_steps_trains_like_the_whole_batch(tmp_path, capsys):
     capsys.readouterr()
     assert train.main([*quick, "--accum-steps", "4", "--out", str(tmp_path / "accum")]) == 0
     assert "steps/epoch of 128 (4 micro-batches of 32)" in capsys.readouterr().out
+    assert asked == [1, 4]  # the plain run's step, then the accumulating one
     runs = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
             for name in ("whole", "accum")}
     assert json.loads((tmp_path / "accum" / "config.json").read_text())["train"]["accum_steps"] == 4
