@@ -155,9 +155,7 @@ def from_dict(d: dict, where: str = "config", sources: dict | None = None) -> Ru
 def _validate_data(d: DataSection, source):
     from vit.data import DATASETS, LAYOUTS  # noqa: PLC0415
 
-    def positive_int(value, allow_zero=False):
-        return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if allow_zero else 1)
-    _check_types("data", d, source)
+    _check_types("data", d, source)  # types first: what follows compares values only
     if d.workers is not None and d.workers < 1:
         raise ConfigError(f"{source('data.workers')}: data.workers must be a positive integer, "
                           f"got {d.workers!r}")
@@ -167,10 +165,10 @@ def _validate_data(d: DataSection, source):
     if d.layout not in LAYOUTS:
         raise ConfigError(f"{source('data.layout')}: data.layout must be one of {LAYOUTS}, "
                           f"got {d.layout!r}")
-    if d.image_size is not None and not positive_int(d.image_size):
+    if d.image_size is not None and d.image_size < 1:
         raise ConfigError(f"{source('data.image_size')}: data.image_size must be a positive "
                           f"integer, got {d.image_size!r}")
-    if not positive_int(d.device_budget_mb, allow_zero=True):
+    if d.device_budget_mb < 0:
         raise ConfigError(f"{source('data.device_budget_mb')}: data.device_budget_mb must be an "
                           f"integer >= 0, got {d.device_budget_mb!r}")
 
@@ -215,11 +213,11 @@ def _validate(t: TrainSection, source):
     def bad(key, why):
         raise ConfigError(f"{source(f'train.{key}')}: train.{key} {why}, "
                           f"got {getattr(t, key, getattr(t.hparams, key, None))!r}")
-    _check_types("train", t, source)
+    _check_types("train", t, source)  # types first: what follows compares values only
     _check_types("train", t.hparams, source)
-    if not isinstance(t.epochs, int) or t.epochs < 1:
+    if t.epochs < 1:
         bad("epochs", "must be a positive integer")
-    if not isinstance(t.batch_size, int) or t.batch_size < 1:
+    if t.batch_size < 1:
         bad("batch_size", "must be a positive integer")
     if t.eval_batch_size < 1:
         bad("eval_batch_size", "must be a positive integer")
@@ -237,19 +235,18 @@ def _validate(t: TrainSection, source):
     if hp.eps <= 0:
         bad("eps", "must be positive")
     steps = hp.accum_steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ConfigError(f"{source('train.accum_steps')}: train.accum_steps must be a positive "
-                          f"integer, got {steps!r}")
+    if steps < 1:
+        bad("accum_steps", "must be a positive integer")
     if t.batch_size % steps:
         raise ConfigError(f"{source('train.batch_size', 'train.accum_steps')}: train.batch_size "
                           f"{t.batch_size} does not split into train.accum_steps = {steps} "
                           f"micro-batches of equal size")
-    if not (isinstance(hp.lr, (int, float)) and hp.lr > 0):
+    if hp.lr <= 0:
         raise ConfigError(f"{source('train.lr')}: train.lr must be positive, got {hp.lr!r}")
     if hp.schedule not in ("constant", "cosine"):
         raise ConfigError(f"{source('train.schedule')}: train.schedule must be 'constant' or "
                           f"'cosine', got {hp.schedule!r}")
-    if not (isinstance(hp.label_smoothing, (int, float)) and 0.0 <= hp.label_smoothing < 1.0):
+    if not 0.0 <= hp.label_smoothing < 1.0:
         raise ConfigError(f"{source('train.label_smoothing')}: train.label_smoothing must be in "
                           f"[0, 1), got {hp.label_smoothing!r}")
 
