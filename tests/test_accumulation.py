@@ -206,15 +206,10 @@ def test_train_py_accum_steps_trains_like_the_whole_batch(tmp_path, capsys, monk
     for key in ("train_loss", "val_loss"):
         assert accum[key] == pytest.approx(whole[key], rel=1e-4), key
     lr_sum = whole["lr"] * whole["step"]  # the largest rate of the epoch, times its steps
-    with np.load(tmp_path / "whole" / "last.npz") as a, np.load(tmp_path / "accum" / "last.npz") as b:
-        for name in a.files:
-            if not name.startswith("params/"):
-                continue
-            got, want = b[name], a[name]
-            k_cols = _key_bias(name, 32)
-            if k_cols is not None:
-                assert np.max(np.abs(got[k_cols] - want[k_cols])) <= 2 * lr_sum, name
-                keep = np.setdiff1d(np.arange(96), k_cols)
-                got, want = got[keep], want[keep]
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.max(np.abs(want)),
-                                       err_msg=name)
+    params = {}
+    for name in ("whole", "accum"):
+        with np.load(tmp_path / name / "last.npz") as data:
+            params[name] = {k: data[k] for k in data.files if k.startswith("params/")}
+    assert params["accum"].keys() == params["whole"].keys() and params["whole"]
+    _assert_tree_close(params["accum"], params["whole"], 1e-4, "train.py params",
+                       key_bias_bound=2 * lr_sum)
