@@ -61,7 +61,7 @@ def build_ops(args: argparse.Namespace):
             f"backend: {jax.default_backend()}). Add --interpret to run the same kernels in "
             "Triton's CPU interpreter: correct but very slow, for tiny runs.")
     try:
-        from kernels import fused_ops  # noqa: PLC0415
+        from kernels import COMPILED, INTERPRETED, fused_ops  # noqa: PLC0415
     except ImportError as err:
         raise UsageError(f"--fused needs triton ({err}); install it with pip install -e "
                          "'.[kernels]'") from None
@@ -73,7 +73,7 @@ def build_ops(args: argparse.Namespace):
             raise UsageError(f"--fused on a GPU launches the kernels through jax-triton, which "
                              f"does not import ({err}); install it with pip install -e '.[gpu]' "
                              "(jax-triton 0.3.1 and absl-py), or add --interpret") from None
-    return fused_ops(interpret=args.interpret, dot_precision=args.dot_precision or "ieee")
+    return fused_ops(INTERPRETED if args.interpret else COMPILED, args.dot_precision or "ieee")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,7 +153,15 @@ class BenchSession:
 
     @property
     def interpret(self) -> bool:
+        """The fused kernels run in Triton's interpreter here (no GPU): checked, not timed."""
         return self.backend != "gpu"
+
+    @property
+    def launcher(self):
+        """The fused kernels' launcher here: kernels.COMPILED on a GPU, kernels.INTERPRETED elsewhere."""
+        from kernels.launch import COMPILED, INTERPRETED  # noqa: PLC0415  (needs triton: fused rows)
+
+        return INTERPRETED if self.interpret else COMPILED
 
     def key(self, *salt: str):
         """A fresh key per (session seed, case): every case draws its own random inputs."""

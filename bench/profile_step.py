@@ -32,7 +32,8 @@ from collections import defaultdict
 
 METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum",
            "launch__registers_per_thread")
-OUR_KERNELS = re.compile(r"^_(attn_fwd|attn_bwd|ln_fwd|ln_bwd|ln_bwd_reduce)(_poisoned)?$")
+OUR_KERNELS = re.compile(r"^_(attn_fwd|attn_bwd|flash_fwd|flash_bwd_delta|flash_bwd|ln_fwd|ln_bwd|"
+                         r"ln_bwd_reduce)(_poisoned)?$")
 GEMM = re.compile(r"gemm|cutlass|xmma|nvjet|cublas|cudnn|sm\d\d_", re.I)
 
 
@@ -56,6 +57,7 @@ def run(contender: str, steps: int) -> int:
 
     from bench import harness  # noqa: PLC0415
     from bench.steps import make_batch, make_step  # noqa: PLC0415
+    from kernels import COMPILED  # noqa: PLC0415
     import vit  # noqa: PLC0415
 
     if jax.default_backend() != "gpu":
@@ -65,7 +67,7 @@ def run(contender: str, steps: int) -> int:
     params = vit.init_params(jax.random.PRNGKey(0), config)
     state = [params, vit.adamw_init(params)]
     images, labels = make_batch(config, harness.STEP_BATCH["product"], jax.random.PRNGKey(1))
-    step = make_step(contender, config, interpret=False)  # donates params and state: fresh ones
+    step = make_step(contender, config, COMPILED)  # donates params and state: fresh ones
     for i in range(3):  # compile + warm-up, profiler off
         state[0], state[1], metrics = step(state[0], state[1], images, labels, jax.random.PRNGKey(i))
     jax.block_until_ready(metrics)

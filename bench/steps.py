@@ -27,28 +27,26 @@ SWAPPED = {"fused-attn": ("attention_forward", "attention_backward"),
            "fused-ln": ("add_layernorm_forward", "add_layernorm_backward")}
 
 
-def fused_ops(interpret: bool):
-    from kernels import fused_ops as build  # noqa: PLC0415  (needs triton; only fused rows)
-
-    return build(interpret=interpret)
-
-
-def ops_for(contender: str, interpret: bool):
-    """The op set of a contender: the reference, the fused kernels, or one pair swapped in."""
+def ops_for(contender: str, launcher):
+    """The op set of a contender: the reference, the fused kernels (launched by ``launcher``,
+    kernels.COMPILED or kernels.INTERPRETED), or one pair swapped in."""
     if not contender.startswith("fused"):
         return REFERENCE
-    fused = fused_ops(interpret)
+    from kernels import fused_ops  # noqa: PLC0415  (needs triton; only fused rows)
+
+    fused = fused_ops(launcher)
     if contender in SWAPPED:
         return REFERENCE._replace(name=contender, description=f"reference with {contender}",
                                   **{name: getattr(fused, name) for name in SWAPPED[contender]})
     return fused
 
 
-def make_step(contender: str, config, interpret: bool):
+def make_step(contender: str, config, launcher=None):
+    """The jitted train step of a contender; launcher: the fused contenders' (ops_for)."""
     compute_dtype = "bf16" if contender.endswith("-bf16") else "fp32"
     if contender == "autodiff":
         return vit.make_train_step(config, HPARAMS, grad_fn=oracle.autodiff_grad_fn(config))
-    return vit.make_train_step(config, HPARAMS, ops=ops_for(contender, interpret),
+    return vit.make_train_step(config, HPARAMS, ops=ops_for(contender, launcher),
                                compute_dtype=compute_dtype)
 
 

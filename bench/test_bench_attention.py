@@ -81,21 +81,21 @@ def dpa_forward(implementation, heads):
     return fwd
 
 
-def ops_for(contender, bench_interpret):
+def ops_for(contender, launcher):
     if contender == "reference":
         return REFERENCE
     from kernels import fused_ops  # noqa: PLC0415  (needs triton; only the fused rows import it)
 
     dot_precision = "tf32" if contender == "fused-tf32" else "ieee"
     kernel = contender.removeprefix("fused-") if contender in FORCED else "auto"
-    return fused_ops(interpret=bench_interpret, dot_precision=dot_precision, attention_kernel=kernel)
+    return fused_ops(launcher, dot_precision=dot_precision, attention_kernel=kernel)
 
 
-def builder(mode, interpret):
+def builder(mode, bench):
     def build(contender, shape):
         heads = harness.ATTN_SHAPES[shape][2]
         if contender in ("reference", "fused", "fused-tf32", *FORCED):
-            ops = ops_for(contender, interpret)
+            ops = ops_for(contender, bench.launcher if contender != "reference" else None)
             if mode == "fwd":
                 return lambda qkv, do: ops.attention_forward(qkv, heads)[0]
 
@@ -127,10 +127,10 @@ def skip_reason(case, bench):
     if case.contender == "fused-tf32" and not gpu:
         return "tf32 dots are a GPU tensor-core mode"
     if case.contender == "fused-one-tile" and gpu:
-        from kernels import dispatch  # noqa: PLC0415
+        from kernels import COMPILED, dispatch  # noqa: PLC0415
 
         _, l, _, dh = harness.ATTN_SHAPES[case.shape]
-        if not dispatch.one_tile_runs(l, dh, harness.DTYPES[case.dtype], interpret=False):
+        if not dispatch.one_tile_runs(l, dh, harness.DTYPES[case.dtype], COMPILED):
             return (f"the one-tile kernel does not run compiled at L={l} Dh={dh} {case.dtype} "
                     "(its K/V tile exceeds the shared-memory budget: attention.compiled_fits)")
     return None
@@ -144,7 +144,7 @@ def dispatch_note(case, bench) -> str:
 
     _, l, _, dh = harness.ATTN_SHAPES[case.shape]
     dot_precision = "tf32" if case.contender == "fused-tf32" else "ieee"
-    plans = [dispatch.plan(l, dh, harness.DTYPES[case.dtype], dot_precision, d, bench.interpret)
+    plans = [dispatch.plan(l, dh, harness.DTYPES[case.dtype], dot_precision, d, bench.launcher)
              for d in (("fwd",) if case.mode == "fwd" else ("fwd", "bwd"))]
     return "; dispatcher: " + ", ".join(f"{d} {p.kernel} ({p.source})"
                                         for d, p in zip(("fwd", "bwd"), plans))
@@ -158,7 +158,7 @@ def untimed_reason(case, bench):
 
 def test_attention(case, bench):
     harness.run_kernel_case(
-        bench, case, make_inputs=make_inputs, build=builder(case.mode, bench.interpret),
+        bench, case, make_inputs=make_inputs, build=builder(case.mode, bench),
         work=work(case.mode), note=NOTES[case.contender] + dispatch_note(case, bench),
         skip_reason=skip_reason(case, bench), untimed_reason=untimed_reason(case, bench),
         optional=case.contender == "dpa-cudnn")

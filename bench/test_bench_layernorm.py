@@ -55,7 +55,7 @@ def make_inputs(shape, dtype, key):
     return params, x, r, dy
 
 
-def builder(mode, interpret):
+def builder(mode, bench):
     def build(contender, shape):
         if contender == "autodiff":
             def fwd(inputs):
@@ -71,7 +71,7 @@ def builder(mode, interpret):
         else:
             from kernels import fused_ops  # noqa: PLC0415  (needs triton; only the fused rows import it)
 
-            ops = fused_ops(interpret=interpret)
+            ops = fused_ops(bench.launcher)
         if mode == "fwd":
             return lambda params, x, r, dy: ops.add_layernorm_forward(params, x, r, EPS)[0]
 
@@ -98,6 +98,6 @@ def untimed_reason(case, bench):
 
 def test_add_layernorm(case, bench):
     harness.run_kernel_case(
-        bench, case, make_inputs=make_inputs, build=builder(case.mode, bench.interpret),
+        bench, case, make_inputs=make_inputs, build=builder(case.mode, bench),
         work=work(case.mode, harness.DTYPES[case.dtype]), note=NOTES[case.contender],
         untimed_reason=untimed_reason(case, bench))

@@ -67,7 +67,7 @@ def reference_step(bench, shape):
         state = (params, vit.adamw_init(params))
         batch = make_batch(config, harness.STEP_BATCH[shape], k_batch)
         args = (*copy_tree(state), *batch, jax.random.PRNGKey(0))
-        compiled = harness.compile_fn(make_step("reference", config, bench.interpret), args, "fp32")
+        compiled = harness.compile_fn(make_step("reference", config), args, "fp32")
         _, opt_state, metrics = compiled(*args)
         _CACHE[key] = (config, state, batch, compiled, jax.block_until_ready(observed(opt_state, metrics)))
     return _CACHE[key]
@@ -90,7 +90,8 @@ def test_train_step(step_case, bench):
     if contender == "reference":
         compiled = ref_compiled
     else:
-        compiled = harness.compile_fn(make_step(contender, config, bench.interpret), args, "fp32")
+        launcher = bench.launcher if contender.startswith("fused") else None
+        compiled = harness.compile_fn(make_step(contender, config, launcher), args, "fp32")
     params, opt_state, metrics = compiled(*args)
     try:
         tolerance = harness.STEP_TOLERANCE["bf16" if bf16 else "fp32"]

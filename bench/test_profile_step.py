@@ -40,3 +40,17 @@ def test_summarize_rejects_a_csv_without_the_metrics(tmp_path, capsys):
 def test_run_needs_a_gpu(capsys):
     assert profile_step.main(["run", "fused"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_every_kernel_of_ours_is_counted_as_ours():
+    """Each kernel the ops launch (one-tile, key-blocked, LayerNorm; as kernels.compile_check
+    records them), and its poisoned wrapper, falls in the "vitfuse Triton kernels" total,
+    whichever attention kernel dispatch picks; an XLA fusion does not."""
+    from kernels import compile_check  # noqa: PLC0415
+
+    names = {spec.kernel.__name__ for _, specs in compile_check.cases(quick=True) for spec in specs}
+    assert {"_attn_fwd", "_flash_bwd_delta", "_flash_bwd", "_ln_bwd_reduce"} <= names, names
+    for name in sorted(names):
+        for shown in (name, f"{name}_poisoned"):
+            assert profile_step.kind_of(shown) == "vitfuse Triton kernels", shown
+    assert profile_step.kind_of("loop_add_fusion") == "XLA fusions and copies"

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from bench import tune_attention
-from kernels import attention, dispatch, flash_attention
+from kernels import COMPILED, INTERPRETED, attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
 from kernels.launch import record_launches
 
@@ -17,8 +17,8 @@ def launched_geometry(direction):
     qkv = jax.ShapeDtypeStruct((2, 65, 3 * 64), jnp.float32)
 
     def run(qkv):
-        o, cache = attention.attention_forward(qkv, 2, interpret=False)
-        return attention.attention_backward(cache, o, interpret=False)
+        o, cache = attention.attention_forward(qkv, 2, launcher=COMPILED)
+        return attention.attention_backward(cache, o, launcher=COMPILED)
 
     with record_launches() as specs:
         jax.eval_shape(run, qkv)
@@ -28,7 +28,7 @@ def launched_geometry(direction):
 
 def test_geometry_override_reaches_only_its_direction():
     default = {d: launched_geometry(d) for d in ("fwd", "bwd")}
-    assert default["bwd"] == tune_attention.default_geometry(2, 65, 2, 32, jnp.float32, "ieee", "bwd")
+    assert default["bwd"] == tune_attention.default_geometry(65, 2, 32, jnp.float32, "ieee", "bwd")
     with tune_attention.geometry("bwd", 64, 4):
         assert launched_geometry("bwd") == (64, 4)
         assert launched_geometry("fwd") == default["fwd"]
@@ -58,7 +58,7 @@ def timed_rows(shape):
 def test_a_run_cut_short_keeps_the_tables_of_the_shapes_it_finished(tmp_path, monkeypatch):
     """--out and --table are written after every shape and dtype: when the second shape dies
     (here tune raises; on a GPU, a timeout), the first one's table and winners are on disk."""
-    def fake_tune(shape, dtype, dot_precision, interpret, settings, grid, with_resources):
+    def fake_tune(shape, dtype, dot_precision, launcher, settings, grid, with_resources):
         if shape[1] != 197:
             raise RuntimeError("cut short")
         return timed_rows(shape)
@@ -103,7 +103,7 @@ def test_a_finished_run_is_not_marked_partial_and_a_wrong_variant_fails_it(tmp_p
     """The last write of --out drops the 'Partial' line; a variant that gave wrong results makes
     the run exit 1 (gpu.sh's tune part fails on it), one that does not compile (too many blocks
     for shared memory) is reported but is no failure."""
-    def fake_tune(shape, dtype, dot_precision, interpret, settings, grid, with_resources):
+    def fake_tune(shape, dtype, dot_precision, launcher, settings, grid, with_resources):
         rows = timed_rows(shape)
         error = "wrong: rel 3.0e-01, 0 non-finite" if shape[1] == 577 else "OutOfResources: shared memory"
         rows.append({k: v for k, v in rows[0].items() if k not in ("median_ms", "p20_ms", "p80_ms")})
@@ -132,11 +132,11 @@ def test_tune_marks_the_plan_and_the_defaults_and_times_each_variant_against_the
         row.update(median_ms=m, p20_ms=m, p80_ms=m)
     monkeypatch.setattr(tune_attention, "_check_and_time", fake_check_and_time)
     b, l, heads, dh, f32 = 1, 5, 1, 16, jnp.float32
-    rows = tune_attention.tune((b, l, heads, dh), f32, "ieee", True, None, grid="quick")
+    rows = tune_attention.tune((b, l, heads, dh), f32, "ieee", INTERPRETED, None, grid="quick")
     for direction in ("fwd", "bwd"):
         mine = [r for r in rows if r["direction"] == direction]
-        plan = dispatch.plan(l, dh, f32, "ieee", direction, True)
-        one_tile_default = tune_attention.default_geometry(b, l, heads, dh, f32, "ieee", direction)
+        plan = dispatch.plan(l, dh, f32, "ieee", direction, INTERPRETED)
+        one_tile_default = tune_attention.default_geometry(l, heads, dh, f32, "ieee", direction)
         (planned,) = [r for r in mine if r["planned"]]
         assert planned["kernel"] == plan.kernel == "one-tile" and planned["setting"] == one_tile_default
         defaults = {r["kernel"]: r["setting"] for r in mine if r["default"]}

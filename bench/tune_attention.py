@@ -42,7 +42,7 @@ from bench.harness import matmul_precision
 from bench.timer import time_calls, timer_settings
 from kernels import attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
-from kernels.launch import record_launches
+from kernels.launch import COMPILED, INTERPRETED, record_launches
 from oracle.compare import compare, kernel_tolerance
 from oracle.kernel_gradcheck import attention_inputs
 from vit.data.cache import write_text_atomic
@@ -75,8 +75,8 @@ def geometry(direction: str, block_m: int, warps: int):
         attention.geometry = default
 
 
-def default_geometry(b, l, heads, dh, dtype, dot_precision, direction) -> tuple[int, int]:
-    consts, warps = attention.geometry(b, l, heads * dh, heads, dtype, False, dot_precision,
+def default_geometry(l, heads, dh, dtype, dot_precision, direction) -> tuple[int, int]:
+    consts, warps = attention.geometry(l, heads * dh, heads, dtype, COMPILED, dot_precision,
                                        backward=direction == "bwd")
     return consts["BLOCK_M"], warps
 
@@ -85,11 +85,11 @@ def default_geometry(b, l, heads, dh, dtype, dot_precision, direction) -> tuple[
 # variants: (kernel, label, setting); setting is (BLOCK_M, warps) for one-tile, Blocks otherwise
 
 
-def variants(l, dh, dtype, dot_precision, direction, grid, interpret):
+def variants(l, dh, dtype, dot_precision, direction, grid, launcher):
     """[(kernel, label, setting)] of one direction: the one-tile kernel's geometries (where it
     runs) and the key-blocked kernel's grid plus its default blocks."""
     out = []
-    if dispatch.one_tile_runs(l, dh, dtype, interpret):
+    if dispatch.one_tile_runs(l, dh, dtype, launcher):
         block_l = max(16, attention.next_power_of_2(l))
         for block_m, warps in itertools.product(ONE_TILE_ROWS, ONE_TILE_WARPS):
             if block_m <= block_l:
@@ -104,9 +104,9 @@ def variants(l, dh, dtype, dot_precision, direction, grid, interpret):
     return out
 
 
-def _functions(kernel, setting, direction, heads, interpret, dot_precision):
+def _functions(kernel, setting, direction, heads, launcher, dot_precision):
     """(forward(qkv), backward(cache, do)) of one variant; only `direction` takes the setting."""
-    launch = dict(interpret=interpret, dot_precision=dot_precision)
+    launch = dict(launcher=launcher, dot_precision=dot_precision)
     if kernel == "key-blocked":
         fwd_blocks = setting if direction == "fwd" else None
         bwd_blocks = setting if direction == "bwd" else None
@@ -127,7 +127,7 @@ def resources(kernel, setting, direction, b, l, heads, dh, dtype, dot_precision)
     """'regs/stack' of the variant's sm_90 compile (no GPU needed), or the failure."""
     from kernels import compile_check  # noqa: PLC0415
 
-    fwd, bwd = _functions(kernel, setting, direction, heads, False, dot_precision)
+    fwd, bwd = _functions(kernel, setting, direction, heads, COMPILED, dot_precision)
     qkv = jax.ShapeDtypeStruct((b, l, 3 * heads * dh), dtype)
     try:
         def run(q):
@@ -147,7 +147,7 @@ def resources(kernel, setting, direction, b, l, heads, dh, dtype, dot_precision)
 # tuning one (shape, dtype): check, then time, every variant of both directions
 
 
-def tune(shape, dtype, dot_precision, interpret, settings, grid="full", with_resources=False):
+def tune(shape, dtype, dot_precision, launcher, settings, grid="full", with_resources=False):
     b, l, heads, dh = shape
     inp = attention_inputs(jax.random.PRNGKey(0), b, l, heads, dh, False, dtype)
     inp32 = {k: v.astype(jnp.float32) if hasattr(v, "astype") else v for k, v in inp.items()}
@@ -157,11 +157,11 @@ def tune(shape, dtype, dot_precision, interpret, settings, grid="full", with_res
     name = dispatch.dtype_key(dtype, dot_precision)
     rows = []
     for direction in ("fwd", "bwd"):
-        plan = dispatch.plan(l, dh, dtype, dot_precision, direction, interpret)
-        one_tile_default = default_geometry(b, l, heads, dh, dtype, dot_precision, direction)
+        plan = dispatch.plan(l, dh, dtype, dot_precision, direction, launcher)
+        one_tile_default = default_geometry(l, heads, dh, dtype, dot_precision, direction)
         key_default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction == "bwd")
         planned_setting = one_tile_default if plan.kernel == "one-tile" else plan.blocks
-        for kernel, label, setting in variants(l, dh, dtype, dot_precision, direction, grid, interpret):
+        for kernel, label, setting in variants(l, dh, dtype, dot_precision, direction, grid, launcher):
             default = setting == (one_tile_default if kernel == "one-tile" else key_default)
             row = {"shape": "x".join(map(str, shape)), "dtype": name, "direction": direction,
                    "kernel": kernel, "variant": label, "setting": setting, "default": default,
@@ -170,7 +170,7 @@ def tune(shape, dtype, dot_precision, interpret, settings, grid="full", with_res
                 row["regs/stack"] = resources(kernel, setting, direction, b, l, heads, dh, dtype,
                                               dot_precision)
             _check_and_time(row, kernel, setting, direction, heads, inp, want[direction], tol,
-                            interpret, dot_precision, settings)
+                            launcher, dot_precision, settings)
             rows.append(row)
             print(format_row(row), flush=True)
         planned = next((r for r in rows if r["direction"] == direction and r["planned"]
@@ -181,9 +181,9 @@ def tune(shape, dtype, dot_precision, interpret, settings, grid="full", with_res
     return rows
 
 
-def _check_and_time(row, kernel, setting, direction, heads, inp, want, tol, interpret,
+def _check_and_time(row, kernel, setting, direction, heads, inp, want, tol, launcher,
                     dot_precision, settings):
-    fwd, bwd = _functions(kernel, setting, direction, heads, interpret, dot_precision)
+    fwd, bwd = _functions(kernel, setting, direction, heads, launcher, dot_precision)
     try:
         with _traced(kernel, setting, direction):
             if direction == "fwd":
@@ -197,7 +197,7 @@ def _check_and_time(row, kernel, setting, direction, heads, inp, want, tol, inte
         nonfinite = sum(r.nonfinite for r in checked)
         if not all(r.ok for r in checked):
             row["error"] = f"wrong: rel {row['rel_err']:.1e}, {nonfinite} non-finite"
-        elif not interpret:
+        elif launcher.on_gpu:  # the interpreter's times say nothing about the kernels
             t = time_calls(lambda i: fn(*args), settings)
             row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms)
     except Exception as e:  # noqa: BLE001
@@ -293,6 +293,7 @@ def main(argv=None) -> int:
         return 2
     if args.table and args.interpret:
         ap.error("--table needs timings: the interpreter times nothing")
+    launcher = INTERPRETED if args.interpret else COMPILED
     settings = timer_settings(jax.default_backend())
     device = device_info().get("device", "?")
     title = f"fused attention variants, {device}, jax {jax.__version__}, triton {version('triton')}"
@@ -303,7 +304,7 @@ def main(argv=None) -> int:
         name, _, dot_precision = spec.partition("/")
         dtype = jnp.dtype(name)
         with matmul_precision("fp32" if dtype == np.float32 else "bf16"):
-            rows = tune(shape, dtype, dot_precision or "ieee", args.interpret, settings, args.grid,
+            rows = tune(shape, dtype, dot_precision or "ieee", launcher, settings, args.grid,
                         args.resources)
         failed += sum(r.get("error", "").startswith("wrong") for r in rows)
         tables.append(markdown(rows, f"B,L,H,Dh = {shape}, {spec}"))

@@ -37,7 +37,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from kernels.launch import check_dot_precision, check_dtype, launch, next_power_of_2
+from kernels.launch import Launcher, check_dot_precision, check_dtype, next_power_of_2
 from vit import layers
 
 # what these kernels must equal (the checks in oracle/ compare against these very functions)
@@ -219,7 +219,24 @@ def _attn_bwd(
 # forward / backward (same signatures as vit.layers, plus the launch settings)
 
 
-def geometry(b, l, d, heads, dtype, interpret, dot_precision, backward=False):
+def layout_constexprs(l, d, heads, dtype, launcher, dot_precision):
+    """The constexprs both attention kernels (this one and kernels/flash_attention.py) take: the
+    sizes, the strides of qkv (B, L, 3D) and o (B, L, D), and how a dot is computed."""
+    return dict(
+        L=l,
+        H=heads,
+        DH=d // heads,
+        D=d,
+        stride_qkv_b=l * 3 * d,
+        stride_qkv_l=3 * d,
+        stride_o_b=l * d,
+        stride_o_l=d,
+        DOT_PRECISION=dot_precision,
+        DOT_F32=launcher.half_dots_in_float32 and np.dtype(dtype).itemsize == 2,
+    )
+
+
+def geometry(l, d, heads, dtype, launcher, dot_precision, backward=False):
     """Constexprs for one of the kernels, and the number of warps.
 
     BLOCK_M (query rows per step) and the warps are chosen so that no kernel spills registers
@@ -240,17 +257,8 @@ def geometry(b, l, d, heads, dtype, interpret, dot_precision, backward=False):
     else:
         block_m = 16 if block_l * dh >= 8192 else 32
     consts = dict(
-        L=l,
-        H=heads,
-        DH=dh,
-        D=d,
-        stride_qkv_b=l * 3 * d,
-        stride_qkv_l=3 * d,
-        stride_o_b=l * d,
-        stride_o_l=d,
+        layout_constexprs(l, d, heads, dtype, launcher, dot_precision),
         sm_scale=1.0 / math.sqrt(dh),
-        DOT_PRECISION=dot_precision,
-        DOT_F32=bool(interpret) and half,
         BLOCK_L=block_l,
         BLOCK_M=min(block_l, block_m),
     )
@@ -319,7 +327,7 @@ def check_backward_inputs(cache, do):
     return b, l, d, heads
 
 
-def check_one_tile(what: str, l: int, dh: int, dtype, interpret: bool) -> None:
+def check_one_tile(what: str, l: int, dh: int, dtype, launcher) -> None:
     """Refuse, before any launch, a sequence the one-tile kernel cannot hold: over MAX_LEN, or
     compiled with a K/V tile over the shared-memory budget (``compiled_fits``); both directions
     check, since either backward takes either forward's cache."""
@@ -329,7 +337,7 @@ def check_one_tile(what: str, l: int, dh: int, dtype, interpret: bool) -> None:
             "(kernels/attention.py holds the whole sequence in one tile; the key-blocked kernel, "
             "kernels/flash_attention.py, takes any length, and kernels.fused_ops sends it there)"
         )
-    if not interpret and not compiled_fits(l, dh, dtype):
+    if launcher.on_gpu and not compiled_fits(l, dh, dtype):
         raise ValueError(
             f"{what}: L={l} (tile {max(16, next_power_of_2(l))}) x Dh={dh} in {np.dtype(dtype)} "
             f"needs more GPU shared memory than the single-tile kernel may use (K/V tile over "
@@ -338,13 +346,13 @@ def check_one_tile(what: str, l: int, dh: int, dtype, interpret: bool) -> None:
         )
 
 
-def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_precision: str = "ieee"):
+def attention_forward(qkv, heads, keep_scale=None, *, launcher: Launcher, dot_precision: str = "ieee"):
     """qkv (B, L, 3D) -> (o (B, L, D), cache). keep_scale: optional (B, H, L, L) dropout scale."""
     dot_precision = check_dot_precision(dot_precision)
     b, l, d, dh, heads = check_forward_inputs(qkv, heads, keep_scale)
-    check_one_tile("attention_forward", l, dh, qkv.dtype, interpret)
-    consts, num_warps = geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision)
-    o, lse = launch(
+    check_one_tile("attention_forward", l, dh, qkv.dtype, launcher)
+    consts, num_warps = geometry(l, d, heads, qkv.dtype, launcher, dot_precision)
+    o, lse = launcher.launch(
         _attn_fwd,
         grid=(b, heads),
         inputs=[qkv, qkv if keep_scale is None else keep_scale],
@@ -352,7 +360,6 @@ def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_preci
             jax.ShapeDtypeStruct((b, l, d), qkv.dtype),
             jax.ShapeDtypeStruct((b, heads, l), np.float32),
         ],
-        interpret=interpret,
         name="vitfuse_attn_fwd",
         num_warps=num_warps,
         HAS_KEEP=keep_scale is not None,
@@ -362,21 +369,20 @@ def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_preci
     return o, (qkv, o, lse, keep_scale)
 
 
-def attention_backward(cache, do, *, interpret: bool, dot_precision: str = "ieee"):
+def attention_backward(cache, do, *, launcher: Launcher, dot_precision: str = "ieee"):
     """dO (B, L, D) -> dQKV (B, L, 3D), packed like qkv."""
     dot_precision = check_dot_precision(dot_precision)
     qkv, o, lse, keep_scale = cache
     b, l, d, heads = check_backward_inputs(cache, do)
     # the cache may come from the key-blocked forward, which takes any length
-    check_one_tile("attention_backward", l, d // heads, qkv.dtype, interpret)
+    check_one_tile("attention_backward", l, d // heads, qkv.dtype, launcher)
     do = do.astype(qkv.dtype)
-    consts, num_warps = geometry(b, l, d, heads, qkv.dtype, interpret, dot_precision, backward=True)
-    (dqkv,) = launch(
+    consts, num_warps = geometry(l, d, heads, qkv.dtype, launcher, dot_precision, backward=True)
+    (dqkv,) = launcher.launch(
         _attn_bwd,
         grid=(b, heads),
         inputs=[qkv, o, do, lse, qkv if keep_scale is None else keep_scale],
         outputs=[jax.ShapeDtypeStruct((b, l, 3 * d), qkv.dtype)],
-        interpret=interpret,
         name="vitfuse_attn_bwd",
         num_warps=num_warps,
         HAS_KEEP=keep_scale is not None,

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import attention, dispatch, layernorm
-from kernels.launch import record_launches
+from kernels.launch import COMPILED, record_launches
 
 # bytes of shared memory one block may use (opt-in maximum), per compute capability
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -48,9 +48,9 @@ def _attention_launches(b, l, heads, dh, dtype, keep, dot_precision, kernel="one
     ks = jax.ShapeDtypeStruct((b, heads, l, l), dtype) if keep else None
 
     def run(qkv, ks):
-        o, cache = dispatch.attention_forward(qkv, heads, ks, interpret=False,
+        o, cache = dispatch.attention_forward(qkv, heads, ks, launcher=COMPILED,
                                               dot_precision=dot_precision, kernel=kernel)
-        return dispatch.attention_backward(cache, o, interpret=False, dot_precision=dot_precision,
+        return dispatch.attention_backward(cache, o, launcher=COMPILED, dot_precision=dot_precision,
                                            kernel=kernel)
 
     with record_launches() as specs:
@@ -63,8 +63,8 @@ def _layernorm_launches(m, n, dtype, residual):
     params = {"gamma": jax.ShapeDtypeStruct((n,), jnp.float32), "beta": jax.ShapeDtypeStruct((n,), jnp.float32)}
 
     def run(params, x, r):
-        y, cache = layernorm.add_layernorm_forward(params, x, r, 1e-6, interpret=False)
-        return layernorm.add_layernorm_backward(params, cache, y, interpret=False)
+        y, cache = layernorm.add_layernorm_forward(params, x, r, 1e-6, launcher=COMPILED)
+        return layernorm.add_layernorm_backward(params, cache, y, launcher=COMPILED)
 
     with record_launches() as specs:
         jax.eval_shape(run, params, x, x if residual else None)

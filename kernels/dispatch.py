@@ -9,12 +9,12 @@ Two kernels compute the same attention, with the same signatures and the same ca
 - "key-blocked" (kernels/flash_attention.py): FlashAttention-2 style, BLOCK_M x BLOCK_N tiles
   whatever L is; any length.
 
-``plan(l, dh, dtype, dot_precision, direction, interpret)`` answers with a ``Plan``, in this order:
+``plan(l, dh, dtype, dot_precision, direction, launcher)`` answers with a ``Plan``, in this order:
 
 1. the tuned table, ``TABLE_PATH`` (kernels/attention_table.json): rows measured on a GPU by the
    GPU tune, matched on the device kind (jax.devices()[0].device_kind), dtype (with the dot
    dot_precision for float32), head dim and direction; the row with the smallest ``max_len`` >= L
-   wins. Empty until a GPU run fills it; never consulted in the interpreter.
+   wins. Empty until a GPU run fills it; consulted only where the launcher runs on a GPU.
 2. the rule, until GPU figures exist:
 
    one-tile  when L <= 128 and Dh <= 32 (the product shape, L=65 Dh=32, is one);
@@ -51,6 +51,7 @@ import numpy as np
 
 from kernels import attention, flash_attention
 from kernels.flash_attention import Blocks
+from kernels.launch import Launcher
 
 KERNELS = ("auto", "one-tile", "key-blocked")
 ONE_TILE_MAX_LEN = 128  # the rule: above this the key-blocked kernel runs
@@ -116,8 +117,8 @@ def table() -> list[dict]:
     return _TABLE
 
 
-def one_tile_runs(l: int, dh: int, dtype, interpret: bool) -> bool:
-    return l <= attention.MAX_LEN and (interpret or attention.compiled_fits(l, dh, dtype))
+def one_tile_runs(l: int, dh: int, dtype, launcher: Launcher) -> bool:
+    return l <= attention.MAX_LEN and (not launcher.on_gpu or attention.compiled_fits(l, dh, dtype))
 
 
 def _tuned_row(l, dh, dtype, dot_precision, direction, rows, kernel=None) -> dict | None:
@@ -131,7 +132,7 @@ def _tuned_row(l, dh, dtype, dot_precision, direction, rows, kernel=None) -> dic
     return min(matches, key=lambda r: r["max_len"]) if matches else None
 
 
-def plan(l: int, dh: int, dtype, dot_precision: str, direction: str, interpret: bool,
+def plan(l: int, dh: int, dtype, dot_precision: str, direction: str, launcher: Launcher,
          kernel: str = "auto", rows: list[dict] | None = None) -> Plan:
     """The kernel and blocks for one direction ("fwd" or "bwd") of attention at length l, head
     dim dh. kernel="one-tile"/"key-blocked" forces one (the key-blocked kernel still takes its
@@ -139,39 +140,39 @@ def plan(l: int, dh: int, dtype, dot_precision: str, direction: str, interpret: 
     check_kernel(kernel)
     if kernel == "one-tile":
         return Plan(kernel, None, "forced")
-    row = None if interpret else _tuned_row(l, dh, dtype, dot_precision, direction, rows,
-                                            None if kernel == "auto" else kernel)
+    row = (_tuned_row(l, dh, dtype, dot_precision, direction, rows, None if kernel == "auto" else kernel)
+           if launcher.on_gpu else None)
     if row is not None and row["kernel"] == "key-blocked":
         blocks = Blocks(row["block_m"], row["block_n"], row["num_warps"], row["num_stages"])
         return Plan("key-blocked", blocks.fit(l), f"table {row['device']}")
     default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction == "bwd")
     if kernel == "key-blocked":
         return Plan(kernel, default, "forced")
-    if row is not None and one_tile_runs(l, dh, dtype, interpret):
+    if row is not None and one_tile_runs(l, dh, dtype, launcher):
         return Plan("one-tile", None, f"table {row['device']}")
-    if l <= ONE_TILE_MAX_LEN and dh <= ONE_TILE_MAX_DH and one_tile_runs(l, dh, dtype, interpret):
+    if l <= ONE_TILE_MAX_LEN and dh <= ONE_TILE_MAX_DH and one_tile_runs(l, dh, dtype, launcher):
         return Plan("one-tile", None, "rule")
     return Plan("key-blocked", default, "rule")
 
 
-def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_precision: str = "ieee",
+def attention_forward(qkv, heads, keep_scale=None, *, launcher: Launcher, dot_precision: str = "ieee",
                       kernel: str = "auto"):
     """qkv (B, L, 3D) -> (o (B, L, D), cache), by the kernel ``plan`` picks (or ``kernel``)."""
     b, l, d, dh, heads = attention.check_forward_inputs(qkv, heads, keep_scale)
-    p = plan(l, dh, qkv.dtype, dot_precision, "fwd", interpret, kernel)
+    p = plan(l, dh, qkv.dtype, dot_precision, "fwd", launcher, kernel)
     if p.kernel == "one-tile":
-        return attention.attention_forward(qkv, heads, keep_scale, interpret=interpret, dot_precision=dot_precision)
-    return flash_attention.attention_forward(qkv, heads, keep_scale, interpret=interpret,
+        return attention.attention_forward(qkv, heads, keep_scale, launcher=launcher, dot_precision=dot_precision)
+    return flash_attention.attention_forward(qkv, heads, keep_scale, launcher=launcher,
                                              dot_precision=dot_precision, blocks=p.blocks)
 
 
-def attention_backward(cache, do, *, interpret: bool, dot_precision: str = "ieee", kernel: str = "auto"):
+def attention_backward(cache, do, *, launcher: Launcher, dot_precision: str = "ieee", kernel: str = "auto"):
     """dO (B, L, D) -> dQKV (B, L, 3D), by the kernel ``plan`` picks (or ``kernel``); the cache
     of either forward."""
     qkv = cache[0]
     b, l, d, heads = attention.check_backward_inputs(cache, do)
-    p = plan(l, d // heads, qkv.dtype, dot_precision, "bwd", interpret, kernel)
+    p = plan(l, d // heads, qkv.dtype, dot_precision, "bwd", launcher, kernel)
     if p.kernel == "one-tile":
-        return attention.attention_backward(cache, do, interpret=interpret, dot_precision=dot_precision)
-    return flash_attention.attention_backward(cache, do, interpret=interpret, dot_precision=dot_precision,
+        return attention.attention_backward(cache, do, launcher=launcher, dot_precision=dot_precision)
+    return flash_attention.attention_backward(cache, do, launcher=launcher, dot_precision=dot_precision,
                                               blocks=p.blocks)

@@ -79,8 +79,8 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from kernels.attention import check_backward_inputs, check_forward_inputs
-from kernels.launch import cdiv, check_dot_precision, launch, next_power_of_2
+from kernels.attention import check_backward_inputs, check_forward_inputs, layout_constexprs
+from kernels.launch import Launcher, cdiv, check_dot_precision, next_power_of_2
 from vit import layers
 
 # what these kernels must equal (the checks in oracle/ compare against these very functions)
@@ -442,21 +442,10 @@ def default_blocks(l: int, dh: int, dtype, dot_precision: str, backward: bool = 
     return (backward_blocks if backward else forward_blocks).fit(l)
 
 
-def _consts(b, l, d, heads, dtype, interpret, dot_precision):
-    dh = d // heads
-    return dict(
-        L=l,
-        H=heads,
-        DH=dh,
-        D=d,
-        stride_qkv_b=l * 3 * d,
-        stride_qkv_l=3 * d,
-        stride_o_b=l * d,
-        stride_o_l=d,
-        qk_scale=LOG2E / math.sqrt(dh),
-        DOT_PRECISION=dot_precision,
-        DOT_F32=bool(interpret) and np.dtype(dtype).itemsize == 2,
-    )
+def _consts(l, d, heads, dtype, launcher, dot_precision):
+    """The one-tile kernel's layout constexprs, and the score scale in base 2 (exp2 below)."""
+    return dict(layout_constexprs(l, d, heads, dtype, launcher, dot_precision),
+                qk_scale=LOG2E / math.sqrt(d // heads))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,15 +453,15 @@ def _consts(b, l, d, heads, dtype, interpret, dot_precision):
 # settings)
 
 
-def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_precision: str = "ieee",
+def attention_forward(qkv, heads, keep_scale=None, *, launcher: Launcher, dot_precision: str = "ieee",
                       blocks: Blocks | None = None):
     """qkv (B, L, 3D) -> (o (B, L, D), cache). keep_scale: optional (B, H, L, L) dropout scale.
     blocks: the launch geometry (default: ``default_blocks``)."""
     dot_precision = check_dot_precision(dot_precision)
     b, l, d, dh, heads = check_forward_inputs(qkv, heads, keep_scale)
     blocks = (blocks or default_blocks(l, dh, qkv.dtype, dot_precision)).fit(l)
-    consts = _consts(b, l, d, heads, qkv.dtype, interpret, dot_precision)
-    o, lse = launch(
+    consts = _consts(l, d, heads, qkv.dtype, launcher, dot_precision)
+    o, lse = launcher.launch(
         _flash_fwd,
         grid=(cdiv(l, blocks.block_m), heads, b),
         inputs=[qkv, qkv if keep_scale is None else keep_scale],
@@ -480,7 +469,6 @@ def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_preci
             jax.ShapeDtypeStruct((b, l, d), qkv.dtype),
             jax.ShapeDtypeStruct((b, heads, l), np.float32),
         ],
-        interpret=interpret,
         name="vitfuse_flash_fwd",
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,
@@ -493,7 +481,7 @@ def attention_forward(qkv, heads, keep_scale=None, *, interpret: bool, dot_preci
     return o, (qkv, o, lse, keep_scale)
 
 
-def attention_backward(cache, do, *, interpret: bool, dot_precision: str = "ieee",
+def attention_backward(cache, do, *, launcher: Launcher, dot_precision: str = "ieee",
                        blocks: Blocks | None = None):
     """dO (B, L, D) -> dQKV (B, L, 3D), packed like qkv. blocks: as for attention_forward."""
     dot_precision = check_dot_precision(dot_precision)
@@ -502,25 +490,23 @@ def attention_backward(cache, do, *, interpret: bool, dot_precision: str = "ieee
     dh = d // heads
     do = do.astype(qkv.dtype)
     blocks = (blocks or default_blocks(l, dh, qkv.dtype, dot_precision, backward=True)).fit(l)
-    consts = _consts(b, l, d, heads, qkv.dtype, interpret, dot_precision)
+    consts = _consts(l, d, heads, qkv.dtype, launcher, dot_precision)
     delta_rows = min(64, max(16, next_power_of_2(l)))
-    (delta,) = launch(
+    (delta,) = launcher.launch(
         _flash_bwd_delta,
         grid=(cdiv(l, delta_rows), heads, b),
         inputs=[o, do],
         outputs=[jax.ShapeDtypeStruct((b, heads, l), np.float32)],
-        interpret=interpret,
         name="vitfuse_flash_bwd_delta",
         num_warps=4,
         L=l, H=heads, DH=dh, stride_o_b=l * d, stride_o_l=d, BLOCK_M=delta_rows,
     )
     n_key_blocks = cdiv(l, blocks.block_n)
-    (dqkv,) = launch(
+    (dqkv,) = launcher.launch(
         _flash_bwd,
         grid=(n_key_blocks + cdiv(l, blocks.block_m), heads, b),
         inputs=[qkv, do, lse, delta, qkv if keep_scale is None else keep_scale],
         outputs=[jax.ShapeDtypeStruct((b, l, 3 * d), qkv.dtype)],
-        interpret=interpret,
         name="vitfuse_flash_bwd",
         num_warps=blocks.num_warps,
         num_stages=blocks.num_stages,

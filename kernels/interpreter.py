@@ -1,5 +1,5 @@
 """Triton's interpreter as a launcher: the same ``@triton.jit`` source the GPU compiles, run on the
-CPU with numpy behind ``jax.pure_callback`` (kernels/launch.py picks this or jax-triton).
+CPU with numpy behind ``jax.pure_callback`` (``kernels.launch.INTERPRETED`` launches through it).
 
 Triton's interpreter runs the Python body of the ``@triton.jit`` function (``kernel.fn``) with
 numpy, reading and writing raw host memory through ``data_ptr()``. It was written for torch
@@ -14,7 +14,7 @@ calls to library ``@triton.jit`` functions (tl.sum, tl.max) and float32 -> bfloa
 Known interpreter limitation (triton 3.6 and 3.9): it keeps bfloat16 data as raw uint16 words, so
 a bf16 ``tl.dot`` or bf16 arithmetic gives garbage. The kernels therefore compute in float32 after
 every load and take a ``DOT_F32`` constexpr that upcasts half-precision dot operands to float32
-(set by the caller when ``interpret`` is true); products of bf16 values are exact in float32, so
+(set where the launcher says ``half_dots_in_float32``: ``launch.INTERPRETED``); products of bf16 values are exact in float32, so
 this equals a bf16 MMA with float32 accumulation up to summation order.
 """
 

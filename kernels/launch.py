@@ -1,6 +1,8 @@
-"""The one place that decides how a Triton kernel runs: compiled through jax-triton on a GPU, or
-Triton's interpreter on the CPU behind ``jax.pure_callback`` (kernels/interpreter.py). Callers
-never know which.
+"""How a Triton kernel runs, as a value: ``COMPILED`` (through jax-triton, on a GPU) or
+``INTERPRETED`` (Triton's interpreter on the CPU behind ``jax.pure_callback``,
+kernels/interpreter.py), both ``Launcher``s. A kernel file takes the launcher, launches through
+``launcher.launch(...)`` and asks it what it needs to know (does shared memory bound a tile? how
+large should a program's tile be?); it never asks which launcher it has.
 
 Calling convention shared by both launchers (and so by every kernel signature in kernels/):
 
@@ -41,6 +43,7 @@ import dataclasses
 import functools
 import linecache
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -53,8 +56,8 @@ DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot input_precision for float3
 
 NO_GPU_MESSAGE = (
     "vitfuse fused kernels: no GPU backend (jax.default_backend() == {backend!r}), so the Triton "
-    "kernels cannot be compiled. Pass interpret=True to run them through Triton's interpreter on "
-    "the CPU (correct but slow: meant for tests and small checks)."
+    "kernels cannot be compiled. Pass kernels.INTERPRETED (fused_ops(INTERPRETED)) to run them "
+    "through Triton's interpreter on the CPU (correct but slow: meant for tests and small checks)."
 )
 
 
@@ -120,25 +123,54 @@ def record_launches():
         _RECORDING.remove(specs)
 
 
-def launch(kernel, *, grid, inputs, outputs, interpret: bool, name: str, num_warps: int = 4,
-           num_stages: int = 1, **constexprs):
-    """Run ``kernel[grid](*inputs, *outputs, **constexprs)`` and return the outputs as a tuple.
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+    """How kernels run, and the facts about that which their geometry depends on.
 
-    kernel: a ``@triton.jit`` function; inputs: jax arrays; outputs: ``jax.ShapeDtypeStruct``s.
-    Works under ``jax.jit`` either way.
+    name: for descriptions ("jax-triton", "Triton's interpreter").
+    on_gpu: the kernels run on a GPU, so shared memory bounds what one tile may hold (the one-tile
+        attention kernel, attention.compiled_fits) and the tuned attention table, measured on GPUs,
+        applies (kernels/dispatch.py).
+    half_dots_in_float32: upcast half-precision ``tl.dot`` operands to float32 (the ``DOT_F32``
+        constexpr): Triton's interpreter keeps bfloat16 as raw words (kernels/interpreter.py).
+    tile_elements, tile_rows: how large one program's tile should be, at most (layernorm.py): a
+        compiled program keeps its tile in registers (near 4K elements, 16 rows); the interpreter
+        pays per numpy call, not per element, so it takes tiles up to 64K elements and 64 rows.
+    reduce_programs: how many programs a split reduction uses at most (the LayerNorm backward's
+        partial dgamma/dbeta): enough to fill a GPU, few in the interpreter.
     """
-    grid = tuple(int(g) for g in grid)
-    outputs = tuple(jax.ShapeDtypeStruct(tuple(o.shape), o.dtype) for o in outputs)
-    if _RECORDING:  # kernels.compile_check: note the launch, run nothing
-        _RECORDING[-1].append(
-            LaunchSpec(kernel, grid, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs),
-                       outputs, num_warps, num_stages, name, dict(constexprs))
-        )
-        return tuple(jax.numpy.zeros(o.shape, o.dtype) for o in outputs)
-    with jax.named_scope(name):
-        if interpret:
-            return launch_interpreted(kernel, grid, inputs, outputs, constexprs)
-        return _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name, constexprs)
+
+    name: str
+    on_gpu: bool
+    half_dots_in_float32: bool
+    tile_elements: int
+    tile_rows: int
+    reduce_programs: int
+    run: Callable = dataclasses.field(repr=False)  # (kernel, grid, inputs, outputs, num_warps,
+    #                                                 num_stages, name, constexprs) -> outputs
+
+    def check_available(self) -> None:
+        """A clear error now, rather than at the first launch, where this launcher cannot run."""
+        if self.on_gpu:
+            check_gpu()
+
+    def launch(self, kernel, *, grid, inputs, outputs, name: str, num_warps: int = 4,
+               num_stages: int = 1, **constexprs):
+        """Run ``kernel[grid](*inputs, *outputs, **constexprs)`` and return the outputs as a tuple.
+
+        kernel: a ``@triton.jit`` function; inputs: jax arrays; outputs: ``jax.ShapeDtypeStruct``s.
+        Works under ``jax.jit`` either way.
+        """
+        grid = tuple(int(g) for g in grid)
+        outputs = tuple(jax.ShapeDtypeStruct(tuple(o.shape), o.dtype) for o in outputs)
+        if _RECORDING:  # kernels.compile_check: note the launch, run nothing
+            _RECORDING[-1].append(
+                LaunchSpec(kernel, grid, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in inputs),
+                           outputs, num_warps, num_stages, name, dict(constexprs))
+            )
+            return tuple(jax.numpy.zeros(o.shape, o.dtype) for o in outputs)
+        with jax.named_scope(name):
+            return self.run(kernel, grid, inputs, outputs, num_warps, num_stages, name, constexprs)
 
 
 def _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name, constexprs):
@@ -165,6 +197,24 @@ def _launch_compiled(kernel, grid, inputs, outputs, num_warps, num_stages, name,
         **constexprs,
     )
     return tuple(result)
+
+
+def _launch_interpreted(kernel, grid, inputs, outputs, num_warps, num_stages, name, constexprs):
+    del num_warps, num_stages, name  # GPU settings; the interpreter runs one program at a time
+    return launch_interpreted(kernel, grid, inputs, outputs, constexprs)
+
+
+COMPILED = Launcher("jax-triton", on_gpu=True, half_dots_in_float32=False, tile_elements=4096,
+                    tile_rows=16, reduce_programs=256, run=_launch_compiled)
+INTERPRETED = Launcher("Triton's interpreter", on_gpu=False, half_dots_in_float32=True,
+                       tile_elements=65536, tile_rows=64, reduce_programs=8, run=_launch_interpreted)
+
+
+def check_launcher(launcher, what: str = "launcher") -> Launcher:
+    if not isinstance(launcher, Launcher):
+        raise TypeError(f"{what} must be kernels.COMPILED (jax-triton, GPU) or kernels.INTERPRETED "
+                        f"(Triton's interpreter, CPU), got {launcher!r}")
+    return launcher
 
 
 def import_jax_triton():

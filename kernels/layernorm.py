@@ -23,7 +23,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from kernels.launch import cdiv, check_dtype, launch, next_power_of_2
+from kernels.launch import Launcher, cdiv, check_dtype, next_power_of_2
 from vit import layers
 
 # what these kernels must equal (the checks in oracle/ compare against these very functions)
@@ -164,22 +164,22 @@ def _ln_bwd_reduce(
 
 
 # ----------------------------------------------------------------------------------------------
-# tiling: the compiled kernels keep a tile near 4K elements (registers); the interpreter pays per
-# numpy call, not per element, so it takes tiles up to 64K elements.
+# tiling, as large as the launcher says one program's tile should be (launch.Launcher:
+# registers on a GPU, numpy calls in the interpreter)
 
 
-def _tiles(m: int, n: int, interpret: bool):
+def _tiles(m: int, n: int, launcher):
     block_n = next_power_of_2(n)
-    budget = 65536 if interpret else 4096
-    block_m = max(1, min(budget // block_n, next_power_of_2(m), 64 if interpret else 16))
+    block_m = max(1, min(launcher.tile_elements // block_n, next_power_of_2(m), launcher.tile_rows))
     num_warps = 4 if block_m * block_n <= 2048 else 8
     return block_m, block_n, num_warps
 
 
-def _bwd_groups(m: int, block_m: int, interpret: bool):
-    """(TILES, G): each of the G programs handles TILES row tiles; G at most 256 (GPU) / 8."""
+def _bwd_groups(m: int, block_m: int, launcher):
+    """(TILES, G): each of the G programs handles TILES row tiles; G at most
+    launcher.reduce_programs."""
     n_tiles = cdiv(m, block_m)
-    tiles = cdiv(n_tiles, 8 if interpret else 256)
+    tiles = cdiv(n_tiles, launcher.reduce_programs)
     return tiles, cdiv(n_tiles, tiles)
 
 
@@ -198,7 +198,7 @@ def _check_params(params, n):
         check_dtype(f"add_layernorm: params[{key!r}]", params[key].dtype)
 
 
-def add_layernorm_forward(params, x, r, eps, *, interpret: bool):
+def add_layernorm_forward(params, x, r, eps, *, launcher: Launcher):
     """y = LN(x + r) over the last axis; r may be None. Returns (y, cache)."""
     if x.ndim < 1 or x.size == 0:
         raise ValueError(f"add_layernorm_forward: x must be a non-empty (..., D) array, got {x.shape}")
@@ -218,10 +218,10 @@ def add_layernorm_forward(params, x, r, eps, *, interpret: bool):
         raise ValueError("add_layernorm_forward: eps must be a static Python float") from e
 
     m = x.size // n
-    block_m, block_n, num_warps = _tiles(m, n, interpret)
+    block_m, block_n, num_warps = _tiles(m, n, launcher)
     x2 = x.reshape(m, n)
     r2 = x2 if r is None else r.reshape(m, n)
-    y, mean, rstd = launch(
+    y, mean, rstd = launcher.launch(
         _ln_fwd,
         grid=(cdiv(m, block_m),),
         inputs=[x2, r2, params["gamma"], params["beta"]],
@@ -230,7 +230,6 @@ def add_layernorm_forward(params, x, r, eps, *, interpret: bool):
             jax.ShapeDtypeStruct((m,), np.float32),
             jax.ShapeDtypeStruct((m,), np.float32),
         ],
-        interpret=interpret,
         name="vitfuse_ln_fwd",
         num_warps=num_warps,
         M=m,
@@ -244,7 +243,7 @@ def add_layernorm_forward(params, x, r, eps, *, interpret: bool):
     return y.reshape(x.shape), (x, r, mean, rstd)
 
 
-def add_layernorm_backward(params, cache, dy, *, interpret: bool):
+def add_layernorm_backward(params, cache, dy, *, launcher: Launcher):
     """Returns (ds, {"gamma": dgamma, "beta": dbeta}); ds is the gradient of x and of r."""
     x, r, mean, rstd = cache
     if tuple(dy.shape) != tuple(x.shape):
@@ -255,11 +254,11 @@ def add_layernorm_backward(params, cache, dy, *, interpret: bool):
     n = int(x.shape[-1])
     _check_params(params, n)
     m = x.size // n
-    block_m, block_n, num_warps = _tiles(m, n, interpret)
-    tiles, groups = _bwd_groups(m, block_m, interpret)
+    block_m, block_n, num_warps = _tiles(m, n, launcher)
+    tiles, groups = _bwd_groups(m, block_m, launcher)
     x2 = x.reshape(m, n)
     r2 = x2 if r is None else r.reshape(m, n)
-    ds, dw_part, db_part = launch(
+    ds, dw_part, db_part = launcher.launch(
         _ln_bwd,
         grid=(groups,),
         inputs=[dy.reshape(m, n), x2, r2, params["gamma"], mean, rstd],
@@ -268,7 +267,6 @@ def add_layernorm_backward(params, cache, dy, *, interpret: bool):
             jax.ShapeDtypeStruct((groups, n), np.float32),
             jax.ShapeDtypeStruct((groups, n), np.float32),
         ],
-        interpret=interpret,
         name="vitfuse_ln_bwd",
         num_warps=num_warps,
         M=m,
@@ -281,12 +279,11 @@ def add_layernorm_backward(params, cache, dy, *, interpret: bool):
     )
     red_n = min(block_n, 256)
     red_g = min(next_power_of_2(groups), max(1, 4096 // red_n))
-    dgamma, dbeta = launch(
+    dgamma, dbeta = launcher.launch(
         _ln_bwd_reduce,
         grid=(cdiv(n, red_n),),
         inputs=[dw_part, db_part],
         outputs=[jax.ShapeDtypeStruct((n,), np.float32), jax.ShapeDtypeStruct((n,), np.float32)],
-        interpret=interpret,
         name="vitfuse_ln_bwd_reduce",
         num_warps=4,
         G=groups,

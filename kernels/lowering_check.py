@@ -173,10 +173,11 @@ def triton_calls(module) -> list[dict]:
 def _attention_case(b, l, heads, dh, dtype, keep, dot_precision, kernel="one-tile"):
     import jax  # noqa: PLC0415
     from kernels import dispatch  # noqa: PLC0415
+    from kernels.launch import COMPILED  # noqa: PLC0415
 
     def make():
         def run(qkv, ks):
-            launch = dict(interpret=False, dot_precision=dot_precision, kernel=kernel)
+            launch = dict(launcher=COMPILED, dot_precision=dot_precision, kernel=kernel)
             o, cache = dispatch.attention_forward(qkv, heads, ks, **launch)
             return dispatch.attention_backward(cache, o, **launch)
 
@@ -191,11 +192,12 @@ def _layernorm_case(m, n, dtype, residual):
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     from kernels import layernorm  # noqa: PLC0415
+    from kernels.launch import COMPILED  # noqa: PLC0415
 
     def make():
         def run(params, x, r):
-            y, cache = layernorm.add_layernorm_forward(params, x, r, 1e-5, interpret=False)
-            return layernorm.add_layernorm_backward(params, cache, y, interpret=False)
+            y, cache = layernorm.add_layernorm_forward(params, x, r, 1e-5, launcher=COMPILED)
+            return layernorm.add_layernorm_backward(params, cache, y, launcher=COMPILED)
 
         x = jax.ShapeDtypeStruct((m, n), dtype)
         params = {"gamma": jax.ShapeDtypeStruct((n,), jnp.float32),
@@ -212,7 +214,7 @@ def _compiled_ops():
     backend = jax.default_backend
     jax.default_backend = lambda: "gpu"
     try:
-        return fused_ops(interpret=False)
+        return fused_ops()  # COMPILED
     finally:
         jax.default_backend = backend
 

@@ -36,7 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels import attention, dispatch, flash_attention, fused_ops, layernorm
+from kernels import COMPILED, INTERPRETED, attention, dispatch, flash_attention, fused_ops, layernorm
 from kernels.launch import poisoned_outputs
 from oracle.compare import (CHECK_MATMUL_PRECISION, Row, compare, exact_float32_dots,
                             kernel_tolerance)
@@ -195,11 +195,11 @@ def main(argv=None) -> int:
     dot_precision = args.dot_precision or "ieee"
 
     backend = jax.default_backend()
-    interpret = args.interpret or backend != "gpu"
-    if interpret and not args.interpret:
+    launcher = INTERPRETED if args.interpret or backend != "gpu" else COMPILED
+    if launcher is INTERPRETED and not args.interpret:
         print(f"no GPU backend (jax backend: {backend}): running the kernels in Triton's interpreter (slow)")
     seed = args.seed if args.seed is not None else int(time.time_ns() % 2**31)
-    shapes = args.shapes or (DEFAULT_SHAPES + (FULL_SHAPES if args.full or not interpret else []))
+    shapes = args.shapes or (DEFAULT_SHAPES + (FULL_SHAPES if args.full or launcher.on_gpu else []))
     for spec in shapes:
         try:
             parse_shape(spec)
@@ -207,12 +207,12 @@ def main(argv=None) -> int:
             ap.error(str(e))
     tol = kernel_tolerance(args.dtype, dot_precision)
     kernels = ["one-tile", "key-blocked"] if args.kernel == "both" else [args.kernel]
-    ops = {k: fused_ops(interpret=interpret, dot_precision=dot_precision, attention_kernel=k)
+    ops = {k: fused_ops(launcher=launcher, dot_precision=dot_precision, attention_kernel=k)
            for k in kernels}
 
     import triton  # noqa: PLC0415
 
-    device = "interpreter (CPU)" if interpret else jax.devices()[0].device_kind
+    device = jax.devices()[0].device_kind if launcher.on_gpu else "interpreter (CPU)"
     print(f"gradcheck: {device}, triton {triton.__version__}, jax {jax.__version__}, dtype {args.dtype}, "
           f"dots {dot_precision}, seed {seed}, tol rel {tol:g}; outputs NaN-poisoned; XLA's float32 "
           f"dots {CHECK_MATMUL_PRECISION}")
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         for kernel in kernels if kind == "attn" else kernels[:1]:
             label = f"{spec} [{kernel}]" if kind == "attn" else spec
             if kind == "attn" and kernel == "one-tile" and not dispatch.one_tile_runs(
-                    dims[1], dims[3], args.dtype, interpret):
+                    dims[1], dims[3], args.dtype, launcher):
                 skipped += 1
                 print(f"{label:<38} SKIP: the one-tile kernel does not run this shape here (L > "
                       f"1024, or compiled with a K/V tile over its shared-memory budget)")

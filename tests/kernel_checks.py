@@ -15,13 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import fused_ops
+from kernels import COMPILED, INTERPRETED, fused_ops
 from kernels.launch import poisoned_outputs
 from vit import layers
 from vit.ops import FUNCTIONS
 
 # False: compiled through jax-triton on the GPU; True: Triton's interpreter on the CPU
 INTERPRET = jax.default_backend() != "gpu"
+LAUNCHER = INTERPRETED if INTERPRET else COMPILED  # the kernels' launcher here
 KERNEL_MODE = "Triton's interpreter (CPU)" if INTERPRET else "compiled through jax-triton (GPU)"
 
 
@@ -42,7 +43,7 @@ def poisoned_fused_ops(attention_kernel="auto"):
     """fused_ops here (interpreted on the CPU, compiled on a GPU: the same kernel source) with
     every kernel output starting as NaN either way, so an unwritten element fails the checks.
     attention_kernel: "auto" (the dispatcher), "one-tile" or "key-blocked"."""
-    ops = fused_ops(interpret=INTERPRET, attention_kernel=attention_kernel)
+    ops = fused_ops(LAUNCHER, attention_kernel=attention_kernel)
     return ops._replace(**{name: _poisoning(getattr(ops, name)) for name in FUNCTIONS})
 
 

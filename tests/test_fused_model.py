@@ -12,7 +12,7 @@ import vit
 from kernels import fused_ops
 from vit.ops import FUNCTIONS, REFERENCE
 
-from kernel_checks import INTERPRET, fused_flags
+from kernel_checks import LAUNCHER, fused_flags
 
 
 def tiny(norm, **kw):
@@ -31,7 +31,7 @@ def test_fused_model_matches_reference(norm, dropout):
     key = jax.random.PRNGKey(7) if dropout else None
     l_ref, g_ref = vit.loss_and_grads(params, images, labels, cfg, key=key)
     l_fused, g_fused = jax.jit(
-        lambda p: vit.loss_and_grads(p, images, labels, cfg, ops=fused_ops(INTERPRET), key=key)
+        lambda p: vit.loss_and_grads(p, images, labels, cfg, ops=fused_ops(LAUNCHER), key=key)
     )(params)
     assert float(l_fused) == pytest.approx(float(l_ref), rel=1e-5)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(g_ref))
@@ -44,7 +44,7 @@ def test_fused_model_matches_reference(norm, dropout):
 
 
 def test_the_two_op_sets_differ_in_exactly_the_four_ops():
-    ref, fused = REFERENCE, fused_ops(INTERPRET)
+    ref, fused = REFERENCE, fused_ops(LAUNCHER)
     assert ref.name == "reference" and fused.name == "fused"
     assert ref.partitionable and not fused.partitionable
     for name in FUNCTIONS:

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention, dispatch
+from kernels import COMPILED, INTERPRETED, attention, dispatch
 from oracle.compare import TOLERANCE, compare
 from oracle.kernel_gradcheck import as_float32, attention_inputs, run_attention
 from vit.ops import REFERENCE
 
-from kernel_checks import INTERPRET, assert_all_close, assert_lse_is_logsumexp_of_scores, ops  # noqa: F401  (ops is a fixture)
+from kernel_checks import assert_all_close, assert_lse_is_logsumexp_of_scores, ops  # noqa: F401  (ops is a fixture)
 
 F32_TOL = TOLERANCE["float32"]
 HALF_TOL = TOLERANCE["bfloat16"]
@@ -108,7 +108,7 @@ def test_shape_errors(ops):
     with pytest.raises(ValueError, match="qkv: dtype must be one of"):
         ops.attention_forward(qkv.astype(jnp.int32), 2)
     with pytest.raises(ValueError, match="exceeds the one-tile limit"):  # the kernel itself
-        attention.attention_forward(jnp.ones((1, attention.MAX_LEN + 1, 3 * 16)), 1, interpret=True)
+        attention.attention_forward(jnp.ones((1, attention.MAX_LEN + 1, 3 * 16)), 1, launcher=INTERPRETED)
     _, cache = ops.attention_forward(qkv, np.int64(2))  # numpy ints are fine
     with pytest.raises(ValueError, match=r"do must have shape \(B, L, D\) = \(2, 5, 64\)"):
         ops.attention_backward(cache, jnp.ones((2, 5, 32)))
@@ -121,7 +121,7 @@ def test_compiled_path_refuses_tiles_over_shared_memory():
     assert attention.compiled_fits(65, 32, jnp.float32) and attention.compiled_fits(197, 64, jnp.bfloat16)
     assert not attention.compiled_fits(197, 64, jnp.float32)
     with pytest.raises(ValueError, match="shared memory"):
-        attention.attention_forward(jnp.ones((1, 197, 3 * 64)), 1, interpret=False)
+        attention.attention_forward(jnp.ones((1, 197, 3 * 64)), 1, launcher=COMPILED)
 
 
 def one_head_cache(l, dh):
@@ -135,9 +135,9 @@ def test_one_tile_backward_refuses_what_its_forward_refuses():
     refuses (on a GPU the launch itself would fail with a bare shared-memory error from jaxlib;
     fp32 L=577 Dh=64 needs 598,016 bytes against sm_90's 232,448, kernels.compile_check's way)."""
     with pytest.raises(ValueError, match=r"attention_backward: L=197 .* shared memory"):
-        attention.attention_backward(one_head_cache(197, 64), jnp.ones((1, 197, 64)), interpret=False)
+        attention.attention_backward(one_head_cache(197, 64), jnp.ones((1, 197, 64)), launcher=COMPILED)
     with pytest.raises(ValueError, match="attention_backward: sequence length 1025 exceeds the one-tile limit"):
-        attention.attention_backward(one_head_cache(1025, 16), jnp.ones((1, 1025, 16)), interpret=True)
+        attention.attention_backward(one_head_cache(1025, 16), jnp.ones((1, 1025, 16)), launcher=INTERPRETED)
     with pytest.raises(ValueError, match="attention_backward: .* shared memory"):
-        dispatch.attention_backward(one_head_cache(197, 64), jnp.ones((1, 197, 64)), interpret=False,
+        dispatch.attention_backward(one_head_cache(197, 64), jnp.ones((1, 197, 64)), launcher=COMPILED,
                                     kernel="one-tile")

@@ -21,14 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import attention, dispatch, flash_attention
+from kernels import COMPILED, INTERPRETED, attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
 from oracle.compare import compare
 from oracle.kernel_gradcheck import as_float32, attention_inputs, run_attention
 from kernels.launch import poisoned_outputs
 from vit.ops import REFERENCE
 
-from kernel_checks import INTERPRET, assert_all_close, assert_lse_is_logsumexp_of_scores, poisoned_fused_ops
+from kernel_checks import LAUNCHER, assert_all_close, assert_lse_is_logsumexp_of_scores, poisoned_fused_ops
 
 F32_TOL = 1e-5
 HALF_TOL = 2e-2
@@ -41,7 +41,7 @@ def kernel_ops():
 
 
 def skip_unless_runs(kernel, l, dh, dtype):
-    if kernel == "one-tile" and not dispatch.one_tile_runs(l, dh, dtype, INTERPRET):
+    if kernel == "one-tile" and not dispatch.one_tile_runs(l, dh, dtype, LAUNCHER):
         pytest.skip(f"the one-tile kernel does not run L={l} Dh={dh} {jnp.dtype(dtype).name} here "
                     "(MAX_LEN or, compiled, shared memory): the dispatcher sends it to key-blocked")
 
@@ -65,12 +65,12 @@ class BlockedOps:
 
     def attention_forward(self, qkv, heads, keep_scale=None):
         with poisoned_outputs():
-            return flash_attention.attention_forward(qkv, heads, keep_scale, interpret=INTERPRET,
+            return flash_attention.attention_forward(qkv, heads, keep_scale, launcher=LAUNCHER,
                                                      blocks=self.blocks)
 
     def attention_backward(self, cache, do):
         with poisoned_outputs():
-            return flash_attention.attention_backward(cache, do, interpret=INTERPRET, blocks=self.blocks)
+            return flash_attention.attention_backward(cache, do, launcher=LAUNCHER, blocks=self.blocks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,8 +151,8 @@ def test_lengths_beyond_the_one_tile_limit(kernel_ops):
     l = 1100
     assert l > attention.MAX_LEN
     with pytest.raises(ValueError, match="exceeds the one-tile limit"):
-        attention.attention_forward(jnp.ones((1, l, 3 * 16)), 1, interpret=True)
-    assert dispatch.plan(l, 16, jnp.float32, "ieee", "fwd", INTERPRET).kernel == "key-blocked"
+        attention.attention_forward(jnp.ones((1, l, 3 * 16)), 1, launcher=INTERPRETED)
+    assert dispatch.plan(l, 16, jnp.float32, "ieee", "fwd", LAUNCHER).kernel == "key-blocked"
     check(kernel_ops["auto"], 1, l, 1, 16, True)
 
 
@@ -259,25 +259,25 @@ def test_default_blocks_are_the_table_row_of_their_dot_kind_and_direction():
 
 def test_dispatch_rule():
     f32 = jnp.float32
-    assert dispatch.plan(65, 32, f32, "ieee", "fwd", True) == dispatch.Plan("one-tile", None, "rule")
-    assert dispatch.plan(128, 32, f32, "ieee", "bwd", True).kernel == "one-tile"
-    assert dispatch.plan(17, 16, f32, "ieee", "bwd", True).kernel == "one-tile"
-    assert dispatch.plan(64, 64, f32, "ieee", "bwd", True).kernel == "key-blocked"  # Dh > 32
-    assert dispatch.plan(1, 128, f32, "ieee", "fwd", True).kernel == "key-blocked"
-    p = dispatch.plan(129, 64, f32, "ieee", "bwd", True)
+    assert dispatch.plan(65, 32, f32, "ieee", "fwd", INTERPRETED) == dispatch.Plan("one-tile", None, "rule")
+    assert dispatch.plan(128, 32, f32, "ieee", "bwd", INTERPRETED).kernel == "one-tile"
+    assert dispatch.plan(17, 16, f32, "ieee", "bwd", INTERPRETED).kernel == "one-tile"
+    assert dispatch.plan(64, 64, f32, "ieee", "bwd", INTERPRETED).kernel == "key-blocked"  # Dh > 32
+    assert dispatch.plan(1, 128, f32, "ieee", "fwd", INTERPRETED).kernel == "key-blocked"
+    p = dispatch.plan(129, 64, f32, "ieee", "bwd", INTERPRETED)
     assert p.kernel == "key-blocked" and p.source == "rule"
     assert p.blocks == flash_attention.default_blocks(129, 64, f32, "ieee", True)
-    assert dispatch.plan(197, 64, jnp.bfloat16, "ieee", "fwd", True).kernel == "key-blocked"
-    assert dispatch.plan(8192, 128, f32, "tf32", "fwd", True).kernel == "key-blocked"
+    assert dispatch.plan(197, 64, jnp.bfloat16, "ieee", "fwd", INTERPRETED).kernel == "key-blocked"
+    assert dispatch.plan(8192, 128, f32, "tf32", "fwd", INTERPRETED).kernel == "key-blocked"
     # compiled (no table row for this device) the rule is the same
-    assert dispatch.plan(65, 32, f32, "ieee", "fwd", False).kernel == "one-tile"
-    assert dispatch.plan(100, 32, jnp.bfloat16, "ieee", "bwd", False).kernel == "one-tile"
-    assert dispatch.plan(100, 64, jnp.bfloat16, "ieee", "bwd", False).kernel == "key-blocked"
+    assert dispatch.plan(65, 32, f32, "ieee", "fwd", COMPILED).kernel == "one-tile"
+    assert dispatch.plan(100, 32, jnp.bfloat16, "ieee", "bwd", COMPILED).kernel == "one-tile"
+    assert dispatch.plan(100, 64, jnp.bfloat16, "ieee", "bwd", COMPILED).kernel == "key-blocked"
     # forcing
-    assert dispatch.plan(65, 32, f32, "ieee", "fwd", True, kernel="key-blocked").kernel == "key-blocked"
-    assert dispatch.plan(900, 32, f32, "ieee", "fwd", True, kernel="one-tile").kernel == "one-tile"
+    assert dispatch.plan(65, 32, f32, "ieee", "fwd", INTERPRETED, kernel="key-blocked").kernel == "key-blocked"
+    assert dispatch.plan(900, 32, f32, "ieee", "fwd", INTERPRETED, kernel="one-tile").kernel == "one-tile"
     with pytest.raises(ValueError, match="attention kernel must be one of"):
-        dispatch.plan(65, 32, f32, "ieee", "fwd", True, kernel="flash")
+        dispatch.plan(65, 32, f32, "ieee", "fwd", INTERPRETED, kernel="flash")
 
 
 def test_dispatch_table_overrides_the_rule(tmp_path):
@@ -293,15 +293,15 @@ def test_dispatch_table_overrides_the_rule(tmp_path):
     path.write_text(json.dumps({"rows": rows}))
     rows = dispatch.load_table(path)
     bf16 = jnp.bfloat16
-    p = dispatch.plan(65, 32, bf16, "ieee", "fwd", False, rows=rows)
+    p = dispatch.plan(65, 32, bf16, "ieee", "fwd", COMPILED, rows=rows)
     assert p == dispatch.Plan("key-blocked", Blocks(32, 16, 4, 3), f"table {device}")
-    assert dispatch.plan(101, 32, bf16, "ieee", "fwd", False, rows=rows).kernel == "one-tile"
-    assert dispatch.plan(2000, 32, bf16, "ieee", "fwd", False, rows=rows).kernel == "key-blocked"  # > MAX_LEN
-    assert dispatch.plan(65, 32, bf16, "ieee", "bwd", False, rows=rows).source == "rule"
-    assert dispatch.plan(65, 32, jnp.float32, "ieee", "fwd", False, rows=rows).source == "rule"
-    assert dispatch.plan(65, 32, bf16, "ieee", "fwd", True, rows=rows).source == "rule"
+    assert dispatch.plan(101, 32, bf16, "ieee", "fwd", COMPILED, rows=rows).kernel == "one-tile"
+    assert dispatch.plan(2000, 32, bf16, "ieee", "fwd", COMPILED, rows=rows).kernel == "key-blocked"  # > MAX_LEN
+    assert dispatch.plan(65, 32, bf16, "ieee", "bwd", COMPILED, rows=rows).source == "rule"
+    assert dispatch.plan(65, 32, jnp.float32, "ieee", "fwd", COMPILED, rows=rows).source == "rule"
+    assert dispatch.plan(65, 32, bf16, "ieee", "fwd", INTERPRETED, rows=rows).source == "rule"
     # forcing key-blocked keeps the tuned blocks
-    assert dispatch.plan(65, 32, bf16, "ieee", "fwd", False, "key-blocked", rows).blocks == Blocks(32, 16, 4, 3)
+    assert dispatch.plan(65, 32, bf16, "ieee", "fwd", COMPILED, "key-blocked", rows).blocks == Blocks(32, 16, 4, 3)
     path.write_text(json.dumps({"rows": [dict(row, block_m=24)]}))
     with pytest.raises(ValueError, match=f"{path.name}: row 0: Blocks.block_m"):
         dispatch.load_table(path)
@@ -321,13 +321,13 @@ def test_dispatch_table_edges():
                    kernel="key-blocked", block_m=128, block_n=64, num_warps=8, num_stages=2)
     one_tile = dict(blocked, max_len=100, kernel="one-tile")
     rows = [blocked, one_tile]
-    at_max = dispatch.plan(197, 64, bf16, "ieee", "fwd", False, rows=rows)
+    at_max = dispatch.plan(197, 64, bf16, "ieee", "fwd", COMPILED, rows=rows)
     assert at_max == dispatch.Plan("key-blocked", Blocks(128, 64, 8, 2), f"table {device}")
-    assert dispatch.plan(198, 64, bf16, "ieee", "fwd", False, rows=rows).source == "rule"
-    assert dispatch.plan(100, 64, bf16, "ieee", "fwd", False, rows=rows).kernel == "one-tile"
-    forced = dispatch.plan(65, 64, bf16, "ieee", "fwd", False, "key-blocked", rows)
+    assert dispatch.plan(198, 64, bf16, "ieee", "fwd", COMPILED, rows=rows).source == "rule"
+    assert dispatch.plan(100, 64, bf16, "ieee", "fwd", COMPILED, rows=rows).kernel == "one-tile"
+    forced = dispatch.plan(65, 64, bf16, "ieee", "fwd", COMPILED, "key-blocked", rows)
     assert forced == dispatch.Plan("key-blocked", Blocks(128, 64, 8, 2), f"table {device}")
-    short = dispatch.plan(20, 64, bf16, "ieee", "fwd", False, "key-blocked", rows)
+    short = dispatch.plan(20, 64, bf16, "ieee", "fwd", COMPILED, "key-blocked", rows)
     assert short.blocks == Blocks(32, 32, 8, 2) and short.source == f"table {device}"
 
 
@@ -340,12 +340,12 @@ def test_dispatch_table_row_matches_head_dim_and_dot_precision(tmp_path):
                kernel="key-blocked", block_m=64, block_n=32, num_warps=4, num_stages=2)
     rows = [row]
     f32 = jnp.float32
-    tuned = dispatch.plan(65, 64, f32, "tf32", "fwd", False, rows=rows)
+    tuned = dispatch.plan(65, 64, f32, "tf32", "fwd", COMPILED, rows=rows)
     assert tuned == dispatch.Plan("key-blocked", Blocks(64, 32, 4, 2), f"table {device}")
     assert dispatch.dtype_key(f32, "tf32") == "float32/tf32" and dispatch.dtype_key(f32, "ieee") == "float32/ieee"
     assert dispatch.dtype_key(jnp.bfloat16, "tf32") == "bfloat16"
-    assert dispatch.plan(65, 64, f32, "ieee", "fwd", False, rows=rows).source == "rule"
-    assert dispatch.plan(65, 32, f32, "tf32", "fwd", False, rows=rows) == dispatch.Plan("one-tile", None, "rule")
+    assert dispatch.plan(65, 64, f32, "ieee", "fwd", COMPILED, rows=rows).source == "rule"
+    assert dispatch.plan(65, 32, f32, "tf32", "fwd", COMPILED, rows=rows) == dispatch.Plan("one-tile", None, "rule")
     path = tmp_path / "table.json"
     for bad in (dict(row, kernel="auto"), dict(row, direction="both")):
         path.write_text(json.dumps({"rows": [row, bad]}))
@@ -374,31 +374,31 @@ def test_fused_ops_route_through_the_dispatcher(monkeypatch):
     qkv = jnp.ones((1, 20, 3 * 16))
     for kernel, want in (("auto", "one-tile"), ("one-tile", "one-tile"), ("key-blocked", "key-blocked")):
         seen.clear()
-        ops = fused_ops(interpret=True, attention_kernel=kernel)
+        ops = fused_ops(launcher=INTERPRETED, attention_kernel=kernel)
         assert ops.description.endswith(f"attention {kernel})")
         jax.eval_shape(lambda x: ops.attention_backward(ops.attention_forward(x, 1)[1], x[..., :16]), qkv)
         assert seen == [want, want]
     with pytest.raises(ValueError, match="attention kernel must be one of"):
-        fused_ops(interpret=True, attention_kernel="flash")
+        fused_ops(launcher=INTERPRETED, attention_kernel="flash")
 
 
 def test_fused_ops_pass_their_dot_precision_to_both_directions(monkeypatch):
-    """fused_ops(dot_precision=...) reaches the dispatcher (and so the kernels) in the forward
-    and the backward alike: a tf32 op set whose forward ran ieee dots would pass every check on
+    """fused_ops(dot_precision=...) and its launcher reach the dispatcher (and so the kernels) in
+    the forward and the backward alike: a tf32 op set whose forward ran ieee dots would pass every check on
     the CPU interpreter and be slow on a GPU."""
     from kernels import fused_ops
 
     seen = []
     real = dispatch.plan
 
-    def spy(l, dh, dtype, dot_precision, direction, interpret, *args, **kwargs):
-        seen.append((direction, dot_precision, interpret))
-        return real(l, dh, dtype, dot_precision, direction, interpret, *args, **kwargs)
+    def spy(l, dh, dtype, dot_precision, direction, launcher, *args, **kwargs):
+        seen.append((direction, dot_precision, launcher))
+        return real(l, dh, dtype, dot_precision, direction, launcher, *args, **kwargs)
 
     monkeypatch.setattr(dispatch, "plan", spy)
     qkv = jnp.ones((1, 20, 3 * 16))
     for dot_precision in ("ieee", "tf32"):
         seen.clear()
-        ops = fused_ops(interpret=True, dot_precision=dot_precision)
+        ops = fused_ops(launcher=INTERPRETED, dot_precision=dot_precision)
         jax.eval_shape(lambda x: ops.attention_backward(ops.attention_forward(x, 1)[1], x[..., :16]), qkv)
-        assert seen == [("fwd", dot_precision, True), ("bwd", dot_precision, True)]
+        assert seen == [("fwd", dot_precision, INTERPRETED), ("bwd", dot_precision, INTERPRETED)]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import layernorm
+from kernels import INTERPRETED, layernorm
 from oracle.compare import TOLERANCE, compare
 from oracle.kernel_gradcheck import as_float32, layernorm_inputs, run_layernorm
 from vit.ops import REFERENCE
@@ -97,7 +97,7 @@ def test_saved_statistics_are_float32_mean_and_rstd(ops):
 def test_dgamma_dbeta_are_bitwise_deterministic(ops):
     # 4160 rows of 256: 65 row tiles in 8 backward groups, so the two-stage reduction is exercised
     inp = layernorm_inputs(jax.random.PRNGKey(2), 64 * 65, 256, True, jnp.float32)
-    tiles, groups = layernorm._bwd_groups(64 * 65, layernorm._tiles(64 * 65, 256, True)[0], True)
+    tiles, groups = layernorm._bwd_groups(64 * 65, layernorm._tiles(64 * 65, 256, INTERPRETED)[0], INTERPRETED)
     assert groups > 1 and tiles > 1
     first = run_layernorm(ops, inp)
     second = run_layernorm(ops, inp)

@@ -1,4 +1,4 @@
-"""The fused-ops entry point and the launcher: interpret selection, vit.ops wiring, NaN poisoning
+"""The fused-ops entry point and the launchers: COMPILED and INTERPRETED, vit.ops wiring, NaN poisoning
 of outputs, the interpreter leaving triton.language as it found it, and a real GPU compile (no GPU
 needed: ptxas ships in the triton wheel) of the product-shape kernels."""
 
@@ -9,10 +9,10 @@ import pytest
 import triton
 import triton.language as tl
 
-from kernels import fused_ops
+from kernels import COMPILED, INTERPRETED, fused_ops
 from kernels import launch as launch_module
 from kernels.interpreter import run_interpreted, run_on_host
-from kernels.launch import launch, poisoned_outputs
+from kernels.launch import poisoned_outputs
 from oracle.compare import CHECK_MATMUL_PRECISION, TOLERANCE, assert_close, compare, kernel_tolerance
 from oracle.kernel_gradcheck import attention_inputs, layernorm_inputs, run_attention, run_layernorm
 from vit import ops as vit_ops
@@ -22,7 +22,7 @@ from kernel_checks import INTERPRET
 
 def test_compiled_ops_without_gpu_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")  # as in CI, whatever runs this
-    with pytest.raises(RuntimeError, match="no GPU backend.*interpret=True"):
+    with pytest.raises(RuntimeError, match=r"no GPU backend.*kernels\.INTERPRETED"):
         fused_ops()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     ops = fused_ops()  # compiled: nothing is imported or compiled until the first launch
@@ -32,11 +32,11 @@ def test_compiled_ops_without_gpu_is_a_clear_error(monkeypatch):
 
 def test_bad_dot_precision_is_rejected():
     with pytest.raises(ValueError, match="dot_precision must be one of"):
-        fused_ops(interpret=True, dot_precision="fp8")
+        fused_ops(launcher=INTERPRETED, dot_precision="fp8")
 
 
 def test_fused_ops_interpreted_are_a_working_op_set():
-    ops = fused_ops(interpret=True)
+    ops = fused_ops(launcher=INTERPRETED)
     assert isinstance(ops, vit_ops.Ops) and ops.name == "fused"
     for fn in vit_ops.FUNCTIONS:
         assert callable(getattr(ops, fn))
@@ -63,9 +63,9 @@ def test_outputs_start_as_nan_so_unwritten_elements_show():
     np.testing.assert_array_equal(y[:4], 2 * x[:4])
     assert np.isnan(y[4:]).all()
     # the same through launch + jax.jit (pure_callback)
-    f = jax.jit(lambda x: launch(_write_first_half, grid=(1,), inputs=[x],
-                                 outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)],
-                                 interpret=True, name="half", N=8, BLOCK=8)[0])
+    f = jax.jit(lambda x: INTERPRETED.launch(_write_first_half, grid=(1,), inputs=[x],
+                                             outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)],
+                                             name="half", N=8, BLOCK=8)[0])
     y = np.asarray(f(jnp.asarray(x)))
     assert np.isnan(y[4:]).all() and not np.isnan(y[:4]).any()
 
@@ -128,9 +128,9 @@ def test_importing_jax_triton_leaves_triton_cache_dir_alone(tmp_path, monkeypatc
 @pytest.mark.skipif(INTERPRET, reason="needs a GPU: poisoning of compiled launches (the interpreter's "
                     "is tested above)")
 def test_compiled_outputs_start_as_nan_inside_poisoned_outputs():
-    f = lambda x: launch(_write_first_half, grid=(1,), inputs=[x],  # noqa: E731
+    f = lambda x: COMPILED.launch(_write_first_half, grid=(1,), inputs=[x],  # noqa: E731
                          outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)],
-                         interpret=False, name="half", N=8, BLOCK=8)[0]
+                         name="half", N=8, BLOCK=8)[0]
     x = jnp.arange(8, dtype=jnp.float32)
     with poisoned_outputs():
         y = np.asarray(jax.jit(f)(x))
@@ -172,9 +172,9 @@ def fake_jax_triton(monkeypatch):
 def test_compiled_launcher_poisons_through_aliased_inputs(fake_jax_triton):
     """The compiled path's own code (wrapper kernel, NaN inputs, input_output_aliases) under
     jax-triton's convention: unwritten elements are NaN inside poisoned_outputs only."""
-    f = lambda x: launch(_write_first_half, grid=(1,), inputs=[x],  # noqa: E731
+    f = lambda x: COMPILED.launch(_write_first_half, grid=(1,), inputs=[x],  # noqa: E731
                          outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)],
-                         interpret=False, name="half", N=8, BLOCK=8)[0]
+                         name="half", N=8, BLOCK=8)[0]
     x = jnp.arange(8, dtype=jnp.float32)
     plain = np.asarray(jax.jit(f)(x))
     with poisoned_outputs():
@@ -187,11 +187,11 @@ def test_compiled_launcher_poisons_through_aliased_inputs(fake_jax_triton):
 
 
 def test_compiled_launcher_runs_both_kernels_correctly(fake_jax_triton, monkeypatch):
-    """fused_ops(interpret=False) end to end through the compiled launcher (poisoned): attention
+    """fused_ops(launcher=COMPILED) end to end through the compiled launcher (poisoned): attention
     with dropout and add+LN, outputs and gradients vs the reference."""
     with monkeypatch.context() as m:
         m.setattr(jax, "default_backend", lambda: "gpu")  # fused_ops checks for a GPU
-        ops = fused_ops(interpret=False)
+        ops = fused_ops(launcher=COMPILED)
     a = attention_inputs(jax.random.PRNGKey(5), 2, 17, 2, 16, True, jnp.float32)
     ln = layernorm_inputs(jax.random.PRNGKey(6), 19, 48, True, jnp.float32)
     with poisoned_outputs():
@@ -227,7 +227,7 @@ def test_interpreter_restores_triton_language(attention_kernel):
     and add+LN), triton.language is exactly as before, and a library function called outside a
     kernel is refused again."""
     before = _triton_language_state()
-    ops = fused_ops(interpret=True, attention_kernel=attention_kernel)
+    ops = fused_ops(launcher=INTERPRETED, attention_kernel=attention_kernel)
     run_attention(ops, attention_inputs(jax.random.PRNGKey(2), 1, 5, 1, 16, False, jnp.float32))
     run_layernorm(ops, layernorm_inputs(jax.random.PRNGKey(3), 4, 8, True, jnp.float32))
     after = _triton_language_state()
@@ -294,9 +294,9 @@ def test_tile_arithmetic():
 
 def test_record_launches_goes_to_the_innermost_recording():
     def one_launch():
-        return launch(_write_first_half, grid=(1,), inputs=[jnp.zeros(8)],
-                      outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)], interpret=True,
-                      name="half", N=8, BLOCK=8)
+        return INTERPRETED.launch(_write_first_half, grid=(1,), inputs=[jnp.zeros(8)],
+                                  outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)],
+                                  name="half", N=8, BLOCK=8)
 
     with launch_module.record_launches() as outer:
         one_launch()

@@ -416,11 +416,11 @@ def test_ops_xla_cannot_partition_run_under_shard_map_by_default():
     kernels (custom calls) get one launch per device on its own rows, where unwrapped they would
     run on the gathered global batch (the same numbers, N times the work); the reference ops are
     left to GSPMD. shard_ops overrides the default either way."""
-    from kernels import fused_ops
+    from kernels import INTERPRETED, fused_ops
     from vit.ops import REFERENCE
 
     mesh, config, hp = parallel.make_mesh(1), common.config(), common.hparams()
-    fused = fused_ops(interpret=True)
+    fused = fused_ops(launcher=INTERPRETED)
     makers = {"train": lambda **kw: parallel.make_parallel_train_step(config, hp, mesh, **kw),
               "eval": lambda **kw: parallel.make_parallel_eval_step(config, mesh, **kw)}
     for what, make in makers.items():

@@ -16,7 +16,7 @@ from vit.ops import REFERENCE
 from vit.config import TrainHParams
 from vit.step import hand_written_grads, make_train_step
 
-from kernel_checks import INTERPRET
+from kernel_checks import LAUNCHER
 
 
 def small(norm="post"):
@@ -106,7 +106,7 @@ def test_bf16_fused_matches_bf16_reference_and_fp32():
     targets = vit.layers.one_hot_targets(jnp.array([0, 1, 2, 3]), 5)
     out = {}
     for name, ops, compute_dtype in (("ref32", REFERENCE, "fp32"), ("ref16", REFERENCE, "bf16"),
-                                     ("fused16", fused_ops(INTERPRET), "bf16")):
+                                     ("fused16", fused_ops(LAUNCHER), "bf16")):
         loss, grads, _ = jax.jit(hand_written_grads(cfg, ops, compute_dtype))(params, x, targets,
                                                                               None)
         out[name] = (float(loss), grads)

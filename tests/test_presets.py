@@ -21,7 +21,7 @@ from vit.step import make_train_step
 from vit.ops import REFERENCE
 from vit.optim import adamw_init
 
-from kernel_checks import INTERPRET
+from kernel_checks import INTERPRET, LAUNCHER
 
 PRESETS = {  # file -> (image size, tokens L, heads, head dim) as the papers define the model
     "vit-ti16.toml": (224, 197, 3, 64),
@@ -170,7 +170,7 @@ def test_train_and_evaluate_take_the_presets(name, fake_data, tmp_path):
     assert result["count"] == 3 and np.isfinite(result["loss"])
     # the preset computes in bf16: the two paths round differently (observed 0.5% apart here;
     # 2e-2 is the bf16 kernels' tolerance, oracle/compare.py)
-    fused = evaluate.evaluate(out, "last", ops=fused_ops(interpret=INTERPRET), progress=False)
+    fused = evaluate.evaluate(out, "last", ops=fused_ops(launcher=LAUNCHER), progress=False)
     assert fused["count"] == 3 and fused["loss"] == pytest.approx(result["loss"], rel=2e-2)
 
 
@@ -196,7 +196,7 @@ def test_shrunken_vit_s16_fused_steps_match_reference():
     cfg = train.resolve_config(args)
     c = cfg.model
     assert (c.seq_len, c.heads, c.head_dim, c.patch_size) == (145, 6, 64, 16)
-    plan = dispatch.plan(c.seq_len, c.head_dim, np.float32, "ieee", "fwd", INTERPRET)
+    plan = dispatch.plan(c.seq_len, c.head_dim, np.float32, "ieee", "fwd", LAUNCHER)
     assert plan.kernel == "key-blocked" and -(-c.seq_len // plan.blocks.block_n) >= 3
     steps, batch = 3, 4
     hp = cfg.hparams(steps)
@@ -205,7 +205,7 @@ def test_shrunken_vit_s16_fused_steps_match_reference():
     labels = rng.integers(0, 10, (steps, batch)).astype(np.int32)
 
     def run(fused):
-        step = make_train_step(c, hp, ops=fused_ops(interpret=INTERPRET) if fused else REFERENCE,
+        step = make_train_step(c, hp, ops=fused_ops(launcher=LAUNCHER) if fused else REFERENCE,
                                donate=False, compute_dtype="fp32")
         params = vit.init_params(jax.random.PRNGKey(0), c)
         opt = adamw_init(params)
@@ -274,7 +274,7 @@ def test_train_py_fused_agrees_with_reference_on_a_shrunken_vit_s16(tmp_path, mo
     model = json.loads((runs["fused"] / "config.json").read_text())["model"]
     assert (model["image_size"], model["heads"], model["d_model"] // model["heads"]) == (128, 6, 64)
     for direction in ("fwd", "bwd"):
-        plan = dispatch.plan(65, 64, np.float32, "ieee", direction, INTERPRET)
+        plan = dispatch.plan(65, 64, np.float32, "ieee", direction, LAUNCHER)
         assert plan.kernel == "key-blocked" and -(-65 // plan.blocks.block_n) >= 3, plan
     lines = {name: [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
              for name, run in runs.items()}

@@ -183,10 +183,10 @@ def ops(out: Path, fused: bool):
     _run_ops(parallel.sharded_ops(_spy(REFERENCE, seen_sharded), mesh), inputs, mesh)
     report["rows_seen"] = {"plain": seen_plain, "sharded": seen_sharded}
     if fused:
-        from kernels import fused_ops  # noqa: PLC0415
+        from kernels import INTERPRETED, fused_ops  # noqa: PLC0415
 
         t0 = time.time()
-        kernels = fused_ops(interpret=True)
+        kernels = fused_ops(launcher=INTERPRETED)
         results["fused/plain"] = _run_ops(kernels, inputs, mesh)
         results["fused/sharded"] = _run_ops(parallel.sharded_ops(kernels, mesh), inputs, mesh)
         report["fused_seconds"] = time.time() - t0

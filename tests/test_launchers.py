@@ -1,0 +1,93 @@
+"""kernels.launch's two Launcher values, COMPILED and INTERPRETED: what each one makes the kernel
+files choose (read from the launches they record, no GPU needed), and a clear error for anything
+else passed as a launcher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import COMPILED, INTERPRETED, dispatch, fused_ops, layernorm
+from kernels.launch import Launcher, record_launches
+
+
+def attention_launches(launcher, kernel, dtype, l=17, heads=2, dh=16):
+    """{kernel name: constexprs} of one forward and backward through the dispatcher."""
+    qkv = jax.ShapeDtypeStruct((1, l, 3 * heads * dh), dtype)
+
+    def run(qkv):
+        o, cache = dispatch.attention_forward(qkv, heads, launcher=launcher, kernel=kernel)
+        return dispatch.attention_backward(cache, o, launcher=launcher, kernel=kernel)
+
+    with record_launches() as specs:
+        jax.eval_shape(run, qkv)
+    return {s.kernel.__name__: s for s in specs}
+
+
+def layernorm_launches(launcher, m, n):
+    x = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    params = {"gamma": jax.ShapeDtypeStruct((n,), jnp.float32),
+              "beta": jax.ShapeDtypeStruct((n,), jnp.float32)}
+
+    def run(params, x):
+        y, cache = layernorm.add_layernorm_forward(params, x, x, 1e-6, launcher=launcher)
+        return layernorm.add_layernorm_backward(params, cache, y, launcher=launcher)
+
+    with record_launches() as specs:
+        jax.eval_shape(run, params, x)
+    return {s.kernel.__name__: s for s in specs}
+
+
+@pytest.mark.parametrize("kernel", ["one-tile", "key-blocked"])
+def test_only_the_interpreter_upcasts_half_precision_dots(kernel):
+    """DOT_F32 (kernels/interpreter.py: the interpreter's bf16 arithmetic is unusable) is set for
+    half-precision inputs under INTERPRETED only; compiled bf16 dots stay bf16 MMAs."""
+    for launcher, dtype, want in ((INTERPRETED, jnp.bfloat16, True), (COMPILED, jnp.bfloat16, False),
+                                  (INTERPRETED, jnp.float32, False), (COMPILED, jnp.float32, False)):
+        specs = attention_launches(launcher, kernel, dtype)
+        assert specs, (launcher.name, kernel)
+        for name, spec in specs.items():
+            if "DOT_F32" in spec.constexprs:
+                assert spec.constexprs["DOT_F32"] is want, (launcher.name, kernel, dtype, name)
+
+
+def test_layernorm_tiles_follow_the_launcher():
+    """Compiled tiles stay near the register budget (<= 4096 elements, <= 16 rows) and the split
+    reduction fills a GPU (up to 256 programs); the interpreter takes few, large tiles."""
+    m, n = 64 * 65, 128  # the product's LayerNorm: 4160 rows of 128
+    compiled, interpreted = layernorm_launches(COMPILED, m, n), layernorm_launches(INTERPRETED, m, n)
+    for specs, launcher in ((compiled, COMPILED), (interpreted, INTERPRETED)):
+        for name in ("_ln_fwd", "_ln_bwd"):
+            c = specs[name].constexprs
+            assert c["BLOCK_M"] * c["BLOCK_N"] <= launcher.tile_elements, (launcher.name, name)
+            assert c["BLOCK_M"] <= launcher.tile_rows, (launcher.name, name)
+        assert specs["_ln_bwd"].grid[0] <= launcher.reduce_programs
+    assert compiled["_ln_fwd"].constexprs["BLOCK_M"] == 16
+    assert interpreted["_ln_fwd"].constexprs["BLOCK_M"] == 64
+    assert compiled["_ln_bwd"].grid[0] > interpreted["_ln_bwd"].grid[0] == 8
+
+
+def test_shared_memory_and_the_tuned_table_bind_the_compiled_launcher_only():
+    """fp32 L=197 Dh=64: the one-tile kernel's K/V tile exceeds shared memory on a GPU, not in the
+    interpreter; a tuned table row (measured on a GPU) steers COMPILED only."""
+    f32 = np.float32
+    assert dispatch.one_tile_runs(197, 64, f32, INTERPRETED)
+    assert not dispatch.one_tile_runs(197, 64, f32, COMPILED)
+    device = jax.devices()[0].device_kind
+    rows = [{"device": device, "dtype": "float32/ieee", "dh": 32, "direction": "fwd", "max_len": 128,
+             "kernel": "key-blocked", "block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2}]
+    assert dispatch.plan(65, 32, f32, "ieee", "fwd", COMPILED, rows=rows).source == f"table {device}"
+    assert dispatch.plan(65, 32, f32, "ieee", "fwd", INTERPRETED, rows=rows).source == "rule"
+
+
+@pytest.mark.parametrize("wrong", [True, False, "interpret", None])
+def test_anything_but_a_launcher_is_refused_by_name(wrong):
+    """fused_ops(True), as the old interpret=True read, is a TypeError naming both launchers."""
+    with pytest.raises(TypeError, match=r"kernels\.COMPILED .*kernels\.INTERPRETED"):
+        fused_ops(wrong)
+
+
+def test_the_two_launchers():
+    assert isinstance(COMPILED, Launcher) and isinstance(INTERPRETED, Launcher)
+    assert COMPILED.on_gpu and not INTERPRETED.on_gpu
+    assert fused_ops(INTERPRETED).description.startswith("fused Triton kernels (Triton's interpreter,")
