@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import vit
+from cmdline import positive_int
 from vit import runconfig
 from vit.step import make_train_step
 
@@ -46,14 +47,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.step_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", default=None,
                    help="a run config (configs/*.toml; default: the product ViT and its recipe)")
-    p.add_argument("--batch", type=int, default=256, help="global batch (default 256)")
-    p.add_argument("--accum", type=int, nargs="+", default=[1, 2, 4, 8],
+    p.add_argument("--batch", type=positive_int, default=256, help="global batch (default 256)")
+    p.add_argument("--accum", type=positive_int, nargs="+", default=[1, 2, 4, 8],
                    help="accumulation steps to compare (default 1 2 4 8)")
     p.add_argument("--compute-dtype", choices=["fp32", "bf16"], default=None,
                    help="default: the config's (fp32 without a config)")
     args = p.parse_args(argv)
-    cfg = runconfig.from_dict(runconfig.load_toml(args.config), f"--config {args.config}") \
-        if args.config else runconfig.RunConfig()
+    try:
+        cfg = runconfig.from_dict(runconfig.load_toml(args.config), f"--config {args.config}") \
+            if args.config else runconfig.RunConfig()
+    except runconfig.ConfigError as err:
+        p.error(str(err))  # exit status 2, the message naming the file
     dtype = args.compute_dtype or cfg.train.compute_dtype
     hp = cfg.hparams(steps_per_epoch=1)
     print(f"{args.config or 'the product ViT'}: batch {args.batch}, {dtype}, "

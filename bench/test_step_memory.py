@@ -1,6 +1,8 @@
 """bench/step_memory.py: XLA's memory accounting of the compiled step, and what gradient
 accumulation does to it (the reason --accum-steps exists)."""
 
+import pytest
+
 import vit
 from bench import step_memory
 
@@ -25,3 +27,19 @@ def test_command_prints_a_row_per_accumulation_and_skips_what_does_not_split(cap
     assert sorted(rows) == ["1", "3", "5"]
     assert "does not split" in rows["5"]
     assert rows["3"].split()[1] == "4" and "MiB" in rows["3"]
+
+
+def test_command_errors_name_the_file_or_flag(tmp_path, capsys):
+    """A missing or broken config, or a batch or accumulation below 1: exit status 2 and one line
+    naming what is wrong, no traceback."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nheads = 'many'\n")
+    cases = [([str(tmp_path / "missing.toml")], "missing.toml: no such file"),
+             ([str(bad)], "bad.toml"),
+             (["--accum", "0"], "--accum: must be a positive integer, got 0"),
+             (["--batch", "-4"], "--batch: must be a positive integer, got -4")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            step_memory.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
