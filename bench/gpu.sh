@@ -4,6 +4,7 @@
 #   bash bench/gpu.sh                  # the four main parts, in order: env tests gradcheck bench
 #   bash bench/gpu.sh gradcheck bench  # only some parts (same order as given)
 #   bash bench/gpu.sh env tune profile # the two extra parts (the why behind the bench's times)
+#   bash bench/gpu.sh env memory       # what a step holds on this GPU, by accumulation steps
 #
 # A lent machine allows 10 minutes per command: set TOTAL_TIMEOUT below that, so that gpu.sh stops
 # what would run past it and still copies to $OUT the rows the bench measured so far (its results
@@ -32,6 +33,9 @@
 #              $OUT/attention_table.json (copy it over kernels/attention_table.json)
 #   profile    one reference and one fused train step under Nsight Compute (ncu), kernel by
 #              kernel; $OUT/ncu-step-{reference,fused}.csv and their summaries in profile.log
+#   memory     python -m bench.step_memory: XLA's memory accounting of the compiled train step on
+#              this GPU, for the product ViT (batch 256, fp32) and ViT-B/16 (batch 1024, bf16), by
+#              --accum-steps (1 2 4 8); compiles only, about a minute; memory.log
 # Before any part, the wheels carried in .whl/ (jax-triton 0.3.1 and absl-py, which it imports:
 # `pip download --no-deps jax-triton==0.3.1 absl-py -d .whl`) are installed to /tmp/site and put
 # first on PYTHONPATH (the GPU image has jax with CUDA, triton, pytest and pytest-benchmark, no
@@ -43,7 +47,7 @@
 # install) failed, 2 for a bad part name. $OUT/ gets one log per part, the results .json and .md,
 # one .png, tune-attention.md, attention_table.json and two ncu CSVs, none in subfolders. (A lent
 # machine returns at most 8 files from $OUT: `env tests gradcheck bench` leaves 7, `env tune
-# profile` 7; all six parts in one call would leave 11.)
+# profile` 7 and `env tune profile memory` 8; all seven parts in one call would leave 12.)
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
 # command, default 0 = none; a part past it fails with exit 124 and the next part runs),
@@ -201,6 +205,14 @@ part_tune() {
     --table "$OUT/attention_table.json" --out "$OUT/tune-attention.md"
 }
 
+part_memory() {
+  local rc=0
+  with_timeout "$PY" -m bench.step_memory || rc=1
+  with_timeout "$PY" -m bench.step_memory configs/vit-b16.toml --batch 1024 --accum 1 2 4 8 \
+    --compute-dtype bf16 || rc=1
+  return "$rc"
+}
+
 part_profile() {
   local rc=0 ncu contender csv
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
@@ -242,8 +254,8 @@ if [ "${#parts[@]}" -eq 0 ]; then
 fi
 for name in "${parts[@]}"; do
   case $name in
-    env | tests | gradcheck | bench | bench-ops | bench-step | tune | profile) ;;
-    *) echo "unknown part '$name': use env, tests, gradcheck, bench, bench-ops, bench-step, tune, profile" >&2
+    env | tests | gradcheck | bench | bench-ops | bench-step | tune | profile | memory) ;;
+    *) echo "unknown part '$name': use env, tests, gradcheck, bench, bench-ops, bench-step, tune, profile, memory" >&2
        exit 2 ;;
   esac
 done

@@ -61,6 +61,7 @@ case "$*" in
     [ -n "${FAKE_RESULTS:-}" ] && { sleep 0.1; touch "bench/results/$FAKE_RESULTS.json" "bench/results/$FAKE_RESULTS.md"; }
     exit "${FAKE_PYTEST_RC:-0}" ;;
   "-m bench.tune_attention "*) exit 0 ;;
+  "-m bench.step_memory"*) echo "step_memory $*"; exit "${FAKE_MEMORY_RC:-0}" ;;
 esac
 exit 1
 """
@@ -236,3 +237,14 @@ def test_install_needs_absl_beside_jax_triton(tmp_path):
     assert "no absl_py wheel in" in log and "pip download --no-deps jax-triton==0.3.1 absl-py" in log
     assert proc.returncode == 1 and "install (see env.log)" in proc.stdout
     assert not (tmp_path / "site" / "jax_triton").exists()
+
+
+def test_memory_part_measures_the_product_and_vit_b16_and_fails_if_either_does(tmp_path):
+    """The memory part asks bench.step_memory for the product ViT and for ViT-B/16 at the
+    presets' batch in bf16, by accumulation steps; a failing call fails the part."""
+    for env, rc in (({}, 0), ({"FAKE_MEMORY_RC": "1"}, 1)):
+        _, logs, calls = run_fake_python(tmp_path, "memory", **env)  # exit 1 here: no wheels
+        assert calls == ["-m bench.step_memory", "-m bench.step_memory configs/vit-b16.toml --batch 1024 "
+                         "--accum 1 2 4 8 --compute-dtype bf16"], calls
+        assert f"=== memory: exit {rc}" in logs["memory"], (env, logs)
+        (tmp_path / "calls").unlink()
