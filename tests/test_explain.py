@@ -15,7 +15,7 @@ from PIL import Image
 import evaluate
 import train
 import vit
-from vit import explain
+from vit import explain, runconfig
 from vit.data.fake import (FAKE_FOLDER_CLASSES, fake_colour_image, save_as, write_fake_image_folder,
                            write_fake_tiny_imagenet)
 from vit.data.image_folder import load_image
@@ -200,7 +200,7 @@ def test_predict_gives_the_top_5_of_more_classes(tmp_path):
     cfg = vit.ViTConfig(image_size=8, patch_size=4, channels=3, d_model=8, heads=2, layers=1, mlp_dim=8,
                         num_classes=7)
     mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
-    run = explain.Run(tmp_path, vit.init_params(jax.random.key(1), cfg), cfg, mean, std, {}, {})
+    run = explain.Run(tmp_path, vit.init_params(jax.random.key(1), cfg), mean, std, runconfig.RunConfig(cfg), {})
     image, names = tmp_path / "x.png", [f"c{i}" for i in range(7)]
     save_as(fake_colour_image((200, 30, 90), 20, 13, np.random.default_rng(0)), image, "PNG", "RGB")
     [(path, top)] = explain.predict_files(run, [image], names)

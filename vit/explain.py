@@ -34,11 +34,14 @@ class Run:
 
     path: Path
     params: dict
-    model: ViTConfig
     mean: np.ndarray
     std: np.ndarray
     config: runconfig.RunConfig  # the run's resolved config (config.json)
     meta: dict
+
+    @property
+    def model(self) -> ViTConfig:
+        return self.config.model
 
     @property
     def class_names(self) -> list[str] | None:
@@ -62,7 +65,7 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
     trees, meta = checkpoint.load_from_run(run_dir, checkpoint_name, meta_keys=RUN_META,
                                            trees=("params",), way_out=way_out)
     cfg = runconfig.from_dict(meta["config"], f"{path} (its config)")
-    return Run(path, trees["params"], cfg.model, np.asarray(meta["mean"], np.float32),
+    return Run(path, trees["params"], np.asarray(meta["mean"], np.float32),
                np.asarray(meta["std"], np.float32), cfg, meta)
 
 
