@@ -219,7 +219,7 @@ def _attn_bwd(
 # forward / backward (same signatures as vit.layers, plus the launch settings)
 
 
-def layout_constexprs(l, d, heads, dtype, launcher, dot_precision):
+def layout_constexprs(l, d, heads, dtype, launcher: Launcher, dot_precision):
     """The constexprs both attention kernels (this one and kernels/flash_attention.py) take: the
     sizes, the strides of qkv (B, L, 3D) and o (B, L, D), and how a dot is computed."""
     return dict(
@@ -236,7 +236,7 @@ def layout_constexprs(l, d, heads, dtype, launcher, dot_precision):
     )
 
 
-def geometry(l, d, heads, dtype, launcher, dot_precision, backward=False):
+def geometry(l, d, heads, dtype, launcher: Launcher, dot_precision, backward=False):
     """Constexprs for one of the kernels, and the number of warps.
 
     BLOCK_M (query rows per step) and the warps are chosen so that no kernel spills registers
@@ -327,7 +327,7 @@ def check_backward_inputs(cache, do):
     return b, l, d, heads
 
 
-def check_one_tile(what: str, l: int, dh: int, dtype, launcher) -> None:
+def check_one_tile(what: str, l: int, dh: int, dtype, launcher: Launcher) -> None:
     """Refuse, before any launch, a sequence the one-tile kernel cannot hold: over MAX_LEN, or
     compiled with a K/V tile over the shared-memory budget (``compiled_fits``); both directions
     check, since either backward takes either forward's cache."""

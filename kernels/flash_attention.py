@@ -442,7 +442,7 @@ def default_blocks(l: int, dh: int, dtype, dot_precision: str, backward: bool = 
     return (backward_blocks if backward else forward_blocks).fit(l)
 
 
-def _consts(l, d, heads, dtype, launcher, dot_precision):
+def _consts(l, d, heads, dtype, launcher: Launcher, dot_precision):
     """The one-tile kernel's layout constexprs, and the score scale in base 2 (exp2 below)."""
     return dict(layout_constexprs(l, d, heads, dtype, launcher, dot_precision),
                 qk_scale=LOG2E / math.sqrt(d // heads))

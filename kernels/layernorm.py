@@ -168,14 +168,14 @@ def _ln_bwd_reduce(
 # registers on a GPU, numpy calls in the interpreter)
 
 
-def _tiles(m: int, n: int, launcher):
+def _tiles(m: int, n: int, launcher: Launcher):
     block_n = next_power_of_2(n)
     block_m = max(1, min(launcher.tile_elements // block_n, next_power_of_2(m), launcher.tile_rows))
     num_warps = 4 if block_m * block_n <= 2048 else 8
     return block_m, block_n, num_warps
 
 
-def _bwd_groups(m: int, block_m: int, launcher):
+def _bwd_groups(m: int, block_m: int, launcher: Launcher):
     """(TILES, G): each of the G programs handles TILES row tiles; G at most
     launcher.reduce_programs."""
     n_tiles = cdiv(m, block_m)
