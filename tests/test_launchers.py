@@ -91,3 +91,45 @@ def test_the_two_launchers():
     assert isinstance(COMPILED, Launcher) and isinstance(INTERPRETED, Launcher)
     assert COMPILED.on_gpu and not INTERPRETED.on_gpu
     assert fused_ops(INTERPRETED).description.startswith("fused Triton kernels (Triton's interpreter,")
+
+
+@pytest.mark.parametrize("launcher", [COMPILED, INTERPRETED], ids=["compiled", "interpreted"])
+def test_one_tile_runs_exactly_where_the_one_tile_kernel_accepts_the_shape(launcher):
+    """dispatch.one_tile_runs (what the dispatcher, the gradcheck's SKIP and the tune's variants
+    rely on) and the one-tile kernel's own refusal (attention.check_one_tile) agree for each
+    launcher: at the length limit, and where only a GPU's shared memory refuses (fp32 L=197
+    Dh=64, which the interpreter runs)."""
+    from kernels import attention
+
+    cases = [(1024, 16, jnp.bfloat16), (1025, 16, jnp.bfloat16), (197, 64, jnp.float32),
+             (197, 64, jnp.bfloat16), (65, 32, jnp.float32)]
+    for l, dh, dtype in cases:
+        qkv = jax.ShapeDtypeStruct((1, l, 3 * dh), dtype)
+        try:
+            with record_launches():
+                jax.eval_shape(lambda q: attention.attention_forward(q, 1, launcher=launcher), qkv)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert dispatch.one_tile_runs(l, dh, dtype, launcher) is accepted, (launcher.name, l, dh, dtype)
+    assert dispatch.one_tile_runs(197, 64, jnp.float32, launcher) is not launcher.on_gpu
+
+
+@pytest.mark.parametrize("kernel", ["one-tile", "key-blocked"])
+def test_the_dot_precision_reaches_every_attention_launch(kernel):
+    """fused_ops(..., "tf32") launches tf32 dots (tl.dot input_precision) in every attention
+    kernel; the interpreter computes them exactly whatever the setting, so only the recorded
+    constexprs can show a precision lost on the way (a GPU would silently run ieee dots)."""
+    ops = fused_ops(INTERPRETED, "tf32", attention_kernel=kernel)
+    qkv = jax.ShapeDtypeStruct((1, 17, 3 * 32), jnp.float32)
+
+    def run(qkv):
+        o, cache = ops.attention_forward(qkv, 2)
+        return ops.attention_backward(cache, o)
+
+    with record_launches() as specs:
+        jax.eval_shape(run, qkv)
+    precisions = {s.kernel.__name__: s.constexprs.get("DOT_PRECISION") for s in specs
+                  if "DOT_F32" in s.constexprs}  # the kernels with dots
+    assert len(precisions) == 2, precisions  # the forward and the backward kernel
+    assert set(precisions.values()) == {"tf32"}, precisions
