@@ -133,3 +133,44 @@ def test_the_dot_precision_reaches_every_attention_launch(kernel):
                   if "DOT_F32" in s.constexprs}  # the kernels with dots
     assert len(precisions) == 2, precisions  # the forward and the backward kernel
     assert set(precisions.values()) == {"tf32"}, precisions
+
+
+def test_the_compiled_launcher_hands_jax_triton_the_launch_settings(monkeypatch):
+    """A key-blocked launch with tuned blocks (4 warps, 3 pipeline stages) reaches
+    jax_triton.triton_call with those warps and stages (a stand-in records the call): a tuned
+    table row's num_stages would otherwise be measured on the GPU and then dropped."""
+    from kernels import flash_attention, launch
+    from kernels.flash_attention import Blocks
+
+    calls = []
+
+    class FakeJaxTriton:
+        @staticmethod
+        def triton_call(*inputs, kernel, out_shape, grid, num_warps, num_stages, name, **constexprs):
+            calls.append((kernel.__name__, num_warps, num_stages))
+            return [jnp.zeros(o.shape, o.dtype) for o in out_shape]
+
+    monkeypatch.setattr(launch, "import_jax_triton", lambda: FakeJaxTriton)
+    qkv = jax.ShapeDtypeStruct((1, 40, 3 * 32), jnp.float32)
+    jax.eval_shape(lambda q: flash_attention.attention_forward(q, 2, launcher=COMPILED,
+                                                               blocks=Blocks(32, 16, 4, 3)), qkv)
+    assert calls == [("_flash_fwd", 4, 3)]
+
+
+@pytest.mark.parametrize("kernel", ["one-tile", "key-blocked"])
+def test_compile_check_records_what_the_compiled_launcher_launches(kernel):
+    """kernels.compile_check reports registers, stack and shared memory for the launches the GPU
+    will make: its recorded bf16 attention and LayerNorm launches are COMPILED's (no DOT_F32
+    upcast, register-sized LayerNorm tiles), not the interpreter's."""
+    from kernels import compile_check
+
+    l, heads, dh = 17, 2, 16
+    got = {s.kernel.__name__: s.constexprs for s in compile_check._attention_launches(
+        1, l, heads, dh, jnp.bfloat16, False, "ieee", kernel)}
+    want = {name: s.constexprs for name, s in attention_launches(COMPILED, kernel, jnp.bfloat16,
+                                                                 l, heads, dh).items()}
+    assert got == want and not any(c.get("DOT_F32") for c in got.values())
+    got = {s.kernel.__name__: (s.grid, s.constexprs)
+           for s in compile_check._layernorm_launches(64 * 65, 128, jnp.float32, True)}
+    want = {name: (s.grid, s.constexprs) for name, s in layernorm_launches(COMPILED, 64 * 65, 128).items()}
+    assert got == want
