@@ -1,6 +1,7 @@
 """kernels.launch's two Launcher values, COMPILED and INTERPRETED: what each one makes the kernel
-files choose (read from the launches they record, no GPU needed), and a clear error for anything
-else passed as a launcher."""
+files choose (read from the launches they record, no GPU needed), what the compiled one hands
+jax-triton, the launcher the checks use (kernels.compile_check; oracle.kernel_gradcheck on a faked
+GPU backend), and a clear error for anything else passed as a launcher."""
 
 import jax
 import jax.numpy as jnp
@@ -174,3 +175,27 @@ def test_compile_check_records_what_the_compiled_launcher_launches(kernel):
            for s in compile_check._layernorm_launches(64 * 65, 128, jnp.float32, True)}
     want = {name: (s.grid, s.constexprs) for name, s in layernorm_launches(COMPILED, 64 * 65, 128).items()}
     assert got == want
+
+
+def test_gradcheck_on_a_gpu_checks_the_compiled_kernels(monkeypatch, capsys):
+    """`python -m oracle.kernel_gradcheck` on a GPU backend (faked; the checks themselves stubbed
+    out) checks the compiled kernels: COMPILED ops, the GPU named in the header, the product
+    shapes added to the defaults, and the one-tile kernel skipped where its compiled K/V tile
+    would overflow shared memory (fp32 L=197 Dh=64). --interpret still means the interpreter."""
+    from oracle import kernel_gradcheck as gradcheck
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    checked = []
+    monkeypatch.setattr(gradcheck, "check",
+                        lambda spec, ops, *rest: checked.append((spec, ops.description)) or [])
+    assert gradcheck.main(["--seed", "0"]) == 0
+    assert f"gradcheck: {jax.devices()[0].device_kind}, triton" in capsys.readouterr().out
+    assert set(gradcheck.FULL_SHAPES) <= {spec for spec, _ in checked}
+    assert all(d.startswith(f"fused Triton kernels ({COMPILED.name},") for _, d in checked), checked
+    for argv, launcher, kernels in (([], COMPILED, ["key-blocked"]),
+                                    (["--interpret"], INTERPRETED, ["one-tile", "key-blocked"])):
+        checked.clear()
+        assert gradcheck.main([*argv, "--seed", "0", "--shapes", "attn:1x197x1x64"]) == 0
+        assert [d for _, d in checked] == [
+            f"fused Triton kernels ({launcher.name}, dot precision ieee, attention {k})" for k in kernels]
+        assert ("SKIP" in capsys.readouterr().out) is launcher.on_gpu
