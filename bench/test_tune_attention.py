@@ -1,7 +1,8 @@
 """bench/tune_attention.py: its one-tile geometry override reaches the launches, on the CPU it
 checks every variant of both kernels in Triton's interpreter (nothing timed) and exits 0, and the
 dispatcher's table it writes from timed rows is one kernels/dispatch.py reads back, also when a
-run is cut short."""
+run is cut short; its launcher follows --interpret, and the compiled one's variants and --resources
+figures are the GPU's launches."""
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +147,42 @@ def test_tune_marks_the_plan_and_the_defaults_and_times_each_variant_against_the
         assert len({r["kernel"] for r in mine}) == 2 and len(mine) > 2
         for r in mine:
             assert r["vs_plan"] == pytest.approx(planned["median_ms"] / r["median_ms"]), r
+
+
+def test_the_launcher_follows_interpret_not_the_backend(monkeypatch):
+    """On a GPU a plain run tunes the compiled kernels, and --interpret still means Triton's
+    interpreter (every variant checked, none timed)."""
+    seen = []
+
+    def fake_tune(shape, dtype, dot_precision, launcher, settings, grid, with_resources):
+        seen.append(launcher)
+        return []
+    monkeypatch.setattr(tune_attention, "tune", fake_tune)
+    monkeypatch.setattr(tune_attention.jax, "default_backend", lambda: "gpu")
+    for argv, launcher in (([], COMPILED), (["--interpret"], INTERPRETED)):
+        seen.clear()
+        assert tune_attention.main([*argv, "--shape", "1x5x1x16", "--dtype", "bfloat16"]) == 0
+        assert seen == [launcher], argv
+
+
+def test_compiled_variants_are_what_the_gpu_can_launch_and_their_resources_its_kernels(monkeypatch):
+    """fp32 L=197 Dh=64: no one-tile variant under COMPILED (its K/V tile overflows shared
+    memory; each would only fail), all of them in the interpreter. --resources compiles the
+    launch the GPU makes: a bf16 variant's dots stay bf16 (no DOT_F32 upcast, which is the
+    interpreter's), so its registers are the GPU kernel's."""
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    for launcher, one_tile in ((COMPILED, False), (INTERPRETED, True)):
+        kernels = {k for k, _, _ in tune_attention.variants(197, 64, f32, "ieee", "fwd", "quick", launcher)}
+        assert ("one-tile" in kernels) is one_tile and "key-blocked" in kernels, launcher.name
+    from kernels import compile_check  # noqa: PLC0415
+
+    compiled = []
+    monkeypatch.setattr(compile_check, "compile_spec", lambda spec, arch: compiled.append(spec))
+    monkeypatch.setattr(compile_check, "resource_usage", lambda kernel: {"regs": 96, "stack": 0})
+    for kernel, setting, name in (("key-blocked", Blocks(32, 16, 4, 2), "_flash_bwd"),
+                                  ("one-tile", (16, 4), "_attn_bwd")):
+        compiled.clear()
+        assert tune_attention.resources(kernel, setting, "bwd", 1, 17, 2, 16, bf16, "ieee") == "96/0"
+        (spec,) = compiled
+        assert spec.kernel.__name__ == name and spec.constexprs["DOT_F32"] is False
+        assert spec.constexprs["BLOCK_M"] == (32 if kernel == "key-blocked" else 16)
