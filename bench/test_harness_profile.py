@@ -1,6 +1,6 @@
 """bench.hlo.count_kernels / executable_profile: the kernels and XLA bytes beside each time; and
 bench.harness.run_kernel_case's check-then-time: a wrong contender is recorded as failing and
-never timed."""
+never timed; the launcher a session gives the fused contenders (compiled only where it times)."""
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,17 @@ def test_an_interpreted_contender_is_checked_at_the_quick_shape_and_not_timed(mo
     (row,) = bench.rows
     assert (row["status"], row["median_ms"]) == ("checked, not timed", None)
     assert harness.shape_label("layernorm", "quick") in row["note"]
+
+
+def test_a_session_times_only_compiled_kernels():
+    """The launcher a session hands the fused contenders matches whether it times them: on a GPU
+    backend COMPILED (jax-triton) and timed; elsewhere INTERPRETED and only checked. A timed
+    session on the interpreter would time numpy behind a pure_callback as "fused"."""
+    from kernels import COMPILED, INTERPRETED
+
+    for backend, launcher in (("gpu", COMPILED), ("cpu", INTERPRETED)):
+        bench = harness.BenchSession(timing=True, seed=7, info={**harness.device_info(), "backend": backend})
+        assert bench.launcher is launcher and bench.interpret is not launcher.on_gpu, backend
 
 
 # ----------------------------------------------------------------------------------------------
