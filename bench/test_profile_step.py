@@ -1,5 +1,7 @@
 """bench/profile_step.py: the summary of an ncu CSV (a made-up one in ncu's raw-page layout), and
-`run` refusing to run without a GPU."""
+`run` refusing to run without a GPU and building the compiled step on one."""
+
+import pytest
 
 from bench import profile_step
 
@@ -54,3 +56,32 @@ def test_every_kernel_of_ours_is_counted_as_ours():
         for shown in (name, f"{name}_poisoned"):
             assert profile_step.kind_of(shown) == "vitfuse Triton kernels", shown
     assert profile_step.kind_of("loop_add_fusion") == "XLA fusions and copies"
+
+
+def test_run_builds_the_compiled_step(monkeypatch):
+    """On a GPU, `run fused` profiles the step built with kernels.COMPILED (bench/steps.make_step's
+    launcher defaults to None, which fused_ops refuses: a GPU job's profile part would die there).
+    The model, batch and step are stand-ins: only the arguments of make_step are checked."""
+    import jax  # noqa: PLC0415
+
+    import vit  # noqa: PLC0415
+    from bench import steps  # noqa: PLC0415
+    from kernels import COMPILED  # noqa: PLC0415
+
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def make_step(contender, config, launcher=None):
+        built.append((contender, launcher))
+        raise Built  # stop before any step runs
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(vit, "init_params", lambda key, config: {})
+    monkeypatch.setattr(vit, "adamw_init", lambda params: {})
+    monkeypatch.setattr(steps, "make_batch", lambda config, batch, key: (None, None))
+    monkeypatch.setattr(steps, "make_step", make_step)
+    with pytest.raises(Built):
+        profile_step.run("fused", 1)
+    assert built == [("fused", COMPILED)]
