@@ -54,7 +54,7 @@ def main(argv=None):
                    help="default: the config's (fp32 without a config)")
     args = p.parse_args(argv)
     try:
-        cfg = runconfig.from_dict(runconfig.load_toml(args.config), f"--config {args.config}") \
+        cfg = runconfig.from_dict(runconfig.load_toml(args.config, args.config), args.config) \
             if args.config else runconfig.RunConfig()
     except runconfig.ConfigError as err:
         p.error(str(err))  # exit status 2, the message naming the file

@@ -27,11 +27,14 @@ SWAPPED = {"fused-attn": ("attention_forward", "attention_backward"),
            "fused-ln": ("add_layernorm_forward", "add_layernorm_backward")}
 
 
-def ops_for(contender: str, launcher):
+def ops_for(contender: str, launcher=None):
     """The op set of a contender: the reference, the fused kernels (launched by ``launcher``,
     kernels.COMPILED or kernels.INTERPRETED), or one pair swapped in."""
     if not contender.startswith("fused"):
         return REFERENCE
+    if launcher is None:
+        raise ValueError(f"bench.steps: the {contender!r} contender needs a launcher "
+                         "(kernels.COMPILED or kernels.INTERPRETED)")
     from kernels import fused_ops  # noqa: PLC0415  (needs triton; only fused rows)
 
     fused = fused_ops(launcher)

@@ -85,3 +85,15 @@ def test_run_builds_the_compiled_step(monkeypatch):
     with pytest.raises(Built):
         profile_step.run("fused", 1)
     assert built == [("fused", COMPILED)]
+
+
+def test_a_fused_contender_without_a_launcher_is_an_error_naming_it():
+    """bench.steps.ops_for / make_step: the fused contenders need a launcher; forgetting it is a
+    ValueError at build time on any machine, not a refusal inside fused_ops on the GPU only."""
+    from bench import steps  # noqa: PLC0415
+    from vit.ops import REFERENCE  # noqa: PLC0415
+
+    assert steps.ops_for("reference") is REFERENCE
+    for contender in ("fused", "fused-attn", "fused-ln", "fused-bf16"):
+        with pytest.raises(ValueError, match=f"'{contender}' contender needs a launcher"):
+            steps.ops_for(contender)

@@ -32,10 +32,12 @@ def test_command_prints_a_row_per_accumulation_and_skips_what_does_not_split(cap
 def test_command_errors_name_the_file_or_flag(tmp_path, capsys):
     """A missing or broken config, or a batch or accumulation below 1: exit status 2 and one line
     naming what is wrong, no traceback."""
-    bad = tmp_path / "bad.toml"
+    bad, latin1 = tmp_path / "bad.toml", tmp_path / "latin1.toml"
     bad.write_text("[model]\nheads = 'many'\n")
-    cases = [([str(tmp_path / "missing.toml")], "missing.toml: no such file"),
-             ([str(bad)], "bad.toml"),
+    latin1.write_bytes(b"# caf\xe9\n")
+    cases = [([str(tmp_path / "missing.toml")], f"error: {tmp_path / 'missing.toml'}: no such file"),
+             ([str(bad)], f"error: {bad}: "),
+             ([str(latin1)], f"error: {latin1}: cannot be read as UTF-8 text"),
              (["--accum", "0"], "--accum: must be a positive integer, got 0"),
              (["--batch", "-4"], "--batch: must be a positive integer, got -4")]
     for argv, message in cases:

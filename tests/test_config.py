@@ -152,3 +152,24 @@ def test_set_reads_the_value_after_the_first_equals_sign_as_toml():
     for bad in ("train.lr", "lr=3e-4"):
         with pytest.raises(runconfig.ConfigError, match="expected section.key=value"):
             runconfig.parse_override(bad)
+
+
+def test_a_config_file_that_cannot_be_read_is_a_config_error_naming_it(tmp_path):
+    """load_toml: a missing file, bytes that are not UTF-8 and text that is not TOML are each a
+    ConfigError naming the file as the caller calls it (train.py: "--config PATH"), never a
+    UnicodeDecodeError or TOMLDecodeError traceback."""
+    from vit import runconfig
+
+    latin1, broken = tmp_path / "latin1.toml", tmp_path / "broken.toml"
+    latin1.write_bytes(b"[model]\n# caf\xe9\nheads = 2\n")
+    broken.write_text("[model\n")
+    cases = [(tmp_path / "missing.toml", "no such file"), (latin1, "cannot be read as UTF-8 text"),
+             (broken, "not valid TOML")]
+    for path, message in cases:
+        with pytest.raises(runconfig.ConfigError, match=f"^--config {path}: {message}"):
+            runconfig.load_toml(path)
+        with pytest.raises(runconfig.ConfigError, match=f"^{path}: {message}"):
+            runconfig.load_toml(path, str(path))
+    good = tmp_path / "good.toml"
+    good.write_text("[model]\nheads = 2  # café\n", encoding="utf-8")
+    assert runconfig.load_toml(good) == {"model": {"heads": 2}}

@@ -116,7 +116,7 @@ def test_flops_command_prints_each_configs_figures_and_names_a_bad_one(tmp_path,
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\nd_model = 768\nheads = 7\n")
     assert flops.main([path, str(bad)]) == 2
-    assert f"vit.flops: error: --config {bad}: ViTConfig.d_model=768" in capsys.readouterr().err
+    assert f"vit.flops: error: {bad}: ViTConfig.d_model=768" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])

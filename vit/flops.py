@@ -80,7 +80,7 @@ def main(argv=None) -> int:
           "channels and num_classes to the dataset it loads)")
     for path in paths:
         try:
-            cfg = runconfig.from_dict(runconfig.load_toml(path), f"--config {path}")
+            cfg = runconfig.from_dict(runconfig.load_toml(path, path), path)
         except runconfig.ConfigError as err:
             print(f"vit.flops: error: {err}", file=sys.stderr)
             return 2

@@ -251,15 +251,22 @@ def _validate(t: TrainSection, source):
                           f"[0, 1), got {hp.label_smoothing!r}")
 
 
-def load_toml(path) -> dict:
+def load_toml(path, what: str | None = None) -> dict:
+    """The TOML file at path as a dict; errors name it as ``what`` (default "--config PATH",
+    train.py's flag) and are ConfigErrors: no such file, unreadable, not UTF-8, not TOML."""
     path = Path(path)
+    what = what or f"--config {path}"
     if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file (shipped configs: "
+        raise ConfigError(f"{what}: no such file (shipped configs: "
                           f"{', '.join(str(p) for p in sorted(CONFIG_DIR.glob('*.toml')))})")
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what}: cannot be read as UTF-8 text: {err}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"--config {path}: not valid TOML: {err}") from None
+        raise ConfigError(f"{what}: not valid TOML: {err}") from None
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
