@@ -93,6 +93,10 @@ def test_shape_errors(ops):
     qkv = jnp.ones((2, 5, 3 * 64))
     with pytest.raises(ValueError, match="heads must be a static positive int, got 0"):
         ops.attention_forward(qkv, 0)
+    with pytest.raises(ValueError, match="heads must be a static positive int, got 2.0"):
+        ops.attention_forward(qkv, 2.0)  # not an int (a traced value fails the same way)
+    with pytest.raises(ValueError, match="qkv must be non-empty"):
+        ops.attention_forward(jnp.ones((0, 5, 3 * 64)), 2)
     with pytest.raises(ValueError, match=r"qkv must be \(B, L, 3D\)"):
         ops.attention_forward(qkv[0], 2)
     with pytest.raises(ValueError, match="last axis must be 3 \\* heads \\* Dh"):

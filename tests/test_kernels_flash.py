@@ -308,6 +308,10 @@ def test_dispatch_table_overrides_the_rule(tmp_path):
     path.write_text(json.dumps({"rows": [dict(row, colour="red")]}))
     with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
         dispatch.load_table(path)
+    for text in ('{"rows": [', '[{"device": "x"}]', '{"table": []}'):  # cut short; a list; no rows
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"{path.name}: not a tuned attention table"):
+            dispatch.load_table(path)
     assert dispatch.load_table(tmp_path / "absent.json") == []
 
 

@@ -75,14 +75,6 @@ def dense_backward(params, cache, dy, need_dx=True):
 # LayerNorm over the last axis, with the residual add fused in: y = LN(x + r)
 
 
-def layernorm_forward(params, x, eps):
-    return add_layernorm_forward(params, x, None, eps)
-
-
-def layernorm_backward(params, cache, dy):
-    return add_layernorm_backward(params, cache, dy)
-
-
 def add_layernorm_forward(params, x, r, eps):
     """s = x + r (r may be None); y = gamma * (s - mean) * rstd + beta, rstd = 1/sqrt(var + eps).
 
