@@ -347,6 +347,40 @@ def test_missing_train_class_folder_is_named(root):
     assert str(root / "train" / fake_wnid(1) / "images") in str(e.value)
 
 
+def _spoil(root, how):
+    """One way a Tiny ImageNet folder can be broken; -> (split that reads it, the path the error names)."""
+    if how == "wnids.txt empty":
+        (root / "wnids.txt").write_text("\n")
+        return "train", root / "wnids.txt"
+    if how == "wnids.txt not UTF-8":
+        (root / "wnids.txt").write_bytes(b"n0\xff\n")
+        return "train", root / "wnids.txt"
+    if how == "no train folder":
+        shutil.rmtree(root / "train")
+        return "train", root / "train"
+    if how == "a class without images":
+        images = root / "train" / fake_wnid(2) / "images"
+        for f in images.iterdir():
+            f.unlink()
+        return "train", images
+    if how == "no val images folder":
+        shutil.rmtree(root / "val" / "images")
+        return "val", root / "val" / "images"
+    with open(root / "val" / "val_annotations.txt", "a") as f:  # a line without tabs
+        f.write("val_0.JPEG n01\n")
+    return "val", root / "val" / "val_annotations.txt"
+
+
+@pytest.mark.parametrize("how", ["wnids.txt empty", "wnids.txt not UTF-8", "no train folder",
+                                 "a class without images", "no val images folder", "an annotation without tabs"])
+def test_each_broken_part_of_the_folder_is_named(root, how):
+    split, named = _spoil(root, how)
+    with pytest.raises(DatasetError, match="lists no classes|cannot read|missing folder|no .JPEG images|"
+                                           "expected 'filename<TAB>wnid") as e:
+        load(root, split)
+    assert str(named) in str(e.value), (how, str(e.value))
+
+
 def test_unknown_wnid_in_annotations_gives_file_line_and_text(root):
     path = root / "val" / "val_annotations.txt"
     lines = path.read_text().splitlines()
