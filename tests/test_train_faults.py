@@ -302,6 +302,26 @@ def test_config_error_on_resume_names_the_flag(finished_run, capsys):
     assert "--epochs -3" in err and "config.json" not in err, err
 
 
+def test_a_run_directory_that_cannot_be_one_is_refused_before_any_work(finished_run, tmp_path, capsys):
+    """--out a finished run (its checkpoints would be overwritten), --out a file, --resume a folder
+    without config.json: each a usage error naming the flag and the path, and nothing written."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = sorted(p.name for p in finished_run.iterdir())
+    cases = [(["--out", finished_run], f"--out {finished_run} already holds a run (last.npz); "
+                                       f"continue it with --resume {finished_run}"),
+             (["--out", a_file], f"--out {a_file} is a file, not a directory"),
+             (["--out", a_file / "run"], f"--out {a_file / 'run'}: {a_file} is a file, not a directory"),
+             (["--resume", empty], f"--resume {empty}: no config.json there")]
+    for flags, message in cases:
+        err = exits_with_message(capsys, train.main, *QUICK, *flags)
+        assert message in err, (flags, err)
+    assert sorted(p.name for p in finished_run.iterdir()) == before
+    assert a_file.read_text() == "not a run" and not any(empty.iterdir())
+
+
 # ----------------------------------------------------------------------------------------------
 # --help and exit codes
 
