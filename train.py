@@ -135,11 +135,12 @@ def resolve_config(args):
         where = str(saved)
     else:
         path = args.config
+        where = f"--config {path}"
         if path is None:
             name = "digits.toml" if args.dataset == "digits" else "seed.toml"
             path = runconfig.CONFIG_DIR / name
-        base = runconfig.load_toml(path)
-        where = f"--config {path}"
+            where = f"the default config {path} (no --config given)"
+        base = runconfig.load_toml(path, where)
     sources = {}  # "section.key" -> the flag that set it, so an error blames the right source
     for flag, (dest, section, key) in NAMED_FLAGS.items():
         value = getattr(args, dest)

@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu.sh                  # the four main parts, in order: env tests gradcheck bench
 #   bash bench/gpu.sh gradcheck bench  # only some parts (same order as given)
-#   bash bench/gpu.sh env tune profile # the two extra parts (the why behind the bench's times)
+#   bash bench/gpu.sh env tune profile # two of the three extra parts (the why behind the bench's times)
 #   bash bench/gpu.sh env memory       # what a step holds on this GPU, by accumulation steps
 #
 # A lent machine allows 10 minutes per command: set TOTAL_TIMEOUT below that, so that gpu.sh stops
@@ -12,7 +12,7 @@
 # need more, e.g.
 #   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tests gradcheck bench
 #   TOTAL_TIMEOUT=540 bash bench/gpu.sh env bench-step   # what the first call did not reach
-#   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tune profile
+#   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tune profile memory
 #
 # Parts (each one's output is shown and tee'd to $OUT/<part>.log):
 #   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
@@ -34,8 +34,8 @@
 #   profile    one reference and one fused train step under Nsight Compute (ncu), kernel by
 #              kernel; $OUT/ncu-step-{reference,fused}.csv and their summaries in profile.log
 #   memory     python -m bench.step_memory: XLA's memory accounting of the compiled train step on
-#              this GPU, for the product ViT (batch 256, fp32) and ViT-B/16 (batch 1024, bf16), by
-#              --accum-steps (1 2 4 8); compiles, runs nothing (ViT-B/16's four: 46 s on a 2-core CPU); memory.log
+#              this GPU, for the product ViT (batch 256, fp32; 1 2 4 8 accumulation steps) and
+#              ViT-B/16 (batch 1024, bf16; 1 2 4 8 16), the README's table; compiles, runs nothing (ViT-B/16's four: 46 s on a 2-core CPU); memory.log
 # Before any part, the wheels carried in .whl/ (jax-triton 0.3.1 and absl-py, which it imports:
 # `pip download --no-deps jax-triton==0.3.1 absl-py -d .whl`) are installed to /tmp/site and put
 # first on PYTHONPATH (the GPU image has jax with CUDA, triton, pytest and pytest-benchmark, no
@@ -47,7 +47,7 @@
 # install) failed, 2 for a bad part name. $OUT/ gets one log per part, the results .json and .md,
 # one .png, tune-attention.md, attention_table.json and two ncu CSVs, none in subfolders. (A lent
 # machine returns at most 8 files from $OUT: `env tests gradcheck bench` leaves 7, `env tune
-# profile` 7 and `env tune profile memory` 8; all seven parts in one call would leave 12.)
+# profile` 7 and `env tune profile memory` 8; all seven parts in one call would leave 14.)
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
 # command, default 0 = none; a part past it fails with exit 124 and the next part runs),
@@ -208,7 +208,7 @@ part_tune() {
 part_memory() {
   local rc=0
   with_timeout "$PY" -m bench.step_memory || rc=1
-  with_timeout "$PY" -m bench.step_memory configs/vit-b16.toml --batch 1024 --accum 1 2 4 8 \
+  with_timeout "$PY" -m bench.step_memory configs/vit-b16.toml --batch 1024 --accum 1 2 4 8 16 \
     --compute-dtype bf16 || rc=1
   return "$rc"
 }

@@ -46,7 +46,8 @@ def step_memory(config: vit.ViTConfig, hp: vit.TrainHParams, batch: int,
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.step_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="?", default=None,
-                   help="a run config (configs/*.toml; default: the product ViT and its recipe)")
+                   help="a run config (configs/*.toml; default: the product ViT with the default "
+                        "training settings, no augmentation)")
     p.add_argument("--batch", type=positive_int, default=256, help="global batch (default 256)")
     p.add_argument("--accum", type=positive_int, nargs="+", default=[1, 2, 4, 8],
                    help="accumulation steps to compare (default 1 2 4 8)")

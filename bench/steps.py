@@ -62,7 +62,7 @@ def config_for(shape):
         from vit import runconfig  # noqa: PLC0415
 
         preset = runconfig.CONFIG_DIR / "vit-s16.toml"
-        return runconfig.from_dict(runconfig.load_toml(preset), str(preset)).model
+        return runconfig.from_dict(runconfig.load_toml(preset, str(preset)), str(preset)).model
     return vit.ViTConfig()
 
 

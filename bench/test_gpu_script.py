@@ -245,6 +245,6 @@ def test_memory_part_measures_the_product_and_vit_b16_and_fails_if_either_does(t
     for env, rc in (({}, 0), ({"FAKE_MEMORY_RC": "1"}, 1)):
         _, logs, calls = run_fake_python(tmp_path, "memory", **env)  # exit 1 here: no wheels
         assert calls == ["-m bench.step_memory", "-m bench.step_memory configs/vit-b16.toml --batch 1024 "
-                         "--accum 1 2 4 8 --compute-dtype bf16"], calls
+                         "--accum 1 2 4 8 16 --compute-dtype bf16"], calls
         assert f"=== memory: exit {rc}" in logs["memory"], (env, logs)
         (tmp_path / "calls").unlink()

@@ -443,7 +443,8 @@ def default_blocks(l: int, dh: int, dtype, dot_precision: str, backward: bool = 
 
 
 def _consts(l, d, heads, dtype, launcher: Launcher, dot_precision):
-    """The one-tile kernel's layout constexprs, and the score scale in base 2 (exp2 below)."""
+    """The layout constexprs both attention kernels share (attention.layout_constexprs), and the
+    score scale in base 2 (exp2 below)."""
     return dict(layout_constexprs(l, d, heads, dtype, launcher, dot_precision),
                 qk_scale=LOG2E / math.sqrt(d // heads))
 

@@ -1,5 +1,5 @@
-"""Triton's interpreter as a launcher: the same ``@triton.jit`` source the GPU compiles, run on the
-CPU with numpy behind ``jax.pure_callback`` (``kernels.launch.INTERPRETED`` launches through it).
+"""Triton's interpreter, which ``kernels.launch.INTERPRETED`` launches through: the same
+``@triton.jit`` source the GPU compiles, run on the CPU with numpy behind ``jax.pure_callback``.
 
 Triton's interpreter runs the Python body of the ``@triton.jit`` function (``kernel.fn``) with
 numpy, reading and writing raw host memory through ``data_ptr()``. It was written for torch

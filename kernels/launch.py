@@ -113,7 +113,7 @@ _RECORDING: list[list[LaunchSpec]] = []
 
 @contextlib.contextmanager
 def record_launches():
-    """Within this context ``launch`` records its arguments and returns zeros instead of running
+    """Within this context ``Launcher.launch`` records its arguments and returns zeros instead of running
     a kernel; use it under ``jax.eval_shape`` to learn which kernels a call would launch."""
     specs: list[LaunchSpec] = []
     _RECORDING.append(specs)

@@ -1,7 +1,7 @@
 """Fused kernels vs the reference layers: every output and every gradient, on fresh random inputs.
 
     python -m oracle.kernel_gradcheck                      # default shapes; interpreter when no GPU
-    python -m oracle.kernel_gradcheck --full               # + the product shape (B=64 L=65 H=8 Dh=32)
+    python -m oracle.kernel_gradcheck --full               # + FULL_SHAPES (always on a GPU)
     python -m oracle.kernel_gradcheck --dtype bfloat16     # bf16 kernels vs the float32 reference
     python -m oracle.kernel_gradcheck --shapes attn:2x17x4x32:keep ln:130x100:r --seed 3
     python -m oracle.kernel_gradcheck --kernel key-blocked # one attention kernel (default: both)

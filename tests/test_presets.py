@@ -117,6 +117,7 @@ def test_flops_command_prints_each_configs_figures_and_names_a_bad_one(tmp_path,
     bad.write_text("[model]\nd_model = 768\nheads = 7\n")
     assert flops.main([path, str(bad)]) == 2
     assert f"vit.flops: error: {bad}: ViTConfig.d_model=768" in capsys.readouterr().err
+    assert flops.main(["--help"]) == 0 and "python -m vit.flops [CONFIG.toml ...]" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("norm", ["pre", "post"])

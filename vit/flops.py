@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     from vit import runconfig  # noqa: PLC0415
 
     paths = sys.argv[1:] if argv is None else argv
+    if any(p in ("-h", "--help") for p in paths):
+        print(__doc__)
+        return 0
     if not paths:
         paths = sorted(str(p) for p in runconfig.CONFIG_DIR.glob("*.toml"))
     print("figures for each config's [model] section as written (train.py then fits image_size, "
