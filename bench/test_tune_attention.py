@@ -143,7 +143,7 @@ def test_tune_marks_the_plan_and_the_defaults_and_times_each_variant_against_the
         defaults = {r["kernel"]: r["setting"] for r in mine if r["default"]}
         assert len([r for r in mine if r["default"]]) == 2 and defaults == {
             "one-tile": one_tile_default,
-            "key-blocked": flash_attention.default_blocks(l, dh, f32, "ieee", direction == "bwd")}
+            "key-blocked": flash_attention.default_blocks(l, dh, f32, "ieee", direction)}
         assert len({r["kernel"] for r in mine}) == 2 and len(mine) > 2
         for r in mine:
             assert r["vs_plan"] == pytest.approx(planned["median_ms"] / r["median_ms"]), r

@@ -62,9 +62,9 @@ def geometry(direction: str, block_m: int, warps: int):
     """One-tile launches of `direction` ("fwd" or "bwd") traced inside use BLOCK_M rows and `warps`."""
     default = attention.geometry
 
-    def patched(*args, backward=False, **kwargs):
-        consts, num_warps = default(*args, backward=backward, **kwargs)
-        if backward == (direction == "bwd"):
+    def patched(*args, **kwargs):
+        consts, num_warps = default(*args, **kwargs)
+        if kwargs["direction"] == direction:
             consts, num_warps = dict(consts, BLOCK_M=block_m), warps
         return consts, num_warps
 
@@ -77,7 +77,7 @@ def geometry(direction: str, block_m: int, warps: int):
 
 def default_geometry(l, heads, dh, dtype, dot_precision, direction) -> tuple[int, int]:
     consts, warps = attention.geometry(l, heads * dh, heads, dtype, COMPILED, dot_precision,
-                                       backward=direction == "bwd")
+                                       direction=direction)
     return consts["BLOCK_M"], warps
 
 
@@ -94,8 +94,7 @@ def variants(l, dh, dtype, dot_precision, direction, grid, launcher):
         for block_m, warps in itertools.product(ONE_TILE_ROWS, ONE_TILE_WARPS):
             if block_m <= block_l:
                 out.append(("one-tile", f"BLOCK_M={block_m} warps={warps}", (block_m, warps)))
-    backward = direction == "bwd"
-    default = flash_attention.default_blocks(l, dh, dtype, dot_precision, backward)
+    default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction)
     blocks = {default}
     for m, n, w, s in itertools.product(*GRIDS[grid]):
         blocks.add(Blocks(m, n, w, s).fit(l))
@@ -159,7 +158,7 @@ def tune(shape, dtype, dot_precision, launcher, settings, grid="full", with_reso
     for direction in ("fwd", "bwd"):
         plan = dispatch.plan(l, dh, dtype, dot_precision, direction, launcher)
         one_tile_default = default_geometry(l, heads, dh, dtype, dot_precision, direction)
-        key_default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction == "bwd")
+        key_default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction)
         planned_setting = one_tile_default if plan.kernel == "one-tile" else plan.blocks
         for kernel, label, setting in variants(l, dh, dtype, dot_precision, direction, grid, launcher):
             default = setting == (one_tile_default if kernel == "one-tile" else key_default)

@@ -37,7 +37,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from kernels.launch import Launcher, check_dot_precision, check_dtype, next_power_of_2
+from kernels.launch import Launcher, check_direction, check_dot_precision, check_dtype, next_power_of_2
 from vit import layers
 
 # what these kernels must equal (the checks in oracle/ compare against these very functions)
@@ -236,8 +236,8 @@ def layout_constexprs(l, d, heads, dtype, launcher: Launcher, dot_precision):
     )
 
 
-def geometry(l, d, heads, dtype, launcher: Launcher, dot_precision, backward=False):
-    """Constexprs for one of the kernels, and the number of warps.
+def geometry(l, d, heads, dtype, launcher: Launcher, dot_precision, *, direction: str):
+    """Constexprs for the kernel of ``direction`` ("fwd" or "bwd"), and the number of warps.
 
     BLOCK_M (query rows per step) and the warps are chosen so that no kernel spills registers
     on sm_90 where a spill-free choice exists (``python -m kernels.compile_check`` prints
@@ -250,7 +250,7 @@ def geometry(l, d, heads, dtype, launcher: Launcher, dot_precision, backward=Fal
     dh = d // heads
     block_l = max(16, next_power_of_2(l))
     half = np.dtype(dtype) != np.float32
-    if backward:
+    if check_direction(direction) == "bwd":
         block_m = 16 if block_l >= 64 else 32
     elif half:
         block_m = 64
@@ -351,7 +351,7 @@ def attention_forward(qkv, heads, keep_scale=None, *, launcher: Launcher, dot_pr
     dot_precision = check_dot_precision(dot_precision)
     b, l, d, dh, heads = check_forward_inputs(qkv, heads, keep_scale)
     check_one_tile("attention_forward", l, dh, qkv.dtype, launcher)
-    consts, num_warps = geometry(l, d, heads, qkv.dtype, launcher, dot_precision)
+    consts, num_warps = geometry(l, d, heads, qkv.dtype, launcher, dot_precision, direction="fwd")
     o, lse = launcher.launch(
         _attn_fwd,
         grid=(b, heads),
@@ -377,7 +377,7 @@ def attention_backward(cache, do, *, launcher: Launcher, dot_precision: str = "i
     # the cache may come from the key-blocked forward, which takes any length
     check_one_tile("attention_backward", l, d // heads, qkv.dtype, launcher)
     do = do.astype(qkv.dtype)
-    consts, num_warps = geometry(l, d, heads, qkv.dtype, launcher, dot_precision, backward=True)
+    consts, num_warps = geometry(l, d, heads, qkv.dtype, launcher, dot_precision, direction="bwd")
     (dqkv,) = launcher.launch(
         _attn_bwd,
         grid=(b, heads),

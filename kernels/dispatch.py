@@ -51,7 +51,7 @@ import numpy as np
 
 from kernels import attention, flash_attention
 from kernels.flash_attention import Blocks
-from kernels.launch import Launcher
+from kernels.launch import DIRECTIONS, Launcher
 
 KERNELS = ("auto", "one-tile", "key-blocked")
 ONE_TILE_MAX_LEN = 128  # the rule: above this the key-blocked kernel runs
@@ -96,7 +96,7 @@ def load_table(path=TABLE_PATH) -> list[dict]:
         missing, unknown = _TABLE_KEYS - set(row), set(row) - _TABLE_KEYS - {"note"}
         if missing or unknown:
             raise ValueError(f"{path}: row {i}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
-        if row["kernel"] not in KERNELS[1:] or row["direction"] not in ("fwd", "bwd"):
+        if row["kernel"] not in KERNELS[1:] or row["direction"] not in DIRECTIONS:
             raise ValueError(f"{path}: row {i}: kernel must be one-tile or key-blocked and direction "
                              f"fwd or bwd, got {row['kernel']!r}, {row['direction']!r}")
         if row["kernel"] == "key-blocked":
@@ -145,7 +145,7 @@ def plan(l: int, dh: int, dtype, dot_precision: str, direction: str, launcher: L
     if row is not None and row["kernel"] == "key-blocked":
         blocks = Blocks(row["block_m"], row["block_n"], row["num_warps"], row["num_stages"])
         return Plan("key-blocked", blocks.fit(l), f"table {row['device']}")
-    default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction == "bwd")
+    default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction)
     if kernel == "key-blocked":
         return Plan(kernel, default, "forced")
     if row is not None and one_tile_runs(l, dh, dtype, launcher):

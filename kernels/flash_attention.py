@@ -80,7 +80,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention import check_backward_inputs, check_forward_inputs, layout_constexprs
-from kernels.launch import Launcher, cdiv, check_dot_precision, next_power_of_2
+from kernels.launch import Launcher, cdiv, check_direction, check_dot_precision, next_power_of_2
 from vit import layers
 
 # what these kernels must equal (the checks in oracle/ compare against these very functions)
@@ -435,11 +435,12 @@ def dot_kind(dtype, dot_precision: str) -> str:
     return "ieee" if dot_precision == "ieee" else "tf32"
 
 
-def default_blocks(l: int, dh: int, dtype, dot_precision: str, backward: bool = False) -> Blocks:
-    """The geometry used until a GPU tune says otherwise (kernels/dispatch.py's table): from
-    _DEFAULT_BLOCKS (chosen from compile figures, see there), shrunk to the sequence (Blocks.fit)."""
+def default_blocks(l: int, dh: int, dtype, dot_precision: str, direction: str) -> Blocks:
+    """The geometry of ``direction`` ("fwd" or "bwd") used until a GPU tune says otherwise
+    (kernels/dispatch.py's table): from _DEFAULT_BLOCKS (chosen from compile figures, see there),
+    shrunk to the sequence (Blocks.fit)."""
     forward_blocks, backward_blocks = _DEFAULT_BLOCKS[(dot_kind(dtype, dot_precision), dh)]
-    return (backward_blocks if backward else forward_blocks).fit(l)
+    return (forward_blocks if check_direction(direction) == "fwd" else backward_blocks).fit(l)
 
 
 def _consts(l, d, heads, dtype, launcher: Launcher, dot_precision):
@@ -460,7 +461,7 @@ def attention_forward(qkv, heads, keep_scale=None, *, launcher: Launcher, dot_pr
     blocks: the launch geometry (default: ``default_blocks``)."""
     dot_precision = check_dot_precision(dot_precision)
     b, l, d, dh, heads = check_forward_inputs(qkv, heads, keep_scale)
-    blocks = (blocks or default_blocks(l, dh, qkv.dtype, dot_precision)).fit(l)
+    blocks = (blocks or default_blocks(l, dh, qkv.dtype, dot_precision, "fwd")).fit(l)
     consts = _consts(l, d, heads, qkv.dtype, launcher, dot_precision)
     o, lse = launcher.launch(
         _flash_fwd,
@@ -490,7 +491,7 @@ def attention_backward(cache, do, *, launcher: Launcher, dot_precision: str = "i
     b, l, d, heads = check_backward_inputs(cache, do)
     dh = d // heads
     do = do.astype(qkv.dtype)
-    blocks = (blocks or default_blocks(l, dh, qkv.dtype, dot_precision, backward=True)).fit(l)
+    blocks = (blocks or default_blocks(l, dh, qkv.dtype, dot_precision, "bwd")).fit(l)
     consts = _consts(l, d, heads, qkv.dtype, launcher, dot_precision)
     delta_rows = min(64, max(16, next_power_of_2(l)))
     (delta,) = launcher.launch(

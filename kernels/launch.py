@@ -53,6 +53,7 @@ from kernels.interpreter import launch_interpreted
 # dtypes the kernels accept for activations; statistics are always float32
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16), np.dtype(np.float16))
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot input_precision for float32 operands
+DIRECTIONS = ("fwd", "bwd")  # a kernel's direction, as the geometry functions and the tuned table name it
 
 NO_GPU_MESSAGE = (
     "vitfuse fused kernels: no GPU backend (jax.default_backend() == {backend!r}), so the Triton "
@@ -72,6 +73,12 @@ def check_dot_precision(dot_precision: str) -> str:
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {dot_precision!r}")
     return dot_precision
+
+
+def check_direction(direction: str) -> str:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return direction
 
 
 def check_dtype(name: str, dtype) -> np.dtype:

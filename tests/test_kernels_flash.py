@@ -138,8 +138,8 @@ def test_key_blocked_default_blocks_at_their_edges(kernel_ops, dtype, dh):
     """L = BLOCK_N - 1, BLOCK_N + 1 and 2 BLOCK_N + 1 of the blocks the dispatcher would use
     (forward and backward blocks may differ; each gets its own edges)."""
     lengths = set()
-    for backward in (False, True):
-        n = flash_attention.default_blocks(10**4, dh, dtype, "ieee", backward).block_n
+    for direction in ("fwd", "bwd"):
+        n = flash_attention.default_blocks(10**4, dh, dtype, "ieee", direction).block_n
         lengths |= {n - 1, n + 1, 2 * n + 1}
     for l in sorted(lengths):
         check(kernel_ops["key-blocked"], 1, l, 1, dh, l % 2 == 1, dtype)
@@ -242,13 +242,15 @@ def test_default_blocks_are_the_table_row_of_their_dot_kind_and_direction():
         "ieee", "tf32", "tf32", "half", "half"]
     for (kind, dh), both in flash_attention._DEFAULT_BLOCKS.items():
         dtype, precision = {"ieee": (f32, "ieee"), "tf32": (f32, "tf32"), "half": (bf16, "ieee")}[kind]
-        for backward in (False, True):
-            got = flash_attention.default_blocks(10**4, dh, dtype, precision, backward)
-            assert got == both[backward], (kind, dh, backward)
+        for direction, want in zip(("fwd", "bwd"), both):
+            got = flash_attention.default_blocks(10**4, dh, dtype, precision, direction)
+            assert got == want, (kind, dh, direction)
     # the table's directions differ, so a mix-up shows above
     assert flash_attention._DEFAULT_BLOCKS[("ieee", 32)][0] != flash_attention._DEFAULT_BLOCKS[("ieee", 32)][1]
     # fitted: no block larger than the sequence needs, none under 16
-    assert flash_attention.default_blocks(5, 64, f32, "ieee") == Blocks(16, 16, 8, 2)
+    assert flash_attention.default_blocks(5, 64, f32, "ieee", "fwd") == Blocks(16, 16, 8, 2)
+    with pytest.raises(ValueError, match="direction must be one of"):
+        flash_attention.default_blocks(5, 64, f32, "ieee", "backward")
     assert Blocks(128, 64, 8, 2).fit(1) == Blocks(16, 16, 8, 2)
     assert Blocks(128, 64, 8, 2).fit(100) == Blocks(128, 64, 8, 2)
 
@@ -266,7 +268,7 @@ def test_dispatch_rule():
     assert dispatch.plan(1, 128, f32, "ieee", "fwd", INTERPRETED).kernel == "key-blocked"
     p = dispatch.plan(129, 64, f32, "ieee", "bwd", INTERPRETED)
     assert p.kernel == "key-blocked" and p.source == "rule"
-    assert p.blocks == flash_attention.default_blocks(129, 64, f32, "ieee", True)
+    assert p.blocks == flash_attention.default_blocks(129, 64, f32, "ieee", "bwd")
     assert dispatch.plan(197, 64, jnp.bfloat16, "ieee", "fwd", INTERPRETED).kernel == "key-blocked"
     assert dispatch.plan(8192, 128, f32, "tf32", "fwd", INTERPRETED).kernel == "key-blocked"
     # compiled (no table row for this device) the rule is the same
