@@ -35,7 +35,8 @@
 #              kernel; $OUT/ncu-step-{reference,fused}.csv and their summaries in profile.log
 #   memory     python -m bench.step_memory: XLA's memory accounting of the compiled train step on
 #              this GPU, for the product ViT (batch 256, fp32; 1 2 4 8 accumulation steps) and
-#              ViT-B/16 (batch 1024, bf16; 1 2 4 8 16), the README's table; compiles, runs nothing (ViT-B/16's four: 46 s on a 2-core CPU); memory.log
+#              ViT-B/16 (batch 1024, bf16; 1 2 4 8 16), the README's table; compiles, runs
+#              nothing (ViT-B/16 at 1 2 4 8: 46 s on a 2-core CPU); memory.log
 # Before any part, the wheels carried in .whl/ (jax-triton 0.3.1 and absl-py, which it imports:
 # `pip download --no-deps jax-triton==0.3.1 absl-py -d .whl`) are installed to /tmp/site and put
 # first on PYTHONPATH (the GPU image has jax with CUDA, triton, pytest and pytest-benchmark, no

@@ -6,16 +6,17 @@ signatures, same results).
 
 launcher: ``COMPILED`` compiles the kernels through jax-triton, which needs JAX's GPU backend (a
 clear error elsewhere); ``INTERPRETED`` runs the same kernels through Triton's interpreter on the
-CPU (slow: tests, checks). Both are ``kernels.launch.Launcher`` values. dot_precision: tl.dot input precision for float32 operands, "ieee" (exact) or
-"tf32"/"tf32x3" (GPU). attention_kernel: "auto" lets kernels/dispatch.py pick the attention
-kernel and its blocks per shape; "one-tile" or "key-blocked" forces one (checks, benchmarks).
+CPU (slow: tests, checks). Both are ``kernels.launch.Launcher`` values. dot_precision: tl.dot input
+precision for float32 operands, "ieee" (exact) or "tf32"/"tf32x3" (GPU). attention_kernel: "auto"
+lets kernels/dispatch.py pick the attention kernel and its blocks per shape; "one-tile" or
+"key-blocked" forces one (checks, benchmarks).
 
-Files: launch.py (the two launchers), interpreter.py (Triton's interpreter, which
-``INTERPRETED`` launches through), layernorm.py, attention.py (the one-tile attention),
-flash_attention.py (the key-blocked attention), dispatch.py (which attention runs), each kernel file naming the reference functions
-it must equal as ``REFERENCE``; compile_check.py and lowering_check.py (``python -m
-kernels.compile_check`` / ``kernels.lowering_check``). The checks that compare the kernels with
-the reference live outside the product, in oracle/.
+Files: launch.py (the two launchers), interpreter.py (Triton's interpreter, which ``INTERPRETED``
+launches through), layernorm.py, attention.py (the one-tile attention), flash_attention.py (the
+key-blocked attention), dispatch.py (which attention runs), each kernel file naming the reference
+functions it must equal as ``REFERENCE``; compile_check.py and lowering_check.py (``python -m
+kernels.compile_check`` / ``kernels.lowering_check``). The checks that compare the kernels with the
+reference live outside the product, in oracle/.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ filled with NaN before the run ("poison"), so an element a kernel forgets to wri
 Two interpreter gaps are closed for the duration of a launch (``_interpreted_device_calls``):
 calls to library ``@triton.jit`` functions (tl.sum, tl.max) and float32 -> bfloat16 rounding.
 
-Known interpreter limitation (triton 3.6 and 3.9): it keeps bfloat16 data as raw uint16 words, so
-a bf16 ``tl.dot`` or bf16 arithmetic gives garbage. The kernels therefore compute in float32 after
-every load and take a ``DOT_F32`` constexpr that upcasts half-precision dot operands to float32
-(set where the launcher says ``half_dots_in_float32``: ``launch.INTERPRETED``); products of bf16 values are exact in float32, so
-this equals a bf16 MMA with float32 accumulation up to summation order.
+Known interpreter limitation (triton 3.6 and 3.9): it keeps bfloat16 data as raw uint16 words, so a
+bf16 ``tl.dot`` or bf16 arithmetic gives garbage. The kernels therefore compute in float32 after
+every load and take a ``DOT_F32`` constexpr that upcasts half-precision dot operands to float32 (set
+where the launcher says ``half_dots_in_float32``: ``launch.INTERPRETED``); products of bf16 values
+are exact in float32, so this equals a bf16 MMA with float32 accumulation up to summation order.
 """
 
 from __future__ import annotations

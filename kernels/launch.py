@@ -53,7 +53,7 @@ from kernels.interpreter import launch_interpreted
 # dtypes the kernels accept for activations; statistics are always float32
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16), np.dtype(np.float16))
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")  # tl.dot input_precision for float32 operands
-DIRECTIONS = ("fwd", "bwd")  # a kernel's direction, as the geometry functions and the tuned table name it
+DIRECTIONS = ("fwd", "bwd")  # a kernel's direction, as the geometries and the tuned table name it
 
 NO_GPU_MESSAGE = (
     "vitfuse fused kernels: no GPU backend (jax.default_backend() == {backend!r}), so the Triton "
@@ -120,8 +120,8 @@ _RECORDING: list[list[LaunchSpec]] = []
 
 @contextlib.contextmanager
 def record_launches():
-    """Within this context ``Launcher.launch`` records its arguments and returns zeros instead of running
-    a kernel; use it under ``jax.eval_shape`` to learn which kernels a call would launch."""
+    """Within this context ``Launcher.launch`` records its arguments and returns zeros instead of
+    running a kernel; use it under ``jax.eval_shape`` to learn which kernels a call would launch."""
     specs: list[LaunchSpec] = []
     _RECORDING.append(specs)
     try:
