@@ -116,17 +116,14 @@ def check_case(case: Case, seed=0, directions=3, h=1e-4) -> list[Row]:
     return rows
 
 
-_HEADER = (f"{'layer':<52} {'tensor':<26} {'shape':<14} {'vs finite diff':>14} "
-           f"{'vs autodiff':>12}  ok")
+def header(layer_width: int = 52) -> str:
+    return (f"{'layer':<{layer_width}} {'tensor':<26} {'shape':<14} {'vs finite diff':>14} "
+            f"{'vs autodiff':>12}  ok")
 
 
-def format_row(r: Row) -> str:
-    return (f"{r.case:<52} {r.tensor:<26} {str(r.shape).replace(' ', ''):<14} "
+def format_row(r: Row, layer_width: int = 52) -> str:
+    return (f"{r.case:<{layer_width}} {r.tensor:<26} {str(r.shape).replace(' ', ''):<14} "
             f"{r.fd_rel_err:>14.2e} {r.autodiff_rel_err:>12.2e}  {'ok' if r.ok else 'FAIL'}")
-
-
-def format_table(rows: list[Row]) -> str:
-    return "\n".join([_HEADER, "-" * len(_HEADER)] + [format_row(r) for r in rows])
 
 
 def main(argv=None) -> int:
@@ -151,11 +148,13 @@ def _run(parser, args) -> int:
         cases = [c for c in cases if args.only.lower() in c.name.lower()]
         if not cases:
             parser.error(f"--only {args.only!r} matches no case")
-    print(format_table([]), flush=True)
+    width = max(len(c.name) for c in cases)  # the layer column, known before any row is checked
+    top = header(width)
+    print(f"{top}\n{'-' * len(top)}", flush=True)
     rows = []
     for case in cases:  # each case's rows as soon as it is checked (the whole run takes ~40 s)
         case_rows = check_case(case, args.seed, args.directions)
-        print("\n".join(format_row(r) for r in case_rows), flush=True)
+        print("\n".join(format_row(r, width) for r in case_rows), flush=True)
         rows += case_rows
     bad = [r for r in rows if not r.ok]
     worst_fd = max(r.fd_rel_err for r in rows)

@@ -155,3 +155,16 @@ def test_gradcheck_command_prints_each_case_as_it_is_checked(dense_case, monkeyp
         gradcheck.main(["--directions", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("dense ")]
     assert sorted(r[1] for r in rows) == ["b", "w", "x"] and all(r[-1] == "ok" for r in rows)
+
+
+def test_gradcheck_columns_line_up_with_a_long_case_name(dense_case, monkeypatch, capsys):
+    """The layer column is as wide as the longest case name (the whole model's block cases run
+    past 52 characters), so every row's tensor column starts under the header's."""
+    long = cases.Case("a case name longer than the old fifty-two character column", dense_case.inputs,
+                      dense_case.forward, dense_case.backward)
+    monkeypatch.setattr(gradcheck, "all_cases", lambda seed: [dense_case, long])
+    assert gradcheck.main(["--directions", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    column = lines[0].index("tensor")
+    rows = [line for line in lines[2:] if line.endswith(" ok")]
+    assert len(rows) == 6 and all(row[column - 1] == " " and row[column] != " " for row in rows)
