@@ -6,11 +6,14 @@
   vit.layers) and package by package (vit -> kernels -> vit would be one).
 - No file over MAX_FILE_LINES lines unless its docstring says why ("Long because: ..."), and no
   function whose body (its statements, not its signature or docstring) runs over MAX_BODY_LINES.
+- README.md's paths and links lead somewhere: every path it names in backticks with a folder in it
+  under one of the project's folders (`vit/step.py`, `bench/results/`) is in the tree, and every `(#anchor)` is one of its headings.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +165,20 @@ def test_no_long_function():
                 if n > MAX_BODY_LINES:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
     assert not offenders, "\n".join(offenders)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but '-' and '_' dropped, spaces -> '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_names_paths_that_exist_and_links_headings_it_has():
+    readme = (ROOT / "README.md").read_text()
+    folders = set(PACKAGES) | {"configs", "docs", "tests"}  # not a run's or a dataset's folders
+    named = {t for t in re.findall(r"`([\w.\-]+/[\w./\-]*)`", readme) if t.split("/")[0] in folders}
+    assert len(named) > 30, sorted(named)  # the pattern still finds the layout table's paths
+    assert sorted(t for t in named if not (ROOT / t).exists()) == []
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", readme, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", readme)
+    assert links and sorted(set(links) - anchors) == []
+    assert _anchor("Benchmarks: `pytest bench/ --benchmark`") == "benchmarks-pytest-bench---benchmark"
