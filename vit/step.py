@@ -161,7 +161,8 @@ def make_train_step(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE
                     compute_dtype: str = "fp32"):
     """The jitted single-device step. grad_fn overrides how gradients are taken (tests and
     benchmarks pass JAX autodiff from the oracle package as a baseline; the product always uses
-    the hand-written backward)."""
+    the hand-written backward). donate: the step reuses the memory of the params and opt_state
+    it is given, which are deleted then: use the ones it returns (donate=False keeps them)."""
     step = train_step_fn(config, hp, ops=ops, mean=mean, std=std, grad_fn=grad_fn,
                          compute_dtype=compute_dtype)
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
