@@ -106,6 +106,11 @@ def main(argv=None) -> int:
     from vit.data import DatasetError  # noqa: PLC0415
     from vit.runconfig import ConfigError  # noqa: PLC0415
     if args.predict:
+        ignored = [flag for flag, given in (("--per-class", args.per_class),
+                                            ("--saliency", args.saliency)) if given]
+        if ignored:
+            print(f"evaluate.py: note: with --predict nothing else is evaluated: "
+                  f"{' and '.join(ignored)} ignored", file=sys.stderr)
         return predict(args)
     try:
         ops = cmdline.build_ops(args)

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=None,
                    help="data-parallel over this many devices (default: all; 1 = no sharding)")
     cmdline.add_distributed_flags(p)
-    p.add_argument("--stop-after-epoch", type=int, default=None, metavar="K",
+    p.add_argument("--stop-after-epoch", type=cmdline.positive_int, default=None, metavar="K",
                    help="stop after epoch K with last.npz saved and exit 130, as Ctrl-C does; "
                         "continue later with --resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -129,6 +129,9 @@ def resolve_config(args):
     if args.resume:
         run_dir = Path(args.resume)
         saved = run_dir / "config.json"
+        if not run_dir.is_dir():
+            fail(f"--resume {run_dir}: " + ("no such directory" if not run_dir.exists() else
+                                            "a file, not a run directory"))
         if not saved.is_file():
             fail(f"--resume {run_dir}: no config.json there; is it a run directory?")
         base = saved_base = json.loads(saved.read_text())  # merge() copies: this stays as saved
@@ -168,8 +171,9 @@ RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
 
 def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
     """--resume RUN_DIR with flags: a change to what the checkpoint depends on (RESUME_FIXED)
-    is an error naming the flag; any other change (--epochs, --lr, --accum-steps, ...) is
-    taken, with a note, since the run then differs from the one that would have gone on."""
+    is an error naming the flag; any other change (--lr, --accum-steps, ...) is taken, with a
+    note, since the run then differs from the one that would have gone on. --epochs gets the note
+    only under a cosine schedule, which it stretches; a constant one just goes on longer."""
     old, new = saved.to_dict(), cfg.to_dict()
     for section in new:
         for key, value in new[section].items():
@@ -182,9 +186,25 @@ def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
             if why:
                 fail(f"{flag}: --resume {run_dir} continues that run, and {name} fixes {why}; "
                      f"start a new run (--out) to change it")
-            if name not in ("train.epochs", "data.data_dir"):
-                print(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
-                      f"{before!r})", file=sys.stderr)
+            if name == "data.data_dir" or name == "train.epochs" and cfg.train.hparams.schedule \
+                    == "constant":  # the same run, found elsewhere or going on for longer
+                continue
+            also = (f"; the cosine learning-rate schedule now ends at epoch {value}"
+                    if name == "train.epochs" else "")
+            print(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
+                  f"{before!r}){also}", file=sys.stderr)
+
+
+def check_resume_position(meta: dict, epochs: int, run_dir: Path):
+    """--resume with train.epochs below the epoch the checkpoint is in: an error (training would
+    end at once with exit code 0, as if finished, and config.json would say fewer epochs than
+    the weights have seen)."""
+    reached = meta["epoch"] + (1 if meta["step_in_epoch"] else 0)
+    if epochs < reached:
+        where = (f"epoch {reached}, step {meta['step_in_epoch']}" if meta["step_in_epoch"]
+                 else f"the end of epoch {reached}")
+        fail(f"--resume {run_dir}: its last.npz is at {where}, past train.epochs = {epochs}; "
+             f"give --epochs {reached} or more to continue it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +279,8 @@ def main(argv=None, *, standalone=False) -> int:
         run_dir = choose_run_dir(args, cfg, main_process)
         resumed = load_resume_checkpoint(run_dir) if args.resume and (run_dir / "last.npz").exists() \
             else None
+        if resumed is not None:
+            check_resume_position(resumed[1], cfg.train.epochs, run_dir)
         ops = cmdline.build_ops(args)
         run = training.start_run(cfg, run_dir, ops, args.devices, resumed, main_process,
                                  progress=not args.no_progress)

@@ -161,7 +161,9 @@ def test_bad_accumulation_is_refused_naming_it():
     base = {"train": {"batch_size": 64}}
     for value, flag, message in ((0, "--set train.accum_steps=0", "positive integer"),
                                  (True, "--set train.accum_steps=true", "must be an integer"),
-                                 (3, "--accum-steps 3", "does not split")):
+                                 (3, "--accum-steps 3", "does not split"),
+                                 (5, "--accum-steps 5", "multiple of 5 \\(e.g. 65\\) or "
+                                  "accumulation steps that divide 64 \\(e.g. 4\\)")):
         with pytest.raises(runconfig.ConfigError, match=message) as err:
             runconfig.from_dict(runconfig.merge(base, "train", "accum_steps", value), "f.toml",
                                 {"train.accum_steps": flag})

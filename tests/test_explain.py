@@ -61,15 +61,6 @@ def test_image_folder_trains_streamed_and_evaluates(colour_run):
     assert explain.load_run(run).class_names == CLASSES  # kept in the checkpoint
 
 
-def test_image_size_that_the_patch_does_not_divide_suggests_one(colour_run, tmp_path, capsys):
-    root, _, _ = colour_run
-    with pytest.raises(SystemExit):
-        train.main(["--data-dir", str(root), "--out", str(tmp_path / "r"), "--set", "data.image_size=50",
-                    "--no-progress", "--set", "data.workers=1"])
-    err = capsys.readouterr().err
-    assert "image_size=50 is not divisible by patch_size=8" in err and "--set model.patch_size=5" in err
-
-
 # --- saliency ----------------------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,8 @@ import pytest
 
 import evaluate
 import train
-from vit.data.fake import fake_wnid, write_fake_tiny_imagenet
+from vit import runconfig
+from vit.data.fake import fake_wnid, write_fake_image_folder, write_fake_tiny_imagenet
 from watch import run_watched
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,19 @@ def test_evaluate_a_damaged_best_npz_names_it_and_offers_last(run_copy, capsys, 
     assert str(run_copy / "best.npz") in err and what in err, err
     assert "--checkpoint last" in err, err
     assert "pickled" not in err and "'__meta__'" not in err.replace(str(run_copy), "")
+
+
+def test_evaluate_names_a_missing_run_a_checkpoint_given_for_its_run_and_a_missing_image(
+        finished_run, tmp_path, capsys):
+    err = exits_with_message(capsys, evaluate.main, tmp_path / "nosuch", "--no-progress")
+    assert f"{tmp_path / 'nosuch'} does not exist" in err, err
+    err = exits_with_message(capsys, evaluate.main, finished_run / "best.npz", "--no-progress")
+    assert f"{finished_run / 'best.npz'} is a file; give the run directory that holds it " \
+           f"({finished_run})" in err, err
+    err = exits_with_message(capsys, evaluate.main, finished_run, "--predict", tmp_path / "no.png",
+                             "--per-class")
+    assert f"no such image file: {tmp_path / 'no.png'}" in err and "cannot decode" not in err, err
+    assert "note: with --predict nothing else is evaluated: --per-class ignored" in err, err
 
 
 def test_evaluate_a_damaged_last_npz_offers_best(run_copy, capsys):
@@ -182,7 +196,7 @@ def test_unwritable_run_directory_is_found_before_any_work(run_copy, read_only, 
     out = proc.text()
     assert proc.returncode == 2, out
     assert f"{run_copy} is not writable" in out and "Traceback" not in out, out
-    assert "resuming" not in out and "epoch 3" not in out  # nothing was trained
+    assert f"resuming {run_copy}" not in out and "epoch 3:" not in out  # nothing was trained
     assert (run_copy / "metrics.jsonl").read_text() == metrics
 
 
@@ -244,6 +258,7 @@ def test_corrupt_image_hint_is_the_train_flag_and_nothing_is_left(tmp_path, caps
     (["--set", "model.heads=3"], "--set model.heads=3"),        # d_model 32 is not divisible by 3
     (["--set", "train.epochs=many"], "--set train.epochs=many"),
     (["--set", "nosuch.key=1"], "--set nosuch.key=1"),
+    (["--stop-after-epoch", "0"], "--stop-after-epoch: must be a positive integer"),
 ])
 def test_config_error_names_the_flag(capsys, flags, blamed):
     err = exits_with_message(capsys, train.main, *QUICK, *flags)
@@ -257,6 +272,15 @@ def test_crop_padding_the_images_cannot_take_is_a_message(tmp_path, capsys):
                              "--out", tmp_path / "run")
     assert "train.crop_pad 8" in err and "8x8" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_image_size_that_the_patch_does_not_divide_suggests_one_before_decoding(tmp_path, capsys):
+    root = write_fake_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=1)
+    err = exits_with_message(capsys, train.main, "--data-dir", root, "--out", tmp_path / "r",
+                             "--set", "data.image_size=50", "--no-progress")
+    assert "image_size=50 is not divisible by patch_size=8" in err, err
+    assert "50x50 (data.image_size)" in err and "--set model.patch_size=5" in err, err
+    assert not (root / "vitfuse-cache").exists()  # found before any image was decoded
 
 
 def test_config_error_in_the_file_names_the_file(tmp_path, capsys):
@@ -286,15 +310,45 @@ def test_resume_refuses_changing_what_the_checkpoint_depends_on(finished_run, ca
 
 
 def test_resume_takes_other_changes_with_a_note(run_copy, capsys):
-    """--lr and --accum-steps on --resume: taken, each named in a note; --epochs needs none."""
+    """--lr, --accum-steps and (under digits.toml's cosine schedule, which it stretches) --epochs
+    on --resume: taken, each named in a note."""
     assert train.main(["--resume", str(run_copy), "--no-progress", "--epochs", "3", "--lr",
                        "5e-4", "--accum-steps", "2"]) == 0
     err = capsys.readouterr().err
     assert "note: --lr 0.0005: resuming with train.lr = 0.0005" in err, err
     assert "note: --accum-steps 2: resuming with train.accum_steps = 2 (the run had 1)" in err
-    assert "train.epochs" not in err
+    assert ("note: --epochs 3: resuming with train.epochs = 3 (the run had 2); the cosine "
+            "learning-rate schedule now ends at epoch 3") in err, err
     saved = json.loads((run_copy / "config.json").read_text())["train"]
     assert (saved["lr"], saved["accum_steps"], saved["epochs"]) == (5e-4, 2, 3)
+
+
+def test_more_epochs_under_a_constant_schedule_is_the_same_run_going_on(capsys):
+    saved = runconfig.from_dict({"train": {"schedule": "constant", "epochs": 2}})
+    longer = runconfig.from_dict({"train": {"schedule": "constant", "epochs": 5}})
+    train.check_resume_changes(saved, longer, {"train.epochs": "--epochs 5"}, Path("run"))
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_with_fewer_epochs_than_the_run_has_done_is_refused(finished_run, capsys):
+    """A run at the end of epoch 2 resumed with --epochs 1 would end at once with exit code 0, as
+    if finished; it is a message naming what to give instead, and nothing is touched."""
+    before = {f.name: f.read_bytes() for f in finished_run.iterdir()}
+    err = exits_with_message(capsys, train.main, "--resume", finished_run, "--epochs", 1,
+                             "--no-progress")
+    assert f"--resume {finished_run}: its last.npz is at the end of epoch 2, past train.epochs = 1; " \
+           "give --epochs 2 or more" in err, err
+    assert {f.name: f.read_bytes() for f in finished_run.iterdir()} == before
+    train.check_resume_position({"epoch": 3, "step_in_epoch": 0}, 3, finished_run)  # finished
+    with pytest.raises(SystemExit):  # one step into epoch 4 of 3
+        train.check_resume_position({"epoch": 3, "step_in_epoch": 1}, 3, finished_run)
+    assert "at epoch 4, step 1, past train.epochs = 3; give --epochs 4" in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(run_copy, capsys):
+    assert run_train("--resume", run_copy, "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run_copy}: all 2 epochs are done already, nothing to train" in out, out
 
 
 def test_config_error_on_resume_names_the_flag(finished_run, capsys):
@@ -314,7 +368,9 @@ def test_a_run_directory_that_cannot_be_one_is_refused_before_any_work(finished_
                                        f"continue it with --resume {finished_run}"),
              (["--out", a_file], f"--out {a_file} is a file, not a directory"),
              (["--out", a_file / "run"], f"--out {a_file / 'run'}: {a_file} is a file, not a directory"),
-             (["--resume", empty], f"--resume {empty}: no config.json there")]
+             (["--resume", empty], f"--resume {empty}: no config.json there"),
+             (["--resume", tmp_path / "nosuch"], f"--resume {tmp_path / 'nosuch'}: no such directory"),
+             (["--resume", a_file], f"--resume {a_file}: a file, not a run directory")]
     for flags, message in cases:
         err = exits_with_message(capsys, train.main, *QUICK, *flags)
         assert message in err, (flags, err)

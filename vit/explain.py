@@ -59,6 +59,11 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
     saved config that no longer reads, a ConfigError naming the file."""
     run_dir = Path(run_dir)
     path = run_dir / f"{checkpoint_name}.npz"
+    if not run_dir.exists():
+        raise FileNotFoundError(f"{run_dir} does not exist")
+    if run_dir.is_file():
+        raise FileNotFoundError(f"{run_dir} is a file; give the run directory that holds it "
+                                f"({run_dir.parent}), whose best.npz or last.npz is chosen by name")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
                                 "train.py that finished at least one epoch?)")
@@ -306,11 +311,15 @@ def write_confusion(matrix, class_names, out_dir, name: str = "best") -> dict:
 
 def predict_files(run: Run, paths, class_names: list[str], k: int = 5):
     """-> [(path, [(class name, probability), ...top k])] for image files of any size, resized as the
-    image-folder cache is (vit.data.image_folder.load_image). Raises BadImage naming a bad file."""
+    image-folder cache is (vit.data.image_folder.load_image). Raises FileNotFoundError naming the
+    missing files, BadImage naming one that does not decode."""
     from vit.data.image_folder import load_image  # noqa: PLC0415
 
     if len(class_names) != run.model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model of {run.model.num_classes} classes")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
     images = np.stack([load_image(p, run.model.image_size, run.model.channels) for p in paths])
     logits = np.asarray(_forward(run.params, model_input(images, run.mean, run.std), run.model), np.float64)
     probs = np.exp(logits - logits.max(-1, keepdims=True))

@@ -238,9 +238,13 @@ def _validate(t: TrainSection, source):
     if steps < 1:
         bad("accum_steps", "must be a positive integer")
     if t.batch_size % steps:
+        up = -(-t.batch_size // steps) * steps
+        divides = max(d for d in range(1, steps) if t.batch_size % d == 0)
         raise ConfigError(f"{source('train.batch_size', 'train.accum_steps')}: train.batch_size "
                           f"{t.batch_size} does not split into train.accum_steps = {steps} "
-                          f"micro-batches of equal size")
+                          f"micro-batches of equal size; pick a batch size that is a multiple of "
+                          f"{steps} (e.g. {up}) or accumulation steps that divide {t.batch_size} "
+                          f"(e.g. {divides})")
     if hp.lr <= 0:
         raise ConfigError(f"{source('train.lr')}: train.lr must be positive, got {hp.lr!r}")
     if hp.schedule not in ("constant", "cosine"):

@@ -35,18 +35,24 @@ def fit_model_to_data(cfg, train_set):
     _, h, w, c = train_set.images.shape
     if h != w:
         raise RunError(f"images must be square, the dataset has {h}x{w}")
-    model = cfg.model
-    changes = {k: v for k, v in dict(image_size=h, channels=c,
-                                     num_classes=train_set.num_classes).items()
-               if getattr(model, k) != v}
-    if changes:
-        try:
-            cfg.model = model.replace(**changes)
-        except ValueError as err:
-            patch = min((p for p in range(1, h + 1) if h % p == 0), key=lambda p: abs(p - h / 8))
-            raise RunError(f"{err} (the dataset's images are {h}x{w}x{c}; set a patch size that "
-                           f"divides {h}, e.g. --set model.patch_size={patch})") from None
+    cfg.model = fitted_model(cfg.model, f"{h}x{w}x{c}", image_size=h, channels=c,
+                             num_classes=train_set.num_classes)
     return cfg
+
+
+def fitted_model(model, images: str, **fields):
+    """model with fields (image_size among them) replaced, or a RunError suggesting a patch size
+    that divides the images' side (images: how they are described in the message)."""
+    changes = {k: v for k, v in fields.items() if getattr(model, k) != v}
+    if not changes:
+        return model
+    try:
+        return model.replace(**changes)
+    except ValueError as err:
+        h = fields["image_size"]
+        patch = min((p for p in range(1, h + 1) if h % p == 0), key=lambda p: abs(p - h / 8))
+        raise RunError(f"{err} (the dataset's images are {images}; set a patch size that "
+                       f"divides {h}, e.g. --set model.patch_size={patch})") from None
 
 
 def write_metrics(path: Path, history: list[dict]):
@@ -125,6 +131,9 @@ def load_data(cfg, progress: bool):
     from vit.data import DatasetError, load_dataset  # noqa: PLC0415
 
     d = cfg.data
+    if d.image_size is not None:  # known before any image is decoded into the cache
+        fitted_model(cfg.model, f"{d.image_size}x{d.image_size} (data.image_size)",
+                     image_size=d.image_size)
     try:
         options = dict(workers=d.workers, skip_bad_images=d.skip_bad_images, progress=progress,
                        image_size=d.image_size, layout=d.layout)
@@ -161,12 +170,12 @@ def check_batch_split(batch_size: int, devices: int, accum_steps: int):
     """The global batch splits evenly over the devices and, on each, into accum_steps
     micro-batches (vit.step.accumulated_grads): a RunError naming what to change if not."""
     if batch_size % devices:
-        raise RunError(f"--batch-size {batch_size} is not divisible by the {devices} "
-                       f"devices in use; pick a multiple of {devices} or pass --devices")
+        raise RunError(f"train.batch_size {batch_size} (--batch-size) is not divisible by the "
+                       f"{devices} devices in use; pick a multiple of {devices} or pass --devices")
     if batch_size % (devices * accum_steps):
-        raise RunError(f"--batch-size {batch_size} does not split into {accum_steps} micro-batches "
-                       f"(train.accum_steps) spread over the {devices} devices in use; pick a "
-                       f"multiple of {devices * accum_steps}")
+        raise RunError(f"train.batch_size {batch_size} (--batch-size) does not split into "
+                       f"{accum_steps} micro-batches (train.accum_steps) spread over the {devices} "
+                       f"devices in use; pick a multiple of {devices * accum_steps}")
 
 
 def initial_state(cfg, train_set, resumed, run_dir):
@@ -180,8 +189,12 @@ def initial_state(cfg, train_set, resumed, run_dir):
 
     if resumed is not None:
         state = RunState.from_checkpoint(*resumed)
-        print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} "
-              f"(global step {resumed[1]['global_step']})")
+        if state.epoch >= cfg.train.epochs:
+            print(f"resuming {run_dir}: all {cfg.train.epochs} epochs are done already, nothing "
+                  f"to train (raise --epochs to train on)")
+        else:
+            print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} "
+                  f"(global step {resumed[1]['global_step']})")
         return state
     params = init_params(jax.random.PRNGKey(cfg.train.seed), cfg.model)
     return RunState.fresh(params, adamw_init(params), *channel_stats(train_set.images))
@@ -208,8 +221,8 @@ def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, 
                           device_budget_bytes=budget)
     spe = batcher.steps_per_epoch()
     if spe == 0:
-        raise RunError(f"--batch-size {t.batch_size} is larger than the training set "
-                       f"({len(train_set.labels)} images)")
+        raise RunError(f"train.batch_size {t.batch_size} (--batch-size) is larger than the "
+                       f"training set ({len(train_set.labels)} images)")
     common = dict(ops=ops, mean=state.mean, std=state.std, compute_dtype=t.compute_dtype)
     hp = cfg.hparams(spe)
     train_step = parallel.make_parallel_train_step(cfg.model, hp, mesh, **common)
@@ -351,6 +364,16 @@ def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> di
     return record
 
 
+def _remedies(t) -> str:
+    """What to try against a NaN/Inf loss: a lower lr, and clipping or warmup where not on yet."""
+    tries = ["a lower --lr"]
+    if not t.hparams.clip_norm:
+        tries.append("gradient clipping (--set train.clip_norm=1.0)")
+    if not t.warmup_epochs:
+        tries.append("warmup (--set train.warmup_epochs=2)")
+    return ", ".join(tries[:-1]) + " or " + tries[-1] if len(tries) > 1 else tries[0]
+
+
 def _interrupted_twice(last: Path) -> str:
     kept = (f"{last} holds the last completed epoch" if last.exists()
             else "no checkpoint had been written yet")
@@ -373,8 +396,7 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
         kept = (f"the last good checkpoint ({last}) is untouched" if last.exists()
                 else "no checkpoint had been written yet")
         print(f"\ntrain.py: the training loss became {err} at epoch {s.epoch + 1}, step "
-              f"{s.step_in_epoch}. Training stopped; {kept}. Try a lower --lr, gradient clipping "
-              "(--set train.clip_norm=1.0) or warmup (--set train.warmup_epochs=2).",
+              f"{s.step_in_epoch}. Training stopped; {kept}. Try {_remedies(run.cfg.train)}.",
               file=sys.stderr)
         return NONFINITE
     except Interrupted:  # first Ctrl-C / SIGTERM: the state is consistent at a step boundary
