@@ -50,7 +50,11 @@ ATTENTION_FILES = {"one-tile": attention, "key-blocked": flash_attention}
 def reference_ops(attention_kernel: str = "one-tile") -> Ops:
     """The reference functions named by the kernel files that `attention_kernel` runs."""
     module = ATTENTION_FILES.get(attention_kernel, attention)
-    return Ops("reference", *module.REFERENCE, *layernorm.REFERENCE,
+    (attention_forward, attention_backward), (add_layernorm_forward, add_layernorm_backward) = \
+        module.REFERENCE, layernorm.REFERENCE
+    return Ops("reference", attention_forward=attention_forward,
+               attention_backward=attention_backward, add_layernorm_forward=add_layernorm_forward,
+               add_layernorm_backward=add_layernorm_backward,
                description=f"{module.__name__}.REFERENCE and kernels.layernorm.REFERENCE")
 
 DEFAULT_SHAPES = [

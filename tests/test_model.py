@@ -214,3 +214,32 @@ def test_autodiff_guard_passes_clean_code():
     clean = ("import jax\nimport jax.numpy as jnp\nfrom jax import lax, random\n"
              "y = jax.jit(f)(x)\nz = jnp.tanh(y)\nw = lax.dot_general(a, b, dims)\n")
     assert autodiff_uses(clean) == []
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_the_model_runs_every_function_of_its_op_set(norm):
+    """Each of vit.ops.FUNCTIONS, swapped for a copy that counts its calls and scales its main
+    output by 1.5, is called once per use (a block: one attention, two add+LayerNorms; pre-norm
+    also the final LayerNorm) and what it returns is used: a forward changes the loss, a backward
+    the gradients only. A model calling a layer directly, past `ops`, would fail here."""
+    from vit.ops import FUNCTIONS, REFERENCE  # noqa: PLC0415
+    cfg = small(norm, layers=2)
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images, labels = batch(cfg, 3)
+    images = images.astype(jnp.float32) / 255.0
+    loss0, grads0 = vit.loss_and_grads(params, images, labels, cfg)
+    uses = {"attention": cfg.layers, "add_layernorm": 2 * cfg.layers + (norm == "pre")}
+    for name in FUNCTIONS:
+        calls = []
+
+        def scaled(*args, f=getattr(REFERENCE, name), **kwargs):
+            calls.append(name)
+            out = f(*args, **kwargs)
+            return (1.5 * out[0], *out[1:]) if isinstance(out, tuple) else 1.5 * out
+        loss, grads = vit.loss_and_grads(params, images, labels, cfg,
+                                         ops=REFERENCE._replace(**{name: scaled}))
+        assert len(calls) == uses[name.rsplit("_", 1)[0]], (name, len(calls))
+        grads_moved = any(not np.allclose(a, b) for a, b in
+                          zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)))
+        assert grads_moved, name
+        assert (float(loss) != float(loss0)) == name.endswith("_forward"), (name, loss, loss0)

@@ -42,6 +42,6 @@ REFERENCE = Ops(
     partitionable=True,
 )
 
-# the names of the four functions, for code that swaps or wraps them one at a time
-FUNCTIONS = ("attention_forward", "attention_backward", "add_layernorm_forward",
-             "add_layernorm_backward")
+# the names of the functions (every field but the three that describe the set), for code that
+# swaps or wraps them one at a time
+FUNCTIONS = tuple(f for f in Ops._fields if f not in ("name", "description", "partitionable"))
