@@ -48,8 +48,12 @@ def run_train(*args):
 
 
 def params_of(run_dir, name="last"):
+    """Every array tree of a checkpoint (params/, opt/, and any tree a RunState adds), not its
+    __meta__ (whose history holds timings)."""
     with np.load(Path(run_dir) / f"{name}.npz", allow_pickle=False) as data:
-        return {k: data[k] for k in data.files if k.startswith(("params/", "opt/"))}
+        arrays = {k: data[k] for k in data.files if k != "__meta__"}
+    assert any(k.startswith("params/") for k in arrays) and any(k.startswith("opt/") for k in arrays)
+    return arrays
 
 
 def meta_of(run_dir, name="last"):

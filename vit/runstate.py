@@ -47,9 +47,11 @@ class RunState:
 
     @classmethod
     def from_checkpoint(cls, trees: dict, meta: dict) -> "RunState":
-        return cls(trees["params"], trees["opt"], np.asarray(meta["mean"], np.float32),
-                   np.asarray(meta["std"], np.float32), meta["epoch"], meta["step_in_epoch"],
-                   dict(meta["running"]), list(meta["history"]), meta["best_top1"])
+        return cls(params=trees["params"], opt_state=trees["opt"],
+                   mean=np.asarray(meta["mean"], np.float32),
+                   std=np.asarray(meta["std"], np.float32), epoch=meta["epoch"],
+                   step_in_epoch=meta["step_in_epoch"], running=dict(meta["running"]),
+                   history=list(meta["history"]), best_top1=meta["best_top1"])
 
     def to_checkpoint(self, host_params, host_opt, steps_per_epoch: int, **extra) -> tuple[dict, dict]:
         """(trees, meta) for vit.checkpoint.save; host_*: numpy copies of params and opt_state

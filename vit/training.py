@@ -231,8 +231,10 @@ def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, 
     print(f"data: {train_set.name}, {len(train_set)} train / {len(val_set)} val images of "
           f"{'x'.join(map(str, train_set.images.shape[1:]))}, {train_set.num_classes} classes"
           f"{'' if batcher.on_device else ' (streamed from the memory-mapped cache)'}")
-    return Run(cfg, run_dir, ops, mesh, state, batcher, val_batcher, train_step, eval_step, hp,
-               spe, list(train_set.class_names), main_process, progress, resumed)
+    return Run(cfg=cfg, run_dir=run_dir, ops=ops, mesh=mesh, state=state, batcher=batcher,
+               val_batcher=val_batcher, train_step=train_step, eval_step=eval_step, hparams=hp,
+               steps_per_epoch=spe, class_names=list(train_set.class_names),
+               main_process=main_process, progress=progress, resumed=resumed)
 
 
 def make_run_dir(run: Run) -> bool:
