@@ -3,6 +3,9 @@
 The cases are the ones `python -m oracle.gradcheck` prints; here they also run at awkward shapes:
 batch 1, sequence lengths that are not powers of two (5, 7, 17), head counts 1, 3 and 4."""
 
+import re
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -168,3 +171,15 @@ def test_gradcheck_columns_line_up_with_a_long_case_name(dense_case, monkeypatch
     column = lines[0].index("tensor")
     rows = [line for line in lines[2:] if line.endswith(" ok")]
     assert len(rows) == 6 and all(row[column - 1] == " " and row[column] != " " for row in rows)
+
+
+def test_the_readme_quotes_the_gradchecks_own_counts():
+    """The README's `python -m oracle.gradcheck` excerpt ends with 'N tensors in M cases': the
+    cases and input tensors all_cases() has now, so a case added is a README to rerun."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    quoted = {tuple(map(int, m)) for m in re.findall(r"(\d+) tensors in (\d+) cases", readme)}
+    with jax.enable_x64(True):
+        all_cases = cases.all_cases(0)
+    tensors = sum(len(jax.tree_util.tree_leaves(c.inputs)) for c in all_cases)
+    assert quoted == {(tensors, len(all_cases))}
+    assert re.findall(r"the float64 proof: (\d+) tensors", readme) == [str(tensors)]

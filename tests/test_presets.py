@@ -4,6 +4,7 @@ unchanged, and a shrunken ViT-S/16 trains the same few steps with the fused kern
 interpreter on the CPU, compiled on a GPU) as with the reference ops, at a sequence length that
 runs on the key-blocked attention kernel."""
 
+import dataclasses
 import json
 import re
 
@@ -91,6 +92,14 @@ def test_header_states_the_layout_and_recipe_the_file_sets(name):
     assert (hp.weight_decay, t.warmup_epochs, hp.schedule, hp.label_smoothing) == (wd, warmup, "cosine", smoothing)
     assert (hp.mixup_alpha, hp.cutmix_alpha, cfg.model.drop_path) == (mixup, cutmix, drop_path)
     assert "bf16 compute" in header and t.compute_dtype == "bf16"
+
+
+def test_a_header_that_says_every_model_field_is_spelled_out_is_right():
+    claims = [name for name in PRESETS if "every model field spelled out" in header_text(name)]
+    assert claims == ["tiny-imagenet.toml"]
+    for name in claims:
+        written = runconfig.load_toml(runconfig.CONFIG_DIR / name)["model"]
+        assert sorted(written) == sorted(f.name for f in dataclasses.fields(vit.ViTConfig)), name
 
 
 def test_flops_match_the_published_figures():
