@@ -63,7 +63,7 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
         raise FileNotFoundError(f"{run_dir} does not exist")
     if run_dir.is_file():
         raise FileNotFoundError(f"{run_dir} is a file; give the run directory that holds it "
-                                f"({run_dir.parent}), whose best.npz or last.npz is chosen by name")
+                                f"({run_dir.parent})")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
                                 "train.py that finished at least one epoch?)")
