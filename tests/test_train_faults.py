@@ -330,6 +330,14 @@ def test_more_epochs_under_a_constant_schedule_is_the_same_run_going_on(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_the_same_data_found_elsewhere_gets_no_note_under_either_schedule(capsys):
+    for schedule in ("constant", "cosine"):
+        saved, moved = (runconfig.from_dict({"train": {"schedule": schedule}, "data": {"data_dir": d}})
+                        for d in ("/old/data", "/new/data"))
+        train.check_resume_changes(saved, moved, {"data.data_dir": "--data-dir /new/data"}, Path("r"))
+    assert capsys.readouterr().err == ""
+
+
 def test_resume_with_fewer_epochs_than_the_run_has_done_is_refused(finished_run, capsys):
     """A run at the end of epoch 2 resumed with --epochs 1 would end at once with exit code 0, as
     if finished; it is a message naming what to give instead, and nothing is touched."""
