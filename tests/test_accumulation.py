@@ -168,6 +168,10 @@ def test_bad_accumulation_is_refused_naming_it():
             runconfig.from_dict(runconfig.merge(base, "train", "accum_steps", value), "f.toml",
                                 {"train.accum_steps": flag})
         assert str(err.value).startswith(flag)
+    # an odd batch in 2: only 1 (no accumulation) divides it below 2, still a message
+    with pytest.raises(runconfig.ConfigError, match=r"multiple of 2 \(e.g. 64\) or accumulation "
+                                                    r"steps that divide 63 \(e.g. 1\)"):
+        runconfig.from_dict({"train": {"batch_size": 63, "accum_steps": 2}})
     assert runconfig.from_dict(runconfig.merge(base, "train", "accum_steps", 4)) \
         .train.hparams.accum_steps == 4
 
