@@ -22,7 +22,7 @@ import pytest
 
 import evaluate
 import train
-from vit import parallel
+from vit import parallel, runconfig, training
 from step_spy import after_each_step
 from watch import Watched, wait_for
 
@@ -298,6 +298,16 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     # digits.toml warms up already: the remedies offered are the ones not on yet
     assert "Try a lower --lr or gradient clipping (--set train.clip_norm=1.0)." in err, err
     assert (run / "last.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize("clip_norm, warmup_epochs, tries", [
+    (0.0, 0.0, "a lower --lr, gradient clipping (--set train.clip_norm=1.0) or warmup "
+               "(--set train.warmup_epochs=2)"),
+    (1.0, 0.0, "a lower --lr or warmup (--set train.warmup_epochs=2)"),
+    (1.0, 2.0, "a lower --lr")])
+def test_a_nan_loss_suggests_only_the_remedies_not_on_yet(clip_norm, warmup_epochs, tries):
+    t = runconfig.from_dict({"train": {"clip_norm": clip_norm, "warmup_epochs": warmup_epochs}}).train
+    assert training._remedies(t) == tries
 
 
 def test_checkpoint_has_no_pickle(tmp_path):
