@@ -320,6 +320,7 @@ def test_resume_takes_other_changes_with_a_note(run_copy, capsys):
     err = capsys.readouterr().err
     assert "note: --lr 0.0005: resuming with train.lr = 0.0005" in err, err
     assert "note: --accum-steps 2: resuming with train.accum_steps = 2 (the run had 1)" in err
+    assert "epoch 3/3" not in err, err  # --no-progress: no progress bar (its "epoch 3/3: 100%|")
     assert ("note: --epochs 3: resuming with train.epochs = 3 (the run had 2); the cosine "
             "learning-rate schedule now ends at epoch 3") in err, err
     saved = json.loads((run_copy / "config.json").read_text())["train"]
