@@ -169,6 +169,7 @@ def test_gradcheck_columns_line_up_with_a_long_case_name(dense_case, monkeypatch
     assert gradcheck.main(["--directions", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     column = lines[0].index("tensor")
+    assert lines[1] == "-" * len(lines[0])  # the rule under the header spans it
     rows = [line for line in lines[2:] if line.endswith(" ok")]
     assert len(rows) == 6 and all(row[column - 1] == " " and row[column] != " " for row in rows)
 
