@@ -286,6 +286,14 @@ def test_image_size_that_the_patch_does_not_divide_suggests_one_before_decoding(
     assert not (root / "vitfuse-cache").exists()  # found before any image was decoded
 
 
+def test_a_model_for_other_images_gets_a_patch_size_for_the_datasets(tmp_path, capsys):
+    err = exits_with_message(capsys, train.main, *QUICK, "--set", "model.image_size=9", "--set",
+                             "model.patch_size=3", "--out", tmp_path / "r")  # digits: 8x8x1
+    assert "image_size=8 is not divisible by patch_size=3 (the dataset's images are 8x8x1; set a " \
+           "patch size that divides 8, e.g. --set model.patch_size=1)" in err, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_config_error_in_the_file_names_the_file(tmp_path, capsys):
     config = tmp_path / "mine.toml"
     config.write_text("[train]\nepochs = -1\n[data]\ndataset = 'digits'\n")
