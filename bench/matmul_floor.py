@@ -43,6 +43,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--repeats", type=int, default=8, help="timed calls (default 8)")
     args = p.parse_args(argv)
+    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
+        if value < 1:
+            p.error(f"{flag} must be a positive integer, got {value}")
     b = args.batch
     k = jax.random.split(jax.random.PRNGKey(0), 8)
     x, h = jax.random.normal(k[0], (b, L, D)), jax.random.normal(k[1], (b, L, F))

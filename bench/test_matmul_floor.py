@@ -4,6 +4,7 @@ and it times --repeats calls after the compiling one."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bench import matmul_floor
 
@@ -46,3 +47,11 @@ def test_command_times_the_repeats_it_is_given(monkeypatch, capsys):
     assert len(calls) == 1 + 3  # the compiling call, then the timed ones
     out = capsys.readouterr().out
     assert f"for {matmul_floor.flops(1) / 1e9:.0f} GFLOP" in out, out
+
+
+def test_counts_below_one_are_refused_naming_the_flag(capsys):
+    for flag in ("--batch", "--repeats"):
+        with pytest.raises(SystemExit) as exit_:
+            matmul_floor.main([flag, "0"])
+        assert exit_.value.code == 2
+        assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
