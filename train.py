@@ -186,9 +186,9 @@ def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
             if why:
                 fail(f"{flag}: --resume {run_dir} continues that run, and {name} fixes {why}; "
                      f"start a new run (--out) to change it")
-            if name == "data.data_dir" or name == "train.epochs" and cfg.train.hparams.schedule \
-                    == "constant":  # the same run, found elsewhere or going on for longer
-                continue
+            constant = cfg.train.hparams.schedule == "constant"
+            if name == "data.data_dir" or (name == "train.epochs" and constant):
+                continue  # the same run, its data found elsewhere or going on for longer
             also = (f"; the cosine learning-rate schedule now ends at epoch {value}"
                     if name == "train.epochs" else "")
             print(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
