@@ -116,12 +116,12 @@ def check_case(case: Case, seed=0, directions=3, h=1e-4) -> list[Row]:
     return rows
 
 
-def header(layer_width: int = 52) -> str:
+def header(layer_width: int) -> str:
     return (f"{'layer':<{layer_width}} {'tensor':<26} {'shape':<14} {'vs finite diff':>14} "
             f"{'vs autodiff':>12}  ok")
 
 
-def format_row(r: Row, layer_width: int = 52) -> str:
+def format_row(r: Row, layer_width: int) -> str:
     return (f"{r.case:<{layer_width}} {r.tensor:<26} {str(r.shape).replace(' ', ''):<14} "
             f"{r.fd_rel_err:>14.2e} {r.autodiff_rel_err:>12.2e}  {'ok' if r.ok else 'FAIL'}")
 

@@ -6,8 +6,9 @@
   vit.layers) and package by package (vit -> kernels -> vit would be one).
 - No file over MAX_FILE_LINES lines unless its docstring says why ("Long because: ..."), and no
   function whose body (its statements, not its signature or docstring) runs over MAX_BODY_LINES.
-- README.md's paths and links lead somewhere: every path it names in backticks with a folder in it
-  under one of the project's folders (`vit/step.py`, `bench/results/`) is in the tree, and every `(#anchor)` is one of its headings.
+- README.md's paths and links lead somewhere: every path it names in backticks under one of the
+  project's folders (`vit/step.py`, `bench/results/`) is in the tree, and every `(#anchor)` is one
+  of its headings.
 """
 
 from __future__ import annotations
