@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmdline import positive_int
+
 L, D, F, H, Dh, LAYERS = 65, 256, 1024, 8, 32, 8  # the product ViT: tokens, width, FFN, heads
 
 
@@ -40,12 +42,9 @@ def flops(b: int) -> int:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python bench/matmul_floor.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=64, help="images per step (default 64)")
-    p.add_argument("--repeats", type=int, default=8, help="timed calls (default 8)")
+    p.add_argument("--batch", type=positive_int, default=64, help="images per step (default 64)")
+    p.add_argument("--repeats", type=positive_int, default=8, help="timed calls (default 8)")
     args = p.parse_args(argv)
-    for flag, value in (("--batch", args.batch), ("--repeats", args.repeats)):
-        if value < 1:
-            p.error(f"{flag} must be a positive integer, got {value}")
     b = args.batch
     k = jax.random.split(jax.random.PRNGKey(0), 8)
     x, h = jax.random.normal(k[0], (b, L, D)), jax.random.normal(k[1], (b, L, F))

@@ -54,4 +54,4 @@ def test_counts_below_one_are_refused_naming_the_flag(capsys):
         with pytest.raises(SystemExit) as exit_:
             matmul_floor.main([flag, "0"])
         assert exit_.value.code == 2
-        assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
+        assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err
