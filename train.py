@@ -1,11 +1,12 @@
 """Train the ViT:  python train.py [--config FILE] [--dataset tiny-imagenet|image-folder|digits] ...
 
 Every epoch: a progress bar (loss, accuracy, images/s, ETA), validation top-1/top-5/loss,
-checkpoints RUN_DIR/last.npz (every epoch) and RUN_DIR/best.npz (best validation top-1) written
-atomically, then a line in RUN_DIR/metrics.jsonl and RUN_DIR/curves.png redrawn. `--resume RUN_DIR`
-continues exactly where it stopped, and first rewrites metrics.jsonl from the checkpoint's own
-history, so the two agree whatever moment a crash came at. The run directory is checked for
-writing before any work; a start that fails leaves no run directory behind.
+checkpoints RUN_DIR/last.npz (every epoch, and mid-epoch every train.checkpoint_minutes) and
+RUN_DIR/best.npz (best validation top-1) written atomically, then a line in RUN_DIR/metrics.jsonl
+and RUN_DIR/curves.png redrawn. `--resume RUN_DIR` continues exactly where it stopped, and first
+rewrites metrics.jsonl from the checkpoint's own history, so the two agree whatever moment a crash
+came at. The run directory is checked for writing before any work; a start that fails leaves no run
+directory behind.
 
 Exit codes:
     0    every epoch done
@@ -168,12 +169,19 @@ RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
                 "data.layout": "the images it was trained on",
                 "data.image_size": "the images it was trained on"}
 
+# changed on --resume, these leave the run what it would have been: taken without a note
+RESUME_SAME_RUN = {"data.data_dir": "the same data found elsewhere",
+                   "data.workers": "processes decoding the cache, not what it holds",
+                   "data.device_budget_mb": "where the batches come from, not what they hold",
+                   "train.checkpoint_minutes": "when last.npz is written, not what it holds"}
+
 
 def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
     """--resume RUN_DIR with flags: a change to what the checkpoint depends on (RESUME_FIXED)
-    is an error naming the flag; any other change (--lr, --accum-steps, ...) is taken, with a
-    note, since the run then differs from the one that would have gone on. --epochs gets the note
-    only under a cosine schedule, which it stretches; a constant one just goes on longer."""
+    is an error naming the flag; a change that leaves the run as it was (RESUME_SAME_RUN) is
+    taken silently; any other (--lr, --accum-steps, ...) is taken with a note, since the run then
+    differs from the one that would have gone on. --epochs gets the note only under a cosine
+    schedule, which it stretches; a constant one just goes on longer."""
     old, new = saved.to_dict(), cfg.to_dict()
     for section in new:
         for key, value in new[section].items():
@@ -187,8 +195,8 @@ def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
                 fail(f"{flag}: --resume {run_dir} continues that run, and {name} fixes {why}; "
                      f"start a new run (--out) to change it")
             constant = cfg.train.hparams.schedule == "constant"
-            if name == "data.data_dir" or (name == "train.epochs" and constant):
-                continue  # the same run, its data found elsewhere or going on for longer
+            if name in RESUME_SAME_RUN or (name == "train.epochs" and constant):
+                continue  # the same run, going on as it would have (for longer)
             also = (f"; the cosine learning-rate schedule now ends at epoch {value}"
                     if name == "train.epochs" else "")
             print(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "

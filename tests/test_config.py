@@ -102,7 +102,8 @@ def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
     # ranges: negative where 0 switches a feature off, the Adam betas, eps, the eval batch
     ("warmup_epochs", -3), ("weight_decay", -0.1), ("clip_norm", -1.0), ("crop_pad", -1),
     ("mixup_alpha", -0.2), ("cutmix_alpha", -1.0), ("min_lr", -1e-5), ("b1", 1.0),
-    ("b2", -0.5), ("eps", 0.0), ("eval_batch_size", 0)])
+    ("b2", -0.5), ("eps", 0.0), ("eval_batch_size", 0), ("checkpoint_minutes", -5),
+    ("checkpoint_minutes", "30")])
 def test_bad_train_values_are_errors(key, value):
     from vit import runconfig
 

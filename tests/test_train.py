@@ -1,7 +1,8 @@
 """train.py and evaluate.py end to end on the real (bundled) digits dataset.
 
 Covers: accuracy on real data, resume exactness (stop after an epoch, a stop mid-epoch, a stop
-right after an epoch's last step, a real Ctrl-C, a crash between the checkpoint and the metrics),
+right after an epoch's last step, a real Ctrl-C, a crash between the checkpoint and the metrics,
+a crash mid-epoch after timed checkpoints),
 a key of its own for every step, NaN handling, checkpoints without pickle, metrics/curves, and the
 error messages. (More faults and their messages: test_train_faults.py.)
 
@@ -230,6 +231,36 @@ def test_crash_between_checkpoint_and_metrics_leaves_them_agreeing(reference, tm
         f"metrics.jsonl holds epochs {logged}, last.npz is at epoch {saved}"
     assert run_train("--resume", run, "--no-progress") == 0
     assert [r["epoch"] for r in records(run)] == list(range(1, EPOCHS + 1))
+    assert_same_run(reference, run)
+
+
+@pytest.mark.parametrize("minutes, saved_step", [(1e-9, 4), (0, 0)])
+def test_a_crash_mid_epoch_loses_only_the_steps_since_the_last_timed_save(
+        reference, tmp_path, monkeypatch, capsys, minutes, saved_step):
+    """train.checkpoint_minutes: the process dies (kill -9, power loss) in step 5 of epoch 2.
+    Saving every 60 ns (so at every step boundary here), last.npz holds epoch 2's first 4 steps,
+    their running sums too; with 0 (at epoch ends only), epoch 1's end. Either way the resumed
+    run equals the one in one go, bitwise."""
+    steps = []
+
+    def crash_in_step(*_):
+        steps.append(1)
+        if len(steps) == STEPS_PER_EPOCH + 5:
+            raise Crash
+    after_each_step(monkeypatch, parallel, "make_parallel_train_step", crash_in_step)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        run_train(*RANDOM, "--epochs", EPOCHS, "--out", run,
+                  "--set", f"train.checkpoint_minutes={minutes}")
+    monkeypatch.undo()
+    meta = meta_of(run)
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, saved_step), meta
+    assert meta["running"]["seen"] == saved_step * 128
+    assert [r["epoch"] for r in records(run)] == [1]
+    said = capsys.readouterr().out
+    assert (f"saved {run / 'last.npz'} at epoch 2, step 4 (train.checkpoint_minutes = 1e-09)"
+            in said) == bool(minutes), said
+    assert run_train("--resume", run, "--no-progress") == 0
     assert_same_run(reference, run)
 
 

@@ -342,11 +342,16 @@ def test_more_epochs_under_a_constant_schedule_is_the_same_run_going_on(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_the_same_data_found_elsewhere_gets_no_note_under_either_schedule(capsys):
+@pytest.mark.parametrize("name, before, after", [
+    ("data.data_dir", "/old/data", "/new/data"), ("data.workers", 2, 8),
+    ("data.device_budget_mb", 2048, 0), ("train.checkpoint_minutes", 30.0, 5.0)])
+def test_what_leaves_the_run_as_it_was_gets_no_note_under_either_schedule(capsys, name, before,
+                                                                           after):
+    section, key = name.split(".")
     for schedule in ("constant", "cosine"):
-        saved, moved = (runconfig.from_dict({"train": {"schedule": schedule}, "data": {"data_dir": d}})
-                        for d in ("/old/data", "/new/data"))
-        train.check_resume_changes(saved, moved, {"data.data_dir": "--data-dir /new/data"}, Path("r"))
+        saved, changed = (runconfig.from_dict({"train": {"schedule": schedule}, section: {key: v}})
+                          for v in (before, after))
+        train.check_resume_changes(saved, changed, {name: f"--set {name}={after}"}, Path("r"))
     assert capsys.readouterr().err == ""
 
 

@@ -24,7 +24,12 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class TrainSection:
     """[train]: the run's length, batching and seed, plus every TrainHParams field except the
-    step counts, which follow from epochs and warmup_epochs."""
+    step counts, which follow from epochs and warmup_epochs.
+
+    checkpoint_minutes: besides at every epoch's end, save last.npz mid-epoch once this many
+        minutes have passed since it was last saved, so that a crash (kill -9, power loss, an
+        out-of-memory kill) loses at most that much training (0: at epoch ends only).
+    """
 
     epochs: int = 30
     batch_size: int = 64
@@ -32,6 +37,7 @@ class TrainSection:
     compute_dtype: str = "fp32"     # "fp32" | "bf16": activations and matmul inputs
     warmup_epochs: float = 0.0
     eval_batch_size: int = 256
+    checkpoint_minutes: float = 30.0
     hparams: TrainHParams = field(default_factory=TrainHParams)
 
 
@@ -205,7 +211,7 @@ def _check_types(section: str, obj, source):
 
 # [train] values that must not be negative (0 switches each off), and those in [0, 1)
 _NON_NEGATIVE = ("weight_decay", "min_lr", "clip_norm", "crop_pad", "mixup_alpha", "cutmix_alpha",
-                 "warmup_epochs")
+                 "warmup_epochs", "checkpoint_minutes")
 _UNIT_INTERVAL = ("b1", "b2")
 
 

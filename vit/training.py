@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -112,6 +112,14 @@ class Run:
     main_process: bool
     progress: bool
     resumed: bool
+    saved_at: float = field(default_factory=time.monotonic)  # when last.npz was last written
+
+    def checkpoint_due(self) -> bool:
+        """Whether train.checkpoint_minutes have passed since last.npz was written (or the run
+        started), so that a mid-epoch save is due (process 0 only: it alone writes)."""
+        minutes = self.cfg.train.checkpoint_minutes
+        return (self.main_process and minutes > 0
+                and time.monotonic() - self.saved_at >= 60 * minutes)
 
     def save(self, name: str):
         """RUN_DIR/<name>.npz from the current state (process 0 writes; a no-op elsewhere)."""
@@ -124,6 +132,8 @@ class Run:
             host_params, host_opt, self.steps_per_epoch, config=self.cfg.to_dict(),
             seed=self.cfg.train.seed, class_names=self.class_names)
         checkpoint.save(self.run_dir / f"{name}.npz", trees, meta)
+        if name == "last":
+            self.saved_at = time.monotonic()
 
 
 def load_data(cfg, progress: bool):
@@ -296,7 +306,8 @@ class StopOnSignal:
 
 def train_epoch(run: Run, stop: StopOnSignal):
     """The rest of the current epoch, from state.step_in_epoch; -> (last metrics, images, seconds).
-    Raises Interrupted at a step boundary when a signal asked for a stop."""
+    Saves last.npz at a step boundary whenever train.checkpoint_minutes have passed since it was
+    written. Raises Interrupted at a step boundary when a signal asked for a stop."""
     import jax  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -318,6 +329,15 @@ def train_epoch(run: Run, stop: StopOnSignal):
         s.params, s.opt_state, pending = new_params, new_opt, m
         s.step_in_epoch += 1
         images_done += t.batch_size
+        if s.step_in_epoch < spe and run.checkpoint_due():  # (the epoch's end saves anyway)
+            # the state as an interrupt saves it: every step so far counted
+            s.account(float(pending["loss"]), float(pending["accuracy"]), t.batch_size)
+            bar.update(1)
+            pending, started = None, time.perf_counter()
+            run.save("last")
+            t0 += time.perf_counter() - started  # images/s counts training time only
+            bar.write(f"saved {run.run_dir / 'last.npz'} at epoch {s.epoch + 1}, step "
+                      f"{s.step_in_epoch} (train.checkpoint_minutes = {t.checkpoint_minutes:g})")
         if bar.n % 10 == 0 and s.running["seen"]:
             loss, acc = s.train_means()
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
