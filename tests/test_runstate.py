@@ -23,7 +23,8 @@ def mid_run_state() -> RunState:
     opt = {"step": np.int32(27), "m": {"w": np.full((2, 3), 0.25, np.float32)}}
     s = RunState.fresh(params, opt, [0.1, 0.2, 0.3], [1.5, 2.5, 3.5])
     s.epoch, s.step_in_epoch = 2, 5
-    s.running = {"loss": 12.5, "correct": 31.0, "seen": 40}
+    s.running = {"loss": 12.5, "correct": 31.0, "seen": 40, "grad_norm": 6.5,
+                 "grad_norm_max": 2.5, "steps": 5}
     s.history = [{"epoch": 1, "val_top1": 0.5}, {"epoch": 2, "val_top1": 0.75}]
     s.best_top1 = 0.75
     return s
@@ -100,22 +101,37 @@ def test_a_zip_of_damaged_arrays_is_a_checkpoint_error(tmp_path):
 
 def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
     s = RunState.fresh({}, {}, [0.0], [1.0])
-    s.account(2.0, 0.5, 10)
-    s.account(1.0, 1.0, 30)  # per-image means: (2*10 + 1*30) / 40, (0.5*10 + 1*30) / 40
+    assert s.grad_norms() == (None, None)  # no step counted yet: no norm to report
+    s.account(2.0, 0.5, 3.0, 10)
+    s.account(1.0, 1.0, 1.0, 30)  # per-image means: (2*10 + 1*30) / 40, (0.5*10 + 1*30) / 40
     assert s.train_means() == pytest.approx((1.25, 0.875))
+    assert s.grad_norms() == (2.0, 3.0)  # per-step mean and the largest
     assert s.finish_epoch({"epoch": 1, "val_top1": 0.4}) is True  # the first epoch is the best yet
     assert (s.epoch, s.step_in_epoch, s.best_top1) == (1, 0, 0.4)
-    assert s.running == {"loss": 0.0, "correct": 0.0, "seen": 0}  # epoch 2 starts from nothing
+    assert s.running == {"loss": 0.0, "correct": 0.0, "seen": 0, "grad_norm": 0.0,
+                         "grad_norm_max": 0.0, "steps": 0}  # epoch 2 starts from nothing
     assert s.train_means() == (0.0, 0.0)
-    s.account(4.0, 0.0, 8)
+    s.account(4.0, 0.0, 0.5, 8)
     assert s.train_means() == (4.0, 0.0)  # epoch 2's own, not mixed with epoch 1's
+    assert s.grad_norms() == (0.5, 0.5)
     assert s.finish_epoch({"epoch": 2, "val_top1": 0.3}) is False
     assert s.finish_epoch({"epoch": 3, "val_top1": 0.4}) is False  # a tie keeps the earlier best
     assert s.finish_epoch({"epoch": 4, "val_top1": 0.6}) is True
     assert s.best_top1 == 0.6 and [h["epoch"] for h in s.history] == [1, 2, 3, 4]
     for loss in (math.nan, math.inf, -math.inf):  # an overflowed loss stops training as a NaN does
         with pytest.raises(FloatingPointError):
-            s.account(loss, 0.0, 8)
+            s.account(loss, 0.0, 1.0, 8)
+
+
+def test_a_checkpoint_from_before_the_gradient_norm_sums_resumes_without_them():
+    """A last.npz written before the running sums held gradient norms: its loss/accuracy sums
+    are kept, and the norms start from the steps counted after the resume."""
+    trees, meta = mid_run_state().to_checkpoint({}, {}, STEPS_PER_EPOCH)
+    meta["running"] = {"loss": 12.5, "correct": 31.0, "seen": 40}
+    s = RunState.from_checkpoint(trees, meta)
+    assert s.train_means() == (12.5 / 40, 31.0 / 40) and s.grad_norms() == (None, None)
+    s.account(1.5, 1.0, 4.0, 10)
+    assert s.grad_norms() == (4.0, 4.0) and s.running["seen"] == 50
 
 
 def fake_eval_step(params, losses, labels, valid):

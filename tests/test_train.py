@@ -1,10 +1,10 @@
 """train.py and evaluate.py end to end on the real (bundled) digits dataset.
 
-Covers: accuracy on real data, resume exactness (stop after an epoch, a stop mid-epoch, a stop
-right after an epoch's last step, a real Ctrl-C, a crash between the checkpoint and the metrics,
-a crash mid-epoch after timed checkpoints),
-a key of its own for every step, NaN handling, checkpoints without pickle, metrics/curves, and the
-error messages. (More faults and their messages: test_train_faults.py.)
+Covers: accuracy on real data, resume exactness (stop after an epoch, a stop mid-epoch, a stop right
+after an epoch's last step, a real Ctrl-C, a crash between the checkpoint and the metrics, a crash
+mid-epoch after timed checkpoints), a key of its own for every step, the gradient norms recorded,
+NaN handling, checkpoints without pickle, metrics/curves, and the error messages. (More faults and
+their messages: test_train_faults.py.)
 
 The resume tests switch on every source of randomness the step has (dropout on residual branches,
 attention weights and FFN activations, drop-path, crop, flip, mixup and cutmix, label smoothing)
@@ -23,7 +23,7 @@ import pytest
 
 import evaluate
 import train
-from vit import parallel, runconfig, training
+from vit import curves, parallel, runconfig, training
 from step_spy import after_each_step
 from watch import Watched, wait_for
 
@@ -178,6 +178,40 @@ def test_every_step_draws_its_own_key(tmp_path, monkeypatch):
     assert run_train(*QUICK, "--epochs", 2, "--out", tmp_path / "run") == 0
     assert len(keys) == 2 * STEPS_PER_EPOCH
     assert len(set(keys)) == len(keys), "a step key repeats"
+
+
+def test_each_epoch_records_the_mean_and_largest_gradient_norm_of_its_steps(tmp_path,
+                                                                           monkeypatch):
+    """metrics.jsonl's grad_norm / grad_norm_max are the mean and largest of the norms the steps
+    returned (before clipping: with clip_norm below them all, the step still reports them)."""
+    norms, make = [], parallel.make_parallel_train_step
+
+    def recording(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def recorded(*step_args):
+            out = step(*step_args)
+            norms.append(float(out[2]["grad_norm"]))
+            return out
+        return recorded
+    monkeypatch.setattr(parallel, "make_parallel_train_step", recording)
+    run = tmp_path / "run"
+    assert run_train(*QUICK, "--epochs", 2, "--set", "train.clip_norm=1e-3", "--out", run) == 0
+    assert len(norms) == 2 * STEPS_PER_EPOCH and min(norms) > 1e-3
+    for r, epoch in zip(records(run), (norms[:STEPS_PER_EPOCH], norms[STEPS_PER_EPOCH:])):
+        assert r["grad_norm"] == pytest.approx(np.mean(epoch), rel=1e-12)
+        assert r["grad_norm_max"] == max(epoch)
+
+
+def test_curves_draw_a_history_whose_first_records_have_no_gradient_norms(tmp_path):
+    """A run resumed from a checkpoint older than the gradient norms has records without them:
+    curves.png draws the ones that have them, beside the clipping threshold."""
+    old = {"train_accuracy": 0.5, "val_top1": 0.5, "val_top5": 0.9, "train_loss": 1.0,
+           "val_loss": 1.2}
+    history = [{**old, "epoch": 1}, {**old, "epoch": 2, "grad_norm": None, "grad_norm_max": None},
+               {**old, "epoch": 3, "grad_norm": 0.8, "grad_norm_max": 2.0}]
+    curves.plot_curves(history, tmp_path / "curves.png", clip_norm=1.0)
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_validation_batches_are_no_larger_than_the_validation_set(tmp_path, monkeypatch):

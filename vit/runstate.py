@@ -5,9 +5,9 @@
     trees, meta = state.to_checkpoint(host_params, host_opt, steps_per_epoch, config=..., ...)
 
 One shape for both directions, so a field saved is a field restored: params and AdamW state (as
-arrays), the data position (epoch, step in the epoch), the running train loss/accuracy sums of
-the epoch in progress, the metrics history, the best validation top-1 so far, and the
-normalisation statistics of the training set.
+arrays), the data position (epoch, step in the epoch), the running sums of the epoch in progress
+(train loss, accuracy, gradient norm), the metrics history, the best validation top-1 so far, and
+the normalisation statistics of the training set.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ RESUME_TREES = ("params", "opt")
 
 
 def _no_running() -> dict:
-    return {"loss": 0.0, "correct": 0.0, "seen": 0}
+    """The epoch's running sums: loss and correct over its images (seen), the gradient norm
+    (before clipping) over its steps, and the largest norm."""
+    return {"loss": 0.0, "correct": 0.0, "seen": 0, "grad_norm": 0.0, "grad_norm_max": 0.0,
+            "steps": 0}
 
 
 @dataclass
@@ -37,7 +40,7 @@ class RunState:
     std: np.ndarray
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # steps of epoch `epoch` (0-based) completed
-    running: dict = field(default_factory=_no_running)  # loss, correct, seen of that epoch
+    running: dict = field(default_factory=_no_running)  # that epoch's sums (_no_running)
     history: list = field(default_factory=list)  # one metrics record per completed epoch
     best_top1: float = -1.0
 
@@ -50,7 +53,8 @@ class RunState:
         return cls(params=trees["params"], opt_state=trees["opt"],
                    mean=np.asarray(meta["mean"], np.float32),
                    std=np.asarray(meta["std"], np.float32), epoch=meta["epoch"],
-                   step_in_epoch=meta["step_in_epoch"], running=dict(meta["running"]),
+                   step_in_epoch=meta["step_in_epoch"],
+                   running={**_no_running(), **meta["running"]},  # older ones: no norm sums
                    history=list(meta["history"]), best_top1=meta["best_top1"])
 
     def to_checkpoint(self, host_params, host_opt, steps_per_epoch: int, **extra) -> tuple[dict, dict]:
@@ -63,18 +67,30 @@ class RunState:
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
         return {"params": host_params, "opt": host_opt}, meta
 
-    def account(self, loss: float, accuracy: float, n_images: int) -> None:
-        """Add one step's loss and accuracy over n_images to the epoch's running sums; a
-        non-finite loss raises FloatingPointError (training must stop)."""
+    def account(self, loss: float, accuracy: float, grad_norm: float, n_images: int) -> None:
+        """Add one step's loss and accuracy over n_images, and its gradient norm, to the epoch's
+        running sums; a non-finite loss raises FloatingPointError (training must stop)."""
         if not math.isfinite(loss):
             raise FloatingPointError(loss)
-        self.running["loss"] += loss * n_images
-        self.running["correct"] += accuracy * n_images
-        self.running["seen"] += n_images
+        r = self.running
+        r["loss"] += loss * n_images
+        r["correct"] += accuracy * n_images
+        r["seen"] += n_images
+        r["grad_norm"] += grad_norm
+        r["grad_norm_max"] = max(r["grad_norm_max"], grad_norm)
+        r["steps"] += 1
 
     def train_means(self) -> tuple[float, float]:
         seen = max(self.running["seen"], 1)
         return self.running["loss"] / seen, self.running["correct"] / seen
+
+    def grad_norms(self) -> tuple[float | None, float | None]:
+        """(mean, max) of the epoch's gradient norms so far, before clipping; (None, None) before
+        its first step is counted (or when a checkpoint older than these sums holds them all)."""
+        r = self.running
+        if not r["steps"]:
+            return None, None
+        return r["grad_norm"] / r["steps"], r["grad_norm_max"]
 
     def finish_epoch(self, record: dict) -> bool:
         """Close the epoch with its metrics record; -> whether its val top-1 is the best yet."""

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vit.curves import plot_curves
+
 DONE, STOPPED, NONFINITE = "done", "stopped", "nonfinite"
 
 
@@ -60,33 +62,6 @@ def write_metrics(path: Path, history: list[dict]):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
     os.replace(tmp, path)
-
-
-def plot_curves(history: list[dict], path: Path):
-    """Train vs val accuracy and loss per epoch, written atomically."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [100 * h["val_top1"] for h in history], "o-", label="val top-1")
-    ax_acc.plot(epochs, [100 * h["val_top5"] for h in history], "--", label="val top-5")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -319,20 +294,24 @@ def train_epoch(run: Run, stop: StopOnSignal):
     base_key = jax.random.PRNGKey(t.seed)
     pending, m = None, None  # metrics of the step in flight, read one step late (no stall)
     t0, images_done = time.perf_counter(), 0
+
+    def count(metrics):  # one step's metrics into the epoch's running sums
+        host = jax.device_get(metrics)
+        s.account(float(host["loss"]), float(host["accuracy"]), float(host["grad_norm"]),
+                  t.batch_size)
+        bar.update(1)
     for images, labels in run.batcher.epoch(s.epoch, s.step_in_epoch):
         images, labels = parallel.shard_batch(run.mesh, images, labels)
         key = jax.random.fold_in(base_key, s.epoch * spe + s.step_in_epoch)
         new_params, new_opt, m = run.train_step(s.params, s.opt_state, images, labels, key)
         if pending is not None:
-            s.account(float(pending["loss"]), float(pending["accuracy"]), t.batch_size)
-            bar.update(1)
+            count(pending)
         s.params, s.opt_state, pending = new_params, new_opt, m
         s.step_in_epoch += 1
         images_done += t.batch_size
         if s.step_in_epoch < spe and run.checkpoint_due():  # (the epoch's end saves anyway)
             # the state as an interrupt saves it: every step so far counted
-            s.account(float(pending["loss"]), float(pending["accuracy"]), t.batch_size)
-            bar.update(1)
+            count(pending)
             pending, started = None, time.perf_counter()
             run.save("last")
             t0 += time.perf_counter() - started  # images/s counts training time only
@@ -341,12 +320,12 @@ def train_epoch(run: Run, stop: StopOnSignal):
         if bar.n % 10 == 0 and s.running["seen"]:
             loss, acc = s.train_means()
             bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
+                            grad_norm=f"{s.grad_norms()[0] or 0:.3g}",
                             img_s=f"{images_done / (time.perf_counter() - t0):.0f}")
         if stop.requested:
             break
     if pending is not None:
-        s.account(float(pending["loss"]), float(pending["accuracy"]), t.batch_size)
-        bar.update(1)
+        count(pending)
     bar.close()
     if stop.requested:
         raise Interrupted
@@ -367,10 +346,12 @@ def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> di
     batches = (parallel.shard_batch(run.mesh, *b) for b in run.val_batcher.eval_batches())
     val = evaluate_batches(run.eval_step, s.params, batches)
     train_loss, train_accuracy = s.train_means()
+    grad_norm, grad_norm_max = s.grad_norms()
     record = {"epoch": s.epoch + 1, "step": (s.epoch + 1) * run.steps_per_epoch,
               "train_loss": train_loss, "train_accuracy": train_accuracy,
               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-              "val_images": val["count"], "lr": lr,
+              "val_images": val["count"], "lr": lr, "grad_norm": grad_norm,
+              "grad_norm_max": grad_norm_max,
               "images_per_s": images_done / seconds, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if s.finish_epoch(record):
         run.save("best")
@@ -378,7 +359,7 @@ def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> di
     if run.main_process:
         with open(run.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        plot_curves(s.history, run.run_dir / "curves.png")
+        plot_curves(s.history, run.run_dir / "curves.png", run.cfg.train.hparams.clip_norm)
         print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
               f"acc {100 * record['train_accuracy']:.2f}% | val loss {record['val_loss']:.4f} "
               f"top-1 {100 * record['val_top1']:.2f}% top-5 {100 * record['val_top5']:.2f}% | "
