@@ -420,18 +420,22 @@ def test_config_keys_are_checked():
             from_dict({"data": bad})
 
 
-def test_prepare_command_builds_the_cache(root, capsys):
-    assert cli.main(["prepare", "--data-dir", str(root), "--image-size", "12", "--workers", "1", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert f"image-folder train: {3 * TRAIN} images (12, 12, 3), 3 classes" in out
-    assert f"image-folder val: {3 * VAL} images" in out
-    assert (root / "vitfuse-cache" / "val_12px_manifest.json").is_file()
+def test_prepare_command_builds_the_cache_and_says_when_it_was_up_to_date(root, capsys):
+    argv = ["prepare", "--data-dir", str(root), "--image-size", "12", "--workers", "1", "--quiet"]
+    assert cli.main(argv) == 0
+    out, cache = capsys.readouterr().out, root / "vitfuse-cache"
+    assert f"image-folder train: {3 * TRAIN} images (12, 12, 3), 3 classes; cache decoded now into {cache}" in out
+    assert f"image-folder val: {3 * VAL} images (12, 12, 3), 3 classes; cache decoded now into {cache}" in out
+    assert (cache / "val_12px_manifest.json").is_file()
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count(f"; cache up to date in {cache}\n") == 2
 
 
 def test_prepare_command_builds_the_split_asked_for_and_can_skip_bad_images(root, capsys):
     (root / "val" / CLASSES[1] / "broken.png").write_bytes(b"\x89PNG nope")
     argv = ["prepare", "--data-dir", str(root), "--image-size", "12", "--workers", "1", "--quiet", "--split", "val"]
-    assert cli.main(argv) == 1 and "broken.png" in capsys.readouterr().err
+    assert cli.main(argv) == 2 and "broken.png" in capsys.readouterr().err
     assert cli.main([*argv, "--skip-bad-images"]) == 0
-    assert capsys.readouterr().out == f"image-folder val: {3 * VAL} images (12, 12, 3), 3 classes, 1 unreadable images skipped\n"
+    assert capsys.readouterr().out == (f"image-folder val: {3 * VAL} images (12, 12, 3), 3 classes, 1 unreadable "
+                                       f"images skipped; cache decoded now into {root / 'vitfuse-cache'}\n")
     assert sorted(p.name for p in (root / "vitfuse-cache").glob("*_manifest.json")) == ["val_12px_manifest.json"]

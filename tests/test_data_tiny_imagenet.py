@@ -501,6 +501,14 @@ def test_prepare_command_builds_the_cache(root, capsys):
     assert (root / tiny_imagenet.CACHE_DIRNAME / "val_manifest.json").is_file()
 
 
-def test_command_line_errors_exit_1_with_the_message(tmp_path, capsys):
-    assert cli.main(["prepare", "--data-dir", str(tmp_path / "nope"), "--quiet"]) == 1
-    assert "python -m vit.data download" in capsys.readouterr().err
+def test_command_line_errors_exit_2_with_the_message(tmp_path, capsys):
+    """Data that cannot be used is exit code 2, as in train.py, and so are bad flags (argparse's
+    own message naming the flag, no traceback)."""
+    assert cli.main(["prepare", "--data-dir", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert "python -m vit.data prepare: error: data directory" in capsys.readouterr().err
+    for argv in (["prepare", "--workers", "0"], ["prepare", "--image-size", "-4"],
+                 ["download", "--retries", "-1"], ["download", "--timeout", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {argv[1]}: must be" in err, err

@@ -4,9 +4,38 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vit.data import DEFAULT_DATA_DIR, LAYOUTS, DatasetError, load_dataset
 from vit.data.download import DEFAULT_MD5, DEFAULT_URL, download
+
+
+EXIT_DOWNLOAD_FAILED = 1  # the download or its check failed: run the same command again
+EXIT_BAD_INPUT = 2  # a bad flag, or data that cannot be used as it is (as train.py's exit code 2)
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m vit.data",
         description="Get and prepare the datasets. Tiny ImageNet needs `download` once; `--dataset digits` "
         "(scikit-learn's 8x8 digits) needs nothing.",
+        epilog=f"exit codes: 0 done; {EXIT_DOWNLOAD_FAILED} the download failed (run the same command again "
+        f"to resume it); {EXIT_BAD_INPUT} a bad flag or unusable data (the message names it); 130 "
+        "interrupted",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -28,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     get.add_argument("--url", default=DEFAULT_URL, help="where to download the zip from (default: %(default)s)")
     get.add_argument("--md5", default=DEFAULT_MD5, help="expected MD5 of the zip (default: %(default)s)")
-    get.add_argument("--retries", type=int, default=3, help="resume this many times after a dropped connection")
-    get.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server before failing")
+    get.add_argument("--retries", type=at_least(0), default=3,
+                     help="resume this many times after a dropped connection (default: %(default)s)")
+    get.add_argument("--timeout", type=positive_seconds, default=60.0,
+                     help="seconds to wait for the server before failing (default: %(default)s)")
     get.add_argument("--keep-zip", action="store_true", help="keep the zip after unpacking it")
     get.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -43,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny-imagenet-200/ or its parent, or an image folder (default: %(default)s)"
     )
     prepare.add_argument("--layout", choices=LAYOUTS, default="auto", help="data.layout (default: detected)")
-    prepare.add_argument("--image-size", type=int, default=None,
+    prepare.add_argument("--image-size", type=at_least(1), default=None,
                          help="data.image_size: side of the cached images of an image folder (default 64)")
     prepare.add_argument("--split", choices=["train", "val", "both"], default="both")
-    prepare.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 8)")
+    prepare.add_argument("--workers", type=at_least(1), default=None,
+                         help="decoding processes (default: up to 8)")
     prepare.add_argument(
         "--skip-bad-images", action="store_true", help="leave out unreadable images instead of failing"
     )
@@ -54,27 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prepare(args) -> None:
+    """Each split's cache, built now unless it is up to date; one line each saying which."""
+    for split in ("train", "val") if args.split == "both" else (args.split,):
+        data = load_dataset("tiny-imagenet", args.data_dir, split, workers=args.workers,
+                            skip_bad_images=args.skip_bad_images, progress=not args.quiet,
+                            image_size=args.image_size, layout=args.layout)
+        skipped = f", {len(data.skipped)} unreadable images skipped" if data.skipped else ""
+        how = "decoded now into" if data.decoded_now else "up to date in"
+        print(f"{data.name} {split}: {data.images.shape[0]} images {data.images.shape[1:]}, "
+              f"{data.num_classes} classes{skipped}; cache {how} {Path(data.images.filename).parent}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_BAD_INPUT
+    where = f"{parser.prog} {args.command}"
     try:
         if args.command == "download":
             download(args.dest, args.url, args.md5, retries=args.retries, timeout=args.timeout,
                      keep_zip=args.keep_zip, progress=not args.quiet)
         elif args.command == "prepare":
-            for split in ("train", "val") if args.split == "both" else (args.split,):
-                data = load_dataset("tiny-imagenet", args.data_dir, split, workers=args.workers,
-                                    skip_bad_images=args.skip_bad_images, progress=not args.quiet,
-                                    image_size=args.image_size, layout=args.layout)
-                skipped = f", {len(data.skipped)} unreadable images skipped" if data.skipped else ""
-                print(f"{data.name} {split}: {data.images.shape[0]} images {data.images.shape[1:]}, "
-                      f"{data.num_classes} classes{skipped}")
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            prepare(args)
+    except DatasetError as e:  # a failed download is a DownloadError, one of them
+        print(f"{where}: error: {e}", file=sys.stderr)
+        return EXIT_DOWNLOAD_FAILED if args.command == "download" else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -310,12 +310,13 @@ def load_cached(
     skip_bad_images: bool,
     progress: bool,
     what: str,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(images memmap, labels, skipped messages) from the cache, building it first if it is missing or stale.
+) -> tuple[np.ndarray, np.ndarray, list[str], bool]:
+    """(images memmap, labels, skipped messages, whether this call built it) from the cache, building it first
+    if it is missing or stale.
 
     A cache built with skip_bad_images=True does not hide its bad files from a load without the flag.
     """
-    cached = open_cache(cache_dir, prefix, source_fingerprint, shape)
+    cached, built = open_cache(cache_dir, prefix, source_fingerprint, shape), False
     if cached is None:
         with build_lock(cache_dir, prefix, what):
             cached = open_cache(cache_dir, prefix, source_fingerprint, shape)  # built while we waited?
@@ -323,7 +324,7 @@ def load_cached(
                 build_cache(cache_dir, prefix, paths, labels, source_fingerprint, decode, shape,
                             workers=workers or default_workers(), skip_bad_images=skip_bad_images,
                             progress=progress, what=what)
-                cached = open_cache(cache_dir, prefix, source_fingerprint, shape)
+                cached, built = open_cache(cache_dir, prefix, source_fingerprint, shape), True
                 if cached is None:
                     raise DatasetError(f"the cache just written in {cache_dir} does not read back; "
                                        "is the disk full?")
@@ -334,4 +335,4 @@ def load_cached(
             f"{skipped[0]} ({len(skipped)} unreadable images in {what}). Fix or remove the files, or "
             f"{SKIP_HINT}"
         )
-    return images, labels, skipped
+    return images, labels, skipped, built

@@ -36,6 +36,8 @@ class Dataset:
     split: str = ""
     # Paths (with the reason) of images left out because skip_bad_images=True.
     skipped: list[str] = field(default_factory=list)
+    # Whether this load decoded the images into the cache (False: the cache was up to date).
+    decoded_now: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)

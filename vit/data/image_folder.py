@@ -195,7 +195,7 @@ def load_image_folder(
     method = f"{METHOD}; size {size}; classes {len(classes)}: " + "\x00".join(classes)
     source_fingerprint = fingerprint(root, paths, method)
     cache_dir = Path(cache_dir) if cache_dir is not None else root / CACHE_DIRNAME
-    images, labels, skipped = load_cached(
+    images, labels, skipped, built = load_cached(
         cache_dir, f"{split}_{size}px", paths, labels, source_fingerprint, partial(load_image, size=size),
         (size, size, 3), workers=workers, skip_bad_images=skip_bad_images, progress=progress,
         what=f"image-folder {split} at {size}x{size}")
@@ -203,4 +203,4 @@ def load_image_folder(
         raise DatasetError(f"no images left in {root / split}: all {len(skipped)} were unreadable, "
                            f"e.g. {skipped[0] if skipped else '?'}")
     return Dataset(images=images, labels=labels, class_names=classes, name="image-folder", split=split,
-                   skipped=skipped)
+                   skipped=skipped, decoded_now=built)

@@ -210,9 +210,10 @@ def load_tiny_imagenet(
         label_sources = [root / "wnids.txt", root / "val" / "val_annotations.txt"]
     source_fingerprint = fingerprint(root, paths + label_sources)
     cache_dir = Path(cache_dir) if cache_dir is not None else root / CACHE_DIRNAME
-    images, labels, skipped = load_cached(
+    images, labels, skipped, built = load_cached(
         cache_dir, split, paths, labels, source_fingerprint, decode_image, IMAGE_SHAPE, workers=workers,
         skip_bad_images=skip_bad_images, progress=progress, what=f"tiny-imagenet {split}")
     return Dataset(
-        images=images, labels=labels, class_names=class_names, name="tiny-imagenet", split=split, skipped=skipped
+        images=images, labels=labels, class_names=class_names, name="tiny-imagenet", split=split, skipped=skipped,
+        decoded_now=built,
     )
