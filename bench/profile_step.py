@@ -30,6 +30,8 @@ import re
 import sys
 from collections import defaultdict
 
+from cmdline import positive_int
+
 METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum",
            "launch__registers_per_thread")
 OUR_KERNELS = re.compile(r"^_(attn_fwd|attn_bwd|flash_fwd|flash_bwd_delta|flash_bwd|ln_fwd|ln_bwd|"
@@ -162,10 +164,10 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run profiled step(s) (under ncu)")
     r.add_argument("contender", choices=["reference", "fused", "autodiff", "fused-attn", "fused-ln",
                                          "reference-bf16", "fused-bf16"])
-    r.add_argument("--steps", type=int, default=1)
+    r.add_argument("--steps", type=positive_int, default=1)
     s = sub.add_parser("summarize", help="totals per kernel and kind of an ncu CSV")
     s.add_argument("csv")
-    s.add_argument("--top", type=int, default=20)
+    s.add_argument("--top", type=positive_int, default=20)
     args = ap.parse_args(argv)
     if args.cmd == "run":
         return run(args.contender, args.steps)

@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import vit
+from cmdline import positive_int
 from oracle import autodiff_grad_fn
 from vit.step import TrainHParams, make_train_step
 
 parser = argparse.ArgumentParser()
 parser.add_argument("norm", nargs="?", default="post", choices=["post", "pre"])
-parser.add_argument("--batch", type=int, default=64)
-parser.add_argument("--steps", type=int, default=8)
+parser.add_argument("--batch", type=positive_int, default=64)
+parser.add_argument("--steps", type=positive_int, default=8)
 args = parser.parse_args()
 
 cfg = vit.ViTConfig(norm=args.norm)

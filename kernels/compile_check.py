@@ -203,6 +203,8 @@ def main(argv=None) -> int:
                 dt = time.perf_counter() - t0
                 print(f"{label:<48} {spec.name:<24} {_tile(spec):>8} {arch:>4} {spec.num_warps:>5} {shared:>8} {regs:>4} "
                       f"{stack:>5} {dt:>5.1f}  {'ok' if ok else 'FAIL'}{' spills' if spills else ''}{note}")
+    if not seen:  # compiling nothing proves nothing: not "all kernels compile"
+        ap.error(f"--only {args.only!r} matches no case")
     print("all kernels compile" if not failures else f"{failures} compile failure(s)")
     if _cuobjdump() is None:
         print("registers and stack not read: no cuobjdump in the triton wheel or on PATH")

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmdline import positive_int
 from oracle import autodiff_vjp
 from oracle.gradient_cases import Case, all_cases, keys, normal
 
@@ -56,6 +57,8 @@ def check_case(case: Case, seed=0, directions=3, h=1e-4) -> list[Row]:
     would save more on the layer cases and lose more on the model cases, whose op-by-op
     compilations are shared by all their blocks.)"""
 
+    if directions < 1:  # none would compare nothing with finite differences, and pass
+        raise ValueError(f"directions must be 1 or more, got {directions}")
     inputs = case.inputs
     y, cache = case.forward(inputs)
     y_leaves, y_tree = jax.tree_util.tree_flatten(y)
@@ -133,8 +136,9 @@ def main(argv=None) -> int:
                     f"differences (relative error <= {FD_TOL:g}) and JAX autodiff "
                     f"(<= {AUTODIFF_TOL:g}). Exits 1 if any row fails.")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--directions", type=int, default=3,
-                        help="random directions per tensor for the finite differences")
+    parser.add_argument("--directions", type=positive_int, default=3,
+                        help="directions per tensor for the finite differences: the gradient's "
+                             "own, then the gradient plus a random one (default: %(default)s)")
     parser.add_argument("--only", default=None,
                         help="check only cases whose name contains this text (e.g. 'block')")
     args = parser.parse_args(argv)

@@ -99,6 +99,15 @@ def parse_shape(spec: str):
     want = {"attn": (4, {"keep"}), "ln": (2, {"r"})}
     if kind not in want or len(dims) != want[kind][0] or not set(flags) <= want[kind][1]:
         raise ValueError(f"bad shape {spec!r}: use attn:BxLxHxDh[:keep] or ln:MxN[:r]")
+    if min(dims) < 1:
+        raise ValueError(f"bad shape {spec!r}: every size must be 1 or more")
+    if kind == "attn":  # what the kernels take, in their words (head dim, ...)
+        b, l, heads, dh = dims
+        try:
+            attention.check_forward_inputs(jax.ShapeDtypeStruct((b, l, 3 * heads * dh), jnp.float32),
+                                           heads, None)
+        except ValueError as err:
+            raise ValueError(f"bad shape {spec!r}: {err}") from None
     return kind, dims, bool(flags)
 
 

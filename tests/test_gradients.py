@@ -141,6 +141,16 @@ def test_a_row_is_ok_only_within_both_tolerances():
     assert not gradcheck.Row(**{**ok, "autodiff_rel_err": 2 * gradcheck.AUTODIFF_TOL}).ok
 
 
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_gradcheck_needs_a_direction_to_compare(dense_case, capsys, count):
+    """--directions 0 compared nothing with finite differences and said "all gradients agree"."""
+    with pytest.raises(SystemExit) as e:
+        gradcheck.main(["--directions", count])
+    assert e.value.code == 2 and "argument --directions: must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="directions must be 1 or more"):
+        gradcheck.check_case(dense_case, directions=int(count))
+
+
 def test_gradcheck_command_exits_zero(capsys):
     assert gradcheck.main(["--only", "cross-entropy", "--directions", "1"]) == 0
     out = capsys.readouterr().out

@@ -1,7 +1,8 @@
 """kernels.launch's two Launcher values, COMPILED and INTERPRETED: what each one makes the kernel
 files choose (read from the launches they record, no GPU needed), what the compiled one hands
 jax-triton, the launcher the checks use (kernels.compile_check; oracle.kernel_gradcheck on a faked
-GPU backend), and a clear error for anything else passed as a launcher."""
+GPU backend), a clear error for anything else passed as a launcher, and the check commands'
+usage errors for what they cannot check (a shape no kernel takes, an --only matching nothing)."""
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +200,30 @@ def test_gradcheck_on_a_gpu_checks_the_compiled_kernels(monkeypatch, capsys):
         assert [d for _, d in checked] == [
             f"fused Triton kernels ({launcher.name}, dot precision ieee, attention {k})" for k in kernels]
         assert ("SKIP" in capsys.readouterr().out) is launcher.on_gpu
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("attn:2x5x2x8", "head dim Dh = 3D / (3 * heads) = 8; the kernel needs a power of two"),
+    ("attn:0x5x2x16", "every size must be 1 or more"), ("ln:4x0", "every size must be 1 or more"),
+    ("attn:2x5", "use attn:BxLxHxDh[:keep] or ln:MxN[:r]")])
+def test_kernel_gradcheck_refuses_a_shape_the_kernels_do_not_take_before_checking_any(spec, why,
+                                                                                     capsys):
+    """A shape no kernel takes was a traceback from inside the first check; now it is a usage
+    error naming the shape, in the kernel's own words, before anything runs."""
+    from oracle import kernel_gradcheck
+
+    with pytest.raises(SystemExit) as e:
+        kernel_gradcheck.main(["--interpret", "--shapes", "ln:3x10", spec])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and f"bad shape {spec!r}" in err and why in err, err
+    assert "ln:3x10" not in out  # nothing was checked
+
+
+def test_compile_check_that_compiles_nothing_does_not_say_all_kernels_compile(capsys):
+    from kernels import compile_check
+
+    with pytest.raises(SystemExit) as e:
+        compile_check.main(["--quick", "--only", "no such case"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "--only 'no such case' matches no case" in err
+    assert "all kernels compile" not in out
