@@ -186,3 +186,18 @@ def test_compiled_variants_are_what_the_gpu_can_launch_and_their_resources_its_k
         (spec,) = compiled
         assert spec.kernel.__name__ == name and spec.constexprs["DOT_F32"] is False
         assert spec.constexprs["BLOCK_M"] == (32 if kernel == "key-blocked" else 16)
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--shape", "1x17x2x8"], "--shape 1x17x2x8: attention_forward: head dim Dh = 3D / (3 * heads) = 8"),
+    (["--shape", "1x0x2x16"], "--shape 1x0x2x16: attention_forward: qkv must be non-empty"),
+    (["--dtype", "float64"], "--dtype float64: pick from float32/ieee, float32/tf32"),
+    (["--dtype", "bfloat16/tf32"], "--dtype bfloat16/tf32: pick from")])
+def test_a_shape_or_dtype_no_kernel_takes_is_a_usage_error_before_any_variant_runs(flags, why,
+                                                                                   capsys):
+    """These were tracebacks (a KeyError, or the kernel's ValueError from the first variant)."""
+    with pytest.raises(SystemExit) as e:
+        tune_attention.main(["--interpret", *flags])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and why in err, err
+    assert out == ""

@@ -271,14 +271,29 @@ def _parse_shape(text: str, ap) -> tuple[int, ...]:
         shape = ()
     if len(shape) != 4:
         ap.error(f"--shape must be BxLxHxDh, got {text!r}")
+    try:
+        attention.check_shape(*shape)
+    except ValueError as err:
+        ap.error(f"--shape {text}: {err}")
     return shape
+
+
+DTYPE_SPECS = ("float32/ieee", "float32/tf32", "float32/tf32x3", "bfloat16", "float16")
+
+
+def _parse_dtype(text: str, ap) -> str:
+    """'float32' is float32/ieee; a dot precision goes with float32 only."""
+    spec = "float32/ieee" if text == "float32" else text
+    if spec not in DTYPE_SPECS:
+        ap.error(f"--dtype {text}: pick from {', '.join(DTYPE_SPECS)}")
+    return spec
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=list(DEFAULT_SHAPES), help="BxLxHxDh ...")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32/ieee"],
-                    help="float32/ieee, float32/tf32, bfloat16, float16")
+                    help=", ".join(DTYPE_SPECS))
     ap.add_argument("--grid", choices=sorted(GRIDS), default="full", help="key-blocked variants")
     ap.add_argument("--resources", action="store_true", help="sm_90 registers/stack per variant")
     ap.add_argument("--interpret", action="store_true", help="Triton's interpreter: check every variant, time none")
@@ -286,6 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the tables as Markdown to this file")
     args = ap.parse_args(argv)
     shapes = [_parse_shape(s, ap) for s in args.shape]
+    args.dtype = [_parse_dtype(d, ap) for d in args.dtype]
     if not args.interpret and jax.default_backend() != "gpu":
         print(f"tune_attention: no GPU (jax backend {jax.default_backend()!r}); pass --interpret to "
               "check the variants in Triton's interpreter without timing them", file=sys.stderr)

@@ -316,6 +316,12 @@ def check_forward_inputs(qkv, heads, keep_scale):
     return b, l, d, dh, heads
 
 
+def check_shape(b: int, l: int, heads: int, dh: int) -> None:
+    """A ValueError, in attention_forward's words, for a (B, L, H, Dh) that no attention kernel
+    takes (the check and tuning commands ask before they run anything)."""
+    check_forward_inputs(jax.ShapeDtypeStruct((b, l, 3 * heads * dh), np.float32), heads, None)
+
+
 def check_backward_inputs(cache, do):
     """-> (B, L, D, heads) of an attention_backward call, after checking dO against the cache."""
     _, o, lse, _ = cache

@@ -102,10 +102,8 @@ def parse_shape(spec: str):
     if min(dims) < 1:
         raise ValueError(f"bad shape {spec!r}: every size must be 1 or more")
     if kind == "attn":  # what the kernels take, in their words (head dim, ...)
-        b, l, heads, dh = dims
         try:
-            attention.check_forward_inputs(jax.ShapeDtypeStruct((b, l, 3 * heads * dh), jnp.float32),
-                                           heads, None)
+            attention.check_shape(*dims)
         except ValueError as err:
             raise ValueError(f"bad shape {spec!r}: {err}") from None
     return kind, dims, bool(flags)
