@@ -6,6 +6,8 @@ words.txt, the folder names of an image folder) and RUN_DIR/confusion-<checkpoin
 Results are also written to RUN_DIR/eval-<checkpoint>.json.
 
   --saliency N       RUN_DIR/saliency-<checkpoint>.png: N validation images beside |d loss / d image|
+  --attention N      RUN_DIR/attention-<checkpoint>.png: N validation images beside the share of the CLS
+                     token drawn from each patch (attention rollout over the blocks)
   --predict IMAGE..  top-5 classes of image files of any size (instead of evaluating)
 """
 
@@ -32,6 +34,9 @@ def build_parser():
                    help="print per-class accuracy and write the confusion matrix PNG")
     p.add_argument("--saliency", type=cmdline.positive_int, default=0, metavar="N",
                    help="write a PNG grid of N validation images beside their saliency maps")
+    p.add_argument("--attention", type=cmdline.positive_int, default=0, metavar="N",
+                   help="write a PNG grid of N validation images beside their attention maps "
+                        "(the CLS token's attention rollout)")
     p.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
                    help="print the top-5 classes of these image files instead of evaluating")
     cmdline.add_ops_flags(p)
@@ -107,7 +112,8 @@ def main(argv=None) -> int:
     from vit.runconfig import ConfigError  # noqa: PLC0415
     if args.predict:
         ignored = [flag for flag, given in (("--per-class", args.per_class),
-                                            ("--saliency", args.saliency)) if given]
+                                            ("--saliency", args.saliency),
+                                            ("--attention", args.attention)) if given]
         if ignored:
             print(f"evaluate.py: note: with --predict nothing else is evaluated: "
                   f"{' and '.join(ignored)} ignored", file=sys.stderr)
@@ -137,6 +143,9 @@ def main(argv=None) -> int:
     if args.saliency > 0:
         written = explain.write_saliency(run, val, args.saliency, args.run_dir, args.checkpoint)
         print(f"saliency maps: {written['png']} ({len(written['labels'])} validation images)")
+    if args.attention > 0:
+        written = explain.write_attention(run, val, args.attention, args.run_dir, args.checkpoint)
+        print(f"attention maps: {written['png']} ({len(written['labels'])} validation images)")
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -105,8 +105,8 @@ def test_evaluate_names_a_missing_run_a_checkpoint_given_for_its_run_and_a_missi
     assert f"no such image file: {tmp_path / 'no.png'}" in err and "cannot decode" not in err, err
     assert "note: with --predict nothing else is evaluated: --per-class ignored" in err, err
     err = exits_with_message(capsys, evaluate.main, finished_run, "--predict", tmp_path / "no.png",
-                             "--saliency", 3)
-    assert "note: with --predict nothing else is evaluated: --saliency ignored" in err, err
+                             "--saliency", 3, "--attention", 2)
+    assert "note: with --predict nothing else is evaluated: --saliency and --attention ignored" in err
 
 
 def test_evaluate_a_damaged_last_npz_offers_best(run_copy, capsys):

@@ -1,12 +1,19 @@
-"""What a trained model does, in pictures: saliency grids, confusion matrices, top-5 predictions.
+"""What a trained model does, in pictures: saliency grids, attention maps, confusion matrices, top-5
+predictions.
 
-Used by `python evaluate.py RUN --saliency N | --per-class | --predict IMAGE...`; every function also
-works on its own. All of it runs the float32 reference ops (vit/ops.py), whatever the run trained with.
+Used by `python evaluate.py RUN --saliency N | --attention N | --per-class | --predict IMAGE...`; every
+function also works on its own. All of it runs the float32 reference ops (vit/ops.py), whatever the run
+trained with.
 
 Saliency: for validation image i with true label y_i, the map is |d loss_i / d pixel| with loss_i the
 cross-entropy of image i alone and pixels in [0, 1] units, the largest over the colour channels. It comes
 from the model's hand-written backward (vit.image_gradient): the model sees x = (pixel - mean) / std, so
 d loss_i / d pixel = (d loss_i / d x) / std, and d loss_i / d x = B * d mean-loss / d x for a batch of B.
+
+Attention map (attention rollout, Abnar & Zuidema 2020): block i's attention weights P_i (B, H, L, L),
+the softmax the forward computes, averaged over the heads and mixed with the residual path as
+A_i = (mean_h P_i + I) / 2 (rows still sum to 1); R = A_n ... A_2 A_1 says how much each token's output
+of the last block draws on each input token. The map is R's CLS row over the patches, on the patch grid.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import numpy as np
 from vit import checkpoint, runconfig
 from vit.config import ViTConfig
 from vit.data.loader import normalize
-from vit.model import forward, image_gradient
+from vit.model import forward, image_gradient, model_forward
 
 # ----------------------------------------------------------------------------------------------
 # a run
@@ -153,8 +160,9 @@ def _pyplot():
     return plt
 
 
-def plot_saliency(images_u8, maps, true_names, pred_names, path) -> Path:
-    """Grid of (image, map) pairs, SALIENCY_PAIRS_PER_ROW per row, titled true / predicted class."""
+def plot_pairs(images_u8, maps, true_names, pred_names, path, map_title, title) -> Path:
+    """Grid of (image, map) pairs, SALIENCY_PAIRS_PER_ROW per row: each image titled with its true
+    and predicted class, each map with map_title(i) and drawn to its own max; title on top."""
     plt = _pyplot()
     n = len(maps)
     if n == 0:
@@ -177,15 +185,29 @@ def plot_saliency(images_u8, maps, true_names, pred_names, path) -> Path:
                          color="darkgreen" if ok else "firebrick")
         ax_map.imshow(maps[i], cmap="inferno", vmin=0, vmax=max(float(maps[i].max()), 1e-30),
                       interpolation="nearest")
-        ax_map.set_title(f"|d loss / d image|\nmax {float(maps[i].max()):.2g}", fontsize=7)
-    fig.suptitle("validation images beside |d loss / d pixel| from the hand-written backward\n"
-                 "(largest over the channels; each map scaled to its own max)", fontsize=8,
-                 y=1 - 0.08 / (height / DPI), va="top")
+        ax_map.set_title(map_title(i), fontsize=7)
+    fig.suptitle(title, fontsize=8, y=1 - 0.08 / (height / DPI), va="top")
     title_room = SALIENCY_HEADER_INCHES + 0.35  # the header and the first row's titles
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - title_room / (height / DPI),
                         wspace=0.08, hspace=0.35)
     path = Path(path)
     _save(fig, path)
+    return path
+
+
+def plot_saliency(images_u8, maps, true_names, pred_names, path) -> Path:
+    """The saliency grid: each validation image beside |d loss / d pixel|."""
+    return plot_pairs(images_u8, maps, true_names, pred_names, path,
+                      lambda i: f"|d loss / d image|\nmax {float(maps[i].max()):.2g}",
+                      "validation images beside |d loss / d pixel| from the hand-written backward\n"
+                      "(largest over the channels; each map scaled to its own max)")
+
+
+def _write_npz(path: Path, arrays: dict) -> Path:
+    """np.savez, atomically."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
     return path
 
 
@@ -203,10 +225,70 @@ def write_saliency(run: Run, val, n: int, out_dir, name: str = "best") -> dict:
                         out_dir / f"saliency-{name}.png")
     arrays = {"indices": idx, "images": images, "labels": labels, "predictions": pred.astype(np.int32),
               "maps": maps.astype(np.float32), "grads": grads.astype(np.float32)}
-    npz = out_dir / f"saliency-{name}.npz"
-    tmp = npz.with_name(npz.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, npz)
+    npz = _write_npz(out_dir / f"saliency-{name}.npz", arrays)
+    return {**arrays, "png": png, "npz": npz}
+
+
+# ----------------------------------------------------------------------------------------------
+# attention maps
+
+
+def _forward_with_attention(params, x, model):
+    """(logits, every block's P stacked) of the reference forward (no dropout)."""
+    logits, (_, blocks, _) = model_forward(params, x, model)
+    return logits, jnp.stack([block.mha[1].p for block in blocks])  # each block's SdpaCache.p
+
+
+_forward_with_attention_jit = jax.jit(_forward_with_attention, static_argnums=2)
+
+
+def attention_probs(params, model: ViTConfig, images_u8, mean, std, chunk: int = 64):
+    """-> (P (blocks, N, H, L, L), logits (N, K)): every block's softmax attention weights (rows:
+    queries, columns: keys, token 0 the CLS) as the model's forward computes them, read from its
+    cache, and the logits of the same forward."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    logits, probs = [], []
+    for s in range(0, len(images_u8), chunk):
+        x = model_input(images_u8[s:s + chunk], mean, std, dtype)
+        out = _forward_with_attention_jit(params, x, model)
+        logits.append(np.asarray(out[0]))
+        probs.append(np.asarray(out[1]))
+    return np.concatenate(probs, axis=1), np.concatenate(logits)
+
+
+def attention_rollout(probs: np.ndarray) -> np.ndarray:
+    """probs (blocks, N, H, L, L) -> (N, L - 1): the CLS row of R = A_n ... A_1 with
+    A_i = (mean over heads of P_i + I) / 2, over the patch tokens (see the module docstring).
+    Each row of R sums to 1; the CLS's share of itself is left out."""
+    probs = np.asarray(probs, np.float64)
+    blocks, n, _, l, _ = probs.shape
+    rollout = np.broadcast_to(np.eye(l), (n, l, l))
+    for p in probs:
+        rollout = ((p.mean(axis=1) + np.eye(l)) / 2) @ rollout
+    return rollout[:, 0, 1:]
+
+
+def write_attention(run: Run, val, n: int, out_dir, name: str = "best") -> dict:
+    """attention-<name>.png (each image beside its rollout map on the patch grid) and
+    attention-<name>.npz (the arrays, every block's weights among them) in out_dir, for n
+    validation images spread over the set (the saliency grid's). -> the arrays and paths."""
+    idx = pick_indices(len(val.labels), n)
+    images = np.asarray(val.images[idx])
+    labels = np.asarray(val.labels[idx], np.int32)
+    probs, logits = attention_probs(run.params, run.model, images, run.mean, run.std)
+    grid = run.model.image_size // run.model.patch_size
+    maps = attention_rollout(probs).reshape(len(idx), grid, grid)
+    pred = logits.argmax(-1)
+    names = list(val.class_names)
+    png = plot_pairs(images, maps, [names[k] for k in labels], [names[k] for k in pred],
+                     Path(out_dir) / f"attention-{name}.png",
+                     lambda i: f"CLS attention rollout\nmax {float(maps[i].max()):.2g}",
+                     f"validation images beside the share of the CLS token's last output drawn from "
+                     f"each {run.model.patch_size}x{run.model.patch_size} patch\n(attention rollout "
+                     f"over {len(probs)} blocks, heads averaged; each map scaled to its own max)")
+    arrays = {"indices": idx, "images": images, "labels": labels, "predictions": pred.astype(np.int32),
+              "maps": maps.astype(np.float32), "attention": probs.astype(np.float32)}
+    npz = _write_npz(Path(out_dir) / f"attention-{name}.npz", arrays)
     return {**arrays, "png": png, "npz": npz}
 
 
