@@ -98,7 +98,8 @@ def evaluate_run(run, val, batch_size=256, ops=None, progress=True):
         raise AssertionError(f"evaluated {result['count']} images, the validation set has "
                              f"{len(val.labels)}")
     correct, total = np.diag(confusion), confusion.sum(axis=1)
-    return {"checkpoint": str(run.path), "epoch": run.meta["epoch"], **result,
+    return {"checkpoint": str(run.path), "epoch": run.meta["epoch"],
+            "step_in_epoch": run.meta.get("step_in_epoch", 0), **result,
             "per_class": [(name, int(c), int(t)) for name, c, t in
                           zip(val.class_names, correct, total)],
             "confusion": confusion, "class_names": list(val.class_names)}
@@ -126,9 +127,11 @@ def main(argv=None) -> int:
     except (cmdline.UsageError, FileNotFoundError, DatasetError, CheckpointError,
             ConfigError) as err:
         fail(str(err))
-    print(f"{result['checkpoint']} (epoch {result['epoch']}): top-1 {100 * result['top1']:.2f}%"
-          f"  top-5 {100 * result['top5']:.2f}%  loss {result['loss']:.4f}  "
-          f"on {result['count']} validation images")
+    into = (f" and {result['step_in_epoch']} steps into epoch {result['epoch'] + 1}"
+            if result["step_in_epoch"] else "")  # a last.npz saved mid-epoch
+    print(f"{result['checkpoint']} (epoch {result['epoch']}{into}): top-1 "
+          f"{100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  loss "
+          f"{result['loss']:.4f}  on {result['count']} validation images")
     if args.per_class:
         rows = sorted(result["per_class"], key=lambda r: r[1] / max(r[2], 1))
         print(f"\n{'class':<48} {'correct':>8} {'total':>6} {'acc':>7}")

@@ -294,6 +294,9 @@ def test_a_crash_mid_epoch_loses_only_the_steps_since_the_last_timed_save(
     said = capsys.readouterr().out
     assert (f"saved {run / 'last.npz'} at epoch 2, step 4 (train.checkpoint_minutes = 1e-09)"
             in said) == bool(minutes), said
+    assert evaluate.main([str(run), "--checkpoint", "last", "--no-progress"]) == 0
+    into = " and 4 steps into epoch 2" if minutes else ""  # evaluate.py says where last.npz is
+    assert f"last.npz (epoch 1{into}): top-1" in capsys.readouterr().out
     assert run_train("--resume", run, "--no-progress") == 0
     assert_same_run(reference, run)
 
