@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the hand-differentiated ViT. Configs are TOML files with [model], "
                     "[train] and [data] sections (configs/*.toml); every value can be "
                     "overridden here, by a named flag or by --set section.key=value; a flag "
-                    "left out keeps the config's value.")
+                    "left out keeps the config's value.",
+        epilog="RUN_DIR/last.npz is written at every epoch's end and, within an epoch, every "
+               "train.checkpoint_minutes (30 unless set); best.npz at the best val top-1. Exit "
+               f"codes: 0 every epoch done; {EXIT_INTERRUPTED} stopped early with last.npz saved "
+               "(Ctrl-C, SIGTERM, --stop-after-epoch: continue with --resume); "
+               f"{EXIT_NONFINITE} the loss became NaN/Inf (last.npz left as it was); 2 a bad "
+               "flag, config value, data or checkpoint file (the message names it).")
     p.add_argument("--config", default=None,
                    help="TOML config file (default: configs/seed.toml, or configs/digits.toml "
                         "with --dataset digits)")
