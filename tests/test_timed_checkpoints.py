@@ -1,0 +1,107 @@
+"""train.checkpoint_minutes (vit/training.py): when a mid-epoch save of last.npz is due
+(Run.checkpoint_due, Run.save), read on a fake clock, and that a run's images/s leaves the time of
+those saves out. (A crash mid-epoch after timed saves, and the resume from one: test_train.py.)"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from vit import checkpoint, parallel, runconfig, training
+from vit.runstate import RunState
+from step_spy import after_each_step
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1",
+         "--set", "model.d_model=32", "--set", "model.mlp_dim=64", "--batch-size", "128"]
+STEPS_PER_EPOCH = 1437 // 128  # 11: the digits training set in batches of 128
+
+
+class FakeTime:
+    """vit.training's `time` module with its clocks at `now` seconds, which only the test moves on
+    (strftime and the rest are time's own). Far ahead of the real monotonic clock, which a Run
+    reads when it is made: a run's start is long past on this clock until last.npz is saved."""
+
+    def __init__(self):
+        self.now = 1e9
+
+    def monotonic(self):
+        return self.now
+
+    def perf_counter(self):
+        return self.now
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(training, "time", fake)
+    return fake
+
+
+def make_run(tmp_path, minutes=30.0, main_process=True):
+    cfg = runconfig.from_dict({"train": {"checkpoint_minutes": minutes}})
+    state = RunState.fresh({"w": np.ones((2, 3), np.float32)}, {"step": np.int32(0)}, [0.5], [0.25])
+    return training.Run(cfg=cfg, run_dir=tmp_path, ops=None, mesh=None, state=state, batcher=None,
+                        val_batcher=None, train_step=None, eval_step=None, hparams=None,
+                        steps_per_epoch=4, class_names=["a", "b"], main_process=main_process,
+                        progress=False, resumed=False, saved_at=1e9)
+
+
+def test_a_save_is_due_the_given_minutes_after_last_npz_was_written(tmp_path, clock):
+    """Minutes, not seconds; counted from the last save of last.npz (best.npz's does not restart
+    the count); 0 switches the timed saves off."""
+    run = make_run(tmp_path)
+    clock.now += 29 * 60 + 50
+    assert not run.checkpoint_due()
+    clock.now += 20  # 30 minutes 10 s since the run started
+    assert run.checkpoint_due()
+    run.save("best")  # a new best epoch: last.npz is as old as it was
+    assert (tmp_path / "best.npz").is_file() and run.checkpoint_due()
+    run.save("last")
+    assert (tmp_path / "last.npz").is_file() and not run.checkpoint_due()
+    clock.now += 29 * 60 + 50
+    assert not run.checkpoint_due()
+    clock.now += 20
+    assert run.checkpoint_due()
+    assert not make_run(tmp_path / "off", minutes=0).checkpoint_due()  # even after 60 minutes
+
+
+def test_only_process_0_has_a_save_due(tmp_path, clock):
+    """The other processes of a multi-process run write nothing, so no save is ever due there (each
+    would count its step early and print a 'saved' line for a file it never wrote)."""
+    run = make_run(tmp_path, main_process=False)
+    clock.now += 3600
+    assert not run.checkpoint_due()
+    run.save("last")
+    assert not (tmp_path / "last.npz").exists()
+
+
+def test_the_default_is_the_documented_30_minutes():
+    assert runconfig.TrainSection().checkpoint_minutes == 30.0
+    assert "`train.checkpoint_minutes` (default 30;" in (ROOT / "README.md").read_text()
+
+
+def test_images_per_second_leaves_out_the_time_spent_saving(tmp_path, monkeypatch, clock):
+    """Each step takes 1 s on the fake clock and each save of a checkpoint 1000 s; saving at every
+    step boundary (train.checkpoint_minutes = 1e-9), the epoch's images/s is still 128 images a
+    step over 1 s a step."""
+    after_each_step(monkeypatch, parallel, "make_parallel_train_step",
+                    lambda *_: setattr(clock, "now", clock.now + 1))
+    save = checkpoint.save
+
+    def slow_save(*args, **kwargs):
+        clock.now += 1000
+        return save(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    run = tmp_path / "run"
+    assert train.main([*QUICK, "--epochs", "1", "--set", "train.checkpoint_minutes=1e-9",
+                       "--out", str(run)]) == 0
+    (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert record["images_per_s"] == pytest.approx(128.0, rel=1e-12)
