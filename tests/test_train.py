@@ -195,23 +195,50 @@ def test_each_epoch_records_the_mean_and_largest_gradient_norm_of_its_steps(tmp_
             return out
         return recorded
     monkeypatch.setattr(parallel, "make_parallel_train_step", recording)
-    run = tmp_path / "run"
+    figures, run = saved_figures(monkeypatch), tmp_path / "run"
     assert run_train(*QUICK, "--epochs", 2, "--set", "train.clip_norm=1e-3", "--out", run) == 0
     assert len(norms) == 2 * STEPS_PER_EPOCH and min(norms) > 1e-3
     for r, epoch in zip(records(run), (norms[:STEPS_PER_EPOCH], norms[STEPS_PER_EPOCH:])):
         assert r["grad_norm"] == pytest.approx(np.mean(epoch), rel=1e-12)
         assert r["grad_norm_max"] == max(epoch)
+    assert norm_lines(figures[-1])["clip_norm 0.001"][1] == [1e-3, 1e-3]  # curves.png's threshold
 
 
-def test_curves_draw_a_history_whose_first_records_have_no_gradient_norms(tmp_path):
+def saved_figures(monkeypatch) -> list:
+    """The list that collects every matplotlib figure saved (curves.png's) during the test."""
+    from matplotlib.figure import Figure
+
+    figures, save = [], Figure.savefig
+
+    def saving(fig, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", saving)
+    return figures
+
+
+def norm_lines(fig) -> dict:
+    """label -> (x, y) of each line of a curves figure's gradient norm panel."""
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == "training gradient norm"]
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines()}
+
+
+def test_curves_draw_a_history_whose_first_records_have_no_gradient_norms(tmp_path, monkeypatch):
     """A run resumed from a checkpoint older than the gradient norms has records without them:
-    curves.png draws the ones that have them, beside the clipping threshold."""
+    curves.png draws the ones that have them (mean and largest), beside the clipping threshold
+    when there is one (clip_norm 0: none)."""
     old = {"train_accuracy": 0.5, "val_top1": 0.5, "val_top5": 0.9, "train_loss": 1.0,
            "val_loss": 1.2}
     history = [{**old, "epoch": 1}, {**old, "epoch": 2, "grad_norm": None, "grad_norm_max": None},
                {**old, "epoch": 3, "grad_norm": 0.8, "grad_norm_max": 2.0}]
+    figures = saved_figures(monkeypatch)
     curves.plot_curves(history, tmp_path / "curves.png", clip_norm=1.0)
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    curves.plot_curves(history, tmp_path / "unclipped.png", clip_norm=0.0)
+    drawn = {"mean over the epoch's steps": ([3], [0.8]), "largest": ([3], [2.0])}
+    assert norm_lines(figures[0]) == {**drawn, "clip_norm 1": ([0, 1], [1.0, 1.0])}
+    assert norm_lines(figures[1]) == drawn
 
 
 def test_validation_batches_are_no_larger_than_the_validation_set(tmp_path, monkeypatch):
