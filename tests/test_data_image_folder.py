@@ -219,6 +219,7 @@ def test_loads_that_start_together_decode_once(root, decode_calls, capsys):
     for t in threads:
         t.join()
     assert len(decode_calls) == 3 * TRAIN  # one build, the other read it
+    assert sorted(got[k].decoded_now for k in got) == [False, True]  # and says so
     np.testing.assert_array_equal(got[0].images, got[1].images)
     assert not list((root / "vitfuse-cache").glob("*.lock"))
 

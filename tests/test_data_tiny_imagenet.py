@@ -494,20 +494,58 @@ def test_unknown_split_and_dataset(root):
 # --- command line ------------------------------------------------------------------------------------------------
 
 
-def test_prepare_command_builds_the_cache(root, capsys):
-    assert cli.main(["prepare", "--data-dir", str(root.parent), "--workers", "1", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert f"train: {NUM_CLASSES * PER_CLASS} images" in out and f"val: {VAL} images" in out
-    assert (root / tiny_imagenet.CACHE_DIRNAME / "val_manifest.json").is_file()
+def test_prepare_command_builds_the_cache_and_says_when_it_was_up_to_date(root, capsys):
+    argv = ["prepare", "--data-dir", str(root.parent), "--workers", "1", "--quiet"]
+    assert cli.main(argv) == 0
+    out, cache = capsys.readouterr().out, root / tiny_imagenet.CACHE_DIRNAME
+    for split, n in (("train", NUM_CLASSES * PER_CLASS), ("val", VAL)):
+        said = f"tiny-imagenet {split}: {n} images (64, 64, 3), {NUM_CLASSES} classes; cache decoded now into {cache}"
+        assert f"{said}\n" in out, out
+    assert (cache / "val_manifest.json").is_file()
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count(f"; cache up to date in {cache}\n") == 2
 
 
-def test_command_line_errors_exit_2_with_the_message(tmp_path, capsys):
+def test_prepare_command_decodes_with_the_workers_asked_for(root, monkeypatch):
+    """--workers N reaches the cache build (recorded here; the build itself runs in-process)."""
+    from vit.data import cache
+
+    asked, build = [], cache.build_cache
+
+    def recording(*args, workers, **kwargs):
+        asked.append(workers)
+        return build(*args, workers=1, **kwargs)
+
+    monkeypatch.setattr(cache, "build_cache", recording)
+    assert cli.main(["prepare", "--data-dir", str(root.parent), "--workers", "3", "--quiet"]) == 0
+    assert asked == [3, 3]  # train, then val
+
+
+def test_download_command_passes_its_flags_on(tmp_path, monkeypatch):
+    """--retries 0 (fail at the first dropped connection) and a fraction of a second of --timeout
+    are values, not errors, and reach the download."""
+    got = {}
+    monkeypatch.setattr(cli, "download", lambda dest, url, md5, **kw: got.update(dest=dest, url=url, md5=md5, **kw))
+    argv = ["download", "--dest", str(tmp_path), "--url", "http://127.0.0.1:9/x.zip", "--md5", "0" * 32,
+            "--retries", "0", "--timeout", "0.5", "--keep-zip", "--quiet"]
+    assert cli.main(argv) == 0
+    assert got == {"dest": str(tmp_path), "url": "http://127.0.0.1:9/x.zip", "md5": "0" * 32, "retries": 0,
+                   "timeout": 0.5, "keep_zip": True, "progress": False}
+
+
+def test_command_line_errors_exit_2_with_the_message(tmp_path, capsys, monkeypatch):
     """Data that cannot be used is exit code 2, as in train.py, and so are bad flags (argparse's
-    own message naming the flag, no traceback)."""
+    own message naming the flag, no traceback; a flag let through would reach the default data
+    directory or the real server, so here it fails instead)."""
     assert cli.main(["prepare", "--data-dir", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "python -m vit.data prepare: error: data directory" in capsys.readouterr().err
-    for argv in (["prepare", "--workers", "0"], ["prepare", "--image-size", "-4"],
-                 ["download", "--retries", "-1"], ["download", "--timeout", "0"]):
+
+    def reached(*args, **kwargs):
+        raise AssertionError(f"a bad flag was let through: {kwargs}")
+    monkeypatch.setattr(cli, "download", reached)
+    monkeypatch.setattr(cli, "load_dataset", reached)
+    for argv in (["prepare", "--workers", "0"], ["prepare", "--image-size", "-4"], ["prepare", "--image-size", "0"],
+                 ["download", "--retries", "-1"], ["download", "--timeout", "0"], ["download", "--timeout", "nan"]):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         err = capsys.readouterr().err
