@@ -1,5 +1,6 @@
 """bench/profile_step.py: the summary of an ncu CSV (a made-up one in ncu's raw-page layout), and
-`run` refusing to run without a GPU and building the compiled step on one."""
+`run` refusing to run without a GPU and building the compiled step on one; its counts, and
+bench/step_time.py's, refusing anything below 1 before any work."""
 
 import pytest
 
@@ -97,3 +98,31 @@ def test_a_fused_contender_without_a_launcher_is_an_error_naming_it():
     for contender in ("fused", "fused-attn", "fused-ln", "fused-bf16"):
         with pytest.raises(ValueError, match=f"'{contender}' contender needs a launcher"):
             steps.ops_for(contender)
+
+
+@pytest.mark.parametrize("argv", [["run", "fused", "--steps", "0"], ["summarize", "x.csv", "--top", "0"]])
+def test_profile_step_counts_below_1_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        profile_step.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {argv[2]}: must be a positive integer, got 0" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--batch"])
+def test_step_time_counts_below_1_are_usage_errors(flag, monkeypatch, capsys):
+    """--steps 0 was a traceback after compiling both steps (the median of no times); a model
+    built here means the flag got through."""
+    import runpy  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import vit  # noqa: PLC0415
+
+    def built(*args, **kwargs):
+        raise AssertionError(f"{flag} 0 got past the flags")
+    monkeypatch.setattr(vit, "ViTConfig", built)
+    monkeypatch.setattr(sys, "argv", ["step_time.py", flag, "0"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(Path(__file__).with_name("step_time.py")), run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: must be a positive integer, got 0" in err, err

@@ -201,3 +201,17 @@ def test_a_shape_or_dtype_no_kernel_takes_is_a_usage_error_before_any_variant_ru
     out, err = capsys.readouterr()
     assert e.value.code == 2 and why in err, err
     assert out == ""
+
+
+def test_every_listed_dtype_reaches_the_tuner_and_plain_float32_means_ieee(monkeypatch):
+    """Each spec --help lists (float32/tf32x3 among them) is taken, as the dtype and dot precision
+    tune gets; 'float32' is float32/ieee. (tune itself is a stand-in here: nothing runs.)"""
+    tuned = []
+    monkeypatch.setattr(tune_attention, "tune", lambda shape, dtype, dot_precision, *rest:
+                        tuned.append((shape, jnp.dtype(dtype).name, dot_precision)) or [])
+    assert tune_attention.main(["--interpret", "--shape", "1x5x1x16", "--dtype", "float32",
+                                *tune_attention.DTYPE_SPECS]) == 0
+    assert [t[1:] for t in tuned] == [("float32", "ieee"), ("float32", "ieee"), ("float32", "tf32"),
+                                      ("float32", "tf32x3"), ("bfloat16", "ieee"), ("float16", "ieee")]
+    assert {t[0] for t in tuned} == {(1, 5, 1, 16)}
+    assert "float32/tf32x3" in tune_attention.DTYPE_SPECS
