@@ -545,7 +545,8 @@ def test_command_line_errors_exit_2_with_the_message(tmp_path, capsys, monkeypat
     monkeypatch.setattr(cli, "download", reached)
     monkeypatch.setattr(cli, "load_dataset", reached)
     for argv in (["prepare", "--workers", "0"], ["prepare", "--image-size", "-4"], ["prepare", "--image-size", "0"],
-                 ["download", "--retries", "-1"], ["download", "--timeout", "0"], ["download", "--timeout", "nan"]):
+                 ["download", "--retries", "-1"], ["download", "--timeout", "0"], ["download", "--timeout", "nan"],
+                 ["download", "--timeout", "inf"], ["download", "--timeout", "1e300"]):  # (the socket overflowed)
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         err = capsys.readouterr().err

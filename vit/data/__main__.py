@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from pathlib import Path
 
 from vit.data import DEFAULT_DATA_DIR, LAYOUTS, DatasetError, load_dataset
@@ -28,13 +29,16 @@ def at_least(minimum: int):
 
 
 def positive_seconds(text: str) -> float:
-    """argparse type: a number of seconds > 0."""
+    """argparse type: a number of seconds > 0, and no more than a socket can wait (inf, 1e300: an
+    OverflowError from the first connection)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    if value > threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {threading.TIMEOUT_MAX:.0f} seconds, got {text}")
     return value
 
 
