@@ -84,8 +84,13 @@ def test_only_process_0_has_a_save_due(tmp_path, clock):
 
 
 def test_the_default_is_the_documented_30_minutes():
+    """The README and train.py --help (whose end also gives the exit codes) state the default."""
     assert runconfig.TrainSection().checkpoint_minutes == 30.0
     assert "`train.checkpoint_minutes` (default 30;" in (ROOT / "README.md").read_text()
+    text = " ".join(train.build_parser().format_help().split())
+    assert "every train.checkpoint_minutes (30 unless set)" in text, text
+    for code in (0, train.EXIT_INTERRUPTED, train.EXIT_NONFINITE, 2):
+        assert f" {code} " in text.split("Exit codes:")[1]
 
 
 def test_images_per_second_leaves_out_the_time_spent_saving(tmp_path, monkeypatch, clock):

@@ -446,11 +446,3 @@ def test_help_explains_every_flag():
                  "--accum-steps", "--lr", "--out", "--resume", "--interpret", "--compute-dtype",
                  "--dot-precision", "--set"):
         assert flag in text
-
-
-def test_help_gives_the_checkpoint_default_and_the_exit_codes():
-    text = " ".join(train.build_parser().format_help().split())
-    minutes = runconfig.TrainSection.checkpoint_minutes
-    assert f"every train.checkpoint_minutes ({minutes:g} unless set)" in text, text
-    for code in (0, train.EXIT_INTERRUPTED, train.EXIT_NONFINITE, 2):
-        assert f" {code} " in text.split("Exit codes:")[1]
