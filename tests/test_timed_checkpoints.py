@@ -1,6 +1,7 @@
 """train.checkpoint_minutes (vit/training.py): when a mid-epoch save of last.npz is due
 (Run.checkpoint_due, Run.save), read on a fake clock, and that a run's images/s leaves the time of
-those saves out. (A crash mid-epoch after timed saves, and the resume from one: test_train.py.)"""
+those saves out; and when curves.png is redrawn (Run.draw_curves), on the same clock. (A crash
+mid-epoch after timed saves, and the resume from one: test_train.py.)"""
 
 import json
 import time
@@ -110,3 +111,34 @@ def test_images_per_second_leaves_out_the_time_spent_saving(tmp_path, monkeypatc
                        "--out", str(run)]) == 0
     (record,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert record["images_per_s"] == pytest.approx(128.0, rel=1e-12)
+
+
+def test_curves_are_drawn_when_due_and_when_training_stops(tmp_path, monkeypatch, clock):
+    """A drawing of curves.png takes about 0.2 s, which after every epoch was half of a digits run:
+    it is drawn after an epoch once CURVES_SECONDS have passed since the last drawing (after the
+    first epoch always), at once when forced (training stops), and never twice for one history."""
+    drawn = []
+    monkeypatch.setattr(training, "plot_curves", lambda history, *_: drawn.append(len(history)))
+    run = make_run(tmp_path)
+    run.draw_curves(force=True)  # no epoch yet: nothing to draw
+
+    def epoch_ends(seconds):
+        clock.now += seconds
+        run.state.history.append({"epoch": len(run.state.history) + 1})
+        run.draw_curves()
+    for seconds in (1, 1, training.CURVES_SECONDS - 2, 1, 1):
+        epoch_ends(seconds)  # drawn after the first, and once 10 s have passed: the fourth
+    run.draw_curves(force=True)
+    run.draw_curves(force=True)
+    assert drawn == [1, 4, 5]
+
+
+def test_a_quick_run_draws_its_first_and_last_epochs(tmp_path, monkeypatch, clock):
+    """Steps of 0.1 s on the fake clock (an epoch of 1.1 s): 3 epochs of train.py draw curves.png
+    after epoch 1 and when the run ends, with all 3 epochs."""
+    drawn = []
+    monkeypatch.setattr(training, "plot_curves", lambda history, *_: drawn.append(len(history)))
+    after_each_step(monkeypatch, parallel, "make_parallel_train_step",
+                    lambda *_: setattr(clock, "now", clock.now + 0.1))
+    assert train.main([*QUICK, "--epochs", "3", "--out", str(tmp_path / "run")]) == 0
+    assert drawn == [1, 3]

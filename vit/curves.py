@@ -1,5 +1,6 @@
 """curves.png of a run: how training went, epoch by epoch, from its metrics history (the records
-of metrics.jsonl), redrawn by vit/training.py after every epoch."""
+of metrics.jsonl), redrawn by vit/training.py (Run.draw_curves: after an epoch once
+training.CURVES_SECONDS have passed since the last drawing, and when training stops)."""
 
 from __future__ import annotations
 

@@ -26,6 +26,9 @@ from typing import Any, Callable
 from vit.curves import plot_curves
 
 DONE, STOPPED, NONFINITE = "done", "stopped", "nonfinite"
+# curves.png is redrawn after an epoch once this long has passed since it was last drawn, and
+# when training stops: a drawing takes about 0.2 s, which every epoch was half of a digits run
+CURVES_SECONDS = 10.0
 
 
 class RunError(ValueError):
@@ -88,6 +91,8 @@ class Run:
     progress: bool
     resumed: bool
     saved_at: float = field(default_factory=time.monotonic)  # when last.npz was last written
+    drawn: int = 0  # how many epochs of the history curves.png shows (0: not drawn by this run)
+    drawn_at: float = float("-inf")  # when it was drawn
 
     def checkpoint_due(self) -> bool:
         """Whether train.checkpoint_minutes have passed since last.npz was written (or the run
@@ -95,6 +100,17 @@ class Run:
         minutes = self.cfg.train.checkpoint_minutes
         return (self.main_process and minutes > 0
                 and time.monotonic() - self.saved_at >= 60 * minutes)
+
+    def draw_curves(self, force: bool = False):
+        """curves.png from the history, if it shows fewer epochs: after an epoch once
+        CURVES_SECONDS have passed since the last drawing, or at once with force (when training
+        stops). Process 0 only."""
+        history = self.state.history
+        if not self.main_process or not history or self.drawn == len(history):
+            return
+        if force or time.monotonic() - self.drawn_at >= CURVES_SECONDS:
+            plot_curves(history, self.run_dir / "curves.png", self.cfg.train.hparams.clip_norm)
+            self.drawn, self.drawn_at = len(history), time.monotonic()
 
     def save(self, name: str):
         """RUN_DIR/<name>.npz from the current state (process 0 writes; a no-op elsewhere)."""
@@ -334,7 +350,8 @@ def train_epoch(run: Run, stop: StopOnSignal):
 
 def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> dict:
     """Validate, then checkpoints first and the metrics line after them (metrics.jsonl never
-    gets ahead of last.npz; --resume rewrites it from last.npz's history), the plot, one line."""
+    gets ahead of last.npz; --resume rewrites it from last.npz's history), the plot when due
+    (Run.draw_curves), one line."""
     from vit import parallel  # noqa: PLC0415
     from vit.step import evaluate_batches, scheduled_lr  # noqa: PLC0415
 
@@ -359,7 +376,7 @@ def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> di
     if run.main_process:
         with open(run.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        plot_curves(s.history, run.run_dir / "curves.png", run.cfg.train.hparams.clip_norm)
+        run.draw_curves()
         print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
               f"acc {100 * record['train_accuracy']:.2f}% | val loss {record['val_loss']:.4f} "
               f"top-1 {100 * record['val_top1']:.2f}% top-5 {100 * record['val_top5']:.2f}% | "
@@ -392,10 +409,12 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
         while s.epoch < epochs:
             finish_epoch(run, *train_epoch(run, stop))
             if stop_after_epoch is not None and stop_after_epoch <= s.epoch < epochs:
+                run.draw_curves(force=True)
                 print(f"stopping after epoch {s.epoch} as asked; continue with python train.py "
                       f"--resume {run.run_dir}")
                 return STOPPED
     except FloatingPointError as err:
+        run.draw_curves(force=True)
         kept = (f"the last good checkpoint ({last}) is untouched" if last.exists()
                 else "no checkpoint had been written yet")
         print(f"\ntrain.py: the training loss became {err} at epoch {s.epoch + 1}, step "
@@ -405,6 +424,7 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
     except Interrupted:  # first Ctrl-C / SIGTERM: the state is consistent at a step boundary
         try:
             run.save("last")
+            run.draw_curves(force=True)
         except InterruptedTwice:  # during the save: checkpoint.save replaces last.npz whole
             return _interrupted_twice(last)
         print(f"\ninterrupted: saved {last} at epoch {s.epoch + 1}, step {s.step_in_epoch}; "
@@ -412,5 +432,6 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
         return STOPPED
     except InterruptedTwice:  # a second Ctrl-C while stopping: leave without writing anything
         return _interrupted_twice(last)
+    run.draw_curves(force=True)
     print(f"done: best val top-1 {100 * s.best_top1:.2f}%; run directory {run.run_dir}")
     return DONE
