@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -211,22 +212,35 @@ def _write_npz(path: Path, arrays: dict) -> Path:
     return path
 
 
+def picked_validation(val, n: int):
+    """(indices, images, labels) of n validation images spread evenly over the set."""
+    idx = pick_indices(len(val.labels), n)
+    return idx, np.asarray(val.images[idx]), np.asarray(val.labels[idx], np.int32)
+
+
+def write_pairs(out_dir, stem: str, plot, val, picked, maps, logits, **extra) -> dict:
+    """<stem>.png, drawn by plot(images, maps, true names, predicted names, path), and <stem>.npz
+    (the arrays it draws, and extra) in out_dir, for the picked validation images (indices,
+    images, labels) and their maps and logits. -> the arrays and paths."""
+    idx, images, labels = picked
+    pred = logits.argmax(-1)
+    names = list(val.class_names)
+    png = plot(images, maps, [names[k] for k in labels], [names[k] for k in pred],
+               Path(out_dir) / f"{stem}.png")
+    arrays = {"indices": idx, "images": images, "labels": labels, "predictions": pred.astype(np.int32),
+              "maps": maps.astype(np.float32), **{k: v.astype(np.float32) for k, v in extra.items()}}
+    npz = _write_npz(Path(out_dir) / f"{stem}.npz", arrays)
+    return {**arrays, "png": png, "npz": npz}
+
+
 def write_saliency(run: Run, val, n: int, out_dir, name: str = "best") -> dict:
     """saliency-<name>.png (the grid) and saliency-<name>.npz (the arrays it draws) in out_dir for n
     validation images spread over the set. -> the arrays and paths."""
-    idx = pick_indices(len(val.labels), n)
-    images = np.asarray(val.images[idx])
-    labels = np.asarray(val.labels[idx], np.int32)
+    picked = picked_validation(val, n)
+    _, images, labels = picked
     maps, grads, logits = saliency(run.params, run.model, images, labels, run.mean, run.std)
-    pred = logits.argmax(-1)
-    names = list(val.class_names)
-    out_dir = Path(out_dir)
-    png = plot_saliency(images, maps, [names[k] for k in labels], [names[k] for k in pred],
-                        out_dir / f"saliency-{name}.png")
-    arrays = {"indices": idx, "images": images, "labels": labels, "predictions": pred.astype(np.int32),
-              "maps": maps.astype(np.float32), "grads": grads.astype(np.float32)}
-    npz = _write_npz(out_dir / f"saliency-{name}.npz", arrays)
-    return {**arrays, "png": png, "npz": npz}
+    return write_pairs(out_dir, f"saliency-{name}", plot_saliency, val, picked, maps, logits,
+                       grads=grads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,28 +282,26 @@ def attention_rollout(probs: np.ndarray) -> np.ndarray:
     return rollout[:, 0, 1:]
 
 
+def plot_attention(images_u8, maps, true_names, pred_names, path, patch: int, blocks: int) -> Path:
+    """The attention grid: each validation image beside its rollout map on the patch grid."""
+    return plot_pairs(images_u8, maps, true_names, pred_names, path,
+                      lambda i: f"CLS attention rollout\nmax {float(maps[i].max()):.2g}",
+                      f"validation images beside the share of the CLS token's last output drawn from "
+                      f"each {patch}x{patch} patch\n(attention rollout over {blocks} blocks, heads "
+                      f"averaged; each map scaled to its own max)")
+
+
 def write_attention(run: Run, val, n: int, out_dir, name: str = "best") -> dict:
     """attention-<name>.png (each image beside its rollout map on the patch grid) and
     attention-<name>.npz (the arrays, every block's weights among them) in out_dir, for n
     validation images spread over the set (the saliency grid's). -> the arrays and paths."""
-    idx = pick_indices(len(val.labels), n)
-    images = np.asarray(val.images[idx])
-    labels = np.asarray(val.labels[idx], np.int32)
-    probs, logits = attention_probs(run.params, run.model, images, run.mean, run.std)
+    picked = picked_validation(val, n)
+    probs, logits = attention_probs(run.params, run.model, picked[1], run.mean, run.std)
     grid = run.model.image_size // run.model.patch_size
-    maps = attention_rollout(probs).reshape(len(idx), grid, grid)
-    pred = logits.argmax(-1)
-    names = list(val.class_names)
-    png = plot_pairs(images, maps, [names[k] for k in labels], [names[k] for k in pred],
-                     Path(out_dir) / f"attention-{name}.png",
-                     lambda i: f"CLS attention rollout\nmax {float(maps[i].max()):.2g}",
-                     f"validation images beside the share of the CLS token's last output drawn from "
-                     f"each {run.model.patch_size}x{run.model.patch_size} patch\n(attention rollout "
-                     f"over {len(probs)} blocks, heads averaged; each map scaled to its own max)")
-    arrays = {"indices": idx, "images": images, "labels": labels, "predictions": pred.astype(np.int32),
-              "maps": maps.astype(np.float32), "attention": probs.astype(np.float32)}
-    npz = _write_npz(Path(out_dir) / f"attention-{name}.npz", arrays)
-    return {**arrays, "png": png, "npz": npz}
+    maps = attention_rollout(probs).reshape(len(picked[0]), grid, grid)
+    plot = partial(plot_attention, patch=run.model.patch_size, blocks=len(probs))
+    return write_pairs(out_dir, f"attention-{name}", plot, val, picked, maps, logits,
+                       attention=probs)
 
 
 # ----------------------------------------------------------------------------------------------
