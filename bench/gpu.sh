@@ -18,7 +18,7 @@
 #   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
 #   tests      the kernel tests (both attention kernels and the dispatcher, LN, the launcher), the
 #              fused whole model, bf16, and the ViT presets' fused runs, compiled through jax-triton
-#              (JAX_PLATFORMS=cuda; VITFUSE_REQUIRE_GPU=1 makes them fail rather than fall back to
+#              (JAX_PLATFORMS=cuda,cpu; VITFUSE_REQUIRE_GPU=1 makes them fail rather than fall back to
 #              Triton's interpreter), in TEST_WORKERS pytest-xdist processes where xdist is installed
 #   gradcheck  python -m oracle.kernel_gradcheck (float32) and --dtype bfloat16, side by side
 #   bench      python -m pytest bench/ --benchmark -q; this run's bench/results files and a
@@ -145,7 +145,10 @@ part_tests() {
   workers=$(test_workers)
   echo "pytest workers: ${workers:-none (one process)}"
   # shellcheck disable=SC2086  # $workers is "" or "-n N"
-  JAX_PLATFORMS=cuda VITFUSE_REQUIRE_GPU=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+  # cuda first (JAX's default backend: the kernels compile), cpu beside it: the tests that run
+  # Triton's interpreter on purpose (kernels.INTERPRETED, gradcheck --interpret) go through
+  # jax.pure_callback, which needs a CPU device (with cuda alone, 8 such tests failed on an H200)
+  JAX_PLATFORMS=cuda,cpu VITFUSE_REQUIRE_GPU=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
     with_timeout "$PY" -m pytest -q -rs $workers \
     tests/test_kernels_attention.py tests/test_kernels_flash.py tests/test_kernels_layernorm.py \
     tests/test_kernels_ops.py tests/test_fused_model.py tests/test_precision.py tests/test_presets.py

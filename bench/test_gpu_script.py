@@ -89,7 +89,7 @@ def test_tests_part_spreads_over_workers_where_xdist_is_installed(tmp_path):
         if workers:
             assert workers in pytest_call, (env, pytest_call)
         assert "tests/test_kernels_flash.py" in pytest_call and "tests/test_presets.py" in pytest_call
-        assert "preallocate=false platforms=cuda" in logs["tests"]
+        assert "preallocate=false platforms=cuda,cpu unbuffered" in logs["tests"]
         assert "=== tests: exit 0" in logs["tests"]
         (tmp_path / "calls").unlink()
 

@@ -2,7 +2,7 @@
 gradcheck rows, and the LSE check both attention kernels must pass.
 
 Where JAX's default backend is a GPU (``bench/gpu.sh`` runs the kernel tests with
-``JAX_PLATFORMS=cuda``) the tests compile the kernels through jax-triton; everywhere else (CI,
+``JAX_PLATFORMS=cuda,cpu``) the tests compile the kernels through jax-triton; everywhere else (CI,
 ``tests/conftest.py`` defaults ``JAX_PLATFORMS`` to cpu) the same kernel source runs in Triton's
 interpreter. The pytest header says which (tests/conftest.py).
 """
