@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import types
 
@@ -35,9 +36,25 @@ _INTERPRETER_LOCK = threading.Lock()
 
 def launch_interpreted(kernel, grid, inputs, outputs, constexprs):
     """The interpreted launch under jax: a pure_callback into run_interpreted (any jit, vmap)."""
+    if not host_platform_present():
+        raise RuntimeError(
+            "Triton's interpreter (kernels.INTERPRETED, --interpret) runs the kernels on the host "
+            "through jax.pure_callback, which needs JAX's cpu platform, and JAX_PLATFORMS="
+            f"{os.environ.get('JAX_PLATFORMS')!r} leaves it out: list it too (e.g. "
+            "JAX_PLATFORMS=cuda,cpu), or run the compiled kernels (kernels.COMPILED) on the GPU")
     host_fn = functools.partial(run_interpreted, kernel, grid, outputs, constexprs)
     result = jax.pure_callback(host_fn, list(outputs), *inputs, vmap_method="sequential")
     return tuple(result)
+
+
+@functools.cache
+def host_platform_present() -> bool:
+    """Whether JAX has its cpu platform, where jax.pure_callback places a callback's inputs
+    (JAX_PLATFORMS=cuda alone leaves it out: seen on an H200, a cryptic error at run time)."""
+    try:
+        return bool(jax.devices("cpu"))
+    except RuntimeError:
+        return False
 
 
 def run_interpreted(kernel, grid, outputs, constexprs, *inputs, poison=True):

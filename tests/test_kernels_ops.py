@@ -56,6 +56,21 @@ def _write_first_half(X, Y, N: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(Y + offs, x + x, mask=offs < N // 2)
 
 
+def test_interpreter_without_jax_cpu_platform_says_what_to_set(monkeypatch):
+    """JAX_PLATFORMS=cuda alone gave the interpreter's pure_callback no CPU device on an H200."""
+    from kernels import interpreter  # noqa: PLC0415
+    real_devices = jax.devices
+    monkeypatch.setattr(jax, "devices", lambda backend=None: real_devices(backend) if backend != "cpu"
+                        else (_ for _ in ()).throw(RuntimeError("Unknown backend cpu")))
+    interpreter.host_platform_present.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"JAX_PLATFORMS=cuda,cpu"):
+            INTERPRETED.launch(_write_first_half, grid=(1,), inputs=[jnp.zeros(8)],
+                               outputs=[jax.ShapeDtypeStruct((8,), jnp.float32)], name="half", N=8, BLOCK=8)
+    finally:
+        interpreter.host_platform_present.cache_clear()
+
+
 def test_outputs_start_as_nan_so_unwritten_elements_show():
     x = np.arange(8, dtype=np.float32)
     (y,) = run_interpreted(_write_first_half, (1,), [jax.ShapeDtypeStruct((8,), jnp.float32)],
