@@ -20,9 +20,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def finalize(rows: list[dict], peaks: dict | None) -> list[dict]:
-    """Speedups (reference median / row median within group, shape and dtype) and % of peak."""
+    """Speedups (reference median / row median within group, shape and dtype) and % of peak.
+    The reference of a dtype is the row named "reference", or "reference-<dtype>" (the train
+    step's bf16 rows: reference-bf16 is the hand-written step in bf16)."""
     ref = {(r["group"], r["shape"], r["dtype"]): r["median_ms"] for r in rows
-           if r["contender"] == "reference" and r["median_ms"]}
+           if r["contender"] in ("reference", f"reference-{r['dtype']}") and r["median_ms"]}
     for r in rows:
         base = ref.get((r["group"], r["shape"], r["dtype"]))
         if r["median_ms"] and base:
@@ -222,7 +224,8 @@ METHOD = [
     "gradient. The train step group times vit.make_train_step (one jit: uint8 images normalised on "
     "the device, forward, backward, AdamW; donated buffers), params and optimizer state carried from "
     "call to call.",
-    "speedup vs ref = reference median / row median, within the same group, shape and dtype.",
+    "speedup vs ref = reference median / row median, within the same group, shape and dtype (the "
+    "train step's bf16 rows: against reference-bf16, the hand-written step in bf16).",
     "kernels = device operations one call of the contender's own executable (one op, not the chained "
     "timed one) runs, counted in XLA's optimized HLO: each fusion, library or Triton custom call and "
     "copy counts 1. XLA MB = XLA's cost analysis of that executable, 'bytes accessed', in MB; our "

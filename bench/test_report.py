@@ -120,6 +120,13 @@ def test_speedups_are_against_the_reference_row_of_the_same_dtype():
     got = {(r["contender"], r["dtype"]): r["speedup_vs_reference"] for r in report.finalize(rows, None)}
     assert got == {("reference", "fp32"): 1.0, ("reference", "bf16"): 1.0, ("fused", "fp32"): 2.0,
                    ("fused", "bf16"): 4.0, ("dpa-cudnn", "fp16"): None}
+    # the train step's bf16 reference is a contender of its own, reference-bf16
+    step = [row("reference", "fp32", 8.0, group="train step", kind="step"),
+            row("reference-bf16", "bf16", 6.0, group="train step", kind="step"),
+            row("fused-bf16", "bf16", 4.0, group="train step", kind="step"),
+            row("fused-bf16", "bf16", 4.0, group="train step", kind="step", shape="large")]
+    got = [r.get("speedup_vs_reference") for r in report.finalize(step, None)]
+    assert got == [1.0, 1.0, 1.5, None]
 
 
 def test_plot_draws_each_timed_rows_speedup(tmp_path, capsys):
