@@ -12,6 +12,15 @@ size) but not timed, and their timing rows are skipped with that reason. The fil
 rewritten after every test that added rows, marked partial until the session ends, so a run cut
 short (a timeout, a crash) keeps every row it measured.
 
+    python -m pytest bench/ --benchmark --bench-continue bench/results/nvidia-h200-2026-11-30.json
+
+finishes a run cut short, on any later day: the rows that file measured (a timing; rows "not run",
+such as cuDNN refusing a shape, run again) are deselected, and this run's results file keeps them
+beside its own rows (its own row wins where both exist) and lists the earlier file's runs. The
+file must be of this device. With --bench-merge as well, the rows of the same device and day's
+file are kept too (over the continued file's): gpu.sh's bench-ops and bench-step, each
+continuing the same file, fill one results file between them.
+
 ``--benchmark`` is our own flag, not pytest-benchmark's (whose options all start with
 ``--benchmark-``; pytest matches option names exactly, so the two live side by side). The tests
 do not use pytest-benchmark's fixture: see harness.py for the timer.
@@ -37,6 +46,10 @@ def pytest_addoption(parser):
     group.addoption("--bench-merge", action="store_true", dest="vitfuse_bench_merge",
                     help="bench/: keep the rows of an earlier results file of the same device and "
                          "day that this run does not produce (to fill one file in several runs)")
+    group.addoption("--bench-continue", metavar="PATH", default=None, dest="vitfuse_bench_continue",
+                    help="bench/: an earlier results .json of this device (any day): with --benchmark, "
+                         "the rows it measured are not run again (deselected) and are kept in this "
+                         "run's results file (rows it did not time run again); combines with --bench-merge")
     group.addoption("--bench-results", default=str(report.RESULTS_DIR), dest="vitfuse_bench_results",
                     help="bench/: the folder the results files go to (default: bench/results)")
     group.addoption("--bench-seed", type=int, default=None, dest="vitfuse_bench_seed",
@@ -54,27 +67,67 @@ def _session(config) -> harness.BenchSession:
     return config.stash[SESSION]
 
 
+def pytest_configure(config):
+    """--bench-continue's file is read and checked at the start, before anything is collected or
+    run: one that is missing, not a results .json or of another device than this session's is a
+    usage error naming the file and what is wrong."""
+    path = config.getoption("vitfuse_bench_continue", None)
+    if path is None:
+        return
+    session = _session(config)
+    try:
+        session.continued = report.continued_results(Path(path), session.info)
+    except ValueError as e:
+        raise pytest.UsageError(f"--bench-continue {path}: {e}") from None
+
+
 def pytest_collection_modifyitems(config, items):
-    """With --benchmark, the rows the targets' verdicts need run first (in their files' order),
-    then the rest: a run cut short still judges as many targets as it measured."""
-    if config.getoption("vitfuse_benchmark"):
-        first = report.target_rows()
-        items.sort(key=lambda item: _target_row_key(item) not in first)  # stable: False first
+    """With --benchmark: the rows --bench-continue's file measured are deselected; of the rest,
+    the rows the targets' verdicts need run first (in their files' order), then the others: a run
+    cut short still judges as many targets as it measured."""
+    if not config.getoption("vitfuse_benchmark"):
+        return
+    session = config.stash.get(SESSION, None)
+    if session is not None and session.continued:
+        measured = report.measured_keys(session.continued["rows"])
+        done = [item for item in items if _item_row_key(item) in measured]
+        if done:
+            items[:] = [item for item in items if _item_row_key(item) not in measured]
+            config.hook.pytest_deselected(items=done)
+    first = report.target_rows()
+    items.sort(key=lambda item: _target_row_key(item) not in first)  # stable: False first
 
 
-def _target_row_key(item) -> tuple | None:
-    """(group, shape name, contender, dtype) of a bench test's row, as report.target_rows names
-    rows (report._row_key names them by shape label instead); None for other tests."""
+def _item_row(item) -> tuple | None:
+    """(group, kind, shape name, contender, dtype) of the row a bench test records (kind: the
+    shape table, "attention", "layernorm" or "step"); None for other tests."""
     params = getattr(item, "callspec", None) and item.callspec.params
     if not params:
         return None
     if "case" in params:  # attention, add+LayerNorm: a harness.KernelCase
         case = params["case"]
-        return case.group, case.shape, case.contender, case.dtype
+        return case.group, case.kind, case.shape, case.contender, case.dtype
     if "step_case" in params:  # the train step: (shape name, contender)
         shape, contender = params["step_case"]
-        return "train step", shape, contender, harness.step_dtype(contender)
+        return "train step", "step", shape, contender, harness.step_dtype(contender)
     return None
+
+
+def _target_row_key(item) -> tuple | None:
+    """(group, shape name, contender, dtype) of a bench test's row, as report.target_rows names
+    rows; None for other tests."""
+    row = _item_row(item)
+    return None if row is None else (row[0], *row[2:])
+
+
+def _item_row_key(item) -> tuple | None:
+    """(group, shape label, contender, dtype) of a bench test's row, as report._row_key names the
+    rows in a results file (and merge_rows matches them); None for other tests."""
+    row = _item_row(item)
+    if row is None:
+        return None
+    group, kind, shape, contender, dtype = row
+    return group, harness.shape_label(kind, shape), contender, dtype
 
 
 def _results_dir(config) -> Path:

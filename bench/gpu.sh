@@ -13,6 +13,8 @@
 #   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tests gradcheck bench
 #   TOTAL_TIMEOUT=540 bash bench/gpu.sh env bench-step   # what the first call did not reach
 #   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tune profile memory
+# and, on a later day, the rows that a committed results file of the same GPU still lacks:
+#   BENCH_CONTINUE=bench/results/nvidia-h200-2026-11-30.json TOTAL_TIMEOUT=540 bash bench/gpu.sh env bench
 #
 # Parts (each one's output is shown and tee'd to $OUT/<part>.log):
 #   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
@@ -58,6 +60,11 @@
 # e.g. TOTAL_TIMEOUT=540 for 10 minutes, so the script, not the machine, ends the call),
 # TEST_WORKERS (default 8: pytest-xdist processes of the tests part; 1 = one process), WHEELS
 # (default .whl) and SITE (default /tmp/site): where the wheels are and where they go.
+# BENCH_CONTINUE (default empty): a results .json of this GPU from an earlier call that was cut
+# short, on any day, relative to the repository root or absolute (e.g.
+# bench/results/nvidia-h200-2026-11-30.json); bench, bench-ops and bench-step then pass
+# --bench-continue with it: the rows it measured are not run again, and this call's results file
+# (of today's date) holds them beside the new ones.
 
 set -u -o pipefail
 
@@ -70,6 +77,7 @@ TOTAL_RESERVE=${TOTAL_RESERVE:-20}
 STARTED=$(date +%s)
 WHEELS=${WHEELS:-.whl}
 SITE=${SITE:-/tmp/site}
+BENCH_CONTINUE=${BENCH_CONTINUE:-}
 mkdir -p "$OUT" || exit 1
 
 failed=()
@@ -168,13 +176,17 @@ part_gradcheck() {
   return "$rc"
 }
 
-# bench_files [PYTEST ARGS...]: the benchmark on the given files/flags; this run's results
-# files and a speedup plot copied to $OUT/
+# bench_files [PYTEST ARGS...]: the benchmark on the given files/flags (and --bench-continue
+# "$BENCH_CONTINUE" when it is set); this run's results files and a speedup plot copied to $OUT/
 bench_files() {
-  local rc=0 marker json
+  local rc=0 marker json continued=()
   marker=$(mktemp)
-  with_timeout "$PY" -m pytest --benchmark -q "$@" || rc=$?
-  # only this run's files: bench/results/ also holds committed results of other devices
+  if [ -n "$BENCH_CONTINUE" ]; then
+    continued=(--bench-continue "$BENCH_CONTINUE")
+  fi
+  with_timeout "$PY" -m pytest --benchmark -q "${continued[@]}" "$@" || rc=$?
+  # only this run's files: bench/results/ also holds committed results of other devices (and the
+  # file BENCH_CONTINUE names, which the bench reads, not writes, unless it is this day's file)
   while IFS= read -r -d '' file; do
     cp -v "$file" "$OUT/" || rc=1
   done < <(find bench/results -maxdepth 1 -type f -newer "$marker" \( -name '*.json' -o -name '*.md' \) -print0)

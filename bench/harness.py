@@ -145,6 +145,10 @@ class BenchSession:
     # the results file of the earlier run, as it was before this run's first write replaced it
     # (report.write_results; {} when there was none): read once, since this run rewrites the file
     earlier: dict | None = None
+    # --bench-continue: an earlier results file of this device (any day; report.continued_results),
+    # read at the session's start; its measured rows are not run again and are kept in this run's
+    # files (report.write_results)
+    continued: dict | None = None
     rows_written: int = 0  # how many of self.rows the results files on disk hold
 
     @property

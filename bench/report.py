@@ -1,6 +1,8 @@
 """The benchmark's results: speedups and % of peak per row, the verdict on every target, and the
 files bench/results/<device>-<date>.json (rows a plot can read) and .md (the tables, the method
-and the formulas), merged across runs with --bench-merge.
+and the formulas), merged across runs with --bench-merge (an earlier run of the same day) and
+--bench-continue (an earlier run of the same device, any day, whose measured rows are not run
+again).
 """
 
 from __future__ import annotations
@@ -245,6 +247,50 @@ def merge_rows(rows: list[dict], earlier: list[dict]) -> list[dict]:
     return [r for r in earlier if _row_key(r) not in mine] + rows
 
 
+def measured_keys(rows: list[dict]) -> set[tuple]:
+    """The keys (_row_key) of the rows that hold a timing. A row "not run" (a contender
+    unavailable, such as cuDNN refusing a shape), "check FAILED" or "checked, not timed" is not
+    measured: --bench-continue runs it again."""
+    return {_row_key(r) for r in rows if r["status"] == "timed" and r["median_ms"] is not None}
+
+
+def read_results(path: Path) -> dict:
+    """An earlier results file, as write_results writes it, checked to hold what merging and
+    continuing read (the device, the runs, each row's key, status and timing); ValueError saying
+    what is wrong otherwise."""
+    if not path.is_file():
+        raise ValueError("no such file" if not path.exists() else "not a file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not a results .json: cannot read it as JSON ({e})") from None
+    try:
+        data["meta"]["info"]["device"], data["meta"]["started"]
+        for r in data["rows"]:
+            _row_key(r), r["status"], r["median_ms"]
+    except (KeyError, TypeError) as e:
+        what = f"no {e.args[0]!r} field" if isinstance(e, KeyError) else "its meta or rows are of another form"
+        raise ValueError(f"not a results .json as bench/report.py writes it ({what})") from None
+    return data
+
+
+def continued_results(path: Path, info: dict) -> dict:
+    """The results file --bench-continue names (read_results), checked to be of this run's
+    device (info: harness.BenchSession.info): a row measured on another device is no row of
+    this one. ValueError saying what is wrong otherwise."""
+    data = read_results(path)
+    theirs, mine = data["meta"]["info"]["device"], info["device"]
+    if theirs != mine:
+        raise ValueError(f"its rows were measured on {theirs!r}, this run is on {mine!r}: continue "
+                         "only a results file of the same device")
+    return data
+
+
+def _runs(results: dict) -> list[str]:
+    """The starts of the runs a results file holds rows of (one before --bench-merge existed)."""
+    return results["meta"].get("runs", [results["meta"]["started"]])
+
+
 def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
                   finished: bool = True) -> tuple[Path, Path, str]:
     """Write bench/results/<device>-<date>.json and .md from the session's rows so far. The bench
@@ -255,14 +301,20 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
     info = session.info
     stem = f"{info['device_slug']}-{date}"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    rows, runs, peaks = session.rows, [session.started], session.peaks
     if session.merge and session.earlier is None:  # before this run's first write replaces it
         session.earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
-    if session.merge and session.earlier:
-        earlier = session.earlier
-        rows = merge_rows(rows, earlier["rows"])
-        runs = earlier["meta"].get("runs", [earlier["meta"]["started"]]) + runs
-        peaks = peaks or earlier["meta"].get("peaks")
+    # the earlier files this one keeps the rows of, oldest first: --bench-continue's, then
+    # --bench-merge's of the same day (which may already hold the first's rows: a run split in
+    # two halves, each continuing the same file); a later file's row wins, this run's over all
+    rows, runs, peaks = [], [], None
+    for earlier in (session.continued, session.earlier if session.merge else None):
+        if earlier:
+            rows = merge_rows(earlier["rows"], rows)
+            runs += [run for run in _runs(earlier) if run not in runs]
+            peaks = earlier["meta"].get("peaks") or peaks
+    rows = merge_rows(session.rows, rows)
+    runs += [session.started]
+    peaks = session.peaks or peaks
     rows = finalize(rows, peaks)
     machine_note = ""
     if info["backend"] == "cpu":
@@ -270,8 +322,10 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
                         "processes may have been running: indicative only. On the CPU the fused "
                         "kernels run in Triton's interpreter: checked, not timed.")
     if len(runs) > 1:
+        flags = [flag for flag, on in (("--bench-continue", session.continued), ("--bench-merge", session.merge))
+                 if on]
         machine_note += (" " if machine_note else "") + (
-            f"Rows merged from {len(runs)} runs (--bench-merge), started {', '.join(runs)}; each "
+            f"Rows merged from {len(runs)} runs ({', '.join(flags)}), started {', '.join(runs)}; each "
             "row's own timestamp is in the JSON.")
     partial = None
     if not finished:

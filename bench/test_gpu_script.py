@@ -1,6 +1,7 @@
 """bench/gpu.sh plumbing on a machine without a GPU: a bad part name, and a part that fails
 (tune needs a GPU) still leaves its log and makes the script exit 1 naming it; the carried wheels
-install over an older copy and both jax-triton and absl-py must be there."""
+install over an older copy and both jax-triton and absl-py must be there; BENCH_CONTINUE reaches
+the bench parts as --bench-continue."""
 
 import base64
 import hashlib
@@ -132,6 +133,33 @@ def test_bench_part_copies_only_this_runs_results_and_fails_when_the_bench_does(
         assert f"=== bench: exit {rc}" in logs["bench"], logs["bench"]
         copied = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix != ".log")
         assert copied == [f"gpu-run{rc}.json", f"gpu-run{rc}.md"], (copied, logs["bench"])
+        shutil.rmtree(tmp_path / "out")
+        (tmp_path / "calls").unlink()
+
+
+def test_bench_parts_continue_the_file_bench_continue_names(tmp_path):
+    """With BENCH_CONTINUE set, bench, bench-ops and bench-step pass --bench-continue with it
+    (without, none does); the continued file, committed on an earlier day, is read, not written:
+    only this run's results go to $OUT, or the continued file itself when this run is of its day
+    (the bench then rewrites it)."""
+    root = repo_copy(tmp_path)
+    continued = root / "bench" / "results" / "gpu-2026-01-01.json"
+    continued.write_text("{}")
+    os.utime(continued, (0, 0))
+    parts = ("bench", "bench-ops", "bench-step")
+    for env, results in (({}, "gpu-today"), ({"BENCH_CONTINUE": "bench/results/gpu-2026-01-01.json"}, "gpu-today"),
+                         ({"BENCH_CONTINUE": "bench/results/gpu-2026-01-01.json"}, "gpu-2026-01-01")):
+        _, logs, calls = run_fake_python(tmp_path, *parts, script=root / "bench" / "gpu.sh",
+                                         FAKE_RESULTS=results, **env)
+        pytest_calls = [c for c in calls if c.startswith("-m pytest")]
+        assert len(pytest_calls) == 3, calls
+        for part, call in zip(parts, pytest_calls):
+            assert f"=== {part}: exit 0" in logs[part], logs[part]
+            flag = f"--bench-continue {env['BENCH_CONTINUE']} " if env else ""
+            assert call.startswith(f"-m pytest --benchmark -q {flag}"), (env, call)
+            assert ("--bench-continue" in call) == bool(env), (env, call)
+        copied = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix != ".log")
+        assert copied == [f"{results}.json", f"{results}.md"], (env, copied)
         shutil.rmtree(tmp_path / "out")
         (tmp_path / "calls").unlink()
 
