@@ -86,7 +86,8 @@ def cases(quick: bool):
     if quick:
         att, flash, lns = att[:1], flash[:2], lns[:1]
     for b, l, h, dh in flash:
-        for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.bfloat16, "ieee")):
+        for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.float32, "tf32x3"),
+                                     (jnp.bfloat16, "ieee")):
             for keep in (False, True):
                 name = dispatch.dtype_key(dtype, dot_precision)
                 label = f"flash B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
