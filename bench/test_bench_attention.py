@@ -12,22 +12,34 @@ Contenders (each checked against vit.layers in float32 on the same inputs before
                key-blocked one (FlashAttention-2 style); the one-tile kernel does not run
                compiled where its K/V tile exceeds shared memory (fp32 at L=197 Dh=64)
   reference    vit.layers.attention_forward / attention_backward (hand-written jnp) under XLA
-  autodiff     jax.vjp of the reference forward (oracle.autodiff_vjp); fwd+bwd only
+  autodiff     jax.vjp of the reference forward (as oracle.autodiff_vjp); fwd+bwd only
   dpa-xla      jax.nn.dot_product_attention(implementation="xla"), what a JAX user would call; it
                takes (B, L, H, Dh) q, k, v, so splitting the packed qkv and merging the output are
                part of its timed call; backward by jax.vjp
-  dpa-cudnn    the same with implementation="cudnn" (GPU only; bf16/fp16 only, so bf16 rows)
+  dpa-cudnn    the same with implementation="cudnn" (GPU only; bf16/fp16 only, so bf16 rows).
+               fwd+bwd rows pad an odd L to L+1 and pass query_seq_lengths and
+               key_value_seq_lengths (= L for every batch row), so the padded key is masked and
+               the padded query's output is sliced off; the pad and the slice are in the timed
+               call. Why: jax's cuDNN path (jax/_src/cudnn/fused_attention_stablehlo.py, jax
+               0.11.2) replaces bias=None by a zero-size placeholder before its training rule
+               calls check_is_flash_attention(..., bias is not None, is_training=True), which
+               then refuses odd T or S ("Unsupported sequence length Q 65, KV 65": the H200
+               run of 2026-11-30); the seq lengths select the PADDING mask, which that check
+               does not refuse. fwd rows (no training path) keep L unpadded.
 
 FLOPs: fwd 4*B*H*L^2*Dh; fwd+bwd 3.5x that (harness.attention_flops).
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import pytest
 
-import oracle
 from bench import harness
+from oracle.compare import assert_close, exact_float32_dots
 from vit import layers
 from vit.ops import REFERENCE
 
@@ -38,6 +50,8 @@ CONTENDERS = {
     ("fwd+bwd", "fp32"): ["reference", "fused", *FORCED, "fused-tf32", "autodiff", "dpa-xla"],
     ("fwd+bwd", "bf16"): ["reference", "fused", *FORCED, "autodiff", "dpa-xla", "dpa-cudnn"],
 }
+# jax's cuDNN training path takes only sequence lengths that are a multiple of this (see above)
+CUDNN_TRAINING_MULTIPLE = 2
 
 NOTES = {
     "fused": "Triton kernels, ieee dots, the dispatcher's kernel",
@@ -71,14 +85,36 @@ def make_inputs(shape, dtype, key):
     return qkv, do
 
 
-def dpa_forward(implementation, heads):
-    """Packed qkv (B, L, 3D) -> (B, L, D) through jax.nn.dot_product_attention."""
+def padded_length(l: int, multiple: int) -> int:
+    """l rounded up to a multiple of ``multiple``."""
+    return -(-l // multiple) * multiple
+
+
+def dpa_forward(implementation, heads, multiple=1):
+    """Packed qkv (B, L, 3D) -> (B, L, D) through jax.nn.dot_product_attention. multiple > 1: a
+    sequence not a multiple of it is padded with zero tokens up to one, query_seq_lengths and
+    key_value_seq_lengths (L for every batch row) mask the padded keys out of every softmax, and
+    the output is sliced back to L; the pad and the slice are part of the function (and so of
+    its vjp: the padded rows' gradients are dropped by the pad's transpose)."""
     def fwd(qkv):
         b, l, d3 = qkv.shape
         d = d3 // 3
-        q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, l, heads, d // heads) for i in range(3))
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation).reshape(b, l, d)
+        lp = padded_length(l, multiple)
+        lengths = {}
+        if lp != l:
+            qkv = jnp.pad(qkv, ((0, 0), (0, lp - l), (0, 0)))
+            lengths = dict(query_seq_lengths=jnp.full((b,), l, jnp.int32),
+                           key_value_seq_lengths=jnp.full((b,), l, jnp.int32))
+        q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, lp, heads, d // heads) for i in range(3))
+        o = jax.nn.dot_product_attention(q, k, v, implementation=implementation, **lengths)
+        return o[:, :l].reshape(b, l, d)
     return fwd
+
+
+def vjp_outputs(fwd, qkv, do):
+    """(fwd(qkv), the gradient of <fwd(qkv), do> with respect to qkv), from one jax.vjp."""
+    o, pullback = jax.vjp(fwd, qkv)
+    return o, pullback(do)[0]
 
 
 def ops_for(contender, launcher):
@@ -106,11 +142,16 @@ def builder(mode, bench):
         if contender == "autodiff":
             fwd = lambda qkv: layers.attention_forward(qkv, heads)[0]  # noqa: E731
         else:
-            fwd = dpa_forward(contender.removeprefix("dpa-"), heads)
+            training = mode == "fwd+bwd" and contender == "dpa-cudnn"
+            fwd = dpa_forward(contender.removeprefix("dpa-"), heads,
+                              CUDNN_TRAINING_MULTIPLE if training else 1)
         if mode == "fwd":
             return lambda qkv, do: fwd(qkv)
-        # XLA's CSE merges this forward with the one inside the vjp (checked: same dot count)
-        return lambda qkv, do: (fwd(qkv), oracle.autodiff_vjp(fwd, qkv, do))
+        # one jax.vjp gives the output and the gradients. A separate fwd(qkv) beside the vjp
+        # costs the XLA contenders nothing (XLA's CSE merges the two forwards: the same kernels
+        # and bytes on the CPU), but cuDNN's inference and training forwards are different
+        # custom calls, so dpa-cudnn would run its forward twice
+        return lambda qkv, do: vjp_outputs(fwd, qkv, do)
     return build
 
 
@@ -150,6 +191,16 @@ def dispatch_note(case, bench) -> str:
                                         for d, p in zip(("fwd", "bwd"), plans))
 
 
+def padding_note(case) -> str:
+    """dpa-cudnn's fwd+bwd rows at an odd L say that they ran padded, and why."""
+    l = harness.ATTN_SHAPES[case.shape][1]
+    if case.contender != "dpa-cudnn" or case.mode != "fwd+bwd" \
+            or padded_length(l, CUDNN_TRAINING_MULTIPLE) == l:
+        return ""
+    return ("; padded to L+1 with seq lengths (pad and slice included): cuDNN's training path "
+            "in jax refuses odd L")
+
+
 def untimed_reason(case, bench):
     if case.dtype == "bf16" and bench.backend == "cpu":
         return "bf16 rows are timed on a GPU only (they exist for the cuDNN comparison); checked here"
@@ -159,6 +210,80 @@ def untimed_reason(case, bench):
 def test_attention(case, bench):
     harness.run_kernel_case(
         bench, case, make_inputs=make_inputs, build=builder(case.mode, bench),
-        work=work(case.mode), note=NOTES[case.contender] + dispatch_note(case, bench),
+        work=work(case.mode),
+        note=NOTES[case.contender] + dispatch_note(case, bench) + padding_note(case),
         skip_reason=skip_reason(case, bench), untimed_reason=untimed_reason(case, bench),
         optional=case.contender == "dpa-cudnn")
+
+
+# ----------------------------------------------------------------------------------------------
+# dpa-cudnn's padding, checked on the CPU through implementation="xla", which takes the same
+# query_seq_lengths / key_value_seq_lengths (jax/_src/nn/functions.py: a padding mask on the
+# logits, and the padded queries' outputs zeroed)
+
+
+@pytest.mark.parametrize("l,multiple", [(5, 2), (65, 2), (6, 4), (6, 2)],
+                         ids=["odd-L", "product-L", "even-L-padded-by-2", "even-L-unpadded"])
+def test_padded_dot_product_attention_equals_unpadded(bench, monkeypatch, l, multiple):
+    """The padded call (dpa_forward(..., multiple)) gives the unpadded call's output and input
+    gradients (jax.vjp) on fresh random float32 inputs, to 1e-6. Without the seq lengths (the
+    padded zero key then takes part in every softmax) the same comparison fails: the check can
+    see an unmasked pad."""
+    b, h, dh = 3, 2, 32
+    k1, k2 = jax.random.split(bench.key("dpa padding", str(l), str(multiple)))
+    qkv = jax.random.normal(k1, (b, l, 3 * h * dh), jnp.float32)
+    do = jax.random.normal(k2, (b, l, h * dh), jnp.float32)
+
+    def out_and_grad(fwd):
+        def both(qkv, do):
+            o, vjp = jax.vjp(fwd, qkv)
+            return {"o": o, "dqkv": vjp(do)[0]}
+        return jax.jit(both)(qkv, do)
+
+    with exact_float32_dots():
+        want = out_and_grad(dpa_forward("xla", h))
+        got = out_and_grad(dpa_forward("xla", h, multiple))
+        assert_close(got, want, 1e-6, f"padded to {padded_length(l, multiple)}")
+        if padded_length(l, multiple) == l:
+            return
+        real = jax.nn.dot_product_attention
+        monkeypatch.setattr(jax.nn, "dot_product_attention",
+                            lambda *args, query_seq_lengths=None, key_value_seq_lengths=None,
+                            **kwargs: real(*args, **kwargs))
+        unmasked = out_and_grad(dpa_forward("xla", h, multiple))
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        assert_close(unmasked, want, 1e-3, "padded, no seq lengths")
+
+
+@pytest.mark.parametrize("shape", ["product", "vit-s"])
+def test_cudnn_training_path_lowers_padded_and_refuses_odd_l(monkeypatch, shape):
+    """On the CPU, lowered for "cuda": jax's own checks of its cuDNN attention run at trace time,
+    so they show here. Unpadded, the fwd+bwd of dpa-cudnn at an odd L is refused as on the H200
+    ("Unsupported sequence length"); padded (dpa_forward(..., CUDNN_TRAINING_MULTIPLE)) it lowers
+    to exactly one cuDNN forward and one backward custom call (the row's single jax.vjp), both
+    with the PADDING mask and the two int32 (B,) seq-length operands. Only the cuDNN library's
+    version is faked (there is none here)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # noqa: PLC0415
+
+    if not hasattr(cudnn_fa, "check_cudnn_version"):
+        pytest.skip("this jax has no fused_attention_stablehlo.check_cudnn_version to stand in for")
+    monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+    b, l, h, dh = harness.ATTN_SHAPES[shape]
+    args = (jax.ShapeDtypeStruct((b, l, 3 * h * dh), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, l, h * dh), jnp.bfloat16))
+
+    def lowered(multiple):
+        fwd = dpa_forward("cudnn", h, multiple)
+        return jax.jit(lambda qkv, do: vjp_outputs(fwd, qkv, do)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    with pytest.raises(NotImplementedError, match=f"Unsupported sequence length Q {l}, KV {l}"):
+        lowered(1)  # if this now lowers, jax takes odd L in training: the padding can go
+    text = lowered(CUDNN_TRAINING_MULTIPLE)
+    calls = re.findall(r"custom_call @(__cudnn\$fmha\w*)\(.*?mask_type\\22: \\22(\w+)\\22.*?: \((.*?)\)",
+                       text)
+    assert sorted(name for name, *_ in calls) == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"], text
+    lp = padded_length(l, CUDNN_TRAINING_MULTIPLE)
+    for name, mask, types in calls:
+        assert mask == "PADDING", (name, mask)
+        assert f"tensor<{b}x{lp}x{h}x{dh}xbf16>" in types and types.count(f"tensor<{b}xi32>") == 2, types
