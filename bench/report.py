@@ -201,8 +201,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 METHOD = [
     "Validate first, then time: each contender's outputs and gradients are compared with the reference "
     "(vit.layers, float32) on the same fresh random inputs (rel = max|diff| / max|ref| per tensor; "
-    f"tolerances (oracle/compare.py): fp32 {TOLERANCE['float32 long sums']:g}, tf32 "
-    f"{TOLERANCE['tf32']:g}, bf16 {TOLERANCE['bfloat16 long sums']:g} against the fp32 reference on "
+    f"tolerances (oracle/compare.py): fp32 {TOLERANCE['float32 long sums']:g} (fused-tf32x3 too: 3xTF32 "
+    f"claims float32 accuracy), tf32 {TOLERANCE['tf32']:g} (fused-tf32), bf16 "
+    f"{TOLERANCE['bfloat16 long sums']:g} against the fp32 reference on "
     f"the same bf16 inputs, train step {TOLERANCE['train step']:g} on the loss and every gradient, "
     f"{TOLERANCE['bf16 train step']:g} for a bf16 step against the fp32 one); "
     "a contender that fails gets no timing.",
@@ -216,11 +217,16 @@ METHOD = [
     "per sample on a GPU, ~200 ms on a CPU), after one warm-up call; median and 20th/80th "
     "percentiles over the samples (at least 15 samples on a GPU, 5 on a CPU, 3 for calls over ~7 s).",
     "Contenders: fused = our Triton kernels (kernels.fused_ops; fused-tf32 = the same with tf32 dots, "
-    "labelled); reference = the hand-written jnp ops of vit.layers under XLA; autodiff = jax.vjp of the "
-    "reference forward (oracle.autodiff_vjp; the step: oracle.autodiff_grad_fn); dpa-xla / dpa-cudnn = "
-    "jax.nn.dot_product_attention(implementation='xla' / 'cudnn') on (B, L, H, Dh) q, k, v: the split "
-    "of the packed (B, L, 3D) qkv and the merge of the output are part of its timed call, and its "
-    "backward is jax.vjp. cuDNN runs bf16/fp16 only, so it is compared in bf16.",
+    "fused-tf32x3 = with 3xTF32 dots, each float32 operand split into two tf32 parts and each dot done "
+    "in three tensor-core passes; both labelled); reference = the hand-written jnp ops of vit.layers "
+    "under XLA; autodiff = jax.vjp of the reference forward (oracle.autodiff_vjp; the step: "
+    "oracle.autodiff_grad_fn); dpa-xla / dpa-cudnn = jax.nn.dot_product_attention(implementation='xla' "
+    "/ 'cudnn') on (B, L, H, Dh) q, k, v: the split of the packed (B, L, 3D) qkv and the merge of the "
+    "output are part of its timed call, and its backward is jax.vjp (one jax.vjp gives the output and "
+    "the gradients). cuDNN runs bf16/fp16 only, so it is compared in bf16; its fwd+bwd rows pad an odd "
+    "L to L+1 and pass query_seq_lengths and key_value_seq_lengths = L, which mask the padded key, and "
+    "slice the output back to L (pad and slice timed), because jax's cuDNN training path refuses odd "
+    "sequence lengths.",
     "fwd rows return the output only (as in evaluation; what a kernel writes for the backward, such as "
     "the LSE or LN's mean/rstd, is still paid); fwd+bwd rows return the output and every input "
     "gradient. The train step group times vit.make_train_step (one jit: uint8 images normalised on "

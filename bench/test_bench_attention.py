@@ -5,45 +5,67 @@ forward+backward, at the product shape (B=64 L=65 H=8 Dh=32), B=512, and the sta
 Contenders (each checked against vit.layers in float32 on the same inputs before it is timed):
   fused        kernels.fused_ops(): the kernel kernels/dispatch.py picks for the shape (the note
                says which), softmax statistics kept as LSE, P recomputed in the backward
-               (fused-tf32: the same with tf32 dots; GPU only)
+               (fused-tf32: the same with tf32 dots, held to the tf32 tolerance; fused-tf32x3:
+               with 3xTF32 dots, each float32 operand split into two tf32 parts and each dot
+               done in three tensor-core passes, which claims float32 accuracy and so is held to
+               the fp32 tolerance, as fused is; both GPU only)
   fused-one-tile, fused-key-blocked
                each attention kernel forced (fused_ops(attention_kernel=...)): the one-tile kernel
                (one program per (batch, head), the whole sequence in one tile) and the
                key-blocked one (FlashAttention-2 style); the one-tile kernel does not run
                compiled where its K/V tile exceeds shared memory (fp32 at L=197 Dh=64)
   reference    vit.layers.attention_forward / attention_backward (hand-written jnp) under XLA
-  autodiff     jax.vjp of the reference forward (oracle.autodiff_vjp); fwd+bwd only
+  autodiff     jax.vjp of the reference forward (as oracle.autodiff_vjp); fwd+bwd only
   dpa-xla      jax.nn.dot_product_attention(implementation="xla"), what a JAX user would call; it
                takes (B, L, H, Dh) q, k, v, so splitting the packed qkv and merging the output are
                part of its timed call; backward by jax.vjp
-  dpa-cudnn    the same with implementation="cudnn" (GPU only; bf16/fp16 only, so bf16 rows)
+  dpa-cudnn    the same with implementation="cudnn" (GPU only; bf16/fp16 only, so bf16 rows).
+               fwd+bwd rows pad an odd L to L+1 and pass query_seq_lengths and
+               key_value_seq_lengths (= L for every batch row), so the padded key is masked and
+               the padded query's output is sliced off; the pad and the slice are in the timed
+               call. Why: jax's cuDNN path (jax/_src/cudnn/fused_attention_stablehlo.py, jax
+               0.11.2) replaces bias=None by a zero-size placeholder before its training rule
+               calls check_is_flash_attention(..., bias is not None, is_training=True), which
+               then refuses odd T or S ("Unsupported sequence length Q 65, KV 65": the H200
+               run of 2026-11-30); the seq lengths select the PADDING mask, which that check
+               does not refuse. fwd rows (no training path) keep L unpadded.
 
 FLOPs: fwd 4*B*H*L^2*Dh; fwd+bwd 3.5x that (harness.attention_flops).
 """
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import pytest
 
-import oracle
-from bench import harness
+from bench import harness, report
+from oracle.compare import TOLERANCE, assert_close, exact_float32_dots
 from vit import layers
 from vit.ops import REFERENCE
 
 FORCED = ["fused-one-tile", "fused-key-blocked"]
+# the fused contenders whose kernels run other than ieee float32 dots, and their tl.dot precision
+DOT_PRECISION = {"fused-tf32": "tf32", "fused-tf32x3": "tf32x3"}
+DISPATCHED = ["fused", *DOT_PRECISION]  # the dispatcher picks their kernel
 CONTENDERS = {
-    ("fwd", "fp32"): ["reference", "fused", *FORCED, "fused-tf32", "dpa-xla"],
+    ("fwd", "fp32"): ["reference", "fused", *FORCED, "fused-tf32", "dpa-xla", "fused-tf32x3"],
     ("fwd", "bf16"): ["reference", "fused", *FORCED, "dpa-xla", "dpa-cudnn"],
-    ("fwd+bwd", "fp32"): ["reference", "fused", *FORCED, "fused-tf32", "autodiff", "dpa-xla"],
+    ("fwd+bwd", "fp32"): ["reference", "fused", *FORCED, "fused-tf32", "autodiff", "dpa-xla",
+                          "fused-tf32x3"],
     ("fwd+bwd", "bf16"): ["reference", "fused", *FORCED, "autodiff", "dpa-xla", "dpa-cudnn"],
 }
+# jax's cuDNN training path takes only sequence lengths that are a multiple of this (see above)
+CUDNN_TRAINING_MULTIPLE = 2
 
 NOTES = {
     "fused": "Triton kernels, ieee dots, the dispatcher's kernel",
     "fused-one-tile": "Triton one-tile kernel forced, ieee dots",
     "fused-key-blocked": "Triton key-blocked kernel forced, ieee dots",
     "fused-tf32": "Triton kernels, tf32 dots (the reference keeps ieee fp32)",
+    "fused-tf32x3": "Triton kernels, 3xTF32 dots, checked at the fp32 tolerance",
     "reference": "vit.layers (jnp) under XLA",
     "autodiff": "jax.vjp of the reference forward",
     "dpa-xla": "jax.nn.dot_product_attention xla; qkv split to (B,L,H,Dh) and output merge included",
@@ -71,14 +93,36 @@ def make_inputs(shape, dtype, key):
     return qkv, do
 
 
-def dpa_forward(implementation, heads):
-    """Packed qkv (B, L, 3D) -> (B, L, D) through jax.nn.dot_product_attention."""
+def padded_length(l: int, multiple: int) -> int:
+    """l rounded up to a multiple of ``multiple``."""
+    return -(-l // multiple) * multiple
+
+
+def dpa_forward(implementation, heads, multiple=1):
+    """Packed qkv (B, L, 3D) -> (B, L, D) through jax.nn.dot_product_attention. multiple > 1: a
+    sequence not a multiple of it is padded with zero tokens up to one, query_seq_lengths and
+    key_value_seq_lengths (L for every batch row) mask the padded keys out of every softmax, and
+    the output is sliced back to L; the pad and the slice are part of the function (and so of
+    its vjp: the padded rows' gradients are dropped by the pad's transpose)."""
     def fwd(qkv):
         b, l, d3 = qkv.shape
         d = d3 // 3
-        q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, l, heads, d // heads) for i in range(3))
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation).reshape(b, l, d)
+        lp = padded_length(l, multiple)
+        lengths = {}
+        if lp != l:
+            qkv = jnp.pad(qkv, ((0, 0), (0, lp - l), (0, 0)))
+            lengths = dict(query_seq_lengths=jnp.full((b,), l, jnp.int32),
+                           key_value_seq_lengths=jnp.full((b,), l, jnp.int32))
+        q, k, v = (qkv[..., i * d:(i + 1) * d].reshape(b, lp, heads, d // heads) for i in range(3))
+        o = jax.nn.dot_product_attention(q, k, v, implementation=implementation, **lengths)
+        return o[:, :l].reshape(b, l, d)
     return fwd
+
+
+def vjp_outputs(fwd, qkv, do):
+    """(fwd(qkv), the gradient of <fwd(qkv), do> with respect to qkv), from one jax.vjp."""
+    o, pullback = jax.vjp(fwd, qkv)
+    return o, pullback(do)[0]
 
 
 def ops_for(contender, launcher):
@@ -86,7 +130,7 @@ def ops_for(contender, launcher):
         return REFERENCE
     from kernels import fused_ops  # noqa: PLC0415  (needs triton; only the fused rows import it)
 
-    dot_precision = "tf32" if contender == "fused-tf32" else "ieee"
+    dot_precision = DOT_PRECISION.get(contender, "ieee")
     kernel = contender.removeprefix("fused-") if contender in FORCED else "auto"
     return fused_ops(launcher, dot_precision=dot_precision, attention_kernel=kernel)
 
@@ -94,7 +138,7 @@ def ops_for(contender, launcher):
 def builder(mode, bench):
     def build(contender, shape):
         heads = harness.ATTN_SHAPES[shape][2]
-        if contender in ("reference", "fused", "fused-tf32", *FORCED):
+        if contender in ("reference", *DISPATCHED, *FORCED):
             ops = ops_for(contender, bench.launcher if contender != "reference" else None)
             if mode == "fwd":
                 return lambda qkv, do: ops.attention_forward(qkv, heads)[0]
@@ -106,11 +150,16 @@ def builder(mode, bench):
         if contender == "autodiff":
             fwd = lambda qkv: layers.attention_forward(qkv, heads)[0]  # noqa: E731
         else:
-            fwd = dpa_forward(contender.removeprefix("dpa-"), heads)
+            training = mode == "fwd+bwd" and contender == "dpa-cudnn"
+            fwd = dpa_forward(contender.removeprefix("dpa-"), heads,
+                              CUDNN_TRAINING_MULTIPLE if training else 1)
         if mode == "fwd":
             return lambda qkv, do: fwd(qkv)
-        # XLA's CSE merges this forward with the one inside the vjp (checked: same dot count)
-        return lambda qkv, do: (fwd(qkv), oracle.autodiff_vjp(fwd, qkv, do))
+        # one jax.vjp gives the output and the gradients. A separate fwd(qkv) beside the vjp
+        # costs the XLA contenders nothing (XLA's CSE merges the two forwards: the same kernels
+        # and bytes on the CPU), but cuDNN's inference and training forwards are different
+        # custom calls, so dpa-cudnn would run its forward twice
+        return lambda qkv, do: vjp_outputs(fwd, qkv, do)
     return build
 
 
@@ -124,8 +173,8 @@ def skip_reason(case, bench):
     gpu = bench.backend == "gpu"
     if case.contender == "dpa-cudnn" and not gpu:
         return "cuDNN attention needs an NVIDIA GPU"
-    if case.contender == "fused-tf32" and not gpu:
-        return "tf32 dots are a GPU tensor-core mode"
+    if case.contender in DOT_PRECISION and not gpu:
+        return f"{DOT_PRECISION[case.contender]} dots are a GPU tensor-core mode"
     if case.contender == "fused-one-tile" and gpu:
         from kernels import COMPILED, dispatch  # noqa: PLC0415
 
@@ -138,16 +187,26 @@ def skip_reason(case, bench):
 
 def dispatch_note(case, bench) -> str:
     """Which kernel the dispatcher runs for a "fused" row, in both directions."""
-    if case.contender not in ("fused", "fused-tf32"):
+    if case.contender not in DISPATCHED:
         return ""
     from kernels import dispatch  # noqa: PLC0415
 
     _, l, _, dh = harness.ATTN_SHAPES[case.shape]
-    dot_precision = "tf32" if case.contender == "fused-tf32" else "ieee"
+    dot_precision = DOT_PRECISION.get(case.contender, "ieee")
     plans = [dispatch.plan(l, dh, harness.DTYPES[case.dtype], dot_precision, d, bench.launcher)
              for d in (("fwd",) if case.mode == "fwd" else ("fwd", "bwd"))]
     return "; dispatcher: " + ", ".join(f"{d} {p.kernel} ({p.source})"
                                         for d, p in zip(("fwd", "bwd"), plans))
+
+
+def padding_note(case) -> str:
+    """dpa-cudnn's fwd+bwd rows at an odd L say that they ran padded, and why."""
+    l = harness.ATTN_SHAPES[case.shape][1]
+    if case.contender != "dpa-cudnn" or case.mode != "fwd+bwd" \
+            or padded_length(l, CUDNN_TRAINING_MULTIPLE) == l:
+        return ""
+    return ("; padded to L+1 with seq lengths (pad and slice included): cuDNN's training path "
+            "in jax refuses odd L")
 
 
 def untimed_reason(case, bench):
@@ -159,6 +218,96 @@ def untimed_reason(case, bench):
 def test_attention(case, bench):
     harness.run_kernel_case(
         bench, case, make_inputs=make_inputs, build=builder(case.mode, bench),
-        work=work(case.mode), note=NOTES[case.contender] + dispatch_note(case, bench),
+        work=work(case.mode),
+        note=NOTES[case.contender] + dispatch_note(case, bench) + padding_note(case),
         skip_reason=skip_reason(case, bench), untimed_reason=untimed_reason(case, bench),
         optional=case.contender == "dpa-cudnn")
+
+
+def test_fused_tf32x3_is_held_to_the_fp32_tolerance_and_is_no_target():
+    """fused-tf32x3 (fp32 rows only) runs the dispatcher's kernels with 3xTF32 dots and is
+    checked at the tolerance of the ieee fp32 rows, not at tf32's; no target needs its rows, so
+    under --benchmark they run after the target rows."""
+    from kernels import INTERPRETED  # noqa: PLC0415
+
+    assert harness.tolerance("fp32", "fused-tf32x3") == harness.tolerance("fp32", "fused") \
+        == TOLERANCE["float32 long sums"]
+    assert harness.tolerance("fp32", "fused-tf32") == TOLERANCE["tf32"]
+    for mode in ("fwd", "fwd+bwd"):
+        assert "fused-tf32x3" in CONTENDERS[(mode, "fp32")]
+        assert "fused-tf32x3" not in CONTENDERS[(mode, "bf16")]
+    assert not [row for row in report.target_rows() if row[2] == "fused-tf32x3"]
+    assert "dot precision tf32x3, attention auto" in ops_for("fused-tf32x3", INTERPRETED).description
+
+
+# ----------------------------------------------------------------------------------------------
+# dpa-cudnn's padding, checked on the CPU through implementation="xla", which takes the same
+# query_seq_lengths / key_value_seq_lengths (jax/_src/nn/functions.py: a padding mask on the
+# logits, and the padded queries' outputs zeroed)
+
+
+@pytest.mark.parametrize("l,multiple", [(5, 2), (65, 2), (6, 4), (6, 2)],
+                         ids=["odd-L", "product-L", "even-L-padded-by-2", "even-L-unpadded"])
+def test_padded_dot_product_attention_equals_unpadded(bench, monkeypatch, l, multiple):
+    """The padded call (dpa_forward(..., multiple)) gives the unpadded call's output and input
+    gradients (jax.vjp) on fresh random float32 inputs, to 1e-6. Without the seq lengths (the
+    padded zero key then takes part in every softmax) the same comparison fails: the check can
+    see an unmasked pad."""
+    b, h, dh = 3, 2, 32
+    k1, k2 = jax.random.split(bench.key("dpa padding", str(l), str(multiple)))
+    qkv = jax.random.normal(k1, (b, l, 3 * h * dh), jnp.float32)
+    do = jax.random.normal(k2, (b, l, h * dh), jnp.float32)
+
+    def out_and_grad(fwd):
+        def both(qkv, do):
+            o, vjp = jax.vjp(fwd, qkv)
+            return {"o": o, "dqkv": vjp(do)[0]}
+        return jax.jit(both)(qkv, do)
+
+    with exact_float32_dots():
+        want = out_and_grad(dpa_forward("xla", h))
+        got = out_and_grad(dpa_forward("xla", h, multiple))
+        assert_close(got, want, 1e-6, f"padded to {padded_length(l, multiple)}")
+        if padded_length(l, multiple) == l:
+            return
+        real = jax.nn.dot_product_attention
+        monkeypatch.setattr(jax.nn, "dot_product_attention",
+                            lambda *args, query_seq_lengths=None, key_value_seq_lengths=None,
+                            **kwargs: real(*args, **kwargs))
+        unmasked = out_and_grad(dpa_forward("xla", h, multiple))
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        assert_close(unmasked, want, 1e-3, "padded, no seq lengths")
+
+
+@pytest.mark.parametrize("shape", ["product", "vit-s"])
+def test_cudnn_training_path_lowers_padded_and_refuses_odd_l(monkeypatch, shape):
+    """On the CPU, lowered for "cuda": jax's own checks of its cuDNN attention run at trace time,
+    so they show here. Unpadded, the fwd+bwd of dpa-cudnn at an odd L is refused as on the H200
+    ("Unsupported sequence length"); padded (dpa_forward(..., CUDNN_TRAINING_MULTIPLE)) it lowers
+    to exactly one cuDNN forward and one backward custom call (the row's single jax.vjp), both
+    with the PADDING mask and the two int32 (B,) seq-length operands. Only the cuDNN library's
+    version is faked (there is none here)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # noqa: PLC0415
+
+    if not hasattr(cudnn_fa, "check_cudnn_version"):
+        pytest.skip("this jax has no fused_attention_stablehlo.check_cudnn_version to stand in for")
+    monkeypatch.setattr(cudnn_fa, "check_cudnn_version", lambda: 91000)
+    b, l, h, dh = harness.ATTN_SHAPES[shape]
+    args = (jax.ShapeDtypeStruct((b, l, 3 * h * dh), jnp.bfloat16),
+            jax.ShapeDtypeStruct((b, l, h * dh), jnp.bfloat16))
+
+    def lowered(multiple):
+        fwd = dpa_forward("cudnn", h, multiple)
+        return jax.jit(lambda qkv, do: vjp_outputs(fwd, qkv, do)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+
+    with pytest.raises(NotImplementedError, match=f"Unsupported sequence length Q {l}, KV {l}"):
+        lowered(1)  # if this now lowers, jax takes odd L in training: the padding can go
+    text = lowered(CUDNN_TRAINING_MULTIPLE)
+    calls = re.findall(r"custom_call @(__cudnn\$fmha\w*)\(.*?mask_type\\22: \\22(\w+)\\22.*?: \((.*?)\)",
+                       text)
+    assert sorted(name for name, *_ in calls) == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"], text
+    lp = padded_length(l, CUDNN_TRAINING_MULTIPLE)
+    for name, mask, types in calls:
+        assert mask == "PADDING", (name, mask)
+        assert f"tensor<{b}x{lp}x{h}x{dh}xbf16>" in types and types.count(f"tensor<{b}xi32>") == 2, types

@@ -89,7 +89,7 @@ def variants(l, dh, dtype, dot_precision, direction, grid, launcher):
     """[(kernel, label, setting)] of one direction: the one-tile kernel's geometries (where it
     runs) and the key-blocked kernel's grid plus its default blocks."""
     out = []
-    if dispatch.one_tile_runs(l, dh, dtype, launcher):
+    if dispatch.one_tile_runs(l, dh, dtype, launcher, dot_precision):
         block_l = max(16, attention.next_power_of_2(l))
         for block_m, warps in itertools.product(ONE_TILE_ROWS, ONE_TILE_WARPS):
             if block_m <= block_l:

@@ -266,13 +266,21 @@ def geometry(l, d, heads, dtype, launcher: Launcher, dot_precision, *, direction
     return consts, num_warps
 
 
-def compiled_fits(l: int, dh: int, dtype) -> bool:
+def kv_tile_budget(dot_precision: str = "ieee") -> int:
+    """Bytes the compiled kernels' K/V tile may take: MAX_KV_TILE_BYTES, halved for tf32x3
+    dots, whose kernels need about twice the shared memory at the same tile (triton 3.6.0, L=65
+    Dh=32 backward: 118,784 bytes against tf32's 63,488), so a 32 KiB tile takes 212,992 to
+    233,472 bytes, over sm_80's limit and, at L=197 Dh=32, over sm_90's (compile_check)."""
+    return MAX_KV_TILE_BYTES // 2 if dot_precision == "tf32x3" else MAX_KV_TILE_BYTES
+
+
+def compiled_fits(l: int, dh: int, dtype, dot_precision: str = "ieee") -> bool:
     """Whether the compiled kernels fit a GPU's shared memory: K and V for the whole sequence
-    stay resident, so their tile (BLOCK_L x Dh) is capped at 32 KiB, which keeps the backward
-    under the sm_80 limit of 163 KiB (measured by ``python -m kernels.compile_check``). The
-    interpreter has no such limit."""
+    stay resident, so their tile (BLOCK_L x Dh) is capped at 32 KiB (16 KiB with tf32x3 dots:
+    kv_tile_budget), which keeps the backward under the sm_80 limit of 163 KiB (measured by
+    ``python -m kernels.compile_check``). The interpreter has no such limit."""
     block_l = max(16, next_power_of_2(l))
-    return block_l * dh * np.dtype(dtype).itemsize <= MAX_KV_TILE_BYTES
+    return block_l * dh * np.dtype(dtype).itemsize <= kv_tile_budget(dot_precision)
 
 
 def _check_qkv(qkv, heads):
@@ -333,7 +341,8 @@ def check_backward_inputs(cache, do):
     return b, l, d, heads
 
 
-def check_one_tile(what: str, l: int, dh: int, dtype, launcher: Launcher) -> None:
+def check_one_tile(what: str, l: int, dh: int, dtype, launcher: Launcher,
+                   dot_precision: str = "ieee") -> None:
     """Refuse, before any launch, a sequence the one-tile kernel cannot hold: over MAX_LEN, or
     compiled with a K/V tile over the shared-memory budget (``compiled_fits``); both directions
     check, since either backward takes either forward's cache."""
@@ -343,12 +352,12 @@ def check_one_tile(what: str, l: int, dh: int, dtype, launcher: Launcher) -> Non
             "(kernels/attention.py holds the whole sequence in one tile; the key-blocked kernel, "
             "kernels/flash_attention.py, takes any length, and kernels.fused_ops sends it there)"
         )
-    if launcher.on_gpu and not compiled_fits(l, dh, dtype):
+    if launcher.on_gpu and not compiled_fits(l, dh, dtype, dot_precision):
         raise ValueError(
             f"{what}: L={l} (tile {max(16, next_power_of_2(l))}) x Dh={dh} in {np.dtype(dtype)} "
             f"needs more GPU shared memory than the single-tile kernel may use (K/V tile over "
-            f"{MAX_KV_TILE_BYTES // 1024} KiB); use bfloat16, a smaller head dim, the key-blocked "
-            "kernel, or the reference ops"
+            f"{kv_tile_budget(dot_precision) // 1024} KiB with {dot_precision} dots); use bfloat16, "
+            "a smaller head dim, the key-blocked kernel, or the reference ops"
         )
 
 
@@ -356,7 +365,7 @@ def attention_forward(qkv, heads, keep_scale=None, *, launcher: Launcher, dot_pr
     """qkv (B, L, 3D) -> (o (B, L, D), cache). keep_scale: optional (B, H, L, L) dropout scale."""
     dot_precision = check_dot_precision(dot_precision)
     b, l, d, dh, heads = check_forward_inputs(qkv, heads, keep_scale)
-    check_one_tile("attention_forward", l, dh, qkv.dtype, launcher)
+    check_one_tile("attention_forward", l, dh, qkv.dtype, launcher, dot_precision)
     consts, num_warps = geometry(l, d, heads, qkv.dtype, launcher, dot_precision, direction="fwd")
     o, lse = launcher.launch(
         _attn_fwd,
@@ -381,7 +390,7 @@ def attention_backward(cache, do, *, launcher: Launcher, dot_precision: str = "i
     qkv, o, lse, keep_scale = cache
     b, l, d, heads = check_backward_inputs(cache, do)
     # the cache may come from the key-blocked forward, which takes any length
-    check_one_tile("attention_backward", l, d // heads, qkv.dtype, launcher)
+    check_one_tile("attention_backward", l, d // heads, qkv.dtype, launcher, dot_precision)
     do = do.astype(qkv.dtype)
     consts, num_warps = geometry(l, d, heads, qkv.dtype, launcher, dot_precision, direction="bwd")
     (dqkv,) = launcher.launch(

@@ -86,16 +86,17 @@ def cases(quick: bool):
     if quick:
         att, flash, lns = att[:1], flash[:2], lns[:1]
     for b, l, h, dh in flash:
-        for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.bfloat16, "ieee")):
+        for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.float32, "tf32x3"),
+                                     (jnp.bfloat16, "ieee")):
             for keep in (False, True):
                 name = dispatch.dtype_key(dtype, dot_precision)
                 label = f"flash B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
                 yield label, _attention_launches(b, l, h, dh, dtype, keep, dot_precision, "key-blocked")
     for b, l, h, dh in att:
         for dtype in dtypes:
-            if not attention.compiled_fits(l, dh, dtype):
-                continue
-            for dot_precision in ("ieee", "tf32") if dtype == jnp.float32 else ("ieee",):
+            for dot_precision in ("ieee", "tf32", "tf32x3") if dtype == jnp.float32 else ("ieee",):
+                if not attention.compiled_fits(l, dh, dtype, dot_precision):
+                    continue
                 for keep in (False, True):
                     name = jnp.dtype(dtype).name + (f"/{dot_precision}" if dtype == jnp.float32 else "")
                     label = f"attn B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"

@@ -117,8 +117,9 @@ def table() -> list[dict]:
     return _TABLE
 
 
-def one_tile_runs(l: int, dh: int, dtype, launcher: Launcher) -> bool:
-    return l <= attention.MAX_LEN and (not launcher.on_gpu or attention.compiled_fits(l, dh, dtype))
+def one_tile_runs(l: int, dh: int, dtype, launcher: Launcher, dot_precision: str = "ieee") -> bool:
+    return l <= attention.MAX_LEN and (not launcher.on_gpu
+                                       or attention.compiled_fits(l, dh, dtype, dot_precision))
 
 
 def _tuned_row(l, dh, dtype, dot_precision, direction, rows, kernel=None) -> dict | None:
@@ -148,9 +149,10 @@ def plan(l: int, dh: int, dtype, dot_precision: str, direction: str, launcher: L
     default = flash_attention.default_blocks(l, dh, dtype, dot_precision, direction)
     if kernel == "key-blocked":
         return Plan(kernel, default, "forced")
-    if row is not None and one_tile_runs(l, dh, dtype, launcher):
+    if row is not None and one_tile_runs(l, dh, dtype, launcher, dot_precision):
         return Plan("one-tile", None, f"table {row['device']}")
-    if l <= ONE_TILE_MAX_LEN and dh <= ONE_TILE_MAX_DH and one_tile_runs(l, dh, dtype, launcher):
+    if l <= ONE_TILE_MAX_LEN and dh <= ONE_TILE_MAX_DH and one_tile_runs(l, dh, dtype, launcher,
+                                                                          dot_precision):
         return Plan("one-tile", None, "rule")
     return Plan("key-blocked", default, "rule")
 

@@ -404,15 +404,24 @@ class Blocks:
 
 # Default launch geometry per (dot kind, head dim): (forward, backward). Dot kinds: "ieee" is
 # float32 with exact dots (CUDA-core FMAs: operands and accumulators spread thinly over the
-# threads, so the tiles are smallest), "tf32" float32 on tensor cores (tf32 and tf32x3), "half"
-# bf16/fp16. Each is the largest tile found with no register spill (stack 0) on sm_90, and none
-# on sm_80 either where one was found, with shared memory within sm_80's 163 KiB, with and
-# without dropout, at L = 65, 197, 577, 4096 and 8192 (``python -m kernels.compile_check``,
-# triton 3.9 and the ptxas in its wheel; bench/results/compile-check-2026-11-30.md). Rejected
-# there, for example: ieee forward 64x64 (spills kilobytes at Dh=64); ieee backward 64x32 with
-# 8 warps (ptxas trades registers for occupancy at L=4096: 128 registers + 32 stack bytes);
-# half backward 64x64 with 8 warps at Dh=64 (255 registers + 40 bytes on sm_80) and Dh=128
-# (136 bytes on sm_90); tf32 backward 32x32 with 8 warps at Dh=64 (24 bytes).
+# threads, so the tiles are smallest), "tf32" float32 on tensor cores, "tf32x3" float32 on tensor
+# cores in three passes (each operand split into a high part rounded to tf32 and the remainder, and
+# every dot done as hi*hi + hi*lo + lo*hi: three times the tensor-core instructions of tf32, plus
+# the splitting, and more live registers), "half" bf16/fp16. Each is the largest tile found with no
+# register spill (stack 0) on sm_90, and none on sm_80 either where one was found, with shared
+# memory within sm_80's 163 KiB, with and without dropout, at L = 65, 197, 577, 4096 and 8192
+# (``python -m kernels.compile_check``, triton 3.9 and the ptxas in its wheel;
+# bench/results/compile-check-2026-11-30.md). Rejected there, for example: ieee forward 64x64
+# (spills kilobytes at Dh=64); ieee backward 64x32 with 8 warps (ptxas trades registers for
+# occupancy at L=4096: 128 registers + 32 stack bytes); half backward 64x64 with 8 warps at Dh=64
+# (255 registers + 40 bytes on sm_80) and Dh=128 (136 bytes on sm_90); tf32 backward 32x32 with 8
+# warps at Dh=64 (24 bytes). tf32x3 (triton 3.6.0, the GPU image's compiler, sm_90, with dropout,
+# at L = 197 and 4096, then every shape above on sm_80 and sm_90): smaller than tf32's except the
+# forward at Dh 16 and 32; rejected, for example, forward 128x32 at Dh=64 (255 registers + 8
+# bytes), backward 64x32 at Dh=64 (24 bytes), 64x64 at Dh=32 (408 bytes), 32x32 with 4 warps at
+# Dh=32 (120 bytes); forward 64x32 at Dh=64 spills 8 bytes on sm_80, hence 64x16; at Dh=128 only
+# 16x16 backward tiles are spill-free (but at L=1: 16-32 bytes). Triton 3.9 spills 16 bytes in the
+# Dh=64 backward at L=577 with dropout, which triton 3.6.0 does not.
 _DEFAULT_BLOCKS = {
     ("ieee", 16): (Blocks(64, 32, 8, 2), Blocks(32, 32, 4, 2)),
     ("ieee", 32): (Blocks(64, 32, 8, 2), Blocks(32, 16, 4, 2)),
@@ -422,6 +431,10 @@ _DEFAULT_BLOCKS = {
     ("tf32", 32): (Blocks(128, 32, 8, 2), Blocks(64, 64, 8, 2)),
     ("tf32", 64): (Blocks(128, 32, 8, 2), Blocks(64, 32, 8, 2)),
     ("tf32", 128): (Blocks(64, 32, 8, 2), Blocks(32, 32, 4, 2)),
+    ("tf32x3", 16): (Blocks(128, 32, 8, 2), Blocks(32, 32, 4, 2)),
+    ("tf32x3", 32): (Blocks(128, 32, 8, 2), Blocks(64, 16, 8, 2)),
+    ("tf32x3", 64): (Blocks(64, 16, 8, 2), Blocks(64, 16, 8, 2)),
+    ("tf32x3", 128): (Blocks(32, 32, 8, 2), Blocks(16, 16, 8, 2)),
     ("half", 16): (Blocks(128, 64, 8, 2), Blocks(64, 64, 8, 2)),
     ("half", 32): (Blocks(128, 64, 8, 2), Blocks(64, 64, 8, 2)),
     ("half", 64): (Blocks(128, 64, 8, 2), Blocks(64, 32, 8, 2)),
@@ -432,7 +445,7 @@ _DEFAULT_BLOCKS = {
 def dot_kind(dtype, dot_precision: str) -> str:
     if np.dtype(dtype).itemsize == 2:
         return "half"
-    return "ieee" if dot_precision == "ieee" else "tf32"
+    return dot_precision  # "ieee", "tf32" or "tf32x3"
 
 
 def default_blocks(l: int, dh: int, dtype, dot_precision: str, direction: str) -> Blocks:

@@ -116,8 +116,17 @@ def proto_fields(buf: bytes) -> dict[int, list]:
     return fields
 
 
+# PTX instructions that show how a kernel's float32 dots run: tensor-core instructions taking
+# tf32 operands (mma.sync on sm_80 and up, wgmma on sm_90a), and the rounding of a float32 to tf32
+# that Triton emits for tf32x3 only (each operand's high part; its low part is the float32 minus
+# that), whose dots then take three tensor-core passes each (hi*hi, hi*lo, lo*hi)
+TF32_TENSOR_CORE_OP = re.compile(r"^\s*(?:mma\.sync|wgmma\.mma_async)\S*\.tf32\b", re.MULTILINE)
+TF32_ROUNDING = re.compile(r"^\s*cvt\.rna\.tf32\.f32\b", re.MULTILINE)
+
+
 def decode_backend_config(backend_config: bytes) -> dict:
-    """The fields of one ``triton_kernel_call``'s backend config that the check compares."""
+    """The fields of one ``triton_kernel_call``'s backend config that the check compares, and
+    counts of the PTX instructions above (tf32_tensor_core_ops, tf32_roundings)."""
     call = proto_fields(zlib.decompress(backend_config))
     if 1 not in call:
         kinds = "an autotuned call" if 2 in call else f"fields {sorted(call)}"
@@ -135,6 +144,8 @@ def decode_backend_config(backend_config: bytes) -> dict:
         "compute_capability": kernel.get(6, [0])[0],
         "ptx_target": target.group(1) if target else None,
         "ptx_bytes": len(ptx),
+        "tf32_tensor_core_ops": len(TF32_TENSOR_CORE_OP.findall(ptx)),
+        "tf32_roundings": len(TF32_ROUNDING.findall(ptx)),
     }
 
 
@@ -244,8 +255,11 @@ def cases():
     import vit  # noqa: PLC0415
 
     b, l, h, dh = 64, 65, 8, 32  # the product's attention shape: the one-tile kernel
-    for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.bfloat16, "ieee")):
-        for keep in (False, True):
+    for dtype, dot_precision in ((jnp.float32, "ieee"), (jnp.float32, "tf32"), (jnp.float32, "tf32x3"),
+                                 (jnp.bfloat16, "ieee")):
+        # tf32x3 once, without dropout: the same geometry as tf32's case, so tests/test_lowering.py
+        # can compare their PTX dot by dot
+        for keep in (False, True) if dot_precision != "tf32x3" else (False,):
             name = f"{jnp.dtype(dtype).name}/{dot_precision}"
             label = f"attn B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
             yield label, _attention_case(b, l, h, dh, dtype, keep, dot_precision)

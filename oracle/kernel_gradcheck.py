@@ -237,7 +237,7 @@ def main(argv=None) -> int:
         for kernel in kernels if kind == "attn" else kernels[:1]:
             label = f"{spec} [{kernel}]" if kind == "attn" else spec
             if kind == "attn" and kernel == "one-tile" and not dispatch.one_tile_runs(
-                    dims[1], dims[3], args.dtype, launcher):
+                    dims[1], dims[3], args.dtype, launcher, dot_precision):
                 skipped += 1
                 print(f"{label:<38} SKIP: the one-tile kernel does not run this shape here (L > "
                       f"1024, or compiled with a K/V tile over its shared-memory budget)")

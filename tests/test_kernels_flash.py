@@ -233,15 +233,16 @@ def test_blocks_are_validated():
 
 def test_default_blocks_are_the_table_row_of_their_dot_kind_and_direction():
     """default_blocks: the forward entry of _DEFAULT_BLOCKS for the forward, the backward one for
-    the backward, under the right dot kind (float32 ieee, float32 tf32/tf32x3, half), fitted to
-    L down to the smallest tl.dot tile. A wrong row still computes the right numbers, so only
+    the backward, under the right dot kind (float32 ieee, tf32 or tf32x3; half), fitted to L
+    down to the smallest tl.dot tile. A wrong row still computes the right numbers, so only
     this shows it (larger tiles than the compile figures allow spill registers on a GPU)."""
     f32, bf16, f16 = jnp.float32, jnp.bfloat16, jnp.float16
     assert [flash_attention.dot_kind(dt, p) for dt, p in (
         (f32, "ieee"), (f32, "tf32"), (f32, "tf32x3"), (bf16, "ieee"), (f16, "ieee"))] == [
-        "ieee", "tf32", "tf32", "half", "half"]
+        "ieee", "tf32", "tf32x3", "half", "half"]
     for (kind, dh), both in flash_attention._DEFAULT_BLOCKS.items():
-        dtype, precision = {"ieee": (f32, "ieee"), "tf32": (f32, "tf32"), "half": (bf16, "ieee")}[kind]
+        dtype, precision = {"ieee": (f32, "ieee"), "tf32": (f32, "tf32"), "tf32x3": (f32, "tf32x3"),
+                            "half": (bf16, "ieee")}[kind]
         for direction, want in zip(("fwd", "bwd"), both):
             got = flash_attention.default_blocks(10**4, dh, dtype, precision, direction)
             assert got == want, (kind, dh, direction)

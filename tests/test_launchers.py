@@ -99,22 +99,32 @@ def test_the_two_launchers():
 def test_one_tile_runs_exactly_where_the_one_tile_kernel_accepts_the_shape(launcher):
     """dispatch.one_tile_runs (what the dispatcher, the gradcheck's SKIP and the tune's variants
     rely on) and the one-tile kernel's own refusal (attention.check_one_tile) agree for each
-    launcher: at the length limit, and where only a GPU's shared memory refuses (fp32 L=197
-    Dh=64, which the interpreter runs)."""
+    launcher and dot precision: at the length limit, and where only a GPU's shared memory
+    refuses (fp32 L=197 Dh=64, which the interpreter runs; with tf32x3 dots, whose K/V tile
+    budget is half, fp32 L=100 Dh=64 and L=197 Dh=32 too, while the product shape L=65 Dh=32
+    still runs)."""
     from kernels import attention
 
-    cases = [(1024, 16, jnp.bfloat16), (1025, 16, jnp.bfloat16), (197, 64, jnp.float32),
-             (197, 64, jnp.bfloat16), (65, 32, jnp.float32)]
-    for l, dh, dtype in cases:
+    cases = [(1024, 16, jnp.bfloat16, "ieee"), (1025, 16, jnp.bfloat16, "ieee"),
+             (197, 64, jnp.float32, "ieee"), (197, 64, jnp.bfloat16, "ieee"),
+             (65, 32, jnp.float32, "ieee"), (65, 32, jnp.float32, "tf32x3"),
+             (100, 64, jnp.float32, "tf32"), (100, 64, jnp.float32, "tf32x3"),
+             (197, 32, jnp.float32, "tf32x3")]
+    for l, dh, dtype, precision in cases:
         qkv = jax.ShapeDtypeStruct((1, l, 3 * dh), dtype)
         try:
             with record_launches():
-                jax.eval_shape(lambda q: attention.attention_forward(q, 1, launcher=launcher), qkv)
+                jax.eval_shape(lambda q: attention.attention_forward(
+                    q, 1, launcher=launcher, dot_precision=precision), qkv)
             accepted = True
         except ValueError:
             accepted = False
-        assert dispatch.one_tile_runs(l, dh, dtype, launcher) is accepted, (launcher.name, l, dh, dtype)
+        assert dispatch.one_tile_runs(l, dh, dtype, launcher, precision) is accepted, (
+            launcher.name, l, dh, dtype, precision)
     assert dispatch.one_tile_runs(197, 64, jnp.float32, launcher) is not launcher.on_gpu
+    assert dispatch.one_tile_runs(100, 64, jnp.float32, launcher, "tf32")
+    assert dispatch.one_tile_runs(100, 64, jnp.float32, launcher, "tf32x3") is not launcher.on_gpu
+    assert dispatch.one_tile_runs(65, 32, jnp.float32, launcher, "tf32x3")
 
 
 @pytest.mark.parametrize("kernel", ["one-tile", "key-blocked"])

@@ -94,6 +94,24 @@ def test_every_kernel_and_both_launch_paths_are_covered(report):
     assert report["jax_triton"] == "0.3.1"
 
 
+def test_float32_dots_run_as_their_dot_precision_says(report):
+    """The PTX of the product-shape one-tile kernels, by dot precision (same geometry for all
+    three): ieee dots use no tensor core; tf32 dots do, with no rounding to tf32 of their own
+    (the tensor core reads the top 19 bits of each float32); tf32x3 rounds each operand's high
+    part to tf32 (cvt.rna.tf32.f32) and takes exactly three times tf32's tensor-core
+    instructions in every kernel: each dot done as hi*hi + hi*lo + lo*hi (3xTF32)."""
+    def ptx_counts(precision):
+        result = report["by_case"][(f"attn B=64 L=65 H=8 Dh=32 float32/{precision}", False)]
+        return {c["name"]: (c["tf32_tensor_core_ops"], c["tf32_roundings"]) for c in result["calls"]}
+
+    ieee, tf32, tf32x3 = (ptx_counts(p) for p in ("ieee", "tf32", "tf32x3"))
+    assert set(ieee) == set(tf32) == set(tf32x3) == {"vitfuse_attn_fwd", "vitfuse_attn_bwd"}
+    for name in tf32:
+        assert ieee[name] == (0, 0), (name, ieee[name])
+        assert tf32[name][0] > 0 and tf32[name][1] == 0, (name, tf32[name])
+        assert tf32x3[name][0] == 3 * tf32[name][0] and tf32x3[name][1] > 0, (name, tf32x3[name], tf32[name])
+
+
 # ----------------------------------------------------------------------------------------------
 # the comparison itself can fail (these need neither jax-triton nor a CUDA plugin)
 
