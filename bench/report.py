@@ -131,6 +131,34 @@ def _verdict(t: Target, rows: list[dict]) -> tuple[str, str, str]:
     return t.name, measured, verdict
 
 
+def target_evidence(rows: list[dict]) -> list[str]:
+    """Per target (TARGETS' order), what its two rows say about why, where both were timed: each
+    row's kernel count, XLA's bytes and % of this device's measured peak. That is the reason a
+    verdict can give without a profile ("-" where a row is missing or untimed). Our kernels are
+    custom calls, which XLA counts as 0 bytes: a fused row's bytes are those of the XLA ops
+    around them, given only where there are any (the train step)."""
+    out = []
+    for t in TARGETS:
+        shape = shape_label(t.kind, t.shape)
+        pair = [_timed(rows, t.group, shape, *key) for key in (t.a, t.b)]
+        out.append("; ".join(map(_row_evidence, pair)) if all(r and r["median_ms"] for r in pair) else "-")
+    return out
+
+
+def _row_evidence(r: dict) -> str:
+    parts = []
+    if r.get("kernels") is not None:
+        parts.append(f"{r['kernels']} kernels")
+    mb = r.get("hlo_mbytes")
+    if mb is not None and not r["contender"].startswith("fused"):
+        parts.append(f"{mb:.1f} MB by XLA")
+    elif mb is not None and mb >= 1:
+        parts.append(f"{mb:.1f} MB by XLA around our kernels")
+    if r.get("frac_of_peak") is not None:
+        parts.append(f"{100 * r['frac_of_peak']:.1f}% of peak")
+    return f"{r['contender']}: {', '.join(parts) or 'no counts'}"
+
+
 GROUP_ORDER = ["device peak", "attention fwd", "attention fwd+bwd", "add+layernorm fwd",
                "add+layernorm fwd+bwd", "train step"]
 
@@ -190,8 +218,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out += [f"**{meta['partial']}**", ""]
     if meta.get("machine_note"):
         out += [f"**{meta['machine_note']}**", ""]
-    out += ["## Targets (GPU, product shape)", "", "| target | measured | verdict |", "| --- | --- | --- |"]
-    out += [f"| {t} | {m} | {v} |" for t, m, v in meta["targets"]]
+    out += ["## Targets (GPU, product shape)", "",
+            "Rows say: each row's kernels, XLA's bytes and % of the measured peak (report.target_evidence).", "",
+            "| target | measured | verdict | rows say |", "| --- | --- | --- | --- |"]
+    evidence = meta.get("target_evidence") or ["-"] * len(meta["targets"])
+    out += [f"| {t} | {m} | {v} | {e} |" for (t, m, v), e in zip(meta["targets"], evidence)]
     out += ["", "## Results", "", markdown_tables(rows), "## Method", ""]
     out += [f"- {line}" for line in meta["method"]]
     out += ["", "Formulas:", ""] + [f"- {k}: {v}" for k, v in FORMULAS.items()] + [""]
@@ -344,6 +375,7 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
     meta = {"date": date, "started": session.started, "runs": runs, "seed": session.seed, "info": info,
             "finished": finished, "partial": partial,
             "peaks": peaks, "machine_note": machine_note, "targets": evaluate_targets(rows),
+            "target_evidence": target_evidence(rows),
             "method": METHOD, "formulas": FORMULAS,
             "command": "python -m pytest bench/ --benchmark", "argv": sys.argv}
     out_dir.mkdir(parents=True, exist_ok=True)

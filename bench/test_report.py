@@ -185,3 +185,27 @@ def test_benchmark_runs_every_targets_rows_first():
     assert wanted <= set(keys), sorted(wanted - set(keys))
     n = len(wanted)
     assert set(keys[:n]) == wanted, keys[:n]
+
+
+def test_each_targets_rows_say_why_in_kernels_bytes_and_peak():
+    """The reason a verdict can give without a profile: both rows' kernel counts, XLA's bytes
+    (not for our kernels alone, which XLA counts as 0) and % of peak; '-' without both timings."""
+    ref = dict(row("reference", "fp32", 0.147), kernels=13, hlo_mbytes=180.51, frac_of_peak=0.133)
+    fused = dict(row("fused", "fp32", 0.258), kernels=2, hlo_mbytes=1.4e-05, frac_of_peak=0.076)
+    step = dict(row("fused", "fp32", 8.4, group="train step", kind="step"), kernels=434,
+                hlo_mbytes=1628.6, frac_of_peak=None)
+    step_ref = dict(row("reference", "fp32", 8.6, group="train step", kind="step"), kernels=686,
+                    hlo_mbytes=4349.2, frac_of_peak=None)
+    said = dict(zip([t.name for t in report.TARGETS], report.target_evidence([ref, fused, step, step_ref])))
+    assert said[FP32_2X] == ("fused: 2 kernels, 7.6% of peak; "
+                             "reference: 13 kernels, 180.5 MB by XLA, 13.3% of peak")
+    assert said["train step --fused faster than the reference step (fp32)"] == (
+        "fused: 434 kernels, 1628.6 MB by XLA around our kernels; reference: 686 kernels, 4349.2 MB by XLA")
+    assert said[CUDNN] == "-"  # no dpa-cudnn row
+    assert said["fused add+LN fwd+bwd >= 1.5x faster than reference (fp32)"] == "-"
+    meta = {"date": "d", "started": "s", "seed": 1, "info": {k: "x" for k in (
+        "device", "python", "jax", "jaxlib", "triton", "jax_triton")}, "targets": report.evaluate_targets([ref, fused]),
+        "target_evidence": report.target_evidence([ref, fused]), "method": []}
+    md = report.markdown([], meta)  # the targets table only (no result rows to lay out)
+    assert "| target | measured | verdict | rows say |" in md
+    assert "reference: 13 kernels, 180.5 MB by XLA, 13.3% of peak |" in md
