@@ -36,6 +36,7 @@ FLOPs: fwd 4*B*H*L^2*Dh; fwd+bwd 3.5x that (harness.attention_flops).
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -240,6 +241,34 @@ def test_fused_tf32x3_is_held_to_the_fp32_tolerance_and_is_no_target():
     assert "dot precision tf32x3, attention auto" in ops_for("fused-tf32x3", INTERPRETED).description
 
 
+def test_each_rows_note_and_skip_follow_its_dot_precision_and_padding(monkeypatch, bench):
+    """What a row says of itself: the dispatcher's plans in its note are asked with the row's own
+    dot precision (a table row of tf32x3 is not one of ieee); the tf32 and tf32x3 rows are
+    skipped without a GPU, each naming its dots; only dpa-cudnn's fwd+bwd rows (odd L at every
+    shape) say they ran padded."""
+    from kernels import dispatch  # noqa: PLC0415
+
+    asked, real_plan = [], dispatch.plan
+    monkeypatch.setattr(dispatch, "plan", lambda l, dh, dtype, dot_precision, *rest, **kw:
+                        asked.append(dot_precision) or real_plan(l, dh, dtype, dot_precision, *rest, **kw))
+    cpu, gpu = SimpleNamespace(backend="cpu"), SimpleNamespace(backend="gpu")
+    for (mode, dtype), contenders in CONTENDERS.items():
+        for shape in harness.ATTN_SHAPES:
+            for contender in contenders:
+                case = harness.KernelCase(f"attention {mode}", "attention", mode, shape, contender, dtype)
+                asked.clear()
+                note = dispatch_note(case, bench)
+                precision = DOT_PRECISION.get(contender, "ieee")
+                directions = 2 if mode == "fwd+bwd" else 1
+                assert asked == ([precision] * directions if contender in DISPATCHED else []), (case, asked)
+                if contender in DOT_PRECISION:
+                    assert skip_reason(case, cpu) == f"{precision} dots are a GPU tensor-core mode", case
+                if contender in DISPATCHED:
+                    assert skip_reason(case, gpu) is None and note.startswith("; dispatcher: fwd "), case
+                padded = contender == "dpa-cudnn" and mode == "fwd+bwd"
+                assert ("padded to L+1" in padding_note(case)) is padded, case
+
+
 # ----------------------------------------------------------------------------------------------
 # dpa-cudnn's padding, checked on the CPU through implementation="xla", which takes the same
 # query_seq_lengths / key_value_seq_lengths (jax/_src/nn/functions.py: a padding mask on the
@@ -280,13 +309,15 @@ def test_padded_dot_product_attention_equals_unpadded(bench, monkeypatch, l, mul
 
 
 @pytest.mark.parametrize("shape", ["product", "vit-s"])
-def test_cudnn_training_path_lowers_padded_and_refuses_odd_l(monkeypatch, shape):
+def test_cudnn_training_path_lowers_padded_and_refuses_odd_l(monkeypatch, bench, shape):
     """On the CPU, lowered for "cuda": jax's own checks of its cuDNN attention run at trace time,
     so they show here. Unpadded, the fwd+bwd of dpa-cudnn at an odd L is refused as on the H200
-    ("Unsupported sequence length"); padded (dpa_forward(..., CUDNN_TRAINING_MULTIPLE)) it lowers
-    to exactly one cuDNN forward and one backward custom call (the row's single jax.vjp), both
-    with the PADDING mask and the two int32 (B,) seq-length operands. Only the cuDNN library's
-    version is faked (there is none here)."""
+    ("Unsupported sequence length"); padded, the dpa-cudnn fwd+bwd row's own function (builder)
+    lowers to exactly one cuDNN forward and one backward custom call (the row's single
+    jax.vjp: a forward of its own beside it would be a third call), both with the PADDING mask
+    and the two int32 (B,) seq-length operands; the fwd row's function stays unpadded (one
+    forward, no mask, L itself). Only the cuDNN library's version is faked (there is none
+    here)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn_fa  # noqa: PLC0415
 
     if not hasattr(cudnn_fa, "check_cudnn_version"):
@@ -296,18 +327,21 @@ def test_cudnn_training_path_lowers_padded_and_refuses_odd_l(monkeypatch, shape)
     args = (jax.ShapeDtypeStruct((b, l, 3 * h * dh), jnp.bfloat16),
             jax.ShapeDtypeStruct((b, l, h * dh), jnp.bfloat16))
 
-    def lowered(multiple):
-        fwd = dpa_forward("cudnn", h, multiple)
-        return jax.jit(lambda qkv, do: vjp_outputs(fwd, qkv, do)).trace(*args).lower(
-            lowering_platforms=("cuda",)).as_text()
+    def cudnn_calls(fn):
+        """(name, mask type, operand types) of each cuDNN custom call fn lowers to."""
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        return re.findall(r"custom_call @(__cudnn\$fmha\w*)\(.*?mask_type\\22: \\22(\w+)\\22.*?: \((.*?)\)",
+                          text)
 
+    unpadded = dpa_forward("cudnn", h)
     with pytest.raises(NotImplementedError, match=f"Unsupported sequence length Q {l}, KV {l}"):
-        lowered(1)  # if this now lowers, jax takes odd L in training: the padding can go
-    text = lowered(CUDNN_TRAINING_MULTIPLE)
-    calls = re.findall(r"custom_call @(__cudnn\$fmha\w*)\(.*?mask_type\\22: \\22(\w+)\\22.*?: \((.*?)\)",
-                       text)
-    assert sorted(name for name, *_ in calls) == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"], text
+        cudnn_calls(lambda qkv, do: vjp_outputs(unpadded, qkv, do))  # if this lowers, the padding can go
+    calls = cudnn_calls(builder("fwd+bwd", bench)("dpa-cudnn", shape))
+    assert sorted(name for name, *_ in calls) == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"], calls
     lp = padded_length(l, CUDNN_TRAINING_MULTIPLE)
     for name, mask, types in calls:
         assert mask == "PADDING", (name, mask)
         assert f"tensor<{b}x{lp}x{h}x{dh}xbf16>" in types and types.count(f"tensor<{b}xi32>") == 2, types
+    ((name, mask, types),) = cudnn_calls(builder("fwd", bench)("dpa-cudnn", shape))
+    assert (name, mask) == ("__cudnn$fmhaSoftmax", "NO_MASK") and "xi32>" not in types, (name, mask, types)
+    assert types == ", ".join([f"tensor<{b}x{l}x{h}x{dh}xbf16>"] * 3), types

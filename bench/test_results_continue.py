@@ -26,7 +26,7 @@ import pytest
 from bench import harness
 
 CASES = [harness.KernelCase("add+layernorm fwd+bwd", "layernorm", "fwd+bwd", "product", contender, "fp32")
-         for contender in ("reference", "fused", "autodiff")]
+         for contender in {contenders!r}]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -63,13 +63,15 @@ def earlier_file(tmp_path, statuses: dict, device: str | None = None) -> Path:
     return json_path
 
 
-def run_bench(tmp_path, continued, *flags: str) -> tuple[subprocess.CompletedProcess, list[str], dict | None]:
-    """pytest (flags: --benchmark unless given) with bench/conftest.py as a plugin on TESTS,
-    --bench-seed 2, --bench-continue continued; -> (the process, the contenders whose test ran,
-    the results file it wrote or None)."""
+def run_bench(tmp_path, continued, *flags: str, contenders=("reference", "fused", "autodiff")
+              ) -> tuple[subprocess.CompletedProcess, list[str], dict | None]:
+    """pytest (flags: --benchmark unless given) with bench/conftest.py as a plugin on TESTS (one
+    test per contender, in this order), --bench-seed 2, --bench-continue continued; -> (the
+    process, the contenders whose test ran, in the order they ran, the results file it wrote or
+    None)."""
     ran = tmp_path / "ran"
     tests = tmp_path / "test_rows.py"
-    tests.write_text(TESTS.format(ran=str(ran)))
+    tests.write_text(TESTS.format(ran=str(ran), contenders=tuple(contenders)))
     results = tmp_path / "results"
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not the repository's settings
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "bench.conftest", "-p", "no:cacheprovider",
@@ -108,6 +110,16 @@ def test_continue_deselects_nothing_without_benchmark(tmp_path):
     assert sorted(ran) == ["autodiff", "fused", "reference"] and data is None
 
 
+def test_continue_still_runs_the_target_rows_first(tmp_path):
+    """Of the rows left to run, the ones the targets' verdicts need still run first (as without
+    --bench-continue): a continued run cut short again judges as many targets as it can. Here
+    "dpa-xla" (no target needs an add+LN dpa-xla row) is collected first and runs last."""
+    continued = earlier_file(tmp_path, {"reference": "timed"})
+    proc, ran, _ = run_bench(tmp_path, continued, contenders=("dpa-xla", "reference", "fused", "autodiff"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ran == ["fused", "autodiff", "dpa-xla"] and "1 deselected" in proc.stdout, (ran, proc.stdout)
+
+
 def test_continue_from_another_device_stops_before_any_row(tmp_path):
     continued = earlier_file(tmp_path, {"reference": "timed"}, device="NVIDIA H200")
     proc, ran, data = run_bench(tmp_path, continued)
@@ -118,15 +130,32 @@ def test_continue_from_another_device_stops_before_any_row(tmp_path):
     assert ran == [] and data is None
 
 
+# a results file but for the one field named (what write_results writes, cut down; read_results
+# finds the missing field before the device is compared)
+META = {"info": {"device": "a GPU"}, "started": "2026-01-01T09:00:00+00:00"}
+ROW = {"group": LN, "shape": LABEL, "contender": "fused", "dtype": "fp32", "median_ms": 1.0}
+NOT_OURS = "not a results .json as bench/report.py writes it"
+
+
 @pytest.mark.parametrize("text, wrong", [
     (None, "no such file"),
+    ("<a folder>", "not a file"),
     ("rows: none", "not a results .json: cannot read it as JSON"),
-    ('{"rows": []}', "not a results .json as bench/report.py writes it (no 'meta' field)"),
-    ("[]", "not a results .json as bench/report.py writes it"),
-], ids=["missing", "not-json", "no-meta", "a-list"])
+    ('{"rows": []}', f"{NOT_OURS} (no 'meta' field)"),
+    ("[]", NOT_OURS),
+    (json.dumps({"meta": {"info": META["info"]}, "rows": []}), f"{NOT_OURS} (no 'started' field)"),
+    (json.dumps({"meta": META, "rows": [ROW]}), f"{NOT_OURS} (no 'status' field)"),
+    (json.dumps({"meta": META, "rows": [{"status": "timed", "median_ms": 1.0}]}), f"{NOT_OURS} (no 'group' field)"),
+], ids=["missing", "a-folder", "not-json", "no-meta", "a-list", "no-started", "row-without-status",
+        "row-without-key"])
 def test_continue_from_a_missing_or_wrong_file_stops_before_any_row(tmp_path, text, wrong):
+    """Every field that continuing reads (the device, the start, each row's key, status and
+    timing) is checked at the start: a file without one is a usage error naming the field, not
+    a traceback at collection or at the first write."""
     continued = tmp_path / "earlier.json"
-    if text is not None:
+    if text == "<a folder>":
+        continued.mkdir()
+    elif text is not None:
         continued.write_text(text)
     proc, ran, data = run_bench(tmp_path, continued)
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr
@@ -168,12 +197,14 @@ def test_continue_keys_are_the_rows_the_real_bench_records(tmp_path):
 def test_continue_with_merge_keeps_the_same_days_rows_too(tmp_path):
     """gpu.sh's bench-ops then bench-step, both continuing one file: the second writes the first's
     file of the same day (--bench-merge), which already holds the continued file's rows. Newer
-    rows win (this run's, then the same day's, then the continued file's); each run listed once."""
+    rows win (this run's, then the same day's, then the continued file's); each run listed once;
+    the newest measured peaks are kept (the same day's, where this run measured none)."""
     continued = earlier_session({"reference": "timed", "fused": "timed", "autodiff": "not run"})
     ops = earlier_session({"fused": "timed"}, seed=2, started="2026-01-02T09:00:00+00:00")
     ops.rows = ops.rows[:1]
-    ops.continued = json.loads(json.dumps({"meta": {"started": continued.started, "runs": [continued.started]},
-                                           "rows": continued.rows}))
+    ops.continued = json.loads(json.dumps({"meta": {"started": continued.started, "runs": [continued.started],
+                                                    "peaks": {"copy_gb_s": 1.0}}, "rows": continued.rows}))
+    ops.peaks = {"copy_gb_s": 2.0}
     report.write_results(ops, tmp_path)
     step = earlier_session({"autodiff": "timed"}, seed=3, started="2026-01-02T11:00:00+00:00")
     step.rows = step.rows[:1]
@@ -183,4 +214,5 @@ def test_continue_with_merge_keeps_the_same_days_rows_too(tmp_path):
     assert {(r["group"], r["contender"]): r["seed"] for r in data["rows"]} == {
         (LN, "reference"): 1, (LN, "fused"): 2, (LN, "autodiff"): 3, ("attention fwd", "fused"): 1}
     assert data["meta"]["runs"] == [continued.started, ops.started, step.started]
+    assert step.peaks is None and data["meta"]["peaks"] == {"copy_gb_s": 2.0}
     assert "merged from 3 runs (--bench-continue, --bench-merge)" in md_path.read_text()

@@ -67,6 +67,20 @@ def test_partial_writes_of_a_merging_run_read_the_earlier_file_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([json_path.name, md_path.name])
 
 
+def test_a_merging_run_without_an_earlier_file_is_one_run(tmp_path):
+    """With no file of the same day to merge, a merging run's own partial file is not taken for
+    an earlier run's when it rewrites it: one run listed, and no 'merged' note."""
+    run = session(1, True, [("reference", 2.0)])
+    report.write_results(run, tmp_path, finished=False)
+    run.record(group="add+layernorm fwd+bwd", shape="B=64", contender="fused", mode="fwd+bwd",
+               dtype="fp32", status="timed", median_ms=1.0, p20_ms=1.0, p80_ms=1.0, gb_s=1.0)
+    json_path, md_path, _ = report.write_results(run, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["runs"] == [run.started], data["meta"]["runs"]
+    assert [r["contender"] for r in data["rows"]] == ["reference", "fused"]
+    assert "merged from" not in md_path.read_text()
+
+
 ROW = ('bench.record(group="add+layernorm fwd+bwd", shape="B=64", contender="{0}", mode="fwd+bwd", '
        'dtype="fp32", status="timed", median_ms=1.0, p20_ms=1.0, p80_ms=1.0, gb_s=1.0)')
 

@@ -167,13 +167,18 @@ def test_the_launcher_follows_interpret_not_the_backend(monkeypatch):
 
 def test_compiled_variants_are_what_the_gpu_can_launch_and_their_resources_its_kernels(monkeypatch):
     """fp32 L=197 Dh=64: no one-tile variant under COMPILED (its K/V tile overflows shared
-    memory; each would only fail), all of them in the interpreter. --resources compiles the
-    launch the GPU makes: a bf16 variant's dots stay bf16 (no DOT_F32 upcast, which is the
-    interpreter's), so its registers are the GPU kernel's."""
+    memory; each would only fail), all of them in the interpreter; with tf32x3 dots none at
+    L=100 Dh=64 either. --resources compiles the launch the GPU makes: a bf16 variant's dots
+    stay bf16 (no DOT_F32 upcast, which is the interpreter's), so its registers are the GPU
+    kernel's."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     for launcher, one_tile in ((COMPILED, False), (INTERPRETED, True)):
         kernels = {k for k, _, _ in tune_attention.variants(197, 64, f32, "ieee", "fwd", "quick", launcher)}
         assert ("one-tile" in kernels) is one_tile and "key-blocked" in kernels, launcher.name
+    # fp32 L=100 Dh=64, a 32 KiB K/V tile: within tf32 dots' budget, over tf32x3's (16 KiB)
+    for precision, one_tile in (("tf32", True), ("tf32x3", False)):
+        kernels = {k for k, _, _ in tune_attention.variants(100, 64, f32, precision, "fwd", "quick", COMPILED)}
+        assert ("one-tile" in kernels) is one_tile, precision
     from kernels import compile_check  # noqa: PLC0415
 
     compiled = []

@@ -421,7 +421,9 @@ class Blocks:
 # bytes), backward 64x32 at Dh=64 (24 bytes), 64x64 at Dh=32 (408 bytes), 32x32 with 4 warps at
 # Dh=32 (120 bytes); forward 64x32 at Dh=64 spills 8 bytes on sm_80, hence 64x16; at Dh=128 only
 # 16x16 backward tiles are spill-free (but at L=1: 16-32 bytes). Triton 3.9 spills 16 bytes in the
-# Dh=64 backward at L=577 with dropout, which triton 3.6.0 does not.
+# Dh=64 backward at L=577 with dropout, and 80-88 bytes in the Dh=128 forward at L=197 on sm_90
+# (with and without dropout; not a compile_check shape), which triton 3.6.0 does not
+# (tests/test_kernels_spills.py checks L=197 at Dh 16, 32, 64).
 _DEFAULT_BLOCKS = {
     ("ieee", 16): (Blocks(64, 32, 8, 2), Blocks(32, 32, 4, 2)),
     ("ieee", 32): (Blocks(64, 32, 8, 2), Blocks(32, 16, 4, 2)),

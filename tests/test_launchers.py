@@ -4,6 +4,9 @@ jax-triton, the launcher the checks use (kernels.compile_check; oracle.kernel_gr
 GPU backend), a clear error for anything else passed as a launcher, and the check commands'
 usage errors for what they cannot check (a shape no kernel takes, an --only matching nothing)."""
 
+import itertools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,29 +105,49 @@ def test_one_tile_runs_exactly_where_the_one_tile_kernel_accepts_the_shape(launc
     launcher and dot precision: at the length limit, and where only a GPU's shared memory
     refuses (fp32 L=197 Dh=64, which the interpreter runs; with tf32x3 dots, whose K/V tile
     budget is half, fp32 L=100 Dh=64 and L=197 Dh=32 too, while the product shape L=65 Dh=32
-    still runs)."""
-    from kernels import attention
+    still runs). The backward refuses as the forward does, on a cache from the key-blocked
+    forward (which takes any length)."""
+    from kernels import attention, flash_attention
+
+    def one_tile(direction, qkv, precision):
+        if direction == "fwd":
+            return attention.attention_forward(qkv, 1, launcher=launcher, dot_precision=precision)
+        _, cache = flash_attention.attention_forward(qkv, 1, launcher=launcher, dot_precision=precision)
+        return attention.attention_backward(cache, qkv[..., :dh], launcher=launcher, dot_precision=precision)
 
     cases = [(1024, 16, jnp.bfloat16, "ieee"), (1025, 16, jnp.bfloat16, "ieee"),
              (197, 64, jnp.float32, "ieee"), (197, 64, jnp.bfloat16, "ieee"),
              (65, 32, jnp.float32, "ieee"), (65, 32, jnp.float32, "tf32x3"),
              (100, 64, jnp.float32, "tf32"), (100, 64, jnp.float32, "tf32x3"),
              (197, 32, jnp.float32, "tf32x3")]
-    for l, dh, dtype, precision in cases:
+    for (l, dh, dtype, precision), direction in itertools.product(cases, ("fwd", "bwd")):
         qkv = jax.ShapeDtypeStruct((1, l, 3 * dh), dtype)
         try:
             with record_launches():
-                jax.eval_shape(lambda q: attention.attention_forward(
-                    q, 1, launcher=launcher, dot_precision=precision), qkv)
+                jax.eval_shape(lambda q: one_tile(direction, q, precision), qkv)
             accepted = True
         except ValueError:
             accepted = False
         assert dispatch.one_tile_runs(l, dh, dtype, launcher, precision) is accepted, (
-            launcher.name, l, dh, dtype, precision)
+            launcher.name, l, dh, dtype, precision, direction)
     assert dispatch.one_tile_runs(197, 64, jnp.float32, launcher) is not launcher.on_gpu
     assert dispatch.one_tile_runs(100, 64, jnp.float32, launcher, "tf32")
     assert dispatch.one_tile_runs(100, 64, jnp.float32, launcher, "tf32x3") is not launcher.on_gpu
     assert dispatch.one_tile_runs(65, 32, jnp.float32, launcher, "tf32x3")
+
+
+def test_a_tuned_one_tile_row_serves_only_lengths_its_dot_precision_fits():
+    """A one-tile table row serves every L up to its max_len, so the dispatcher still asks
+    whether the compiled kernel holds L with the row's dot precision: fp32 L=197 Dh=32 (a
+    256 x 32 K/V tile, 32 KiB) fits tf32's budget, not tf32x3's 16 KiB; L=100 fits both."""
+    device, f32 = jax.devices()[0].device_kind, jnp.float32
+    rows = [dict(device=device, dtype=dispatch.dtype_key(f32, precision), dh=32, direction="fwd",
+                 max_len=256, kernel="one-tile", block_m=16, block_n=16, num_warps=4, num_stages=2)
+            for precision in ("tf32", "tf32x3")]
+    table = dispatch.Plan("one-tile", None, f"table {device}")
+    assert dispatch.plan(197, 32, f32, "tf32", "fwd", COMPILED, rows=rows) == table
+    assert dispatch.plan(197, 32, f32, "tf32x3", "fwd", COMPILED, rows=rows).kernel == "key-blocked"
+    assert dispatch.plan(100, 32, f32, "tf32x3", "fwd", COMPILED, rows=rows) == table
 
 
 @pytest.mark.parametrize("kernel", ["one-tile", "key-blocked"])
@@ -210,6 +233,12 @@ def test_gradcheck_on_a_gpu_checks_the_compiled_kernels(monkeypatch, capsys):
         assert [d for _, d in checked] == [
             f"fused Triton kernels ({launcher.name}, dot precision ieee, attention {k})" for k in kernels]
         assert ("SKIP" in capsys.readouterr().out) is launcher.on_gpu
+    # fp32 L=100 Dh=64 (a 32 KiB K/V tile): compiled, the one-tile kernel runs it with tf32 dots,
+    # not with tf32x3's (a 16 KiB budget)
+    for precision, skipped in (("tf32", False), ("tf32x3", True)):
+        checked.clear()
+        assert gradcheck.main(["--seed", "0", "--dot-precision", precision, "--shapes", "attn:1x100x1x64"]) == 0
+        assert len(checked) == 2 - skipped and ("SKIP" in capsys.readouterr().out) is skipped, precision
 
 
 @pytest.mark.parametrize("spec, why", [
@@ -227,6 +256,28 @@ def test_kernel_gradcheck_refuses_a_shape_the_kernels_do_not_take_before_checkin
     out, err = capsys.readouterr()
     assert e.value.code == 2 and f"bad shape {spec!r}" in err and why in err, err
     assert "ln:3x10" not in out  # nothing was checked
+
+
+def test_compile_check_cases_are_what_each_dot_precision_launches():
+    """kernels.compile_check's cases (their launches recorded, none refused): the key-blocked
+    kernel at every shape in fp32 with ieee, tf32 and tf32x3 dots and in bf16; the one-tile
+    kernel in each of those where its compiled K/V tile fits the budget of those dots
+    (attention.compiled_fits), so tf32x3 at the product shape but not at L=197 Dh=32."""
+    from kernels import attention, compile_check
+
+    names = {}
+    for label, specs in compile_check.cases(quick=False):
+        assert specs, label
+        if not label.startswith("ln "):
+            kind, l, dh, name = re.fullmatch(r"(\w+) B=\d+ L=(\d+) H=\d+ Dh=(\d+) (\S+)(?: keep)?", label).groups()
+            names.setdefault((kind, int(l), int(dh)), set()).add(name)
+    every = {"float32/ieee": (jnp.float32, "ieee"), "float32/tf32": (jnp.float32, "tf32"),
+             "float32/tf32x3": (jnp.float32, "tf32x3"), "bfloat16": (jnp.bfloat16, "ieee")}
+    for (kind, l, dh), got in names.items():
+        want = set(every) if kind == "flash" else {
+            name for name, (dtype, precision) in every.items() if attention.compiled_fits(l, dh, dtype, precision)}
+        assert got == want, (kind, l, dh)
+    assert "float32/tf32x3" in names[("attn", 65, 32)] and "float32/tf32x3" not in names[("attn", 197, 32)]
 
 
 def test_compile_check_that_compiles_nothing_does_not_say_all_kernels_compile(capsys):

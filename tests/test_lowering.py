@@ -163,6 +163,34 @@ def test_proto_fields_reads_nested_messages():
     assert decoded["ptx_target"] == "sm_90a"
 
 
+def test_ptx_counts_tf32_tensor_core_ops_and_roundings():
+    """The two PTX counts test_float32_dots_run_as_their_dot_precision_says reads: tensor-core
+    ops on tf32 operands as mma.sync or as wgmma (triton 3.9's one-tile backward for sm_90a has
+    both), and cvt.rna.tf32.f32; not bf16 tensor-core ops, other conversions or comments."""
+    def field(number, payload):  # length-delimited, the length as a varint (the PTX is > 127 bytes)
+        n, size = len(payload), b""
+        while True:
+            size += bytes([(n & 0x7F) | (0x80 if n >> 7 else 0)])
+            n >>= 7
+            if not n:
+                return bytes([number << 3 | 2]) + size + payload
+    ptx = "\n".join([
+        ".version 8.4", ".target sm_90a",
+        "\tmma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2, %r3, %r4}, "
+        "{%r5, %r6}, {%f1, %f2, %f3, %f4};",
+        "  wgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 {%f5, %f6}, %rd1, %rd2, p, 1, 1, 0, 0;",
+        "\twgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 {%f5, %f6}, %rd1, %rd2, p, 1, 1, 0, 0;",
+        "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2}, {%r3}, {%f1};",
+        "\twgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%f5, %f6}, %rd1, %rd2, p, 1, 1, 0, 0;",
+        "\tcvt.rna.tf32.f32 %r7, %f6;", "\tcvt.rna.tf32.f32 %r8, %f7;", "\tcvt.rn.bf16.f32 %rs1, %f7;",
+        "\tsub.f32 %f8, %f6, %f9;", "\t// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (a comment)"])
+    call = field(1, field(1, b"_attn_bwd") + field(4, ptx.encode()))
+    import zlib
+    decoded = lowering_check.decode_backend_config(zlib.compress(field(1, call) + field(4, b"vitfuse_attn_bwd")))
+    assert (decoded["tf32_tensor_core_ops"], decoded["tf32_roundings"]) == (3, 2), decoded
+    assert decoded["ptx_target"] == "sm_90a"
+
+
 def test_proto_fields_reads_fixed_width_fields():
     """fixed64 (wire type 1) is 8 bytes, fixed32 (wire type 5) 4; the fields after them still parse."""
     import struct
