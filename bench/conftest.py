@@ -90,9 +90,11 @@ def pytest_collection_modifyitems(config, items):
     session = config.stash.get(SESSION, None)
     if session is not None and session.continued:
         measured = report.measured_keys(session.continued["rows"])
-        done = [item for item in items if _item_row_key(item) in measured]
+        left, done = [], []
+        for item in items:
+            (done if _item_row_key(item) in measured else left).append(item)
         if done:
-            items[:] = [item for item in items if _item_row_key(item) not in measured]
+            items[:] = left
             config.hook.pytest_deselected(items=done)
     first = report.target_rows()
     items.sort(key=lambda item: _target_row_key(item) not in first)  # stable: False first

@@ -113,9 +113,14 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, str, str]]:
     return [_verdict(target, rows) for target in TARGETS]
 
 
-def _verdict(t: Target, rows: list[dict]) -> tuple[str, str, str]:
+def _target_pair(t: Target, rows: list[dict]) -> tuple[dict | None, dict | None]:
+    """The rows of t's contenders a and b at its shape (None where a row is missing)."""
     shape = shape_label(t.kind, t.shape)
-    a, b = _timed(rows, t.group, shape, *t.a), _timed(rows, t.group, shape, *t.b)
+    return _timed(rows, t.group, shape, *t.a), _timed(rows, t.group, shape, *t.b)
+
+
+def _verdict(t: Target, rows: list[dict]) -> tuple[str, str, str]:
+    a, b = _target_pair(t, rows)
     if t.met_if_dispatcher_is_one_tile and a and "fwd one-tile" in a["note"] and "bwd one-tile" in a["note"]:
         return t.name, "-", "met: the dispatcher runs the one-tile kernel itself here (the fused row's note)"
     for r, (name, dtype) in ((a, t.a), (b, t.b)):
@@ -139,8 +144,7 @@ def target_evidence(rows: list[dict]) -> list[str]:
     around them, given only where there are any (the train step)."""
     out = []
     for t in TARGETS:
-        shape = shape_label(t.kind, t.shape)
-        pair = [_timed(rows, t.group, shape, *key) for key in (t.a, t.b)]
+        pair = _target_pair(t, rows)
         out.append("; ".join(map(_row_evidence, pair)) if all(r and r["median_ms"] for r in pair) else "-")
     return out
 

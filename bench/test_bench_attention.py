@@ -120,6 +120,12 @@ def dpa_forward(implementation, heads, multiple=1):
     return fwd
 
 
+def padding_multiple(mode: str, contender: str) -> int:
+    """What a row's sequence is padded to a multiple of: CUDNN_TRAINING_MULTIPLE for dpa-cudnn's
+    fwd+bwd rows (cuDNN's training path), 1 (no padding) for every other row."""
+    return CUDNN_TRAINING_MULTIPLE if (mode, contender) == ("fwd+bwd", "dpa-cudnn") else 1
+
+
 def vjp_outputs(fwd, qkv, do):
     """(fwd(qkv), the gradient of <fwd(qkv), do> with respect to qkv), from one jax.vjp."""
     o, pullback = jax.vjp(fwd, qkv)
@@ -151,9 +157,7 @@ def builder(mode, bench):
         if contender == "autodiff":
             fwd = lambda qkv: layers.attention_forward(qkv, heads)[0]  # noqa: E731
         else:
-            training = mode == "fwd+bwd" and contender == "dpa-cudnn"
-            fwd = dpa_forward(contender.removeprefix("dpa-"), heads,
-                              CUDNN_TRAINING_MULTIPLE if training else 1)
+            fwd = dpa_forward(contender.removeprefix("dpa-"), heads, padding_multiple(mode, contender))
         if mode == "fwd":
             return lambda qkv, do: fwd(qkv)
         # one jax.vjp gives the output and the gradients. A separate fwd(qkv) beside the vjp
@@ -180,7 +184,7 @@ def skip_reason(case, bench):
         from kernels import COMPILED, dispatch  # noqa: PLC0415
 
         _, l, _, dh = harness.ATTN_SHAPES[case.shape]
-        if not dispatch.one_tile_runs(l, dh, harness.DTYPES[case.dtype], COMPILED):
+        if not dispatch.one_tile_runs(l, dh, harness.DTYPES[case.dtype], COMPILED, "ieee"):
             return (f"the one-tile kernel does not run compiled at L={l} Dh={dh} {case.dtype} "
                     "(its K/V tile exceeds the shared-memory budget: attention.compiled_fits)")
     return None
@@ -203,8 +207,7 @@ def dispatch_note(case, bench) -> str:
 def padding_note(case) -> str:
     """dpa-cudnn's fwd+bwd rows at an odd L say that they ran padded, and why."""
     l = harness.ATTN_SHAPES[case.shape][1]
-    if case.contender != "dpa-cudnn" or case.mode != "fwd+bwd" \
-            or padded_length(l, CUDNN_TRAINING_MULTIPLE) == l:
+    if padded_length(l, padding_multiple(case.mode, case.contender)) == l:
         return ""
     return ("; padded to L+1 with seq lengths (pad and slice included): cuDNN's training path "
             "in jax refuses odd L")
@@ -288,10 +291,7 @@ def test_padded_dot_product_attention_equals_unpadded(bench, monkeypatch, l, mul
     do = jax.random.normal(k2, (b, l, h * dh), jnp.float32)
 
     def out_and_grad(fwd):
-        def both(qkv, do):
-            o, vjp = jax.vjp(fwd, qkv)
-            return {"o": o, "dqkv": vjp(do)[0]}
-        return jax.jit(both)(qkv, do)
+        return dict(zip(("o", "dqkv"), jax.jit(lambda qkv, do: vjp_outputs(fwd, qkv, do))(qkv, do)))
 
     with exact_float32_dots():
         want = out_and_grad(dpa_forward("xla", h))
