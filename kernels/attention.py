@@ -266,7 +266,7 @@ def geometry(l, d, heads, dtype, launcher: Launcher, dot_precision, *, direction
     return consts, num_warps
 
 
-def kv_tile_budget(dot_precision: str = "ieee") -> int:
+def kv_tile_budget(dot_precision: str) -> int:
     """Bytes the compiled kernels' K/V tile may take: MAX_KV_TILE_BYTES, halved for tf32x3
     dots, whose kernels need about twice the shared memory at the same tile (triton 3.6.0, L=65
     Dh=32 backward: 118,784 bytes against tf32's 63,488), so a 32 KiB tile takes 212,992 to
@@ -274,7 +274,7 @@ def kv_tile_budget(dot_precision: str = "ieee") -> int:
     return MAX_KV_TILE_BYTES // 2 if dot_precision == "tf32x3" else MAX_KV_TILE_BYTES
 
 
-def compiled_fits(l: int, dh: int, dtype, dot_precision: str = "ieee") -> bool:
+def compiled_fits(l: int, dh: int, dtype, dot_precision: str) -> bool:
     """Whether the compiled kernels fit a GPU's shared memory: K and V for the whole sequence
     stay resident, so their tile (BLOCK_L x Dh) is capped at 32 KiB (16 KiB with tf32x3 dots:
     kv_tile_budget), which keeps the backward under the sm_80 limit of 163 KiB (measured by
@@ -341,8 +341,7 @@ def check_backward_inputs(cache, do):
     return b, l, d, heads
 
 
-def check_one_tile(what: str, l: int, dh: int, dtype, launcher: Launcher,
-                   dot_precision: str = "ieee") -> None:
+def check_one_tile(what: str, l: int, dh: int, dtype, launcher: Launcher, dot_precision: str) -> None:
     """Refuse, before any launch, a sequence the one-tile kernel cannot hold: over MAX_LEN, or
     compiled with a K/V tile over the shared-memory budget (``compiled_fits``); both directions
     check, since either backward takes either forward's cache."""

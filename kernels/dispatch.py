@@ -117,7 +117,7 @@ def table() -> list[dict]:
     return _TABLE
 
 
-def one_tile_runs(l: int, dh: int, dtype, launcher: Launcher, dot_precision: str = "ieee") -> bool:
+def one_tile_runs(l: int, dh: int, dtype, launcher: Launcher, dot_precision: str) -> bool:
     return l <= attention.MAX_LEN and (not launcher.on_gpu
                                        or attention.compiled_fits(l, dh, dtype, dot_precision))
 

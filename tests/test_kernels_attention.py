@@ -122,8 +122,9 @@ def test_compiled_path_refuses_tiles_over_shared_memory():
     """fp32 L=197 Dh=64 keeps a 64 KiB K/V tile: the compiled one-tile kernel says so before
     launching (kernels/compile_check.py measured the limit); the interpreter runs it
     (tests/test_kernels_flash.py), and the dispatcher sends it to the key-blocked kernel."""
-    assert attention.compiled_fits(65, 32, jnp.float32) and attention.compiled_fits(197, 64, jnp.bfloat16)
-    assert not attention.compiled_fits(197, 64, jnp.float32)
+    assert attention.compiled_fits(65, 32, jnp.float32, "ieee")
+    assert attention.compiled_fits(197, 64, jnp.bfloat16, "ieee")
+    assert not attention.compiled_fits(197, 64, jnp.float32, "ieee")
     with pytest.raises(ValueError, match="shared memory"):
         attention.attention_forward(jnp.ones((1, 197, 3 * 64)), 1, launcher=COMPILED)
 

@@ -41,7 +41,7 @@ def kernel_ops():
 
 
 def skip_unless_runs(kernel, l, dh, dtype):
-    if kernel == "one-tile" and not dispatch.one_tile_runs(l, dh, dtype, LAUNCHER):
+    if kernel == "one-tile" and not dispatch.one_tile_runs(l, dh, dtype, LAUNCHER, "ieee"):
         pytest.skip(f"the one-tile kernel does not run L={l} Dh={dh} {jnp.dtype(dtype).name} here "
                     "(MAX_LEN or, compiled, shared memory): the dispatcher sends it to key-blocked")
 

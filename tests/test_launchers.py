@@ -76,8 +76,8 @@ def test_shared_memory_and_the_tuned_table_bind_the_compiled_launcher_only():
     """fp32 L=197 Dh=64: the one-tile kernel's K/V tile exceeds shared memory on a GPU, not in the
     interpreter; a tuned table row (measured on a GPU) steers COMPILED only."""
     f32 = np.float32
-    assert dispatch.one_tile_runs(197, 64, f32, INTERPRETED)
-    assert not dispatch.one_tile_runs(197, 64, f32, COMPILED)
+    assert dispatch.one_tile_runs(197, 64, f32, INTERPRETED, "ieee")
+    assert not dispatch.one_tile_runs(197, 64, f32, COMPILED, "ieee")
     device = jax.devices()[0].device_kind
     rows = [{"device": device, "dtype": "float32/ieee", "dh": 32, "direction": "fwd", "max_len": 128,
              "kernel": "key-blocked", "block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 2}]
@@ -130,7 +130,7 @@ def test_one_tile_runs_exactly_where_the_one_tile_kernel_accepts_the_shape(launc
             accepted = False
         assert dispatch.one_tile_runs(l, dh, dtype, launcher, precision) is accepted, (
             launcher.name, l, dh, dtype, precision, direction)
-    assert dispatch.one_tile_runs(197, 64, jnp.float32, launcher) is not launcher.on_gpu
+    assert dispatch.one_tile_runs(197, 64, jnp.float32, launcher, "ieee") is not launcher.on_gpu
     assert dispatch.one_tile_runs(100, 64, jnp.float32, launcher, "tf32")
     assert dispatch.one_tile_runs(100, 64, jnp.float32, launcher, "tf32x3") is not launcher.on_gpu
     assert dispatch.one_tile_runs(65, 32, jnp.float32, launcher, "tf32x3")
