@@ -2,7 +2,7 @@
 multi-process start-up flags, each turned into the value the library takes (an ``Ops``, the
 three settings of ``vit.parallel.init_distributed``), with errors that name the flag at fault.
 
-    ops = build_ops(args)          # --fused [--interpret] [--dot-precision tf32] -> vit.ops.Ops
+    ops = build_ops(args)          # --fused [--interpret] [--dot-precision tf32|tf32x3] -> vit.ops.Ops
     start_processes(args)          # --coordinator / --num-processes / --process-id (or JAX_* env)
 
 Errors are ``UsageError``s; the commands print them as "<prog>: error: ..." and exit 2.
@@ -22,15 +22,22 @@ class UsageError(ValueError):
 # the op set
 
 
+# kernels.launch.DOT_PRECISIONS, written out so that --help imports no jax (tests/test_cmdline.py
+# keeps the two equal)
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
 def add_ops_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fused", action="store_true",
                         help="use the fused Triton kernels for attention and residual+LayerNorm")
     parser.add_argument("--interpret", action="store_true",
                         help="with --fused on a machine without a GPU: run the kernels in "
                              "Triton's (slow) CPU interpreter")
-    parser.add_argument("--dot-precision", choices=["ieee", "tf32"], default=None,
+    parser.add_argument("--dot-precision", choices=DOT_PRECISIONS, default=None,
                         help="with --fused: tl.dot precision of float32 operands in the kernels "
-                             "(default ieee: exact; tf32 is faster on a GPU)")
+                             "(default ieee: exact; tf32 is faster on a GPU; tf32x3 splits each "
+                             "operand into two tf32 parts and takes three tensor-core dots, for "
+                             "about float32's accuracy)")
 
 
 def positive_int(text: str) -> int:

@@ -106,12 +106,21 @@ def test_build_ops():
     assert cmdline.build_ops(_ops_args()) is REFERENCE
     fused = cmdline.build_ops(_ops_args("--fused", "--interpret", "--dot-precision", "tf32"))
     assert isinstance(fused, Ops) and fused.name == "fused" and "tf32" in fused.description
+    split = cmdline.build_ops(_ops_args("--fused", "--interpret", "--dot-precision", "tf32x3"))
+    assert "dot precision tf32x3" in split.description
     plain = cmdline.build_ops(_ops_args("--fused", "--interpret"))  # ieee unless asked
     assert "dot precision ieee" in plain.description and "tf32" not in plain.description
     for argv, message in ((["--interpret"], "--interpret only makes sense with --fused"),
                           (["--dot-precision", "tf32"], "--dot-precision only makes sense")):
         with pytest.raises(cmdline.UsageError, match=message):
             cmdline.build_ops(_ops_args(*argv))
+
+
+def test_dot_precision_choices_are_the_kernels():
+    """cmdline spells the kernels' dot precisions out (--help imports no jax): the same ones."""
+    from kernels.launch import DOT_PRECISIONS  # noqa: PLC0415
+
+    assert cmdline.DOT_PRECISIONS == DOT_PRECISIONS
 
 
 def test_build_ops_without_gpu_names_the_flag(monkeypatch):
