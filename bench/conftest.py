@@ -97,39 +97,23 @@ def pytest_collection_modifyitems(config, items):
             items[:] = left
             config.hook.pytest_deselected(items=done)
     first = report.target_rows()
-    items.sort(key=lambda item: _target_row_key(item) not in first)  # stable: False first
+    items.sort(key=lambda item: _item_row_key(item) not in first)  # stable: False first
 
 
-def _item_row(item) -> tuple | None:
-    """(group, kind, shape name, contender, dtype) of the row a bench test records (kind: the
-    shape table, "attention", "layernorm" or "step"); None for other tests."""
+def _item_row_key(item) -> tuple | None:
+    """The key (report._row_key: group, shape label, contender, dtype) of the row a bench test
+    records, as the results files and report.target_rows name rows; None for other tests."""
     params = getattr(item, "callspec", None) and item.callspec.params
     if not params:
         return None
     if "case" in params:  # attention, add+LayerNorm: a harness.KernelCase
         case = params["case"]
-        return case.group, case.kind, case.shape, case.contender, case.dtype
+        return case.group, harness.shape_label(case.kind, case.shape), case.contender, case.dtype
     if "step_case" in params:  # the train step: (shape name, contender)
         shape, contender = params["step_case"]
-        return "train step", "step", shape, contender, harness.step_dtype(contender)
+        return ("train step", harness.shape_label("step", shape), contender,
+                harness.step_dtype(contender))
     return None
-
-
-def _target_row_key(item) -> tuple | None:
-    """(group, shape name, contender, dtype) of a bench test's row, as report.target_rows names
-    rows; None for other tests."""
-    row = _item_row(item)
-    return None if row is None else (row[0], *row[2:])
-
-
-def _item_row_key(item) -> tuple | None:
-    """(group, shape label, contender, dtype) of a bench test's row, as report._row_key names the
-    rows in a results file (and merge_rows matches them); None for other tests."""
-    row = _item_row(item)
-    if row is None:
-        return None
-    group, kind, shape, contender, dtype = row
-    return group, harness.shape_label(kind, shape), contender, dtype
 
 
 def _results_dir(config) -> Path:

@@ -59,8 +59,10 @@ class Target:
     met_if_dispatcher_is_one_tile: bool = False
 
     def rows(self) -> tuple[tuple[str, str, str, str], ...]:
-        """(group, shape name, contender, dtype) of the two rows the verdict needs."""
-        return tuple((self.group, self.shape, *key) for key in (self.a, self.b))
+        """The keys (_row_key: group, shape label, contender, dtype) of the two rows the verdict
+        needs, a's then b's."""
+        shape = shape_label(self.kind, self.shape)
+        return tuple((self.group, shape, *key) for key in (self.a, self.b))
 
 
 def _key_blocked_targets(shape: str, size: str) -> list[Target]:
@@ -102,8 +104,8 @@ TARGETS = [
 
 
 def target_rows() -> set[tuple[str, str, str, str]]:
-    """(group, shape name, contender, dtype) of every row a target's verdict needs: the bench
-    runs these first, so a run cut short still judges as many targets as it can."""
+    """The keys (_row_key) of every row a target's verdict needs: the bench runs these first, so
+    a run cut short still judges as many targets as it can."""
     return {row for target in TARGETS for row in target.rows()}
 
 
@@ -115,8 +117,8 @@ def evaluate_targets(rows: list[dict]) -> list[tuple[str, str, str]]:
 
 def _target_pair(t: Target, rows: list[dict]) -> tuple[dict | None, dict | None]:
     """The rows of t's contenders a and b at its shape (None where a row is missing)."""
-    shape = shape_label(t.kind, t.shape)
-    return _timed(rows, t.group, shape, *t.a), _timed(rows, t.group, shape, *t.b)
+    key_a, key_b = t.rows()
+    return _timed(rows, *key_a), _timed(rows, *key_b)
 
 
 def _verdict(t: Target, rows: list[dict]) -> tuple[str, str, str]:

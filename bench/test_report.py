@@ -101,12 +101,17 @@ def test_the_dispatcher_target_is_met_outright_only_when_both_directions_run_one
 
 
 def test_the_rows_the_bench_runs_first_are_enough_to_judge_every_target():
-    """report.target_rows names (group, shape name, contender, dtype): timed rows of exactly
-    those give every target a verdict (a row left out, or named at the wrong shape, would be
-    run late and leave its target unjudged in a run cut short)."""
-    kinds = {"attention fwd+bwd": "attention", "add+layernorm fwd+bwd": "layernorm", "train step": "step"}
-    rows = [row(contender, dtype, 1.0, group=group, kind=kinds[group], shape=shape)
+    """report.target_rows names rows as the results files do (group, shape label, contender,
+    dtype): timed rows of exactly those give every target a verdict (a row left out, or named at
+    the wrong shape, would be run late and leave its target unjudged in a run cut short)."""
+    rows = [{"group": group, "shape": shape, "contender": contender, "dtype": dtype,
+             "median_ms": 1.0, "status": "timed", "note": ""}
             for group, shape, contender, dtype in report.target_rows()]
+    assert {r["shape"] for r in rows} == {shape_label("attention", "product"),
+                                          shape_label("attention", "vit-s"),
+                                          shape_label("attention", "vit-b"),
+                                          shape_label("layernorm", "product"),
+                                          shape_label("step", "product")}
     for target, (measured, verdict) in verdicts(rows).items():
         assert not verdict.startswith("not evaluated"), (target, verdict)
 
@@ -170,14 +175,16 @@ def test_benchmark_runs_every_targets_rows_first():
         name = name.rpartition("::")[2]
         if name == "test_train_step":
             shape, contender = split_shape(params, harness.STEP_BATCH)
-            return "train step", shape, contender, "bf16" if contender.endswith("-bf16") else "fp32"
-        for test, group, shapes in (("test_attention", "attention", harness.ATTN_SHAPES),
-                                    ("test_add_layernorm", "add+layernorm", harness.LN_SHAPES)):
+            dtype = "bf16" if contender.endswith("-bf16") else "fp32"
+            return "train step", shape_label("step", shape), contender, dtype
+        for test, group, kind, shapes in (
+                ("test_attention", "attention", "attention", harness.ATTN_SHAPES),
+                ("test_add_layernorm", "add+layernorm", "layernorm", harness.LN_SHAPES)):
             if name == test:
                 mode, rest = params.split("-", 1)
                 shape, rest = split_shape(rest, shapes)
                 dtype, contender = rest.split("-", 1)
-                return f"{group} {mode}", shape, contender, dtype
+                return f"{group} {mode}", shape_label(kind, shape), contender, dtype
         return None
 
     keys = [key(i) for i in ids]
