@@ -68,17 +68,26 @@ def _session(config) -> harness.BenchSession:
 
 
 def pytest_configure(config):
-    """--bench-continue's file is read and checked at the start, before anything is collected or
-    run: one that is missing, not a results .json or of another device than this session's is a
-    usage error naming the file and what is wrong."""
+    """The earlier results files a timed run keeps the rows of are read and checked at the start,
+    before anything is collected or run: --bench-continue's (missing, not a results .json or of
+    another device than this session's) and, with --bench-merge, this device and day's (not a
+    results .json) are a usage error naming the file and what is wrong, not a traceback at the
+    first row's write."""
     path = config.getoption("vitfuse_bench_continue", None)
-    if path is None:
-        return
-    session = _session(config)
-    try:
-        session.continued = report.continued_results(Path(path), session.info)
-    except ValueError as e:
-        raise pytest.UsageError(f"--bench-continue {path}: {e}") from None
+    if path is not None:
+        session = _session(config)
+        try:
+            session.continued = report.continued_results(Path(path), session.info)
+        except ValueError as e:
+            raise pytest.UsageError(f"--bench-continue {path}: {e}") from None
+    if config.getoption("vitfuse_benchmark", False) and config.getoption("vitfuse_bench_merge", False):
+        session = _session(config)
+        try:
+            report.merged_results(session, _results_dir(config))
+        except ValueError as e:
+            same_day, _ = report.results_paths(session, _results_dir(config))
+            raise pytest.UsageError(f"--bench-merge {same_day}: {e}; move it away to start this "
+                                    "day's file afresh") from None
 
 
 def pytest_collection_modifyitems(config, items):

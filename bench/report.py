@@ -329,6 +329,22 @@ def continued_results(path: Path, info: dict) -> dict:
     return data
 
 
+def results_paths(session: BenchSession, out_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """The session's results files: out_dir/<device>-<date>.json and .md (the day it started)."""
+    stem = f"{session.info['device_slug']}-{session.started[:10]}"
+    return out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+
+
+def merged_results(session: BenchSession, out_dir: Path = RESULTS_DIR) -> dict:
+    """--bench-merge: the results file of this device and day as it was before this run's first
+    write replaces it (read_results; {} when there is none), read once and kept in
+    session.earlier. ValueError saying what is wrong with the file."""
+    if session.earlier is None:
+        json_path, _ = results_paths(session, out_dir)
+        session.earlier = read_results(json_path) if json_path.exists() else {}
+    return session.earlier
+
+
 def _runs(results: dict) -> list[str]:
     """The starts of the runs a results file holds rows of (one before --bench-merge existed)."""
     return results["meta"].get("runs", [results["meta"]["started"]])
@@ -342,10 +358,9 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
     the end."""
     date = session.started[:10]
     info = session.info
-    stem = f"{info['device_slug']}-{date}"
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    if session.merge and session.earlier is None:  # before this run's first write replaces it
-        session.earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
+    json_path, md_path = results_paths(session, out_dir)
+    if session.merge:  # before this run's first write replaces it
+        merged_results(session, out_dir)
     # the earlier files this one keeps the rows of, oldest first: --bench-continue's, then
     # --bench-merge's of the same day (which may already hold the first's rows: a run split in
     # two halves, each continuing the same file); a later file's row wins, this run's over all

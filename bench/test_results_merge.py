@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import date, timedelta
 from pathlib import Path
 
 from bench import harness, report
@@ -88,7 +89,7 @@ ROW = ('bench.record(group="add+layernorm fwd+bwd", shape="B=64", contender="{0}
 def run_bench_session(tmp_path, last_test: str, *flags: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     """pytest (flags: --benchmark unless given) with bench/conftest.py as a plugin on two tests
     that each add a row and a third, last_test; -> (the process, the results file it left, or
-    None if it left none)."""
+    None unless the results folder holds exactly one)."""
     tests = tmp_path / "test_rows.py"
     tests.write_text(textwrap.dedent(f"""\
         import os, signal
@@ -107,7 +108,7 @@ def run_bench_session(tmp_path, last_test: str, *flags: str) -> tuple[subprocess
                            *(flags or ["--benchmark"]), "--bench-results", str(results), str(tests)],
                           cwd=root, capture_output=True, text=True)
     found = list(results.glob("*.json"))
-    if not found:
+    if len(found) != 1:
         return proc, None
     (json_path,) = found
     return proc, json.loads(json_path.read_text())
@@ -164,3 +165,22 @@ def test_merged_rows_runs_and_peaks_keep_their_order_and_the_newest_peaks(tmp_pa
     data = json.loads(json_path.read_text())
     assert data["meta"]["peaks"] == {"copy_gb_s": 4.0}
     assert data["meta"]["runs"] == [first.started, second.started, third.started]
+
+
+def test_merging_into_a_same_day_file_that_is_not_a_results_file_stops_before_any_row(tmp_path):
+    """--bench-merge reads the same device and day's file through report.read_results at the
+    start: one that is not a results .json is a usage error naming it, before any row (not a
+    traceback at the first row's write, after which no row would reach the files)."""
+    today = harness.BenchSession(timing=True, seed=0)
+    tomorrow = harness.BenchSession(timing=True, seed=0)  # a run started just after midnight
+    tomorrow.started = (date.fromisoformat(today.started[:10]) + timedelta(days=1)).isoformat()
+    results = tmp_path / "results"
+    results.mkdir()
+    for s in (today, tomorrow):
+        report.results_paths(s, results)[0].write_text('{"rows": []}')
+    proc, _ = run_bench_session(tmp_path, "pass", "--benchmark", "--bench-merge")
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest.ExitCode.USAGE_ERROR
+    assert "passed" not in proc.stdout, proc.stdout
+    said = [f"ERROR: --bench-merge {report.results_paths(s, results)[0]}: not a results .json as "
+            "bench/report.py writes it (no 'meta' field); move it away" for s in (today, tomorrow)]
+    assert any(line in proc.stderr for line in said), proc.stderr
