@@ -139,3 +139,17 @@ def test_build_ops_on_a_gpu_without_jax_triton_says_what_to_install(monkeypatch)
     with pytest.raises(cmdline.UsageError, match=r"jax-triton.*pip install -e '\.\[gpu\]'"):
         cmdline.build_ops(_ops_args("--fused"))
     assert cmdline.build_ops(_ops_args("--fused", "--interpret")).name == "fused"
+
+
+@pytest.mark.parametrize("minimum, text, said", [
+    (0, "-1", "must be an integer, 0 or more, got -1"), (0, "x", "must be an integer, 0 or more, got 'x'"),
+    (1, "0", "must be a positive integer, got 0"), (1, "1.5", "must be a positive integer, got '1.5'")])
+def test_at_least_names_the_flag_and_the_bound(minimum, text, said, capsys):
+    """cmdline.at_least is every command's integer flag type (python -m vit.data's --retries is
+    at_least(0); positive_int is at_least(1)): argparse's error names the flag and the bound."""
+    parser = argparse.ArgumentParser(prog="prog")
+    parser.add_argument("--n", type=cmdline.at_least(minimum))
+    assert parser.parse_args(["--n", str(minimum)]).n == minimum
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--n", text])
+    assert e.value.code == 2 and f"prog: error: argument --n: {said}" in capsys.readouterr().err
