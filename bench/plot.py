@@ -5,7 +5,7 @@
 One panel per group (attention fwd, attention fwd+bwd, add+layernorm fwd, ...); within a panel, one
 cluster of bars per (shape, dtype), one bar per timed contender, labelled with its speedup; the
 dashed line at 1 is the reference. Rows without a timing (checked only, not run) are listed under
-the panel instead of drawn. Needs only the json file and matplotlib.
+the panel instead of drawn. Needs only the json file and matplotlib (through vit/figures.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from vit.figures import pyplot, save_png
 
 GROUP_ORDER = ["attention fwd", "attention fwd+bwd", "add+layernorm fwd", "add+layernorm fwd+bwd", "train step"]
 
@@ -26,11 +28,7 @@ def load(path: Path):
 
 
 def plot(meta: dict, rows: list[dict], out: Path) -> int:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = pyplot()
     groups = [g for g in GROUP_ORDER if any(r["group"] == g for r in rows)]
     groups += sorted({r["group"] for r in rows} - set(groups) - {"device peak"})
     if not groups:
@@ -68,7 +66,7 @@ def plot(meta: dict, rows: list[dict], out: Path) -> int:
     fig.suptitle(f"vitfuse: speedup vs reference on {info.get('device', '?')} ({meta.get('date', '?')})")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    save_png(fig, out, dpi=120)
     return drawn
 
 

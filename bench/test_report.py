@@ -11,6 +11,7 @@ import pytest
 
 from bench import harness, report
 from bench.harness import shape_label
+from vit.figures import save_png
 
 ATTN = "attention fwd+bwd"
 
@@ -134,24 +135,26 @@ def test_speedups_are_against_the_reference_row_of_the_same_dtype():
     assert got == [1.0, 1.0, 1.5, None]
 
 
-def test_plot_draws_each_timed_rows_speedup(tmp_path, capsys):
+def test_plot_draws_each_timed_rows_speedup(tmp_path, capsys, monkeypatch):
     """bench/plot.py on a results file: one bar per timed row with a speedup, its height that
     speedup; untimed rows are listed, not drawn."""
-    plt = pytest.importorskip("matplotlib.pyplot")
+    pytest.importorskip("matplotlib")
 
     from bench import plot
 
+    saved = []
+    monkeypatch.setattr(plot, "save_png", lambda fig, out, dpi: (saved.append(fig), save_png(fig, out, dpi)))
     rows = [dict(row("reference", "fp32", 2.0), speedup_vs_reference=1.0),
             dict(row("fused", "fp32", 0.5), speedup_vs_reference=4.0),
             dict(row("fused", "bf16", None), status="checked, not timed", speedup_vs_reference=None)]
     path = tmp_path / "cpu-2026-01-01.json"
     path.write_text(json.dumps({"meta": {"date": "2026-01-01", "info": {"device": "cpu"}}, "rows": rows}))
-    plt.close("all")
     assert plot.main([str(path), "-o", str(tmp_path / "speedup.png")]) == 0
     assert "speedup.png: 2 bars" in capsys.readouterr().out and (tmp_path / "speedup.png").is_file()
-    (ax,) = plt.gcf().axes
+    (fig,) = saved
+    (ax,) = fig.axes
     assert sorted(bar.get_height() for bar in ax.patches) == [1.0, 4.0]
-    plt.close("all")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-2026-01-01.json", "speedup.png"]
 
 
 def test_benchmark_runs_every_targets_rows_first():

@@ -78,7 +78,7 @@ def test_the_grid_titles_each_image_with_its_classes_and_each_map_with_its_own_m
         return probs[:, shown], logits[shown]
     monkeypatch.setattr(explain, "attention_probs", made_up)
     saved = {}
-    monkeypatch.setattr(explain, "_save", lambda fig, path: saved.update(fig=fig, path=path))
+    monkeypatch.setattr(explain, "save_png", lambda fig, path, dpi: saved.update(fig=fig, path=path))
     names, labels = ["ant", "bee", "cat"], (np.arange(6) + 1) % 3
     images = np.broadcast_to(np.arange(6, dtype=np.uint8)[:, None, None, None], (6, 8, 8, 1))
     run = SimpleNamespace(params=None, model=SimpleNamespace(image_size=8, patch_size=4), mean=None, std=None)

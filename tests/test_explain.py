@@ -139,7 +139,7 @@ def test_saliency_in_chunks_equals_saliency_at_once():
 
 def test_saliency_titles_name_true_and_predicted_classes(monkeypatch, tmp_path):
     saved = {}
-    monkeypatch.setattr(explain, "_save", lambda fig, path: saved.setdefault("fig", fig))
+    monkeypatch.setattr(explain, "save_png", lambda fig, path, dpi: saved.setdefault("fig", fig))
     images = np.zeros((3, 8, 8, 1), np.uint8)
     maps = np.random.default_rng(0).random((3, 8, 8))
     explain.plot_saliency(images, maps, ["cat", "dog", "cat"], ["cat", "cat", "cat"], tmp_path / "x.png")

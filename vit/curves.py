@@ -4,19 +4,16 @@ training.CURVES_SECONDS have passed since the last drawing, and when training st
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from vit.figures import pyplot, save_png
 
 
 def plot_curves(history: list[dict], path: Path, clip_norm: float | None = None):
     """Train vs val accuracy and loss per epoch, and the training gradient's norm (the epoch's
     mean and largest, before clipping, beside the clipping threshold clip_norm when there is
     one), written atomically."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_acc, ax_loss, ax_norm) = plt.subplots(1, 3, figsize=(15, 4))
     ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
@@ -40,7 +37,4 @@ def plot_curves(history: list[dict], path: Path, clip_norm: float | None = None)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=100)

@@ -30,6 +30,7 @@ import numpy as np
 from vit import checkpoint, runconfig
 from vit.config import ViTConfig
 from vit.data.loader import normalize
+from vit.figures import pyplot, save_png
 from vit.model import forward, image_gradient, model_forward
 
 # ----------------------------------------------------------------------------------------------
@@ -143,28 +144,10 @@ def saliency_figure_size(n: int) -> tuple[int, int]:
             round((rows * SALIENCY_CELL_INCHES[1] + SALIENCY_HEADER_INCHES) * DPI))
 
 
-def _save(fig, path: Path):
-    """Write a figure atomically (a temporary file renamed into place)."""
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _pyplot():
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    return plt
-
-
 def plot_pairs(images_u8, maps, true_names, pred_names, path, map_title, title) -> Path:
     """Grid of (image, map) pairs, SALIENCY_PAIRS_PER_ROW per row: each image titled with its true
     and predicted class, each map with map_title(i) and drawn to its own max; title on top."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(maps)
     if n == 0:
         raise ValueError("no images to plot")
@@ -192,7 +175,7 @@ def plot_pairs(images_u8, maps, true_names, pred_names, path, map_title, title) 
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - title_room / (height / DPI),
                         wspace=0.08, hspace=0.35)
     path = Path(path)
-    _save(fig, path)
+    save_png(fig, path, DPI)
     return path
 
 
@@ -358,7 +341,7 @@ def plot_confusion(matrix, class_names, path, max_classes: int = CONFUSION_MAX_C
     written in). -> the indices of the classes shown, in the order shown."""
     from matplotlib.colors import PowerNorm  # noqa: PLC0415
 
-    plt = _pyplot()
+    plt = pyplot()
     m = np.asarray(matrix, np.int64)
     shown = confusion_classes(m, max_classes)
     sub = m[np.ix_(shown, shown)]
@@ -383,7 +366,7 @@ def plot_confusion(matrix, class_names, path, max_classes: int = CONFUSION_MAX_C
                  fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, path, DPI)
     return shown
 
 
