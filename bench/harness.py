@@ -146,7 +146,8 @@ class BenchSession:
     started: str = field(default_factory=lambda: _dt.datetime.now().astimezone().isoformat(timespec="seconds"))
     merge: bool = False  # --bench-merge: keep rows of an earlier run (same device, same day)
     # the results file of the earlier run, as it was before this run's first write replaced it
-    # (report.write_results; {} when there was none): read once, since this run rewrites the file
+    # (report.merged_results, at the start; {} when there was none): read once, since this run
+    # rewrites the file
     earlier: dict | None = None
     # --bench-continue: an earlier results file of this device (any day; report.continued_results),
     # read at the session's start; its measured rows are not run again and are kept in this run's
