@@ -10,6 +10,8 @@ custom call per launch that ``kernels.launch.record_launches`` records for the s
 Each call's backend config (a zlib-compressed ``TritonAnyKernelCall`` protobuf, see
 jaxlib/gpu/triton.proto) is decoded and must carry the launch's name (``vitfuse_attn_fwd``, ...),
 its Triton function, grid, warps and pointer count, and PTX whose ``.target`` is ``sm_<arch>a``.
+Without poisoning, each call's PTX must also be, byte for byte, what ``kernels.compile_check``
+compiles for the same launch: that check's registers and spills are those of the kernels a GPU runs.
 
 jax-triton asks the GPU for its compute capability (``jaxlib.gpu_triton.get_compute_capability``);
 here there is none, so that function is replaced by one returning ``--arch``.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -146,6 +149,7 @@ def decode_backend_config(backend_config: bytes) -> dict:
         "ptx_bytes": len(ptx),
         "tf32_tensor_core_ops": len(TF32_TENSOR_CORE_OP.findall(ptx)),
         "tf32_roundings": len(TF32_ROUNDING.findall(ptx)),
+        "ptx_sha256": hashlib.sha256(ptx.encode()).hexdigest(),
     }
 
 
@@ -332,13 +336,31 @@ def compare(expected: list[dict], calls: list[dict], arch: int) -> list[str]:
     return problems
 
 
+def compile_check_disagrees(specs, calls, arch: int) -> list[str]:
+    """kernels.compile_check must compile each launch exactly as jax-triton does: its registers,
+    spills and shared memory (and bench/tune_attention.py's spill filter, and
+    tests/test_kernels_spills.py) are then those of the kernels a GPU runs. The PTX that
+    compile_check.compile_spec makes of each recorded launch must be, byte for byte, the PTX in
+    jax-triton's call for it (launches and calls in the same order)."""
+    from kernels import compile_check  # noqa: PLC0415
+
+    problems = []
+    for spec, call in zip(specs, calls, strict=True):
+        ptx = compile_check.compile_spec(spec, arch).asm["ptx"]
+        if hashlib.sha256(ptx.encode()).hexdigest() != call["ptx_sha256"]:
+            problems.append(f"{spec.name}: kernels.compile_check's PTX for this launch is not the PTX "
+                            "jax-triton compiled (compile_spec no longer compiles what a GPU runs)")
+    return problems
+
+
 def check_case(label: str, make, arch: int, poisoned: bool) -> dict:
     """Record a case's launches, lower it for cuda, compare. Any exception is a failed case."""
     import jax  # noqa: PLC0415
     from kernels.launch import poisoned_outputs, record_launches  # noqa: PLC0415
 
     t0 = time.perf_counter()
-    result = {"case": label, "poisoned": poisoned, "launches": 0, "calls": [], "problems": []}
+    result = {"case": label, "poisoned": poisoned, "launches": 0, "calls": [], "problems": [],
+              "ptx_compared": 0}
     try:
         fn, args = make()
         with record_launches() as specs:
@@ -352,6 +374,9 @@ def check_case(label: str, make, arch: int, poisoned: bool) -> dict:
         if not specs:
             result["problems"].append("no launch recorded: the case does not use the fused kernels")
         result["problems"] += compare(expected_calls(specs, poisoned), calls, arch)
+        if not poisoned and len(calls) == len(specs):  # (the poisoned calls wrap the kernels)
+            result["problems"] += compile_check_disagrees(specs, calls, arch)
+            result["ptx_compared"] = len(specs)
     except Exception as e:  # a case that does not lower is reported, then the next one runs
         result["problems"].append(f"{type(e).__name__}: {str(e).strip()[:2000]}")
     result["seconds"] = round(time.perf_counter() - t0, 2)

@@ -4,8 +4,11 @@ jax-triton 0.3.1, on this machine without one (``python -m kernels.lowering_chec
 Each kernel configuration and two small train steps are lowered to StableHLO for "cuda" with the
 compute capability faked to 90, plainly and inside ``poisoned_outputs()``; every case must hold one
 ``triton_kernel_call`` per launch that ``record_launches`` saw, named as kernels/launch.py names it,
-with PTX for sm_90a. A kernel that stops lowering (a Triton compile error, a calling convention
-jax-triton no longer accepts, a launch dropped or duplicated) fails its case.
+with PTX for sm_90a, and without poisoning that PTX must be byte for byte what kernels.compile_check
+compiles for the launch. A kernel that stops lowering (a Triton compile error, a calling convention
+jax-triton no longer accepts, a launch dropped or duplicated) fails its case, and so does a
+compile_check that no longer compiles what jax-triton does (its registers and spills would then
+not be the GPU's).
 
 The check needs jax-triton, absl-py and the jax CUDA plugin, which live in their own folder
 (``.lowering-site/``, or ``VITFUSE_LOWERING_SITE``), never in the test environment's
@@ -80,6 +83,9 @@ def test_lowers_one_call_per_launch(report, label, poisoned):
     for call in result["calls"]:
         assert call["name"].startswith("vitfuse_"), call["name"]
         assert call["ptx_target"] == f"sm_{ARCH}a" and call["compute_capability"] == ARCH
+    # plain launches: kernels.compile_check made the same PTX as jax-triton, launch by launch
+    # (lowering_check.compile_check_disagrees; a difference is one of the problems above)
+    assert result["ptx_compared"] == (0 if poisoned else result["launches"])
 
 
 def test_every_kernel_and_both_launch_paths_are_covered(report):
