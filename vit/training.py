@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vit.config import patch_size_hint
 from vit.curves import plot_curves
 
 DONE, STOPPED, NONFINITE = "done", "stopped", "nonfinite"
@@ -54,10 +55,7 @@ def fitted_model(model, images: str, **fields):
     try:
         return model.replace(**changes)
     except ValueError as err:
-        h = fields["image_size"]
-        patch = min((p for p in range(1, h + 1) if h % p == 0), key=lambda p: abs(p - h / 8))
-        raise RunError(f"{err} (the dataset's images are {images}; set a patch size that "
-                       f"divides {h}, e.g. --set model.patch_size={patch})") from None
+        raise RunError(f"{err} ({patch_size_hint(fields['image_size'], images)})") from None
 
 
 def write_metrics(path: Path, history: list[dict]):
