@@ -141,6 +141,10 @@ def resolve_config(args):
                                             "a file, not a run directory"))
         if not saved.is_file():
             fail(f"--resume {run_dir}: no config.json there; is it a run directory?")
+        if args.config is not None:  # it would be silently ignored: the run's own config is used
+            fail(f"--config {args.config}: --resume {run_dir} continues that run with its own "
+                 f"config ({saved}); leave --config out (flags and --set may still change its "
+                 "training values)")
         base = saved_base = json.loads(saved.read_text())  # merge() copies: this stays as saved
         where = str(saved)
     else:

@@ -204,3 +204,19 @@ def test_data_image_size_of_a_dataset_with_a_fixed_size_is_refused_with_the_conf
                                                     r"own (8x8|64x64) only"):
         runconfig.from_dict({"data": data}, "d.toml")
     assert runconfig.from_dict({"data": {**data, "image_size": 8 if data["dataset"] == "digits" else 64}})
+
+
+def test_config_with_resume_is_refused_not_ignored(tmp_path, capsys):
+    """--resume RUN uses RUN/config.json; a --config beside it was silently ignored (a digits run
+    resumed 'with' configs/recipe.toml went on as the digits run). Now it is an error naming
+    both, and the same command without it goes on."""
+    import train
+    from vit import runconfig
+
+    (tmp_path / "config.json").write_text(runconfig.dumps(runconfig.from_dict({"data": {"dataset": "digits"}})))
+    recipe = str(runconfig.CONFIG_DIR / "recipe.toml")
+    with pytest.raises(SystemExit) as exit_:
+        train.resolve_config(train.parse_args(["--resume", str(tmp_path), "--config", recipe]))
+    assert exit_.value.code == 2
+    assert f"--config {recipe}: --resume {tmp_path} continues that run with its own config" in capsys.readouterr().err
+    assert train.resolve_config(train.parse_args(["--resume", str(tmp_path)])).data.dataset == "digits"
