@@ -15,7 +15,9 @@ Exit codes:
          still a stop before the end, so a script can tell "finished" from "resume me")
     3    the training loss became NaN/Inf: stopped, last.npz is left as it was
     2    bad usage or input (a flag, config value, data or checkpoint file): the message names it
-A second Ctrl-C while stopping leaves at once without saving (also 130).
+A second Ctrl-C while stopping leaves at once without saving (also 130), as does a Ctrl-C before
+the first step (while the data loads or the step compiles), which writes no checkpoint and no
+run directory: run the same command again.
 
 Called from Python (`train.main([...])`, as the tests do) rather than run as a script, a SIGINT or
 SIGTERM still saves last.npz first, and is then passed on to the handler that was there before
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="RUN_DIR/last.npz is written at every epoch's end and, within an epoch, every "
                "train.checkpoint_minutes (30 unless set); best.npz at the best val top-1. Exit "
                f"codes: 0 every epoch done; {EXIT_INTERRUPTED} stopped early with last.npz saved "
-               "(Ctrl-C, SIGTERM, --stop-after-epoch: continue with --resume); "
+               "(Ctrl-C, SIGTERM, --stop-after-epoch: continue with --resume; a Ctrl-C before "
+               "the first step saves nothing: run the same command again); "
                f"{EXIT_NONFINITE} the loss became NaN/Inf (last.npz left as it was); 2 a bad "
                "flag, config value, data or checkpoint file (the message names it).")
     p.add_argument("--config", default=None,
@@ -283,6 +286,22 @@ def main(argv=None, *, standalone=False) -> int:
     code 130 after the checkpoint. Otherwise (called from Python) the signal is passed on to the
     handler that was there before, once the checkpoint is saved (see the module docstring)."""
     args = parse_args(argv)
+    try:
+        started = start(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading data or compiling: nothing was written yet
+        if not standalone:
+            raise  # the caller's KeyboardInterrupt, as without train.py
+        print("\ntrain.py: interrupted while starting (loading data, compiling), before the first "
+              "step: no checkpoint was written" + (f", {args.resume} is as it was" if args.resume
+                                                   else "") + "; run the same command again",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return run_training(args, started, standalone=standalone)
+
+
+def start(args):
+    """Config, processes, run directory, checkpoint, op set, data and steps of the run: -> the
+    training.Run, or fail() naming what is wrong. Writes no file of the run."""
     from vit.runconfig import ConfigError  # noqa: PLC0415
     try:
         cfg = resolve_config(args)
@@ -304,6 +323,14 @@ def main(argv=None, *, standalone=False) -> int:
                                  progress=not args.no_progress)
     except (cmdline.UsageError, training.RunError, ValueError) as err:
         fail(str(err))
+    return run
+
+
+def run_training(args, run, *, standalone: bool) -> int:
+    import jax  # noqa: PLC0415
+
+    from vit import training  # noqa: PLC0415
+
     with training.StopOnSignal(standalone) as stop:
         created = training.make_run_dir(run)
         t = run.cfg.train
