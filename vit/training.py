@@ -151,6 +151,13 @@ def start_run(cfg, run_dir: Path, ops, devices: int | None, resumed, main_proces
     from vit import parallel  # noqa: PLC0415
 
     train_set, val_set, cfg = load_data(cfg, progress)
+    if resumed is not None:  # --data-dir may point elsewhere on --resume: the same classes only
+        from vit.data.common import DatasetError, check_same_classes  # noqa: PLC0415
+        try:
+            check_same_classes(resumed[1].get("class_names"), train_set.class_names,
+                               f"{cfg.data.data_dir} (data.data_dir)", run_dir)
+        except DatasetError as err:
+            raise RunError(str(err)) from None
     pad, size = cfg.train.hparams.crop_pad, cfg.model.image_size
     if pad >= size:  # reflect padding repeats the image's inner pixels: it needs more than pad
         raise RunError(f"train.crop_pad {pad} needs images larger than {pad} pixels, and this "
