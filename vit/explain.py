@@ -73,6 +73,10 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
         raise FileNotFoundError(f"{run_dir} is a file; give the run directory that holds it "
                                 f"({run_dir.parent})")
     if not path.is_file():
+        other = run_dir / ("last.npz" if checkpoint_name == "best" else "best.npz")
+        if other.is_file():  # best.npz comes at an epoch's end: a run stopped in its first has none
+            raise FileNotFoundError(f"{path} does not exist, but the run's {other.name} does: "
+                                    f"evaluate that one with --checkpoint {other.stem}")
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
                                 "train.py that finished at least one epoch?)")
     trees, meta = checkpoint.load_from_run(run_dir, checkpoint_name, meta_keys=RUN_META,
