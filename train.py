@@ -255,14 +255,32 @@ def choose_run_dir(args, cfg, main_process: bool) -> Path:
         run_dir = Path(args.resume)
         if main_process:
             check_writable(run_dir, "--resume")
-        return run_dir
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.out or f"runs/{cfg.data.dataset}-{stamp}")
-    if main_process:
-        check_writable(run_dir, "--out")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{cfg.data.dataset}-{stamp}")
+        if main_process:
+            check_writable(run_dir, "--out")
+        if (run_dir / "last.npz").exists():
+            fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
+                 f"{run_dir} or choose another --out")
     if (run_dir / "last.npz").exists():
-        fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
-             f"{run_dir} or choose another --out")
+        return run_dir
+    # no last.npz: a run starts from the beginning there, so it must not write over what an
+    # earlier run kept (--resume of a run that stopped before its first checkpoint starts it)
+    kept = [name for name in ("best.npz", "metrics.jsonl") if (run_dir / name).exists()]
+    if kept and args.resume:
+        best = run_dir / "best.npz"
+        fail(f"--resume {run_dir}: no last.npz there to continue from, and starting again would "
+             f"overwrite its {' and '.join(kept)}"
+             + (f"; to continue from best.npz, cp {best} {run_dir / 'last.npz'} and run again"
+                if best.exists() else ""))
+    if kept:
+        fail(f"--out {run_dir} holds {' and '.join(kept)} of an earlier run (with no last.npz to "
+             "continue it from), which a new run would overwrite; choose another --out, or move "
+             "them away first")
+    if args.resume:
+        print(f"resuming {run_dir}: it has no last.npz (it stopped before its first checkpoint), "
+              "so it starts from the beginning")
     return run_dir
 
 
