@@ -148,7 +148,7 @@ def resolve_config(args):
             fail(f"--config {args.config}: --resume {run_dir} continues that run with its own "
                  f"config ({saved}); leave --config out (flags and --set may still change its "
                  "training values)")
-        base = saved_base = json.loads(saved.read_text())  # merge() copies: this stays as saved
+        base = saved_base = read_config_json(saved)  # merge() copies: this stays as saved
         where = str(saved)
     else:
         path = args.config
@@ -172,6 +172,33 @@ def resolve_config(args):
     if args.resume:
         check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
     return cfg
+
+
+def read_config_json(saved: Path) -> dict:
+    try:
+        return json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        fail(f"{saved} cannot be read as JSON ({err}); train.py wrote it when the run started, "
+             "and the run's checkpoints hold the same config: put it back to resume")
+
+
+def check_config_json(run_dir: Path, meta: dict):
+    """--resume: RUN_DIR/config.json against the config last.npz was saved with, on what the
+    checkpoint depends on (RESUME_FIXED): config.json edited by hand or copied from another run
+    would resume the weights and data position of one run as another (it did, silently)."""
+    from vit import runconfig  # noqa: PLC0415
+
+    saved, last = run_dir / "config.json", run_dir / "last.npz"
+    ours = runconfig.from_dict(read_config_json(saved), str(saved)).to_dict()
+    theirs = runconfig.from_dict(meta["config"], f"{last} (its config)").to_dict()
+    for section, values in ours.items():
+        for key, value in values.items():
+            name, was = f"{section}.{key}", theirs[section].get(key)
+            if value != was and (RESUME_FIXED.get(name) or RESUME_FIXED.get(section)):
+                fail(f"--resume {run_dir}: {saved} has {name} = {value!r}, but {last} was saved "
+                     f"by a run with {name} = {was!r}: config.json was changed or comes from "
+                     "another run; put the run's own back (changes go in flags or --set), or "
+                     "start a new run with --out")
 
 
 # what a resumed run's checkpoint depends on: changing it on --resume is refused
@@ -335,6 +362,7 @@ def start(args):
         resumed = load_resume_checkpoint(run_dir) if args.resume and (run_dir / "last.npz").exists() \
             else None
         if resumed is not None:
+            check_config_json(run_dir, resumed[1])
             check_resume_position(resumed[1], cfg.train.epochs, run_dir)
         ops = cmdline.build_ops(args)
         run = training.start_run(cfg, run_dir, ops, args.devices, resumed, main_process,

@@ -1,7 +1,10 @@
 """What train.py will not write over in an --out that exists: a run to continue (last.npz: use
 --resume), or what an earlier run kept (best.npz, metrics.jsonl) once its last.npz is gone (a
 new run used to overwrite them silently). A folder of other files, or what a run that never
-saved left (config.json only), is written into."""
+saved left (config.json only), is written into. And what --resume takes as the run's config: a
+config.json that is not JSON, or disagrees with last.npz on what it depends on, is refused."""
+
+import json
 
 import pytest
 
@@ -51,3 +54,21 @@ def test_resume_without_last_npz_starts_only_a_run_that_never_saved(tmp_path, ca
         (out / name).unlink()
     assert train.main(["--resume", str(out), "--no-progress"]) == 0
     assert "it has no last.npz (it stopped before its first checkpoint)" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_config_json_that_is_not_the_checkpoints(tmp_path, capsys):
+    """config.json edited by hand or copied from another run resumed the weights and data position
+    of one run as another (layers=2 weights under a 4-layer config: it trained); junk in it was
+    a JSONDecodeError traceback."""
+    out = tmp_path / "run"
+    assert train.main([*QUICK, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["layers"] = 4
+    for text, message in ((json.dumps(config), f"{out / 'config.json'} has model.layers = 4, but "
+                                               f"{out / 'last.npz'} was saved by a run with model.layers = 1"),
+                          ("not json", f"{out / 'config.json'} cannot be read as JSON")):
+        (out / "config.json").write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err, err
