@@ -15,7 +15,9 @@ Exit codes:
          still a stop before the end, so a script can tell "finished" from "resume me")
     3    the training loss became NaN/Inf: stopped, last.npz is left as it was
     2    bad usage or input (a flag, config value, data or checkpoint file): the message names it
-A second Ctrl-C while stopping leaves at once without saving (also 130).
+A second Ctrl-C while stopping leaves at once without saving (also 130), as does a Ctrl-C before
+the first step (while the data loads or the step compiles), which writes no checkpoint and no
+run directory: run the same command again.
 
 Called from Python (`train.main([...])`, as the tests do) rather than run as a script, a SIGINT or
 SIGTERM still saves last.npz first, and is then passed on to the handler that was there before
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="RUN_DIR/last.npz is written at every epoch's end and, within an epoch, every "
                "train.checkpoint_minutes (30 unless set); best.npz at the best val top-1. Exit "
                f"codes: 0 every epoch done; {EXIT_INTERRUPTED} stopped early with last.npz saved "
-               "(Ctrl-C, SIGTERM, --stop-after-epoch: continue with --resume); "
+               "(Ctrl-C, SIGTERM, --stop-after-epoch: continue with --resume; a Ctrl-C before "
+               "the first step saves nothing: run the same command again); "
                f"{EXIT_NONFINITE} the loss became NaN/Inf (last.npz left as it was); 2 a bad "
                "flag, config value, data or checkpoint file (the message names it).")
     p.add_argument("--config", default=None,
@@ -141,7 +144,11 @@ def resolve_config(args):
                                             "a file, not a run directory"))
         if not saved.is_file():
             fail(f"--resume {run_dir}: no config.json there; is it a run directory?")
-        base = saved_base = json.loads(saved.read_text())  # merge() copies: this stays as saved
+        if args.config is not None:  # it would be silently ignored: the run's own config is used
+            fail(f"--config {args.config}: --resume {run_dir} continues that run with its own "
+                 f"config ({saved}); leave --config out (flags and --set may still change its "
+                 "training values)")
+        base = saved_base = read_config_json(saved)  # merge() copies: this stays as saved
         where = str(saved)
     else:
         path = args.config
@@ -165,6 +172,33 @@ def resolve_config(args):
     if args.resume:
         check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
     return cfg
+
+
+def read_config_json(saved: Path) -> dict:
+    try:
+        return json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        fail(f"{saved} cannot be read as JSON ({err}); train.py wrote it when the run started, "
+             "and the run's checkpoints hold the same config: put it back to resume")
+
+
+def check_config_json(run_dir: Path, meta: dict):
+    """--resume: RUN_DIR/config.json against the config last.npz was saved with, on what the
+    checkpoint depends on (RESUME_FIXED): config.json edited by hand or copied from another run
+    would resume the weights and data position of one run as another (it did, silently)."""
+    from vit import runconfig  # noqa: PLC0415
+
+    saved, last = run_dir / "config.json", run_dir / "last.npz"
+    ours = runconfig.from_dict(read_config_json(saved), str(saved)).to_dict()
+    theirs = runconfig.from_dict(meta["config"], f"{last} (its config)").to_dict()
+    for section, values in ours.items():
+        for key, value in values.items():
+            name, was = f"{section}.{key}", theirs[section].get(key)
+            if value != was and (RESUME_FIXED.get(name) or RESUME_FIXED.get(section)):
+                fail(f"--resume {run_dir}: {saved} has {name} = {value!r}, but {last} was saved "
+                     f"by a run with {name} = {was!r}: config.json was changed or comes from "
+                     "another run; put the run's own back (changes go in flags or --set), or "
+                     "start a new run with --out")
 
 
 # what a resumed run's checkpoint depends on: changing it on --resume is refused
@@ -248,14 +282,32 @@ def choose_run_dir(args, cfg, main_process: bool) -> Path:
         run_dir = Path(args.resume)
         if main_process:
             check_writable(run_dir, "--resume")
-        return run_dir
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.out or f"runs/{cfg.data.dataset}-{stamp}")
-    if main_process:
-        check_writable(run_dir, "--out")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{cfg.data.dataset}-{stamp}")
+        if main_process:
+            check_writable(run_dir, "--out")
+        if (run_dir / "last.npz").exists():
+            fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
+                 f"{run_dir} or choose another --out")
     if (run_dir / "last.npz").exists():
-        fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
-             f"{run_dir} or choose another --out")
+        return run_dir
+    # no last.npz: a run starts from the beginning there, so it must not write over what an
+    # earlier run kept (--resume of a run that stopped before its first checkpoint starts it)
+    kept = [name for name in ("best.npz", "metrics.jsonl") if (run_dir / name).exists()]
+    if kept and args.resume:
+        best = run_dir / "best.npz"
+        fail(f"--resume {run_dir}: no last.npz there to continue from, and starting again would "
+             f"overwrite its {' and '.join(kept)}"
+             + (f"; to continue from best.npz, cp {best} {run_dir / 'last.npz'} and run again"
+                if best.exists() else ""))
+    if kept:
+        fail(f"--out {run_dir} holds {' and '.join(kept)} of an earlier run (with no last.npz to "
+             "continue it from), which a new run would overwrite; choose another --out, or move "
+             "them away first")
+    if args.resume:
+        print(f"resuming {run_dir}: it has no last.npz (it stopped before its first checkpoint), "
+              "so it starts from the beginning")
     return run_dir
 
 
@@ -279,6 +331,22 @@ def main(argv=None, *, standalone=False) -> int:
     code 130 after the checkpoint. Otherwise (called from Python) the signal is passed on to the
     handler that was there before, once the checkpoint is saved (see the module docstring)."""
     args = parse_args(argv)
+    try:
+        started = start(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading data or compiling: nothing was written yet
+        if not standalone:
+            raise  # the caller's KeyboardInterrupt, as without train.py
+        print("\ntrain.py: interrupted while starting (loading data, compiling), before the first "
+              "step: no checkpoint was written" + (f", {args.resume} is as it was" if args.resume
+                                                   else "") + "; run the same command again",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return run_training(args, started, standalone=standalone)
+
+
+def start(args):
+    """Config, processes, run directory, checkpoint, op set, data and steps of the run: -> the
+    training.Run, or fail() naming what is wrong. Writes no file of the run."""
     from vit.runconfig import ConfigError  # noqa: PLC0415
     try:
         cfg = resolve_config(args)
@@ -294,12 +362,21 @@ def main(argv=None, *, standalone=False) -> int:
         resumed = load_resume_checkpoint(run_dir) if args.resume and (run_dir / "last.npz").exists() \
             else None
         if resumed is not None:
+            check_config_json(run_dir, resumed[1])
             check_resume_position(resumed[1], cfg.train.epochs, run_dir)
         ops = cmdline.build_ops(args)
         run = training.start_run(cfg, run_dir, ops, args.devices, resumed, main_process,
                                  progress=not args.no_progress)
     except (cmdline.UsageError, training.RunError, ValueError) as err:
         fail(str(err))
+    return run
+
+
+def run_training(args, run, *, standalone: bool) -> int:
+    import jax  # noqa: PLC0415
+
+    from vit import training  # noqa: PLC0415
+
     with training.StopOnSignal(standalone) as stop:
         created = training.make_run_dir(run)
         t = run.cfg.train

@@ -50,9 +50,9 @@ def pytest_addoption(parser):
                     help="bench/: an earlier results .json of this device (any day): with --benchmark, "
                          "the rows it measured are not run again (deselected) and are kept in this "
                          "run's results file (rows it did not time run again); combines with --bench-merge")
-    group.addoption("--bench-results", default=str(report.RESULTS_DIR), dest="vitfuse_bench_results",
+    group.addoption("--bench-results", default=str(report.RESULTS_DIR), dest="vitfuse_bench_results", metavar="DIR",
                     help="bench/: the folder the results files go to (default: bench/results)")
-    group.addoption("--bench-seed", type=int, default=None, dest="vitfuse_bench_seed",
+    group.addoption("--bench-seed", type=int, default=None, dest="vitfuse_bench_seed", metavar="SEED",
                     help="bench/: seed of the random inputs (default: fresh each session, recorded)")
 
 

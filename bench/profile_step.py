@@ -159,7 +159,8 @@ def summarize(path: str, top: int = 20) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run profiled step(s) (under ncu)")
     r.add_argument("contender", choices=["reference", "fused", "autodiff", "fused-attn", "fused-ln",

@@ -290,7 +290,8 @@ def _parse_dtype(text: str, ap) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m bench.tune_attention", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=list(DEFAULT_SHAPES), help="BxLxHxDh ...")
     ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32/ieee"],
                     help=", ".join(DTYPE_SPECS))

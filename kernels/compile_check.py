@@ -168,7 +168,8 @@ def _tile(spec) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     ap.add_argument("--quick", action="store_true", help="product shapes only")
     ap.add_argument("--only", default=None, metavar="TEXT", help="only cases whose label contains TEXT")

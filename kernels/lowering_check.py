@@ -390,7 +390,8 @@ def fake_compute_capability(arch: int):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m kernels.lowering_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability to lower for (default 90)")
     ap.add_argument("--json", metavar="PATH", help="also write every case's result to PATH")
     ap.add_argument("--only", metavar="TEXT", help="only the cases whose label contains TEXT")

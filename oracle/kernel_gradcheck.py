@@ -184,7 +184,8 @@ def check(spec: str, ops: Ops, ref_ops: Ops, key, dtype: str, tol: float) -> lis
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m oracle.kernel_gradcheck", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", metavar="SPEC", help="attn:BxLxHxDh[:keep] / ln:MxN[:r]")
     ap.add_argument("--full", action="store_true", help="add the product shapes (slow in the interpreter)")
     ap.add_argument("--interpret", action="store_true", help="force Triton's interpreter")

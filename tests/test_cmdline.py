@@ -1,8 +1,10 @@
 """The command-line layer shared by train.py and evaluate.py (cmdline.py): the op-set flags
 become an Ops, the multi-process flags (or their JAX_* variables) the three settings of
-vit.parallel.init_distributed, and every bad value is an error naming the flag."""
+vit.parallel.init_distributed, and every bad value is an error naming the flag. Also: the usage
+line of each `python -m` check and bench command, and of the bench's pytest options."""
 
 import argparse
+from pathlib import Path
 
 import jax
 import pytest
@@ -14,6 +16,7 @@ from vit.ops import REFERENCE, Ops
 DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 NO_COORDINATOR = "no --coordinator (or JAX_COORDINATOR_ADDRESS), --process-id (or JAX_PROCESS_ID)"
 COORDINATOR = "10.0.0.1:1234"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -153,3 +156,25 @@ def test_at_least_names_the_flag_and_the_bound(minimum, text, said, capsys):
     with pytest.raises(SystemExit) as e:
         parser.parse_args(["--n", text])
     assert e.value.code == 2 and f"prog: error: argument --n: {said}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["oracle.kernel_gradcheck", "kernels.compile_check", "kernels.lowering_check",
+                                    "bench.profile_step", "bench.tune_attention"])
+def test_a_command_run_with_python_m_says_so_in_its_usage(module, capsys):
+    """argparse names a `python -m` module by its file ('usage: kernel_gradcheck.py'), which is
+    no command a user can type; its usage and errors name the command instead."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(["--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")
+
+
+def test_the_bench_options_show_what_they_take():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert "--bench-results=DIR" in out and "--bench-seed=SEED" in out and "VITFUSE_" not in out

@@ -174,3 +174,49 @@ def test_a_config_file_that_cannot_be_read_is_a_config_error_naming_it(tmp_path)
     good = tmp_path / "good.toml"
     good.write_text("[model]\nheads = 2  # café\n", encoding="utf-8")
     assert runconfig.load_toml(good) == {"model": {"heads": 2}}
+
+
+def test_the_patch_size_is_checked_against_data_image_size_not_the_models_placeholder():
+    """The model follows data.image_size, so a patch size dividing it is taken even where it does
+    not divide the config's model.image_size (64 by default; 48 px in 12 px patches used to be
+    refused as 'image_size=64 is not divisible by patch_size=12'); one that does not divide it
+    is an error naming both flags and suggesting one."""
+    from vit import runconfig
+
+    sources = {"model.patch_size": "--set model.patch_size=12", "data.image_size": "--set data.image_size=48"}
+    cfg = runconfig.from_dict({"model": {"patch_size": 12}, "data": {"image_size": 48}}, "c.toml", sources)
+    assert (cfg.model.image_size, cfg.model.patch_size) == (48, 12)
+    with pytest.raises(runconfig.ConfigError) as err:
+        runconfig.from_dict({"data": {"image_size": 50}}, "c.toml", {"data.image_size": "--set data.image_size=50"})
+    assert str(err.value).startswith("--set data.image_size=50: ViTConfig.image_size=50 is not divisible")
+    assert "e.g. --set model.patch_size=5" in str(err.value)
+
+
+@pytest.mark.parametrize("data", [{"dataset": "digits", "image_size": 30},
+                                  {"dataset": "tiny-imagenet", "layout": "tiny-imagenet", "image_size": 32}])
+def test_data_image_size_of_a_dataset_with_a_fixed_size_is_refused_with_the_config(data):
+    """Digits (8 px) and a named Tiny ImageNet layout (64 px) are never resized: data.image_size
+    is refused before any data is read, saying so (digits at 30 px used to be told its images
+    were 30x30 and to pick a patch size dividing 30)."""
+    from vit import runconfig
+
+    with pytest.raises(runconfig.ConfigError, match=r"^d\.toml: data\.image_size=\d+: .* comes at its "
+                                                    r"own (8x8|64x64) only"):
+        runconfig.from_dict({"data": data}, "d.toml")
+    assert runconfig.from_dict({"data": {**data, "image_size": 8 if data["dataset"] == "digits" else 64}})
+
+
+def test_config_with_resume_is_refused_not_ignored(tmp_path, capsys):
+    """--resume RUN uses RUN/config.json; a --config beside it was silently ignored (a digits run
+    resumed 'with' configs/recipe.toml went on as the digits run). Now it is an error naming
+    both, and the same command without it goes on."""
+    import train
+    from vit import runconfig
+
+    (tmp_path / "config.json").write_text(runconfig.dumps(runconfig.from_dict({"data": {"dataset": "digits"}})))
+    recipe = str(runconfig.CONFIG_DIR / "recipe.toml")
+    with pytest.raises(SystemExit) as exit_:
+        train.resolve_config(train.parse_args(["--resume", str(tmp_path), "--config", recipe]))
+    assert exit_.value.code == 2
+    assert f"--config {recipe}: --resume {tmp_path} continues that run with its own config" in capsys.readouterr().err
+    assert train.resolve_config(train.parse_args(["--resume", str(tmp_path)])).data.dataset == "digits"

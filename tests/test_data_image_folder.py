@@ -384,7 +384,7 @@ def test_a_split_whose_every_image_is_unreadable_is_an_error_even_when_skipping(
 # --- layout and size choices -------------------------------------------------------------------------------------
 
 
-def test_layout_is_detected_or_named(root, tmp_path):
+def test_layout_is_detected_or_named(root, tmp_path, monkeypatch):
     tiny = write_fake_tiny_imagenet(tmp_path / "t")
     assert resolve_layout("tiny-imagenet", root) == "image-folder"
     assert resolve_layout("tiny-imagenet", tiny) == "tiny-imagenet"
@@ -399,6 +399,9 @@ def test_layout_is_detected_or_named(root, tmp_path):
         load(root, "val", layout="imagenet")
     with pytest.raises(DatasetError, match="--data-dir"):
         load_dataset("image-folder", None, "train")
+    monkeypatch.chdir(tmp_path)  # no data/ here: `python train.py` with no flags says what to do
+    with pytest.raises(DatasetError, match=r"^no --data-dir given, and the default data directory data/ does not"):
+        resolve_layout("tiny-imagenet", None)
 
 
 def test_image_size_is_for_image_folders(tmp_path):

@@ -228,6 +228,15 @@ def test_predict_with_a_data_dir_of_other_classes_is_an_error(colour_run, tmp_pa
     assert "evaluate.py: error:" in err and "2 class" in err and "3 classes" in err, err
 
 
+def test_a_run_without_best_npz_offers_its_last_npz(colour_run, tmp_path, capsys):
+    """A run stopped within its first epoch has last.npz only (best.npz comes at an epoch's end)."""
+    (run := tmp_path / "run").mkdir()
+    (run / "last.npz").write_bytes((colour_run[1] / "last.npz").read_bytes())
+    with pytest.raises(SystemExit):
+        evaluate.main([str(run), "--no-progress"])
+    assert "but the run's last.npz does: evaluate that one with --checkpoint last" in capsys.readouterr().err
+
+
 def test_predict_uses_tiny_imagenet_words(tmp_path, capsys, monkeypatch):
     root = write_fake_tiny_imagenet(tmp_path / "data")
     run = tmp_path / "run"

@@ -309,7 +309,7 @@ def test_config_error_in_the_file_names_the_file(tmp_path, capsys):
     (["--batch-size", 64], "train.batch_size"),       # the checkpoint's data position
     (["--seed", 7], "train.seed"),                     # the data order
     (["--set", "model.layers=2"], "model.layers"),     # the params' shapes
-    (["--set", "data.image_size=16"], "data.image_size"),
+    (["--set", "data.layout=image-folder"], "data.layout"),  # (digits refuse any data.image_size)
 ])
 def test_resume_refuses_changing_what_the_checkpoint_depends_on(finished_run, capsys, flags,
                                                                 fixed):

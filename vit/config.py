@@ -94,6 +94,14 @@ class ViTConfig:
         return cls(**d)
 
 
+def patch_size_hint(side: int, images: str) -> str:
+    """For an error: a patch size that divides the images' side, the one nearest side / 8
+    (images: how they are described in the message)."""
+    patch = min((p for p in range(1, side + 1) if side % p == 0), key=lambda p: abs(p - side / 8))
+    return (f"the dataset's images are {images}; set a patch size that divides {side}, e.g. "
+            f"--set model.patch_size={patch}")
+
+
 @dataclass(frozen=True)
 class TrainHParams:
     """Optimisation and augmentation settings of one run (the [train] section of a config)."""

@@ -74,6 +74,10 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
         raise FileNotFoundError(f"{run_dir} is a file; give the run directory that holds it "
                                 f"({run_dir.parent})")
     if not path.is_file():
+        other = run_dir / ("last.npz" if checkpoint_name == "best" else "best.npz")
+        if other.is_file():  # best.npz comes at an epoch's end: a run stopped in its first has none
+            raise FileNotFoundError(f"{path} does not exist, but the run's {other.name} does: "
+                                    f"evaluate that one with --checkpoint {other.stem}")
         raise FileNotFoundError(f"{path} does not exist (is {run_dir} a run directory of "
                                 "train.py that finished at least one epoch?)")
     trees, meta = checkpoint.load_from_run(run_dir, checkpoint_name, meta_keys=RUN_META,
@@ -84,12 +88,16 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
 
 
 def load_val(run: Run, data_dir=None, progress: bool = True):
-    """The run's validation set, at the model's image size."""
+    """The run's validation set, at the model's image size; a DatasetError if its classes are not
+    the ones the run was trained on (data_dir: another folder than the run's)."""
     from vit.data import load_dataset  # noqa: PLC0415
+    from vit.data.common import check_same_classes  # noqa: PLC0415
 
     data = run.config.data
-    return load_dataset(data.dataset, data_dir or data.data_dir, "val", workers=data.workers,
-                        progress=progress, image_size=run.model.image_size, layout=data.layout)
+    val = load_dataset(data.dataset, data_dir or data.data_dir, "val", workers=data.workers,
+                       progress=progress, image_size=run.model.image_size, layout=data.layout)
+    check_same_classes(run.class_names, val.class_names, data_dir or data.data_dir, run.path.parent)
+    return val
 
 
 def model_input(images_u8, mean, std, dtype=jnp.float32):

@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vit.config import COMPUTE_DTYPES, TrainHParams, ViTConfig
+from vit.config import COMPUTE_DTYPES, TrainHParams, ViTConfig, patch_size_hint
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -144,22 +144,32 @@ def from_dict(d: dict, where: str = "config", sources: dict | None = None) -> Ru
     train = dict(d.get("train", {}))
     hp = {k: train.pop(k) for k in list(train) if k in _HPARAM_KEYS}
     built = {}
-    for name, cls in (("model", ViTConfig), ("data", DataSection)):
+    for name, cls in (("data", DataSection), ("model", ViTConfig)):
         values = d.get(name, {})
+        also, hint = [], ""
+        if name == "model" and built["data"].image_size is not None:
+            # the model follows the data: check the patch size against the images it will get
+            values = {**values, "image_size": built["data"].image_size}
+            also = ["data.image_size"]
+            side = built["data"].image_size
+            hint = f" ({patch_size_hint(side, f'{side}x{side} (data.image_size)')})"
         try:
             built[name] = cls(**values)
         except (TypeError, ValueError) as err:  # blame the fields the message names
             named = [f"{name}.{k}" for k in values if re.search(rf"\b{k}\b", str(err))]
-            raise ConfigError(f"{source(*named)}: {err}") from None
+            about_size = "image_size" in str(err)
+            raise ConfigError(f"{source(*named, *(also if about_size else []))}: {err}"
+                              f"{hint if about_size else ''}") from None
+        if name == "data":
+            _validate_data(built["data"], source)
     model, data = built["model"], built["data"]
     section = TrainSection(**train, hparams=TrainHParams(**hp))
     _validate(section, source)
-    _validate_data(data, source)
     return RunConfig(model, section, data)
 
 
 def _validate_data(d: DataSection, source):
-    from vit.data import DATASETS, LAYOUTS  # noqa: PLC0415
+    from vit.data import DATASETS, LAYOUTS, NATIVE_IMAGE_SIZE  # noqa: PLC0415
 
     _check_types("data", d, source)  # types first: what follows compares values only
     if d.workers is not None and d.workers < 1:
@@ -174,6 +184,13 @@ def _validate_data(d: DataSection, source):
     if d.image_size is not None and d.image_size < 1:
         raise ConfigError(f"{source('data.image_size')}: data.image_size must be a positive "
                           f"integer, got {d.image_size!r}")
+    # a dataset read at its own size only: digits always, Tiny ImageNet when the layout is named
+    fixed = d.dataset if d.dataset == "digits" else d.layout
+    native = NATIVE_IMAGE_SIZE.get(fixed)
+    if d.image_size is not None and native is not None and d.image_size != native:
+        raise ConfigError(f"{source('data.image_size')}: data.image_size={d.image_size}: {fixed} "
+                          f"comes at its own {native}x{native} only; resizing is for image-folder "
+                          "datasets (leave data.image_size unset)")
     if d.device_budget_mb < 0:
         raise ConfigError(f"{source('data.device_budget_mb')}: data.device_budget_mb must be an "
                           f"integer >= 0, got {d.device_budget_mb!r}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from vit.config import patch_size_hint
 from vit.curves import plot_curves
 
 DONE, STOPPED, NONFINITE = "done", "stopped", "nonfinite"
@@ -54,10 +55,7 @@ def fitted_model(model, images: str, **fields):
     try:
         return model.replace(**changes)
     except ValueError as err:
-        h = fields["image_size"]
-        patch = min((p for p in range(1, h + 1) if h % p == 0), key=lambda p: abs(p - h / 8))
-        raise RunError(f"{err} (the dataset's images are {images}; set a patch size that "
-                       f"divides {h}, e.g. --set model.patch_size={patch})") from None
+        raise RunError(f"{err} ({patch_size_hint(fields['image_size'], images)})") from None
 
 
 def write_metrics(path: Path, history: list[dict]):
@@ -153,6 +151,13 @@ def start_run(cfg, run_dir: Path, ops, devices: int | None, resumed, main_proces
     from vit import parallel  # noqa: PLC0415
 
     train_set, val_set, cfg = load_data(cfg, progress)
+    if resumed is not None:  # --data-dir may point elsewhere on --resume: the same classes only
+        from vit.data.common import DatasetError, check_same_classes  # noqa: PLC0415
+        try:
+            check_same_classes(resumed[1].get("class_names"), train_set.class_names,
+                               f"{cfg.data.data_dir} (data.data_dir)", run_dir)
+        except DatasetError as err:
+            raise RunError(str(err)) from None
     pad, size = cfg.train.hparams.crop_pad, cfg.model.image_size
     if pad >= size:  # reflect padding repeats the image's inner pixels: it needs more than pad
         raise RunError(f"train.crop_pad {pad} needs images larger than {pad} pixels, and this "

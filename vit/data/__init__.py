@@ -14,6 +14,7 @@ in imports jax on its own, see vit/data/common.py).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from vit.data.common import DOWNLOAD_HINT, Dataset, DatasetError
 
@@ -42,6 +43,11 @@ def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = 
         if name == "image-folder":
             raise DatasetError("an image-folder dataset needs its folder: --data-dir DIR (data.data_dir), "
                                "holding DIR/train/<class>/ and DIR/val/<class>/")
+        if not Path(DEFAULT_DATA_DIR).exists():  # `python train.py` with no flags, the first time
+            raise DatasetError(f"no --data-dir given, and the default data directory {DEFAULT_DATA_DIR}/ "
+                               "does not exist: download Tiny ImageNet there with `python -m vit.data "
+                               "download`, or give --data-dir DIR (or train on `--dataset digits`, which "
+                               "needs no download)")
         data_dir = DEFAULT_DATA_DIR
     from vit.data.layout import detect_layout
 

@@ -21,6 +21,22 @@ class DatasetError(Exception):
     """Input data that cannot be used as it is; the message says which file and what to do."""
 
 
+def check_same_classes(trained_on, found, where, run_dir):
+    """A DatasetError unless the class names `found` in a dataset (where: its folder, as the message
+    names it) are those a run was trained on (None: a checkpoint from before they were saved; not
+    checked): the same labels would mean other classes, or not fit the model's head."""
+    if trained_on is None or list(trained_on) == list(found):
+        return
+    trained_on, found = list(trained_on), list(found)
+    if len(found) != len(trained_on):
+        detail = f"{len(found)} classes there, {len(trained_on)} in the run"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(found, trained_on)) if a != b)
+        detail = f"class {i} is {found[i]!r} there and {trained_on[i]!r} in the run"
+    raise DatasetError(f"{where} does not hold the classes the run in {run_dir} was trained on "
+                       f"({detail}); give the --data-dir it was trained on")
+
+
 @dataclass
 class Dataset:
     """One split of a dataset.

@@ -1,0 +1,74 @@
+"""What train.py will not write over in an --out that exists: a run to continue (last.npz: use
+--resume), or what an earlier run kept (best.npz, metrics.jsonl) once its last.npz is gone (a
+new run used to overwrite them silently). A folder of other files, or what a run that never
+saved left (config.json only), is written into. And what --resume takes as the run's config: a
+config.json that is not JSON, or disagrees with last.npz on what it depends on, is refused."""
+
+import json
+
+import pytest
+
+import train
+
+QUICK = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1", "--set", "model.d_model=32",
+         "--set", "model.mlp_dim=64", "--batch-size", "128", "--epochs", "1"]
+
+
+@pytest.mark.parametrize("kept", [["last.npz"], ["best.npz"], ["metrics.jsonl"], ["best.npz", "metrics.jsonl"]])
+def test_out_holding_a_runs_files_is_refused_before_any_work(kept, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in kept:
+        (out / name).write_bytes(b"an earlier run's")
+    with pytest.raises(SystemExit) as exit_:
+        train.main([*QUICK, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--out {out}" in err, err
+    assert ("--resume" if kept == ["last.npz"] else "choose another --out") in err, err
+    assert all((out / name).read_bytes() == b"an earlier run's" for name in kept)
+
+
+def test_out_holding_other_files_or_a_start_that_never_saved_is_used(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "config.json").write_text("{}")  # what a start killed before its first checkpoint leaves
+    assert train.main([*QUICK, "--out", str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "last.npz").exists()
+
+
+def test_resume_without_last_npz_starts_only_a_run_that_never_saved(tmp_path, capsys):
+    """--resume of a run with no last.npz starts it from the beginning: right for a start killed
+    before its first checkpoint (config.json only), said so; with best.npz kept it would overwrite
+    it, so that is refused, saying how to continue from best.npz."""
+    out = tmp_path / "run"
+    assert train.main([*QUICK, "--out", str(out)]) == 0
+    (out / "last.npz").unlink()
+    best = (out / "best.npz").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--resume", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no last.npz there to continue from" in err, err
+    assert f"cp {out / 'best.npz'} {out / 'last.npz'}" in err and (out / "best.npz").read_bytes() == best
+    for name in ("best.npz", "metrics.jsonl", "curves.png"):
+        (out / name).unlink()
+    assert train.main(["--resume", str(out), "--no-progress"]) == 0
+    assert "it has no last.npz (it stopped before its first checkpoint)" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_config_json_that_is_not_the_checkpoints(tmp_path, capsys):
+    """config.json edited by hand or copied from another run resumed the weights and data position
+    of one run as another (layers=2 weights under a 4-layer config: it trained); junk in it was
+    a JSONDecodeError traceback."""
+    out = tmp_path / "run"
+    assert train.main([*QUICK, "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["layers"] = 4
+    for text, message in ((json.dumps(config), f"{out / 'config.json'} has model.layers = 4, but "
+                                               f"{out / 'last.npz'} was saved by a run with model.layers = 1"),
+                          ("not json", f"{out / 'config.json'} cannot be read as JSON")):
+        (out / "config.json").write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            train.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err, err

@@ -1,0 +1,47 @@
+"""Ctrl-C before training's first step (while the data loads or decodes into its cache, or the
+step compiles): `python train.py` leaves at once with a message and exit code 130, not a
+KeyboardInterrupt traceback, and writes no run directory; called from Python, the caller gets
+its KeyboardInterrupt, as without train.py. (Once training runs, tests/test_train.py's Ctrl-C
+tests hold: the current step is finished and last.npz saved.)"""
+
+import signal
+
+import pytest
+
+import train
+from vit import training
+
+QUICK = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1", "--set", "model.d_model=32",
+         "--set", "model.mlp_dim=64", "--epochs", "1"]
+
+
+@pytest.fixture
+def sigint_while_loading_data(monkeypatch):
+    """A real SIGINT (as Ctrl-C sends) arrives while train.py loads its data."""
+    load_data = training.load_data
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return load_data(*args, **kwargs)
+    monkeypatch.setattr(training, "load_data", interrupted)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as a terminal's
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_starting_is_a_message_and_exit_130(sigint_while_loading_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    try:
+        code = train.main([*QUICK, "--out", str(run)], standalone=True)
+    except KeyboardInterrupt:
+        pytest.fail("python train.py ended in a KeyboardInterrupt traceback")
+    assert code == train.EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "train.py: interrupted while starting" in err and "no checkpoint was written" in err, err
+    assert "run the same command again" in err and "Traceback" not in err, err
+    assert not run.exists()
+
+
+def test_ctrl_c_while_starting_reaches_a_python_caller(sigint_while_loading_data, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*QUICK, "--out", str(tmp_path / "run")])
