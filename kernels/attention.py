@@ -244,7 +244,9 @@ def geometry(l, d, heads, dtype, launcher: Launcher, dot_precision, *, direction
     registers and stack per kernel; sm_90, triton 3.9). The backward keeps five BLOCK_M x BLOCK_L
     float32 tiles (S, P, dP, dS, dropout) live next to the dK and dV accumulators: from
     BLOCK_L = 64 on it takes 16 rows per step over 8 warps (L=65, Dh=32, float32: 252 registers
-    and no stack, against 255 registers and 528 stack bytes at 32 rows). The forward keeps
+    and no stack, against 255 registers and 528 stack bytes at 32 rows, in compile_check's
+    compile before it aligned pointers as jax-triton does; aligned, 16 rows take 244 registers,
+    no stack). The forward keeps
     fewer: 32 rows in float32 (16 once the K/V tile reaches 8192 elements), 64 in half precision.
     """
     dh = d // heads

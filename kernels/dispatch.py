@@ -28,9 +28,9 @@ Two kernels compute the same attention, with the same signatures and the same ca
    product shape on the kernel it has been tuned and checked on (issue 15's target: the
    dispatcher's choice there is never slower than the one-tile kernel). Dh <= 32: the one-tile
    backward keeps dK and dV for the whole padded sequence next to its score tiles, and at
-   Dh >= 64 it spills registers (kernels.compile_check, triton 3.9: L=32 Dh=128 fp32 824 stack
-   bytes on sm_90, L=100 Dh=64 fp32 208 on sm_90, L=64 Dh=64 bf16 80 on sm_80), where the
-   key-blocked kernel's default blocks spill nowhere. Beyond 128 keys the one-tile kernel is
+   Dh >= 64 it spills registers (kernels.compile_check, triton 3.9: L=32 Dh=128 fp32 1136 stack
+   bytes on sm_90, L=100 Dh=64 fp32 192 on sm_90, L=64 Dh=64 bf16 with dropout 56 on sm_80), where
+   the key-blocked kernel's default blocks do not spill on sm_90. Beyond 128 keys the one-tile kernel is
    the wrong shape: L=197 pads to 256 keys (23% wasted), its query step shrinks to 16 rows, and
    its grid (B x H) does not grow with L; the key-blocked grid is cdiv(L, BLOCK_M) x H x B.
    The GPU tune replaces this guess with measurements.

@@ -420,10 +420,14 @@ class Blocks:
 # forward at Dh 16 and 32; rejected, for example, forward 128x32 at Dh=64 (255 registers + 8
 # bytes), backward 64x32 at Dh=64 (24 bytes), 64x64 at Dh=32 (408 bytes), 32x32 with 4 warps at
 # Dh=32 (120 bytes); forward 64x32 at Dh=64 spills 8 bytes on sm_80, hence 64x16; at Dh=128 only
-# 16x16 backward tiles are spill-free (but at L=1: 16-32 bytes). Triton 3.9 spills 16 bytes in the
-# Dh=64 backward at L=577 with dropout, and 80-88 bytes in the Dh=128 forward at L=197 on sm_90
-# (with and without dropout; not a compile_check shape), which triton 3.6.0 does not
-# (tests/test_kernels_spills.py checks L=197 at Dh 16, 32, 64).
+# 16x16 backward tiles are spill-free (but at L=1: 16-32 bytes). All of that was compile_check
+# before it compiled as jax-triton does (16-byte aligned pointers, so vectorized loads; commit
+# 0a94e4c). Compiled that way (bench/results/compile-check-2026-12-01.md) these blocks spill on sm_90
+# only in the ieee backward with dropout at L=65 (16 bytes, triton 3.6.0; the dispatcher runs the
+# one-tile kernel there), and on sm_80 in the tf32 backward at L=65 and the ieee backward with
+# dropout at L=4096 and 8192, Dh=64 (8 bytes each); every tf32x3 block is spill-free with triton
+# 3.6.0 and 3.9 (tests/test_kernels_spills.py checks L=197 at Dh 16 to 128). With the registers
+# the alignment frees, larger tiles may now fit: a sweep again, or the GPU tune, would tell.
 _DEFAULT_BLOCKS = {
     ("ieee", 16): (Blocks(64, 32, 8, 2), Blocks(32, 32, 4, 2)),
     ("ieee", 32): (Blocks(64, 32, 8, 2), Blocks(32, 16, 4, 2)),
