@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from vit import ViTConfig
@@ -105,10 +107,15 @@ def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
     ("b2", -0.5), ("eps", 0.0), ("eval_batch_size", 0), ("checkpoint_minutes", -5),
     ("checkpoint_minutes", "30")])
 def test_bad_train_values_are_errors(key, value):
+    """A bad [train] value is an error naming the file, or the flag when one set it (each check
+    blames the source of its own key)."""
     from vit import runconfig
 
     with pytest.raises(runconfig.ConfigError, match=rf"^run\.toml: train\.{key} must be"):
         runconfig.from_dict({"train": {key: value}}, "run.toml")
+    flag = f"--set train.{key}={value}"
+    with pytest.raises(runconfig.ConfigError, match=rf"^{re.escape(flag)}: train\.{key} must be"):
+        runconfig.from_dict({"train": {key: value}}, "run.toml", {f"train.{key}": flag})
 
 
 @pytest.mark.parametrize("key, value", [("skip_bad_images", "False"), ("workers", 0),
