@@ -12,6 +12,19 @@ def test_defaults_are_the_product_model():
     assert (c.num_patches, c.seq_len, c.head_dim, c.patch_dim) == (64, 65, 32, 192)
 
 
+def test_a_config_that_leaves_values_out_gets_the_original_projects_settings():
+    """The built-in defaults of [model] and [train] are configs/seed.toml's, the original
+    project's (which states its values anyway): a config file that leaves out the learning rate,
+    the weight decay, the schedule or the epochs trains as that project did."""
+    from vit import runconfig
+
+    seed = runconfig.from_dict(runconfig.load_toml(runconfig.CONFIG_DIR / "seed.toml"), "seed.toml")
+    default = runconfig.from_dict({})
+    assert default.model == seed.model
+    assert default.train == seed.train
+    assert default.data == seed.data
+
+
 @pytest.mark.parametrize("changes, field, value", [
     (dict(d_model=250), "d_model", "250"),            # not divisible by heads=8
     (dict(image_size=60), "image_size", "60"),        # not divisible by patch 8
