@@ -305,3 +305,20 @@ def test_drop_path_grows_linearly_from_none_in_the_first_block_to_the_rate_in_th
             assert mask.shape == (examples, 1, 1)  # one draw per example
             assert set(np.unique(mask)) == {0.0, np.float32(1 / (1 - rate))}
             assert (mask == 0).mean() == pytest.approx(rate, abs=0.03)
+
+
+def test_label_smoothing_of_the_api_is_the_loss_against_smoothed_targets():
+    """vit.loss_and_grads (vit.loss takes its targets the same way) with label_smoothing s on
+    integer labels: the loss and gradients against the soft targets (1 - s) one_hot + s / K."""
+    cfg = small()
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images, labels = batch(cfg, 4, seed=1)
+    x = images.astype(jnp.float32) / 255.0
+    soft = 0.8 * np.eye(cfg.num_classes, dtype=np.float32)[np.asarray(labels)] + 0.2 / cfg.num_classes
+    loss_and_grads = jax.jit(vit.loss_and_grads, static_argnums=3,
+                             static_argnames="label_smoothing")
+    smoothed = loss_and_grads(params, x, labels, cfg, label_smoothing=0.2)
+    given = loss_and_grads(params, x, jnp.asarray(soft), cfg)
+    assert float(smoothed[0]) == pytest.approx(float(given[0]), rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(smoothed[1]), jax.tree_util.tree_leaves(given[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
