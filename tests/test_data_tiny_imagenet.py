@@ -348,6 +348,12 @@ def test_missing_train_class_folder_is_named(root):
     with pytest.raises(DatasetError) as e:
         load(root, "train")
     assert str(root / "train" / fake_wnid(1) / "images") in str(e.value)
+    assert f"{root / 'wnids.txt'}:2)" in str(e.value)  # the class's line: labels count from 0, lines from 1
+    # blank lines list no class (label 1 is still the second wnid) but count as lines of the file
+    (root / "wnids.txt").write_text("\n" + (root / "wnids.txt").read_text().replace("\n", "\n\n", 1))
+    with pytest.raises(DatasetError) as e:
+        load(root, "train")
+    assert f"{root / 'wnids.txt'}:4)" in str(e.value)
 
 
 def _spoil(root, how):
