@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from vit import ViTConfig
@@ -8,6 +10,19 @@ def test_defaults_are_the_product_model():
     assert (c.image_size, c.patch_size, c.channels, c.d_model, c.heads, c.layers, c.mlp_dim,
             c.num_classes, c.norm, c.gelu) == (64, 8, 3, 256, 8, 8, 1024, 200, "post", "tanh")
     assert (c.num_patches, c.seq_len, c.head_dim, c.patch_dim) == (64, 65, 32, 192)
+
+
+def test_a_config_that_leaves_values_out_gets_the_original_projects_settings():
+    """The built-in defaults of [model] and [train] are configs/seed.toml's, the original
+    project's (which states its values anyway): a config file that leaves out the learning rate,
+    the weight decay, the schedule or the epochs trains as that project did."""
+    from vit import runconfig
+
+    seed = runconfig.from_dict(runconfig.load_toml(runconfig.CONFIG_DIR / "seed.toml"), "seed.toml")
+    default = runconfig.from_dict({})
+    assert default.model == seed.model
+    assert default.train == seed.train
+    assert default.data == seed.data
 
 
 @pytest.mark.parametrize("changes, field, value", [
@@ -105,10 +120,15 @@ def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
     ("b2", -0.5), ("eps", 0.0), ("eval_batch_size", 0), ("checkpoint_minutes", -5),
     ("checkpoint_minutes", "30")])
 def test_bad_train_values_are_errors(key, value):
+    """A bad [train] value is an error naming the file, or the flag when one set it (each check
+    blames the source of its own key)."""
     from vit import runconfig
 
     with pytest.raises(runconfig.ConfigError, match=rf"^run\.toml: train\.{key} must be"):
         runconfig.from_dict({"train": {key: value}}, "run.toml")
+    flag = f"--set train.{key}={value}"
+    with pytest.raises(runconfig.ConfigError, match=rf"^{re.escape(flag)}: train\.{key} must be"):
+        runconfig.from_dict({"train": {key: value}}, "run.toml", {f"train.{key}": flag})
 
 
 @pytest.mark.parametrize("key, value", [("skip_bad_images", "False"), ("workers", 0),

@@ -175,6 +175,12 @@ def test_cutmix_box_centre_reaches_every_row_and_column():
     boxes = np.asarray(paste(jax.random.split(KEY, 200)))[:, 0, :, :, 0] == 1.0  # (keys, H, W)
     assert (boxes.sum(axis=(1, 2)) == 1).all()
     assert set(np.nonzero(boxes)[1]) == set(range(h)) and set(np.nonzero(boxes)[2]) == set(range(w))
+    # a square image (as the model's are): row and column are drawn independently, so the box lands
+    # in every cell, off the diagonal too
+    square = images[:, :, :h]
+    paste = jax.jit(jax.vmap(lambda key: paste_box(key, square, targets, jnp.float32(0.91), jnp.array([1, 0]))[0]))
+    boxes = np.asarray(paste(jax.random.split(KEY, 200)))[:, 0, :, :, 0] == 1.0
+    assert len(set(zip(*np.nonzero(boxes)[1:]))) == h * h
 
 
 def test_cutmix_keeps_uint8_images():

@@ -77,6 +77,9 @@ def test_train_labels_are_the_wnid_line_in_wnids_txt(root):
 
 
 def test_val_labels_come_from_val_annotations(root):
+    # The annotations listed backwards: the val rows follow the file names, not the file's order.
+    annotations = root / "val" / "val_annotations.txt"
+    annotations.write_text("\n".join(annotations.read_text().splitlines()[::-1]) + "\n")
     val = load(root, "val")
     wnids = (root / "wnids.txt").read_text().split()
     expected = {}
@@ -345,6 +348,12 @@ def test_missing_train_class_folder_is_named(root):
     with pytest.raises(DatasetError) as e:
         load(root, "train")
     assert str(root / "train" / fake_wnid(1) / "images") in str(e.value)
+    assert f"{root / 'wnids.txt'}:2)" in str(e.value)  # the class's line: labels count from 0, lines from 1
+    # blank lines list no class (label 1 is still the second wnid) but count as lines of the file
+    (root / "wnids.txt").write_text("\n" + (root / "wnids.txt").read_text().replace("\n", "\n\n", 1))
+    with pytest.raises(DatasetError) as e:
+        load(root, "train")
+    assert f"{root / 'wnids.txt'}:4)" in str(e.value)
 
 
 def _spoil(root, how):

@@ -244,3 +244,81 @@ def test_the_model_runs_every_function_of_its_op_set(norm):
                           zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)))
         assert grads_moved, name
         assert (float(loss) != float(loss0)) == name.endswith("_forward"), (name, loss, loss0)
+
+
+def test_init_is_what_init_params_documents():
+    """Xavier-uniform dense weights (Q, K and V each its own D x D matrix), zero biases, unit
+    LayerNorms, N(0, 0.02) CLS and position embeddings. (The tolerances are several standard
+    errors of each sample's spread: 17 x 32 position entries, 32 CLS entries.)"""
+    cfg = small("pre")
+    params = jax.tree_util.tree_map(np.asarray, vit.init_params(jax.random.PRNGKey(0), cfg))
+    d = cfg.d_model
+
+    def xavier(w, fan_in, fan_out):
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        assert np.abs(w).max() <= limit and np.abs(w).max() > 0.95 * limit
+        assert w.std() == pytest.approx(limit / np.sqrt(3.0), rel=0.1)  # uniform(-a, a): a / sqrt 3
+    block = params["blocks"][0]
+    for j in range(3):
+        xavier(block["attn"]["qkv"]["w"][:, j * d:(j + 1) * d], d, d)
+    xavier(block["attn"]["out"]["w"], d, d)
+    xavier(block["ffn"]["fc1"]["w"], d, cfg.mlp_dim)
+    xavier(params["patch"]["w"], cfg.patch_dim, d)
+    assert params["embed"]["cls"].std() == pytest.approx(0.02, rel=0.4)
+    assert params["embed"]["pos"].std() == pytest.approx(0.02, rel=0.15)
+    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = getattr(leaf_path[-1], "key", None)
+        if name in ("b", "beta"):
+            assert not leaf.any(), leaf_path
+        elif name == "gamma":
+            assert (leaf == 1).all(), leaf_path
+
+
+def test_each_dropout_rate_masks_its_own_activation():
+    """block_masks: attn_dropout masks the attention weights, ffn_dropout the FFN hidden
+    activation, dropout each residual branch, every one at its own rate (a quarter of the
+    entries zeroed, the rest scaled by 4/3), and a rate of 0 draws no mask."""
+    shapes = {"attn_dropout": 0, "ffn_dropout": 1, "dropout": 2}  # its mask among block_masks'
+    block_masks = jax.jit(vit.model.block_masks, static_argnums=(1, 2, 3, 4, 5))  # one compile each
+    for name, index in shapes.items():
+        cfg = small(**{name: 0.25})
+        masks = block_masks(jax.random.PRNGKey(0), cfg, 1, 64, cfg.seq_len, jnp.float32)
+        drawn = [i for i, m in enumerate(masks) if m is not None]
+        assert drawn == ([2, 3] if name == "dropout" else [index]), name
+        mask = np.asarray(masks[index])
+        assert set(np.unique(mask)) == {0.0, np.float32(4 / 3)}, name
+        assert (mask == 0).mean() == pytest.approx(0.25, abs=0.02), name
+
+
+def test_drop_path_grows_linearly_from_none_in_the_first_block_to_the_rate_in_the_last():
+    """Stochastic depth: block i of n drops each example's branch with rate drop_path * i / (n - 1)
+    (and scales the kept ones by 1 / (1 - rate)): none in the first block, drop_path in the last."""
+    cfg = small(layers=3, drop_path=0.5)
+    examples = 4000
+    block_masks = jax.jit(vit.model.block_masks, static_argnums=(1, 2, 3, 4, 5))
+    for i, rate in enumerate([0.0, 0.25, 0.5]):
+        _, _, branch1, branch2 = block_masks(jax.random.PRNGKey(i), cfg, i, examples, 1, jnp.float32)
+        if rate == 0.0:
+            assert branch1 is None and branch2 is None
+            continue
+        for mask in (np.asarray(branch1), np.asarray(branch2)):
+            assert mask.shape == (examples, 1, 1)  # one draw per example
+            assert set(np.unique(mask)) == {0.0, np.float32(1 / (1 - rate))}
+            assert (mask == 0).mean() == pytest.approx(rate, abs=0.03)
+
+
+def test_label_smoothing_of_the_api_is_the_loss_against_smoothed_targets():
+    """vit.loss_and_grads (vit.loss takes its targets the same way) with label_smoothing s on
+    integer labels: the loss and gradients against the soft targets (1 - s) one_hot + s / K."""
+    cfg = small()
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images, labels = batch(cfg, 4, seed=1)
+    x = images.astype(jnp.float32) / 255.0
+    soft = 0.8 * np.eye(cfg.num_classes, dtype=np.float32)[np.asarray(labels)] + 0.2 / cfg.num_classes
+    loss_and_grads = jax.jit(vit.loss_and_grads, static_argnums=3,
+                             static_argnames="label_smoothing")
+    smoothed = loss_and_grads(params, x, labels, cfg, label_smoothing=0.2)
+    given = loss_and_grads(params, x, jnp.asarray(soft), cfg)
+    assert float(smoothed[0]) == pytest.approx(float(given[0]), rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(smoothed[1]), jax.tree_util.tree_leaves(given[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

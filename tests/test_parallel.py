@@ -411,6 +411,23 @@ def test_single_process_helpers():
         parallel.shard_batch(mesh, images, labels[:4])
 
 
+def test_make_mesh_takes_as_many_devices_from_every_process(monkeypatch):
+    """Two processes, one with 3 devices and one with 1 (faked): a mesh takes the same number of
+    devices from each, the first ones of each in process order, or says why it cannot."""
+    from types import SimpleNamespace
+
+    devices = [SimpleNamespace(process_index=p, id=i) for p, i in ((1, 3), (0, 2), (0, 1), (0, 0))]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "devices", lambda: devices)
+    monkeypatch.setattr(parallel, "Mesh", lambda array, axes: ([(d.process_index, d.id) for d in array],
+                                                               axes))
+    assert parallel.make_mesh(2) == ([(0, 0), (1, 3)], ("data",))
+    with pytest.raises(ValueError, match="3 devices are not a multiple of the 2 processes"):
+        parallel.make_mesh(3)
+    with pytest.raises(ValueError, match=r"4 devices need 2 devices on each of 2 processes; process\(es\) \{1: 1\}"):
+        parallel.make_mesh(4)
+
+
 def test_ops_xla_cannot_partition_run_under_shard_map_by_default():
     """The parallel steps wrap an op set in shard_map unless XLA can partition it: the fused
     kernels (custom calls) get one launch per device on its own rows, where unwrapped they would

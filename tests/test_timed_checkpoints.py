@@ -1,10 +1,12 @@
 """train.checkpoint_minutes (vit/training.py): when a mid-epoch save of last.npz is due
 (Run.checkpoint_due, Run.save), read on a fake clock, and that a run's images/s leaves the time of
-those saves out; and when curves.png is redrawn (Run.draw_curves), on the same clock. (A crash
-mid-epoch after timed saves, and the resume from one: test_train.py.)"""
+those saves out; and when curves.png is redrawn (Run.draw_curves), on the same clock; and which
+epoch's state an epoch's end writes to best.npz (training.finish_epoch). (A crash mid-epoch after
+timed saves, and the resume from one: test_train.py.)"""
 
 import json
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +144,21 @@ def test_a_quick_run_draws_its_first_and_last_epochs(tmp_path, monkeypatch, cloc
                     lambda *_: setattr(clock, "now", clock.now + 0.1))
     assert train.main([*QUICK, "--epochs", "3", "--out", str(tmp_path / "run")]) == 0
     assert drawn == [1, 3]
+
+
+def test_best_npz_is_written_only_by_an_epoch_better_than_every_earlier_one(tmp_path, monkeypatch):
+    """Validation top-1 of 0.5, 0.7, 0.6, 0.7 over four epochs: best.npz holds epoch 2 (a later
+    epoch that only ties it does not replace it), last.npz epoch 4."""
+    import vit.step  # noqa: PLC0415  (finish_epoch reads evaluate_batches from it at each call)
+
+    tops = iter([0.5, 0.7, 0.6, 0.7])
+    monkeypatch.setattr(vit.step, "evaluate_batches", lambda *_: {
+        "loss": 1.0, "top1": next(tops), "top5": 1.0, "count": 8})
+    monkeypatch.setattr(training, "plot_curves", lambda *_: None)
+    run = make_run(tmp_path)
+    run.val_batcher = SimpleNamespace(eval_batches=lambda: iter(()))
+    for _ in range(4):
+        training.finish_epoch(run, {"lr": 0.1}, 128, 1.0)
+    best = checkpoint.load(tmp_path / "best.npz")[1]
+    assert (best["epoch"], best["best_top1"]) == (2, 0.7)
+    assert checkpoint.load(tmp_path / "last.npz")[1]["epoch"] == 4

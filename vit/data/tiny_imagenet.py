@@ -92,6 +92,12 @@ def read_class_names(root: Path, wnids: list[str]) -> list[str]:
     return [names.get(wnid) or wnid for wnid in wnids]
 
 
+def _line_of(path: Path, wnid: str) -> int:
+    """The line of wnids.txt (counted from 1, blank lines too, as an editor counts) listing wnid."""
+    lines = _read_text(path, "the list of classes").splitlines()
+    return next(n for n, line in enumerate(lines, 1) if line.strip() == wnid)
+
+
 def _image_files(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES))
 
@@ -113,7 +119,8 @@ def list_train(root: Path, wnids: list[str]) -> tuple[list[Path], np.ndarray]:
     for label, wnid in enumerate(wnids):
         images_dir = train_dir / wnid / "images"
         if not images_dir.is_dir():
-            raise DatasetError(f"missing folder {images_dir} for class {wnid} (line {label + 1} of wnids.txt)")
+            raise DatasetError(f"missing folder {images_dir} for class {wnid} "
+                               f"({root / 'wnids.txt'}:{_line_of(root / 'wnids.txt', wnid)})")
         names = _image_files(images_dir)
         if not names:
             raise DatasetError(f"no .JPEG images in {images_dir} (class {wnid})")
