@@ -40,22 +40,15 @@ def add_ops_flags(parser: argparse.ArgumentParser) -> None:
                              "about float32's accuracy)")
 
 
-def at_least(minimum: int):
-    """argparse type: an integer >= minimum (argparse names the flag in its error)."""
-    what = "a positive integer" if minimum == 1 else f"an integer, {minimum} or more"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
-        return value
-    return parse
-
-
-positive_int = at_least(1)  # argparse type: an integer >= 1
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def build_ops(args: argparse.Namespace):

@@ -4,11 +4,11 @@ jax-triton 0.3.1, on this machine without one (``python -m kernels.lowering_chec
 Each kernel configuration and two small train steps are lowered to StableHLO for "cuda" with the
 compute capability faked to 90, plainly and inside ``poisoned_outputs()``; every case must hold one
 ``triton_kernel_call`` per launch that ``record_launches`` saw, named as kernels/launch.py names it,
-with PTX for sm_90a, and without poisoning that PTX must be byte for byte what kernels.compile_check
-compiles for the launch. A kernel that stops lowering (a Triton compile error, a calling convention
-jax-triton no longer accepts, a launch dropped or duplicated) fails its case, and so does a
-compile_check that no longer compiles what jax-triton does (its registers and spills would then
-not be the GPU's).
+with PTX for sm_90a, and without poisoning that PTX must be what kernels.compile_check compiles for
+the launch, byte for byte but the source paths. A kernel that stops lowering (a Triton compile
+error, a calling convention jax-triton no longer accepts, a launch dropped or duplicated) fails its
+case, and so does a compile_check that no longer compiles what jax-triton does (its registers and
+spills would then not be the GPU's).
 
 The check needs jax-triton, absl-py and the jax CUDA plugin, which live in their own folder
 (``.lowering-site/``, or ``VITFUSE_LOWERING_SITE``), never in the test environment's

@@ -7,13 +7,27 @@ import sys
 import threading
 from pathlib import Path
 
-from cmdline import at_least
 from vit.data import DEFAULT_DATA_DIR, LAYOUTS, DatasetError, load_dataset
 from vit.data.download import DEFAULT_MD5, DEFAULT_URL, download
 
 
 EXIT_DOWNLOAD_FAILED = 1  # the download or its check failed: run the same command again
 EXIT_BAD_INPUT = 2  # a bad flag, or data that cannot be used as it is (as train.py's exit code 2)
+
+
+def at_least(minimum: int):
+    """argparse type: an integer >= minimum (argparse names the flag in its error). The twin of
+    cmdline.positive_int: vit may not import cmdline (cmdline imports kernels, which import vit),
+    and cmdline imports no vit module before --help (vit imports jax)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+    return parse
 
 
 def positive_seconds(text: str) -> float:
