@@ -157,9 +157,12 @@ def decode_backend_config(backend_config: bytes) -> dict:
 
 
 def ptx_digest(ptx: str) -> str:
-    """sha256 of PTX without its .file lines, which name source paths (Triton's cache, which
-    compile_check reads, keys kernels by source text: a checkout elsewhere gets the same PTX)."""
-    return hashlib.sha256(re.sub(r"(?m)^\s*\.file\s.*\n", "", ptx).encode()).hexdigest()
+    """sha256 of PTX without its debug information (.file lines and .debug_* sections), which
+    holds source paths: Triton's cache, which compile_check reads, keys a kernel by its source
+    text, so a checkout elsewhere gets the first checkout's PTX, paths and all."""
+    code = re.sub(r"(?m)^\s*\.file\s.*\n", "", ptx)
+    code = re.sub(r"(?ms)^\s*\.section\s+\.debug_\w+\s*\{.*?\}\s*$", "", code)
+    return hashlib.sha256(code.encode()).hexdigest()
 
 
 def triton_calls(module) -> list[dict]:
