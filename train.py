@@ -189,16 +189,14 @@ def check_config_json(run_dir: Path, meta: dict):
     from vit import runconfig  # noqa: PLC0415
 
     saved, last = run_dir / "config.json", run_dir / "last.npz"
-    ours = runconfig.from_dict(read_config_json(saved), str(saved)).to_dict()
-    theirs = runconfig.from_dict(meta["config"], f"{last} (its config)").to_dict()
-    for section, values in ours.items():
-        for key, value in values.items():
-            name, was = f"{section}.{key}", theirs[section].get(key)
-            if value != was and (RESUME_FIXED.get(name) or RESUME_FIXED.get(section)):
-                fail(f"--resume {run_dir}: {saved} has {name} = {value!r}, but {last} was saved "
-                     f"by a run with {name} = {was!r}: config.json was changed or comes from "
-                     "another run; put the run's own back (changes go in flags or --set), or "
-                     "start a new run with --out")
+    ours = runconfig.from_dict(read_config_json(saved), str(saved))
+    theirs = runconfig.from_dict(meta["config"], f"{last} (its config)")
+    for name, was, value, why in config_changes(theirs, ours):
+        if why:
+            fail(f"--resume {run_dir}: {saved} has {name} = {value!r}, but {last} was saved "
+                 f"by a run with {name} = {was!r}: config.json was changed or comes from "
+                 "another run; put the run's own back (changes go in flags or --set), or "
+                 "start a new run with --out")
 
 
 # what a resumed run's checkpoint depends on: changing it on --resume is refused
@@ -222,25 +220,30 @@ def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
     taken silently; any other (--lr, --accum-steps, ...) is taken with a note, since the run then
     differs from the one that would have gone on. --epochs gets the note only under a cosine
     schedule, which it stretches; a constant one just goes on longer."""
-    old, new = saved.to_dict(), cfg.to_dict()
-    for section in new:
-        for key, value in new[section].items():
-            before = old[section].get(key)
-            if value == before:
-                continue
-            name = f"{section}.{key}"
-            flag = sources.get(name, name)
-            why = RESUME_FIXED.get(name) or RESUME_FIXED.get(section)
-            if why:
-                fail(f"{flag}: --resume {run_dir} continues that run, and {name} fixes {why}; "
-                     f"start a new run (--out) to change it")
-            constant = cfg.train.hparams.schedule == "constant"
-            if name in RESUME_SAME_RUN or (name == "train.epochs" and constant):
-                continue  # the same run, going on as it would have (for longer)
-            also = (f"; the cosine learning-rate schedule now ends at epoch {value}"
-                    if name == "train.epochs" else "")
-            print(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
-                  f"{before!r}){also}", file=sys.stderr)
+    for name, before, value, why in config_changes(saved, cfg):
+        flag = sources.get(name, name)
+        if why:
+            fail(f"{flag}: --resume {run_dir} continues that run, and {name} fixes {why}; "
+                 f"start a new run (--out) to change it")
+        constant = cfg.train.hparams.schedule == "constant"
+        if name in RESUME_SAME_RUN or (name == "train.epochs" and constant):
+            continue  # the same run, going on as it would have (for longer)
+        also = (f"; the cosine learning-rate schedule now ends at epoch {value}"
+                if name == "train.epochs" else "")
+        print(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
+              f"{before!r}){also}", file=sys.stderr)
+
+
+def config_changes(old, new):
+    """(section.key, old value, new value, why) for each value of RunConfig `new` that differs
+    from `old`'s; why: what the checkpoint takes from it (RESUME_FIXED), or None."""
+    before_all = old.to_dict()
+    for section, values in new.to_dict().items():
+        for key, value in values.items():
+            before = before_all[section].get(key)
+            if value != before:
+                name = f"{section}.{key}"
+                yield name, before, value, RESUME_FIXED.get(name) or RESUME_FIXED.get(section)
 
 
 def check_resume_position(meta: dict, epochs: int, run_dir: Path):
