@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu.sh                  # the four main parts, in order: env tests gradcheck bench
 #   bash bench/gpu.sh gradcheck bench  # only some parts (same order as given)
-#   bash bench/gpu.sh env tune profile # two of the three extra parts (the why behind the bench's times)
+#   bash bench/gpu.sh env tune profile # two of the four extra parts (the why behind the bench's times)
 #   bash bench/gpu.sh env memory       # what a step holds on this GPU, by accumulation steps
 #
 # A lent machine allows 10 minutes per command: set TOTAL_TIMEOUT below that, so that gpu.sh stops
@@ -12,7 +12,7 @@
 # need more, e.g.
 #   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tests gradcheck bench
 #   TOTAL_TIMEOUT=540 bash bench/gpu.sh env bench-step   # what the first call did not reach
-#   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tune profile memory
+#   TOTAL_TIMEOUT=540 bash bench/gpu.sh env tune-ln tune profile
 # and, on a later day, the rows that a committed results file of the same GPU still lacks:
 #   BENCH_CONTINUE=bench/results/nvidia-h200-2026-11-30.json TOTAL_TIMEOUT=540 bash bench/gpu.sh env bench
 #
@@ -33,6 +33,11 @@
 #              BLOCK_M x warps; key-blocked blocks, TUNE_GRID=quick|full) checked and timed at the
 #              product shape and ViT-B/16's L=197; $OUT/tune-attention.md, and the winners in
 #              $OUT/attention_table.json (copy it over kernels/attention_table.json)
+#   tune-ln    python -m bench.tune_layernorm: launch geometries of the add+LN kernels (forward:
+#              BLOCK_M x warps; backward: BLOCK_M x warps x programs x reduction columns, TUNE_GRID)
+#              checked and timed as the bench times its add+LN rows, at the product shape in fp32
+#              (the missed targets), beside today's plan; $OUT/tune-layernorm.md (nothing in the
+#              product changes)
 #   profile    one reference and one fused train step under Nsight Compute (ncu), kernel by
 #              kernel; $OUT/ncu-step-{reference,fused}.csv and their summaries in profile.log
 #   memory     python -m bench.step_memory: XLA's memory accounting of the compiled train step on
@@ -48,9 +53,10 @@
 #
 # Every part runs even when an earlier one failed; the exit status is 1 if any part (or the
 # install) failed, 2 for a bad part name. $OUT/ gets one log per part, the results .json and .md,
-# one .png, tune-attention.md, attention_table.json and two ncu CSVs, none in subfolders. (A lent
-# machine returns at most 8 files from $OUT: `env tests gradcheck bench` leaves 7, `env tune
-# profile` 7 and `env tune profile memory` 8; all seven parts in one call would leave 14.)
+# one .png, tune-attention.md, attention_table.json, tune-layernorm.md and two ncu CSVs, none in
+# subfolders. (A lent machine returns at most 8 files from $OUT: `env tests gradcheck bench` leaves
+# 7, `env tune profile` 7, `env tune profile memory` 8 and `env tune-ln tune` 6; all eight parts in
+# one call would leave 16.)
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
 # command, default 0 = none; a part past it fails with exit 124 and the next part runs),
@@ -221,6 +227,11 @@ part_tune() {
     --table "$OUT/attention_table.json" --out "$OUT/tune-attention.md"
 }
 
+part_tune-ln() {
+  with_timeout "$PY" -m bench.tune_layernorm --grid "${TUNE_GRID:-quick}" \
+    --out "$OUT/tune-layernorm.md"
+}
+
 part_memory() {
   local rc=0
   with_timeout "$PY" -m bench.step_memory || rc=1
@@ -270,8 +281,8 @@ if [ "${#parts[@]}" -eq 0 ]; then
 fi
 for name in "${parts[@]}"; do
   case $name in
-    env | tests | gradcheck | bench | bench-ops | bench-step | tune | profile | memory) ;;
-    *) echo "unknown part '$name': use env, tests, gradcheck, bench, bench-ops, bench-step, tune, profile, memory" >&2
+    env | tests | gradcheck | bench | bench-ops | bench-step | tune | tune-ln | profile | memory) ;;
+    *) echo "unknown part '$name': use env, tests, gradcheck, bench, bench-ops, bench-step, tune, tune-ln, profile, memory" >&2
        exit 2 ;;
   esac
 done

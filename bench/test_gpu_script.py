@@ -34,6 +34,14 @@ def test_failing_part_is_logged_and_named(tmp_path):
     assert "FAILED:" in proc.stdout and "tune (exit 2)" in proc.stdout
 
 
+def test_tune_ln_part_tunes_the_layernorm_and_fails_when_the_tune_does(tmp_path):
+    for rc in ("0", "1"):
+        _, logs, calls = run_fake_python(tmp_path, "tune-ln", FAKE_TUNE_LN_RC=rc)
+        assert f"=== tune-ln: exit {rc}" in logs["tune-ln"], logs["tune-ln"]
+        assert calls == [f"-m bench.tune_layernorm --grid quick --out {tmp_path}/out/tune-layernorm.md"]
+        (tmp_path / "calls").unlink()
+
+
 def test_split_bench_parts_are_dispatched(tmp_path):
     """bench-ops / bench-step exist as parts (run here with PYTHON=false: each fails at once and
     says no results file was written)."""
@@ -62,6 +70,7 @@ case "$*" in
     [ -n "${FAKE_RESULTS:-}" ] && { sleep 0.1; touch "bench/results/$FAKE_RESULTS.json" "bench/results/$FAKE_RESULTS.md"; }
     exit "${FAKE_PYTEST_RC:-0}" ;;
   "-m bench.tune_attention "*) exit 0 ;;
+  "-m bench.tune_layernorm "*) exit "${FAKE_TUNE_LN_RC:-0}" ;;
   "-m bench.step_memory"*) echo "step_memory $*"; exit "${FAKE_MEMORY_RC:-0}" ;;
 esac
 exit 1

@@ -18,6 +18,8 @@ The cache keeps the inputs x and r (already alive in the model) plus mean and rs
 backward recomputes s and s_hat instead of storing them.
 """
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 import triton
@@ -164,23 +166,54 @@ def _ln_bwd_reduce(
 
 
 # ----------------------------------------------------------------------------------------------
-# tiling, as large as the launcher says one program's tile should be (launch.Launcher:
-# registers on a GPU, numpy calls in the interpreter)
+# geometry: how the launches tile M rows of width N, as large as the launcher says one program's
+# tile should be (launch.Launcher: registers on a GPU, numpy calls in the interpreter)
 
 
-def _tiles(m: int, n: int, launcher: Launcher):
+class Geometry(NamedTuple):
+    """One add+LN launch's tiling of M rows of width N (every tile holds whole rows).
+
+    block_m, block_n, num_warps: the tile (BLOCK_M rows of BLOCK_N >= N columns) and the warps of
+        the forward kernel, or of the backward's main kernel
+    groups, tiles: the backward's main kernel runs `groups` programs of `tiles` row tiles each
+        (groups * tiles * block_m >= M); each writes its partial dgamma/dbeta to one row of a
+        (groups, N) buffer. The forward reads neither.
+    reduce_n, reduce_g: the backward's reduction sums those rows with cdiv(N, reduce_n) programs
+        of reduce_n columns, reduce_g rows at a time. The forward reads neither.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    groups: int
+    tiles: int
+    reduce_n: int
+    reduce_g: int
+
+
+def make_geometry(m: int, n: int, block_m: int, num_warps: int, max_groups: int,
+                  reduce_n: int) -> Geometry:
+    """The geometry of BLOCK_M-row tiles, `num_warps` warps, at most `max_groups` backward programs
+    and reduction programs of `reduce_n` columns (at most BLOCK_N); the rest follows."""
+    block_n = next_power_of_2(n)
+    n_tiles = cdiv(m, block_m)
+    tiles = cdiv(n_tiles, max_groups)
+    groups = cdiv(n_tiles, tiles)
+    reduce_n = min(reduce_n, block_n)
+    reduce_g = min(next_power_of_2(groups), max(1, 4096 // reduce_n))
+    return Geometry(block_m, block_n, num_warps, groups, tiles, reduce_n, reduce_g)
+
+
+def geometry(m: int, n: int, launcher: Launcher, direction: str) -> Geometry:
+    """The geometry of the `direction` ("fwd" or "bwd") launches: tiles of at most
+    launcher.tile_elements and launcher.tile_rows, 8 warps over 2048 elements (else 4), at most
+    launcher.reduce_programs backward programs, reductions of 256 columns. Both directions take
+    the same today; bench/tune_layernorm.py times others on a GPU, one direction at a time."""
+    del direction
     block_n = next_power_of_2(n)
     block_m = max(1, min(launcher.tile_elements // block_n, next_power_of_2(m), launcher.tile_rows))
     num_warps = 4 if block_m * block_n <= 2048 else 8
-    return block_m, block_n, num_warps
-
-
-def _bwd_groups(m: int, block_m: int, launcher: Launcher):
-    """(TILES, G): each of the G programs handles TILES row tiles; G at most
-    launcher.reduce_programs."""
-    n_tiles = cdiv(m, block_m)
-    tiles = cdiv(n_tiles, launcher.reduce_programs)
-    return tiles, cdiv(n_tiles, tiles)
+    return make_geometry(m, n, block_m, num_warps, launcher.reduce_programs, 256)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,12 +251,12 @@ def add_layernorm_forward(params, x, r, eps, *, launcher: Launcher):
         raise ValueError("add_layernorm_forward: eps must be a static Python float") from e
 
     m = x.size // n
-    block_m, block_n, num_warps = _tiles(m, n, launcher)
+    g = geometry(m, n, launcher, "fwd")
     x2 = x.reshape(m, n)
     r2 = x2 if r is None else r.reshape(m, n)
     y, mean, rstd = launcher.launch(
         _ln_fwd,
-        grid=(cdiv(m, block_m),),
+        grid=(cdiv(m, g.block_m),),
         inputs=[x2, r2, params["gamma"], params["beta"]],
         outputs=[
             jax.ShapeDtypeStruct((m, n), dtype),
@@ -231,14 +264,14 @@ def add_layernorm_forward(params, x, r, eps, *, launcher: Launcher):
             jax.ShapeDtypeStruct((m,), np.float32),
         ],
         name="vitfuse_ln_fwd",
-        num_warps=num_warps,
+        num_warps=g.num_warps,
         M=m,
         N=n,
         eps=eps,
         HAS_R=r is not None,
         ROUND_S=dtype != np.float32,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_M=g.block_m,
+        BLOCK_N=g.block_n,
     )
     return y.reshape(x.shape), (x, r, mean, rstd)
 
@@ -254,41 +287,38 @@ def add_layernorm_backward(params, cache, dy, *, launcher: Launcher):
     n = int(x.shape[-1])
     _check_params(params, n)
     m = x.size // n
-    block_m, block_n, num_warps = _tiles(m, n, launcher)
-    tiles, groups = _bwd_groups(m, block_m, launcher)
+    g = geometry(m, n, launcher, "bwd")
     x2 = x.reshape(m, n)
     r2 = x2 if r is None else r.reshape(m, n)
     ds, dw_part, db_part = launcher.launch(
         _ln_bwd,
-        grid=(groups,),
+        grid=(g.groups,),
         inputs=[dy.reshape(m, n), x2, r2, params["gamma"], mean, rstd],
         outputs=[
             jax.ShapeDtypeStruct((m, n), dy_dtype),
-            jax.ShapeDtypeStruct((groups, n), np.float32),
-            jax.ShapeDtypeStruct((groups, n), np.float32),
+            jax.ShapeDtypeStruct((g.groups, n), np.float32),
+            jax.ShapeDtypeStruct((g.groups, n), np.float32),
         ],
         name="vitfuse_ln_bwd",
-        num_warps=num_warps,
+        num_warps=g.num_warps,
         M=m,
         N=n,
         HAS_R=r is not None,
         ROUND_S=np.dtype(x.dtype) != np.float32,
-        TILES=tiles,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        TILES=g.tiles,
+        BLOCK_M=g.block_m,
+        BLOCK_N=g.block_n,
     )
-    red_n = min(block_n, 256)
-    red_g = min(next_power_of_2(groups), max(1, 4096 // red_n))
     dgamma, dbeta = launcher.launch(
         _ln_bwd_reduce,
-        grid=(cdiv(n, red_n),),
+        grid=(cdiv(n, g.reduce_n),),
         inputs=[dw_part, db_part],
         outputs=[jax.ShapeDtypeStruct((n,), np.float32), jax.ShapeDtypeStruct((n,), np.float32)],
         name="vitfuse_ln_bwd_reduce",
         num_warps=4,
-        G=groups,
+        G=g.groups,
         N=n,
-        BLOCK_G=red_g,
-        BLOCK_N=red_n,
+        BLOCK_G=g.reduce_g,
+        BLOCK_N=g.reduce_n,
     )
     return ds.reshape(dy.shape), {"gamma": dgamma, "beta": dbeta}

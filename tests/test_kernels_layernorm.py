@@ -97,8 +97,8 @@ def test_saved_statistics_are_float32_mean_and_rstd(ops):
 def test_dgamma_dbeta_are_bitwise_deterministic(ops):
     # 4160 rows of 256: 65 row tiles in 8 backward groups, so the two-stage reduction is exercised
     inp = layernorm_inputs(jax.random.PRNGKey(2), 64 * 65, 256, True, jnp.float32)
-    tiles, groups = layernorm._bwd_groups(64 * 65, layernorm._tiles(64 * 65, 256, INTERPRETED)[0], INTERPRETED)
-    assert groups > 1 and tiles > 1
+    g = layernorm.geometry(64 * 65, 256, INTERPRETED, "bwd")
+    assert g.groups > 1 and g.tiles > 1
     first = run_layernorm(ops, inp)
     second = run_layernorm(ops, inp)
     for name in ("dgamma", "dbeta", "ds"):

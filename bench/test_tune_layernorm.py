@@ -1,0 +1,143 @@
+"""bench/tune_layernorm.py: each variant's geometry reaches the launches of its direction only, the
+plan is kernels/layernorm.py's own geometry, on the CPU it checks every variant in Triton's
+interpreter (nothing timed) and exits 0, a variant that computes wrong numbers is reported and
+makes it exit 1, and without a GPU or --interpret it refuses to run."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bench import harness, tune_layernorm
+from bench.test_bench_layernorm import make_inputs
+from kernels import COMPILED, INTERPRETED, layernorm
+from kernels.launch import record_launches
+
+PRODUCT_ROWS = 64 * 65
+
+
+def launches(mode, args, launcher=COMPILED):
+    """{kernel name: LaunchSpec} of the bench's fused function of `mode`, traced, not run."""
+    with record_launches() as specs:
+        jax.eval_shape(tune_layernorm.function(mode, launcher), *args)
+    return {s.name: s for s in specs}
+
+
+def product_args():
+    return jax.eval_shape(lambda: make_inputs("product", jnp.float32, jax.random.PRNGKey(0)))
+
+
+@pytest.mark.parametrize("launcher", [COMPILED, INTERPRETED], ids=lambda x: x.name)
+@pytest.mark.parametrize("mode", tune_layernorm.MODES)
+def test_the_plan_is_the_products_geometry(launcher, mode):
+    """Every setting starts from the plan: the geometry layernorm.geometry gives today."""
+    for m, n in ((PRODUCT_ROWS, 256), (33280, 256), (130, 768), (7, 100)):
+        setting = tune_layernorm.plan_setting(m, n, mode, launcher)
+        g = layernorm.geometry(m, n, launcher, "fwd" if mode == "fwd" else "bwd")
+        if mode == "fwd":
+            assert setting == (g.block_m, g.num_warps)
+        else:
+            assert layernorm.make_geometry(m, n, *setting) == g
+
+
+def test_a_forward_variant_reaches_the_forward_only():
+    args = product_args()
+    plan = launches("fwd+bwd", args)
+    with tune_layernorm._traced("fwd", (4, 2)):
+        got = launches("fwd+bwd", args)
+    fwd = got["vitfuse_ln_fwd"]
+    assert (fwd.constexprs["BLOCK_M"], fwd.num_warps, fwd.grid) == (4, 2, (PRODUCT_ROWS // 4,))
+    for name in ("vitfuse_ln_bwd", "vitfuse_ln_bwd_reduce"):
+        assert (got[name].grid, got[name].num_warps, got[name].constexprs) == \
+            (plan[name].grid, plan[name].num_warps, plan[name].constexprs)
+    restored = launches("fwd+bwd", args)["vitfuse_ln_fwd"]
+    assert restored.constexprs == plan["vitfuse_ln_fwd"].constexprs
+
+
+def test_a_backward_variant_sets_both_backward_kernels_and_keeps_the_forward():
+    """(BLOCK_M 8, 4 warps, at most 128 programs, 32 reduction columns) at 4160 rows: 520 row tiles,
+    5 a program, 104 programs; 8 reduction programs of 32 columns, summing 128 rows a step."""
+    args = product_args()
+    plan = launches("fwd+bwd", args)
+    with tune_layernorm._traced("fwd+bwd", (8, 4, 128, 32)):
+        got = launches("fwd+bwd", args)
+    bwd, red = got["vitfuse_ln_bwd"], got["vitfuse_ln_bwd_reduce"]
+    assert (bwd.constexprs["BLOCK_M"], bwd.constexprs["TILES"], bwd.num_warps, bwd.grid) == (8, 5, 4, (104,))
+    assert (red.grid, red.constexprs["G"], red.constexprs["BLOCK_N"], red.constexprs["BLOCK_G"]) == \
+        ((8,), 104, 32, 128)
+    assert got["vitfuse_ln_fwd"].constexprs == plan["vitfuse_ln_fwd"].constexprs
+
+
+def test_variants_start_with_the_plan_and_leave_out_repeats():
+    for mode in tune_layernorm.MODES:
+        for m in (PRODUCT_ROWS, 130):
+            settings = tune_layernorm.variants(m, 256, mode, "quick", COMPILED)
+            assert settings[0] == tune_layernorm.plan_setting(m, 256, mode, COMPILED)
+            if mode == "fwd":
+                assert len(settings) == len(set(settings))
+            else:
+                geometries = [layernorm.make_geometry(m, 256, *s) for s in settings]
+                assert len(geometries) == len(set(geometries))
+    # at 130 rows 128 programs take every tile already: 256 and 512 add nothing
+    small = tune_layernorm.variants(130, 256, "fwd+bwd", "quick", COMPILED)
+    assert all(s[2] != 512 for s in small[1:])
+    assert len(tune_layernorm.variants(PRODUCT_ROWS, 256, "fwd+bwd", "quick", COMPILED)) > len(small)
+
+
+def test_interpreted_run_checks_every_variant(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(tune_layernorm.GRIDS, "quick", {"fwd": ((2, 8), (4,)),
+                                                        "fwd+bwd": ((4,), (4,), (8, 64), (32, 256))})
+    out = tmp_path / "tune.md"
+    assert tune_layernorm.main(["--interpret", "--shape", "quick", "--dtype", "fp32", "bf16",
+                                "--out", str(out)]) == 0
+    text = out.read_text()
+    for dtype in ("fp32", "bf16"):
+        assert f"## {harness.shape_label('layernorm', 'quick')}, {dtype}" in text
+    # per dtype: the plan and 2 forward variants; the plan and 4 backward variants
+    assert text.count("| fwd | ") == 2 * 3 and text.count("| fwd+bwd | ") == 2 * 5
+    assert text.count("| planned |") == 2 * 2
+    assert "Partial" not in text and "wrong" not in capsys.readouterr().out
+    assert text.count("not timed") == 2 * 8
+
+
+def too_few_programs(monkeypatch):
+    """Backward programs that take one row tile each, as many as before: ds rows and dgamma terms
+    are left out (the interpreter's NaN outputs show the rows never written)."""
+    make = layernorm.make_geometry
+
+    def planted(m, n, *setting):
+        g = make(m, n, *setting)
+        return g._replace(tiles=1) if setting[:3] == (4, 4, 8) else g
+    monkeypatch.setattr(layernorm, "make_geometry", planted)
+    return "non-finite"
+
+
+def dgamma_off_by_1e3(monkeypatch):
+    """Every value written, one of them wrong: finite numbers over the tolerance."""
+    backward = layernorm.add_layernorm_backward
+
+    def planted(params, cache, dy, *, launcher):
+        ds, grads = backward(params, cache, dy, launcher=launcher)
+        if layernorm.geometry(130, 256, launcher, "bwd").block_m == 4:
+            grads = {**grads, "gamma": grads["gamma"] * 1.001}
+        return ds, grads
+    monkeypatch.setattr(layernorm, "add_layernorm_backward", planted)
+    return "rel 1.0e-03, 0 non-finite"
+
+
+@pytest.mark.parametrize("plant", [too_few_programs, dgamma_off_by_1e3], ids=lambda f: f.__name__)
+def test_a_wrong_variant_is_reported_and_fails_the_run(plant, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(tune_layernorm.GRIDS, "quick", {"fwd": ((8,), (4,)),
+                                                        "fwd+bwd": ((4,), (4,), (8,), (256,))})
+    says = plant(monkeypatch)
+    assert tune_layernorm.main(["--interpret", "--shape", "quick", "--out", str(tmp_path / "t.md")]) == 1
+    printed = capsys.readouterr().out
+    wrong = [line for line in printed.splitlines() if line.startswith("fp32") and "wrong" in line]
+    assert len(wrong) == 1 and "BLOCK_M=4 warps=4 G<=8" in wrong[0] and says in wrong[0], printed
+    assert "1 variant(s) gave wrong results" in printed
+
+
+def test_without_a_gpu_it_asks_for_interpret(capsys):
+    assert tune_layernorm.main([]) == 2
+    assert "no GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune_layernorm.main(["--shape", "vit-b"])
