@@ -423,3 +423,12 @@ FORMULAS = {
     "% of peak": "against this session's measured peak: a large matmul's TFLOP/s at the row's "
                  "precision, or a large elementwise copy's GB/s (read + write)",
 }
+
+
+def write_tables_so_far(path: Path, title: str, tables: list[str], total: int) -> None:
+    """A tune's Markdown tables under `title`, rewritten whole (atomically) after each of its
+    `total` shape/dtype pairs: a run cut short keeps what it timed, and while fewer than `total`
+    tables are in, a line at the top says the run never finished."""
+    partial = (f"**Partial: {len(tables)} of {total} shape/dtype pairs so far; if this line is "
+               "still here, the run never finished.**\n\n") if len(tables) < total else ""
+    write_text_atomic(Path(path), f"# {title}\n\n{partial}" + "\n".join(tables))

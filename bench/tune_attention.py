@@ -39,6 +39,7 @@ import numpy as np
 
 from bench.device import device_info, version
 from bench.harness import matmul_precision
+from bench.report import write_tables_so_far
 from bench.timer import time_calls, timer_settings
 from kernels import attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
@@ -327,9 +328,7 @@ def main(argv=None) -> int:
         new_rows += table_rows(rows, jax.devices()[0].device_kind)
         # written after every shape and dtype: a run cut short (a timeout) keeps what it timed
         if args.out:
-            partial = (f"**Partial: {len(tables)} of {len(pairs)} shape/dtype pairs so far; if this "
-                       "line is still here, the run never finished.**\n\n") if len(tables) < len(pairs) else ""
-            write_text_atomic(Path(args.out), f"# {title}\n\n{partial}" + "\n".join(tables))
+            write_tables_so_far(Path(args.out), title, tables, len(pairs))
             print(f"wrote {args.out} ({len(tables)} of {len(pairs)})")
         if args.table and new_rows:
             write_table(Path(args.table), new_rows)

@@ -37,13 +37,13 @@ import jax.numpy as jnp
 
 from bench import harness
 from bench.device import device_info, version
+from bench.report import write_tables_so_far
 from bench.test_bench_layernorm import EPS, make_inputs
 from bench.timer import chain, nbytes, rotation_count, time_calls, timer_settings
 from kernels import layernorm
 from kernels.launch import COMPILED, INTERPRETED, record_launches
 from oracle.compare import compare
 from vit import layers
-from vit.data.cache import write_text_atomic
 
 MODES = ("fwd", "fwd+bwd")
 GRIDS = {  # fwd: BLOCK_M x warps; fwd+bwd: BLOCK_M x warps x max programs x reduction columns
@@ -256,9 +256,7 @@ def main(argv=None) -> int:
         failed += sum(r.get("error", "").startswith("wrong") for r in rows)
         tables.append(markdown(rows, f"{harness.shape_label('layernorm', shape)}, {dtype}"))
         if args.out:  # after every shape and dtype: a run cut short keeps what it timed
-            partial = (f"**Partial: {len(tables)} of {len(pairs)} shape/dtype pairs so far; if this "
-                       "line is still here, the run never finished.**\n\n") if len(tables) < len(pairs) else ""
-            write_text_atomic(Path(args.out), f"# {title}\n\n{partial}" + "\n".join(tables))
+            write_tables_so_far(Path(args.out), title, tables, len(pairs))
             print(f"wrote {args.out} ({len(tables)} of {len(pairs)})")
     if failed:
         print(f"{failed} variant(s) gave wrong results")
