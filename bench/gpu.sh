@@ -36,8 +36,8 @@
 #   tune-ln    python -m bench.tune_layernorm: launch geometries of the add+LN kernels (forward:
 #              BLOCK_M x warps; backward: BLOCK_M x warps x programs x reduction columns, TUNE_GRID)
 #              checked and timed as the bench times its add+LN rows, at the product shape in fp32
-#              (the missed targets), beside today's plan; $OUT/tune-layernorm.md (nothing in the
-#              product changes)
+#              (the missed targets), beside today's plan; its tables end tune-ln.log (nothing in
+#              the product changes)
 #   profile    one reference and one fused train step under Nsight Compute (ncu), kernel by
 #              kernel; $OUT/ncu-step-{reference,fused}.csv and their summaries in profile.log
 #   memory     python -m bench.step_memory: XLA's memory accounting of the compiled train step on
@@ -53,10 +53,10 @@
 #
 # Every part runs even when an earlier one failed; the exit status is 1 if any part (or the
 # install) failed, 2 for a bad part name. $OUT/ gets one log per part, the results .json and .md,
-# one .png, tune-attention.md, attention_table.json, tune-layernorm.md and two ncu CSVs, none in
-# subfolders. (A lent machine returns at most 8 files from $OUT: `env tests gradcheck bench` leaves
-# 7, `env tune profile` 7, `env tune profile memory` 8 and `env tune-ln tune` 6; all eight parts in
-# one call would leave 16.)
+# one .png, tune-attention.md, attention_table.json and two ncu CSVs, none in subfolders. (A lent
+# machine returns at most 8 files from $OUT: `env tests gradcheck bench` leaves 7, `env tune
+# profile` 7, `env tune-ln tune profile` and `env tune profile memory` 8; all eight parts in one
+# call would leave 15.)
 #
 # Environment: OUT (default /tmp/vitfuse-gpu), PYTHON (default python3), PART_TIMEOUT (seconds per
 # command, default 0 = none; a part past it fails with exit 124 and the next part runs),
@@ -228,8 +228,7 @@ part_tune() {
 }
 
 part_tune-ln() {
-  with_timeout "$PY" -m bench.tune_layernorm --grid "${TUNE_GRID:-quick}" \
-    --out "$OUT/tune-layernorm.md"
+  with_timeout "$PY" -m bench.tune_layernorm --grid "${TUNE_GRID:-quick}"
 }
 
 part_memory() {

@@ -136,6 +136,15 @@ def test_a_wrong_variant_is_reported_and_fails_the_run(plant, tmp_path, capsys, 
     assert "1 variant(s) gave wrong results" in printed
 
 
+def test_without_out_the_tables_end_the_output(capsys, monkeypatch):
+    monkeypatch.setitem(tune_layernorm.GRIDS, "quick", {"fwd": ((8,), (4,)),
+                                                        "fwd+bwd": ((8,), (4,), (8,), (256,))})
+    assert tune_layernorm.main(["--interpret", "--shape", "quick"]) == 0
+    printed = capsys.readouterr().out
+    tables = printed[printed.index("## "):]
+    assert tables.count("| fwd | ") == 2 and tables.count("| fwd+bwd | ") == 2 and "| planned |" in tables
+
+
 def test_without_a_gpu_it_asks_for_interpret(capsys):
     assert tune_layernorm.main([]) == 2
     assert "no GPU" in capsys.readouterr().err

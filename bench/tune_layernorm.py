@@ -20,8 +20,9 @@ times compare with that row's and with the README's add+LN targets.
 The tables give each variant's median ms (p20-p80), its bandwidth by harness.layernorm_bytes, and
 its speed relative to the plan; with --resources, the registers and stack bytes per thread of the
 main kernel's sm_90 compile (kernels.compile_check; no GPU needed). Nothing is written into the
-product: the tables say what rule kernels/layernorm.geometry should have. --out is rewritten
-after every shape and dtype, so a run cut short keeps what it timed.
+product: the tables say what rule kernels/layernorm.geometry should have. --out FILE is rewritten
+after every shape and dtype, so a run cut short keeps what it timed; without it the tables are
+printed at the end (each row is printed as it is timed either way).
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resources", action="store_true", help="sm_90 registers/stack per variant")
     ap.add_argument("--interpret", action="store_true",
                     help="Triton's interpreter: check every variant, time none")
-    ap.add_argument("--out", help="also write the tables as Markdown to this file")
+    ap.add_argument("--out", help="write the tables as Markdown to this file (else print them at the end)")
     args = ap.parse_args(argv)
     if not args.interpret and jax.default_backend() != "gpu":
         print(f"tune_layernorm: no GPU (jax backend {jax.default_backend()!r}); pass --interpret to "
@@ -258,6 +259,8 @@ def main(argv=None) -> int:
         if args.out:  # after every shape and dtype: a run cut short keeps what it timed
             write_tables_so_far(Path(args.out), title, tables, len(pairs))
             print(f"wrote {args.out} ({len(tables)} of {len(pairs)})")
+    if not args.out:  # the tables, as --out would have written them, for a log to keep
+        print("\n" + "\n".join(tables), end="")
     if failed:
         print(f"{failed} variant(s) gave wrong results")
     return 1 if failed else 0
