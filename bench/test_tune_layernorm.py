@@ -149,4 +149,4 @@ def test_without_a_gpu_it_asks_for_interpret(capsys):
     assert tune_layernorm.main([]) == 2
     assert "no GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        tune_layernorm.main(["--shape", "vit-b"])
+        tune_layernorm.main(["--shape", "vit-l"])
