@@ -349,14 +349,18 @@ def compare(expected: list[dict], calls: list[dict], arch: int) -> list[str]:
 
 
 def compile_check_disagrees(specs, calls, arch: int) -> list[str]:
-    """The PTX kernels.compile_check makes of each launch must be jax-triton's for it (ptx_digest;
-    launches and calls in order): its registers and spills, which the tune and
-    tests/test_kernels_spills.py read, are then those of the kernels a GPU runs."""
+    """The PTX kernels.compile_check makes of each launch must be jax-triton's for one of the
+    calls (ptx_digest; each call answers one launch, in any order): its registers and spills,
+    which the tune and tests/test_kernels_spills.py read, are then those of the kernels a GPU runs."""
     from kernels import compile_check  # noqa: PLC0415
 
+    lowered = Counter(call["ptx_digest"] for call in calls)
     problems = []
-    for spec, call in zip(specs, calls, strict=True):
-        if ptx_digest(compile_check.compile_spec(spec, arch).asm["ptx"]) != call["ptx_digest"]:
+    for spec in specs:
+        digest = ptx_digest(compile_check.compile_spec(spec, arch).asm["ptx"])
+        if lowered[digest]:
+            lowered[digest] -= 1
+        else:
             problems.append(f"{spec.name}: kernels.compile_check's PTX for this launch is not the PTX "
                             "jax-triton compiled (compile_spec no longer compiles what a GPU runs)")
     return problems
