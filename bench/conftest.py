@@ -8,7 +8,9 @@ contender is checked against the reference at a reduced size and nothing is time
 --benchmark every contender is checked at the timed shape, then timed, and at the end of the
 session bench/results/<device>-<date>.json and .md are written and the tables printed. Where
 there is no GPU, the fused kernels run in Triton's interpreter: they are checked (at the reduced
-size) but not timed, and their timing rows are skipped with that reason. The files are also
+size) but not timed, and their timing rows are skipped with that reason. --benchmark runs the
+rows only: the tests of the bench's own code (the results files, gpu.sh, the tunes, ...) are
+deselected, as they time nothing; they run without it, as CI runs them. The files are also
 rewritten after every test that added rows, marked partial until the session ends, so a run cut
 short (a timeout, a crash) keeps every row it measured.
 
@@ -91,11 +93,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """With --benchmark: the rows --bench-continue's file measured are deselected; of the rest,
+    """With --benchmark: the tests that record no row and the rows --bench-continue's file
+    measured are deselected; of the rest,
     the rows the targets' verdicts need run first (in their files' order), then the others: a run
     cut short still judges as many targets as it measured."""
     if not config.getoption("vitfuse_benchmark"):
         return
+    machinery = [item for item in items if _item_row_key(item) is None]
+    if machinery:  # the bench's own tests: run without --benchmark (CI does), never on a GPU's time
+        items[:] = [item for item in items if _item_row_key(item) is not None]
+        config.hook.pytest_deselected(items=machinery)
     session = config.stash.get(SESSION, None)
     if session is not None and session.continued:
         measured = report.measured_keys(session.continued["rows"])

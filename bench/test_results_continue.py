@@ -63,15 +63,16 @@ def earlier_file(tmp_path, statuses: dict, device: str | None = None) -> Path:
     return json_path
 
 
-def run_bench(tmp_path, continued, *flags: str, contenders=("reference", "fused", "autodiff")
-              ) -> tuple[subprocess.CompletedProcess, list[str], dict | None]:
+def run_bench(tmp_path, continued, *flags: str, contenders=("reference", "fused", "autodiff"),
+              more_tests: str = "") -> tuple[subprocess.CompletedProcess, list[str], dict | None]:
     """pytest (flags: --benchmark unless given) with bench/conftest.py as a plugin on TESTS (one
     test per contender, in this order), --bench-seed 2, --bench-continue continued; -> (the
     process, the contenders whose test ran, in the order they ran, the results file it wrote or
-    None)."""
+    None). more_tests: more of that file's text (it may write to RAN)."""
     ran = tmp_path / "ran"
     tests = tmp_path / "test_rows.py"
-    tests.write_text(TESTS.format(ran=str(ran), contenders=tuple(contenders)))
+    tests.write_text(TESTS.format(ran=str(ran), contenders=tuple(contenders))
+                     + more_tests.replace("RAN", repr(str(ran))))
     results = tmp_path / "results"
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not the repository's settings
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "bench.conftest", "-p", "no:cacheprovider",
@@ -108,6 +109,26 @@ def test_continue_deselects_nothing_without_benchmark(tmp_path):
     proc, ran, data = run_bench(tmp_path, continued, "-q")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(ran) == ["autodiff", "fused", "reference"] and data is None
+
+
+MACHINERY_TEST = '''
+
+def test_the_bench_code(bench):
+    with open(RAN, "a") as f:
+        f.write("machinery\\n")
+'''
+
+
+def test_benchmark_runs_the_rows_only(tmp_path):
+    """A test that records no row (the bench's own code: results files, gpu.sh, the tunes) is
+    deselected by --benchmark, so a GPU's time goes to the rows; without it, it runs."""
+    continued = earlier_file(tmp_path, {"reference": "timed"})
+    proc, ran, _ = run_bench(tmp_path, continued, more_tests=MACHINERY_TEST)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(ran) == ["autodiff", "fused"] and "2 deselected" in proc.stdout, (ran, proc.stdout)
+    (tmp_path / "ran").unlink()
+    proc, ran, _ = run_bench(tmp_path, continued, "-q", more_tests=MACHINERY_TEST)
+    assert proc.returncode == 0 and sorted(ran) == ["autodiff", "fused", "machinery", "reference"], ran
 
 
 def test_continue_still_runs_the_target_rows_first(tmp_path):
@@ -180,12 +201,17 @@ def test_continue_keys_are_the_rows_the_real_bench_records(tmp_path):
     continued = tmp_path / "earlier.json"
     continued.write_text(json.dumps(data))
     timed = len(report.measured_keys(data["rows"]))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-                           "--benchmark", "--bench-continue", str(continued), "bench/test_bench_attention.py",
-                           "bench/test_bench_layernorm.py", "bench/test_bench_train_step.py"],
-                          cwd=ROOT, capture_output=True, text=True)
+
+    def collect(*flags):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                               "--benchmark", *flags, "bench/test_bench_attention.py",
+                               "bench/test_bench_layernorm.py", "bench/test_bench_train_step.py"],
+                              cwd=ROOT, capture_output=True, text=True)
+    # the tests of those files that record no row (--benchmark deselects them in any case)
+    machinery = int(collect().stdout.rpartition("(")[2].split()[0])
+    proc = collect("--bench-continue", str(continued))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert timed == 64 and f"({timed} deselected)" in proc.stdout, proc.stdout[-500:]
+    assert timed == 64 and f"({timed + machinery} deselected)" in proc.stdout, proc.stdout[-500:]
     for measured in ("test_attention[fwd+bwd-product-fp32-fused]", "test_add_layernorm[fwd+bwd-product-fp32-fused]",
                      "test_train_step[large-fused-bf16]"):
         assert measured not in proc.stdout, measured
