@@ -21,7 +21,7 @@ times compare with that row's and with the README's add+LN targets.
 The tables give each variant's median ms (p20-p80), its bandwidth by harness.layernorm_bytes, and
 its speed relative to the plan; with --resources, the registers and stack bytes per thread of the
 main kernel's sm_90 compile (kernels.compile_check; no GPU needed). Nothing is written into the
-product: the tables say what rule kernels/layernorm.geometry should have. --out FILE is rewritten
+product: the tables say what rule kernels.layernorm.geometry should have. --out FILE is rewritten
 after every shape and dtype, so a run cut short keeps what it timed; without it the tables are
 printed at the end (each row is printed as it is timed either way).
 """
