@@ -3,6 +3,8 @@ plan is kernels/layernorm.py's own geometry, on the CPU it checks every variant 
 interpreter (nothing timed) and exits 0, a variant that computes wrong numbers is reported and
 makes it exit 1, and without a GPU or --interpret it refuses to run."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -67,9 +69,19 @@ def test_a_backward_variant_sets_both_backward_kernels_and_keeps_the_forward():
     assert got["vitfuse_ln_fwd"].constexprs == plan["vitfuse_ln_fwd"].constexprs
 
 
+def test_an_override_is_undone_when_its_trace_raises():
+    """A variant that fails to trace or compile (reported, not fatal) leaves the plan in place for
+    the variants, and the plan row, that follow it."""
+    default = layernorm.geometry
+    for mode, setting in (("fwd", (4, 2)), ("fwd+bwd", (8, 4, 128, 32))):
+        with pytest.raises(RuntimeError), tune_layernorm._traced(mode, setting):
+            raise RuntimeError("a variant that does not compile")
+        assert layernorm.geometry is default, mode
+
+
 def test_variants_start_with_the_plan_and_leave_out_repeats():
     for mode in tune_layernorm.MODES:
-        for m in (PRODUCT_ROWS, 130):
+        for m in (PRODUCT_ROWS, 130, 7):  # at 7 rows the plan's BLOCK_M is 8, M rounded up
             settings = tune_layernorm.variants(m, 256, mode, "quick", COMPILED)
             assert settings[0] == tune_layernorm.plan_setting(m, 256, mode, COMPILED)
             if mode == "fwd":
@@ -81,6 +93,9 @@ def test_variants_start_with_the_plan_and_leave_out_repeats():
     small = tune_layernorm.variants(130, 256, "fwd+bwd", "quick", COMPILED)
     assert all(s[2] != 512 for s in small[1:])
     assert len(tune_layernorm.variants(PRODUCT_ROWS, 256, "fwd+bwd", "quick", COMPILED)) > len(small)
+    # at 4160 rows every (BLOCK_M, warps) of the forward's grid is its own launch (the plan among them)
+    forward = tune_layernorm.variants(PRODUCT_ROWS, 256, "fwd", "quick", COMPILED)
+    assert sorted(forward) == sorted(itertools.product(*tune_layernorm.GRIDS["quick"]["fwd"]))
 
 
 def test_interpreted_run_checks_every_variant(tmp_path, capsys, monkeypatch):
