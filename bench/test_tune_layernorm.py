@@ -222,7 +222,10 @@ def test_without_out_the_tables_end_the_output(capsys, monkeypatch):
     assert tables.count("| fwd | ") == 2 and tables.count("| fwd+bwd | ") == 2 and "| planned |" in tables
 
 
-def test_without_a_gpu_it_asks_for_interpret(capsys):
+def test_without_a_gpu_it_asks_for_interpret(capsys, monkeypatch):
+    # the backend is set, not assumed: gpu.sh's bench part runs bench/ on a GPU, where a plain
+    # main([]) would tune (and time) every product-shape variant
+    monkeypatch.setattr(tune_layernorm.jax, "default_backend", lambda: "cpu")
     assert tune_layernorm.main([]) == 2
     assert "no GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit):
