@@ -1,9 +1,9 @@
 """bench/tune_layernorm.py: each variant's geometry reaches the launches of its direction only, the
 plan is kernels/layernorm.py's own geometry, on the CPU it checks every variant in Triton's
 interpreter (nothing timed) and exits 0, a variant that computes wrong numbers is reported and
-makes it exit 1, and without a GPU or --interpret it refuses to run. Timing itself needs a GPU:
-here a test gives made-up times to check what the tune computes from them (GB/s, speed vs the plan)
-and where its tables put them."""
+makes it exit 1 (so does a plan that fails to run), and without a GPU or --interpret it refuses to
+run. Timing itself needs a GPU: here a test gives made-up times to check what the tune computes from
+them (GB/s, speed vs the plan) and where its tables put them."""
 
 import itertools
 import re
@@ -152,6 +152,20 @@ def test_a_wrong_variant_is_reported_and_fails_the_run(plant, tmp_path, capsys, 
     wrong = [line for line in printed.splitlines() if line.startswith("fp32") and "wrong" in line]
     assert len(wrong) == 1 and "BLOCK_M=4 warps=4 G<=8" in wrong[0] and says in wrong[0], printed
     assert "1 variant(s) gave wrong results" in printed
+
+
+def test_a_plan_that_does_not_run_fails_the_run(tmp_path, capsys, monkeypatch):
+    """Variants that fail to compile are reported, not fatal; but when the plan itself raises (on a
+    GPU, say, without jax-triton) nothing was checked or timed, and the run must not pass."""
+    monkeypatch.setitem(tune_layernorm.GRIDS, "quick", {"fwd": ((8,), (4,)),
+                                                        "fwd+bwd": ((4,), (4,), (8,), (256,))})
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'jax_triton'")
+    monkeypatch.setattr(layernorm, "add_layernorm_forward", broken)
+    assert tune_layernorm.main(["--interpret", "--shape", "quick", "--out", str(tmp_path / "t.md")]) == 1
+    printed = capsys.readouterr().out
+    assert "2 plan(s) failed to run" in printed and "wrong results" not in printed, printed
 
 
 def test_a_wrong_variant_in_an_earlier_pair_still_fails_the_run(tmp_path, capsys, monkeypatch):
