@@ -227,6 +227,26 @@ def test_resources_compile_the_tuned_directions_main_kernel(mode, kernel, monkey
     assert compiled == [(kernel, 2, 2, 90)]
 
 
+def test_a_run_cut_short_keeps_the_tables_it_finished(tmp_path, monkeypatch):
+    """--out is rewritten after every shape and dtype: when the second pair dies (here tune
+    raises; on a GPU, a timeout), the first pair's table is on disk, marked partial."""
+    real_tune = tune_layernorm.tune
+
+    def tune(shape, dtype, *args):
+        if dtype == "bf16":
+            raise RuntimeError("cut short")
+        return real_tune(shape, dtype, *args)
+    monkeypatch.setitem(tune_layernorm.GRIDS, "quick", {"fwd": ((8,), (4,)),
+                                                        "fwd+bwd": ((8,), (4,), (8,), (256,))})
+    monkeypatch.setattr(tune_layernorm, "tune", tune)
+    out = tmp_path / "tune.md"
+    with pytest.raises(RuntimeError, match="cut short"):
+        tune_layernorm.main(["--interpret", "--shape", "quick", "--dtype", "fp32", "bf16", "--out", str(out)])
+    text = out.read_text()
+    assert "**Partial: 1 of 2 shape/dtype pairs so far" in text
+    assert f"{harness.shape_label('layernorm', 'quick')}, fp32" in text and "bf16" not in text
+
+
 def test_without_out_the_tables_end_the_output(capsys, monkeypatch):
     monkeypatch.setitem(tune_layernorm.GRIDS, "quick", {"fwd": ((8,), (4,)),
                                                         "fwd+bwd": ((8,), (4,), (8,), (256,))})
