@@ -21,7 +21,9 @@ times compare with that row's and with the README's add+LN targets.
 The tables give each variant's median ms (p20-p80), its bandwidth by harness.layernorm_bytes, and
 its speed relative to the plan; with --resources, the registers and stack bytes per thread of the
 main kernel's sm_90 compile (kernels.compile_check; no GPU needed). Nothing is written into the
-product: the tables say what rule kernels/layernorm.geometry should have. --out FILE is rewritten
+product: the tables say what rule kernels.layernorm.geometry should have. It exits 1 when a
+variant gives wrong numbers or the plan fails to run (a variant that fails to compile is only
+reported). --out FILE is rewritten
 after every shape and dtype, so a run cut short keeps what it timed; without it the tables are
 printed at the end (each row is printed as it is timed either way).
 """
@@ -192,10 +194,12 @@ def _check_and_time(row, mode, setting, sets, want, tol, launcher, settings):
         got = [jax.block_until_ready(single(*sets[0]))]
         if timed is not None:
             got.append(jax.block_until_ready(timed(*sets))[0])
-        checked = [r for out in got for r in compare(out, want, tol)]
+        runs = [compare(out, want, tol) for out in got]  # one list of per-output rows per call
+        checked = [r for run in runs for r in run]
         row["rel_err"] = max(r.rel for r in checked)
         if not all(r.ok for r in checked):
-            nonfinite = sum(r.nonfinite for r in checked)
+            # the worst call's count: on a GPU both calls are of set 0, so a sum would double it
+            nonfinite = max(sum(r.nonfinite for r in run) for run in runs)
             row["error"] = f"wrong: rel {row['rel_err']:.1e}, {nonfinite} non-finite"
         elif timed is not None:  # the interpreter's times say nothing about the kernels
             t = time_calls(lambda i: timed(*sets), settings)
@@ -251,11 +255,15 @@ def main(argv=None) -> int:
     device = device_info().get("device", "?")
     title = f"fused add+LayerNorm variants, {device}, jax {jax.__version__}, triton {version('triton')}"
     print(title)
-    tables, failed = [], 0
+    tables, failed, plans_broken = [], 0, 0
     pairs = list(itertools.product(args.shape, args.dtype))
     for shape, dtype in pairs:
         rows = tune(shape, dtype, launcher, settings, args.grid, args.resources)
         failed += sum(r.get("error", "").startswith("wrong") for r in rows)
+        # a variant that does not compile is a finding; the plan (the product's own launches)
+        # failing to run is not, and leaves nothing to compare with (e.g. jax-triton missing)
+        plans_broken += sum(r["planned"] and "error" in r and not r["error"].startswith("wrong")
+                            for r in rows)
         tables.append(markdown(rows, f"{harness.shape_label('layernorm', shape)}, {dtype}"))
         if args.out:  # after every shape and dtype: a run cut short keeps what it timed
             write_tables_so_far(Path(args.out), title, tables, len(pairs))
@@ -264,7 +272,9 @@ def main(argv=None) -> int:
         print("\n" + "\n".join(tables), end="")
     if failed:
         print(f"{failed} variant(s) gave wrong results")
-    return 1 if failed else 0
+    if plans_broken:
+        print(f"{plans_broken} plan(s) failed to run")
+    return 1 if failed or plans_broken else 0
 
 
 if __name__ == "__main__":

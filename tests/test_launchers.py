@@ -72,6 +72,26 @@ def test_layernorm_tiles_follow_the_launcher():
     assert compiled["_ln_bwd"].grid[0] > interpreted["_ln_bwd"].grid[0] == 8
 
 
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_layernorm_geometry_is_its_documented_rule(direction):
+    """layernorm.geometry, pinned on a few shapes (the rule _tiles/_bwd_groups had, the same
+    launches): a tile of at most tile_elements and tile_rows and no more rows than M rounds up to,
+    8 warps over 2048 elements (else 4), at most reduce_programs backward programs, reductions of
+    256 columns (BLOCK_N if narrower) that sum at most 4096 elements a step. Both directions alike."""
+    geometry = layernorm.Geometry
+    want = {
+        (COMPILED, 64 * 65, 256): geometry(block_m=16, block_n=256, num_warps=8, groups=130, tiles=2,
+                                           reduce_n=256, reduce_g=16),
+        # 16 x 128 = 2048 elements: still 4 warps; a 128-wide row takes a 128-column reduction
+        (COMPILED, 64 * 65, 128): geometry(16, 128, 4, 130, 2, 128, 32),
+        (COMPILED, 7, 100): geometry(8, 128, 4, 1, 1, 128, 1),  # 8 rows: M=7 rounded up
+        (COMPILED, 64 * 197, 768): geometry(4, 1024, 8, 243, 13, 256, 16),  # ViT-B/16's, padded to 1024
+        (INTERPRETED, 64 * 65, 256): geometry(64, 256, 8, 8, 9, 256, 8),
+    }
+    for (launcher, m, n), g in want.items():
+        assert layernorm.geometry(m, n, launcher, direction) == g, (launcher.name, m, n)
+
+
 def test_shared_memory_and_the_tuned_table_bind_the_compiled_launcher_only():
     """fp32 L=197 Dh=64: the one-tile kernel's K/V tile exceeds shared memory on a GPU, not in the
     interpreter; a tuned table row (measured on a GPU) steers COMPILED only."""
