@@ -220,3 +220,17 @@ def test_every_listed_dtype_reaches_the_tuner_and_plain_float32_means_ieee(monke
                                       ("float32", "tf32x3"), ("bfloat16", "ieee"), ("float16", "ieee")]
     assert {t[0] for t in tuned} == {(1, 5, 1, 16)}
     assert "float32/tf32x3" in tune_attention.DTYPE_SPECS
+
+
+def test_a_plan_that_does_not_run_fails_the_run(tmp_path, capsys, monkeypatch):
+    """Variants that fail to compile are reported, not fatal; but when the dispatcher's plan
+    itself raises (on a GPU, say, without jax-triton) nothing was checked or timed, and the run
+    must not pass. Here every launch raises: the plan of each direction fails."""
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'jax_triton'")
+    monkeypatch.setattr(attention, "attention_forward", broken)
+    monkeypatch.setattr(flash_attention, "attention_forward", broken)
+    assert tune_attention.main(["--interpret", "--shape", "1x5x1x16", "--dtype", "float32/ieee",
+                                "--grid", "quick", "--out", str(tmp_path / "t.md")]) == 1
+    printed = capsys.readouterr().out
+    assert "2 plan(s) failed to run" in printed and "wrong results" not in printed, printed

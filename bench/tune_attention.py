@@ -19,7 +19,8 @@ variant. --table merges those rows into the file (replacing rows with the same k
 results are written, so --interpret never writes a table. Both --table and --out are rewritten
 after every shape and dtype, so a run cut short keeps what it timed.
 
-Prints one table per shape, dtype and direction: median ms (p20-p80), speed relative to the
+Exits 1 when a variant gives wrong numbers or the dispatcher's plan fails to run (a variant that
+fails to compile is only reported). Prints one table per shape, dtype and direction: median ms (p20-p80), speed relative to the
 dispatcher's current plan, and with --resources the registers and stack bytes per thread of the
 sm_90 compile (as kernels.compile_check reads them); --out FILE also writes the tables as Markdown.
 """
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
     device = device_info().get("device", "?")
     title = f"fused attention variants, {device}, jax {jax.__version__}, triton {version('triton')}"
     print(title)
-    tables, failed, new_rows = [], 0, []
+    tables, failed, plans_broken, new_rows = [], 0, 0, []
     pairs = list(itertools.product(shapes, args.dtype))
     for shape, spec in pairs:
         name, _, dot_precision = spec.partition("/")
@@ -324,6 +325,10 @@ def main(argv=None) -> int:
             rows = tune(shape, dtype, dot_precision or "ieee", launcher, settings, args.grid,
                         args.resources)
         failed += sum(r.get("error", "").startswith("wrong") for r in rows)
+        # a variant that does not compile is a finding; the plan (the dispatcher's own launch)
+        # failing to run is not, and leaves nothing to compare with (e.g. jax-triton missing)
+        plans_broken += sum(r["planned"] and "error" in r and not r["error"].startswith("wrong")
+                            for r in rows)
         tables.append(markdown(rows, f"B,L,H,Dh = {shape}, {spec}"))
         new_rows += table_rows(rows, jax.devices()[0].device_kind)
         # written after every shape and dtype: a run cut short (a timeout) keeps what it timed
@@ -335,7 +340,9 @@ def main(argv=None) -> int:
             print(f"merged {len(new_rows)} row(s) into {args.table}")
     if failed:
         print(f"{failed} variant(s) gave wrong results")
-    return 1 if failed else 0
+    if plans_broken:
+        print(f"{plans_broken} plan(s) failed to run")
+    return 1 if failed or plans_broken else 0
 
 
 if __name__ == "__main__":
