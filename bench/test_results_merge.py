@@ -89,15 +89,23 @@ ROW = ('bench.record(group="add+layernorm fwd+bwd", shape="B=64", contender="{0}
 def run_bench_session(tmp_path, last_test: str, *flags: str) -> tuple[subprocess.CompletedProcess, dict | None]:
     """pytest (flags: --benchmark unless given) with bench/conftest.py as a plugin on two tests
     that each add a row and a third, last_test; -> (the process, the results file it left, or
-    None unless the results folder holds exactly one)."""
+    None unless the results folder holds exactly one). All three are bench rows as the real ones
+    are (a harness.KernelCase parameter): --benchmark runs nothing else."""
     tests = tmp_path / "test_rows.py"
     tests.write_text(textwrap.dedent(f"""\
         import os, signal
-        def test_reference(bench):
+        import pytest
+        from bench import harness
+        row = pytest.mark.parametrize("case", [harness.KernelCase(
+            "add+layernorm fwd+bwd", "layernorm", "fwd+bwd", "product", "any", "fp32")])
+        @row
+        def test_reference(bench, case):
             {ROW.format("reference")}
-        def test_fused(bench):
+        @row
+        def test_fused(bench, case):
             {ROW.format("fused")}
-        def test_last(bench):
+        @row
+        def test_last(bench, case):
             {last_test}
         """))
     results = tmp_path / "results"
