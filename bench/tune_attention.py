@@ -40,7 +40,7 @@ import numpy as np
 
 from bench.device import device_info, version
 from bench.harness import matmul_precision
-from bench.report import write_tables_so_far
+from bench.report import tune_exit_status, tune_failures, write_tables_so_far
 from bench.timer import time_calls, timer_settings
 from kernels import attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
@@ -324,11 +324,8 @@ def main(argv=None) -> int:
         with matmul_precision("fp32" if dtype == np.float32 else "bf16"):
             rows = tune(shape, dtype, dot_precision or "ieee", launcher, settings, args.grid,
                         args.resources)
-        failed += sum(r.get("error", "").startswith("wrong") for r in rows)
-        # a variant that does not compile is a finding; the plan (the dispatcher's own launch)
-        # failing to run is not, and leaves nothing to compare with (e.g. jax-triton missing)
-        plans_broken += sum(r["planned"] and "error" in r and not r["error"].startswith("wrong")
-                            for r in rows)
+        wrong, broken = tune_failures(rows)
+        failed, plans_broken = failed + wrong, plans_broken + broken
         tables.append(markdown(rows, f"B,L,H,Dh = {shape}, {spec}"))
         new_rows += table_rows(rows, jax.devices()[0].device_kind)
         # written after every shape and dtype: a run cut short (a timeout) keeps what it timed
@@ -338,11 +335,7 @@ def main(argv=None) -> int:
         if args.table and new_rows:
             write_table(Path(args.table), new_rows)
             print(f"merged {len(new_rows)} row(s) into {args.table}")
-    if failed:
-        print(f"{failed} variant(s) gave wrong results")
-    if plans_broken:
-        print(f"{plans_broken} plan(s) failed to run")
-    return 1 if failed or plans_broken else 0
+    return tune_exit_status(failed, plans_broken)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from bench import harness
 from bench.device import device_info, version
-from bench.report import write_tables_so_far
+from bench.report import tune_exit_status, tune_failures, write_tables_so_far
 from bench.test_bench_layernorm import EPS, make_inputs
 from bench.timer import chain, nbytes, rotation_count, time_calls, timer_settings
 from kernels import layernorm
@@ -260,22 +260,15 @@ def main(argv=None) -> int:
     pairs = list(itertools.product(args.shape, args.dtype))
     for shape, dtype in pairs:
         rows = tune(shape, dtype, launcher, settings, args.grid, args.resources)
-        failed += sum(r.get("error", "").startswith("wrong") for r in rows)
-        # a variant that does not compile is a finding; the plan (the product's own launches)
-        # failing to run is not, and leaves nothing to compare with (e.g. jax-triton missing)
-        plans_broken += sum(r["planned"] and "error" in r and not r["error"].startswith("wrong")
-                            for r in rows)
+        wrong, broken = tune_failures(rows)
+        failed, plans_broken = failed + wrong, plans_broken + broken
         tables.append(markdown(rows, f"{harness.shape_label('layernorm', shape)}, {dtype}"))
         if args.out:  # after every shape and dtype: a run cut short keeps what it timed
             write_tables_so_far(Path(args.out), title, tables, len(pairs))
             print(f"wrote {args.out} ({len(tables)} of {len(pairs)})")
     if not args.out:  # the tables, as --out would have written them, for a log to keep
         print("\n" + "\n".join(tables), end="")
-    if failed:
-        print(f"{failed} variant(s) gave wrong results")
-    if plans_broken:
-        print(f"{plans_broken} plan(s) failed to run")
-    return 1 if failed or plans_broken else 0
+    return tune_exit_status(failed, plans_broken)
 
 
 if __name__ == "__main__":
