@@ -40,8 +40,8 @@ import numpy as np
 
 from bench.device import device_info, version
 from bench.harness import matmul_precision
-from bench.report import tune_exit_status, tune_failures, write_tables_so_far
 from bench.timer import time_calls, timer_settings
+from bench.tuning import tune_exit_status, tune_failures, write_tables_so_far
 from kernels import attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
 from kernels.launch import COMPILED, INTERPRETED, record_launches

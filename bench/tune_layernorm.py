@@ -41,9 +41,9 @@ import jax.numpy as jnp
 
 from bench import harness
 from bench.device import device_info, version
-from bench.report import tune_exit_status, tune_failures, write_tables_so_far
 from bench.test_bench_layernorm import EPS, make_inputs
 from bench.timer import chain, nbytes, rotation_count, time_calls, timer_settings
+from bench.tuning import tune_exit_status, tune_failures, write_tables_so_far
 from kernels import layernorm
 from kernels.launch import COMPILED, INTERPRETED, record_launches
 from oracle.compare import compare
