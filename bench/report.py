@@ -423,4 +423,3 @@ FORMULAS = {
     "% of peak": "against this session's measured peak: a large matmul's TFLOP/s at the row's "
                  "precision, or a large elementwise copy's GB/s (read + write)",
 }
-
