@@ -41,10 +41,11 @@ import numpy as np
 from bench.device import device_info, version
 from bench.harness import matmul_precision
 from bench.timer import time_calls, timer_settings
-from bench.tuning import tune_exit_status, tune_failures, write_tables_so_far
+from bench.tuning import (mark_speed_vs_plan, sm90_regs_stack, tune_exit_status, tune_failures,
+                          write_tables_so_far)
 from kernels import attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
-from kernels.launch import COMPILED, INTERPRETED, record_launches
+from kernels.launch import COMPILED, INTERPRETED
 from oracle.compare import compare, kernel_tolerance
 from oracle.kernel_gradcheck import attention_inputs
 from vit.data.cache import write_text_atomic
@@ -126,22 +127,18 @@ def _traced(kernel, setting, direction):
 
 def resources(kernel, setting, direction, b, l, heads, dh, dtype, dot_precision) -> str:
     """'regs/stack' of the variant's sm_90 compile (no GPU needed), or the failure."""
-    from kernels import compile_check  # noqa: PLC0415
-
     fwd, bwd = _functions(kernel, setting, direction, heads, COMPILED, dot_precision)
     qkv = jax.ShapeDtypeStruct((b, l, 3 * heads * dh), dtype)
-    try:
+
+    def trace():
         def run(q):
             o, cache = fwd(q)
             return bwd(cache, o)
 
-        with _traced(kernel, setting, direction), record_launches() as specs:
+        with _traced(kernel, setting, direction):
             jax.eval_shape(run, qkv)
-        spec = specs[-1] if direction == "bwd" else specs[0]  # the main kernel of the direction
-        usage = compile_check.resource_usage(compile_check.compile_spec(spec, 90))
-        return f"{usage['regs']}/{usage['stack']}" if usage else "?"
-    except Exception as e:  # noqa: BLE001  (a variant that does not compile is reported, not fatal)
-        return f"no: {type(e).__name__}"
+    # the main kernel of the direction
+    return sm90_regs_stack(trace, lambda specs: specs[-1] if direction == "bwd" else specs[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,11 +171,7 @@ def tune(shape, dtype, dot_precision, launcher, settings, grid="full", with_reso
                             launcher, dot_precision, settings)
             rows.append(row)
             print(format_row(row), flush=True)
-        planned = next((r for r in rows if r["direction"] == direction and r["planned"]
-                        and "median_ms" in r), None)
-        for r in rows:
-            if planned and r["direction"] == direction and "median_ms" in r:
-                r["vs_plan"] = planned["median_ms"] / r["median_ms"]
+        mark_speed_vs_plan([r for r in rows if r["direction"] == direction])
     return rows
 
 

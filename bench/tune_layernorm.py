@@ -43,9 +43,10 @@ from bench import harness
 from bench.device import device_info, version
 from bench.test_bench_layernorm import EPS, make_inputs
 from bench.timer import chain, nbytes, rotation_count, time_calls, timer_settings
-from bench.tuning import tune_exit_status, tune_failures, write_tables_so_far
+from bench.tuning import (mark_speed_vs_plan, sm90_regs_stack, tune_exit_status, tune_failures,
+                          write_tables_so_far)
 from kernels import layernorm
-from kernels.launch import COMPILED, INTERPRETED, record_launches
+from kernels.launch import COMPILED, INTERPRETED
 from oracle.compare import compare
 from vit import layers
 
@@ -136,16 +137,11 @@ def reference(mode: str):
 
 def resources(mode: str, setting, args, launcher) -> str:
     """'regs/stack' of the tuned direction's main kernel compiled for sm_90, or the failure."""
-    from kernels import compile_check  # noqa: PLC0415
-
-    try:
-        with _traced(mode, setting), record_launches() as specs:
+    def trace():
+        with _traced(mode, setting):
             jax.eval_shape(function(mode, launcher), *args)
-        spec = next(s for s in specs if s.name == ("vitfuse_ln_fwd" if mode == "fwd" else "vitfuse_ln_bwd"))
-        usage = compile_check.resource_usage(compile_check.compile_spec(spec, 90))
-        return f"{usage['regs']}/{usage['stack']}" if usage else "?"
-    except Exception as e:  # noqa: BLE001  (a variant that does not compile is reported, not fatal)
-        return f"no: {type(e).__name__}"
+    main = "vitfuse_ln_fwd" if mode == "fwd" else "vitfuse_ln_bwd"
+    return sm90_regs_stack(trace, lambda specs: next(s for s in specs if s.name == main))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,10 +173,7 @@ def tune(shape: str, dtype: str, launcher, settings, grid="quick", with_resource
                     row["median_ms"] * 1e6)
             rows.append(row)
             print(format_row(row), flush=True)
-        plan = next((r for r in rows if r["mode"] == mode and r["planned"] and "median_ms" in r), None)
-        for r in rows:
-            if plan and r["mode"] == mode and "median_ms" in r:
-                r["vs_plan"] = plan["median_ms"] / r["median_ms"]
+        mark_speed_vs_plan([r for r in rows if r["mode"] == mode])
     return rows
 
 

@@ -1,11 +1,37 @@
-"""What the tunes (bench/tune_attention.py, bench/tune_layernorm.py) share: their Markdown file,
-rewritten as they go, and their verdict."""
+"""What the tunes (bench/tune_attention.py, bench/tune_layernorm.py) share: each variant's sm_90
+registers and its speed against the plan, their Markdown file, rewritten as they go, and their
+verdict."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from kernels.launch import record_launches
 from vit.data.cache import write_text_atomic
+
+
+def sm90_regs_stack(trace, pick) -> str:
+    """'regs/stack' per thread of one launch compiled for sm_90 (kernels.compile_check; no GPU
+    needed): trace() traces the variant, pick(specs) chooses its launch among those recorded. A
+    variant that does not trace or compile is reported ('no: <error>'), not fatal."""
+    from kernels import compile_check  # noqa: PLC0415
+
+    try:
+        with record_launches() as specs:
+            trace()
+        usage = compile_check.resource_usage(compile_check.compile_spec(pick(specs), 90))
+        return f"{usage['regs']}/{usage['stack']}" if usage else "?"
+    except Exception as e:  # noqa: BLE001
+        return f"no: {type(e).__name__}"
+
+
+def mark_speed_vs_plan(rows: list[dict]) -> None:
+    """rows: one direction's variants. Each timed row gets vs_plan, the plan's median over its own
+    (2.00x: twice as fast as the plan); none where the plan was not timed."""
+    plan = next((r for r in rows if r["planned"] and "median_ms" in r), None)
+    for r in rows:
+        if plan and "median_ms" in r:
+            r["vs_plan"] = plan["median_ms"] / r["median_ms"]
 
 
 def write_tables_so_far(path: Path, title: str, tables: list[str], total: int) -> None:
