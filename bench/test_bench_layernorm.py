@@ -67,20 +67,24 @@ def builder(mode, bench):
                 return fwd(inputs), g["x"], g["params"]
             return fwd_bwd
         if contender == "reference":
-            ops = REFERENCE
-        else:
-            from kernels import fused_ops  # noqa: PLC0415  (needs triton; only the fused rows import it)
+            return row_function(mode, REFERENCE)
+        from kernels import fused_ops  # noqa: PLC0415  (needs triton; only the fused rows import it)
 
-            ops = fused_ops(bench.launcher)
-        if mode == "fwd":
-            return lambda params, x, r, dy: ops.add_layernorm_forward(params, x, r, EPS)[0]
-
-        def fwd_bwd(params, x, r, dy):
-            y, cache = ops.add_layernorm_forward(params, x, r, EPS)
-            ds, grads = ops.add_layernorm_backward(params, cache, dy)
-            return y, ds, grads
-        return fwd_bwd
+        return row_function(mode, fused_ops(bench.launcher))
     return build
+
+
+def row_function(mode, ops):
+    """The row's function over an op set (anything with add_layernorm_forward and _backward, as
+    vit.ops.Ops has): y = LN(x + r) for fwd; (y, ds, {gamma, beta}) for fwd+bwd."""
+    if mode == "fwd":
+        return lambda params, x, r, dy: ops.add_layernorm_forward(params, x, r, EPS)[0]
+
+    def fwd_bwd(params, x, r, dy):
+        y, cache = ops.add_layernorm_forward(params, x, r, EPS)
+        ds, grads = ops.add_layernorm_backward(params, cache, dy)
+        return y, ds, grads
+    return fwd_bwd
 
 
 def work(mode, dtype):

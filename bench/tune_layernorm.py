@@ -32,23 +32,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 
 from bench import harness
 from bench.device import device_info, version
-from bench.test_bench_layernorm import EPS, make_inputs
+from bench.test_bench_layernorm import make_inputs, row_function
 from bench.timer import chain, nbytes, rotation_count, time_calls, timer_settings
 from bench.tuning import (mark_speed_vs_plan, sm90_regs_stack, tune_exit_status, tune_failures,
                           write_tables_so_far)
 from kernels import layernorm
 from kernels.launch import COMPILED, INTERPRETED
 from oracle.compare import compare
-from vit import layers
+from vit.ops import REFERENCE
 
 MODES = ("fwd", "fwd+bwd")
 GRIDS = {  # fwd: BLOCK_M x warps; fwd+bwd: BLOCK_M x warps x max programs x reduction columns
@@ -113,26 +115,18 @@ def _traced(mode: str, setting: tuple[int, ...]):
 
 
 def function(mode: str, launcher):
-    """The bench's fused row: y = LN(x + r), or (y, ds, {gamma, beta}) for fwd+bwd."""
-    def fwd(params, x, r, dy):
-        return layernorm.add_layernorm_forward(params, x, r, EPS, launcher=launcher)[0]
-
-    def fwd_bwd(params, x, r, dy):
-        y, cache = layernorm.add_layernorm_forward(params, x, r, EPS, launcher=launcher)
-        ds, grads = layernorm.add_layernorm_backward(params, cache, dy, launcher=launcher)
-        return y, ds, grads
-    return fwd if mode == "fwd" else fwd_bwd
+    """The bench's fused row (test_bench_layernorm.row_function) on `launcher`, whichever geometry
+    the override in force gives. Not kernels.fused_ops: that one wants the launcher to run here,
+    and --resources and the tests trace COMPILED on a machine without a GPU."""
+    ops = SimpleNamespace(
+        add_layernorm_forward=functools.partial(layernorm.add_layernorm_forward, launcher=launcher),
+        add_layernorm_backward=functools.partial(layernorm.add_layernorm_backward, launcher=launcher))
+    return row_function(mode, ops)
 
 
 def reference(mode: str):
-    def fwd(params, x, r, dy):
-        return layers.add_layernorm_forward(params, x, r, EPS)[0]
-
-    def fwd_bwd(params, x, r, dy):
-        y, cache = layers.add_layernorm_forward(params, x, r, EPS)
-        ds, grads = layers.add_layernorm_backward(params, cache, dy)
-        return y, ds, grads
-    return fwd if mode == "fwd" else fwd_bwd
+    """The bench's reference row: the hand-written jnp add+LN."""
+    return row_function(mode, REFERENCE)
 
 
 def resources(mode: str, setting, args, launcher) -> str:
