@@ -171,6 +171,12 @@ def resolve_config(args):
     cfg = runconfig.from_dict(base, where, sources)
     if args.resume:
         check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
+        if "data.data_dir" not in sources:  # the run's own folder, which may have moved since
+            from vit.data import DatasetError, check_run_data_dir  # noqa: PLC0415
+            try:
+                check_run_data_dir(cfg.data.dataset, cfg.data.data_dir, f"--resume {run_dir}")
+            except DatasetError as err:
+                fail(str(err))
     return cfg
 
 

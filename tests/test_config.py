@@ -212,6 +212,33 @@ def test_the_patch_size_is_checked_against_data_image_size_not_the_models_placeh
     assert "e.g. --set model.patch_size=5" in str(err.value)
 
 
+@pytest.mark.parametrize("data, side", [({"dataset": "digits"}, 8),
+                                        ({"dataset": "tiny-imagenet", "layout": "tiny-imagenet"}, 64)])
+def test_the_patch_size_of_a_fixed_size_dataset_is_checked_against_its_images(data, side):
+    """Digits (8 px) and a named Tiny ImageNet layout (64 px): the model follows their images, so
+    a patch size is checked against those, not model.image_size's placeholder 64 (digits with
+    --set model.patch_size=3 used to be told 'image_size=64 is not divisible by patch_size=3')."""
+    from vit import runconfig
+
+    sources = {"model.patch_size": "--set model.patch_size=5"}
+    with pytest.raises(runconfig.ConfigError) as err:
+        runconfig.from_dict({"model": {"patch_size": 5}, "data": data}, "c.toml", sources)
+    assert str(err.value).startswith(f"--set model.patch_size=5: ViTConfig.image_size={side} is "
+                                     "not divisible by patch_size=5"), err.value
+    assert f"images are {side}x{side} ({data['dataset']})" in str(err.value), err.value
+    # a patch size that fits is taken, and the model's fields stay as written (fitted on loading)
+    cfg = runconfig.from_dict({"model": {"patch_size": 4}, "data": data}, "c.toml")
+    assert (cfg.model.image_size, cfg.model.patch_size) == (64, 4)
+
+
+def test_digits_refuses_a_patch_larger_than_its_images_before_any_data_is_read():
+    from vit import runconfig
+
+    with pytest.raises(runconfig.ConfigError, match=r"image_size=8 is not divisible by patch_size=16 "
+                                                    r"\(the dataset's images are 8x8 \(digits\)"):
+        runconfig.from_dict({"model": {"patch_size": 16}, "data": {"dataset": "digits"}}, "c.toml")
+
+
 @pytest.mark.parametrize("data", [{"dataset": "digits", "image_size": 30},
                                   {"dataset": "tiny-imagenet", "layout": "tiny-imagenet", "image_size": 32}])
 def test_data_image_size_of_a_dataset_with_a_fixed_size_is_refused_with_the_config(data):

@@ -334,6 +334,23 @@ def test_download_command_end_to_end(tmp_path, dataset_zip, capsys):
     assert rc == 1 and "checksum mismatch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--url", "nonsense", "must be an http://, https://, ftp:// or file:// URL, got 'nonsense'"),
+    ("--url", "htp://example.org/x.zip", "URL, got 'htp://example.org/x.zip'"),
+    ("--md5", "xyz", "must be an MD5 digest, 32 hexadecimal digits, got 'xyz'"),
+    ("--md5", "g" * 32, "32 hexadecimal digits"),
+])
+def test_a_bad_url_or_md5_is_a_usage_error_naming_the_flag(tmp_path, capsys, flag, value, message):
+    """Before anything is fetched: a URL urllib cannot open used to be a traceback ('unknown url
+    type'), and an MD5 that is not one could only fail after the whole download."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["download", "--dest", str(tmp_path / "d"), flag, value, "--quiet"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: must be" in err and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "d").exists()
+
+
 def test_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])

@@ -54,3 +54,26 @@ def test_resume_and_evaluate_refuse_a_folder_of_other_classes(folders, other, de
         assert f"{folders[other]}" in err and f"the classes the run in {run} was trained on" in err, err
         assert detail in err and "give the --data-dir it was trained on" in err, err
     assert quietly(evaluate.main, run, "--data-dir", folders["same"], "--no-progress") == 0
+
+
+def test_a_run_whose_data_folder_moved_asks_for_data_dir(folders, tmp_path, capsys):
+    """evaluate.py RUN and train.py --resume RUN read the run's own data.data_dir; once that folder
+    has moved they say so and ask for --data-dir (they used to say 'data directory ... does not
+    exist; get Tiny ImageNet with python -m vit.data download', the hint for a first run)."""
+    import shutil
+
+    data, moved, run = tmp_path / "data", tmp_path / "moved", tmp_path / "run"
+    shutil.copytree(folders["same"], data)
+    assert quietly(train.main, "--data-dir", data, "--out", run, "--epochs", 1, *SMALL) == 0
+    data.rename(moved)
+    for main, args, who in ((evaluate.main, [run, "--no-progress"], f"{run}"),
+                            (train.main, ["--resume", run, "--epochs", 2, "--no-progress"], f"--resume {run}")):
+        with pytest.raises(SystemExit) as exit_:
+            quietly(main, *args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, err
+        assert f"{who}: the run's data directory {data} (its data.data_dir) does not exist here; give " \
+               "the folder that holds its images now with --data-dir DIR" in err, err
+        assert "download" not in err, err
+    assert quietly(evaluate.main, run, "--data-dir", moved, "--no-progress") == 0
+    assert quietly(train.main, "--resume", run, "--data-dir", moved, "--epochs", 2, "--no-progress") == 0

@@ -129,6 +129,24 @@ def test_flops_command_prints_each_configs_figures_and_names_a_bad_one(tmp_path,
     assert flops.main(["--help"]) == 0 and "python -m vit.flops [CONFIG.toml ...]" in capsys.readouterr().out
 
 
+def test_flops_command_gives_a_digits_config_the_model_train_py_builds(capsys):
+    """configs/digits.toml leaves model.image_size, channels and num_classes at the 64 px, RGB,
+    200-class defaults, which train.py replaces by digits' 8x8x1 and 10 classes; vit.flops used to
+    print the unfitted figures (99,592 parameters, L = 257) and FLOPs too small to show in G."""
+    from vit.data import load_dataset
+
+    path = str(runconfig.CONFIG_DIR / "digits.toml")
+    assert flops.main([path]) == 0
+    out = capsys.readouterr().out
+    cfg = load("digits.toml")
+    training.fit_model_to_data(cfg, load_dataset("digits", None, "train"))  # what train.py runs
+    built = vit.count_params(vit.init_params(jax.random.PRNGKey(0), cfg.model))
+    assert f"{path} (fitted to digits: 8x8x1, 10 classes): 8 px, 4x4 patches, L = 5 tokens" in out, out
+    assert f"parameters            {built:,}\n" in out, out
+    assert f"forward FLOPs/image   {flops.forward_flops(cfg.model)['total'] / 1e6:.2f} M" in out, out
+    assert " 0.00 " not in out, out
+
+
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_param_count_is_what_init_params_makes_for_either_norm_layout(norm):
     """Pre-norm has a final LayerNorm, post-norm none: counted from the shapes init_params makes."""

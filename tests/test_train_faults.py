@@ -287,10 +287,11 @@ def test_image_size_that_the_patch_does_not_divide_suggests_one_before_decoding(
 
 
 def test_a_model_for_other_images_gets_a_patch_size_for_the_datasets(tmp_path, capsys):
-    err = exits_with_message(capsys, train.main, *QUICK, "--set", "model.image_size=9", "--set",
-                             "model.patch_size=3", "--out", tmp_path / "r")  # digits: 8x8x1
-    assert "image_size=8 is not divisible by patch_size=3 (the dataset's images are 8x8x1; set a " \
-           "patch size that divides 8, e.g. --set model.patch_size=1)" in err, err
+    root = write_fake_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=1)  # 64x64x3
+    err = exits_with_message(capsys, train.main, "--data-dir", root, "--no-progress", "--set",
+                             "model.image_size=9", "--set", "model.patch_size=3", "--out", tmp_path / "r")
+    assert "image_size=64 is not divisible by patch_size=3 (the dataset's images are 64x64x3; set " \
+           "a patch size that divides 64, e.g. --set model.patch_size=8)" in err, err
     assert not (tmp_path / "r").exists()
 
 

@@ -57,6 +57,11 @@ def param_count(c: ViTConfig) -> int:
     return patch + embed + c.layers * block + final_ln + head
 
 
+def _scaled(flops: float, places: int, scale: float) -> str:
+    """flops in G, or in M where the model is too small for G to show it (digits)."""
+    return f"{flops / 1e9:.{places}f} G" if scale >= 1e8 else f"{flops / 1e6:.{places}f} M"
+
+
 def describe(c: ViTConfig) -> str:
     full = forward_flops(c)["total"]
     ours = forward_flops(c, cls_only_last=True)["total"]
@@ -64,14 +69,15 @@ def describe(c: ViTConfig) -> str:
             f"D = {c.d_model}, H = {c.heads} (Dh = {c.head_dim}), {c.layers} layers, F = {c.mlp_dim}, "
             f"{c.num_classes} classes\n"
             f"  parameters            {param_count(c):,}\n"
-            f"  forward FLOPs/image   {full / 1e9:.2f} G (2 per multiply-add; {multiply_adds(c) / 1e9:.2f} G "
-            f"multiply-adds, the papers' \"FLOPs\")\n"
-            f"  as vitfuse runs it    {ours / 1e9:.2f} G (last block on the CLS row only); "
-            f"train step ~{3 * ours / 1e9:.1f} G/image")
+            f"  forward FLOPs/image   {_scaled(full, 2, full)} (2 per multiply-add; "
+            f"{_scaled(multiply_adds(c), 2, full)} multiply-adds, the papers' \"FLOPs\")\n"
+            f"  as vitfuse runs it    {_scaled(ours, 2, full)} (last block on the CLS row only); "
+            f"train step ~{_scaled(3 * ours, 1, full)}/image")
 
 
 def main(argv=None) -> int:
     from vit import runconfig  # noqa: PLC0415
+    from vit.data import digits  # noqa: PLC0415
 
     paths = sys.argv[1:] if argv is None else argv
     if any(p in ("-h", "--help") for p in paths):
@@ -80,14 +86,18 @@ def main(argv=None) -> int:
     if not paths:
         paths = sorted(str(p) for p in runconfig.CONFIG_DIR.glob("*.toml"))
     print("figures for each config's [model] section as written (train.py then fits image_size, "
-          "channels and num_classes to the dataset it loads)")
+          "channels and num_classes to the dataset it loads; a digits config is shown so fitted)")
     for path in paths:
         try:
             cfg = runconfig.from_dict(runconfig.load_toml(path, path), path)
         except runconfig.ConfigError as err:
             print(f"vit.flops: error: {err}", file=sys.stderr)
             return 2
-        print(f"{path}: {describe(cfg.model)}")
+        model, fitted = cfg.model, ""
+        if cfg.data.dataset == "digits":  # its images and classes are known without loading it
+            model = model.replace(image_size=8, channels=1, num_classes=len(digits.CLASS_NAMES))
+            fitted = f" (fitted to digits: 8x8x1, {model.num_classes} classes)"
+        print(f"{path}{fitted}: {describe(model)}")
     return 0
 
 

@@ -146,26 +146,54 @@ def from_dict(d: dict, where: str = "config", sources: dict | None = None) -> Ru
     built = {}
     for name, cls in (("data", DataSection), ("model", ViTConfig)):
         values = d.get(name, {})
-        also, hint = [], ""
+        also, hint, checked = [], "", None
         if name == "model" and built["data"].image_size is not None:
             # the model follows the data: check the patch size against the images it will get
             values = {**values, "image_size": built["data"].image_size}
             also = ["data.image_size"]
             side = built["data"].image_size
             hint = f" ({patch_size_hint(side, f'{side}x{side} (data.image_size)')})"
+        elif name == "model" and (native := _native_image_size(built["data"])) is not None:
+            # digits (8 px), a named Tiny ImageNet layout (64 px): the model will follow their
+            # images whatever model.image_size says, so the patch size is checked on them first
+            side, what = native
+            checked = {**values, "image_size": side}
+            hint = f" ({patch_size_hint(side, f'{side}x{side} ({what})')})"
+        if checked is not None:
+            try:
+                cls(**checked)
+            except (TypeError, ValueError) as err:
+                raise _values_error(name, [k for k in values if k != "image_size"], err, source,
+                                    also, hint) from None
+            hint = ""
         try:
             built[name] = cls(**values)
-        except (TypeError, ValueError) as err:  # blame the fields the message names
-            named = [f"{name}.{k}" for k in values if re.search(rf"\b{k}\b", str(err))]
-            about_size = "image_size" in str(err)
-            raise ConfigError(f"{source(*named, *(also if about_size else []))}: {err}"
-                              f"{hint if about_size else ''}") from None
+        except (TypeError, ValueError) as err:
+            raise _values_error(name, values, err, source, also, hint) from None
         if name == "data":
             _validate_data(built["data"], source)
     model, data = built["model"], built["data"]
     section = TrainSection(**train, hparams=TrainHParams(**hp))
     _validate(section, source)
     return RunConfig(model, section, data)
+
+
+def _values_error(section, keys, err, source, also, hint) -> ConfigError:
+    """err of building a section, blaming the fields of keys that its message names (and those of
+    also, and the hint, when it is about the image size)."""
+    named = [f"{section}.{k}" for k in keys if re.search(rf"\b{k}\b", str(err))]
+    about_size = "image_size" in str(err)
+    return ConfigError(f"{source(*named, *(also if about_size else []))}: {err}"
+                       f"{hint if about_size else ''}")
+
+
+def _native_image_size(d: DataSection):
+    """(side, dataset) of a dataset read at its own size only (digits always, Tiny ImageNet when
+    the layout is named), else None."""
+    from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
+
+    fixed = d.dataset if d.dataset == "digits" else d.layout
+    return (NATIVE_IMAGE_SIZE[fixed], fixed) if fixed in NATIVE_IMAGE_SIZE else None
 
 
 def _validate_data(d: DataSection, source):

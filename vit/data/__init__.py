@@ -25,7 +25,7 @@ DEFAULT_DATA_DIR = "data"  # where `python -m vit.data download` puts tiny-image
 NATIVE_IMAGE_SIZE = {"tiny-imagenet": 64, "digits": 8}  # datasets that are not resized
 
 __all__ = ["DATASETS", "DEFAULT_DATA_DIR", "DOWNLOAD_HINT", "Dataset", "DatasetError", "LAYOUTS",
-           "load_dataset", "resolve_layout"]
+           "check_run_data_dir", "load_dataset", "resolve_layout"]
 
 
 def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = "auto") -> str:
@@ -52,6 +52,17 @@ def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = 
     from vit.data.layout import detect_layout
 
     return detect_layout(data_dir, DOWNLOAD_HINT if name == "tiny-imagenet" else "")
+
+
+def check_run_data_dir(name: str, data_dir, who: str) -> None:
+    """Before a run's data is loaded again from its own data.data_dir (evaluate.py, train.py
+    --resume, no --data-dir): a folder that is not there (moved, deleted, or a relative path
+    given from another working directory) is a DatasetError asking for --data-dir, not the
+    download hint meant for a first run. who: what the message starts with (the run, the flag)."""
+    where = DEFAULT_DATA_DIR if data_dir is None else data_dir
+    if name != "digits" and not Path(where).exists():
+        raise DatasetError(f"{who}: the run's data directory {where} (its data.data_dir) does not "
+                           "exist here; give the folder that holds its images now with --data-dir DIR")
 
 
 def load_dataset(

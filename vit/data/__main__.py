@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import string
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 
 from vit.data import DEFAULT_DATA_DIR, LAYOUTS, DatasetError, load_dataset
@@ -44,6 +46,22 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def download_url(text: str) -> str:
+    """argparse type: a URL that urllib can open (a bare word or a typo'd scheme used to end in
+    a traceback from urllib, 'unknown url type')."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme.lower() not in ("http", "https", "ftp", "file") or not (parts.netloc or parts.path):
+        raise argparse.ArgumentTypeError(f"must be an http://, https://, ftp:// or file:// URL, got {text!r}")
+    return text
+
+
+def md5_digest(text: str) -> str:
+    """argparse type: 32 hexadecimal digits (anything else could only fail after the whole download)."""
+    if len(text) != 32 or any(c not in string.hexdigits for c in text):
+        raise argparse.ArgumentTypeError(f"must be an MD5 digest, 32 hexadecimal digits, got {text!r}")
+    return text.lower()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vit.data",
@@ -64,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument(
         "--dest", default=DEFAULT_DATA_DIR, help="folder to put tiny-imagenet-200/ in (default: %(default)s)"
     )
-    get.add_argument("--url", default=DEFAULT_URL, help="where to download the zip from (default: %(default)s)")
-    get.add_argument("--md5", default=DEFAULT_MD5, help="expected MD5 of the zip (default: %(default)s)")
+    get.add_argument("--url", type=download_url, default=DEFAULT_URL,
+                     help="where to download the zip from (default: %(default)s)")
+    get.add_argument("--md5", type=md5_digest, default=DEFAULT_MD5,
+                     help="expected MD5 of the zip (default: %(default)s)")
     get.add_argument("--retries", type=at_least(0), default=3,
                      help="resume this many times after a dropped connection (default: %(default)s)")
     get.add_argument("--timeout", type=positive_seconds, default=60.0,
