@@ -253,6 +253,23 @@ def test_data_image_size_of_a_dataset_with_a_fixed_size_is_refused_with_the_conf
     assert runconfig.from_dict({"data": {**data, "image_size": 8 if data["dataset"] == "digits" else 64}})
 
 
+def test_a_data_dir_for_digits_is_refused_not_ignored():
+    """Digits come with scikit-learn: a data.data_dir beside them would be silently unused (the
+    user meant another dataset, or a folder that is not read), so it is refused, naming the flag
+    or the file that set it."""
+    import train
+    from vit import runconfig
+
+    args = train.parse_args(["--dataset", "digits", "--data-dir", "my_images"])
+    with pytest.raises(runconfig.ConfigError, match=r"^--data-dir my_images: data\.data_dir='my_images': "
+                                                    r"digits come with scikit-learn and read no folder"):
+        train.resolve_config(args)
+    with pytest.raises(runconfig.ConfigError, match=r"^d\.toml: data\.data_dir='x': digits"):
+        runconfig.from_dict({"data": {"dataset": "digits", "data_dir": "x"}}, "d.toml")
+    assert runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "x"}}).data.data_dir == "x"
+    assert train.resolve_config(train.parse_args(["--dataset", "digits"])).data.data_dir is None
+
+
 def test_config_with_resume_is_refused_not_ignored(tmp_path, capsys):
     """--resume RUN uses RUN/config.json; a --config beside it was silently ignored (a digits run
     resumed 'with' configs/recipe.toml went on as the digits run). Now it is an error naming

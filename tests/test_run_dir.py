@@ -2,7 +2,8 @@
 --resume), or what an earlier run kept (best.npz, metrics.jsonl) once its last.npz is gone (a
 new run used to overwrite them silently). A folder of other files, or what a run that never
 saved left (config.json only), is written into. And what --resume takes as the run's config: a
-config.json that is not JSON, or disagrees with last.npz on what it depends on, is refused."""
+config.json that is not JSON, or disagrees with last.npz on what it depends on, is refused;
+so is evaluate.py's --data-dir for a digits run, which reads no folder."""
 
 import json
 
@@ -72,3 +73,17 @@ def test_resume_refuses_a_config_json_that_is_not_the_checkpoints(tmp_path, caps
             train.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err, err
+
+
+def test_evaluate_refuses_a_data_dir_for_a_digits_run(tmp_path, capsys):
+    """Digits come with scikit-learn: evaluate.py RUN --data-dir DIR of a digits run would have
+    evaluated on digits all the same, DIR unread; it is refused, naming the flag."""
+    import evaluate
+
+    out = tmp_path / "run"
+    assert train.main([*QUICK, "--out", str(out)]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([str(out), "--data-dir", "elsewhere", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--data-dir elsewhere: {out} was trained on digits" in err, err
+    assert evaluate.main([str(out), "--no-progress"]) == 0

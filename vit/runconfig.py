@@ -197,7 +197,7 @@ def _native_image_size(d: DataSection):
 
 
 def _validate_data(d: DataSection, source):
-    from vit.data import DATASETS, LAYOUTS, NATIVE_IMAGE_SIZE  # noqa: PLC0415
+    from vit.data import DATASETS, LAYOUTS  # noqa: PLC0415
 
     _check_types("data", d, source)  # types first: what follows compares values only
     if d.workers is not None and d.workers < 1:
@@ -212,12 +212,15 @@ def _validate_data(d: DataSection, source):
     if d.image_size is not None and d.image_size < 1:
         raise ConfigError(f"{source('data.image_size')}: data.image_size must be a positive "
                           f"integer, got {d.image_size!r}")
-    # a dataset read at its own size only: digits always, Tiny ImageNet when the layout is named
-    fixed = d.dataset if d.dataset == "digits" else d.layout
-    native = NATIVE_IMAGE_SIZE.get(fixed)
-    if d.image_size is not None and native is not None and d.image_size != native:
+    if d.dataset == "digits" and d.data_dir is not None:
+        raise ConfigError(f"{source('data.data_dir')}: data.data_dir={d.data_dir!r}: digits come "
+                          "with scikit-learn and read no folder (leave data.data_dir unset, or "
+                          "give the folder's dataset: tiny-imagenet or image-folder)")
+    native = _native_image_size(d)
+    if d.image_size is not None and native is not None and d.image_size != native[0]:
+        side, fixed = native
         raise ConfigError(f"{source('data.image_size')}: data.image_size={d.image_size}: {fixed} "
-                          f"comes at its own {native}x{native} only; resizing is for image-folder "
+                          f"comes at its own {side}x{side} only; resizing is for image-folder "
                           "datasets (leave data.image_size unset)")
     if d.device_budget_mb < 0:
         raise ConfigError(f"{source('data.device_budget_mb')}: data.device_budget_mb must be an "
