@@ -16,10 +16,12 @@ from cmdline import positive_int
 from oracle import autodiff_grad_fn
 from vit.step import TrainHParams, make_train_step
 
-parser = argparse.ArgumentParser()
-parser.add_argument("norm", nargs="?", default="post", choices=["post", "pre"])
-parser.add_argument("--batch", type=positive_int, default=64)
-parser.add_argument("--steps", type=positive_int, default=8)
+parser = argparse.ArgumentParser(prog="python bench/step_time.py", description=__doc__.split("\n\n")[0])
+parser.add_argument("norm", nargs="?", default="post", choices=["post", "pre"],
+                    help="the block layout (default: %(default)s)")
+parser.add_argument("--batch", type=positive_int, default=64, help="images per step (default: %(default)s)")
+parser.add_argument("--steps", type=positive_int, default=8,
+                    help="timed steps of each, interleaved (default: %(default)s)")
 args = parser.parse_args()
 
 cfg = vit.ViTConfig(norm=args.norm)
