@@ -357,7 +357,7 @@ def test_split_without_images_is_an_error(root, how):
     assert expected in str(e.value)
 
 
-def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root):
+def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root, capsys):
     bad = root / "train" / CLASSES[1] / "img 4.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
     with pytest.raises(DatasetError) as e:
@@ -367,6 +367,9 @@ def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root):
     train = load(root, "train", skip_bad_images=True)
     assert len(train) == 3 * TRAIN - 1 and len(train.skipped) == 1 and str(bad) in train.skipped[0]
     assert train.labels.tolist() == [0] * TRAIN + [1] * (TRAIN - 1) + [2] * TRAIN
+    assert "skipped 1 unreadable images" in capsys.readouterr().err  # said as the cache is built
+    again = load(root, "train", skip_bad_images=True)  # ... and again by a load that reuses it
+    assert len(again) == len(train) and "leaves out 1 unreadable images" in capsys.readouterr().err
     with pytest.raises(DatasetError, match=str(bad)) as e:  # the skipping cache does not hide it later
         load(root, "train")
     assert "skip_bad_images" in str(e.value)  # ... and the way to leave it out is named again

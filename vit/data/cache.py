@@ -335,4 +335,7 @@ def load_cached(
             f"{skipped[0]} ({len(skipped)} unreadable images in {what}). Fix or remove the files, or "
             f"{SKIP_HINT}"
         )
+    if skipped and not built:  # the build said so; a run that reuses the cache says it again
+        print(f"{what}: the cache leaves out {len(skipped)} unreadable images (skip_bad_images), "
+              f"e.g. {skipped[0]}", file=sys.stderr)
     return images, labels, skipped, built
