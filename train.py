@@ -42,7 +42,8 @@ import cmdline
 
 EXIT_INTERRUPTED = 130  # stopped early, last.npz saved: Ctrl-C, SIGTERM or --stop-after-epoch
 EXIT_NONFINITE = 3
-# named flags: their argparse dest and the (section, key) of the config value each overrides
+# named flags: their argparse dest and the (section, key) of the config value each overrides; a
+# new one also needs its p.add_argument(..., dest=...) in build_parser (any key works through --set)
 NAMED_FLAGS = {"--dataset": ("dataset", "data", "dataset"),
                "--data-dir": ("data_dir", "data", "data_dir"),
                "--epochs": ("epochs", "train", "epochs"),
@@ -213,7 +214,8 @@ RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
                 "data.layout": "the images it was trained on",
                 "data.image_size": "the images it was trained on"}
 
-# changed on --resume, these leave the run what it would have been: taken without a note
+# changed on --resume, these leave the run what it would have been: taken without a note. A key in
+# neither table (a new config key too) is taken with a note (check_resume_changes)
 RESUME_SAME_RUN = {"data.data_dir": "the same data found elsewhere",
                    "data.workers": "processes decoding the cache, not what it holds",
                    "data.device_budget_mb": "where the batches come from, not what they hold",

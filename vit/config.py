@@ -104,7 +104,9 @@ def patch_size_hint(side: int, images: str) -> str:
 
 @dataclass(frozen=True)
 class TrainHParams:
-    """Optimisation and augmentation settings of one run (the [train] section of a config)."""
+    """Optimisation and augmentation settings of one run: what the training step reads (vit/step.py
+    train_step_fn, as `hp`). The [train] section of a config holds these and the run-level values
+    of vit.runconfig.TrainSection (epochs, batch_size, seed, ...), in one flat table."""
 
     lr: float = 1e-4
     weight_decay: float = 0.01

@@ -4,6 +4,21 @@ Loaded from a TOML file (configs/*.toml), then overridden on the command line (`
 train.lr=3e-4`, or the named flags of train.py). An unknown section or key is an error naming it,
 never a silent no-op, and every error names where the bad value came from: the flag that set it,
 else the file.
+
+To add a config key (no list of keys to extend: the dataclass fields are the keys):
+  - [train], read by the training step: a field of TrainHParams (vit/config.py), which the step
+    gets as `hp`; [train], about the run (length, batching, saving): a field of TrainSection;
+    [data]: a field of DataSection. The field's annotation (int, float, bool, str, "| None") is
+    its type check (_check_types); its range goes in _validate or _validate_data (for [train],
+    often one name in _NON_NEGATIVE or _UNIT_INTERVAL), so the error names the flag or file.
+  - a named flag of its own: train.py, an entry in NAMED_FLAGS and its add_argument in
+    build_parser (dest as in NAMED_FLAGS); without one, --set section.key=value already works.
+  - config.json and the checkpoints' config follow from to_dict; a config.json or checkpoint
+    written before the key existed reads back with the default.
+  - --resume compares every key (train.config_changes): a change is taken with a note unless the
+    key is in train.RESUME_FIXED (refused) or train.RESUME_SAME_RUN (taken silently).
+  - tests: tests/test_config.py (test_bad_train_values_are_errors, test_bad_data_values_are_errors);
+    README.md, "Training" (the [data] keys are listed there; [train] keys by example).
 """
 
 from __future__ import annotations
@@ -24,7 +39,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class TrainSection:
     """[train]: the run's length, batching and seed, plus every TrainHParams field except the
-    step counts, which follow from epochs and warmup_epochs.
+    step counts, which follow from epochs and warmup_epochs. In a config file and on the command
+    line the two are one flat [train] section; from_dict sorts its keys into the two classes.
 
     checkpoint_minutes: besides at every epoch's end, save last.npz mid-epoch once this many
         minutes have passed since it was last saved, so that a crash (kill -9, power loss, an
