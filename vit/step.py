@@ -133,6 +133,9 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, 
     mean, std = _stats(mean, std, config.channels)
 
     def step(params, opt_state, images, labels, key):
+        # a new random draw takes a third key here: jax.random.split(key, 3) gives the same first
+        # two keys as split(key) (jax's default partitionable threefry), so runs that do not use
+        # it keep their random numbers; each step's key is fold_in(seed key, global step)
         k_aug, k_drop = jax.random.split(key)
         if images.dtype == jnp.uint8:  # crop/flip, normalise, (smoothed) one-hot, mixup/cutmix
             x, targets = train_augment(
