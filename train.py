@@ -40,6 +40,9 @@ from pathlib import Path
 
 import cmdline
 
+# vit.data.DATASETS, written out so that --help imports no jax (tests/test_config.py keeps the two
+# equal)
+DATASETS = ("tiny-imagenet", "image-folder", "digits")
 EXIT_INTERRUPTED = 130  # stopped early, last.npz saved: Ctrl-C, SIGTERM or --stop-after-epoch
 EXIT_NONFINITE = 3
 # named flags: their argparse dest and the (section, key) of the config value each overrides; a
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="TOML config file (default: configs/seed.toml, or configs/digits.toml "
                         "with --dataset digits)")
-    p.add_argument("--dataset", choices=["tiny-imagenet", "image-folder", "digits"], default=None,
+    p.add_argument("--dataset", choices=DATASETS, default=None,
                    help="data.dataset: a folder of images in --data-dir (Tiny ImageNet: download it "
                         "with `python -m vit.data download`; or any DIR/train/<class>/, "
                         "DIR/val/<class>/ tree) or scikit-learn's bundled 8x8 digits (no download)")

@@ -141,6 +141,17 @@ def test_bad_data_values_are_errors(key, value):
         runconfig.from_dict({"data": {key: value}}, "run.toml")
 
 
+def test_train_py_offers_every_dataset_and_only_those():
+    """train.py spells the dataset names out (--help imports no jax): a kind added to
+    vit.data.DATASETS alone would be refused by --dataset, one added to train.py alone by the
+    config check."""
+    import train
+    from vit.data import DATASETS
+
+    (action,) = [a for a in train.build_parser()._actions if "--dataset" in a.option_strings]
+    assert tuple(action.choices) == train.DATASETS == DATASETS
+
+
 def test_a_capitalised_boolean_is_refused_with_the_toml_spelling():
     """`--set train.flip=False` is not TOML's false: TOML reads the bare word as the string
     'False', which is truthy; it used to switch flipping on."""

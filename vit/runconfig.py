@@ -205,7 +205,8 @@ def _values_error(section, keys, err, source, also, hint) -> ConfigError:
 
 def _native_image_size(d: DataSection):
     """(side, dataset) of a dataset read at its own size only (digits always, Tiny ImageNet when
-    the layout is named), else None."""
+    the layout is named), else None. Every dataset but digits is taken to be read in data.layout
+    (vit.data.FOLDER_DATASETS): a new dataset kind outside them needs its own case here."""
     from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
 
     fixed = d.dataset if d.dataset == "digits" else d.layout

@@ -9,6 +9,28 @@ train/<class>/, val/<class>/ tree), decoded once into a memory-mapped cache; and
 Batching and augmentation run on the device and need jax: import them from vit.data.loader and
 vit.data.augment. This module and the dataset modules use numpy only (the `vit` package they sit
 in imports jax on its own, see vit/data/common.py).
+
+A dataset (data.dataset) and a layout (data.layout) are not the same thing: "tiny-imagenet" and
+"image-folder" are both FOLDER_DATASETS, and either reads whichever layout data.layout names or
+detect_layout finds in the folder (the dataset's name picks the download hint and the run's
+name). A dataset outside FOLDER_DATASETS (digits) is its own kind: resolve_layout returns its
+name and data.layout is not read for it.
+
+To add a dataset kind (say a folder of .npz files):
+  - a module here whose loader returns a common.Dataset (images uint8 (N, S, S, C), labels int32,
+    class_names, name = the kind), and its branch in load_dataset; DATASETS; NATIVE_IMAGE_SIZE if
+    its images come at one size only. Outside FOLDER_DATASETS, a data_dir of None reaches the
+    loader as None (resolve_layout puts in DEFAULT_DATA_DIR for the folder datasets only).
+  - the rules that name datasets: vit/runconfig.py _native_image_size (digits by data.dataset,
+    Tiny ImageNet by data.layout: every other dataset is taken to be read in a layout) and
+    _validate_data; "reads no folder" is written `== "digits"` in runconfig._validate_data,
+    check_run_data_dir here, vit/explain.py load_val and vit/flops.py main.
+  - train.py: DATASETS (the --dataset choices, written out so that --help imports no jax;
+    tests/test_config.py keeps it equal to this one), the --dataset and --data-dir help, the
+    default config (resolve_config). evaluate.py has no dataset flag: load_val reads the run's.
+  - tests: the fake data writers live in vit/data/fake.py (write_fake_tiny_imagenet,
+    write_fake_image_folder); tests/test_data_<kind>.py, tests/test_config.py for the config rules.
+  - README.md, "Data" and the [data] keys under "Training"; runconfig.DataSection's docstring.
 """
 
 from __future__ import annotations
@@ -19,7 +41,7 @@ from pathlib import Path
 from vit.data.common import DOWNLOAD_HINT, Dataset, DatasetError
 
 DATASETS = ("tiny-imagenet", "image-folder", "digits")
-FOLDER_DATASETS = ("tiny-imagenet", "image-folder")  # read from data_dir, in the layout found there
+FOLDER_DATASETS = ("tiny-imagenet", "image-folder")  # read from data_dir, in the layout named or found there
 LAYOUTS = ("auto", "tiny-imagenet", "image-folder")
 DEFAULT_DATA_DIR = "data"  # where `python -m vit.data download` puts tiny-imagenet-200/
 NATIVE_IMAGE_SIZE = {"tiny-imagenet": 64, "digits": 8}  # datasets that are not resized
