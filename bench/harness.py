@@ -21,6 +21,25 @@ their results, divided by ``n`` (and by k); ``n`` is calibrated so a sample last
 ~``target_sample_s``. Median, 20th and 80th percentile over the samples.
 
 Shapes: B batch, L tokens, H heads, Dh head width, D = H * Dh; LayerNorm on M = B * L rows of D.
+
+Rows, for whoever adds one:
+- A row's key is (group, shape label, contender, dtype): report._row_key, and
+  conftest._item_row_key builds the same key from a test's parameters (a KernelCase, or the
+  train step's step_case). The shape enters as its label (shape_label, "B=64 L=65 H=8 Dh=32"):
+  new numbers for a shape make rows no earlier results file holds (--bench-continue, --bench-merge).
+- Order: under --benchmark the rows report.target_rows() needs run first
+  (conftest.pytest_collection_modifyitems), then the rest in collection order (each file's
+  pytest_generate_tests loops; within them, the order of its contender list). The results files
+  and their tables keep the order rows were recorded in (an earlier file's rows first:
+  report.merge_rows); plot.py draws a group's bars in the order contenders first appear there.
+- Names carry meaning: "fused..." runs our Triton kernels (without a GPU: interpreted, checked at
+  "quick", never timed; report._row_evidence); "...-tf32" gets tf32's tolerance (tolerance);
+  "reference", or "reference-<dtype>", is the speedup base of its group, shape and dtype
+  (report.finalize), so a variant of the reference needs another name; a step contender
+  "...-bf16" is a bf16 row (step_dtype).
+- XLA options: XLA_FLAGS is read once per process, so a row cannot set it. Per executable,
+  ``jax.jit(fn).lower(*args).compile(compiler_options)`` takes a dict such as
+  {"xla_backend_optimization_level": 0}; compile_fn and run_kernel_case do not pass one today.
 """
 
 from __future__ import annotations

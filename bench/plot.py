@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vit.figures import pyplot, save_png
 
+# report.GROUP_ORDER without "device peak" (not plotted): a new group goes in both
 GROUP_ORDER = ["attention fwd", "attention fwd+bwd", "add+layernorm fwd", "add+layernorm fwd+bwd", "train step"]
 
 

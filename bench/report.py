@@ -165,6 +165,7 @@ def _row_evidence(r: dict) -> str:
     return f"{r['contender']}: {', '.join(parts) or 'no counts'}"
 
 
+# the order of the groups' tables (bench/plot.py has its own copy for its panels)
 GROUP_ORDER = ["device peak", "attention fwd", "attention fwd+bwd", "add+layernorm fwd",
                "add+layernorm fwd+bwd", "train step"]
 
@@ -174,6 +175,8 @@ def _fmt(x, spec):
 
 
 def markdown_tables(rows: list[dict]) -> str:
+    """One table per group (GROUP_ORDER), its rows in the order of `rows`: the order they were
+    recorded in (the target rows first, under --benchmark), not sorted."""
     lines = []
     groups = sorted({r["group"] for r in rows}, key=lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else 99)
     for g in groups:

@@ -31,6 +31,14 @@ Contenders (each checked against vit.layers in float32 on the same inputs before
                does not refuse. fwd rows (no training path) keep L unpadded.
 
 FLOPs: fwd 4*B*H*L^2*Dh; fwd+bwd 3.5x that (harness.attention_flops).
+
+To add a contender: its name in CONTENDERS for each (mode, dtype) it runs at (the list's order is
+the order its rows run and are written in, after the target rows) and in NOTES (a KeyError
+otherwise); its function in builder (a name builder does not know falls through to dpa_forward
+and fails inside jax); skip_reason / untimed_reason where it cannot run or be timed, optional=
+if it may be unavailable. Its name may give it a meaning (harness.py's docstring, "Rows").
+Then: report.TARGETS if a verdict needs it, report.METHOD's list of contenders, and README.md's
+"Benchmarks" (the contenders, and the row counts: `pytest bench/ --benchmark --collect-only`).
 """
 
 from __future__ import annotations
