@@ -19,12 +19,14 @@ name and data.layout is not read for it.
 To add a dataset kind (say a folder of .npz files):
   - a module here whose loader returns a common.Dataset (images uint8 (N, S, S, C), labels int32,
     class_names, name = the kind), and its branch in load_dataset; DATASETS; NATIVE_IMAGE_SIZE if
-    its images come at one size only. Outside FOLDER_DATASETS, a data_dir of None reaches the
-    loader as None (resolve_layout puts in DEFAULT_DATA_DIR for the folder datasets only).
+    its images come at one size only. load_dataset hands data_dir on as given (None when unset;
+    only its Tiny ImageNet branch puts in DEFAULT_DATA_DIR).
   - the rules that name datasets: vit/runconfig.py _native_image_size (digits by data.dataset,
     Tiny ImageNet by data.layout: every other dataset is taken to be read in a layout) and
-    _validate_data; "reads no folder" is written `== "digits"` in runconfig._validate_data,
-    check_run_data_dir here, vit/explain.py load_val and vit/flops.py main.
+    _validate_data; "digits" is named outright where it reads no folder (runconfig._validate_data,
+    check_run_data_dir here, vit/explain.py load_val) and where its size is known without
+    loading (vit/flops.py main). `python -m vit.data prepare` (__main__.py) builds the cache of
+    the two folder layouts only.
   - train.py: DATASETS (the --dataset choices, written out so that --help imports no jax;
     tests/test_config.py keeps it equal to this one), the --dataset and --data-dir help, the
     default config (resolve_config). evaluate.py has no dataset flag: load_val reads the run's.
