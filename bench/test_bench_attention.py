@@ -34,9 +34,9 @@ FLOPs: fwd 4*B*H*L^2*Dh; fwd+bwd 3.5x that (harness.attention_flops).
 
 To add a contender: its name in CONTENDERS for each (mode, dtype) it runs at (the list's order is
 the order its rows run and are written in, after the target rows) and in NOTES (a KeyError
-otherwise); its function in builder (a name builder does not know falls through to dpa_forward
-and fails inside jax); skip_reason / untimed_reason where it cannot run or be timed, optional=
-if it may be unavailable. Its name may give it a meaning (harness.py's docstring, "Rows").
+otherwise); its function in builder (a name builder does not know is a ValueError naming it);
+skip_reason / untimed_reason where it cannot run or be timed, optional= if it may be
+unavailable. Its name may give it a meaning (harness.py's docstring, "Rows").
 Then: report.TARGETS if a verdict needs it, report.METHOD's list of contenders, and README.md's
 "Benchmarks" (the contenders, and the row counts: `pytest bench/ --benchmark --collect-only`).
 """
@@ -164,8 +164,11 @@ def builder(mode, bench):
             return fwd_bwd
         if contender == "autodiff":
             fwd = lambda qkv: layers.attention_forward(qkv, heads)[0]  # noqa: E731
-        else:
+        elif contender in ("dpa-xla", "dpa-cudnn"):
             fwd = dpa_forward(contender.removeprefix("dpa-"), heads, padding_multiple(mode, contender))
+        else:  # it used to fall through to dpa_forward and fail inside jax
+            raise ValueError(f"builder: no function for contender {contender!r}: a new one needs its "
+                             "branch here (see this file's docstring)")
         if mode == "fwd":
             return lambda qkv, do: fwd(qkv)
         # one jax.vjp gives the output and the gradients. A separate fwd(qkv) beside the vjp
@@ -250,6 +253,17 @@ def test_fused_tf32x3_is_held_to_the_fp32_tolerance_and_is_no_target():
         assert "fused-tf32x3" not in CONTENDERS[(mode, "bf16")]
     assert not [row for row in report.target_rows() if row[2] == "fused-tf32x3"]
     assert "dot precision tf32x3, attention auto" in ops_for("fused-tf32x3", INTERPRETED).description
+
+
+def test_builder_has_a_function_for_every_contender_and_refuses_another(bench):
+    """Every name in CONTENDERS builds (nothing runs here); a name builder does not know is a
+    ValueError naming it, where it used to fall through to dot_product_attention."""
+    for (mode, _), names in CONTENDERS.items():
+        for name in names:
+            assert callable(builder(mode, bench)(name, "quick")), (mode, name)
+    for mode in ("fwd", "fwd+bwd"):
+        with pytest.raises(ValueError, match="no function for contender 'dpa-flash'"):
+            builder(mode, bench)("dpa-flash", "quick")
 
 
 def test_each_rows_note_and_skip_follow_its_dot_precision_and_padding(monkeypatch, bench):
