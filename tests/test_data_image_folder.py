@@ -11,6 +11,7 @@ from PIL import Image
 from vit.data import DatasetError, load_dataset, resolve_layout
 from vit.data import __main__ as cli
 from vit.data import image_folder
+from vit.data.cache import unreadable
 from vit.data.fake import FAKE_FOLDER_CLASSES, write_fake_image_folder, write_fake_tiny_imagenet
 from vit.data.image_folder import load_image
 from vit.data.loader import Batcher
@@ -367,12 +368,17 @@ def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root, capsys):
     train = load(root, "train", skip_bad_images=True)
     assert len(train) == 3 * TRAIN - 1 and len(train.skipped) == 1 and str(bad) in train.skipped[0]
     assert train.labels.tolist() == [0] * TRAIN + [1] * (TRAIN - 1) + [2] * TRAIN
-    assert "skipped 1 unreadable images" in capsys.readouterr().err  # said as the cache is built
+    assert "skipped 1 unreadable image," in capsys.readouterr().err  # said as the cache is built
     again = load(root, "train", skip_bad_images=True)  # ... and again by a load that reuses it
-    assert len(again) == len(train) and "leaves out 1 unreadable images" in capsys.readouterr().err
+    assert len(again) == len(train) and "leaves out 1 unreadable image (" in capsys.readouterr().err
     with pytest.raises(DatasetError, match=str(bad)) as e:  # the skipping cache does not hide it later
         load(root, "train")
     assert "skip_bad_images" in str(e.value)  # ... and the way to leave it out is named again
+
+
+def test_the_unreadable_count_reads_as_english():
+    assert [unreadable(n) for n in (1, 2, 0)] == ["1 unreadable image", "2 unreadable images",
+                                                  "0 unreadable images"]
 
 
 def test_a_split_whose_every_image_is_unreadable_is_an_error_even_when_skipping(root):
@@ -444,5 +450,5 @@ def test_prepare_command_builds_the_split_asked_for_and_can_skip_bad_images(root
     assert cli.main(argv) == 2 and "broken.png" in capsys.readouterr().err
     assert cli.main([*argv, "--skip-bad-images"]) == 0
     assert capsys.readouterr().out == (f"image-folder val: {3 * VAL} images (12, 12, 3), 3 classes, 1 unreadable "
-                                       f"images skipped; cache decoded now into {root / 'vitfuse-cache'}\n")
+                                       f"image skipped; cache decoded now into {root / 'vitfuse-cache'}\n")
     assert sorted(p.name for p in (root / "vitfuse-cache").glob("*_manifest.json")) == ["val_12px_manifest.json"]

@@ -10,6 +10,7 @@ import urllib.parse
 from pathlib import Path
 
 from vit.data import DEFAULT_DATA_DIR, LAYOUTS, DatasetError, load_dataset
+from vit.data.cache import unreadable
 from vit.data.download import DEFAULT_MD5, DEFAULT_URL, download
 
 
@@ -121,7 +122,7 @@ def prepare(args) -> None:
         data = load_dataset("tiny-imagenet", args.data_dir, split, workers=args.workers,
                             skip_bad_images=args.skip_bad_images, progress=not args.quiet,
                             image_size=args.image_size, layout=args.layout)
-        skipped = f", {len(data.skipped)} unreadable images skipped" if data.skipped else ""
+        skipped = f", {unreadable(len(data.skipped))} skipped" if data.skipped else ""
         how = "decoded now into" if data.decoded_now else "up to date in"
         print(f"{data.name} {split}: {data.images.shape[0]} images {data.images.shape[1:]}, "
               f"{data.num_classes} classes{skipped}; cache {how} {Path(data.images.filename).parent}")

@@ -49,6 +49,11 @@ SKIP_HINT = (
 Decode = Callable[[str], np.ndarray]
 
 
+def unreadable(n: int) -> str:
+    """'1 unreadable image', '3 unreadable images': how the messages count the files left out."""
+    return f"{n} unreadable image{'' if n == 1 else 's'}"
+
+
 class BadImage(Exception):
     """An image file that cannot be decoded into the cached shape; the message names the file."""
 
@@ -221,7 +226,7 @@ def build_cache(
             dense.flush()
             del dense
             os.replace(compacted, tmp_images)
-            print(f"{what}: skipped {len(bad)} unreadable images, e.g. {bad[0][1]}", file=sys.stderr)
+            print(f"{what}: skipped {unreadable(len(bad))}, e.g. {bad[0][1]}", file=sys.stderr)
         del out
         with open(tmp_images, "rb+") as f:
             os.fsync(f.fileno())
@@ -332,10 +337,10 @@ def load_cached(
     skipped = list(manifest.get("skipped", []))
     if skipped and not skip_bad_images:
         raise DatasetError(
-            f"{skipped[0]} ({len(skipped)} unreadable images in {what}). Fix or remove the files, or "
+            f"{skipped[0]} ({unreadable(len(skipped))} in {what}). Fix or remove the files, or "
             f"{SKIP_HINT}"
         )
     if skipped and not built:  # the build said so; a run that reuses the cache says it again
-        print(f"{what}: the cache leaves out {len(skipped)} unreadable images (skip_bad_images), "
+        print(f"{what}: the cache leaves out {unreadable(len(skipped))} (skip_bad_images), "
               f"e.g. {skipped[0]}", file=sys.stderr)
     return images, labels, skipped, built
