@@ -281,6 +281,24 @@ def test_a_data_dir_for_digits_is_refused_not_ignored():
     assert train.resolve_config(train.parse_args(["--dataset", "digits"])).data.data_dir is None
 
 
+def test_a_named_layout_for_digits_is_refused_not_ignored():
+    """data.layout says how a folder is read; digits read none, so a named layout beside them
+    (the user meant a folder dataset) is refused like a data_dir, naming its flag or file."""
+    import train
+    from vit import runconfig
+
+    args = train.parse_args(["--dataset", "digits", "--set", "data.layout=image-folder"])
+    with pytest.raises(runconfig.ConfigError, match=r"^--set data\.layout=image-folder: data\.layout="
+                                                    r"'image-folder': digits come with scikit-learn and "
+                                                    r"read no folder \(leave data\.layout unset"):
+        train.resolve_config(args)
+    with pytest.raises(runconfig.ConfigError, match=r"^d\.toml: data\.layout='tiny-imagenet': digits"):
+        runconfig.from_dict({"data": {"dataset": "digits", "layout": "tiny-imagenet"}}, "d.toml")
+    assert runconfig.from_dict({"data": {"dataset": "digits", "layout": "auto"}}).data.layout == "auto"
+    assert runconfig.from_dict({"data": {"dataset": "image-folder", "layout": "image-folder"}}).data.layout \
+        == "image-folder"
+
+
 def test_config_with_resume_is_refused_not_ignored(tmp_path, capsys):
     """--resume RUN uses RUN/config.json; a --config beside it was silently ignored (a digits run
     resumed 'with' configs/recipe.toml went on as the digits run). Now it is an error naming

@@ -90,15 +90,15 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
 def load_val(run: Run, data_dir=None, progress: bool = True):
     """The run's validation set, at the model's image size; a DatasetError if its classes are not
     the ones the run was trained on (data_dir: another folder than the run's)."""
-    from vit.data import DatasetError, check_run_data_dir, load_dataset  # noqa: PLC0415
+    from vit.data import BUNDLED_DATASETS, DatasetError, check_run_data_dir, load_dataset  # noqa: PLC0415
     from vit.data.common import check_same_classes  # noqa: PLC0415
 
     data = run.config.data
     if data_dir is None:
         check_run_data_dir(data.dataset, data.data_dir, str(run.path.parent))
-    elif data.dataset == "digits":  # load_dataset would ignore it: say so instead
-        raise DatasetError(f"--data-dir {data_dir}: {run.path.parent} was trained on digits, which "
-                           "come with scikit-learn and read no folder (leave --data-dir out)")
+    elif data.dataset in BUNDLED_DATASETS:  # load_dataset would ignore it: say so instead
+        raise DatasetError(f"--data-dir {data_dir}: {run.path.parent} was trained on {data.dataset}; "
+                           f"{BUNDLED_DATASETS[data.dataset]} (leave --data-dir out)")
     val = load_dataset(data.dataset, data_dir or data.data_dir, "val", workers=data.workers,
                        progress=progress, image_size=run.model.image_size, layout=data.layout)
     check_same_classes(run.class_names, val.class_names, data_dir or data.data_dir, run.path.parent)

@@ -62,7 +62,8 @@ class DataSection:
     """[data]: where the images come from and how they are prepared.
 
     dataset: "tiny-imagenet" or "image-folder" (a folder in data_dir) or "digits" (bundled).
-    layout: how the folder is read: "auto" (detected), "tiny-imagenet" or "image-folder".
+    layout: how the folder is read: "auto" (detected), "tiny-imagenet" or "image-folder". Digits
+        read no folder: a data_dir or a named layout beside them is an error.
     image_size: side of the cached square images of an image folder (default 64); the model's
         image_size follows it. Tiny ImageNet (64) and digits (8) come at their own size only.
     device_budget_mb: put the training set on the device if it fits in this many MiB, else
@@ -204,17 +205,16 @@ def _values_error(section, keys, err, source, also, hint) -> ConfigError:
 
 
 def _native_image_size(d: DataSection):
-    """(side, dataset) of a dataset read at its own size only (digits always, Tiny ImageNet when
-    the layout is named), else None. Every dataset but digits is taken to be read in data.layout
-    (vit.data.FOLDER_DATASETS): a new dataset kind outside them needs its own case here."""
-    from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
+    """(side, dataset) of a dataset read at its own size only (a bundled one such as digits
+    always, a folder dataset when data.layout names Tiny ImageNet's), else None."""
+    from vit.data import FOLDER_DATASETS, NATIVE_IMAGE_SIZE  # noqa: PLC0415
 
-    fixed = d.dataset if d.dataset == "digits" else d.layout
+    fixed = d.layout if d.dataset in FOLDER_DATASETS else d.dataset
     return (NATIVE_IMAGE_SIZE[fixed], fixed) if fixed in NATIVE_IMAGE_SIZE else None
 
 
 def _validate_data(d: DataSection, source):
-    from vit.data import DATASETS, LAYOUTS  # noqa: PLC0415
+    from vit.data import BUNDLED_DATASETS, DATASETS, FOLDER_DATASETS, LAYOUTS  # noqa: PLC0415
 
     _check_types("data", d, source)  # types first: what follows compares values only
     if d.workers is not None and d.workers < 1:
@@ -229,10 +229,11 @@ def _validate_data(d: DataSection, source):
     if d.image_size is not None and d.image_size < 1:
         raise ConfigError(f"{source('data.image_size')}: data.image_size must be a positive "
                           f"integer, got {d.image_size!r}")
-    if d.dataset == "digits" and d.data_dir is not None:
-        raise ConfigError(f"{source('data.data_dir')}: data.data_dir={d.data_dir!r}: digits come "
-                          "with scikit-learn and read no folder (leave data.data_dir unset, or "
-                          "give the folder's dataset: tiny-imagenet or image-folder)")
+    for key, value, unset in (("data_dir", d.data_dir, None), ("layout", d.layout, "auto")):
+        if d.dataset in BUNDLED_DATASETS and value != unset:
+            raise ConfigError(f"{source(f'data.{key}')}: data.{key}={value!r}: "
+                              f"{BUNDLED_DATASETS[d.dataset]} (leave data.{key} unset, or give "
+                              f"the folder's dataset: {' or '.join(FOLDER_DATASETS)})")
     native = _native_image_size(d)
     if d.image_size is not None and native is not None and d.image_size != native[0]:
         side, fixed = native

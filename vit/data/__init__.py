@@ -13,20 +13,20 @@ in imports jax on its own, see vit/data/common.py).
 A dataset (data.dataset) and a layout (data.layout) are not the same thing: "tiny-imagenet" and
 "image-folder" are both FOLDER_DATASETS, and either reads whichever layout data.layout names or
 detect_layout finds in the folder (the dataset's name picks the download hint and the run's
-name). A dataset outside FOLDER_DATASETS (digits) is its own kind: resolve_layout returns its
-name and data.layout is not read for it.
+name). A dataset outside FOLDER_DATASETS is one of BUNDLED_DATASETS (digits), its own kind:
+resolve_layout returns its name, and a data.data_dir or a named data.layout for it is refused.
 
 To add a dataset kind (say a folder of .npz files):
   - a module here whose loader returns a common.Dataset (images uint8 (N, S, S, C), labels int32,
     class_names, name = the kind), and its branch in load_dataset; DATASETS; NATIVE_IMAGE_SIZE if
-    its images come at one size only. load_dataset hands data_dir on as given (None when unset;
-    only its Tiny ImageNet branch puts in DEFAULT_DATA_DIR).
-  - the rules that name datasets: vit/runconfig.py _native_image_size (digits by data.dataset,
-    Tiny ImageNet by data.layout: every other dataset is taken to be read in a layout) and
-    _validate_data; "digits" is named outright where it reads no folder (runconfig._validate_data,
-    check_run_data_dir here, vit/explain.py load_val) and where its size is known without
-    loading (vit/flops.py main). `python -m vit.data prepare` (__main__.py) builds the cache of
-    the two folder layouts only.
+    its images come at one size only; FOLDER_DATASETS if it is read from data_dir in a layout,
+    else BUNDLED_DATASETS (the rules below follow those two). load_dataset hands data_dir on as
+    given (None when unset; only its Tiny ImageNet branch puts in DEFAULT_DATA_DIR).
+  - the rules that name datasets: vit/runconfig.py _native_image_size and _validate_data,
+    check_run_data_dir here and vit/explain.py load_val go by FOLDER_DATASETS/BUNDLED_DATASETS;
+    "digits" is named outright only where its size is known without loading (vit/flops.py
+    main). `python -m vit.data prepare` (__main__.py) builds the cache of the two folder layouts
+    only.
   - train.py: DATASETS (the --dataset choices, written out so that --help imports no jax;
     tests/test_config.py keeps it equal to this one), the --dataset and --data-dir help, the
     default config (resolve_config). evaluate.py has no dataset flag: load_val reads the run's.
@@ -42,13 +42,15 @@ from pathlib import Path
 
 from vit.data.common import DOWNLOAD_HINT, Dataset, DatasetError
 
-DATASETS = ("tiny-imagenet", "image-folder", "digits")
 FOLDER_DATASETS = ("tiny-imagenet", "image-folder")  # read from data_dir, in the layout named or found there
+# datasets that read no folder, each with the words that refuse a folder or a layout for it
+BUNDLED_DATASETS = {"digits": "digits come with scikit-learn and read no folder"}
+DATASETS = (*FOLDER_DATASETS, *BUNDLED_DATASETS)
 LAYOUTS = ("auto", "tiny-imagenet", "image-folder")
 DEFAULT_DATA_DIR = "data"  # where `python -m vit.data download` puts tiny-imagenet-200/
 NATIVE_IMAGE_SIZE = {"tiny-imagenet": 64, "digits": 8}  # datasets that are not resized
 
-__all__ = ["DATASETS", "DEFAULT_DATA_DIR", "DOWNLOAD_HINT", "Dataset", "DatasetError", "LAYOUTS",
+__all__ = ["BUNDLED_DATASETS", "DATASETS", "FOLDER_DATASETS", "DEFAULT_DATA_DIR", "DOWNLOAD_HINT", "Dataset", "DatasetError", "LAYOUTS",
            "check_run_data_dir", "load_dataset", "resolve_layout"]
 
 
@@ -84,7 +86,7 @@ def check_run_data_dir(name: str, data_dir, who: str) -> None:
     given from another working directory) is a DatasetError asking for --data-dir, not the
     download hint meant for a first run. who: what the message starts with (the run, the flag)."""
     where = DEFAULT_DATA_DIR if data_dir is None else data_dir
-    if name != "digits" and not Path(where).exists():
+    if name in FOLDER_DATASETS and not Path(where).exists():
         raise DatasetError(f"{who}: the run's data directory {where} (its data.data_dir) does not "
                            "exist here; give the folder that holds its images now with --data-dir DIR")
 
