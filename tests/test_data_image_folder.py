@@ -11,7 +11,6 @@ from PIL import Image
 from vit.data import DatasetError, load_dataset, resolve_layout
 from vit.data import __main__ as cli
 from vit.data import image_folder
-from vit.data.cache import unreadable
 from vit.data.fake import FAKE_FOLDER_CLASSES, write_fake_image_folder, write_fake_tiny_imagenet
 from vit.data.image_folder import load_image
 from vit.data.loader import Batcher
@@ -374,11 +373,6 @@ def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root, capsys):
     with pytest.raises(DatasetError, match=str(bad)) as e:  # the skipping cache does not hide it later
         load(root, "train")
     assert "skip_bad_images" in str(e.value)  # ... and the way to leave it out is named again
-
-
-def test_the_unreadable_count_reads_as_english():
-    assert [unreadable(n) for n in (1, 2, 0)] == ["1 unreadable image", "2 unreadable images",
-                                                  "0 unreadable images"]
 
 
 def test_a_split_whose_every_image_is_unreadable_is_an_error_even_when_skipping(root):
