@@ -3,7 +3,8 @@
 new run used to overwrite them silently). A folder of other files, or what a run that never
 saved left (config.json only), is written into. And what --resume takes as the run's config: a
 config.json that is not JSON, or disagrees with last.npz on what it depends on, is refused;
-so is evaluate.py's --data-dir for a digits run, which reads no folder."""
+so is evaluate.py's --data-dir for a digits run, which reads no folder, and a change of an
+image-folder run's data.layout."""
 
 import json
 
@@ -87,3 +88,25 @@ def test_evaluate_refuses_a_data_dir_for_a_digits_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"--data-dir elsewhere: {out} was trained on digits" in err, err
     assert evaluate.main([str(out), "--no-progress"]) == 0
+
+
+def test_resume_fixed_data(tmp_path, capsys):
+    """An image-folder run's data.layout fixes the images it was trained on (digits refuse a
+    named layout outright, so test_train_faults' digits runs cannot reach it): on --resume a
+    change is refused, naming the flag; its data.data_dir is taken silently. (data.image_size
+    also sets model.image_size, refused as the parameters' shapes.)"""
+    from vit import runconfig
+
+    key, value = "layout", "tiny-imagenet"
+    saved = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "imgs"}})
+    changed = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "imgs", key: value}})
+    flag = f"--set data.{key}={value}"
+    with pytest.raises(SystemExit) as e:
+        train.check_resume_changes(saved, changed, {f"data.{key}": flag}, tmp_path)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith(f"train.py: error: {flag}: --resume {tmp_path} continues that run, and "
+                          f"data.{key} fixes the images it was trained on"), err
+    moved = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "elsewhere"}})
+    train.check_resume_changes(saved, moved, {}, tmp_path)
+    assert capsys.readouterr().err == ""

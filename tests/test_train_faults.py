@@ -310,8 +310,7 @@ def test_config_error_in_the_file_names_the_file(tmp_path, capsys):
     (["--batch-size", 64], "train.batch_size"),       # the checkpoint's data position
     (["--seed", 7], "train.seed"),                     # the data order
     (["--set", "model.layers=2"], "model.layers"),     # the params' shapes
-    (["--dataset", "tiny-imagenet"], "data.dataset"),  # the images (digits refuse any data.layout
-                                                       # or data.image_size: test_resume_fixed_data)
+    (["--dataset", "tiny-imagenet"], "data.dataset"),  # the images (data.layout: test_run_dir.py)
 ])
 def test_resume_refuses_changing_what_the_checkpoint_depends_on(finished_run, capsys, flags,
                                                                 fixed):
@@ -320,29 +319,6 @@ def test_resume_refuses_changing_what_the_checkpoint_depends_on(finished_run, ca
     assert f"{flags[0]} {flags[1]}" in err, err  # the flag at fault
     assert fixed in err and "new run" in err, err
     assert (finished_run / "config.json").read_text() == before
-
-
-def test_resume_fixed_data(tmp_path, capsys):
-    """An image-folder run's data.layout fixes the images it was trained on (a digits run refuses
-    a named layout outright, so the case above cannot reach it): on --resume a change is refused,
-    naming the flag; its data.data_dir is taken silently. (data.image_size also sets
-    model.image_size, refused above as the parameters' shapes.)"""
-    from vit import runconfig
-
-    key, value = "layout", "tiny-imagenet"
-
-    saved = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "imgs"}})
-    changed = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "imgs", key: value}})
-    flag = f"--set data.{key}={value}"
-    with pytest.raises(SystemExit) as e:
-        train.check_resume_changes(saved, changed, {f"data.{key}": flag}, tmp_path)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert err.startswith(f"train.py: error: {flag}: --resume {tmp_path} continues that run, and "
-                          f"data.{key} fixes the images it was trained on"), err
-    moved = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "elsewhere"}})
-    train.check_resume_changes(saved, moved, {}, tmp_path)
-    assert capsys.readouterr().err == ""
 
 
 def test_resume_takes_other_changes_with_a_note(run_copy, capsys):
