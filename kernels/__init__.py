@@ -17,6 +17,40 @@ key-blocked attention), dispatch.py (which attention runs), each kernel file nam
 functions it must equal as ``REFERENCE``; compile_check.py and lowering_check.py (``python -m
 kernels.compile_check`` / ``kernels.lowering_check``). The checks that compare the kernels with the
 reference live outside the product, in oracle/.
+
+To change a kernel (its body, its launch geometry or blocks, or a variant beside it):
+  - the kernel: layernorm.py (``_ln_*``; ``geometry``, from the launcher's tile_elements, tile_rows
+    and reduce_programs in launch.py); attention.py (``geometry``; ``compiled_fits`` and
+    MAX_KV_TILE_BYTES for what a GPU runs at all); flash_attention.py (``_DEFAULT_BLOCKS``); which
+    attention kernel runs: dispatch.py's rule, after attention_table.json's rows, which win on
+    their GPU. A new kernel: its launch named ``vitfuse_*`` (lowering_check checks the name),
+    its function in bench/profile_step.py's OUR_KERNELS, cases in compile_check and lowering_check.
+  - the numbers, on the CPU: tests/test_kernels_layernorm.py, _attention.py, _flash.py, _ops.py,
+    tests/test_fused_model.py, then ``python -m oracle.kernel_gradcheck`` (one kernel: ``--shapes
+    ln:130x256:r`` or ``--kernel key-blocked``). The interpreter ignores num_warps and
+    num_stages, and the LayerNorm runs INTERPRETED's tiles (64 rows, <= 8 backward programs),
+    not a GPU's: only tests/test_kernels_layernorm.py's test_compiled_tiling_in_the_interpreter
+    runs COMPILED's.
+  - the tests that pin geometry: tests/test_launchers.py (the LayerNorm's rule, shape by shape),
+    tests/test_kernels_flash.py (_DEFAULT_BLOCKS), tests/test_kernels_spills.py (tf32x3 blocks),
+    bench/test_tune_layernorm.py and bench/test_tune_attention.py (each tune's plan); none pins
+    attention.geometry's values.
+  - the compiler: ``python -m kernels.compile_check --only ln`` (or attn, flash): exit 0 even
+    when a kernel spills (read its spills column and last line); ``python -m pytest
+    tests/test_lowering.py`` (jax-triton's lowering, PTX instruction counts).
+  - the tunes: ``python -m bench.tune_layernorm --interpret --shape quick``, ``python -m
+    bench.tune_attention --interpret --shape 1x17x2x16`` (check every variant; in the interpreter
+    the "planned" LayerNorm row is INTERPRETED's geometry); their GRIDS should hold the new choice.
+    Timed only on a GPU (``bash bench/gpu.sh env tune-ln tune``; tune's winners come back in
+    $OUT for attention_table.json, whose rows, timed on the old kernels, go stale with them).
+  - the bench: ``python -m pytest bench/test_bench_layernorm.py bench/test_bench_attention.py``
+    (checks only on the CPU). On a GPU start a fresh results file: ``--bench-continue`` keeps an
+    earlier file's rows, timed on the old kernels (results record no commit, and the add+LN row's
+    note no geometry).
+  - what goes stale: README.md, "Fused kernels" (tiles, spills, registers) and "Speed on an H200"
+    (its verdicts' tiles and programs), the compile_check row of "Two commands" (kernel count,
+    spills); the comments that carry compile figures (``_DEFAULT_BLOCKS``, attention.geometry);
+    bench/results/compile-check-*.md are dated records: add a new one rather than edit them.
 """
 
 from __future__ import annotations

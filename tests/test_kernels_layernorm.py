@@ -1,5 +1,5 @@
 """Fused residual-add LayerNorm (kernels/layernorm.py) vs vit.layers.add_layernorm_*, in Triton's
-interpreter on the CPU or compiled on a GPU (tests/kernel_checks.py): y, ds, dgamma, dbeta on awkward shapes, r given or None, bf16, errors, determinism.
+interpreter on the CPU or compiled on a GPU (tests/kernel_checks.py): y, ds, dgamma, dbeta on awkward shapes, r given or None, bf16, errors, determinism, and on the CPU the GPU's tiling.
 
 Error metric (oracle.compare.compare): rel = max|fused - ref| / max|ref| per tensor, plus a
 count of non-finite fused values (outputs start as NaN in the interpreter, so an unwritten element
@@ -8,17 +8,19 @@ bf16 2e-2 against the float32 reference on the same rounded inputs (observed <= 
 are rounded to 8 mantissa bits, and s = x + r is rounded to bf16 as the reference does in bf16).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import INTERPRETED, layernorm
+from kernels import COMPILED, INTERPRETED, fused_ops, layernorm
 from oracle.compare import TOLERANCE, compare
 from oracle.kernel_gradcheck import as_float32, layernorm_inputs, run_layernorm
 from vit.ops import REFERENCE
 
-from kernel_checks import assert_all_close, ops  # noqa: F401  (ops is a fixture)
+from kernel_checks import INTERPRET, assert_all_close, ops  # noqa: F401  (ops is a fixture)
 
 F32_TOL = TOLERANCE["float32"]
 BF16_TOL = TOLERANCE["bfloat16"]
@@ -103,6 +105,28 @@ def test_dgamma_dbeta_are_bitwise_deterministic(ops):
     second = run_layernorm(ops, inp)
     for name in ("dgamma", "dbeta", "ds"):
         assert np.array_equal(np.asarray(first[name]), np.asarray(second[name])), name
+
+
+def test_compiled_tiling_in_the_interpreter():
+    """The tiling a GPU runs, checked here: INTERPRETED's own large tiles and 8 backward programs
+    leave the reduction kernel one step over the partial rows, so a multi-step reduction (the
+    GPU's: 130 partial rows, 16 a step, a masked tail) or a program of several row tiles would
+    pass every other check here while wrong on a GPU. The same kernels through the interpreter,
+    with COMPILED's tile facts (layernorm.geometry reads nothing else of the launcher), at the
+    product shape."""
+    if not INTERPRET:
+        pytest.skip("on a GPU the tests above run COMPILED's tiling itself")
+    tiling = dataclasses.replace(INTERPRETED, name="Triton's interpreter with COMPILED's tiles",
+                                 tile_elements=COMPILED.tile_elements, tile_rows=COMPILED.tile_rows,
+                                 reduce_programs=COMPILED.reduce_programs)
+    m, n = 64 * 65, 256
+    for direction in ("fwd", "bwd"):
+        assert layernorm.geometry(m, n, tiling, direction) == layernorm.geometry(m, n, COMPILED, direction)
+    g = layernorm.geometry(m, n, COMPILED, "bwd")
+    assert g.groups > g.reduce_g and g.groups % g.reduce_g and g.tiles > 1, g  # what this test is for
+    inp = layernorm_inputs(jax.random.PRNGKey(6), m, n, True, jnp.float32)
+    fused = run_layernorm(fused_ops(tiling), inp)  # outputs start as NaN: the interpreter's way
+    assert_all_close(compare(fused, run_layernorm(REFERENCE, inp), F32_TOL), F32_TOL)
 
 
 def test_shape_and_dtype_errors(ops):
