@@ -78,7 +78,7 @@ def check_kernel(kernel: str) -> str:
 
 
 def dtype_key(dtype, dot_precision: str) -> str:
-    """'float32/ieee', 'float32/tf32', 'bfloat16', 'float16': how the table names a dtype."""
+    """'float32/ieee', 'float32/tf32', 'float32/tf32x3', 'bfloat16', 'float16': how the table names a dtype."""
     name = np.dtype(dtype).name
     return f"{name}/{dot_precision}" if name == "float32" else name
 
