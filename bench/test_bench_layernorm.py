@@ -100,8 +100,52 @@ def untimed_reason(case, bench):
     return None
 
 
+def geometry_note(case, launcher) -> str:
+    """The fused row's tiling on `launcher` (layernorm.geometry), in each direction it runs, so
+    that a row timed before a tiling change says which tiling it timed."""
+    if case.contender != "fused":
+        return ""
+    from kernels import layernorm  # noqa: PLC0415  (needs triton; only the fused rows import it)
+
+    b, l, d = harness.LN_SHAPES[case.shape]
+    said = []
+    for direction in ("fwd",) if case.mode == "fwd" else ("fwd", "bwd"):
+        g = layernorm.geometry(b * l, d, launcher, direction)
+        said.append(f"{direction} {g.block_m}x{g.block_n} tiles, {g.num_warps} warps" + (
+            f", {g.groups} programs of {g.tiles} tile{'' if g.tiles == 1 else 's'}, partials summed "
+            f"{g.reduce_g} rows a step"
+            if direction == "bwd" else ""))
+    return "; " + "; ".join(said)
+
+
 def test_add_layernorm(case, bench):
     harness.run_kernel_case(
         bench, case, make_inputs=make_inputs, build=builder(case.mode, bench),
-        work=work(case.mode, harness.DTYPES[case.dtype]), note=NOTES[case.contender],
+        work=work(case.mode, harness.DTYPES[case.dtype]),
+        note=NOTES[case.contender] + geometry_note(case, bench.launcher),
         untimed_reason=untimed_reason(case, bench))
+
+
+def test_fused_rows_name_their_tiling():
+    """Each fused row's note gives the tiling it runs in every direction it runs, on the launcher
+    it runs on; the other contenders' notes say none."""
+    from kernels import COMPILED, INTERPRETED, layernorm  # noqa: PLC0415
+
+    for launcher in (COMPILED, INTERPRETED):
+        for mode, contenders in CONTENDERS.items():
+            for shape in harness.LN_SHAPES:
+                b, l, d = harness.LN_SHAPES[shape]
+                for contender in contenders:
+                    case = harness.KernelCase(f"add+layernorm {mode}", "layernorm", mode, shape, contender, "fp32")
+                    note = geometry_note(case, launcher)
+                    if contender != "fused":
+                        assert note == "", case
+                        continue
+                    fwd = layernorm.geometry(b * l, d, launcher, "fwd")
+                    bwd = layernorm.geometry(b * l, d, launcher, "bwd")
+                    want = f"; fwd {fwd.block_m}x{fwd.block_n} tiles, {fwd.num_warps} warps"
+                    if mode == "fwd+bwd":
+                        want += (f"; bwd {bwd.block_m}x{bwd.block_n} tiles, {bwd.num_warps} warps, "
+                                 f"{bwd.groups} programs of {bwd.tiles} tile{'' if bwd.tiles == 1 else 's'}, partials summed "
+                                 f"{bwd.reduce_g} rows a step")
+                    assert note == want, (launcher.name, case)
