@@ -186,11 +186,20 @@ def test_gradcheck_columns_line_up_with_a_long_case_name(dense_case, monkeypatch
 
 def test_the_readme_quotes_the_gradchecks_own_counts():
     """The README's `python -m oracle.gradcheck` excerpt ends with 'N tensors in M cases': the
-    cases and input tensors all_cases() has now, so a case added is a README to rerun."""
+    cases and input tensors all_cases() has now (and the timing table's 'the float64 proof: N
+    tensors' the same N), so a case added is a README to rerun; a failure says which lines."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     quoted = {tuple(map(int, m)) for m in re.findall(r"(\d+) tensors in (\d+) cases", readme)}
     with jax.enable_x64(True):
         all_cases = cases.all_cases(0)
     tensors = sum(len(jax.tree_util.tree_leaves(c.inputs)) for c in all_cases)
-    assert quoted == {(tensors, len(all_cases))}
-    assert re.findall(r"the float64 proof: (\d+) tensors", readme) == [str(tensors)]
+    now = f"{tensors} tensors in {len(all_cases)} cases"
+    assert quoted == {(tensors, len(all_cases))}, (
+        f"README.md quotes {sorted(quoted)} as (tensors, cases); all_cases() has {now} now. "
+        f"Rerun `python -m oracle.gradcheck` and paste its '{now}; worst relative error: ...' "
+        f"line (the one before 'all gradients agree') over the old one at the end of the excerpt "
+        f"in README.md's section 'The proof: `python -m oracle.gradcheck`'")
+    assert re.findall(r"the float64 proof: (\d+) tensors", readme) == [str(tensors)], (
+        f"README.md's timing table in section 'Two commands' (the `python -m oracle.gradcheck` "
+        f"row) should say 'the float64 proof: {tensors} tensors'; rerun the gradcheck with `time` "
+        f"and update that row's count (and its times, if they moved)")

@@ -322,3 +322,41 @@ def test_label_smoothing_of_the_api_is_the_loss_against_smoothed_targets():
     assert float(smoothed[0]) == pytest.approx(float(given[0]), rel=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(smoothed[1]), jax.tree_util.tree_leaves(given[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+@pytest.mark.parametrize("gelu", ["tanh", "erf"])
+def test_config_gelu_reaches_every_blocks_ffn_forward_and_backward(norm, gelu, monkeypatch):
+    """ViTConfig.gelu is the variant every block's FFN runs, forward and backward, in both block
+    layouts: vit.layers.gelu_forward / gelu_backward, wrapped to record the `approximate` they get,
+    are called once per block each way (the last block on the CLS row only), each with the
+    configured variant; and the variant matters: the other one changes the logits and every
+    block's FFN gradients. A model call that drops or hard-codes the variant fails here."""
+    cfg = small(norm, layers=3, gelu=gelu)
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images, labels = batch(cfg, 3)
+    images = images.astype(jnp.float32) / 255.0
+    seen = {"forward": [], "backward": []}
+    gelu_forward, gelu_backward = vit.layers.gelu_forward, vit.layers.gelu_backward
+
+    def recording_forward(x, approximate="tanh"):
+        seen["forward"].append((approximate, x.shape[1]))
+        return gelu_forward(x, approximate)
+
+    def recording_backward(cache, dy, approximate="tanh"):
+        seen["backward"].append((approximate, dy.shape[1]))
+        return gelu_backward(cache, dy, approximate)
+    monkeypatch.setattr(vit.layers, "gelu_forward", recording_forward)
+    monkeypatch.setattr(vit.layers, "gelu_backward", recording_backward)
+    logits = vit.forward(params, images, cfg)
+    seen["forward"].clear()
+    _, grads = vit.loss_and_grads(params, images, labels, cfg)
+    rows = [cfg.seq_len] * (cfg.layers - 1) + [1]  # block order; the last block: the CLS row
+    assert seen["forward"] == [(gelu, r) for r in rows], seen["forward"]
+    assert seen["backward"] == [(gelu, r) for r in reversed(rows)], seen["backward"]
+    other = cfg.replace(gelu="erf" if gelu == "tanh" else "tanh")
+    assert not np.allclose(logits, vit.forward(params, images, other), rtol=0, atol=1e-5)
+    _, other_grads = vit.loss_and_grads(params, images, labels, other)
+    for i, (g, h) in enumerate(zip(grads["blocks"], other_grads["blocks"])):
+        for w in ("fc1", "fc2"):
+            assert not np.allclose(g["ffn"][w]["w"], h["ffn"][w]["w"], rtol=0, atol=1e-5), (i, w)

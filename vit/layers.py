@@ -13,6 +13,29 @@ F FFN hidden width, K classes. Activations are (B, L, D); dense weights are (D_i
 Precision: matmuls accumulate in float32 when their inputs are half precision (bf16/fp16) and in
 the input dtype otherwise (float32, or float64 for the gradient checks). LayerNorm statistics,
 softmax and the loss are computed in at least float32.
+
+To add a layer or an activation (say SiLU beside GELU), or change one:
+  - here: its ``*_forward`` / ``*_backward`` pair in the convention above, the derivative in its
+    docstring. An activation: a pair of its own or a branch of gelu_forward/gelu_backward's
+    ``approximate``, with ffn_forward/ffn_backward passing the model's choice on.
+  - its proof: a ``_*_case`` in oracle/gradient_cases.py, listed in layer_cases (all_cases runs
+    those, then the block and model cases; a model option also belongs in a model_cases config,
+    as gelu="erf" is); then ``python -m oracle.gradcheck`` (float64 finite differences and
+    autodiff; ``--only NAME``). tests/test_gradients.py reruns layer_cases at other shapes.
+  - README.md: the gradcheck's new 'N tensors in M cases' line over the excerpt's in "The proof",
+    and that N in the "Two commands" timing row (tests/test_gradients.py checks both).
+  - the model: vit/model.py's block_forward and block_backward, both layouts (norm "post" and
+    "pre"), forward and backward; new parameters in init_params. tests/test_model.py's
+    test_config_gelu_reaches_every_blocks_ffn_forward_and_backward shows how to check that a
+    choice reaches every block, both ways; README.md's "The model" and Layout describe the layers.
+  - a choice: a ViTConfig field, checked in its __post_init__ (vit/config.py; a bad value in
+    tests/test_config.py's test_invalid_config_names_field_and_value). It is then a [model]
+    config key with nothing else to add (vit/runconfig.py's docstring; --resume refuses a [model]
+    change); configs/*.toml name it where a preset wants it (vit-*16.toml: gelu = "erf").
+  - fused kernels: vit/ops.py's Ops holds only attention and add+LayerNorm, so an FFN or
+    activation change runs the same under --fused. A layer given a kernel becomes an Ops field
+    (REFERENCE, kernels.fused_ops, kernels/, and kernels/__init__.py's "To change a kernel").
+  - vit/flops.py, if it adds or resizes a matmul.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ To add a config key (no list of keys to extend: the dataclass fields are the key
     [data]: a field of DataSection. The field's annotation (int, float, bool, str, "| None") is
     its type check (_check_types); its range goes in _validate or _validate_data (for [train],
     often one name in _NON_NEGATIVE or _UNIT_INTERVAL), so the error names the flag or file.
+  - [model]: a field of ViTConfig (vit/config.py), type and range checked in its __post_init__
+    (the ValueError becomes a ConfigError naming the flag or file); a layer or activation behind
+    it touches more: vit/layers.py's docstring, "To add a layer or an activation".
   - a named flag of its own: train.py, an entry in NAMED_FLAGS and its add_argument in
     build_parser (dest as in NAMED_FLAGS); without one, --set section.key=value already works.
   - config.json and the checkpoints' config follow from to_dict; a config.json or checkpoint
