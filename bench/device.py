@@ -1,13 +1,16 @@
-"""The device a benchmark runs on: its name, the versions of the stack, and its measured peaks (a
-large matmul's TFLOP/s, a large copy's GB/s) that rows are put against ("% of peak")."""
+"""The device a benchmark runs on: its name, the versions of the stack and of our code, and its
+measured peaks (a large matmul's TFLOP/s, a large copy's GB/s) that rows are put against ("% of
+peak")."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 import jax
@@ -21,6 +24,47 @@ def version(dist: str) -> str:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# what a row's figures depend on: the kernels and their table, the model, the step, the harness
+TIMED_CODE = ("kernels", "vit", "bench", "train.py")
+
+
+def code_fingerprint(root: Path = ROOT) -> str:
+    """sha256 (first 12 hex digits) of the timed code: every .py and .json file under TIMED_CODE
+    (bench/results/ and __pycache__ left out), by path relative to root, then content. The lent
+    GPU gets a copy of the working tree without .git, so this is what ties a results row to the
+    code it timed: `python -m bench.device` prints it for a checkout, to compare."""
+    h = hashlib.sha256()
+    for top in TIMED_CODE:
+        path = root / top
+        files = [path] if path.is_file() else sorted(
+            f for f in path.rglob("*") if f.suffix in (".py", ".json") and f.is_file()
+            and "__pycache__" not in f.parts and not f.relative_to(root).as_posix().startswith("bench/results/"))
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+def git_commit(root: Path = ROOT) -> str | None:
+    """HEAD's commit (12 hex digits), '+changes' when the timed code differs from it; None
+    without git or a checkout (the lent GPU's copy)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=60, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--", *TIMED_CODE, ":!bench/results")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
+def code_version(root: Path = ROOT) -> str:
+    """'<fingerprint>' or '<fingerprint> (git <commit>[+changes])': what a results row records."""
+    commit = git_commit(root)
+    return code_fingerprint(root) + (f" (git {commit})" if commit else "")
 
 
 def _cpu_model() -> str:
@@ -50,6 +94,7 @@ def device_info() -> dict:
         "jaxlib": version("jaxlib"),
         "triton": version("triton"),
         "jax_triton": version("jax-triton"),
+        "code": code_version(),
     }
 
 
@@ -94,3 +139,7 @@ def peak_for(row: dict, peaks: dict) -> float | None:
     if row.get("gb_s") is not None and peaks.get("copy_gb_s"):
         return row["gb_s"] / peaks["copy_gb_s"]
     return None
+
+
+if __name__ == "__main__":
+    print(f"timed code ({', '.join(TIMED_CODE)}): {code_version()}")

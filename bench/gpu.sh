@@ -115,6 +115,7 @@ part_env() {
   local rc=0
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(hostname)  cpus: $(nproc)"
   echo "JAX_PLATFORMS=${JAX_PLATFORMS-<unset>}  PYTHONPATH=${PYTHONPATH-<unset>}"
+  with_timeout "$PY" -m bench.device || rc=1  # the timed code's fingerprint, as every row records it
   nvidia-smi || { echo "nvidia-smi failed"; rc=1; }
   with_timeout "$PY" - <<'EOF' || rc=1
 import importlib.metadata as md

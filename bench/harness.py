@@ -224,7 +224,7 @@ class BenchSession:
         base.update(row)
         base.update(device=self.info["device"], backend=self.backend, jax=self.info["jax"],
                     jaxlib=self.info["jaxlib"], triton=self.info["triton"],
-                    jax_triton=self.info["jax_triton"], seed=self.seed,
+                    jax_triton=self.info["jax_triton"], code=self.info.get("code"), seed=self.seed,
                     timestamp=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
         self.rows.append(base)
         return base

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,7 +223,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     out = [f"# vitfuse benchmarks: {info['device']}, {meta['date']}", "",
            f"`python -m pytest bench/ --benchmark` at {meta['started']}; python {info['python']}, "
            f"jax {info['jax']} (jaxlib {info['jaxlib']}), triton {info['triton']}, "
-           f"jax-triton {info['jax_triton']}; input seed {meta['seed']}.", ""]
+           f"jax-triton {info['jax_triton']}; input seed {meta['seed']}; code {info.get('code', 'not recorded')} "
+           "(`python -m bench.device` prints a checkout's).", ""]
     if meta.get("partial"):
         out += [f"**{meta['partial']}**", ""]
     if meta.get("machine_note"):
@@ -388,6 +390,11 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
         machine_note += (" " if machine_note else "") + (
             f"Rows merged from {len(runs)} runs ({', '.join(flags)}), started {', '.join(runs)}; each "
             "row's own timestamp is in the JSON.")
+    versions = Counter(r.get("code") or "not recorded" for r in rows)
+    if len(versions) > 1:
+        machine_note += (" " if machine_note else "") + (
+            f"Rows timed on {len(versions)} versions of the code: "
+            + ", ".join(f"{v} ({n} rows)" for v, n in versions.most_common()) + "; each row's in the JSON.")
     partial = None
     if not finished:
         last = session.rows[-1] if session.rows else {}

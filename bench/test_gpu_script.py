@@ -264,6 +264,7 @@ def test_install_replaces_an_older_copy(tmp_path):
         assert f"installed: absl-py {version} from {site}" in log, log
         # the env part then imports jax_triton from there (here it fails later, on the backend)
         assert f"jax_triton from {site}" in log, log
+        assert "timed code (kernels, vit, bench, train.py): " in log, log  # as the rows record it
 
 
 def test_install_needs_absl_beside_jax_triton(tmp_path):

@@ -192,3 +192,52 @@ def test_merging_into_a_same_day_file_that_is_not_a_results_file_stops_before_an
     said = [f"ERROR: --bench-merge {report.results_paths(s, results)[0]}: not a results .json as "
             "bench/report.py writes it (no 'meta' field); move it away" for s in (today, tomorrow)]
     assert any(line in proc.stderr for line in said), proc.stderr
+
+
+def test_every_row_records_the_code_it_timed_and_a_mixed_file_says_so(tmp_path):
+    """Each row carries the timed code's version (bench.device.code_version: a fingerprint of
+    kernels/, vit/, bench/ and train.py, with the git commit when there is one) and the report's
+    header names it; rows kept from a run on other code (--bench-merge, --bench-continue, or a
+    file from before rows had a `code`) make the file say how many versions its rows span."""
+    from bench import device
+
+    first = session(1, False, [("reference", 2.0), ("autodiff", 3.0)])
+    json_path, md_path, _ = report.write_results(first, tmp_path)
+    data = json.loads(json_path.read_text())
+    here = device.code_version()
+    assert here.startswith(device.code_fingerprint()) and {r["code"] for r in data["rows"]} == {here}
+    assert f"code {here}" in md_path.read_text() and "versions of the code" not in md_path.read_text()
+    data["rows"][0]["code"] = "0123456789ab"  # a row timed on other code
+    del data["rows"][1]["code"]  # a row written before rows had one
+    json_path.write_text(json.dumps(data))
+    report.write_results(session(2, True, [("fused", 1.0)]), tmp_path)
+    note = json.loads(json_path.read_text())["meta"]["machine_note"]
+    assert (f"Rows timed on 3 versions of the code: " in note and "0123456789ab (1 rows)" in note
+            and "not recorded (1 rows)" in note and f"{here} (1 rows)" in note), note
+
+
+def test_the_code_fingerprint_follows_the_timed_files_only(tmp_path):
+    """A changed kernel, model or harness file changes the fingerprint; a results file, a cache
+    or a file outside the timed code does not; without git there is no commit to name."""
+    from bench import device
+
+    for name, text in (("kernels/attention.py", "k"), ("kernels/attention_table.json", "{}"),
+                       ("vit/model.py", "m"), ("bench/harness.py", "h"), ("train.py", "t"),
+                       ("README.md", "r")):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    before = device.code_fingerprint(tmp_path)
+    assert device.git_commit(tmp_path) is None and device.code_version(tmp_path) == before
+    (tmp_path / "bench/results").mkdir()
+    (tmp_path / "bench/results/x.json").write_text("{}")
+    (tmp_path / "kernels/__pycache__").mkdir()
+    (tmp_path / "kernels/__pycache__/attention.py").write_text("cache")
+    (tmp_path / "README.md").write_text("changed")
+    assert device.code_fingerprint(tmp_path) == before
+    for name in ("kernels/attention.py", "kernels/attention_table.json", "vit/model.py",
+                 "bench/harness.py", "train.py"):
+        text = (tmp_path / name).read_text()
+        (tmp_path / name).write_text(text + " ")
+        assert device.code_fingerprint(tmp_path) != before, name
+        (tmp_path / name).write_text(text)
+    assert device.code_fingerprint(tmp_path) == before
