@@ -205,17 +205,18 @@ def test_train_and_evaluate_take_the_presets(name, fake_data, tmp_path):
 def test_shrunken_vit_s16_fused_steps_match_reference():
     """configs/vit-s16.toml through train.py's config resolution, shrunk to 1 layer and 192 px
     synthetic images (16x16 patches: L = 145 tokens, 6 heads of 64), attention dropout 0.1,
-    float32, no warmup: 3 AdamW steps with its augmentation (crop, flip, mixup/cutmix, label
-    smoothing). The dispatcher runs this length on the key-blocked kernel (several key blocks).
+    float32, no warmup: 3 AdamW steps of 2 images with its augmentation (crop, flip, mixup/cutmix,
+    label smoothing; 2 images, not 4, halve the interpreter's time and run the same code). The
+    dispatcher runs this length on the key-blocked kernel (several key blocks).
 
     Fused vs reference: per-step losses within 1e-5 relative; each parameter tensor within 1e-3
-    of its update, |fused - ref| / |ref - init| (2-norms; observed <= 2e-4), with two parts of
+    of its update, |fused - ref| / |ref - init| (2-norms; observed <= 1.7e-4), with two parts of
     the key projection measured apart. The key bias's gradient is exactly zero (it adds q_i . b_k
     to a whole row of scores, which the softmax ignores), and the key weights' gradient is zero
     along any input direction shared by all tokens (sum_j dK_j = 0): there both runs' gradients
     are rounding noise that AdamW's normalisation turns into steps of about lr either way. So the
     key bias is not compared (its ratio is O(1) in both directions: noise), and the key weights
-    get 1e-2 (observed 2.4e-3)."""
+    get 1e-2 (observed 1.8e-5 with 2 images, 2.4e-3 with 4)."""
     args = train.build_parser().parse_args([
         "--config", str(runconfig.CONFIG_DIR / "vit-s16.toml"), "--compute-dtype", "fp32",
         "--epochs", "1", "--set", "model.layers=1", "--set", "model.image_size=192",
@@ -226,7 +227,7 @@ def test_shrunken_vit_s16_fused_steps_match_reference():
     assert (c.seq_len, c.heads, c.head_dim, c.patch_size) == (145, 6, 64, 16)
     plan = dispatch.plan(c.seq_len, c.head_dim, np.float32, "ieee", "fwd", LAUNCHER)
     assert plan.kernel == "key-blocked" and -(-c.seq_len // plan.blocks.block_n) >= 3
-    steps, batch = 3, 4
+    steps, batch = 3, 2
     hp = cfg.hparams(steps)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (steps, batch, 192, 192, 3), dtype=np.uint8)
