@@ -53,6 +53,8 @@ def git_commit(root: Path = ROOT) -> str | None:
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=60, check=True).stdout.strip()
+    if not (root / ".git").exists():  # not a checkout of its own (a copy inside another repo is not)
+        return None
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
         changed = git("status", "--porcelain", "--", *TIMED_CODE, ":!bench/results")

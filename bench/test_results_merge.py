@@ -228,6 +228,13 @@ def test_the_code_fingerprint_follows_the_timed_files_only(tmp_path):
         (tmp_path / name).write_text(text)
     before = device.code_fingerprint(tmp_path)
     assert device.git_commit(tmp_path) is None and device.code_version(tmp_path) == before
+    # a copy inside another checkout (the lent GPU's, say) does not name that checkout's commit
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit",
+                    "-q", "--allow-empty", "-m", "outer"], check=True)
+    (tmp_path / "copy").mkdir()
+    assert device.git_commit(tmp_path / "copy") is None
+    assert device.git_commit(tmp_path).endswith("+changes")  # its own checkout: untracked files
     (tmp_path / "bench/results").mkdir()
     (tmp_path / "bench/results/x.json").write_text("{}")
     (tmp_path / "kernels/__pycache__").mkdir()
