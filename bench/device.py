@@ -29,11 +29,12 @@ def version(dist: str) -> str:
 ROOT = Path(__file__).resolve().parents[1]
 # what a row's figures depend on: the kernels and their table, the model, the step, the harness
 TIMED_CODE = ("kernels", "vit", "bench", "train.py")
+RESULTS = "bench/results"  # under TIMED_CODE, but what the benchmarks write, not what they time
 
 
 def code_fingerprint(root: Path = ROOT) -> str:
     """sha256 (first 12 hex digits) of the timed code: every .py and .json file under TIMED_CODE
-    (bench/results/ and __pycache__ left out), by path relative to root, then content. The lent
+    (RESULTS and __pycache__ left out), by path relative to root, then content. The lent
     GPU gets a copy of the working tree without .git, so this is what ties a results row to the
     code it timed: `python -m bench.device` prints it for a checkout, to compare."""
     h = hashlib.sha256()
@@ -41,7 +42,7 @@ def code_fingerprint(root: Path = ROOT) -> str:
         path = root / top
         files = [path] if path.is_file() else sorted(
             f for f in path.rglob("*") if f.suffix in (".py", ".json") and f.is_file()
-            and "__pycache__" not in f.parts and not f.relative_to(root).as_posix().startswith("bench/results/"))
+            and "__pycache__" not in f.parts and not f.relative_to(root).as_posix().startswith(RESULTS + "/"))
         for f in files:
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:12]
@@ -57,7 +58,7 @@ def git_commit(root: Path = ROOT) -> str | None:
         return None
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        changed = git("status", "--porcelain", "--", *TIMED_CODE, ":!bench/results")
+        changed = git("status", "--porcelain", "--", *TIMED_CODE, f":!{RESULTS}")
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+changes" if changed else "")
