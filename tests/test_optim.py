@@ -59,14 +59,28 @@ def test_adamw_matches_optax_over_several_steps(wd):
                      mask=independent_decay_mask(params))
     ref_params, ref_state = params, tx.init(params)
     ours, state = params, optim.adamw_init(params)
-    for step in range(6):
-        grads = jax.tree_util.tree_map(
-            lambda p, k=step: jax.random.normal(jax.random.PRNGKey(k), p.shape) * (1 + k), params)
+
+    # each jitted, as the train step runs adamw_update (op by op, every parameter shape cost XLA
+    # a compilation per op: both cases took 11.2 s here, jitted 7.6 s)
+    @jax.jit
+    def gradients(k):
+        return jax.tree_util.tree_map(
+            lambda p: jax.random.normal(jax.random.PRNGKey(k), p.shape) * (1 + k), params)
+
+    @jax.jit
+    def optax_step(grads, ref_state, ref_params):
         updates, ref_state = tx.update(grads, ref_state, ref_params)
-        ref_params = optax.apply_updates(ref_params, updates)
-        # the product's own mask: decay_mask(params), as vit.step passes it
-        ours, state = optim.adamw_update(ours, grads, state, lr, b1=b1, b2=b2, eps=eps,
-                                         weight_decay=wd, mask=optim.decay_mask(ours))
+        return optax.apply_updates(ref_params, updates), ref_state
+
+    @jax.jit
+    def our_step(ours, grads, state):  # the product's own mask: decay_mask(params), as vit.step passes it
+        return optim.adamw_update(ours, grads, state, lr, b1=b1, b2=b2, eps=eps, weight_decay=wd,
+                                  mask=optim.decay_mask(ours))
+
+    for step in range(6):
+        grads = gradients(step)
+        ref_params, ref_state = optax_step(grads, ref_state, ref_params)
+        ours, state = our_step(ours, grads, state)
     assert int(state["step"]) == 6
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7)
