@@ -5,7 +5,8 @@ one, through the real jax-triton: ``python -m kernels.lowering_check``.
 own lowering rule, so the calling convention of kernels/launch.py is checked against the real
 library instead of our reading of it. Each case is jitted and lowered to StableHLO for the
 platform "cuda" (``jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))``), plainly and
-inside ``kernels.launch.poisoned_outputs()``, and the module must hold one ``triton_kernel_call``
+(once per kernel and dtype, see ``cases()``) inside ``kernels.launch.poisoned_outputs()``, and the
+module must hold one ``triton_kernel_call``
 custom call per launch that ``kernels.launch.record_launches`` records for the same function.
 Each call's backend config (a zlib-compressed ``TritonAnyKernelCall`` protobuf, see
 jaxlib/gpu/triton.proto) is decoded and must carry the launch's name (``vitfuse_attn_fwd``, ...),
@@ -266,7 +267,12 @@ def _train_step_case(config, hp, compute_dtype):
 
 
 def cases():
-    """(label, make) for every kernel configuration and three small whole train steps."""
+    """(label, make, poisoned_too) for every kernel configuration and three small whole train
+    steps. Each is lowered plainly; poisoned_too: also inside poisoned_outputs(), once per kernel
+    and dtype, with every optional input (dropout's keep-scale, the residual), and the two train
+    steps that between them launch all eight kernels. What poisoning changes in a lowering is the
+    call's operands and aliases (n_in + n_out operands, n_out aliased), which follow from the
+    launch's inputs and outputs, not from its dot precision."""
     import jax.numpy as jnp  # noqa: PLC0415
     import vit  # noqa: PLC0415
 
@@ -278,27 +284,27 @@ def cases():
         for keep in (False, True) if dot_precision != "tf32x3" else (False,):
             name = f"{jnp.dtype(dtype).name}/{dot_precision}"
             label = f"attn B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
-            yield label, _attention_case(b, l, h, dh, dtype, keep, dot_precision)
+            yield label, _attention_case(b, l, h, dh, dtype, keep, dot_precision), keep and dot_precision == "ieee"
     b, l, h, dh = 8, 197, 12, 64  # ViT-B/16 at 224 px: the key-blocked kernel
     for dtype, dot_precision, keep in ((jnp.float32, "ieee", True), (jnp.float32, "tf32", False),
                                        (jnp.bfloat16, "ieee", True)):
         name = f"{jnp.dtype(dtype).name}/{dot_precision}"
         label = f"attn key-blocked B={b} L={l} H={h} Dh={dh} {name}{' keep' if keep else ''}"
-        yield label, _attention_case(b, l, h, dh, dtype, keep, dot_precision, "key-blocked")
+        yield label, _attention_case(b, l, h, dh, dtype, keep, dot_precision, "key-blocked"), keep
     m, n = 64 * 65, 256  # the product's rows and width
     for dtype in (jnp.float32, jnp.bfloat16):
         for residual in (False, True):
             yield (f"ln M={m} N={n} {jnp.dtype(dtype).name}{' +r' if residual else ''}",
-                   _layernorm_case(m, n, dtype, residual))
+                   _layernorm_case(m, n, dtype, residual), residual)
     small = vit.ViTConfig(image_size=16, patch_size=4, d_model=64, heads=2, layers=2, mlp_dim=128,
                           num_classes=10)
     hp = vit.TrainHParams(crop_pad=2, flip=True, mixup_alpha=0.8, clip_norm=1.0)
     yield ("train step post-norm fp32 dropout",
-           _train_step_case(small.replace(dropout=0.1, attn_dropout=0.1, drop_path=0.1), hp, "fp32"))
-    yield "train step pre-norm bf16", _train_step_case(small.replace(norm="pre"), hp, "bf16")
+           _train_step_case(small.replace(dropout=0.1, attn_dropout=0.1, drop_path=0.1), hp, "fp32"), True)
+    yield "train step pre-norm bf16", _train_step_case(small.replace(norm="pre"), hp, "bf16"), False
     # Dh = 64: the dispatcher sends attention to the key-blocked kernel
     yield ("train step key-blocked attention (Dh=64) fp32 dropout",
-           _train_step_case(small.replace(d_model=128, attn_dropout=0.1), hp, "fp32"))
+           _train_step_case(small.replace(d_model=128, attn_dropout=0.1), hp, "fp32"), True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,10 +444,10 @@ def main(argv=None) -> int:
           f"_triton from {plugin}; lowering for cuda sm_{args.arch}a on {jax.default_backend()}")
     print(f"{'case':<44} {'poisoned':>8} {'launches':>8} {'calls':>5} {'sec':>6}  ok")
     results = []
-    for label, make in cases():
+    for label, make, poisoned_too in cases():
         if args.only and args.only not in label:
             continue
-        for poisoned in (False, True):
+        for poisoned in (False, True) if poisoned_too else (False,):
             r = check_case(label, make, args.arch, poisoned)
             results.append(r)
             ok = "ok" if not r["problems"] else "FAIL"

@@ -1,8 +1,9 @@
 """The fused kernels and the whole fused train step lower for an NVIDIA GPU through the real
 jax-triton 0.3.1, on this machine without one (``python -m kernels.lowering_check``).
 
-Each kernel configuration and two small train steps are lowered to StableHLO for "cuda" with the
-compute capability faked to 90, plainly and inside ``poisoned_outputs()``; every case must hold one
+Each kernel configuration and three small train steps are lowered to StableHLO for "cuda" with the
+compute capability faked to 90, plainly, and inside ``poisoned_outputs()`` once per kernel and
+dtype with every optional input (``lowering_check.cases()`` says which); every case must hold one
 ``triton_kernel_call`` per launch that ``record_launches`` saw, named as kernels/launch.py names it,
 with PTX for sm_90a, and without poisoning that PTX must be what kernels.compile_check compiles for
 the launch, byte for byte but the source paths. A kernel that stops lowering (a Triton compile
@@ -33,7 +34,8 @@ SITE = pathlib.Path(os.environ.get("VITFUSE_LOWERING_SITE", ROOT / lowering_chec
 ARCH = 90
 HANG_GUARD_S = 3600  # not a speed limit: the whole check takes well under a minute on 2 cores
 
-CASES = [(label, poisoned) for label, _ in lowering_check.cases() for poisoned in (False, True)]
+CASES = [(label, poisoned) for label, _, poisoned_too in lowering_check.cases()
+         for poisoned in ((False, True) if poisoned_too else (False,))]
 
 
 def _in_ci() -> bool:
@@ -90,13 +92,17 @@ def test_lowers_one_call_per_launch(report, label, poisoned):
 
 def test_every_kernel_and_both_launch_paths_are_covered(report):
     """All eight launch names (both attention kernels, add+LN) appear, plainly and poisoned, in
-    kernel cases and in train steps."""
+    kernel cases and in train steps; each kernel is lowered poisoned in float32 and bfloat16."""
     names = {"vitfuse_attn_fwd", "vitfuse_attn_bwd", "vitfuse_flash_fwd", "vitfuse_flash_bwd_delta",
              "vitfuse_flash_bwd", "vitfuse_ln_fwd", "vitfuse_ln_bwd", "vitfuse_ln_bwd_reduce"}
     for poisoned in (False, True):
         rs = [r for r in report["results"] if r["poisoned"] == poisoned]
         assert {c["name"] for r in rs if not r["case"].startswith("train") for c in r["calls"]} == names
         assert {c["name"] for r in rs if r["case"].startswith("train") for c in r["calls"]} == names
+    poisoned = {r["case"] for r in report["results"] if r["poisoned"]}
+    for kernel in ("attn B=", "attn key-blocked ", "ln M="):
+        for dtype in ("float32", "bfloat16"):
+            assert any(case.startswith(kernel) and dtype in case for case in poisoned), (kernel, dtype)
     assert report["jax_triton"] == "0.3.1"
 
 
