@@ -235,8 +235,8 @@ def test_train_py_fused_agrees_with_reference_on_a_shrunken_vit_s16(tmp_path, mo
     runs = {"reference": tmp_path / "reference", "fused": tmp_path / "fused"}
     assert train.main([*common, "--out", str(runs["reference"])]) == 0
     assert train.main([*common, *fused_flags, "--out", str(runs["fused"])]) == 0
-    model = json.loads((runs["fused"] / "config.json").read_text())["model"]
-    assert (model["image_size"], model["heads"], model["d_model"] // model["heads"]) == (128, 6, 64)
+    saved = runconfig.from_dict(json.loads((runs["fused"] / "config.json").read_text()))
+    assert (saved.model.image_size, saved.model.heads, saved.model.head_dim) == (128, 6, 64)
     for direction in ("fwd", "bwd"):
         plan = dispatch.plan(65, 64, np.float32, "ieee", direction, LAUNCHER)
         assert plan.kernel == "key-blocked" and -(-65 // plan.blocks.block_n) >= 3, plan
@@ -250,13 +250,12 @@ def test_train_py_fused_agrees_with_reference_on_a_shrunken_vit_s16(tmp_path, mo
     assert lines["fused"][1]["train_loss"] != lines["fused"][0]["train_loss"]  # it trained
     assert eval_rows == [3] * 4  # 2 runs x 2 epochs, one batch of the 3 validation images each
 
-    saved = json.loads((runs["fused"] / "config.json").read_text())
-    init = vit.init_params(jax.random.PRNGKey(saved["train"]["seed"]), vit.ViTConfig(**saved["model"]))
-    init = checkpoint.flatten(init, "params")
+    # the parameters train.py started from (vit.training: its seed, its model)
+    init = checkpoint.flatten(vit.init_params(jax.random.PRNGKey(saved.train.seed), saved.model), "params")
     final = {name: checkpoint.flatten(checkpoint.load(run / "last.npz")[0]["params"], "params")
              for name, run in runs.items()}
     assert sorted(final["fused"]) == sorted(final["reference"]) == sorted(init)
-    errors = update_ratios(final["fused"], final["reference"], init, model["d_model"])
+    errors = update_ratios(final["fused"], final["reference"], init, saved.model.d_model)
     print({k: f"{v:.1e}" for k, v in errors.items()})
     assert all(v <= 1e-2 for v in errors.values()), errors
 
