@@ -137,7 +137,11 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
-def resolve_config(args):
+def resolve_config(args, notes: list | None = None):
+    """The run's RunConfig from --config or --resume's config.json, flags and --set; fail()s
+    naming the flag at fault. notes: a list that takes --resume's notes on changed values
+    (check_resume_changes), for start() to print once the resume is known to go ahead; without
+    it they are printed at once."""
     from vit import runconfig  # noqa: PLC0415
 
     if args.resume:
@@ -174,7 +178,12 @@ def resolve_config(args):
         sources[f"{section}.{key}"] = f"--set {text}"
     cfg = runconfig.from_dict(base, where, sources)
     if args.resume:
-        check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
+        said = check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
+        if notes is None:
+            for note in said:
+                print(note, file=sys.stderr)
+        else:
+            notes.extend(said)
         if "data.data_dir" not in sources:  # the run's own folder, which may have moved since
             from vit.data import DatasetError, check_run_data_dir  # noqa: PLC0415
             try:
@@ -225,12 +234,14 @@ RESUME_SAME_RUN = {"data.data_dir": "the same data found elsewhere",
                    "train.checkpoint_minutes": "when last.npz is written, not what it holds"}
 
 
-def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
+def check_resume_changes(saved, cfg, sources: dict, run_dir: Path) -> list[str]:
     """--resume RUN_DIR with flags: a change to what the checkpoint depends on (RESUME_FIXED)
     is an error naming the flag; a change that leaves the run as it was (RESUME_SAME_RUN) is
     taken silently; any other (--lr, --accum-steps, ...) is taken with a note, since the run then
     differs from the one that would have gone on. --epochs gets the note only under a cosine
-    schedule, which it stretches; a constant one just goes on longer."""
+    schedule, which it stretches; a constant one just goes on longer. -> the notes, for the
+    caller to print once the resume is known to go ahead (start())."""
+    notes = []
     for name, before, value, why in config_changes(saved, cfg):
         flag = sources.get(name, name)
         if why:
@@ -241,8 +252,9 @@ def check_resume_changes(saved, cfg, sources: dict, run_dir: Path):
             continue  # the same run, going on as it would have (for longer)
         also = (f"; the cosine learning-rate schedule now ends at epoch {value}"
                 if name == "train.epochs" else "")
-        print(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
-              f"{before!r}){also}", file=sys.stderr)
+        notes.append(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
+                     f"{before!r}){also}")
+    return notes
 
 
 def config_changes(old, new):
@@ -362,8 +374,9 @@ def start(args):
     """Config, processes, run directory, checkpoint, op set, data and steps of the run: -> the
     training.Run, or fail() naming what is wrong. Writes no file of the run."""
     from vit.runconfig import ConfigError  # noqa: PLC0415
+    notes = []  # --resume's notes on changed values: printed once the resume goes ahead
     try:
-        cfg = resolve_config(args)
+        cfg = resolve_config(args, notes)
     except ConfigError as err:
         fail(str(err))
     import jax  # noqa: PLC0415
@@ -378,6 +391,8 @@ def start(args):
         if resumed is not None:
             check_config_json(run_dir, resumed[1])
             check_resume_position(resumed[1], cfg.train.epochs, run_dir)
+        for note in notes:
+            print(note, file=sys.stderr)
         ops = cmdline.build_ops(args)
         run = training.start_run(cfg, run_dir, ops, args.devices, resumed, main_process,
                                  progress=not args.no_progress)
