@@ -29,6 +29,7 @@ def version(dist: str) -> str:
 ROOT = Path(__file__).resolve().parents[1]
 # what a row's figures depend on: the kernels and their table, the model, the step, the harness
 TIMED_CODE = ("kernels", "vit", "bench", "train.py")
+TIMED_SUFFIXES = (".py", ".json")  # in TIMED_CODE's folders: code and the kernels' tables
 RESULTS = "bench/results"  # under TIMED_CODE, but what the benchmarks write, not what they time
 
 
@@ -41,16 +42,29 @@ def code_fingerprint(root: Path = ROOT) -> str:
     for top in TIMED_CODE:
         path = root / top
         files = [path] if path.is_file() else sorted(
-            f for f in path.rglob("*") if f.suffix in (".py", ".json") and f.is_file()
+            f for f in path.rglob("*") if f.suffix in TIMED_SUFFIXES and f.is_file()
             and "__pycache__" not in f.parts and not f.relative_to(root).as_posix().startswith(RESULTS + "/"))
         for f in files:
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:12]
 
 
+def timed_pathspecs() -> list[str]:
+    """git pathspecs of what code_fingerprint hashes: the TIMED_SUFFIXES files in TIMED_CODE's
+    folders, and its single files (train.py)."""
+    specs = []
+    for top in TIMED_CODE:
+        if top.endswith(TIMED_SUFFIXES):
+            specs.append(top)
+        else:
+            specs += [f":(glob){top}/**/*{suffix}" for suffix in TIMED_SUFFIXES]
+    return specs
+
+
 def git_commit(root: Path = ROOT) -> str | None:
-    """HEAD's commit (12 hex digits), '+changes' when the timed code differs from it; None
-    without git or a checkout (the lent GPU's copy)."""
+    """HEAD's commit (12 hex digits), '+changes' when the timed code differs from it (the same
+    files code_fingerprint hashes: a changed bench/gpu.sh or README is not a change of what was
+    timed); None without git or a checkout (the lent GPU's copy)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=60, check=True).stdout.strip()
@@ -58,7 +72,8 @@ def git_commit(root: Path = ROOT) -> str | None:
         return None
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        changed = git("status", "--porcelain", "--", *TIMED_CODE, f":!{RESULTS}")
+        changed = git("status", "--porcelain", "--untracked-files=all", "--", *timed_pathspecs(),
+                      f":(exclude){RESULTS}")
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+changes" if changed else "")

@@ -248,3 +248,35 @@ def test_the_code_fingerprint_follows_the_timed_files_only(tmp_path):
         assert device.code_fingerprint(tmp_path) != before, name
         (tmp_path / name).write_text(text)
     assert device.code_fingerprint(tmp_path) == before
+
+
+def test_git_changes_follow_the_fingerprinted_files(tmp_path):
+    """'+changes' marks a commit when a file the fingerprint hashes differs from it (changed,
+    new, in a subfolder), not when a script, a README or a result beside them does."""
+    from bench import device
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+                        *args], check=True, capture_output=True)
+    for name in ("kernels/attention.py", "vit/data/loader.py", "bench/gpu.sh", "train.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "code")
+    assert not device.git_commit(tmp_path).endswith("+changes")
+    for name in ("bench/gpu.sh", "kernels/README.md", "bench/results/cpu.json", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("y")
+    assert not device.git_commit(tmp_path).endswith("+changes")
+    for name in ("kernels/attention.py", "vit/data/loader.py", "train.py", "vit/new/table.json"):
+        path = tmp_path / name
+        text = path.read_text() if path.exists() else None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("changed")
+        assert device.git_commit(tmp_path).endswith("+changes"), name
+        if text is None:
+            path.unlink()
+        else:
+            path.write_text(text)
+    assert not device.git_commit(tmp_path).endswith("+changes")
