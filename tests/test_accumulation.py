@@ -18,6 +18,8 @@ import vit
 from vit import layers, runconfig, training
 from vit.step import accumulated_grads, hand_written_grads, make_train_step
 
+from key_bias import adamw_noise_bound, qkv_bias_columns
+
 ROWS = 12
 
 
@@ -34,24 +36,16 @@ def _batch(rows=ROWS, classes=5):
     return x, labels
 
 
-def _key_bias(name: str, d_model: int):
-    """The K columns of a QKV bias, or None. Their exact gradient is zero (q . b_k adds the same
-    to every score of a row, which softmax ignores); in float32 it is ~1e-11 noise that depends
-    on the summation order, and AdamW normalises that noise into updates of up to ~lr. Compared
-    against that bound, like tests/test_parallel.py does."""
-    return np.arange(d_model, 2 * d_model) if name.endswith("qkv/b") else None
-
-
 def _assert_tree_close(got, want, rtol, what, key_bias_bound=None):
     """Every leaf to rtol of its largest magnitude; with key_bias_bound, the K columns of each
-    QKV bias to that absolute bound instead."""
+    QKV bias to that absolute bound instead (tests/key_bias.py)."""
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got),
                             jax.tree_util.tree_leaves(want)):
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        k_cols = _key_bias(name, w.shape[-1] // 3) if key_bias_bound is not None else None
-        if k_cols is not None:
+        split = qkv_bias_columns(name, w.shape[-1] // 3) if key_bias_bound is not None else None
+        if split is not None:
+            keep, k_cols = split
             assert float(jnp.max(jnp.abs(g[k_cols] - w[k_cols]))) <= key_bias_bound, (what, name)
-            keep = np.setdiff1d(np.arange(w.shape[-1]), k_cols)
             g, w = g[keep], w[keep]
         scale = float(jnp.max(jnp.abs(w)))
         diff = float(jnp.max(jnp.abs(g - w)))
@@ -144,7 +138,8 @@ def test_step_with_accumulation_equals_the_step_without():
             assert b[k] == pytest.approx(a[k], rel=1e-5), k
         assert b["accuracy"] == a["accuracy"]
     assert m1[0]["grad_norm"] > hp.clip_norm  # clipping is part of the comparison
-    _assert_tree_close(p4, p1, 1e-5, "params", key_bias_bound=2 * sum(m["lr"] for m in m1))
+    _assert_tree_close(p4, p1, 1e-5, "params",
+                       key_bias_bound=adamw_noise_bound(sum(m["lr"] for m in m1)))
     _assert_tree_close(opt4["m"], opt1["m"], 1e-5, "first moment")
     _assert_tree_close(opt4["v"], opt1["v"], 1e-5, "second moment")
 
@@ -221,4 +216,4 @@ def test_train_py_accum_steps_trains_like_the_whole_batch(tmp_path, capsys, monk
             params[name] = {k: data[k] for k in data.files if k.startswith("params/")}
     assert params["accum"].keys() == params["whole"].keys() and params["whole"]
     _assert_tree_close(params["accum"], params["whole"], 1e-4, "train.py params",
-                       key_bias_bound=2 * lr_sum)
+                       key_bias_bound=adamw_noise_bound(lr_sum))

@@ -20,6 +20,7 @@ from vit import checkpoint, flops, runconfig, training
 from vit.data.fake import write_fake_tiny_imagenet
 
 from kernel_checks import INTERPRET, LAUNCHER
+from key_bias import qkv_bias_columns
 
 PRESETS = {  # file -> (image size, tokens L, heads, head dim) as the papers define the model
     "vit-ti16.toml": (224, 197, 3, 64),
@@ -274,8 +275,8 @@ def update_ratios(fused: dict, ref: dict, init: dict, d: int) -> dict:
             for i, part in enumerate("QKV"):
                 cols = slice(i * d, (i + 1) * d)
                 errors[f"{name}[{part}]"] = ratio(f[:, cols], r[:, cols], p0[:, cols])
-        elif name.endswith("attn/qkv/b"):
-            keep = np.r_[0:d, 2 * d:3 * d]
+        elif (split := qkv_bias_columns(name, d)) is not None:
+            keep, _ = split
             errors[f"{name}[Q,V]"] = ratio(f[keep], r[keep], p0[keep])
         else:
             errors[name] = ratio(f, r, p0)
