@@ -18,7 +18,8 @@ as "spills" but not counted as a failure (it is slow, not wrong).
 Cases: "attn" the one-tile attention (kernels/attention.py) at the shapes it serves; "flash" the
 key-blocked attention (kernels/flash_attention.py) at the ViT shapes of issue 15 (L = 65, 197,
 577, 4096 and 8192; Dh 32, 64, 128) and small awkward ones, with the blocks the dispatcher gives
-it when no tuned table row applies; "ln" the residual + LayerNorm kernels.
+it when no tuned table row applies; "ln" the residual + LayerNorm kernels at the product's and
+the standard ViT sizes' widths.
 """
 
 import argparse
@@ -81,7 +82,10 @@ def cases(quick: bool):
     # sequences at Dh 64 and 128, and small awkward ones
     flash = [(64, 65, 8, 32), (2, 197, 6, 64), (2, 577, 6, 64), (2, 4096, 4, 64), (2, 4096, 4, 128),
              (1, 8192, 2, 64), (2, 17, 2, 16), (2, 1, 4, 128)]
-    lns = [(64 * 65, 256), (100, 1000), (7, 64)]
+    # add+LN: the product shape, the standard sizes' widths at 224 px (ViT-Ti 192, S 384, B 768,
+    # L 1024; 197 tokens) and small awkward ones
+    lns = [(64 * 65, 256), (2 * 197, 192), (2 * 197, 384), (2 * 197, 768), (2 * 197, 1024),
+           (100, 1000), (7, 64)]
     dtypes = [jnp.float32, jnp.bfloat16]
     if quick:
         att, flash, lns = att[:1], flash[:2], lns[:1]
