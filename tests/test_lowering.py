@@ -65,7 +65,9 @@ def report(tmp_path_factory):
     if done.returncode == 2:
         message = f"{done.stderr.strip()}\n(tests/test_lowering.py looked in {SITE})"
         if _in_ci():
-            pytest.fail(message + "\nCI must run this check: .ci/run installs them before the tests")
+            pytest.fail(f"{message}\nCI must run this check; installing them (python -m "
+                        f"kernels.lowering_check --install {SITE}) gave rc {install.returncode}:\n"
+                        + _tail(install.stdout + install.stderr, 3000))
         pytest.skip(message)
     if not out.exists():
         pytest.fail(f"lowering check crashed (rc {done.returncode}):\n{_tail(done.stdout)}\n{_tail(done.stderr)}")
