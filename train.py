@@ -374,7 +374,7 @@ def start(args):
     """Config, processes, run directory, checkpoint, op set, data and steps of the run: -> the
     training.Run, or fail() naming what is wrong. Writes no file of the run."""
     from vit.runconfig import ConfigError  # noqa: PLC0415
-    notes = []  # --resume's notes on changed values: printed once the resume goes ahead
+    notes = []  # --resume's notes on changed values: printed (by process 0) once it goes ahead
     try:
         cfg = resolve_config(args, notes)
     except ConfigError as err:
@@ -391,8 +391,9 @@ def start(args):
         if resumed is not None:
             check_config_json(run_dir, resumed[1])
             check_resume_position(resumed[1], cfg.train.epochs, run_dir)
-        for note in notes:
-            print(note, file=sys.stderr)
+        if main_process:  # once per run, as the run's other output
+            for note in notes:
+                print(note, file=sys.stderr)
         ops = cmdline.build_ops(args)
         run = training.start_run(cfg, run_dir, ops, args.devices, resumed, main_process,
                                  progress=not args.no_progress)

@@ -4,7 +4,7 @@ new run used to overwrite them silently). A folder of other files, or what a run
 saved left (config.json only), is written into. And what --resume takes as the run's config: a
 config.json that is not JSON, or disagrees with last.npz on what it depends on, is refused;
 so is evaluate.py's --data-dir for a digits run, which reads no folder, and a change of an
-image-folder run's data.layout."""
+image-folder run's data.layout. A resumed run's notes on changed values come from process 0."""
 
 import json
 
@@ -110,3 +110,18 @@ def test_resume_fixed_data(tmp_path, capsys):
     moved = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "elsewhere"}})
     train.check_resume_changes(saved, moved, {}, tmp_path)
     assert capsys.readouterr().err == ""
+
+
+def test_resume_notes_come_from_process_0_only(tmp_path, capsys, monkeypatch):
+    """--resume with a changed --lr: the note on it is printed once per run, by process 0, as
+    the run's other output (here a finished run: nothing to train, so no step runs)."""
+    from vit import parallel
+
+    out = tmp_path / "run"
+    assert train.main([*QUICK, "--out", str(out)]) == 0
+    capsys.readouterr()
+    for main_process in (False, True):
+        monkeypatch.setattr(parallel, "is_main_process", lambda: main_process)
+        assert train.main(["--resume", str(out), "--no-progress", "--lr", "5e-4"]) == 0
+        err = capsys.readouterr().err
+        assert ("note: --lr 0.0005: resuming with train.lr = 0.0005" in err) is main_process, err
