@@ -15,9 +15,10 @@ Exit codes:
          still a stop before the end, so a script can tell "finished" from "resume me")
     3    the training loss became NaN/Inf: stopped, last.npz is left as it was
     2    bad usage or input (a flag, config value, data or checkpoint file): the message names it
-A second Ctrl-C while stopping leaves at once without saving (also 130), as does a Ctrl-C before
-the first step (while the data loads or the step compiles), which writes no checkpoint and no
-run directory: run the same command again.
+A second Ctrl-C while stopping leaves at once without saving (also 130), as does a Ctrl-C while
+the run starts (reading its checkpoint, loading its data), which writes no checkpoint and no run
+directory: run the same command again. A Ctrl-C during the first step, which compiles it, waits
+for that step (saying so at once) and saves it like any other.
 
 Called from Python (`train.main([...])`, as the tests do) rather than run as a script, a SIGINT or
 SIGTERM still saves last.npz first, and is then passed on to the handler that was there before
@@ -359,10 +360,10 @@ def main(argv=None, *, standalone=False) -> int:
     args = parse_args(argv)
     try:
         started = start(args)
-    except KeyboardInterrupt:  # Ctrl-C while loading data or compiling: nothing was written yet
+    except KeyboardInterrupt:  # Ctrl-C while loading the checkpoint or data: nothing written yet
         if not standalone:
             raise  # the caller's KeyboardInterrupt, as without train.py
-        print("\ntrain.py: interrupted while starting (loading data, compiling), before the first "
+        print("\ntrain.py: interrupted while starting (loading the data), before the first "
               "step: no checkpoint was written" + (f", {args.resume} is as it was" if args.resume
                                                    else "") + "; run the same command again",
               file=sys.stderr)

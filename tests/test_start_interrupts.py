@@ -1,5 +1,5 @@
-"""Ctrl-C before training's first step (while the data loads or decodes into its cache, or the
-step compiles): `python train.py` leaves at once with a message and exit code 130, not a
+"""Ctrl-C while the run starts (the data loads or decodes into its cache): `python train.py`
+leaves at once with a message and exit code 130, not a
 KeyboardInterrupt traceback, and writes no run directory; called from Python, the caller gets
 its KeyboardInterrupt, as without train.py. (Once training runs, tests/test_train.py's Ctrl-C
 tests hold: the current step is finished and last.npz saved.)"""

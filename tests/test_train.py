@@ -349,6 +349,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
     text = proc.text()
     assert proc.returncode == train.EXIT_INTERRUPTED, proc.tail()
     assert "interrupted: saved" in text and "--resume" in text
+    assert "train.py: Ctrl-C: finishing the current step, then saving last.npz" in text
     stopped = meta_of(run)
     assert 1 <= stopped["epoch"] < 40  # it really stopped early, after epoch 1
     until = stopped["epoch"] + 1

@@ -285,6 +285,11 @@ class StopOnSignal:
         if self.signum is not None:  # a second Ctrl-C: the user insists
             raise InterruptedTwice
         self.signum = signum
+        # said at once: the step in flight may take long to finish (the first one compiles).
+        # os.write, not print: a handler that prints while the loop prints raises "reentrant call"
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        os.write(2, f"\ntrain.py: {name}: finishing the current step, then saving last.npz "
+                    "(Ctrl-C again leaves at once, without saving)\n".encode())
 
     def __enter__(self):
         self.old = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
@@ -400,7 +405,7 @@ def _remedies(t) -> str:
 
 
 def _interrupted_twice(last: Path) -> str:
-    kept = (f"{last} holds the last completed epoch" if last.exists()
+    kept = (f"{last} is as it was last saved" if last.exists()
             else "no checkpoint had been written yet")
     print(f"\ninterrupted twice: exiting without saving; {kept}", file=sys.stderr)
     return STOPPED
