@@ -2,7 +2,7 @@
 multi-process start-up flags, each turned into the value the library takes (an ``Ops``, the
 three settings of ``vit.parallel.init_distributed``), with errors that name the flag at fault.
 
-    ops = build_ops(args)          # --fused [--interpret] [--dot-precision tf32|tf32x3] -> vit.ops.Ops
+    ops = build_ops(args)          # --fused [--interpret] [--dot-precision ieee|tf32|tf32x3] -> Ops
     start_processes(args)          # --coordinator / --num-processes / --process-id (or JAX_* env)
 
 Errors are ``UsageError``s; the commands print them as "<prog>: error: ..." and exit 2.

@@ -62,7 +62,8 @@ def load_run(run_dir, name: str):
 
 def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops=None,
              progress=True):
-    """-> dict with top1, top5, loss, count, per_class (list of (name, correct, total))."""
+    """-> evaluate_run's dict: checkpoint, epoch, step_in_epoch, top1, top5, loss, count,
+    per_class (list of (name, correct, total)), confusion and class_names."""
     from vit import explain  # noqa: PLC0415
 
     run = load_run(run_dir, checkpoint_name)

@@ -239,7 +239,7 @@ class KernelCase:
     group: str  # e.g. "attention fwd+bwd"
     kind: str  # "attention" | "layernorm" (shape tables)
     mode: str  # "fwd" | "fwd+bwd"
-    shape: str  # "quick" | "product" | "large"
+    shape: str  # a key of ATTN_SHAPES / LN_SHAPES: "quick", "product", "large", "vit-s", ...
     contender: str
     dtype: str  # "fp32" | "bf16"
 

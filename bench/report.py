@@ -229,7 +229,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         out += [f"**{meta['partial']}**", ""]
     if meta.get("machine_note"):
         out += [f"**{meta['machine_note']}**", ""]
-    out += ["## Targets (GPU, product shape)", "",
+    out += ["## Targets (GPU; product shape unless named)", "",
             "Rows say: each row's kernels, XLA's bytes and % of the measured peak (report.target_evidence).", "",
             "| target | measured | verdict | rows say |", "| --- | --- | --- | --- |"]
     evidence = meta.get("target_evidence") or ["-"] * len(meta["targets"])
@@ -414,7 +414,7 @@ def write_results(session: BenchSession, out_dir: Path = RESULTS_DIR, *,
     write_text_atomic(json_path, json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     write_text_atomic(md_path, markdown(rows, meta))
     session.rows_written = len(session.rows)
-    summary = "\n".join([f"targets ({'GPU, product shape'}):"]
+    summary = "\n".join(["targets (GPU; product shape unless named):"]
                         + [f"  {t}: {v}" + (f" [{m}]" if m != "-" else "") for t, m, v in meta["targets"]]
                         + ["", markdown_tables(rows)])
     return json_path, md_path, summary

@@ -45,8 +45,8 @@ To change a kernel (its body, its launch geometry or blocks, or a variant beside
     $OUT for attention_table.json, whose rows, timed on the old kernels, go stale with them).
   - the bench: ``python -m pytest bench/test_bench_layernorm.py bench/test_bench_attention.py``
     (checks only on the CPU). On a GPU start a fresh results file: ``--bench-continue`` keeps an
-    earlier file's rows, timed on the old kernels (results record no commit, and the add+LN row's
-    note no geometry).
+    earlier file's rows, timed on the old kernels (each row's ``code`` names the code it timed,
+    and the add+LN row's note its geometry, but the rows are kept all the same).
   - what goes stale: README.md, "Fused kernels" (tiles, spills, registers) and "Speed on an H200"
     (its verdicts' tiles and programs), the compile_check row of "Two commands" (kernel count,
     spills); the comments that carry compile figures (``_DEFAULT_BLOCKS``, attention.geometry);

@@ -15,7 +15,7 @@ exactly like that: positional arrays, then one pointer per ``out_shape``, then t
 compile-time constants; the interpreter path below does the same.
 
 Which jax-triton works, as far as lowering for cuda sm_90 on a CPU shows (``python -m
-kernels.lowering_check``; nothing here has run on a GPU yet):
+kernels.lowering_check``; on a GPU only 0.3.1 has run, on the lent H200 with jax 0.11.2):
 
 - 0.3.1, the one pinned (the ``gpu`` extra): every launch, plain and inside ``poisoned_outputs()``,
   lowers to the legacy ``triton_kernel_call`` custom call, with jax 0.11.2 and 0.12.0.1 on triton

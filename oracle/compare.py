@@ -25,7 +25,8 @@ TOLERANCE = {
     "float32 long sums": 3e-5,
     # tf32 keeps 10 mantissa bits: 2^-11 ~ 5e-4 per product
     "tf32": 5e-3,
-    # tf32x3 splits each float32 operand in three tf32 parts: float32 accuracy
+    # tf32x3 splits each float32 operand into a tf32 high part and the remainder, and does three
+    # tf32 dots (hi.hi + hi.lo + lo.hi): about float32's accuracy
     "tf32x3": 1e-5,
     # half inputs vs the float32 reference on the same rounded inputs; outputs, P and dS are
     # rounded to the input dtype on the way (bf16: 8 mantissa bits, 2^-9 ~ 2e-3 each); observed

@@ -69,7 +69,7 @@ DEFAULT_SHAPES = [
     "attn:2x197x2x32",  # L=197 with a one-tile K/V tile that fits the compiled fp32 kernel
     "attn:2x33x1x128",  # Dh 128, a single head
     "attn:1x127x2x32",  # one below 128, the dispatcher's one-tile limit (at Dh <= 32)
-    "attn:1x128x2x16:keep",  # exactly 128: whole key blocks only (fp32 blocks of 32 / 16 keys)
+    "attn:1x128x2x16:keep",  # exactly 128: whole key blocks only (fp32 Dh 16: blocks of 32 keys)
     "attn:1x129x2x32:keep",  # one above: the dispatcher's first key-blocked length, 1-key tail
     "attn:1x31x2x32",  # fp32 forward key blocks of 32: L = BLOCK_N - 1
     "attn:1x33x2x64:keep",  # L = BLOCK_N + 1 (forward 32-key blocks; backward 16: 3 blocks)

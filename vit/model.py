@@ -123,8 +123,9 @@ def block_forward(params, x, config: ViTConfig, ops: Ops = REFERENCE, key=None, 
     """One encoder block on x (B, L, D).
 
     cls_only=True returns only the CLS row (B, 1, D): keys and values still come from every
-    token, but the output projection, LayerNorms and FFN run on one row (the last block of the
-    encoder, whose other rows never reach the head)."""
+    token, but the output projection, the FFN and the LayerNorms after attention run on one row
+    (pre-norm's LN1, which feeds the keys and values, on every row): the last block of the
+    encoder, whose other rows never reach the head."""
     c = config
     b, l, _ = x.shape
     rows = 1 if cls_only else l
