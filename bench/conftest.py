@@ -25,7 +25,7 @@ continuing the same file, fill one results file between them.
 
 ``--benchmark`` is our own flag, not pytest-benchmark's (whose options all start with
 ``--benchmark-``; pytest matches option names exactly, so the two live side by side). The tests
-do not use pytest-benchmark's fixture: see harness.py for the timer.
+do not use pytest-benchmark's fixture: bench/timer.py is the timer (harness.py calls it).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ step), then summarise the CSV it wrote:
 
 `run` builds the step exactly as `pytest bench/ --benchmark` times it (bench/steps
 .make_step; contenders reference, fused, autodiff, fused-attn, fused-ln, reference-bf16,
-fused-bf16), compiles it and runs three warm-up steps with the profiler off, then brackets the
+fused-bf16), runs three steps with the profiler off (the first compiles), then brackets the
 profiled steps with cudaProfilerStart/Stop, so ncu sees only them (not XLA's compile-time
 autotuning). `summarize` totals time and DRAM bytes per kernel and per kind (our Triton kernels,
 library GEMMs, XLA's fusions). Kernel times under ncu are serialised, one kernel at a time, so

@@ -20,9 +20,11 @@ results are written, so --interpret never writes a table. Both --table and --out
 after every shape and dtype, so a run cut short keeps what it timed.
 
 Exits 1 when a variant gives wrong numbers or the dispatcher's plan fails to run (a variant that
-fails to compile is only reported). Prints one table per shape, dtype and direction: median ms (p20-p80), speed relative to the
-dispatcher's current plan, and with --resources the registers and stack bytes per thread of the
-sm_90 compile (as kernels.compile_check reads them); --out FILE also writes the tables as Markdown.
+fails to compile is only reported). Prints a line per variant as it is timed: median ms
+(p20-p80), "default" / "planned" marks, and with --resources the registers and stack bytes per
+thread of the sm_90 compile (as kernels.compile_check reads them). --out FILE writes a Markdown
+table per shape and dtype (both directions, a dir column) that adds each variant's speed relative
+to the dispatcher's current plan.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ against the reference first, beside the geometry kernels/layernorm.py picks toda
 
 Shapes are the bench's (bench/harness.py LN_SHAPES, B x L x D: quick 2x65x256, product
 64x65x256, large 512x65x256) and ViT-S/16's and ViT-B/16's at 224 px (vit-s 128x197x384, vit-b
-64x197x768). Per shape and dtype, two tables:
+64x197x768). Per shape and dtype, one table of two modes (its mode column):
   fwd      the forward kernel with each (BLOCK_M rows, warps) of the grid
   fwd+bwd  the forward at its plan, then the backward with each (BLOCK_M, warps, at most G main
            programs, reduction columns): the backward's main kernel writes G partial rows of

@@ -13,7 +13,7 @@ from vit.data.cache import write_text_atomic
 def sm90_regs_stack(trace, pick) -> str:
     """'regs/stack' per thread of one launch compiled for sm_90 (kernels.compile_check; no GPU
     needed): trace() traces the variant, pick(specs) chooses its launch among those recorded. A
-    variant that does not trace or compile is reported ('no: <error>'), not fatal."""
+    variant that does not trace or compile is reported ('no: <exception type>'), not fatal."""
     from kernels import compile_check  # noqa: PLC0415
 
     try:

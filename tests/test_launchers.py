@@ -59,7 +59,7 @@ def test_only_the_interpreter_upcasts_half_precision_dots(kernel):
 def test_layernorm_tiles_follow_the_launcher():
     """Compiled tiles stay near the register budget (<= 4096 elements, <= 16 rows) and the split
     reduction fills a GPU (up to 256 programs); the interpreter takes few, large tiles."""
-    m, n = 64 * 65, 128  # the product's LayerNorm: 4160 rows of 128
+    m, n = 64 * 65, 128  # the product's 4160 LayerNorm rows (at width 128, not its 256)
     compiled, interpreted = layernorm_launches(COMPILED, m, n), layernorm_launches(INTERPRETED, m, n)
     for specs, launcher in ((compiled, COMPILED), (interpreted, INTERPRETED)):
         for name in ("_ln_fwd", "_ln_bwd"):

@@ -1,5 +1,5 @@
 """tests/watch.py: a subprocess is waited for while it makes progress, however long that takes,
-and only a silent, idle one counts as a hang. (The idle limit is shrunk to 1.5 s here; the
+and only a silent, idle one counts as a hang. (The idle limit is shrunk to 1.5 or 2 s here; the
 processes below run for longer than that, so a wall-clock limit of that length would fail them.)
 """
 

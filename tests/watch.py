@@ -1,7 +1,8 @@
 """Waiting for subprocesses in tests without a wall-clock limit that a busy machine can exceed.
 
 A test that starts a subprocess (a worker, python train.py, an inner pytest) waits for it as long
-as it makes progress: it writes output, or it (or any process started with it) uses CPU time. Only
+as it makes progress: it writes output, or it uses CPU time (its own: a process it starts counts
+only if the test watches that one too, as the multi-process tests watch each of theirs). Only
 a subprocess that does neither for IDLE_LIMIT_S seconds is taken to hang, killed, and reported
 with its output. Load slows a process down; it does not stop it from doing either, so load alone
 cannot fail a test here (a hang in a collective, a deadlock or a wait for a peer that died does).
