@@ -42,7 +42,8 @@ CACHE_DIRNAME = "vitfuse-cache"  # the cache's folder inside a dataset's folder
 SPLITS = ("train", "val")  # the splits a folder dataset has, each cached on its own
 # how to leave unreadable images out, with each command's own flag for it
 SKIP_HINT = (
-    "leave unreadable images out: python train.py ... --set data.skip_bad_images=true, "
+    "leave unreadable images out: python train.py ... --set data.skip_bad_images=true (evaluate.py "
+    "follows the run's setting), "
     "python -m vit.data prepare ... --skip-bad-images, load_dataset(..., skip_bad_images=True)"
 )
 
@@ -65,8 +66,12 @@ def fingerprint(root: Path, files: list[Path], method: str = "") -> str:
     if method:
         digest.update(f"method {method}\n".encode())
     for path in sorted(files):
-        st = path.stat()
-        digest.update(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = path.stat()
+            stamp = f"{st.st_size}\t{st.st_mtime_ns}"
+        except OSError as e:  # a broken link, say: the decoder reports it (or skips it) by name
+            stamp = f"unreadable {e.errno}"
+        digest.update(f"{path.relative_to(root).as_posix()}\t{stamp}\n".encode())
     return digest.hexdigest()
 
 

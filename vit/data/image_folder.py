@@ -87,6 +87,8 @@ def load_image(path: str | os.PathLike, size: int, channels: int = 3) -> np.ndar
             img = resize_center_crop(_to_mode(img, "RGB" if channels == 3 else "L"), size)
             pixels = np.asarray(img, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise BadImage(f"{path}: a broken link (to {os.readlink(path)}), not an image") from None
         raise BadImage(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
     return pixels.reshape(size, size, channels)
 
@@ -109,10 +111,20 @@ def class_folders(split_dir: Path) -> list[str]:
 
 
 def images_in(class_dir: Path) -> list[Path]:
-    """Every image file under class_dir (sub-folders included), sorted by relative path."""
-    found = []
+    """Every image file under class_dir (sub-folders included, linked ones too), sorted by relative
+    path. A linked folder already read (a link to '.') is not read again, and one holding the class
+    folder (a link to a parent) not at all: such links would count the class's images over and
+    over, or never end, and a parent's other classes are not this class."""
+    found, seen = [], set()
+    class_real = os.path.realpath(class_dir)
     for folder, dirs, files in os.walk(class_dir, followlinks=True):
-        dirs[:] = [d for d in dirs if _visible(d)]
+        real = os.path.realpath(folder)
+        holds_class = real != class_real and os.path.commonpath([real, class_real]) == real
+        if real in seen or holds_class:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if _visible(d))  # sorted: the first path to a folder wins
         found += [Path(folder) / name for name in files if is_image_file(name)]
     return sorted(found, key=lambda p: p.relative_to(class_dir).as_posix())
 
@@ -202,5 +214,11 @@ def load_image_folder(
     if not len(labels):
         raise DatasetError(f"no images left in {root / split}: all {len(skipped)} were unreadable, "
                            f"e.g. {skipped[0] if skipped else '?'}")
+    emptied = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
+    if split == "train" and emptied:  # every image of a class skipped: it could not be learnt
+        raise DatasetError(f"no images left in class folder {root / split / emptied[0]}: all were "
+                           f"unreadable and skipped ({len(emptied)} of {len(classes)} classes); every class needs "
+                           "training images: fix or remove the files, or remove the class from "
+                           "train/ and val/")
     return Dataset(images=images, labels=labels, class_names=classes, name="image-folder", split=split,
                    skipped=skipped, decoded_now=built)
