@@ -33,6 +33,7 @@ and the checkpoint to resume (check_writable, load_resume_checkpoint), the op se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -144,6 +145,7 @@ def resolve_config(args, notes: list | None = None):
     (check_resume_changes), for start() to print once the resume is known to go ahead; without
     it they are printed at once."""
     from vit import runconfig  # noqa: PLC0415
+    from vit.data import folder_dataset  # noqa: PLC0415
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -178,6 +180,9 @@ def resolve_config(args, notes: list | None = None):
         base = runconfig.merge(base, section, key, value)
         sources[f"{section}.{key}"] = f"--set {text}"
     cfg = runconfig.from_dict(base, where, sources)
+    if not args.resume and "data.dataset" not in sources:  # a Tiny ImageNet config, an image folder
+        d = cfg.data
+        cfg.data = dataclasses.replace(d, dataset=folder_dataset(d.dataset, d.data_dir, d.layout))
     if args.resume:
         said = check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
         if notes is None:

@@ -313,3 +313,25 @@ def test_config_with_resume_is_refused_not_ignored(tmp_path, capsys):
     assert exit_.value.code == 2
     assert f"--config {recipe}: --resume {tmp_path} continues that run with its own config" in capsys.readouterr().err
     assert train.resolve_config(train.parse_args(["--resume", str(tmp_path)])).data.dataset == "digits"
+
+
+def test_a_tiny_imagenet_config_given_an_image_folder_records_image_folder(tmp_path):
+    """The default config and the presets say data.dataset = "tiny-imagenet"; given --data-dir of
+    an image folder, the run records "image-folder" (its name and error hints follow it), as
+    --dataset image-folder would. A dataset named by a flag, Tiny ImageNet's own folder and a
+    folder that is not there keep the config's."""
+    import train
+    from vit import runconfig
+    from vit.data.fake import write_fake_image_folder, write_fake_tiny_imagenet
+
+    folder = write_fake_image_folder(tmp_path / "pets", train_per_class=1, val_per_class=1)
+    tiny = write_fake_tiny_imagenet(tmp_path / "tiny")
+
+    def dataset(*flags):
+        return train.resolve_config(train.parse_args([str(f) for f in flags])).data.dataset
+    assert dataset("--data-dir", folder) == "image-folder"
+    assert dataset("--config", runconfig.CONFIG_DIR / "vit-s16.toml", "--data-dir", folder) == "image-folder"
+    assert dataset("--data-dir", folder, "--dataset", "tiny-imagenet") == "tiny-imagenet"
+    assert dataset("--data-dir", folder, "--set", "data.dataset=tiny-imagenet") == "tiny-imagenet"
+    assert dataset("--data-dir", tiny) == "tiny-imagenet"
+    assert dataset("--data-dir", tmp_path / "nowhere") == "tiny-imagenet"

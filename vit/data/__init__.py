@@ -51,7 +51,7 @@ DEFAULT_DATA_DIR = "data"  # where `python -m vit.data download` puts tiny-image
 NATIVE_IMAGE_SIZE = {"tiny-imagenet": 64, "digits": 8}  # datasets that are not resized
 
 __all__ = ["BUNDLED_DATASETS", "DATASETS", "FOLDER_DATASETS", "DEFAULT_DATA_DIR", "DOWNLOAD_HINT", "Dataset", "DatasetError", "LAYOUTS",
-           "check_run_data_dir", "load_dataset", "resolve_layout"]
+           "check_run_data_dir", "folder_dataset", "load_dataset", "resolve_layout"]
 
 
 def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = "auto") -> str:
@@ -78,6 +78,19 @@ def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = 
     from vit.data.layout import detect_layout
 
     return detect_layout(data_dir, DOWNLOAD_HINT if name == "tiny-imagenet" else "")
+
+
+def folder_dataset(name: str, data_dir, layout: str = "auto") -> str:
+    """The dataset a new run of `name` on data_dir records: "image-folder" for "tiny-imagenet"
+    (the default config's, the presets') when data_dir holds an image folder, as --dataset
+    image-folder would (the name picks the run's folder name and the download hint); else name.
+    A folder that is missing or neither layout leaves name: loading it says what is wrong."""
+    if name != "tiny-imagenet" or data_dir is None:
+        return name
+    try:
+        return "image-folder" if resolve_layout(name, data_dir, layout) == "image-folder" else name
+    except DatasetError:
+        return name
 
 
 def check_run_data_dir(name: str, data_dir, who: str) -> None:
