@@ -141,9 +141,9 @@ def parse_args(argv) -> argparse.Namespace:
 
 def resolve_config(args, notes: list | None = None):
     """The run's RunConfig from --config or --resume's config.json, flags and --set; fail()s
-    naming the flag at fault. notes: a list that takes --resume's notes on changed values
-    (check_resume_changes), for start() to print once the resume is known to go ahead; without
-    it they are printed at once."""
+    naming the flag at fault. notes: a list that takes the notes on what was given (--resume's
+    on changed values, check_resume_changes; model fields the data sets), for start() to print
+    once the run is known to go ahead; without it they are printed at once."""
     from vit import runconfig  # noqa: PLC0415
     from vit.data import folder_dataset  # noqa: PLC0415
 
@@ -183,13 +183,18 @@ def resolve_config(args, notes: list | None = None):
     if not args.resume and "data.dataset" not in sources:  # a Tiny ImageNet config, an image folder
         d = cfg.data
         cfg.data = dataclasses.replace(d, dataset=folder_dataset(d.dataset, d.data_dir, d.layout))
+    followed = [sources[k] for k in ("model.image_size", "model.channels", "model.num_classes")
+                if k in sources]
+    said = [f"train.py: note: {', '.join(followed)}: the model takes its image size, channels and "
+            "classes from the data (data.image_size sizes an image folder's images)"] if followed else []
     if args.resume:
-        said = check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
-        if notes is None:
-            for note in said:
-                print(note, file=sys.stderr)
-        else:
-            notes.extend(said)
+        said += check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
+    if notes is None:
+        for note in said:
+            print(note, file=sys.stderr)
+    else:
+        notes.extend(said)
+    if args.resume:
         if "data.data_dir" not in sources:  # the run's own folder, which may have moved since
             from vit.data import DatasetError, check_run_data_dir  # noqa: PLC0415
             try:
@@ -380,7 +385,7 @@ def start(args):
     """Config, processes, run directory, checkpoint, op set, data and steps of the run: -> the
     training.Run, or fail() naming what is wrong. Writes no file of the run."""
     from vit.runconfig import ConfigError  # noqa: PLC0415
-    notes = []  # --resume's notes on changed values: printed (by process 0) once it goes ahead
+    notes = []  # resolve_config's notes: printed (by process 0) once the run goes ahead
     try:
         cfg = resolve_config(args, notes)
     except ConfigError as err:

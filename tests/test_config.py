@@ -335,3 +335,20 @@ def test_a_tiny_imagenet_config_given_an_image_folder_records_image_folder(tmp_p
     assert dataset("--data-dir", folder, "--set", "data.dataset=tiny-imagenet") == "tiny-imagenet"
     assert dataset("--data-dir", tiny) == "tiny-imagenet"
     assert dataset("--data-dir", tmp_path / "nowhere") == "tiny-imagenet"
+
+
+def test_model_fields_the_data_sets_get_a_note_when_given(capsys):
+    """model.image_size, channels and num_classes follow the data (vit.training.fit_model_to_data):
+    given on the command line they are not what the run gets, and a note says so; from a config
+    file they pass without one."""
+    import train
+
+    train.resolve_config(train.parse_args(["--dataset", "digits", "--set", "model.num_classes=7",
+                                           "--set", "model.channels=3", "--set", "model.layers=1"]))
+    assert ("note: --set model.channels=3, --set model.num_classes=7: the model takes its image "
+            "size, channels and classes from the data") in capsys.readouterr().err
+    from vit import runconfig
+
+    config = runconfig.CONFIG_DIR / "tiny-imagenet.toml"  # it sets model.image_size and num_classes
+    train.resolve_config(train.parse_args(["--config", str(config), "--set", "model.layers=1"]))
+    assert capsys.readouterr().err == ""

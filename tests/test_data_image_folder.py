@@ -2,6 +2,7 @@
 detection and every input error. The folders are written on the fly (vit.data.fake.write_fake_image_folder:
 odd sizes, grayscale, palette, 16-bit, PNG with alpha, nested sub-folders, awkward class names)."""
 
+import re
 import shutil
 
 import numpy as np
@@ -318,9 +319,10 @@ def test_neither_layout_says_what_was_expected_and_what_was_found(tmp_path):
     assert "download" not in message  # the Tiny ImageNet hint only when Tiny ImageNet was asked for
 
 
-def test_parent_of_an_image_folder_suggests_it(root):
-    with pytest.raises(DatasetError, match=f"did you mean --data-dir {root}"):
-        load(root.parent, "train")
+def test_parent_of_an_image_folder_suggests_it_and_so_does_its_train_folder(root):
+    for wrong in (root.parent, root / "train"):
+        with pytest.raises(DatasetError, match=re.escape(f"did you mean --data-dir {root}?")):
+            load(wrong, "train")
 
 
 def test_empty_class_folder_is_named(root):
@@ -329,7 +331,7 @@ def test_empty_class_folder_is_named(root):
         load(root, "train")
     assert str(root / "train" / "empty one") in str(e.value) and "empty" in str(e.value)
     (root / "train" / "empty one" / "list.csv").write_text("a,b\n")
-    with pytest.raises(DatasetError, match="1 files, none named"):
+    with pytest.raises(DatasetError, match="1 file, none an image named .*names starting with '.' are left"):
         load(root, "train")
 
 

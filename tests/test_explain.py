@@ -203,11 +203,11 @@ def test_predict_gives_the_top_5_of_more_classes(tmp_path):
 
 def test_predict_bad_file_is_named(colour_run, tmp_path, capsys):
     _, run, _ = colour_run
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG nope")
-    with pytest.raises(SystemExit):
-        evaluate.main([str(run), "--predict", str(bad)])
-    assert str(bad) in capsys.readouterr().err
+    (bad := tmp_path / "broken.png").write_bytes(b"\x89PNG nope")
+    for given, said in ((bad, str(bad)), (tmp_path, f"{tmp_path}: a folder, not an image file")):
+        with pytest.raises(SystemExit):
+            evaluate.main([str(run), "--predict", str(given)])
+        assert said in capsys.readouterr().err, given
 
 
 def test_predict_with_a_data_dir_of_other_classes_is_an_error(colour_run, tmp_path, capsys, monkeypatch):

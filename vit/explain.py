@@ -407,6 +407,10 @@ def predict_files(run: Run, paths, class_names: list[str], k: int = 5):
 
     if len(class_names) != run.model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model of {run.model.num_classes} classes")
+    folders = [str(p) for p in paths if Path(p).is_dir()]
+    if folders:
+        raise FileNotFoundError(f"{', '.join(folders)}: a folder, not an image file; give the "
+                                "images in it (e.g. DIR/*.jpg)")
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"no such image file: {', '.join(missing)}")

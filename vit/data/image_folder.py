@@ -162,7 +162,9 @@ def list_split(root: Path, split: str, classes: list[str] | None = None) -> tupl
         found = images_in(split_dir / name)
         if not found:
             others = sum(len(files) for _, _, files in os.walk(split_dir / name))
-            what = f"{others} files, none named *{', *'.join(IMAGE_SUFFIXES)}" if others else "it is empty"
+            what = (f"{others} file{'s' if others > 1 else ''}, none an image named "
+                    f"*{', *'.join(IMAGE_SUFFIXES)} (names starting with '.' are left out)"
+                    if others else "it is empty")
             raise DatasetError(f"no images in class folder {split_dir / name} ({what}); "
                                f"remove the folder or add images")
         paths += found

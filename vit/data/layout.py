@@ -50,6 +50,8 @@ def detect_layout(data_dir: str | os.PathLike, hint: str = "") -> str:
         return "image-folder"
     tiny_root = root / DATASET_DIRNAME if (root / DATASET_DIRNAME).is_dir() else root
     nested = [p for p in sorted(root.iterdir()) if p.is_dir() and ((p / "train").is_dir() or _is_tiny(p))]
+    if root.name in ("train", "val") and (root.parent / "train").is_dir():  # one level too deep
+        nested = [root.parent]
     maybe = f" (did you mean --data-dir {nested[0]}?)" if nested else ""
     raise DatasetError(
         f"{root} is neither dataset layout{maybe}: expected {TINY_HELP}, or an image folder: {LAYOUT_HELP}. "
