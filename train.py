@@ -240,6 +240,7 @@ RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
 # changed on --resume, these leave the run what it would have been: taken without a note. A key in
 # neither table (a new config key too) is taken with a note (check_resume_changes)
 RESUME_SAME_RUN = {"data.data_dir": "the same data found elsewhere",
+                   "data.cache_dir": "where the decoded images are kept, not what they are",
                    "data.workers": "processes decoding the cache, not what it holds",
                    "data.device_budget_mb": "where the batches come from, not what they hold",
                    "train.checkpoint_minutes": "when last.npz is written, not what it holds"}

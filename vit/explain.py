@@ -100,7 +100,8 @@ def load_val(run: Run, data_dir=None, progress: bool = True):
         raise DatasetError(f"--data-dir {data_dir}: {run.path.parent} was trained on {data.dataset}; "
                            f"{BUNDLED_DATASETS[data.dataset]} (leave --data-dir out)")
     val = load_dataset(data.dataset, data_dir or data.data_dir, "val", workers=data.workers,
-                       progress=progress, image_size=run.model.image_size, layout=data.layout)
+                       progress=progress, image_size=run.model.image_size, layout=data.layout,
+                       cache_dir=data.cache_dir)
     check_same_classes(run.class_names, val.class_names, data_dir or data.data_dir, run.path.parent)
     return val
 

@@ -71,10 +71,13 @@ class DataSection:
         image_size follows it. Tiny ImageNet (64) and digits (8) come at their own size only.
     device_budget_mb: put the training set on the device if it fits in this many MiB, else
         stream it from the memory-mapped cache in chunks (0: always stream).
+    cache_dir: a folder for the decoded images, each dataset in a sub-folder of its own (default:
+        DATA_DIR/vitfuse-cache); for a data folder that cannot be written to (read-only, shared).
     """
 
     dataset: str = "tiny-imagenet"
     data_dir: str | None = None
+    cache_dir: str | None = None
     workers: int | None = None
     skip_bad_images: bool = False
     layout: str = "auto"
@@ -232,7 +235,8 @@ def _validate_data(d: DataSection, source):
     if d.image_size is not None and d.image_size < 1:
         raise ConfigError(f"{source('data.image_size')}: data.image_size must be a positive "
                           f"integer, got {d.image_size!r}")
-    for key, value, unset in (("data_dir", d.data_dir, None), ("layout", d.layout, "auto")):
+    for key, value, unset in (("data_dir", d.data_dir, None), ("cache_dir", d.cache_dir, None),
+                              ("layout", d.layout, "auto")):
         if d.dataset in BUNDLED_DATASETS and value != unset:
             raise ConfigError(f"{source(f'data.{key}')}: data.{key}={value!r}: "
                               f"{BUNDLED_DATASETS[d.dataset]} (leave data.{key} unset, or give "

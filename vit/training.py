@@ -135,7 +135,7 @@ def load_data(cfg, progress: bool):
                      image_size=d.image_size)
     try:
         options = dict(workers=d.workers, skip_bad_images=d.skip_bad_images, progress=progress,
-                       image_size=d.image_size, layout=d.layout)
+                       image_size=d.image_size, layout=d.layout, cache_dir=d.cache_dir)
         train_set = load_dataset(d.dataset, d.data_dir, "train", **options)
         val_set = load_dataset(d.dataset, d.data_dir, "val", **options)
     except DatasetError as err:

@@ -114,6 +114,7 @@ def load_dataset(
     progress: bool = True,
     image_size: int | None = None,
     layout: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
 ) -> Dataset:
     """One split ("train" or "val") of dataset `name` ("tiny-imagenet", "image-folder" or "digits").
 
@@ -125,8 +126,14 @@ def load_dataset(
     image_size: the side S of the cached (N, S, S, 3) images of an image folder (default 64); Tiny
     ImageNet (64) and digits (8) come at their own size only.
     workers, skip_bad_images, progress: see vit.data.tiny_imagenet.load_tiny_imagenet.
+    cache_dir: a folder for the decoded images of folder datasets, each in a sub-folder of its
+    own (cache.dataset_cache_dir); default DIR/vitfuse-cache.
     """
     kind = resolve_layout(name, data_dir, layout)
+    if cache_dir is not None and kind in FOLDER_DATASETS:
+        from vit.data.cache import dataset_cache_dir
+
+        cache_dir = dataset_cache_dir(cache_dir, DEFAULT_DATA_DIR if data_dir is None else data_dir)
     native = NATIVE_IMAGE_SIZE.get(kind)
     if image_size is not None and native is not None and image_size != native:
         raise DatasetError(f"data.image_size={image_size}: {kind} comes at its own {native}x{native} only; "
@@ -140,12 +147,14 @@ def load_dataset(
             workers=workers,
             skip_bad_images=skip_bad_images,
             progress=progress,
+            cache_dir=cache_dir,
         )
     if kind == "image-folder":
         from vit.data.image_folder import load_image_folder
 
         return load_image_folder(data_dir, split, image_size=image_size, workers=workers,
-                                 skip_bad_images=skip_bad_images, progress=progress)
+                                 skip_bad_images=skip_bad_images, progress=progress,
+                                 cache_dir=cache_dir)
     from vit.data.digits import load_digits_split
 
     return load_digits_split(split)

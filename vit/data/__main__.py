@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--image-size", type=at_least(1), default=None,
                          help="data.image_size: side of the cached images of an image folder (default 64)")
     prepare.add_argument("--split", choices=["train", "val", "both"], default="both")
+    prepare.add_argument("--cache-dir", default=None,
+                         help="data.cache_dir: a folder for the decoded images, in a sub-folder per dataset "
+                         "(default: DATA_DIR/vitfuse-cache)")
     prepare.add_argument("--workers", type=at_least(1), default=None,
                          help="decoding processes (default: up to 8)")
     prepare.add_argument(
@@ -121,7 +124,7 @@ def prepare(args) -> None:
     for split in ("train", "val") if args.split == "both" else (args.split,):
         data = load_dataset("tiny-imagenet", args.data_dir, split, workers=args.workers,
                             skip_bad_images=args.skip_bad_images, progress=not args.quiet,
-                            image_size=args.image_size, layout=args.layout)
+                            image_size=args.image_size, layout=args.layout, cache_dir=args.cache_dir)
         skipped = f", {unreadable(len(data.skipped))} skipped" if data.skipped else ""
         how = "decoded now into" if data.decoded_now else "up to date in"
         print(f"{data.name} {split}: {data.images.shape[0]} images {data.images.shape[1:]}, "

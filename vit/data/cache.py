@@ -47,6 +47,10 @@ SKIP_HINT = (
     "python -m vit.data prepare ... --skip-bad-images, load_dataset(..., skip_bad_images=True)"
 )
 
+# where else the cache can go, with each command's own flag for it
+CACHE_DIR_HINT = ("put it in a folder you can write to: python train.py ... --set data.cache_dir=DIR, "
+                  "python -m vit.data prepare ... --cache-dir DIR")
+
 Decode = Callable[[str], np.ndarray]
 
 
@@ -57,6 +61,13 @@ def unreadable(n: int) -> str:
 
 class BadImage(Exception):
     """An image file that cannot be decoded into the cached shape; the message names the file."""
+
+
+def dataset_cache_dir(cache_root: str | os.PathLike, data_dir: str | os.PathLike) -> Path:
+    """The folder in data.cache_dir for one dataset's caches: <name>-<hash of its absolute path>,
+    so that one cache_dir serves many datasets without their caches replacing each other."""
+    folder = Path(data_dir).expanduser().resolve()
+    return Path(cache_root).expanduser() / f"{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}"
 
 
 def fingerprint(root: Path, files: list[Path], method: str = "") -> str:
@@ -199,7 +210,7 @@ def build_cache(
             for leftover in cache_dir.glob(f"{path.name}.tmp-*"):
                 leftover.unlink(missing_ok=True)
     except OSError as e:
-        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}") from e
+        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}; {CACHE_DIR_HINT}") from e
 
     n = len(paths)
     tmp_images = files["images"].with_name(f"{files['images'].name}.tmp-{os.getpid()}")
@@ -247,7 +258,7 @@ def build_cache(
         }
         write_atomic(files["manifest"], lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     except OSError as e:
-        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}") from e
+        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}; {CACHE_DIR_HINT}") from e
     finally:
         tmp_images.unlink(missing_ok=True)
         compacted.unlink(missing_ok=True)
@@ -272,7 +283,7 @@ def build_lock(cache_dir: Path, prefix: str, what: str):
         except FileNotFoundError:  # its folder was removed between the two: a failed build's
             continue
         except OSError as e:
-            raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}") from e
+            raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}; {CACHE_DIR_HINT}") from e
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
