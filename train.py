@@ -232,7 +232,7 @@ def check_config_json(run_dir: Path, meta: dict):
 # what a resumed run's checkpoint depends on: changing it on --resume is refused
 RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
                 "train.seed": "its data order and random numbers",
-                "model": "the shapes of its parameters",
+                "model": "the model it trains (its parameters' shapes, its dropout, ...)",
                 "data.dataset": "the images it was trained on",
                 "data.layout": "the images it was trained on",
                 "data.image_size": "the images it was trained on"}
@@ -419,6 +419,8 @@ def run_training(args, run, *, standalone: bool) -> int:
 
     from vit import training  # noqa: PLC0415
 
+    if run.resumed and run.state.epoch >= run.cfg.train.epochs:
+        return 0  # a finished run: its files stay as they are (not config.json with new flags)
     with training.StopOnSignal(standalone) as stop:
         created = training.make_run_dir(run)
         t = run.cfg.train

@@ -352,3 +352,25 @@ def test_model_fields_the_data_sets_get_a_note_when_given(capsys):
     config = runconfig.CONFIG_DIR / "tiny-imagenet.toml"  # it sets model.image_size and num_classes
     train.resolve_config(train.parse_args(["--config", str(config), "--set", "model.layers=1"]))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("key, value", [("warmup_epochs", "inf"), ("warmup_epochs", "nan"),
+                                        ("lr", "nan"), ("weight_decay", "nan"),
+                                        ("checkpoint_minutes", "nan"), ("min_lr", "-inf")])
+def test_non_finite_numbers_are_refused_naming_the_key(key, value):
+    """TOML reads nan and inf as floats: they were taken (a NaN loss later, a traceback for
+    warmup_epochs = inf, checkpoints never due for checkpoint_minutes = nan)."""
+    import train
+    from vit.runconfig import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--set train.{key}={value}: train.{key} must be a finite "
+                                          f"number, got {float(value)!r}$"):
+        train.resolve_config(train.parse_args(["--set", f"train.{key}={value}"]))
+
+
+def test_min_lr_above_lr_is_refused():
+    from vit import runconfig
+
+    with pytest.raises(runconfig.ConfigError, match="train.min_lr = 1.0 is above train.lr = 0.003"):
+        runconfig.from_dict({"train": {"lr": 0.003, "min_lr": 1.0}})
+    assert runconfig.from_dict({"train": {"lr": 0.003, "min_lr": 0.003}}).train.hparams.min_lr == 0.003

@@ -114,14 +114,18 @@ def test_resume_fixed_data(tmp_path, capsys):
 
 def test_resume_notes_come_from_process_0_only(tmp_path, capsys, monkeypatch):
     """--resume with a changed --lr: the note on it is printed once per run, by process 0, as
-    the run's other output (here a finished run: nothing to train, so no step runs)."""
+    the run's other output (here a finished run: nothing to train, so no step runs, and none of
+    its files is rewritten)."""
     from vit import parallel
 
     out = tmp_path / "run"
     assert train.main([*QUICK, "--out", str(out)]) == 0
     capsys.readouterr()
+    files = {f.name: f.read_bytes() for f in out.iterdir()}
     for main_process in (False, True):
         monkeypatch.setattr(parallel, "is_main_process", lambda: main_process)
         assert train.main(["--resume", str(out), "--no-progress", "--lr", "5e-4"]) == 0
         err = capsys.readouterr().err
         assert ("note: --lr 0.0005: resuming with train.lr = 0.0005" in err) is main_process, err
+    # nothing was trained, so nothing is rewritten: config.json does not take the new --lr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == files

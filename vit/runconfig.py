@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import sys
 import tomllib
@@ -280,6 +281,9 @@ def _check_types(section: str, obj, source):
                     and isinstance(value, str) and value.lower() in ("true", "false") else "")
             raise ConfigError(f"{source(f'{section}.{f.name}')}: {section}.{f.name} must be "
                               f"{_TYPE_NAMES[kind]}{hint}, got {value!r}")
+        if kind == "float" and not math.isfinite(value):  # TOML's nan and inf are floats too
+            raise ConfigError(f"{source(f'{section}.{f.name}')}: {section}.{f.name} must be a "
+                              f"finite number, got {value!r}")
 
 
 # [train] values that must not be negative (0 switches each off), and those in [0, 1)
@@ -326,6 +330,9 @@ def _validate(t: TrainSection, source):
                           f"(e.g. {divides})")
     if hp.lr <= 0:
         raise ConfigError(f"{source('train.lr')}: train.lr must be positive, got {hp.lr!r}")
+    if hp.min_lr > hp.lr:
+        raise ConfigError(f"{source('train.min_lr', 'train.lr')}: train.min_lr = {hp.min_lr!r} is "
+                          f"above train.lr = {hp.lr!r}: the schedule decays from lr to min_lr")
     if hp.schedule not in ("constant", "cosine"):
         raise ConfigError(f"{source('train.schedule')}: train.schedule must be 'constant' or "
                           f"'cosine', got {hp.schedule!r}")

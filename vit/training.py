@@ -197,7 +197,7 @@ def initial_state(cfg, train_set, resumed, run_dir):
         state = RunState.from_checkpoint(*resumed)
         if state.epoch >= cfg.train.epochs:
             print(f"resuming {run_dir}: all {cfg.train.epochs} epochs are done already, nothing "
-                  f"to train (raise --epochs to train on)")
+                  f"to train and nothing written (raise --epochs to train on)")
         else:
             print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} "
                   f"(global step {resumed[1]['global_step']})")
@@ -288,8 +288,9 @@ class StopOnSignal:
         # said at once: the step in flight may take long to finish (the first one compiles).
         # os.write, not print: a handler that prints while the loop prints raises "reentrant call"
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
         os.write(2, f"\ntrain.py: {name}: finishing the current step, then saving last.npz "
-                    "(Ctrl-C again leaves at once, without saving)\n".encode())
+                    f"({again} leaves at once, without saving)\n".encode())
 
     def __enter__(self):
         self.old = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
