@@ -15,10 +15,9 @@ Exit codes:
          still a stop before the end, so a script can tell "finished" from "resume me")
     3    the training loss became NaN/Inf: stopped, last.npz is left as it was
     2    bad usage or input (a flag, config value, data or checkpoint file): the message names it
-A second Ctrl-C while stopping leaves at once without saving (also 130), as does a Ctrl-C while
-the run starts (reading its checkpoint, loading its data), which writes no checkpoint and no run
-directory: run the same command again. A Ctrl-C during the first step, which compiles it, waits
-for that step (saying so at once) and saves it like any other.
+A second Ctrl-C while stopping leaves at once without saving (also 130), as does one while the
+run starts (reading its checkpoint, loading its data), writing no checkpoint and no run directory.
+A Ctrl-C during the first step, which compiles it, waits for that step and saves it like any other.
 
 Called from Python (`train.main([...])`, as the tests do) rather than run as a script, a SIGINT or
 SIGTERM still saves last.npz first, and is then passed on to the handler that was there before
@@ -35,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -189,18 +189,17 @@ def resolve_config(args, notes: list | None = None):
             "classes from the data (data.image_size sizes an image folder's images)"] if followed else []
     if args.resume:
         said += check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
-    if notes is None:
-        for note in said:
-            print(note, file=sys.stderr)
-    else:
-        notes.extend(said)
-    if args.resume:
         if "data.data_dir" not in sources:  # the run's own folder, which may have moved since
             from vit.data import DatasetError, check_run_data_dir  # noqa: PLC0415
             try:
                 check_run_data_dir(cfg.data.dataset, cfg.data.data_dir, f"--resume {run_dir}")
             except DatasetError as err:
                 fail(str(err))
+    if notes is None:
+        for note in said:
+            print(note, file=sys.stderr)
+    else:
+        notes.extend(said)
     return cfg
 
 
@@ -440,7 +439,10 @@ def run_training(args, run, *, standalone: bool) -> int:
                     run.run_dir.rmdir()
                 except OSError:
                     pass
-    return {training.DONE: 0, training.STOPPED: EXIT_INTERRUPTED,
+    if outcome == training.LEFT and standalone:  # a second signal may have unwound a JAX call
+        sys.stdout.flush(), sys.stderr.flush()   # half-way (a step compiling), after which the
+        os._exit(EXIT_INTERRUPTED)               # interpreter's teardown crashed (SIGSEGV)
+    return {training.DONE: 0, training.STOPPED: EXIT_INTERRUPTED, training.LEFT: EXIT_INTERRUPTED,
             training.NONFINITE: EXIT_NONFINITE}[outcome]
 
 

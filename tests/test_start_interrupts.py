@@ -45,3 +45,20 @@ def test_ctrl_c_while_starting_is_a_message_and_exit_130(sigint_while_loading_da
 def test_ctrl_c_while_starting_reaches_a_python_caller(sigint_while_loading_data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train.main([*QUICK, "--out", str(tmp_path / "run")])
+
+
+def test_a_second_signal_leaves_the_script_without_the_interpreters_teardown(tmp_path, monkeypatch):
+    """After a second Ctrl-C, `python train.py` (standalone) leaves through os._exit(130): the
+    exception may have unwound a JAX call half-way (the first step compiling), and the
+    interpreter's teardown then crashed with SIGSEGV (exit -11, seen twice in two tries).
+    Called from Python, main returns 130 as before."""
+    def leave(code):
+        exits.append(code)
+        raise SystemExit(code)
+    exits = []
+    monkeypatch.setattr(training, "train", lambda *args: training.LEFT)
+    monkeypatch.setattr(train.os, "_exit", leave)
+    assert train.main([*QUICK, "--out", str(tmp_path / "a")]) == train.EXIT_INTERRUPTED and not exits
+    with pytest.raises(SystemExit):
+        train.main([*QUICK, "--out", str(tmp_path / "b")], standalone=True)
+    assert exits == [train.EXIT_INTERRUPTED]

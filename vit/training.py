@@ -6,7 +6,7 @@ on Ctrl-C / SIGTERM.
     run = start_run(cfg, run_dir, ops, devices, resumed, main_process, progress)
     with StopOnSignal(standalone) as stop:
         created = make_run_dir(run)
-        outcome = train(run, stop, stop_after_epoch)     # DONE | STOPPED | NONFINITE
+        outcome = train(run, stop, stop_after_epoch)     # DONE | STOPPED | LEFT | NONFINITE
 
 Errors a user can fix (data, devices, batch size, image size) are RunErrors whose message names
 the file or flag at fault; train.py prints them and exits 2.
@@ -27,6 +27,7 @@ from vit.config import patch_size_hint
 from vit.curves import plot_curves
 
 DONE, STOPPED, NONFINITE = "done", "stopped", "nonfinite"
+LEFT = "left"  # a second signal: stopped at once, without saving (last.npz as it was)
 # curves.png is redrawn after an epoch once this long has passed since it was last drawn, and
 # when training stops: a drawing takes about 0.2 s, which every epoch was half of a digits run
 CURVES_SECONDS = 10.0
@@ -409,12 +410,13 @@ def _interrupted_twice(last: Path) -> str:
     kept = (f"{last} is as it was last saved" if last.exists()
             else "no checkpoint had been written yet")
     print(f"\ninterrupted twice: exiting without saving; {kept}", file=sys.stderr)
-    return STOPPED
+    return LEFT
 
 
 def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
     """Epochs until the config's last; -> how it ended: DONE, STOPPED (last.npz saved, to be
-    resumed: a signal or stop_after_epoch) or NONFINITE (the loss became NaN/Inf)."""
+    resumed: a signal or stop_after_epoch), LEFT (a second signal: no save) or NONFINITE (the
+    loss became NaN/Inf)."""
     s, epochs, last = run.state, run.cfg.train.epochs, run.run_dir / "last.npz"
     try:
         while s.epoch < epochs:
