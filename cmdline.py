@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 class UsageError(ValueError):
@@ -160,4 +161,9 @@ def start_processes(args: argparse.Namespace) -> None:
     if settings is not None:
         from vit import parallel  # noqa: PLC0415
 
+        coordinator, processes, pid = settings
+        # JAX waits in silence for every process (then aborts after 5 minutes): say what for
+        print(f"process {pid} of {processes}: waiting for all {processes} processes to join at "
+              f"{coordinator} (process 0's address; JAX gives up after 5 minutes)",
+              file=sys.stderr, flush=True)
         parallel.init_distributed(*settings)

@@ -318,6 +318,9 @@ def test_train_py_two_processes_equal_one_process_on_four_devices(tmp_path):
         for p in procs:
             p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(p.tail() for p in procs)
+    # each says what it waits for before JAX's silent wait for the other process
+    assert all(f"process {pid} of 2: waiting for all 2 processes to join at 127.0.0.1:{port}"
+               in p.text() for pid, p in enumerate(procs))
 
     def metrics(run):
         return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
