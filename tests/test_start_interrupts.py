@@ -2,7 +2,8 @@
 leaves at once with a message and exit code 130, not a
 KeyboardInterrupt traceback, and writes no run directory; called from Python, the caller gets
 its KeyboardInterrupt, as without train.py. (Once training runs, tests/test_train.py's Ctrl-C
-tests hold: the current step is finished and last.npz saved.)"""
+tests hold: the current step is finished and last.npz saved.) And the edges after that: a
+second signal, and a signal while an epoch is evaluated and saved."""
 
 import signal
 
@@ -62,3 +63,22 @@ def test_a_second_signal_leaves_the_script_without_the_interpreters_teardown(tmp
     with pytest.raises(SystemExit):
         train.main([*QUICK, "--out", str(tmp_path / "b")], standalone=True)
     assert exits == [train.EXIT_INTERRUPTED]
+
+
+def test_a_signal_during_an_epochs_evaluation_stops_at_that_epochs_end(tmp_path, monkeypatch, capsys):
+    """It stopped one step into the next epoch (the step loop was the only place that looked)."""
+    from vit import checkpoint
+
+    finish_epoch = training.finish_epoch
+
+    def finish_then_ctrl_c(run, *args):
+        record = finish_epoch(run, *args)
+        signal.raise_signal(signal.SIGINT)  # as if it came while evaluating or saving
+        return record
+    monkeypatch.setattr(training, "finish_epoch", finish_then_ctrl_c)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # called from Python: passed on once saved
+        train.main([*QUICK, "--epochs", "3", "--out", str(run)])
+    meta = checkpoint.load(run / "last.npz")[1]
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 0), meta
+    assert "interrupted: saved" in capsys.readouterr().err

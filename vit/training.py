@@ -420,6 +420,8 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
     s, epochs, last = run.state, run.cfg.train.epochs, run.run_dir / "last.npz"
     try:
         while s.epoch < epochs:
+            if stop.requested:  # came during the last epoch's evaluation or save: stop here
+                raise Interrupted
             finish_epoch(run, *train_epoch(run, stop))
             if stop_after_epoch is not None and stop_after_epoch <= s.epoch < epochs:
                 run.draw_curves(force=True)
