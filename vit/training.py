@@ -26,8 +26,7 @@ from typing import Any, Callable
 from vit.config import patch_size_hint
 from vit.curves import plot_curves
 
-DONE, STOPPED, NONFINITE = "done", "stopped", "nonfinite"
-LEFT = "left"  # a second signal: stopped at once, without saving (last.npz as it was)
+DONE, STOPPED, LEFT, NONFINITE = "done", "stopped", "left", "nonfinite"  # how train() ended
 # curves.png is redrawn after an epoch once this long has passed since it was last drawn, and
 # when training stops: a drawing takes about 0.2 s, which every epoch was half of a digits run
 CURVES_SECONDS = 10.0
@@ -286,8 +285,7 @@ class StopOnSignal:
         if self.signum is not None:  # a second Ctrl-C: the user insists
             raise InterruptedTwice
         self.signum = signum
-        # said at once: the step in flight may take long to finish (the first one compiles).
-        # os.write, not print: a handler that prints while the loop prints raises "reentrant call"
+        # said now (the first step compiles: long); os.write, as print here can raise "reentrant call"
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
         os.write(2, f"\ntrain.py: {name}: finishing the current step, then saving last.npz "
