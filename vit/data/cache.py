@@ -54,6 +54,11 @@ CACHE_DIR_HINT = ("put it in a folder you can write to: python train.py ... --se
 Decode = Callable[[str], np.ndarray]
 
 
+def unwritable(cache_dir: Path, err: OSError) -> DatasetError:
+    """The error for a cache that cannot be written, saying where else it can go."""
+    return DatasetError(f"cannot write the decoded cache in {cache_dir}: {err}; {CACHE_DIR_HINT}")
+
+
 def unreadable(n: int) -> str:
     """'1 unreadable image', '3 unreadable images': how the messages count the files left out."""
     return f"{n} unreadable image{'' if n == 1 else 's'}"
@@ -210,7 +215,7 @@ def build_cache(
             for leftover in cache_dir.glob(f"{path.name}.tmp-*"):
                 leftover.unlink(missing_ok=True)
     except OSError as e:
-        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}; {CACHE_DIR_HINT}") from e
+        raise unwritable(cache_dir, e) from e
 
     n = len(paths)
     tmp_images = files["images"].with_name(f"{files['images'].name}.tmp-{os.getpid()}")
@@ -258,7 +263,7 @@ def build_cache(
         }
         write_atomic(files["manifest"], lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     except OSError as e:
-        raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}; {CACHE_DIR_HINT}") from e
+        raise unwritable(cache_dir, e) from e
     finally:
         tmp_images.unlink(missing_ok=True)
         compacted.unlink(missing_ok=True)
@@ -283,7 +288,7 @@ def build_lock(cache_dir: Path, prefix: str, what: str):
         except FileNotFoundError:  # its folder was removed between the two: a failed build's
             continue
         except OSError as e:
-            raise DatasetError(f"cannot write the decoded cache in {cache_dir}: {e}; {CACHE_DIR_HINT}") from e
+            raise unwritable(cache_dir, e) from e
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

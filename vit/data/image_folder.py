@@ -216,11 +216,12 @@ def load_image_folder(
     if not len(labels):
         raise DatasetError(f"no images left in {root / split}: all {len(skipped)} were unreadable, "
                            f"e.g. {skipped[0] if skipped else '?'}")
-    emptied = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
-    if split == "train" and emptied:  # every image of a class skipped: it could not be learnt
+    counts = np.bincount(labels, minlength=len(classes)) if split == "train" else ()
+    emptied = [c for c, n in zip(classes, counts) if not n]
+    if emptied:  # every training image of a class skipped: it could not be learnt
         raise DatasetError(f"no images left in class folder {root / split / emptied[0]}: all were "
-                           f"unreadable and skipped ({len(emptied)} of {len(classes)} classes); every class needs "
-                           "training images: fix or remove the files, or remove the class from "
-                           "train/ and val/")
+                           f"unreadable and skipped ({len(emptied)} of {len(classes)} classes); "
+                           "every class needs training images: fix or remove the files, or remove "
+                           "the class from train/ and val/")
     return Dataset(images=images, labels=labels, class_names=classes, name="image-folder", split=split,
                    skipped=skipped, decoded_now=built)
