@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -106,8 +107,39 @@ def evaluate_run(run, val, batch_size=256, ops=None, progress=True):
             "confusion": confusion, "class_names": list(val.class_names)}
 
 
-def main(argv=None) -> int:
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a SIGINT
+
+
+def main(argv=None, *, standalone=False) -> int:
+    """standalone: this process is `python evaluate.py` itself, so a Ctrl-C ends in a message
+    and exit code 130 instead of a KeyboardInterrupt traceback (called from Python, the caller
+    gets its KeyboardInterrupt)."""
     args = build_parser().parse_args(argv)
+    written = []  # files written so far, named if a Ctrl-C stops the rest
+    try:
+        return evaluate_command(args, written)
+    except KeyboardInterrupt:
+        if not standalone:
+            raise
+        done = f"wrote only {', '.join(map(str, written))}" if written else "wrote nothing"
+        print(f"\nevaluate.py: interrupted (Ctrl-C): {done}", file=sys.stderr)
+        # the signal may have unwound a JAX call half-way, after which the interpreter's
+        # teardown can crash (as train.py saw): leave without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+
+def describe_position(meta) -> str:
+    """Where in training a checkpoint was saved, as train.py says it: "epoch 3" after three
+    epochs, "mid-epoch: epoch 2, step 4" for a last.npz saved 4 steps into epoch 2."""
+    if meta.get("step_in_epoch", 0):
+        return f"mid-epoch: epoch {meta['epoch'] + 1}, step {meta['step_in_epoch']}"
+    return f"epoch {meta['epoch']}"
+
+
+def evaluate_command(args, written) -> int:
+    """main without its Ctrl-C handling; appends each file it writes to `written`."""
     from vit import explain  # noqa: PLC0415
     from vit.checkpoint import CheckpointError  # noqa: PLC0415
     from vit.data import DatasetError  # noqa: PLC0415
@@ -128,9 +160,8 @@ def main(argv=None) -> int:
     except (cmdline.UsageError, FileNotFoundError, DatasetError, CheckpointError,
             ConfigError) as err:
         fail(str(err))
-    into = (f" and {result['step_in_epoch']} steps into epoch {result['epoch'] + 1}"
-            if result["step_in_epoch"] else "")  # a last.npz saved mid-epoch
-    print(f"{result['checkpoint']} (epoch {result['epoch']}{into}): top-1 "
+    where = describe_position(result)
+    print(f"{result['checkpoint']} ({where}): top-1 "
           f"{100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  loss "
           f"{result['loss']:.4f}  on {result['count']} validation images")
     if args.per_class:
@@ -140,18 +171,23 @@ def main(argv=None) -> int:
             print(f"{name[:48]:<48} {c:>8} {t:>6} {100 * c / max(t, 1):>6.1f}%")
     confusion = result.pop("confusion")
     if args.per_class:
-        written = explain.write_confusion(confusion, result["class_names"], args.run_dir,
-                                          args.checkpoint)
-        print(f"confusion matrix: {written['png']} ({len(written['shown'])} of "
+        figure = explain.write_confusion(confusion, result["class_names"], args.run_dir,
+                                         args.checkpoint)
+        written.append(figure["png"])
+        print(f"confusion matrix: {figure['png']} ({len(figure['shown'])} of "
               f"{len(confusion)} classes shown)")
     if args.saliency > 0:
-        written = explain.write_saliency(run, val, args.saliency, args.run_dir, args.checkpoint)
-        print(f"saliency maps: {written['png']} ({len(written['labels'])} validation images)")
+        figure = explain.write_saliency(run, val, args.saliency, args.run_dir, args.checkpoint)
+        written.append(figure["png"])
+        print(f"saliency maps: {figure['png']} ({len(figure['labels'])} validation images)")
     if args.attention > 0:
-        written = explain.write_attention(run, val, args.attention, args.run_dir, args.checkpoint)
-        print(f"attention maps: {written['png']} ({len(written['labels'])} validation images)")
+        figure = explain.write_attention(run, val, args.attention, args.run_dir, args.checkpoint)
+        written.append(figure["png"])
+        print(f"attention maps: {figure['png']} ({len(figure['labels'])} validation images)")
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
+    written.append(out)
+    print(f"results: {out}")
     return 0
 
 
@@ -177,4 +213,4 @@ def predict(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(standalone=True))

@@ -324,8 +324,8 @@ def test_a_crash_mid_epoch_loses_only_the_steps_since_the_last_timed_save(
     assert said == [f"saved {run / 'last.npz'} at epoch {e}, step {k} (train.checkpoint_minutes "
                     f"= 1e-09)" for e, k in boundaries if minutes], said
     assert evaluate.main([str(run), "--checkpoint", "last", "--no-progress"]) == 0
-    into = " and 4 steps into epoch 2" if minutes else ""  # evaluate.py says where last.npz is
-    assert f"last.npz (epoch 1{into}): top-1" in capsys.readouterr().out
+    where = "mid-epoch: epoch 2, step 4" if minutes else "epoch 1"  # as train.py says it
+    assert f"last.npz ({where}): top-1" in capsys.readouterr().out
     assert run_train("--resume", run, "--no-progress") == 0
     assert_same_run(reference, run)
 

@@ -1,0 +1,86 @@
+"""evaluate.py's command around the evaluation: Ctrl-C is a message and exit code 130 naming
+what was written (no traceback), and the output names every file written. The evaluation
+itself is faked here (tests/test_explain.py evaluates real runs)."""
+
+import numpy as np
+import pytest
+
+import evaluate
+from vit import explain
+
+
+class Left(Exception):
+    """os._exit, made to return to the test."""
+
+
+@pytest.fixture
+def faked(monkeypatch, tmp_path):
+    """evaluate.py on a faked run of 2 classes; -> (run directory, os._exit's codes)."""
+    exits = []
+
+    def leave(code):
+        exits.append(code)
+        raise Left
+    monkeypatch.setattr(evaluate.os, "_exit", leave)
+    monkeypatch.setattr(evaluate, "load_run", lambda *args: "run")
+    monkeypatch.setattr(explain, "load_val", lambda *args, **kwargs: "val")
+    result = {"checkpoint": str(tmp_path / "last.npz"), "epoch": 1, "step_in_epoch": 4,
+              "top1": 0.5, "top5": 1.0, "loss": 0.7, "count": 4,
+              "per_class": [("a", 1, 2), ("b", 1, 2)], "confusion": np.ones((2, 2), np.int64),
+              "class_names": ["a", "b"]}
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *args: dict(result))
+
+    def write_confusion(confusion, names, run_dir, checkpoint):
+        png = tmp_path / f"confusion-{checkpoint}.png"
+        png.write_bytes(b"png")
+        return {"png": png, "shown": names}
+    monkeypatch.setattr(explain, "write_confusion", write_confusion)
+    return tmp_path, exits
+
+
+def test_the_output_names_every_file_written(faked, capsys):
+    run, _ = faked
+    assert evaluate.main([str(run), "--checkpoint", "last", "--per-class"]) == 0
+    out = capsys.readouterr().out
+    # where last.npz was saved, as train.py says it ("saved ... at epoch 2, step 4")
+    assert "last.npz (mid-epoch: epoch 2, step 4): top-1 50.00%" in out, out
+    assert f"confusion matrix: {run / 'confusion-last.png'}" in out, out
+    assert f"results: {run / 'eval-last.json'}" in out, out
+    assert (run / "eval-last.json").exists()
+
+
+def test_ctrl_c_names_what_was_written_and_exits_130(faked, monkeypatch, capsys):
+    run, exits = faked
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(explain, "write_saliency", interrupted)
+    with pytest.raises(Left):
+        evaluate.main([str(run), "--per-class", "--saliency", "2"], standalone=True)
+    assert exits == [evaluate.EXIT_INTERRUPTED]
+    err = capsys.readouterr().err
+    assert f"evaluate.py: interrupted (Ctrl-C): wrote only {run / 'confusion-best.png'}" in err, err
+    assert "Traceback" not in err and not (run / "eval-best.json").exists()
+
+
+def test_ctrl_c_before_anything_is_written(faked, monkeypatch, capsys):
+    run, exits = faked
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "load_run", interrupted)
+    with pytest.raises(Left):
+        evaluate.main([str(run)], standalone=True)
+    assert exits == [evaluate.EXIT_INTERRUPTED]
+    assert "evaluate.py: interrupted (Ctrl-C): wrote nothing" in capsys.readouterr().err
+
+
+def test_ctrl_c_reaches_a_python_caller(faked, monkeypatch):
+    run, exits = faked
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "load_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main([str(run)])
+    assert exits == []
