@@ -25,7 +25,7 @@ SIGTERM still saves last.npz first, and is then passed on to the handler that wa
 have without train.py.
 
 This file is the command line: flags and config (build_parser, resolve_config), the run directory
-and the checkpoint to resume (check_writable, load_resume_checkpoint), the op set and processes
+and its checks (check_writable; resume.py: what --resume checks), the op set and processes
 (cmdline.py); vit/training.py is the run itself (start_run, train, StopOnSignal).
 """
 
@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import errno
 import os
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import cmdline
+import resume
 
 # vit.data.DATASETS, written out so that --help imports no jax (tests/test_config.py keeps the two
 # equal)
@@ -142,25 +144,24 @@ def parse_args(argv) -> argparse.Namespace:
 def resolve_config(args, notes: list | None = None):
     """The run's RunConfig from --config or --resume's config.json, flags and --set; fail()s
     naming the flag at fault. notes: a list that takes the notes on what was given (--resume's
-    on changed values, check_resume_changes; model fields the data sets), for start() to print
+    on changed values, resume.check_changes; model fields the data sets), for start() to print
     once the run is known to go ahead; without it they are printed at once."""
     from vit import runconfig  # noqa: PLC0415
     from vit.data import folder_dataset  # noqa: PLC0415
 
+    said = []  # notes
     if args.resume:
         run_dir = Path(args.resume)
-        saved = run_dir / "config.json"
-        if not run_dir.is_dir():
-            fail(f"--resume {run_dir}: " + ("no such directory" if not run_dir.exists() else
-                                            "a file, not a run directory"))
-        if not saved.is_file():
-            fail(f"--resume {run_dir}: no config.json there; is it a run directory?")
         if args.config is not None:  # it would be silently ignored: the run's own config is used
             fail(f"--config {args.config}: --resume {run_dir} continues that run with its own "
-                 f"config ({saved}); leave --config out (flags and --set may still change its "
-                 "training values)")
-        base = saved_base = read_config_json(saved)  # merge() copies: this stays as saved
-        where = str(saved)
+                 f"config ({run_dir / 'config.json'}); leave --config out (flags and --set may "
+                 "still change its training values)")
+        try:
+            base, where, said = resume.saved_config(run_dir)
+            resume.check_accum_steps(base, args.accum_steps, run_dir)
+        except resume.ResumeError as err:
+            fail(str(err))
+        saved_base = base  # merge() copies: this stays as saved
     else:
         path = args.config
         where = f"--config {path}"
@@ -185,10 +186,13 @@ def resolve_config(args, notes: list | None = None):
         cfg.data = dataclasses.replace(d, dataset=folder_dataset(d.dataset, d.data_dir, d.layout))
     followed = [sources[k] for k in ("model.image_size", "model.channels", "model.num_classes")
                 if k in sources]
-    said = [f"train.py: note: {', '.join(followed)}: the model takes its image size, channels and "
-            "classes from the data (data.image_size sizes an image folder's images)"] if followed else []
+    said += [f"train.py: note: {', '.join(followed)}: the model takes its image size, channels "
+             "and classes from the data (data.image_size sizes an image folder's images)"] if followed else []
     if args.resume:
-        said += check_resume_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
+        try:
+            said += resume.check_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
+        except resume.ResumeError as err:
+            fail(str(err))
         if "data.data_dir" not in sources:  # the run's own folder, which may have moved since
             from vit.data import DatasetError, check_run_data_dir  # noqa: PLC0415
             try:
@@ -201,95 +205,6 @@ def resolve_config(args, notes: list | None = None):
     else:
         notes.extend(said)
     return cfg
-
-
-def read_config_json(saved: Path) -> dict:
-    try:
-        return json.loads(saved.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
-        fail(f"{saved} cannot be read as JSON ({err}); train.py wrote it when the run started, "
-             "and the run's checkpoints hold the same config: put it back to resume")
-
-
-def check_config_json(run_dir: Path, meta: dict):
-    """--resume: RUN_DIR/config.json against the config last.npz was saved with, on what the
-    checkpoint depends on (RESUME_FIXED): config.json edited by hand or copied from another run
-    would resume the weights and data position of one run as another (it did, silently)."""
-    from vit import runconfig  # noqa: PLC0415
-
-    saved, last = run_dir / "config.json", run_dir / "last.npz"
-    ours = runconfig.from_dict(read_config_json(saved), str(saved))
-    theirs = runconfig.from_dict(meta["config"], f"{last} (its config)")
-    for name, was, value, why in config_changes(theirs, ours):
-        if why:
-            fail(f"--resume {run_dir}: {saved} has {name} = {value!r}, but {last} was saved "
-                 f"by a run with {name} = {was!r}: config.json was changed or comes from "
-                 "another run; put the run's own back (changes go in flags or --set), or "
-                 "start a new run with --out")
-
-
-# what a resumed run's checkpoint depends on: changing it on --resume is refused
-RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
-                "train.seed": "its data order and random numbers",
-                "model": "the model it trains (its parameters' shapes, its dropout, ...)",
-                "data.dataset": "the images it was trained on",
-                "data.layout": "the images it was trained on",
-                "data.image_size": "the images it was trained on"}
-
-# changed on --resume, these leave the run what it would have been: taken without a note. A key in
-# neither table (a new config key too) is taken with a note (check_resume_changes)
-RESUME_SAME_RUN = {"data.data_dir": "the same data found elsewhere",
-                   "data.cache_dir": "where the decoded images are kept, not what they are",
-                   "data.workers": "processes decoding the cache, not what it holds",
-                   "data.device_budget_mb": "where the batches come from, not what they hold",
-                   "train.checkpoint_minutes": "when last.npz is written, not what it holds"}
-
-
-def check_resume_changes(saved, cfg, sources: dict, run_dir: Path) -> list[str]:
-    """--resume RUN_DIR with flags: a change to what the checkpoint depends on (RESUME_FIXED)
-    is an error naming the flag; a change that leaves the run as it was (RESUME_SAME_RUN) is
-    taken silently; any other (--lr, --accum-steps, ...) is taken with a note, since the run then
-    differs from the one that would have gone on. --epochs gets the note only under a cosine
-    schedule, which it stretches; a constant one just goes on longer. -> the notes, for the
-    caller to print once the resume is known to go ahead (start())."""
-    notes = []
-    for name, before, value, why in config_changes(saved, cfg):
-        flag = sources.get(name, name)
-        if why:
-            fail(f"{flag}: --resume {run_dir} continues that run, and {name} fixes {why}; "
-                 f"start a new run (--out) to change it")
-        constant = cfg.train.hparams.schedule == "constant"
-        if name in RESUME_SAME_RUN or (name == "train.epochs" and constant):
-            continue  # the same run, going on as it would have (for longer)
-        also = (f"; the cosine learning-rate schedule now ends at epoch {value}"
-                if name == "train.epochs" else "")
-        notes.append(f"train.py: note: {flag}: resuming with {name} = {value!r} (the run had "
-                     f"{before!r}){also}")
-    return notes
-
-
-def config_changes(old, new):
-    """(section.key, old value, new value, why) for each value of RunConfig `new` that differs
-    from `old`'s; why: what the checkpoint takes from it (RESUME_FIXED), or None."""
-    before_all = old.to_dict()
-    for section, values in new.to_dict().items():
-        for key, value in values.items():
-            before = before_all[section].get(key)
-            if value != before:
-                name = f"{section}.{key}"
-                yield name, before, value, RESUME_FIXED.get(name) or RESUME_FIXED.get(section)
-
-
-def check_resume_position(meta: dict, epochs: int, run_dir: Path):
-    """--resume with train.epochs below the epoch the checkpoint is in: an error (training would
-    end at once with exit code 0, as if finished, and config.json would say fewer epochs than
-    the weights have seen)."""
-    reached = meta["epoch"] + (1 if meta["step_in_epoch"] else 0)
-    if epochs < reached:
-        where = (f"epoch {reached}, step {meta['step_in_epoch']}" if meta["step_in_epoch"]
-                 else f"the end of epoch {reached}")
-        fail(f"--resume {run_dir}: its last.npz is at {where}, past train.epochs = {epochs}; "
-             f"give --epochs {reached} or more to continue it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +225,10 @@ def check_writable(run_dir: Path, flag: str):
             pass
     except OSError as e:
         where = run_dir if folder == run_dir else f"{folder} (where {run_dir} would be made)"
-        fail(f"{flag} {run_dir}: {where} is not writable ({e.strerror or e}); fix its "
-             "permissions or choose another --out")
+        fix = "fix its permissions or " if e.errno in (errno.EACCES, errno.EPERM) else ""
+        fail(f"{flag} {run_dir}: {where} is not writable ({e.strerror or e}); {fix}" +
+             ("choose another --out" if flag == "--out" else "copy the run somewhere writable "
+              "and --resume it there"))
 
 
 def choose_run_dir(args, cfg, main_process: bool) -> Path:
@@ -348,28 +265,16 @@ def choose_run_dir(args, cfg, main_process: bool) -> Path:
     return run_dir
 
 
-def load_resume_checkpoint(run_dir: Path):
-    """last.npz of run_dir, or fail() naming what is wrong with it, offering best.npz if sound."""
-    from vit import checkpoint  # noqa: PLC0415
-    from vit.runstate import RESUME_META, RESUME_TREES  # noqa: PLC0415
-
-    def way_out(best, meta):
-        return (f"{best} is sound (end of epoch {meta['epoch']}): to continue from it, cp {best} "
-                f"{run_dir / 'last.npz'} and run python train.py --resume {run_dir} again.")
-    try:
-        return checkpoint.load_from_run(run_dir, "last", meta_keys=RESUME_META,
-                                        trees=RESUME_TREES, way_out=way_out)
-    except checkpoint.CheckpointError as err:
-        fail(f"--resume {run_dir}: {err}")
-
-
 def main(argv=None, *, standalone=False) -> int:
     """standalone: this process is `python train.py` itself, so a SIGINT/SIGTERM ends in exit
     code 130 after the checkpoint. Otherwise (called from Python) the signal is passed on to the
     handler that was there before, once the checkpoint is saved (see the module docstring)."""
     args = parse_args(argv)
     try:
-        started = start(args)
+        with InterruptWhileStarting() as interrupt:
+            started = start(args)
+        if interrupt.lost:  # raised inside a garbage-collector callback, which swallowed it
+            raise KeyboardInterrupt
     except KeyboardInterrupt:  # Ctrl-C while loading the checkpoint or data: nothing written yet
         if not standalone:
             raise  # the caller's KeyboardInterrupt, as without train.py
@@ -379,6 +284,37 @@ def main(argv=None, *, standalone=False) -> int:
               file=sys.stderr)
         return EXIT_INTERRUPTED
     return run_training(args, started, standalone=standalone)
+
+
+class InterruptWhileStarting:
+    """Ctrl-C while the run starts: the KeyboardInterrupt of the handler that was there, and
+    remembered (``lost``) in case it is raised inside a garbage-collector callback (JAX registers
+    one), which goes on (printing "Exception ignored ... KeyboardInterrupt", here kept quiet):
+    the run then trained as if never stopped."""
+
+    def __enter__(self):
+        self.raised, self.old_hook = False, sys.unraisablehook
+        self.old = signal.signal(signal.SIGINT, self._on_signal)
+        sys.unraisablehook = self._on_unraisable
+        return self
+
+    def _on_unraisable(self, unraisable):
+        if not (self.raised and unraisable.exc_type is KeyboardInterrupt):
+            self.old_hook(unraisable)
+
+    def _on_signal(self, signum, frame):
+        if self.old is signal.SIG_IGN:  # started with SIGINT ignored (nohup, &): so it stays
+            return
+        self.raised = True
+        if callable(self.old):
+            self.old(signum, frame)  # Python's own: raises KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    def __exit__(self, kind, *exc):
+        signal.signal(signal.SIGINT, self.old)
+        sys.unraisablehook = self.old_hook
+        self.lost = self.raised and kind is None
+        return False
 
 
 def start(args):
@@ -397,11 +333,11 @@ def start(args):
         cmdline.start_processes(args)  # before any other JAX call
         main_process = parallel.is_main_process()
         run_dir = choose_run_dir(args, cfg, main_process)
-        resumed = load_resume_checkpoint(run_dir) if args.resume and (run_dir / "last.npz").exists() \
+        resumed = resume.load_checkpoint(run_dir) if args.resume and (run_dir / "last.npz").exists() \
             else None
         if resumed is not None:
-            check_config_json(run_dir, resumed[1])
-            check_resume_position(resumed[1], cfg.train.epochs, run_dir)
+            resume.check_config_json(run_dir, resumed[1])
+        resume.check_position(resumed and resumed[1], cfg.train.epochs, args.stop_after_epoch, run_dir)
         if main_process:  # once per run, as the run's other output
             for note in notes:
                 print(note, file=sys.stderr)

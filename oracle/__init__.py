@@ -10,7 +10,7 @@ gradients against and as the *baseline* the benchmarks beat, and where the check
     oracle/compare.py                    the one comparison and tolerance table of those checks
 
 It imports the product (vit/, kernels/); no product module (vit/, kernels/, train.py, evaluate.py,
-cmdline.py) imports it (tests/test_layout.py).
+cmdline.py, resume.py) imports it (tests/test_layout.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import resume
 import train
 from vit import runconfig
 from vit.data import DatasetError, load_dataset
@@ -64,6 +65,6 @@ def test_train_evaluate_and_prepare_take_it_and_resume_takes_a_new_one(folders, 
     assert evaluate.main([str(run), "--no-progress"]) == 0 and not (folders[0] / "vitfuse-cache").exists()
     saved = runconfig.from_dict({"data": {"data_dir": "d", "cache_dir": "a"}})
     moved = runconfig.from_dict({"data": {"data_dir": "d", "cache_dir": "b"}})
-    assert train.check_resume_changes(saved, moved, {}, run) == []
+    assert resume.check_changes(saved, moved, {}, run) == []
     with pytest.raises(runconfig.ConfigError, match="data.cache_dir='c'"):
         runconfig.from_dict({"data": {"dataset": "digits", "cache_dir": "c"}})

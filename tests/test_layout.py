@@ -1,7 +1,7 @@
 """The shape of the tree, checked: who may import whom, and how large a file or function may grow.
 
-- The product (vit/, kernels/, train.py, evaluate.py, cmdline.py) never imports the oracle
-  package (JAX autodiff, the check commands), lazily or not.
+- The product (vit/, kernels/, train.py, evaluate.py, cmdline.py, resume.py) never imports the
+  oracle package (JAX autodiff, the check commands), lazily or not.
 - The import graph has no loop, module by module (``from vit import layers`` is an edge to
   vit.layers) and package by package (vit -> kernels -> vit would be one).
 - No file over MAX_FILE_LINES lines unless its docstring says why ("Long because: ..."), and no
@@ -19,8 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("vit", "kernels", "oracle", "bench")
-TOP_MODULES = ("train", "evaluate", "cmdline")
-PRODUCT = ("vit", "kernels", "train", "evaluate", "cmdline")
+TOP_MODULES = ("train", "evaluate", "cmdline", "resume")
+PRODUCT = ("vit", "kernels", "train", "evaluate", "cmdline", "resume")
 CHECKERS = ("oracle",)
 MAX_FILE_LINES = 450
 MAX_BODY_LINES = 80

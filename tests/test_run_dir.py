@@ -4,12 +4,16 @@ new run used to overwrite them silently). A folder of other files, or what a run
 saved left (config.json only), is written into. And what --resume takes as the run's config: a
 config.json that is not JSON, or disagrees with last.npz on what it depends on, is refused;
 so is evaluate.py's --data-dir for a digits run, which reads no folder, and a change of an
-image-folder run's data.layout. A resumed run's notes on changed values come from process 0."""
+image-folder run's data.layout. A resumed run's notes on changed values come from process 0.
+An --out that cannot be written to is named with the hint its error calls for."""
 
+import errno
 import json
+import os
 
 import pytest
 
+import resume
 import train
 
 QUICK = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1", "--set", "model.d_model=32",
@@ -101,14 +105,12 @@ def test_resume_fixed_data(tmp_path, capsys):
     saved = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "imgs"}})
     changed = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "imgs", key: value}})
     flag = f"--set data.{key}={value}"
-    with pytest.raises(SystemExit) as e:
-        train.check_resume_changes(saved, changed, {f"data.{key}": flag}, tmp_path)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert err.startswith(f"train.py: error: {flag}: --resume {tmp_path} continues that run, and "
-                          f"data.{key} fixes the images it was trained on"), err
+    with pytest.raises(resume.ResumeError) as e:
+        resume.check_changes(saved, changed, {f"data.{key}": flag}, tmp_path)
+    assert str(e.value).startswith(f"{flag}: --resume {tmp_path} continues that run, and "
+                                   f"data.{key} fixes the images it was trained on"), e.value
     moved = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "elsewhere"}})
-    train.check_resume_changes(saved, moved, {}, tmp_path)
+    resume.check_changes(saved, moved, {}, tmp_path)
     assert capsys.readouterr().err == ""
 
 
@@ -129,3 +131,22 @@ def test_resume_notes_come_from_process_0_only(tmp_path, capsys, monkeypatch):
         assert ("note: --lr 0.0005: resuming with train.lr = 0.0005" in err) is main_process, err
     # nothing was trained, so nothing is rewritten: config.json does not take the new --lr
     assert {f.name: f.read_bytes() for f in out.iterdir()} == files
+
+
+@pytest.mark.parametrize("code, hint", [(errno.EACCES, "; fix its permissions or choose another --out"),
+                                        (errno.EROFS, "; choose another --out"),
+                                        (errno.ENOENT, "; choose another --out")])
+def test_an_unwritable_out_gets_the_hint_its_error_calls_for(tmp_path, capsys, monkeypatch, code,
+                                                             hint):
+    """Permissions are named only when they are what failed (--out /proc/x gave ENOENT and
+    "fix its permissions")."""
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(train.tempfile, "TemporaryFile", refused)
+    with pytest.raises(SystemExit):
+        train.check_writable(tmp_path / "run", "--out")
+    err = capsys.readouterr().err
+    assert f"is not writable ({os.strerror(code)}){hint}" in err, err
+    with pytest.raises(SystemExit):
+        train.check_writable(tmp_path, "--resume")
+    assert "copy the run somewhere writable and --resume it there" in capsys.readouterr().err

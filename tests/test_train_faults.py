@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import evaluate
+import resume
 import train
 from vit import runconfig
 from vit.data.fake import fake_wnid, write_fake_image_folder, write_fake_tiny_imagenet
@@ -339,7 +340,7 @@ def test_resume_takes_other_changes_with_a_note(run_copy, capsys):
 def test_more_epochs_under_a_constant_schedule_is_the_same_run_going_on(capsys):
     saved = runconfig.from_dict({"train": {"schedule": "constant", "epochs": 2}})
     longer = runconfig.from_dict({"train": {"schedule": "constant", "epochs": 5}})
-    assert train.check_resume_changes(saved, longer, {"train.epochs": "--epochs 5"}, Path("run")) == []
+    assert resume.check_changes(saved, longer, {"train.epochs": "--epochs 5"}, Path("run")) == []
     assert capsys.readouterr().err == ""
 
 
@@ -352,7 +353,7 @@ def test_what_leaves_the_run_as_it_was_gets_no_note_under_either_schedule(capsys
     for schedule in ("constant", "cosine"):
         saved, changed = (runconfig.from_dict({"train": {"schedule": schedule}, section: {key: v}})
                           for v in (before, after))
-        assert not train.check_resume_changes(saved, changed, {name: f"--set {name}={after}"}, "r")
+        assert not resume.check_changes(saved, changed, {name: f"--set {name}={after}"}, "r")
     assert capsys.readouterr().err == ""
 
 
@@ -365,10 +366,9 @@ def test_resume_with_fewer_epochs_than_the_run_has_done_is_refused(finished_run,
     assert f"--resume {finished_run}: its last.npz is at the end of epoch 2, past train.epochs = 1; " \
            "give --epochs 2 or more" in err and "note:" not in err, err
     assert {f.name: f.read_bytes() for f in finished_run.iterdir()} == before
-    train.check_resume_position({"epoch": 3, "step_in_epoch": 0}, 3, finished_run)  # finished
-    with pytest.raises(SystemExit):  # one step into epoch 4 of 3
-        train.check_resume_position({"epoch": 3, "step_in_epoch": 1}, 3, finished_run)
-    assert "at epoch 4, step 1, past train.epochs = 3; give --epochs 4" in capsys.readouterr().err
+    resume.check_position({"epoch": 3, "step_in_epoch": 0}, 3, None, finished_run)  # finished
+    with pytest.raises(resume.ResumeError, match="epoch 4, step 1, past train.epochs = 3; give --epochs 4"):
+        resume.check_position({"epoch": 3, "step_in_epoch": 1}, 3, None, finished_run)
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(run_copy, capsys):
@@ -394,7 +394,7 @@ def test_a_run_directory_that_cannot_be_one_is_refused_before_any_work(finished_
                                        f"continue it with --resume {finished_run}"),
              (["--out", a_file], f"--out {a_file} is a file, not a directory"),
              (["--out", a_file / "run"], f"--out {a_file / 'run'}: {a_file} is a file, not a directory"),
-             (["--resume", empty], f"--resume {empty}: no config.json there"),
+             (["--resume", empty], f"--resume {empty}: no config.json and no last.npz"),
              (["--resume", tmp_path / "nosuch"], f"--resume {tmp_path / 'nosuch'}: no such directory"),
              (["--resume", a_file], f"--resume {a_file}: a file, not a run directory")]
     for flags, message in cases:

@@ -127,6 +127,20 @@ def load(path, *, meta_keys=(), trees=()) -> tuple[dict, dict]:
     return {p: unflatten(arrays, p) for p in prefixes}, meta
 
 
+def read_meta(path) -> dict:
+    """The JSON record of a checkpoint alone, without reading its arrays (load's errors)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if META_KEY in data.files:
+                meta = json.loads(str(data[META_KEY]))
+                if isinstance(meta, dict):
+                    return meta
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError):
+        pass
+    return load(path, meta_keys=("config",))[1]  # not a readable checkpoint: load says why
+
+
 def load_from_run(run_dir, name: str, *, meta_keys=(), trees=(), way_out=None) -> tuple[dict, dict]:
     """RUN_DIR/<name>.npz (a run of train.py keeps last.npz and best.npz), or a CheckpointError
     saying what is wrong with it and, when the run's other checkpoint is sound, how to use that

@@ -18,8 +18,8 @@ To add a config key (no list of keys to extend: the dataclass fields are the key
     build_parser (dest as in NAMED_FLAGS); without one, --set section.key=value already works.
   - config.json and the checkpoints' config follow from to_dict; a config.json or checkpoint
     written before the key existed reads back with the default.
-  - --resume compares every key (train.config_changes): a change is taken with a note unless the
-    key is in train.RESUME_FIXED (refused) or train.RESUME_SAME_RUN (taken silently).
+  - --resume compares every key (resume.config_changes): a change is taken with a note unless the
+    key is in resume.RESUME_FIXED (refused) or resume.RESUME_SAME_RUN (taken silently).
   - tests: tests/test_config.py (test_bad_train_values_are_errors, test_bad_data_values_are_errors);
     README.md, "Training" (the [data] keys are listed there; [train] keys by example).
 """

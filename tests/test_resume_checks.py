@@ -1,0 +1,123 @@
+"""resume.py, what train.py checks before it continues a run: a run whose config.json is gone
+continues with the config its last.npz holds; --stop-after-epoch K at or before the run's
+position, or past train.epochs, is refused (it trained one epoch more, or was ignored);
+--accum-steps on --resume is told which steps divide the run's fixed batch size."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import resume
+import train
+from vit import checkpoint
+
+QUICK = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1",
+         "--set", "model.d_model=32", "--set", "model.mlp_dim=64", "--batch-size", "128"]
+
+
+def run_train(*args):
+    return train.main([str(a) for a in args])
+
+
+def usage_error(capsys, *args) -> str:
+    """train.py with these flags ends in a usage error (exit code 2): its stderr."""
+    with pytest.raises(SystemExit) as e:
+        run_train(*args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A digits run stopped after epoch 1 of 2 (last.npz at the end of epoch 1)."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    assert run_train(*QUICK, "--epochs", 2, "--stop-after-epoch", 1, "--out", run) == 130
+    return run
+
+
+@pytest.fixture
+def run_copy(one_epoch, tmp_path):
+    return Path(shutil.copytree(one_epoch, tmp_path / "run"))
+
+
+def files(run: Path) -> dict:
+    return {f.name: f.read_bytes() for f in run.iterdir()}
+
+
+def test_a_run_without_config_json_continues_with_its_checkpoints_config(run_copy, capsys):
+    config = (run_copy / "config.json").read_text()
+    (run_copy / "config.json").unlink()
+    assert run_train("--resume", run_copy, "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert f"--resume {run_copy}: no config.json there; continuing with the config " \
+           f"{run_copy / 'last.npz'} was saved with" in captured.err, captured.err
+    assert checkpoint.read_meta(run_copy / "last.npz")["epoch"] == 2
+    assert (run_copy / "config.json").read_text() == config  # written again, as it was
+
+
+def test_without_config_json_a_damaged_last_npz_is_named(run_copy, capsys):
+    (run_copy / "config.json").unlink()
+    (run_copy / "last.npz").write_bytes(b"PK\x03\x04 not really")
+    err = usage_error(capsys, "--resume", run_copy)
+    assert f"--resume {run_copy}: no config.json there, and {run_copy / 'last.npz'} is damaged" \
+        in err, err
+
+
+def test_a_folder_with_neither_is_no_run_directory(tmp_path, capsys):
+    err = usage_error(capsys, "--resume", tmp_path)
+    assert f"--resume {tmp_path}: no config.json and no last.npz there; is it a run directory?" \
+        in err, err
+
+
+def test_an_unreadable_config_json_says_it_may_be_removed(run_copy, capsys):
+    (run_copy / "config.json").write_text("{ not json")
+    err = usage_error(capsys, "--resume", run_copy)
+    assert "cannot be read as JSON" in err and "or remove it to continue with the config" in err
+
+
+def test_stop_after_an_epoch_already_done_is_refused_and_touches_nothing(run_copy, capsys):
+    """It trained epoch 2 and then stopped (1 <= 2), although epoch 1 was asked for."""
+    before = files(run_copy)
+    err = usage_error(capsys, "--resume", run_copy, "--stop-after-epoch", 1)
+    assert f"--stop-after-epoch 1: --resume {run_copy} is past it already (its last.npz is at " \
+           "the end of epoch 1); give epoch 2, or leave the flag out" in err, err
+    assert files(run_copy) == before
+
+
+def test_stop_after_an_epoch_past_the_last_is_refused_before_any_work(tmp_path, capsys):
+    run = tmp_path / "run"
+    err = usage_error(capsys, *QUICK, "--epochs", 2, "--stop-after-epoch", 3, "--out", run)
+    assert "--stop-after-epoch 3 is past train.epochs = 2, where the run ends anyway; give an " \
+           "epoch up to 2, or --epochs 3 to train that long" in err, err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("meta, epochs, k, ok", [
+    (None, 5, 1, True), (None, 5, 5, True), (None, 5, 6, False),
+    ({"epoch": 2, "step_in_epoch": 0}, 5, 2, False), ({"epoch": 2, "step_in_epoch": 0}, 5, 3, True),
+    ({"epoch": 2, "step_in_epoch": 7}, 5, 2, False), ({"epoch": 2, "step_in_epoch": 7}, 5, 3, True),
+    ({"epoch": 5, "step_in_epoch": 0}, 5, 5, True)])  # finished: nothing to stop, nothing trains
+def test_stop_after_epoch_k_must_lie_ahead_of_the_run(meta, epochs, k, ok):
+    if ok:
+        resume.check_position(meta, epochs, k, Path("run"))
+    else:
+        with pytest.raises(resume.ResumeError, match="--stop-after-epoch"):
+            resume.check_position(meta, epochs, k, Path("run"))
+
+
+def test_mid_epoch_position_is_said_in_the_refusal():
+    with pytest.raises(resume.ResumeError, match=r"at the end of epoch 2, and 7 steps into "
+                                                 r"epoch 3\); give an epoch from 3 to 5"):
+        resume.check_position({"epoch": 2, "step_in_epoch": 7}, 5, 2, Path("run"))
+
+
+def test_accum_steps_on_resume_offers_steps_that_divide_the_fixed_batch(run_copy, capsys):
+    err = usage_error(capsys, "--resume", run_copy, "--accum-steps", 3)
+    assert f"--accum-steps 3: --resume {run_copy} keeps its batch size of 128, which does not " \
+           "split into 3 micro-batches of equal size; give accumulation steps that divide 128 " \
+           "(2, 4, 8, 16, 32, 64, ...)" in err, err
+    assert "pick a batch size" not in err
+    assert json.loads((run_copy / "config.json").read_text())["train"]["accum_steps"] == 1
