@@ -75,10 +75,10 @@ def evaluate_run(run, val, batch_size=256, ops=None, progress=True):
     """A loaded run (vit.explain.Run) on its validation set, in the run's compute dtype."""
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
-    from tqdm import tqdm  # noqa: PLC0415
 
     from vit.data.loader import eval_batches  # noqa: PLC0415
     from vit.ops import REFERENCE  # noqa: PLC0415
+    from vit.progress import progress_bar  # noqa: PLC0415
     from vit.step import evaluate_batches, make_eval_step  # noqa: PLC0415
 
     step = make_eval_step(run.model, ops=ops or REFERENCE, mean=run.mean, std=run.std,
@@ -93,8 +93,8 @@ def evaluate_run(run, val, batch_size=256, ops=None, progress=True):
 
     batch_size = min(batch_size, max(len(val.labels), 1))  # padding rows cost as much as real ones
     n_batches = -(-len(val.labels) // batch_size)
-    batches = tqdm(eval_batches(val.images, val.labels, batch_size), total=n_batches,
-                   desc="evaluating", disable=not progress)
+    batches = progress_bar(eval_batches(val.images, val.labels, batch_size), total=n_batches,
+                           desc="evaluating", disable=not progress)
     result = evaluate_batches(step, run.params, batches, on_batch=count)
     if result["count"] != len(val.labels):
         raise AssertionError(f"evaluated {result['count']} images, the validation set has "

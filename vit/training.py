@@ -310,13 +310,13 @@ def train_epoch(run: Run, stop: StopOnSignal):
     Saves last.npz at a step boundary whenever train.checkpoint_minutes have passed since it was
     written. Raises Interrupted at a step boundary when a signal asked for a stop."""
     import jax  # noqa: PLC0415
-    from tqdm import tqdm  # noqa: PLC0415
 
     from vit import parallel  # noqa: PLC0415
+    from vit.progress import progress_bar  # noqa: PLC0415
 
     s, t, spe = run.state, run.cfg.train, run.steps_per_epoch
-    bar = tqdm(total=spe, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
-               disable=not (run.progress and run.main_process), unit="step", leave=True)
+    bar = progress_bar(total=spe, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
+                       disable=not (run.progress and run.main_process), unit="step", leave=True)
     base_key = jax.random.PRNGKey(t.seed)
     pending, m = None, None  # metrics of the step in flight, read one step late (no stall)
     t0, images_done = time.perf_counter(), 0

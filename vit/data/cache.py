@@ -33,9 +33,9 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vit.data.common import DatasetError
+from vit.progress import progress_bar
 
 CACHE_FORMAT = 1  # bump when the cache files change meaning
 CACHE_DIRNAME = "vitfuse-cache"  # the cache's folder inside a dataset's folder
@@ -125,7 +125,7 @@ def decode_all(paths: list[Path], decode: Decode, shape: tuple, workers: int, on
     chunk_size = max(1, min(512, math.ceil(n / (4 * workers))))
     chunks = [[str(p) for p in paths[i : i + chunk_size]] for i in range(0, n, chunk_size)]
     work = partial(_decode_chunk, decode, tuple(shape))
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+    with progress_bar(total=n, desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         if workers <= 1:
             for k, (images, errors) in enumerate(map(work, chunks)):
                 on_chunk(k * chunk_size, images, errors)

@@ -31,10 +31,9 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
-
 from vit.data.common import DatasetError
 from vit.data.tiny_imagenet import DATASET_DIRNAME
+from vit.progress import progress_bar
 
 DEFAULT_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 DEFAULT_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -91,7 +90,7 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> None
         length = int(length_header) if length_header and length_header.isdigit() else None
         total = offset + length if length is not None else None
         received = 0
-        with open(part, mode) as f, tqdm(
+        with open(part, mode) as f, progress_bar(
             total=total,
             initial=offset,
             unit="B",
@@ -173,8 +172,8 @@ def extract_dataset(zip_path: Path, dest: Path, *, progress: bool = True) -> Pat
         tmp = Path(tempfile.mkdtemp(prefix=EXTRACT_PREFIX, dir=dest))
         try:
             root = tmp.resolve()
-            for info in tqdm(archive.infolist(), desc="extracting", unit="file", disable=not progress,
-                             file=sys.stderr):
+            for info in progress_bar(archive.infolist(), desc="extracting", unit="file",
+                                     disable=not progress, file=sys.stderr):
                 target = (tmp / info.filename).resolve()
                 if not target.is_relative_to(root):  # belt and braces after check_members
                     raise DownloadError(f"refusing to extract {info.filename!r} from {zip_path}: outside {dest}")
