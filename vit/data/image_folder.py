@@ -1,12 +1,14 @@
 """Any image-folder dataset (torchvision ImageFolder's layout), resized once into the memory-mapped cache.
 
 Layout:
-    DIR/train/<class>/**/*.{jpg,jpeg,png,bmp,webp}   any size; RGB, grayscale, palette, CMYK or with alpha
+    DIR/train/<class>/**/*.{jpg,jpeg,png,ppm,bmp,pgm,tif,tiff,webp}   (torchvision's IMG_EXTENSIONS)
+                                                      any size; RGB, grayscale, palette, CMYK or with alpha
     DIR/val/<class>/**/*                              every val class must also be a train class
 
 Classes are the folder names under train/, sorted (Python string order, as torchvision does): label i is
 the i-th name. Images may sit in sub-folders of a class folder (found recursively, in sorted path order).
-Names starting with "." (.DS_Store, .ipynb_checkpoints) and files with other suffixes are ignored.
+Names starting with "." (.DS_Store, .ipynb_checkpoints) are left out; files with other suffixes (.gif,
+.heic, .txt, ...) too, counted by suffix in a note.
 
 Every image becomes uint8 (S, S, 3) RGB, S = image_size, by `load_image` (the same function classifies
 single files in `python evaluate.py RUN --predict`):
@@ -25,6 +27,8 @@ of them rebuilds it; caches of several sizes live side by side.
 from __future__ import annotations
 
 import os
+import sys
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +39,7 @@ from vit.data.cache import CACHE_DIRNAME, SPLITS, BadImage, fingerprint, load_ca
 from vit.data.common import Dataset, DatasetError
 
 DEFAULT_IMAGE_SIZE = 64
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Part of every cache fingerprint: change it when load_image changes what it returns.
 METHOD = "v1: jpeg draft, exif orientation, rgb (alpha over white), shorter side bicubic, centre crop"
 LAYOUT_HELP = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/*.jpg|png (torchvision's ImageFolder layout)"
@@ -110,11 +114,12 @@ def class_folders(split_dir: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and _visible(e.name))
 
 
-def images_in(class_dir: Path) -> list[Path]:
+def images_in(class_dir: Path, others: list[str] | None = None) -> list[Path]:
     """Every image file under class_dir (sub-folders included, linked ones too), sorted by relative
-    path. A linked folder already read (a link to '.') is not read again, and one holding the class
-    folder (a link to a parent) not at all: such links would count the class's images over and
-    over, or never end, and a parent's other classes are not this class."""
+    path; others (if given) takes the names of the files left out for their suffix. A linked
+    folder already read (a link to '.') is not read again, and one holding the class folder (a
+    link to a parent) not at all: such links would count the class's images over and over, or
+    never end, and a parent's other classes are not this class."""
     found, seen = [], set()
     class_real = os.path.realpath(class_dir)
     for folder, dirs, files in os.walk(class_dir, followlinks=True):
@@ -126,6 +131,8 @@ def images_in(class_dir: Path) -> list[Path]:
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if _visible(d))  # sorted: the first path to a folder wins
         found += [Path(folder) / name for name in files if is_image_file(name)]
+        if others is not None:
+            others += [name for name in files if _visible(name) and not is_image_file(name)]
     return sorted(found, key=lambda p: p.relative_to(class_dir).as_posix())
 
 
@@ -136,9 +143,11 @@ def _split_dir(root: Path, split: str) -> Path:
     return split_dir
 
 
-def list_split(root: Path, split: str, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+def list_split(root: Path, split: str, classes: list[str] | None = None,
+               others: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
     """(image paths, labels, class names) of root/split. classes: the train classes (labels index them);
-    None lists train itself."""
+    None lists train itself. others (if given) takes the names of the files in the class folders
+    left out for their suffix."""
     split_dir = _split_dir(root, split)
     names = class_folders(split_dir)
     stray = sorted(e.name for e in os.scandir(split_dir) if e.is_file() and is_image_file(e.name))
@@ -159,7 +168,7 @@ def list_split(root: Path, split: str, classes: list[str] | None = None) -> tupl
     paths: list[Path] = []
     labels: list[int] = []
     for name in names:
-        found = images_in(split_dir / name)
+        found = images_in(split_dir / name, others)
         if not found:
             others = sum(len(files) for _, _, files in os.walk(split_dir / name))
             what = (f"{others} file{'s' if others > 1 else ''}, none an image named "
@@ -201,11 +210,14 @@ def load_image_folder(
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise DatasetError(f"data directory {root} does not exist or is not a folder; expected {LAYOUT_HELP}")
-    train_paths, train_labels, classes = list_split(root, "train")
+    others: list[str] = []  # files of this split's class folders left out for their suffix
+    train_paths, train_labels, classes = list_split(root, "train", others=others if split == "train" else None)
     if split == "train":
         paths, labels = train_paths, train_labels
     else:
-        paths, labels, _ = list_split(root, split, classes)
+        paths, labels, _ = list_split(root, split, classes, others)
+    if others:
+        print(note_left_out(root / split, others), file=sys.stderr)
     method = f"{METHOD}; size {size}; classes {len(classes)}: " + "\x00".join(classes)
     source_fingerprint = fingerprint(root, paths, method)
     cache_dir = Path(cache_dir) if cache_dir is not None else root / CACHE_DIRNAME
@@ -223,5 +235,20 @@ def load_image_folder(
                            f"unreadable and skipped ({len(emptied)} of {len(classes)} classes); "
                            "every class needs training images: fix or remove the files, or remove "
                            "the class from train/ and val/")
+    if split != "train":
+        unseen = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
+        if unseen:  # (a class whose every val image was skipped too)
+            print(f"note: {len(unseen)} of {len(classes)} classes have no images in {root / split}, so "
+                  f"their {split} accuracy is not measured: {', '.join(unseen[:5])}"
+                  f"{', ...' if len(unseen) > 5 else ''}", file=sys.stderr)
     return Dataset(images=images, labels=labels, class_names=classes, name="image-folder", split=split,
                    skipped=skipped, decoded_now=built)
+
+
+def note_left_out(split_dir: Path, others: list[str]) -> str:
+    """The note on the files of split_dir's class folders that are not read, by suffix."""
+    suffixes = Counter(os.path.splitext(name)[1].lower() or "(no suffix)" for name in others)
+    counted = ", ".join(f"{n} {suffix}" for suffix, n in suffixes.most_common(5))
+    return (f"note: {len(others)} file{'s' if len(others) > 1 else ''} in the class folders of {split_dir} "
+            f"{'are' if len(others) > 1 else 'is'} not read ({counted}{', ...' if len(suffixes) > 5 else ''}): "
+            f"images are *{', *'.join(IMAGE_SUFFIXES)}")
