@@ -181,6 +181,10 @@ def resolve_config(args, notes: list | None = None):
         base = runconfig.merge(base, section, key, value)
         sources[f"{section}.{key}"] = f"--set {text}"
     cfg = runconfig.from_dict(base, where, sources)
+    for key in ("data_dir", "cache_dir"):  # as absolute paths: config.json names the same folders
+        value = getattr(cfg.data, key)     # to evaluate.py and --resume from any directory
+        if value is not None and (not args.resume or f"data.{key}" in sources):
+            cfg.data = dataclasses.replace(cfg.data, **{key: os.path.abspath(os.path.expanduser(value))})
     if not args.resume and "data.dataset" not in sources:  # a Tiny ImageNet config, an image folder
         d = cfg.data
         cfg.data = dataclasses.replace(d, dataset=folder_dataset(d.dataset, d.data_dir, d.layout))
@@ -375,9 +379,12 @@ def run_training(args, run, *, standalone: bool) -> int:
                     run.run_dir.rmdir()
                 except OSError:
                     pass
-    if outcome == training.LEFT and standalone:  # a second signal may have unwound a JAX call
-        sys.stdout.flush(), sys.stderr.flush()   # half-way (a step compiling), after which the
-        os._exit(EXIT_INTERRUPTED)               # interpreter's teardown crashed (SIGSEGV)
+    if outcome == training.LEFT and standalone:
+        # a second signal may have unwound a JAX call half-way (a step compiling), after which
+        # the interpreter's teardown crashed (SIGSEGV): leave without it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
     return {training.DONE: 0, training.STOPPED: EXIT_INTERRUPTED, training.LEFT: EXIT_INTERRUPTED,
             training.NONFINITE: EXIT_NONFINITE}[outcome]
 

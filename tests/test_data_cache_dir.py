@@ -68,3 +68,15 @@ def test_train_evaluate_and_prepare_take_it_and_resume_takes_a_new_one(folders, 
     assert resume.check_changes(saved, moved, {}, run) == []
     with pytest.raises(runconfig.ConfigError, match="data.cache_dir='c'"):
         runconfig.from_dict({"data": {"dataset": "digits", "cache_dir": "c"}})
+
+
+def test_the_run_keeps_its_folders_as_absolute_paths(folders, tmp_path, monkeypatch):
+    """--data-dir and data.cache_dir given relative are stored absolute, so evaluate.py and
+    --resume from another directory find them (config.json held them as typed)."""
+    pets = folders[0]
+    monkeypatch.chdir(pets.parent)
+    args = train.parse_args(["--data-dir", pets.name, "--set", "data.cache_dir=caches"])
+    cfg = train.resolve_config(args)
+    assert (cfg.data.data_dir, cfg.data.cache_dir) == (str(pets), str(pets.parent / "caches"))
+    home = train.resolve_config(train.parse_args(["--data-dir", "~/x", "--dataset", "image-folder"]))
+    assert home.data.data_dir == str(Path.home() / "x")
