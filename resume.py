@@ -2,7 +2,7 @@
 ResumeError naming the flag or file at fault (train.py prints it and exits 2):
 
     config, where, notes = saved_config(run_dir)     # config.json, or last.npz's own config
-    check_accum_steps(config, flags, run_dir)        # before the flags are merged in
+    check_accum_steps(config, flag, run_dir)         # flags merged in, before from_dict
     notes += check_changes(saved, cfg, sources, run_dir)
     trees, meta = load_checkpoint(run_dir)           # last.npz, or a way out through best.npz
     check_config_json(run_dir, meta)
@@ -78,16 +78,18 @@ def read_config_json(saved: Path) -> dict:
                           "the run's last.npz was saved with") from None
 
 
-def check_accum_steps(config: dict, accum_steps: int | None, run_dir: Path):
-    """--accum-steps N on --resume: the run's batch size is fixed, so N must divide it (the
-    config's own check would suggest a batch size that --resume refuses)."""
-    batch = config.get("train", {}).get("batch_size")
-    if accum_steps is None or not isinstance(batch, int) or accum_steps < 1 or batch % accum_steps == 0:
-        return
+def check_accum_steps(config: dict, flag: str, run_dir: Path):
+    """train.accum_steps given (by `flag`) on --resume, in `config` (the run's, flags merged in):
+    the run's batch size is fixed, so the steps must divide it (the config's own check would
+    suggest a batch size that --resume refuses)."""
+    train = config.get("train", {})
+    batch, steps = train.get("batch_size"), train.get("accum_steps")
+    if not (isinstance(batch, int) and isinstance(steps, int)) or steps < 1 or batch % steps == 0:
+        return  # fine, or a wrong value the config's own checks name
     fits = [d for d in range(2, min(batch, 64) + 1) if batch % d == 0][:6]
-    raise ResumeError(f"--accum-steps {accum_steps}: --resume {run_dir} keeps its batch size "
-                      f"of {batch}, which does not split into {accum_steps} micro-batches of "
-                      f"equal size; give accumulation steps that divide {batch}"
+    raise ResumeError(f"{flag}: --resume {run_dir} keeps its batch size of {batch}, which does "
+                      f"not split into {steps} micro-batches of equal size; give accumulation "
+                      f"steps that divide {batch}"
                       + (f" ({', '.join(map(str, fits))}, ...)" if fits else ""))
 
 

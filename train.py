@@ -158,7 +158,6 @@ def resolve_config(args, notes: list | None = None):
                  "still change its training values)")
         try:
             base, where, said = resume.saved_config(run_dir)
-            resume.check_accum_steps(base, args.accum_steps, run_dir)
         except resume.ResumeError as err:
             fail(str(err))
         saved_base = base  # merge() copies: this stays as saved
@@ -180,6 +179,11 @@ def resolve_config(args, notes: list | None = None):
         section, key, value = runconfig.parse_override(text)
         base = runconfig.merge(base, section, key, value)
         sources[f"{section}.{key}"] = f"--set {text}"
+    if args.resume and "train.accum_steps" in sources:
+        try:  # before from_dict, whose message would offer a batch size that --resume refuses
+            resume.check_accum_steps(base, sources["train.accum_steps"], run_dir)
+        except resume.ResumeError as err:
+            fail(str(err))
     cfg = runconfig.from_dict(base, where, sources)
     for key in ("data_dir", "cache_dir"):  # as absolute paths: config.json names the same folders
         value = getattr(cfg.data, key)     # to evaluate.py and --resume from any directory

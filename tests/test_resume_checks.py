@@ -120,4 +120,6 @@ def test_accum_steps_on_resume_offers_steps_that_divide_the_fixed_batch(run_copy
            "split into 3 micro-batches of equal size; give accumulation steps that divide 128 " \
            "(2, 4, 8, 16, 32, 64, ...)" in err, err
     assert "pick a batch size" not in err
+    err = usage_error(capsys, "--resume", run_copy, "--set", "train.accum_steps=5")
+    assert f"--set train.accum_steps=5: --resume {run_copy} keeps its batch size of 128" in err, err
     assert json.loads((run_copy / "config.json").read_text())["train"]["accum_steps"] == 1
