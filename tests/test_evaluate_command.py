@@ -63,6 +63,33 @@ def test_ctrl_c_names_what_was_written_and_exits_130(faked, monkeypatch, capsys)
     assert "Traceback" not in err and not (run / "eval-best.json").exists()
 
 
+def test_ctrl_c_names_every_figure_written_before_it(faked, monkeypatch, capsys):
+    run, exits = faked
+
+    def write_saliency(run_, val, n, run_dir, checkpoint):
+        png = run / f"saliency-{checkpoint}.png"
+        png.write_bytes(b"png")
+        return {"png": png, "labels": [0] * n}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(explain, "write_saliency", write_saliency)
+    monkeypatch.setattr(explain, "write_attention", interrupted)
+    with pytest.raises(Left):
+        evaluate.main([str(run), "--per-class", "--saliency", "2", "--attention", "2"],
+                      standalone=True)
+    assert f"wrote only {run / 'confusion-best.png'}, {run / 'saliency-best.png'}" \
+        in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_an_epochs_end_is_named_by_that_epoch(faked, monkeypatch, capsys):
+    run, _ = faked
+    result = evaluate.evaluate_run()
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *args: {**result, "step_in_epoch": 0})
+    assert evaluate.main([str(run), "--checkpoint", "last"]) == 0
+    assert "last.npz (epoch 1): top-1" in capsys.readouterr().out
+
+
 def test_ctrl_c_before_anything_is_written(faked, monkeypatch, capsys):
     run, exits = faked
 

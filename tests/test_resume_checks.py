@@ -123,3 +123,22 @@ def test_accum_steps_on_resume_offers_steps_that_divide_the_fixed_batch(run_copy
     err = usage_error(capsys, "--resume", run_copy, "--set", "train.accum_steps=5")
     assert f"--set train.accum_steps=5: --resume {run_copy} keeps its batch size of 128" in err, err
     assert json.loads((run_copy / "config.json").read_text())["train"]["accum_steps"] == 1
+
+
+def test_a_last_npz_without_a_config_cannot_stand_in_for_config_json(tmp_path, capsys):
+    run = tmp_path / "run"
+    checkpoint.save(run / "last.npz", {}, {"epoch": 1, "step_in_epoch": 0})
+    err = usage_error(capsys, "--resume", run)
+    assert f"no config.json there, and {run / 'last.npz'} holds no config to take its place" in err
+
+
+def test_what_a_checkpoint_depends_on_is_fixed_on_resume():
+    assert set(resume.RESUME_FIXED) == {"train.batch_size", "train.seed", "model", "data.dataset",
+                                        "data.layout", "data.image_size"}
+    assert not set(resume.RESUME_FIXED) & set(resume.RESUME_SAME_RUN)
+
+
+def test_a_run_one_step_past_its_epochs_is_refused():
+    resume.check_position({"epoch": 3, "step_in_epoch": 0}, 3, None, Path("run"))  # finished
+    with pytest.raises(resume.ResumeError, match="epoch 4, step 1, past train.epochs = 3"):
+        resume.check_position({"epoch": 3, "step_in_epoch": 1}, 3, None, Path("run"))

@@ -9,6 +9,7 @@ signal while an epoch is evaluated and saved."""
 import gc
 import signal
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -115,6 +116,11 @@ def test_a_ctrl_c_swallowed_by_a_garbage_collector_callback_still_stops_the_star
         assert "interrupted while starting" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):  # called from Python: the caller gets it
             train.main([*QUICK, "--out", str(run)])
+        # and what was there before is back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert sys.unraisablehook is not train.InterruptWhileStarting._on_unraisable
+        sys.unraisablehook(SimpleNamespace(exc_type=KeyboardInterrupt))
+        assert swallowed == [KeyboardInterrupt]
     finally:
         signal.signal(signal.SIGINT, previous)
     assert not run.exists()
@@ -134,3 +140,47 @@ def test_a_sigint_ignored_when_started_stays_ignored(monkeypatch, tmp_path):
         assert train.main([*QUICK, "--out", str(tmp_path / "run")], standalone=True) == 0
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_while_starting_a_callers_own_sigint_handler_is_called(monkeypatch, tmp_path):
+    """Called from Python with a SIGINT handler of the caller's: that handler gets the signal."""
+    calls = []
+
+    def own_handler(signum, frame):
+        calls.append(signum)
+        raise Stop
+    load_data = training.load_data
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return load_data(*args, **kwargs)
+    monkeypatch.setattr(training, "load_data", interrupted)
+    previous = signal.signal(signal.SIGINT, own_handler)
+    try:
+        with pytest.raises(Stop):
+            train.main([*QUICK, "--out", str(tmp_path / "run")])
+        assert signal.getsignal(signal.SIGINT) is own_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert calls == [signal.SIGINT]
+
+
+def test_only_a_ctrl_c_that_came_is_kept_quiet(monkeypatch):
+    """A KeyboardInterrupt that no SIGINT raised (code of someone else's) is reported as ever."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_type))
+
+    def callback(phase, info):
+        if phase == "start":
+            raise KeyboardInterrupt
+    with train.InterruptWhileStarting():
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+    assert seen == [KeyboardInterrupt]
