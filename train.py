@@ -177,8 +177,12 @@ def resolve_config(args, notes: list | None = None):
             sources[f"{section}.{key}"] = f"{flag} {value}"
     for text in args.set:
         section, key, value = runconfig.parse_override(text)
+        name = f"{section}.{key}"
+        if name in sources and base[section][key] != value:  # the later would win in silence
+            fail(f"{sources[name]} and --set {text} both set {name}, to different values; give "
+                 "one of them")
         base = runconfig.merge(base, section, key, value)
-        sources[f"{section}.{key}"] = f"--set {text}"
+        sources[name] = f"--set {text}"
     if args.resume and "train.accum_steps" in sources:
         try:  # before from_dict, whose message would offer a batch size that --resume refuses
             resume.check_accum_steps(base, sources["train.accum_steps"], run_dir)

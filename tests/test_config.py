@@ -83,6 +83,26 @@ def test_the_old_precision_flag_still_works_with_a_note(capsys):
     assert "disagree" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "1", "--set", "train.epochs=2"], "--epochs 1 and --set train.epochs=2 both set train.epochs"),
+    (["--set", "train.lr=0.1", "--lr", "0.2"], "--lr 0.2 and --set train.lr=0.1 both set train.lr"),
+    (["--precision", "bf16", "--set", 'train.compute_dtype="fp32"'],
+     "--precision bf16 and --set train.compute_dtype=\"fp32\" both set train.compute_dtype"),
+    (["--set", "model.layers=2", "--set", "model.layers=3"],
+     "--set model.layers=2 and --set model.layers=3 both set model.layers")])
+def test_two_flags_setting_one_key_to_different_values_are_refused(capsys, flags, message):
+    """The later one won in silence (a named flag and --set, in either order, or two --set)."""
+    import train
+
+    with pytest.raises(SystemExit):
+        train.resolve_config(train.parse_args(["--dataset", "digits", *flags]))
+    err = capsys.readouterr().err
+    assert message + ", to different values; give one of them" in err, err
+    same = train.resolve_config(train.parse_args(["--dataset", "digits", "--epochs", "2",
+                                                  "--set", "train.epochs=2"]))
+    assert same.train.epochs == 2  # the same value twice is no conflict
+
+
 def test_errors_blame_the_flag_that_set_the_value_else_the_file():
     """A bad value set by a flag names that flag; one from the file names the file."""
     import train
