@@ -26,7 +26,7 @@ have without train.py.
 
 This file is the command line: flags and config (build_parser, resolve_config), the run directory
 and its checks (check_writable; resume.py: what --resume checks), the op set and processes
-(cmdline.py); vit/training.py is the run itself (start_run, train, StopOnSignal).
+(cmdline.py); vit/training.py is the run itself (start_run, train), vit/signals.py its stops.
 """
 
 from __future__ import annotations

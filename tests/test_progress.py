@@ -78,5 +78,11 @@ def test_train_py_logs_its_bars_as_lines(tmp_path, capsys):
     args = ["--dataset", "digits", "--set", "model.layers=1", "--set", "model.d_model=32",
             "--set", "model.mlp_dim=64", "--epochs", "1", "--out", str(tmp_path / "run")]
     assert train.main(args) == 0
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert "epoch 1/1" in err and "\r" not in err, repr(err[-500:])
+    # the bar's last line shows the epoch's figures, as its epoch line does (they were up to 10
+    # steps old)
+    bar_acc = re.findall(r"acc=([0-9.]+)%", err)[-1]
+    line_acc = re.search(r"epoch 1: train loss [0-9.]+ acc ([0-9.]+)%", captured.out).group(1)
+    assert abs(float(bar_acc) - float(line_acc)) <= 0.051, (bar_acc, line_acc)  # rounded: .1f, .2f

@@ -85,7 +85,8 @@ def test_a_signal_during_an_epochs_evaluation_stops_at_that_epochs_end(tmp_path,
         train.main([*QUICK, "--epochs", "3", "--out", str(run)])
     meta = checkpoint.load(run / "last.npz")[1]
     assert (meta["epoch"], meta["step_in_epoch"]) == (1, 0), meta
-    assert "interrupted: saved" in capsys.readouterr().err
+    # named as evaluate.py names it (it said "epoch 2, step 0")
+    assert f"interrupted: saved {run / 'last.npz'} at the end of epoch 1;" in capsys.readouterr().err
 
 
 def test_a_ctrl_c_swallowed_by_a_garbage_collector_callback_still_stops_the_start(

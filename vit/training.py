@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any, Callable
 
 from vit.config import patch_size_hint
 from vit.curves import plot_curves
+from vit.signals import Interrupted, InterruptedTwice, StopOnSignal
 
 DONE, STOPPED, LEFT, NONFINITE = "done", "stopped", "left", "nonfinite"  # how train() ended
 # curves.png is redrawn after an epoch once this long has passed since it was last drawn, and
@@ -258,53 +258,6 @@ def make_run_dir(run: Run) -> bool:
     return created
 
 
-class Interrupted(Exception):
-    pass
-
-
-class InterruptedTwice(Exception):
-    pass
-
-
-class StopOnSignal:
-    """Ctrl-C / SIGTERM while training: the first asks the loop to stop at the next step boundary
-    (``requested``), a second raises InterruptedTwice at once. On exit the old handlers are back,
-    and, when train.py was called from Python (not standalone), a signal that stopped the run is
-    passed on to them (see the module docstring)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, standalone: bool):
-        self.standalone, self.signum, self.old = standalone, None, {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def _on_signal(self, signum, _frame):
-        if self.signum is not None:  # a second Ctrl-C: the user insists
-            raise InterruptedTwice
-        self.signum = signum
-        # said now (the first step compiles: long); os.write, as print here can raise "reentrant call"
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        again = "Ctrl-C again" if signum == signal.SIGINT else f"a second {name}"
-        os.write(2, f"\ntrain.py: {name}: finishing the current step, then saving last.npz "
-                    f"({again} leaves at once, without saving)\n".encode())
-
-    def __enter__(self):
-        self.old = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-        if self.signum is not None and not self.standalone:
-            # called from Python: with last.npz saved, the caller's own handler gets the signal
-            # it would have got without train.py (KeyboardInterrupt, termination, ...)
-            signal.raise_signal(self.signum)
-        return False
-
-
 def train_epoch(run: Run, stop: StopOnSignal):
     """The rest of the current epoch, from state.step_in_epoch; -> (last metrics, images, seconds).
     Saves last.npz at a step boundary whenever train.checkpoint_minutes have passed since it was
@@ -326,6 +279,12 @@ def train_epoch(run: Run, stop: StopOnSignal):
         s.account(float(host["loss"]), float(host["accuracy"]), float(host["grad_norm"]),
                   t.batch_size)
         bar.update(1)
+
+    def show_means():  # the running means so far, beside the bar
+        loss, acc = s.train_means()
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
+                        grad_norm=f"{s.grad_norms()[0] or 0:.3g}",
+                        img_s=f"{images_done / (time.perf_counter() - t0):.0f}")
     for images, labels in run.batcher.epoch(s.epoch, s.step_in_epoch):
         images, labels = parallel.shard_batch(run.mesh, images, labels)
         key = jax.random.fold_in(base_key, s.epoch * spe + s.step_in_epoch)
@@ -344,14 +303,13 @@ def train_epoch(run: Run, stop: StopOnSignal):
             bar.write(f"saved {run.run_dir / 'last.npz'} at epoch {s.epoch + 1}, step "
                       f"{s.step_in_epoch} (train.checkpoint_minutes = {t.checkpoint_minutes:g})")
         if bar.n % 10 == 0 and s.running["seen"]:
-            loss, acc = s.train_means()
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
-                            grad_norm=f"{s.grad_norms()[0] or 0:.3g}",
-                            img_s=f"{images_done / (time.perf_counter() - t0):.0f}")
+            show_means()
         if stop.requested:
             break
     if pending is not None:
         count(pending)
+    if s.running["seen"]:
+        show_means()  # the bar's last frame shows the epoch's figures, as its line below
     bar.close()
     if stop.requested:
         raise Interrupted
@@ -440,7 +398,9 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
             run.draw_curves(force=True)
         except InterruptedTwice:  # during the save: checkpoint.save replaces last.npz whole
             return _interrupted_twice(last)
-        print(f"\ninterrupted: saved {last} at epoch {s.epoch + 1}, step {s.step_in_epoch}; "
+        where = (f"epoch {s.epoch + 1}, step {s.step_in_epoch}" if s.step_in_epoch
+                 else f"the end of epoch {s.epoch}")  # as evaluate.py names that checkpoint
+        print(f"\ninterrupted: saved {last} at {where}; "
               f"continue with python train.py --resume {run.run_dir}", file=sys.stderr)
         return STOPPED
     except InterruptedTwice:  # a second Ctrl-C while stopping: leave without writing anything
