@@ -130,6 +130,11 @@ def main(argv=None, *, standalone=False) -> int:
         os._exit(EXIT_INTERRUPTED)
 
 
+def shown(figure, asked: int) -> str:
+    n = len(figure["labels"])
+    return f"{n} validation images" + (f": all there are ({asked} asked for)" if n < asked else "")
+
+
 def describe_position(meta) -> str:
     """Where in training a checkpoint was saved, as train.py says it: "epoch 3" after three
     epochs, "mid-epoch: epoch 2, step 4" for a last.npz saved 4 steps into epoch 2."""
@@ -144,6 +149,8 @@ def evaluate_command(args, written) -> int:
     from vit.checkpoint import CheckpointError  # noqa: PLC0415
     from vit.data import DatasetError  # noqa: PLC0415
     from vit.runconfig import ConfigError  # noqa: PLC0415
+    op_flags = [flag for flag, given in (("--fused", args.fused), ("--interpret", args.interpret),
+                                         ("--dot-precision", args.dot_precision)) if given]
     if args.predict:
         ignored = [flag for flag, given in (("--per-class", args.per_class),
                                             ("--saliency", args.saliency),
@@ -151,7 +158,13 @@ def evaluate_command(args, written) -> int:
         if ignored:
             print(f"evaluate.py: note: with --predict nothing else is evaluated: "
                   f"{' and '.join(ignored)} ignored", file=sys.stderr)
+        if op_flags:
+            print(f"evaluate.py: note: {' '.join(op_flags)} ignored: --predict runs the float32 "
+                  "reference layers", file=sys.stderr)
         return predict(args)
+    if op_flags and (args.saliency or args.attention):
+        print(f"evaluate.py: note: {' '.join(op_flags)} applies to the evaluation; --saliency and "
+              "--attention run the float32 reference layers", file=sys.stderr)
     try:
         ops = cmdline.build_ops(args)
         run = load_run(args.run_dir, args.checkpoint)
@@ -163,7 +176,7 @@ def evaluate_command(args, written) -> int:
     where = describe_position(result)
     print(f"{result['checkpoint']} ({where}): top-1 "
           f"{100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  loss "
-          f"{result['loss']:.4f}  on {result['count']} validation images")
+          f"{result['loss']:.4f}  on {result['count']} validation images ({ops.description})")
     if args.per_class:
         rows = sorted(result["per_class"], key=lambda r: r[1] / max(r[2], 1))
         print(f"\n{'class':<48} {'correct':>8} {'total':>6} {'acc':>7}")
@@ -179,11 +192,11 @@ def evaluate_command(args, written) -> int:
     if args.saliency > 0:
         figure = explain.write_saliency(run, val, args.saliency, args.run_dir, args.checkpoint)
         written.append(figure["png"])
-        print(f"saliency maps: {figure['png']} ({len(figure['labels'])} validation images)")
+        print(f"saliency maps: {figure['png']} ({shown(figure, args.saliency)})")
     if args.attention > 0:
         figure = explain.write_attention(run, val, args.attention, args.run_dir, args.checkpoint)
         written.append(figure["png"])
-        print(f"attention maps: {figure['png']} ({len(figure['labels'])} validation images)")
+        print(f"attention maps: {figure['png']} ({shown(figure, args.attention)})")
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     written.append(out)

@@ -1,6 +1,7 @@
 """evaluate.py's command around the evaluation: Ctrl-C is a message and exit code 130 naming
-what was written (no traceback), and the output names every file written. The evaluation
-itself is faked here (tests/test_explain.py evaluates real runs)."""
+what was written (no traceback), the output names every file written and the op set, op flags
+that do not apply get a note, and a file given for the run directory is told what to give. The
+evaluation itself is faked here (tests/test_explain.py evaluates real runs)."""
 
 import numpy as np
 import pytest
@@ -111,3 +112,43 @@ def test_ctrl_c_reaches_a_python_caller(faked, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         evaluate.main([str(run)])
     assert exits == []
+
+
+def test_the_result_line_names_the_op_set(faked, capsys):
+    run, _ = faked
+    assert evaluate.main([str(run)]) == 0
+    assert "on 4 validation images (reference jnp layers (vit/layers.py))" in capsys.readouterr().out
+
+
+def test_op_flags_that_do_not_apply_get_a_note(faked, monkeypatch, capsys):
+    run, _ = faked
+    monkeypatch.setattr(evaluate, "predict", lambda args: 0)
+    assert evaluate.main([str(run), "--predict", "a.png", "--fused", "--interpret"]) == 0
+    assert "note: --fused --interpret ignored: --predict runs the float32 reference layers" \
+        in capsys.readouterr().err
+    monkeypatch.setattr(evaluate.cmdline, "build_ops", lambda args: evaluate_ops())
+    monkeypatch.setattr(explain, "write_saliency", lambda run_, val, n, *rest: {
+        "png": run / "saliency-best.png", "labels": [0] * 4})
+    assert evaluate.main([str(run), "--fused", "--interpret", "--saliency", "9"]) == 0
+    captured = capsys.readouterr()
+    assert "note: --fused --interpret applies to the evaluation; --saliency and --attention run " \
+           "the float32 reference layers" in captured.err, captured.err
+    assert "(4 validation images: all there are (9 asked for))" in captured.out, captured.out
+
+
+def evaluate_ops():
+    from vit.ops import REFERENCE
+    return REFERENCE
+
+
+@pytest.mark.parametrize("name, says", [
+    ("best.npz", "is a checkpoint file; give the run directory that holds it: python evaluate.py "
+                 "{dir} --checkpoint best"),
+    ("nine.png", "is an image file, not a run directory; to classify it: python evaluate.py "
+                 "RUN_DIR --predict {dir}/nine.png"),
+    ("notes.txt", "is a file, not a run directory (one that train.py wrote)")])
+def test_a_file_given_for_the_run_directory_is_told_what_to_give(tmp_path, capsys, name, says):
+    (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path / name)])
+    assert f"{tmp_path / name} " + says.format(dir=tmp_path) in capsys.readouterr().err

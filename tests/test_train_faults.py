@@ -99,8 +99,8 @@ def test_evaluate_names_a_missing_run_a_checkpoint_given_for_its_run_and_a_missi
     err = exits_with_message(capsys, evaluate.main, tmp_path / "nosuch", "--no-progress")
     assert f"{tmp_path / 'nosuch'} does not exist" in err, err
     err = exits_with_message(capsys, evaluate.main, finished_run / "best.npz", "--no-progress")
-    assert f"{finished_run / 'best.npz'} is a file; give the run directory that holds it " \
-           f"({finished_run})" in err, err
+    assert f"{finished_run / 'best.npz'} is a checkpoint file; give the run directory that holds " \
+           f"it: python evaluate.py {finished_run} --checkpoint best" in err, err
     err = exits_with_message(capsys, evaluate.main, finished_run, "--predict", tmp_path / "no.png",
                              "--per-class")
     assert f"no such image file: {tmp_path / 'no.png'}" in err and "cannot decode" not in err, err

@@ -71,8 +71,7 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
     if not run_dir.exists():
         raise FileNotFoundError(f"{run_dir} does not exist")
     if run_dir.is_file():
-        raise FileNotFoundError(f"{run_dir} is a file; give the run directory that holds it "
-                                f"({run_dir.parent})")
+        raise FileNotFoundError(_a_file_not_a_run(run_dir))
     if not path.is_file():
         other = run_dir / ("last.npz" if checkpoint_name == "best" else "best.npz")
         if other.is_file():  # best.npz comes at an epoch's end: a run stopped in its first has none
@@ -85,6 +84,20 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
     cfg = runconfig.from_dict(meta["config"], f"{path} (its config)")
     return Run(path, trees["params"], np.asarray(meta["mean"], np.float32),
                np.asarray(meta["std"], np.float32), cfg, meta)
+
+
+def _a_file_not_a_run(path: Path) -> str:
+    """What to give instead of a file where a run directory goes."""
+    from vit.data.image_folder import is_image_file  # noqa: PLC0415
+
+    if path.suffix == ".npz":
+        which = f" --checkpoint {path.stem}" if path.stem in ("best", "last") else ""
+        return (f"{path} is a checkpoint file; give the run directory that holds it: "
+                f"python evaluate.py {path.parent}{which}")
+    if is_image_file(path.name):
+        return (f"{path} is an image file, not a run directory; to classify it: python "
+                f"evaluate.py RUN_DIR --predict {path}")
+    return f"{path} is a file, not a run directory (one that train.py wrote)"
 
 
 def load_val(run: Run, data_dir=None, progress: bool = True):
