@@ -196,6 +196,12 @@ def resolve_config(args, notes: list | None = None):
     if not args.resume and "data.dataset" not in sources:  # a Tiny ImageNet config, an image folder
         d = cfg.data
         cfg.data = dataclasses.replace(d, dataset=folder_dataset(d.dataset, d.data_dir, d.layout))
+    t = cfg.train
+    if t.warmup_epochs > t.epochs:  # never leaves warmup: it peaks at lr * epochs / warmup
+        said.append(f"train.py: note: train.warmup_epochs = {t.warmup_epochs:g} is above "
+                    f"train.epochs = {t.epochs}: the learning rate rises all run long and peaks "
+                    f"at {t.hparams.lr * t.epochs / t.warmup_epochs:.3g}, not train.lr = "
+                    f"{t.hparams.lr:g}")
     followed = [sources[k] for k in ("model.image_size", "model.channels", "model.num_classes")
                 if k in sources]
     said += [f"train.py: note: {', '.join(followed)}: the model takes its image size, channels "

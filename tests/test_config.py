@@ -394,3 +394,15 @@ def test_min_lr_above_lr_is_refused():
     with pytest.raises(runconfig.ConfigError, match="train.min_lr = 1.0 is above train.lr = 0.003"):
         runconfig.from_dict({"train": {"lr": 0.003, "min_lr": 1.0}})
     assert runconfig.from_dict({"train": {"lr": 0.003, "min_lr": 0.003}}).train.hparams.min_lr == 0.003
+
+
+def test_a_warmup_longer_than_the_run_gets_a_note(capsys):
+    """--set train.warmup_epochs=100 --epochs 2 never left warmup (14% top-1), in silence."""
+    import train
+
+    train.resolve_config(train.parse_args(["--dataset", "digits", "--epochs", "2", "--lr", "1e-3",
+                                           "--set", "train.warmup_epochs=5"]))
+    assert "train.py: note: train.warmup_epochs = 5 is above train.epochs = 2: the learning rate " \
+           "rises all run long and peaks at 0.0004, not train.lr = 0.001" in capsys.readouterr().err
+    train.resolve_config(train.parse_args(["--dataset", "digits", "--epochs", "2"]))  # warmup 2
+    assert "warmup" not in capsys.readouterr().err
