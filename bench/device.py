@@ -159,5 +159,11 @@ def peak_for(row: dict, peaks: dict) -> float | None:
     return None
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m bench.device: the fingerprint every results row records
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m bench.device",
+                            description="Print the fingerprint of the timed code (the files a "
+                                        "results row's figures depend on), as every row of "
+                                        "bench/results records it.").parse_args()
     print(f"timed code ({', '.join(TIMED_CODE)}): {code_version()}")

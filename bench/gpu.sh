@@ -74,6 +74,11 @@
 
 set -u -o pipefail
 
+if [ "${1-}" = "-h" ] || [ "${1-}" = "--help" ]; then  # the comment above, as the usage
+  sed -n '2,/^set -u/{/^set -u/d;s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"
+  exit 0
+fi
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-/tmp/vitfuse-gpu}
 PY=${PYTHON:-python3}
@@ -282,7 +287,7 @@ fi
 for name in "${parts[@]}"; do
   case $name in
     env | tests | gradcheck | bench | bench-ops | bench-step | tune | tune-ln | profile | memory) ;;
-    *) echo "unknown part '$name': use env, tests, gradcheck, bench, bench-ops, bench-step, tune, tune-ln, profile, memory" >&2
+    *) echo "unknown part '$name': use env, tests, gradcheck, bench, bench-ops, bench-step, tune, tune-ln, profile, memory (bash bench/gpu.sh --help)" >&2
        exit 2 ;;
   esac
 done

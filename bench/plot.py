@@ -1,6 +1,6 @@
 """Bar chart of speedup vs the reference, per group and contender, from a results file.
 
-    python bench/plot.py bench/results/cpu-2026-01-01.json -o bench/results/speedup.png
+    python bench/plot.py bench/results/cpu-2026-11-25.json -o /tmp/speedup.png
 
 One panel per group (attention fwd, attention fwd+bwd, add+layernorm fwd, ...); within a panel, one
 cluster of bars per (shape, dtype), one bar per timed contender, labelled with its speedup; the
@@ -22,7 +22,10 @@ GROUP_ORDER = ["attention fwd", "attention fwd+bwd", "add+layernorm fwd", "add+l
 
 
 def load(path: Path):
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not a results file of the bench, which is JSON ({e})") from None
     if not isinstance(data, dict) or "rows" not in data:
         raise ValueError(f"{path}: not a vitfuse results file (no 'rows')")
     return data.get("meta", {}), data["rows"]
@@ -80,9 +83,9 @@ def main(argv=None) -> int:
         meta, rows = load(args.results)
         out = args.out or args.results.with_suffix(".png")
         drawn = plot(meta, rows, out)
-    except (OSError, ValueError) as e:
-        print(f"plot.py: {e}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as e:  # OSError's text names the file
+        print(f"plot.py: error: {e}", file=sys.stderr)
+        return 2
     print(f"{out}: {drawn} bars")
     return 0
 

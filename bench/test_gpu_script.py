@@ -1,4 +1,4 @@
-"""bench/gpu.sh plumbing on a machine without a GPU: a bad part name, and a part that fails
+"""bench/gpu.sh plumbing on a machine without a GPU: --help, a bad part name, and a part that fails
 (tune needs a GPU) still leaves its log and makes the script exit 1 naming it; the carried wheels
 install over an older copy and both jax-triton and absl-py must be there; BENCH_CONTINUE reaches
 the bench parts as --bench-continue."""
@@ -24,6 +24,15 @@ def run(tmp_path, *parts, script=SCRIPT, **env):
 def test_unknown_part_is_exit_2(tmp_path):
     proc = run(tmp_path, "env", "bogus")
     assert proc.returncode == 2 and "unknown part 'bogus'" in proc.stderr
+
+
+def test_help_prints_the_usage_and_runs_nothing(tmp_path):
+    for flag in ("--help", "-h"):
+        proc = run(tmp_path, flag)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("The GPU checks and benchmarks of vitfuse"), proc.stdout[:200]
+        assert "  env        nvidia-smi" in proc.stdout and "set -u" not in proc.stdout
+        assert not (tmp_path / "out").exists()
 
 
 def test_failing_part_is_logged_and_named(tmp_path):

@@ -157,6 +157,19 @@ def test_plot_draws_each_timed_rows_speedup(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-2026-01-01.json", "speedup.png"]
 
 
+def test_plot_names_a_file_that_is_not_a_results_file(tmp_path, capsys):
+    from bench import plot
+
+    for text, says in (("# a README", "not a results file of the bench, which is JSON"),
+                       ('{"meta": {}}', "not a vitfuse results file (no 'rows')")):
+        path = tmp_path / "notes.md"
+        path.write_text(text)
+        assert plot.main([str(path)]) == 2
+        assert f"plot.py: error: {path}: {says}" in capsys.readouterr().err
+    assert plot.main([str(tmp_path / "nosuch.json")]) == 2
+    assert str(tmp_path / "nosuch.json") in capsys.readouterr().err
+
+
 def test_benchmark_runs_every_targets_rows_first():
     """Under --benchmark, the tests of the rows the targets need are collected first (a run cut
     short still judges what it can), and every such row has a test (a target naming a contender,
