@@ -360,6 +360,10 @@ def start(args):
             for note in notes:
                 print(note, file=sys.stderr)
         ops = cmdline.build_ops(args)
+        if args.dot_precision and cfg.train.compute_dtype != "fp32" and main_process:
+            print(f"train.py: note: --dot-precision {args.dot_precision} sets the kernels' float32 "
+                  f"dots; with train.compute_dtype = {cfg.train.compute_dtype} it changes nothing",
+                  file=sys.stderr)
         run = training.start_run(cfg, run_dir, ops, args.devices, resumed, main_process,
                                  progress=not args.no_progress)
     except (cmdline.UsageError, training.RunError, ValueError) as err:

@@ -96,7 +96,7 @@ TARGETS = [
            "train step", "step", ("fused", "fp32"), ("reference", "fp32"), 1.0, strict=True),
     Target("train step --fused faster than the autodiff step (fp32)",
            "train step", "step", ("fused", "fp32"), ("autodiff", "fp32"), 1.0, strict=True),
-    # issue 15: the key-blocked kernel at the standard ViT shapes, the dispatcher at L=65
+    # the key-blocked kernel at the standard ViT shapes, the dispatcher at L=65
     *_key_blocked_targets("vit-s", "ViT-S/16"),
     *_key_blocked_targets("vit-b", "ViT-B/16"),
     _dispatcher_target("fp32"),

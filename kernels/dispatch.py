@@ -25,7 +25,7 @@ Two kernels compute the same attention, with the same signatures and the same ca
    kernel does less work: its backward is one launch that forms delta inline and computes S and
    dP once per tile, where the key-blocked backward adds the delta launch and recomputes S and
    dP in both its dK/dV and its dQ programs (7 L x L x Dh matmuls against 5). It also keeps the
-   product shape on the kernel it has been tuned and checked on (issue 15's target: the
+   product shape on the kernel it has been tuned and checked on (the README's target: the
    dispatcher's choice there is never slower than the one-tile kernel). Dh <= 32: the one-tile
    backward keeps dK and dV for the whole padded sequence next to its score tiles, and at
    Dh >= 64 it spills registers (kernels.compile_check, triton 3.9: L=32 Dh=128 fp32 1136 stack

@@ -206,17 +206,23 @@ def main(argv=None) -> int:
         args.dot_precision = args.old_precision
     dot_precision = args.dot_precision or "ieee"
 
-    backend = jax.default_backend()
-    launcher = INTERPRETED if args.interpret or backend != "gpu" else COMPILED
-    if launcher is INTERPRETED and not args.interpret:
-        print(f"no GPU backend (jax backend: {backend}): running the kernels in Triton's interpreter (slow)")
-    seed = args.seed if args.seed is not None else int(time.time_ns() % 2**31)
-    shapes = args.shapes or (DEFAULT_SHAPES + (FULL_SHAPES if args.full or launcher.on_gpu else []))
-    for spec in shapes:
+    for spec in args.shapes or ():
         try:
             parse_shape(spec)
         except ValueError as e:
             ap.error(str(e))
+    backend = jax.default_backend()
+    launcher = INTERPRETED if args.interpret or backend != "gpu" else COMPILED
+    if launcher is INTERPRETED and not args.interpret:
+        print(f"no GPU backend (jax backend: {backend}): running the kernels in Triton's interpreter (slow)")
+    if args.dtype != "float32" and dot_precision != "ieee":
+        print(f"note: --dot-precision {dot_precision} applies to float32 operands: with {args.dtype} "
+              "it changes nothing")
+    elif launcher is INTERPRETED and dot_precision != "ieee":
+        print(f"note: Triton's interpreter computes every dot in float32 whatever its precision: "
+              f"{dot_precision} is not emulated here (exact dots, held to {dot_precision}'s tolerance)")
+    seed = args.seed if args.seed is not None else int(time.time_ns() % 2**31)
+    shapes = args.shapes or (DEFAULT_SHAPES + (FULL_SHAPES if args.full or launcher.on_gpu else []))
     tol = kernel_tolerance(args.dtype, dot_precision)
     kernels = ["one-tile", "key-blocked"] if args.kernel == "both" else [args.kernel]
     ops = {k: fused_ops(launcher=launcher, dot_precision=dot_precision, attention_kernel=k)

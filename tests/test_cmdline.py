@@ -111,8 +111,11 @@ def test_build_ops():
     assert isinstance(fused, Ops) and fused.name == "fused" and "tf32" in fused.description
     split = cmdline.build_ops(_ops_args("--fused", "--interpret", "--dot-precision", "tf32x3"))
     assert "dot precision tf32x3" in split.description
+    # Triton's interpreter takes tl.dot's input_precision and computes in float32 anyway
+    assert "dot precision tf32x3 (the interpreter computes it exactly)" in split.description
     plain = cmdline.build_ops(_ops_args("--fused", "--interpret"))  # ieee unless asked
     assert "dot precision ieee" in plain.description and "tf32" not in plain.description
+    assert "exactly" not in plain.description
     for argv, message in ((["--interpret"], "--interpret only makes sense with --fused"),
                           (["--dot-precision", "tf32"], "--dot-precision only makes sense")):
         with pytest.raises(cmdline.UsageError, match=message):
@@ -183,3 +186,18 @@ def test_the_bench_options_show_what_they_take():
     out = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
     assert "--bench-results=DIR" in out and "--bench-seed=SEED" in out and "VITFUSE_" not in out
+
+
+def test_a_dot_precision_with_bf16_compute_gets_a_note(monkeypatch, capsys, tmp_path):
+    """The kernels' dot precision sets their float32 dots; a bf16 run has none."""
+    import train
+    from vit import training
+
+    def stop(*args, **kwargs):
+        raise training.RunError("stopped here by the test")
+    monkeypatch.setattr(training, "start_run", stop)
+    with pytest.raises(SystemExit):
+        train.main(["--dataset", "digits", "--fused", "--interpret", "--dot-precision", "tf32",
+                    "--compute-dtype", "bf16", "--out", str(tmp_path / "run")])
+    assert "train.py: note: --dot-precision tf32 sets the kernels' float32 dots; with " \
+           "train.compute_dtype = bf16 it changes nothing" in capsys.readouterr().err

@@ -278,6 +278,28 @@ def test_kernel_gradcheck_refuses_a_shape_the_kernels_do_not_take_before_checkin
     assert "ln:3x10" not in out  # nothing was checked
 
 
+def test_kernel_gradcheck_says_what_a_dot_precision_changes_where_it_runs(monkeypatch, capsys):
+    """In Triton's interpreter every dot is an exact float32 matmul (tf32 is held to its tolerance,
+    not emulated), and no precision touches bfloat16 dots: each said, not left to be guessed. A
+    bad shape is refused before anything is printed."""
+    from oracle import kernel_gradcheck
+
+    monkeypatch.setattr(kernel_gradcheck, "check", lambda *args: [])
+    assert kernel_gradcheck.main(["--seed", "0", "--interpret", "--dot-precision", "tf32",
+                                  "--shapes", "ln:3x10"]) == 0
+    assert "note: Triton's interpreter computes every dot in float32 whatever its precision: tf32 " \
+           "is not emulated here" in capsys.readouterr().out
+    assert kernel_gradcheck.main(["--seed", "0", "--dtype", "bfloat16", "--dot-precision", "tf32",
+                                  "--shapes", "ln:3x10"]) == 0
+    assert "note: --dot-precision tf32 applies to float32 operands: with bfloat16 it changes " \
+           "nothing" in capsys.readouterr().out
+    assert kernel_gradcheck.main(["--seed", "0", "--interpret", "--shapes", "ln:3x10"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        kernel_gradcheck.main(["--shapes", "attn:2x5"])
+    assert capsys.readouterr().out == ""
+
+
 def test_compile_check_cases_are_what_each_dot_precision_launches():
     """kernels.compile_check's cases (their launches recorded, none refused): the key-blocked
     kernel at every shape in fp32 with ieee, tf32 and tf32x3 dots and in bf16; the one-tile

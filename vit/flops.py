@@ -85,14 +85,16 @@ def main(argv=None) -> int:
         return 0
     if not paths:
         paths = sorted(str(p) for p in runconfig.CONFIG_DIR.glob("*.toml"))
-    print("figures for each config's [model] section as written (train.py then fits image_size, "
-          "channels and num_classes to the dataset it loads; a digits config is shown so fitted)")
-    for path in paths:
+    configs = []
+    for path in paths:  # every one read before anything is printed
         try:
-            cfg = runconfig.from_dict(runconfig.load_toml(path, path), path)
+            configs.append((path, runconfig.from_dict(runconfig.load_toml(path, path), path)))
         except runconfig.ConfigError as err:
             print(f"vit.flops: error: {err}", file=sys.stderr)
             return 2
+    print("figures for each config's [model] section as written (train.py then fits image_size, "
+          "channels and num_classes to the dataset it loads; a digits config is shown so fitted)")
+    for path, cfg in configs:
         model, fitted = cfg.model, ""
         if cfg.data.dataset == "digits":  # its images and classes are known without loading it
             model = model.replace(image_size=8, channels=1, num_classes=len(digits.CLASS_NAMES))
