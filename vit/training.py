@@ -91,6 +91,7 @@ class Run:
     saved_at: float = field(default_factory=time.monotonic)  # when last.npz was last written
     drawn: int = 0  # how many epochs of the history curves.png shows (0: not drawn by this run)
     drawn_at: float = float("-inf")  # when it was drawn
+    compiled: bool = False  # whether this process has run (and so compiled) the train step
 
     def checkpoint_due(self) -> bool:
         """Whether train.checkpoint_minutes have passed since last.npz was written (or the run
@@ -281,14 +282,22 @@ def train_epoch(run: Run, stop: StopOnSignal):
         bar.update(1)
 
     def show_means():  # the running means so far, beside the bar
+        elapsed = time.perf_counter() - t0
+        if bar.disable or not s.running["seen"] or elapsed <= 0:
+            return
         loss, acc = s.train_means()
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
-                        grad_norm=f"{s.grad_norms()[0] or 0:.3g}",
-                        img_s=f"{images_done / (time.perf_counter() - t0):.0f}")
+                        grad_norm=f"{s.grad_norms()[0] or 0:.3g}", img_s=f"{images_done / elapsed:.0f}")
     for images, labels in run.batcher.epoch(s.epoch, s.step_in_epoch):
         images, labels = parallel.shard_batch(run.mesh, images, labels)
         key = jax.random.fold_in(base_key, s.epoch * spe + s.step_in_epoch)
+        called = time.perf_counter()
         new_params, new_opt, m = run.train_step(s.params, s.opt_state, images, labels, key)
+        if not run.compiled:  # the first call compiles the step before it dispatches it
+            run.compiled, compiling = True, time.perf_counter() - called
+            t0 += compiling  # images/s counts training, not compiling
+            if run.main_process:
+                bar.write(f"compiled the training step in {compiling:.1f} s (not counted in img/s)")
         if pending is not None:
             count(pending)
         s.params, s.opt_state, pending = new_params, new_opt, m
@@ -302,14 +311,13 @@ def train_epoch(run: Run, stop: StopOnSignal):
             t0 += time.perf_counter() - started  # images/s counts training time only
             bar.write(f"saved {run.run_dir / 'last.npz'} at epoch {s.epoch + 1}, step "
                       f"{s.step_in_epoch} (train.checkpoint_minutes = {t.checkpoint_minutes:g})")
-        if bar.n % 10 == 0 and s.running["seen"]:
+        if bar.n % 10 == 0:
             show_means()
         if stop.requested:
             break
     if pending is not None:
         count(pending)
-    if s.running["seen"]:
-        show_means()  # the bar's last frame shows the epoch's figures, as its line below
+    show_means()  # the bar's last frame shows the epoch's figures, as its line below
     bar.close()
     if stop.requested:
         raise Interrupted
