@@ -5,7 +5,7 @@ Prints top-1, top-5 and mean loss; --per-class adds a table with the class names
 words.txt, the folder names of an image folder) and RUN_DIR/confusion-<checkpoint>.png.
 Results are also written to RUN_DIR/eval-<checkpoint>.json.
 
-  --saliency N       RUN_DIR/saliency-<checkpoint>.png: N validation images beside |d loss / d image|
+  --saliency N       RUN_DIR/saliency-<checkpoint>.png: N validation images beside |d loss / d pixel|
   --attention N      RUN_DIR/attention-<checkpoint>.png: N validation images beside the share of the CLS
                      token drawn from each patch (attention rollout over the blocks)
   --predict IMAGE..  top-5 classes of image files of any size (instead of evaluating)
@@ -179,9 +179,10 @@ def evaluate_command(args, written) -> int:
           f"{result['loss']:.4f}  on {result['count']} validation images ({ops.description})")
     if args.per_class:
         rows = sorted(result["per_class"], key=lambda r: r[1] / max(r[2], 1))
-        print(f"\n{'class':<48} {'correct':>8} {'total':>6} {'acc':>7}")
+        w = min(48, max(len("class"), *(len(name) for name, _, _ in rows)))  # names cut at 48
+        print(f"\n{'class':<{w}} {'correct':>8} {'total':>6} {'acc':>7}")
         for name, c, t in rows:
-            print(f"{name[:48]:<48} {c:>8} {t:>6} {100 * c / max(t, 1):>6.1f}%")
+            print(f"{name[:w]:<{w}} {c:>8} {t:>6} {100 * c / max(t, 1):>6.1f}%")
     confusion = result.pop("confusion")
     if args.per_class:
         figure = explain.write_confusion(confusion, result["class_names"], args.run_dir,

@@ -301,6 +301,8 @@ def main(argv=None, *, standalone=False) -> int:
                                                    else "") + "; run the same command again",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    if started is None:  # a finished run: nothing to train
+        return 0
     return run_training(args, started, standalone=standalone)
 
 
@@ -337,7 +339,8 @@ class InterruptWhileStarting:
 
 def start(args):
     """Config, processes, run directory, checkpoint, op set, data and steps of the run: -> the
-    training.Run, or fail() naming what is wrong. Writes no file of the run."""
+    training.Run (None for a finished run: nothing to train, its data not even loaded), or
+    fail() naming what is wrong. Writes no file of the run."""
     from vit.runconfig import ConfigError  # noqa: PLC0415
     notes = []  # resolve_config's notes: printed (by process 0) once the run goes ahead
     try:
@@ -359,6 +362,11 @@ def start(args):
         if main_process:  # once per run, as the run's other output
             for note in notes:
                 print(note, file=sys.stderr)
+        if resumed is not None and resumed[1]["epoch"] >= cfg.train.epochs:
+            if main_process:  # its files stay as they are (not config.json with new flags)
+                print(f"resuming {run_dir}: all {cfg.train.epochs} epochs are done already, "
+                      "nothing to train and nothing written (raise --epochs to train on)")
+            return None
         ops = cmdline.build_ops(args)
         if args.dot_precision and cfg.train.compute_dtype != "fp32" and main_process:
             print(f"train.py: note: --dot-precision {args.dot_precision} sets the kernels' float32 "
@@ -376,8 +384,6 @@ def run_training(args, run, *, standalone: bool) -> int:
 
     from vit import training  # noqa: PLC0415
 
-    if run.resumed and run.state.epoch >= run.cfg.train.epochs:
-        return 0  # a finished run: its files stay as they are (not config.json with new flags)
     with training.StopOnSignal(standalone) as stop:
         created = training.make_run_dir(run)
         t = run.cfg.train

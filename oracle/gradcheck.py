@@ -163,7 +163,8 @@ def _run(parser, args) -> int:
     bad = [r for r in rows if not r.ok]
     worst_fd = max(r.fd_rel_err for r in rows)
     worst_ad = max(r.autodiff_rel_err for r in rows)
-    print(f"\n{len(rows)} tensors in {len(cases)} cases; worst relative error: "
+    print(f"\n{len(rows)} tensor{'s' * (len(rows) != 1)} in {len(cases)} case{'s' * (len(cases) != 1)}; "
+          "worst relative error: "
           f"{worst_fd:.2e} vs finite differences (tolerance {FD_TOL:g}), "
           f"{worst_ad:.2e} vs autodiff (tolerance {AUTODIFF_TOL:g})")
     if bad:

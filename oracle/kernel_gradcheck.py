@@ -183,6 +183,18 @@ def check(spec: str, ops: Ops, ref_ops: Ops, key, dtype: str, tol: float) -> lis
 # command line
 
 
+def dot_precision_note(dot_precision: str, dtype: str, launcher) -> str:
+    """What a dot precision other than ieee does not change here, or ""."""
+    if dot_precision == "ieee":
+        return ""
+    if dtype != "float32":
+        return f"note: --dot-precision {dot_precision} applies to float32 operands: with {dtype} it changes nothing"
+    if not launcher.on_gpu:
+        return (f"note: Triton's interpreter computes every dot in float32 whatever its precision: "
+                f"{dot_precision} is not emulated here (exact dots, held to {dot_precision}'s tolerance)")
+    return ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m oracle.kernel_gradcheck", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,12 +227,9 @@ def main(argv=None) -> int:
     launcher = INTERPRETED if args.interpret or backend != "gpu" else COMPILED
     if launcher is INTERPRETED and not args.interpret:
         print(f"no GPU backend (jax backend: {backend}): running the kernels in Triton's interpreter (slow)")
-    if args.dtype != "float32" and dot_precision != "ieee":
-        print(f"note: --dot-precision {dot_precision} applies to float32 operands: with {args.dtype} "
-              "it changes nothing")
-    elif launcher is INTERPRETED and dot_precision != "ieee":
-        print(f"note: Triton's interpreter computes every dot in float32 whatever its precision: "
-              f"{dot_precision} is not emulated here (exact dots, held to {dot_precision}'s tolerance)")
+    note = dot_precision_note(dot_precision, args.dtype, launcher)
+    if note:
+        print(note)
     seed = args.seed if args.seed is not None else int(time.time_ns() % 2**31)
     shapes = args.shapes or (DEFAULT_SHAPES + (FULL_SHAPES if args.full or launcher.on_gpu else []))
     tol = kernel_tolerance(args.dtype, dot_precision)

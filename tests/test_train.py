@@ -239,6 +239,7 @@ def test_curves_draw_a_history_whose_first_records_have_no_gradient_norms(tmp_pa
     drawn = {"mean over the epoch's steps": ([3], [0.8]), "largest": ([3], [2.0])}
     assert norm_lines(figures[0]) == {**drawn, "clip_norm 1": ([0, 1], [1.0, 1.0])}
     assert norm_lines(figures[1]) == drawn
+    assert all(t == int(t) for ax in figures[0].axes for t in ax.get_xticks())  # epochs, not 1.25
 
 
 def test_validation_batches_are_no_larger_than_the_validation_set(tmp_path, monkeypatch):

@@ -373,8 +373,8 @@ def test_resume_with_fewer_epochs_than_the_run_has_done_is_refused(finished_run,
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(run_copy, capsys):
     assert run_train("--resume", run_copy, "--no-progress") == 0
-    out = capsys.readouterr().out
-    assert f"resuming {run_copy}: all 2 epochs are done already, nothing to train" in out, out
+    out = capsys.readouterr().out  # and its data is not loaded
+    assert f"resuming {run_copy}: all 2 epochs are done already, nothing to train" in out and "data:" not in out, out
 
 
 def test_config_error_on_resume_names_the_flag(finished_run, capsys):

@@ -33,7 +33,13 @@ def plot_curves(history: list[dict], path: Path, clip_norm: float | None = None)
         ax_norm.axhline(clip_norm, color="gray", linestyle=":", label=f"clip_norm {clip_norm:g}")
     ax_norm.set(xlabel="epoch", ylabel="global L2 norm", title="training gradient norm",
                 yscale="log")
-    for ax in (ax_acc, ax_loss, ax_norm):
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415  (pyplot() set the backend)
+
+    for ax in (ax_acc, ax_loss, ax_norm):  # epochs: whole numbers (no tick at 1.25)
+        if len(epochs) <= 10:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

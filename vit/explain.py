@@ -209,7 +209,7 @@ def plot_pairs(images_u8, maps, true_names, pred_names, path, map_title, title) 
 def plot_saliency(images_u8, maps, true_names, pred_names, path) -> Path:
     """The saliency grid: each validation image beside |d loss / d pixel|."""
     return plot_pairs(images_u8, maps, true_names, pred_names, path,
-                      lambda i: f"|d loss / d image|\nmax {float(maps[i].max()):.2g}",
+                      lambda i: f"|d loss / d pixel|\nmax {float(maps[i].max()):.2g}",
                       "validation images beside |d loss / d pixel| from the hand-written backward\n"
                       "(largest over the channels; each map scaled to its own max)")
 

@@ -196,12 +196,8 @@ def initial_state(cfg, train_set, resumed, run_dir):
 
     if resumed is not None:
         state = RunState.from_checkpoint(*resumed)
-        if state.epoch >= cfg.train.epochs:
-            print(f"resuming {run_dir}: all {cfg.train.epochs} epochs are done already, nothing "
-                  f"to train and nothing written (raise --epochs to train on)")
-        else:
-            print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} "
-                  f"(global step {resumed[1]['global_step']})")
+        print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} "
+              f"(global step {resumed[1]['global_step']})")
         return state
     params = init_params(jax.random.PRNGKey(cfg.train.seed), cfg.model)
     return RunState.fresh(params, adamw_init(params), *channel_stats(train_set.images))
