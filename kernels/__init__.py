@@ -86,14 +86,14 @@ def fused_ops(launcher: Launcher = COMPILED, dot_precision: str = "ieee",
         return layernorm.add_layernorm_backward(params, cache, dy, **launch)
 
     # Triton's interpreter runs tl.dot as a float32 matmul whatever its input_precision
-    exact = " (the interpreter computes it exactly)" if dot_precision != "ieee" and not launcher.on_gpu else ""
+    exact = "; the interpreter computes dots exactly" if dot_precision != "ieee" and not launcher.on_gpu else ""
     return Ops(
         name="fused",
         attention_forward=attention_forward,
         attention_backward=attention_backward,
         add_layernorm_forward=add_layernorm_forward,
         add_layernorm_backward=add_layernorm_backward,
-        description=f"fused Triton kernels ({launcher.name}, dot precision {dot_precision}"
-                    f"{exact}, attention {kernel})",
+        description=f"fused Triton kernels ({launcher.name}, dot precision {dot_precision}, "
+                    f"attention {kernel}{exact})",
         partitionable=False,
     )
