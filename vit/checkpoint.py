@@ -128,7 +128,8 @@ def load(path, *, meta_keys=(), trees=()) -> tuple[dict, dict]:
 
 
 def read_meta(path) -> dict:
-    """The JSON record of a checkpoint alone, without reading its arrays (load's errors)."""
+    """A checkpoint's JSON record (a dict) alone, without reading its arrays; a file whose
+    record cannot be read that way raises the CheckpointError load() gives it."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
