@@ -199,7 +199,9 @@ def evaluate_command(args, written) -> int:
         written.append(figure["png"])
         print(f"attention maps: {figure['png']} ({shown(figure, args.attention)})")
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp = out.with_name(out.name + ".tmp")  # written whole or not at all, as the figures are
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
     written.append(out)
     print(f"results: {out}")
     return 0
