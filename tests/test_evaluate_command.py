@@ -14,6 +14,11 @@ class Left(Exception):
     """os._exit, made to return to the test."""
 
 
+def interrupted(*args):
+    """A stand-in for a step of evaluate.py that a Ctrl-C stops."""
+    raise KeyboardInterrupt
+
+
 @pytest.fixture
 def faked(monkeypatch, tmp_path):
     """evaluate.py on a faked run of 2 classes; -> (run directory, os._exit's codes)."""
@@ -52,9 +57,6 @@ def test_the_output_names_every_file_written(faked, capsys):
 
 def test_ctrl_c_names_what_was_written_and_exits_130(faked, monkeypatch, capsys):
     run, exits = faked
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
     monkeypatch.setattr(explain, "write_saliency", interrupted)
     with pytest.raises(Left):
         evaluate.main([str(run), "--per-class", "--saliency", "2"], standalone=True)
@@ -72,8 +74,6 @@ def test_ctrl_c_names_every_figure_written_before_it(faked, monkeypatch, capsys)
         png.write_bytes(b"png")
         return {"png": png, "labels": [0] * n}
 
-    def interrupted(*args):
-        raise KeyboardInterrupt
     monkeypatch.setattr(explain, "write_saliency", write_saliency)
     monkeypatch.setattr(explain, "write_attention", interrupted)
     with pytest.raises(Left):
@@ -93,9 +93,6 @@ def test_a_checkpoint_of_an_epochs_end_is_named_by_that_epoch(faked, monkeypatch
 
 def test_ctrl_c_before_anything_is_written(faked, monkeypatch, capsys):
     run, exits = faked
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
     monkeypatch.setattr(evaluate, "load_run", interrupted)
     with pytest.raises(Left):
         evaluate.main([str(run)], standalone=True)
@@ -105,9 +102,6 @@ def test_ctrl_c_before_anything_is_written(faked, monkeypatch, capsys):
 
 def test_ctrl_c_reaches_a_python_caller(faked, monkeypatch):
     run, exits = faked
-
-    def interrupted(*args):
-        raise KeyboardInterrupt
     monkeypatch.setattr(evaluate, "load_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         evaluate.main([str(run)])
