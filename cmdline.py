@@ -1,9 +1,11 @@
 """What train.py and evaluate.py share on the command line: the op-set flags and the
 multi-process start-up flags, each turned into the value the library takes (an ``Ops``, the
-three settings of ``vit.parallel.init_distributed``), with errors that name the flag at fault.
+three settings of ``vit.parallel.init_distributed``), with errors that name the flag at fault;
+and a Ctrl-C that is not lost while they start.
 
     ops = build_ops(args)          # --fused [--interpret] [--dot-precision ieee|tf32|tf32x3] -> Ops
     start_processes(args)          # --coordinator / --num-processes / --process-id (or JAX_* env)
+    with InterruptWhileStarting() as interrupt: ...   # a Ctrl-C that JAX's gc callback swallows
 
 Errors are ``UsageError``s; the commands print them as "<prog>: error: ..." and exit 2.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 
@@ -82,6 +85,64 @@ def build_ops(args: argparse.Namespace):
                              f"does not import ({err}); install it with pip install -e '.[gpu]' "
                              "(jax-triton 0.3.1 and absl-py), or add --interpret") from None
     return fused_ops(INTERPRETED if args.interpret else COMPILED, args.dot_precision or "ieee")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+class InterruptWhileStarting:
+    """Ctrl-C while a command starts (or, for evaluate.py, works): the handler that was there
+    (Python's raises KeyboardInterrupt), and the signal remembered (``raised``), since it can be
+    lost two ways: raised inside a garbage-collector callback (JAX registers one), which goes on
+    (printing "Exception ignored ... KeyboardInterrupt", here kept quiet), and raised inside an
+    extension module's import (numpy's, under jax's), which turns it into an ImportError
+    traceback or aborts the process. So during an import it is held, and given by check(),
+    which the command calls between its stages; one lost in a callback is given there too, or
+    (``lost``) once the block ends."""
+
+    def __enter__(self):
+        self.raised, self.old_hook = False, sys.unraisablehook
+        self.old = signal.signal(signal.SIGINT, self._on_signal)
+        sys.unraisablehook = self._on_unraisable
+        return self
+
+    def _on_unraisable(self, unraisable):
+        if not (self.raised and unraisable.exc_type is KeyboardInterrupt):
+            self.old_hook(unraisable)
+
+    def _on_signal(self, signum, frame):
+        if self.old is signal.SIG_IGN:  # started with SIGINT ignored (nohup, &): so it stays
+            return
+        self.raised = True
+        if not _importing(frame):
+            self._deliver(frame)
+
+    def _deliver(self, frame):
+        if callable(self.old):
+            self.old(signal.SIGINT, frame)  # Python's own raises KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    def check(self):
+        """Give a Ctrl-C that came and was held or swallowed (between the stages of a long
+        command, so that it stops there rather than at its end)."""
+        if self.raised:
+            self._deliver(None)
+
+    def __exit__(self, kind, error, traceback):
+        signal.signal(signal.SIGINT, self.old)
+        sys.unraisablehook = self.old_hook
+        self.lost = self.raised and kind is None
+        return False
+
+
+def _importing(frame) -> bool:
+    """Whether the code at `frame` runs inside an import (importlib's frames are below it)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 # ----------------------------------------------------------------------------------------------

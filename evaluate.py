@@ -117,7 +117,11 @@ def main(argv=None, *, standalone=False) -> int:
     args = build_parser().parse_args(argv)
     written = []  # files written so far, named if a Ctrl-C stops the rest
     try:
-        return evaluate_command(args, written)
+        with cmdline.InterruptWhileStarting() as interrupt:
+            code = evaluate_command(args, written, interrupt.check)
+        if interrupt.lost:  # raised inside a garbage-collector callback, which swallowed it
+            raise KeyboardInterrupt
+        return code
     except KeyboardInterrupt:
         if not standalone:
             raise
@@ -143,8 +147,10 @@ def describe_position(meta) -> str:
     return f"epoch {meta['epoch']}"
 
 
-def evaluate_command(args, written) -> int:
-    """main without its Ctrl-C handling; appends each file it writes to `written`."""
+def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
+    """main without its Ctrl-C handling; appends each file it writes to `written`, and calls
+    check_interrupt() (which raises KeyboardInterrupt after a Ctrl-C that was swallowed) between
+    its stages."""
     from vit import explain  # noqa: PLC0415
     from vit.checkpoint import CheckpointError  # noqa: PLC0415
     from vit.data import DatasetError  # noqa: PLC0415
@@ -168,8 +174,11 @@ def evaluate_command(args, written) -> int:
     try:
         ops = cmdline.build_ops(args)
         run = load_run(args.run_dir, args.checkpoint)
+        check_interrupt()
         val = explain.load_val(run, args.data_dir, progress=not args.no_progress)
+        check_interrupt()
         result = evaluate_run(run, val, args.batch_size, ops, not args.no_progress)
+        check_interrupt()
     except (cmdline.UsageError, FileNotFoundError, DatasetError, CheckpointError,
             ConfigError) as err:
         fail(str(err))
@@ -190,14 +199,17 @@ def evaluate_command(args, written) -> int:
         written.append(figure["png"])
         print(f"confusion matrix: {figure['png']} ({len(figure['shown'])} of "
               f"{len(confusion)} classes shown)")
+    check_interrupt()
     if args.saliency > 0:
         figure = explain.write_saliency(run, val, args.saliency, args.run_dir, args.checkpoint)
         written.append(figure["png"])
         print(f"saliency maps: {figure['png']} ({shown(figure, args.saliency)})")
+    check_interrupt()
     if args.attention > 0:
         figure = explain.write_attention(run, val, args.attention, args.run_dir, args.checkpoint)
         written.append(figure["png"])
         print(f"attention maps: {figure['png']} ({shown(figure, args.attention)})")
+    check_interrupt()
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
     tmp = out.with_name(out.name + ".tmp")  # written whole or not at all, as the figures are
     tmp.write_text(json.dumps(result, indent=1) + "\n")

@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import errno
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -289,8 +288,8 @@ def main(argv=None, *, standalone=False) -> int:
     handler that was there before, once the checkpoint is saved (see the module docstring)."""
     args = parse_args(argv)
     try:
-        with InterruptWhileStarting() as interrupt:
-            started = start(args)
+        with cmdline.InterruptWhileStarting() as interrupt:
+            started = start(args, interrupt.check)
         if interrupt.lost:  # raised inside a garbage-collector callback, which swallowed it
             raise KeyboardInterrupt
     except KeyboardInterrupt:  # Ctrl-C while loading the checkpoint or data: nothing written yet
@@ -306,41 +305,11 @@ def main(argv=None, *, standalone=False) -> int:
     return run_training(args, started, standalone=standalone)
 
 
-class InterruptWhileStarting:
-    """Ctrl-C while the run starts: the KeyboardInterrupt of the handler that was there, and
-    remembered (``lost``) in case it is raised inside a garbage-collector callback (JAX registers
-    one), which goes on (printing "Exception ignored ... KeyboardInterrupt", here kept quiet):
-    the run then trained as if never stopped."""
-
-    def __enter__(self):
-        self.raised, self.old_hook = False, sys.unraisablehook
-        self.old = signal.signal(signal.SIGINT, self._on_signal)
-        sys.unraisablehook = self._on_unraisable
-        return self
-
-    def _on_unraisable(self, unraisable):
-        if not (self.raised and unraisable.exc_type is KeyboardInterrupt):
-            self.old_hook(unraisable)
-
-    def _on_signal(self, signum, frame):
-        if self.old is signal.SIG_IGN:  # started with SIGINT ignored (nohup, &): so it stays
-            return
-        self.raised = True
-        if callable(self.old):
-            self.old(signum, frame)  # Python's own: raises KeyboardInterrupt
-        raise KeyboardInterrupt
-
-    def __exit__(self, kind, *exc):
-        signal.signal(signal.SIGINT, self.old)
-        sys.unraisablehook = self.old_hook
-        self.lost = self.raised and kind is None
-        return False
-
-
-def start(args):
+def start(args, check_interrupt=lambda: None):
     """Config, processes, run directory, checkpoint, op set, data and steps of the run: -> the
     training.Run (None for a finished run: nothing to train, its data not even loaded), or
-    fail() naming what is wrong. Writes no file of the run."""
+    fail() naming what is wrong. Writes no file of the run. check_interrupt() raises the
+    KeyboardInterrupt of a Ctrl-C that a callback swallowed (before the data loads)."""
     from vit.runconfig import ConfigError  # noqa: PLC0415
     notes = []  # resolve_config's notes: printed (by process 0) once the run goes ahead
     try:
@@ -368,6 +337,7 @@ def start(args):
                       "nothing to train and nothing written (raise --epochs to train on)")
             return None
         ops = cmdline.build_ops(args)
+        check_interrupt()  # JAX has started: a Ctrl-C until now may have landed in its gc callback
         if args.dot_precision and cfg.train.compute_dtype != "fp32" and main_process:
             print(f"train.py: note: --dot-precision {args.dot_precision} sets the kernels' float32 "
                   f"dots; with train.compute_dtype = {cfg.train.compute_dtype} it changes nothing",

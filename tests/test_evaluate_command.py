@@ -146,3 +146,33 @@ def test_a_file_given_for_the_run_directory_is_told_what_to_give(tmp_path, capsy
     with pytest.raises(SystemExit):
         evaluate.main([str(tmp_path / name)])
     assert f"{tmp_path / name} " + says.format(dir=tmp_path) in capsys.readouterr().err
+
+
+def test_a_ctrl_c_swallowed_by_a_garbage_collector_callback_still_stops_it(faked, monkeypatch,
+                                                                           capsys):
+    """Seen: a SIGINT early in evaluate.py landed in JAX's gc callback, which printed a traceback
+    and went on; evaluate.py evaluated and exited 0."""
+    import gc
+    import signal
+
+    run, exits = faked
+
+    def ctrl_c_in_a_gc_callback(*args):
+        def callback(phase, info):
+            if phase == "start":
+                signal.raise_signal(signal.SIGINT)
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(callback)
+        return "run"
+    monkeypatch.setattr(evaluate, "load_run", ctrl_c_in_a_gc_callback)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(Left):
+            evaluate.main([str(run)], standalone=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert exits == [evaluate.EXIT_INTERRUPTED] and not (run / "eval-best.json").exists()
+    assert "evaluate.py: interrupted (Ctrl-C)" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import cmdline
 import train
 from vit import training
 
@@ -119,7 +120,7 @@ def test_a_ctrl_c_swallowed_by_a_garbage_collector_callback_still_stops_the_star
             train.main([*QUICK, "--out", str(run)])
         # and what was there before is back
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        assert sys.unraisablehook is not train.InterruptWhileStarting._on_unraisable
+        assert sys.unraisablehook is not cmdline.InterruptWhileStarting._on_unraisable
         sys.unraisablehook(SimpleNamespace(exc_type=KeyboardInterrupt))
         assert swallowed == [KeyboardInterrupt]
     finally:
@@ -178,10 +179,28 @@ def test_only_a_ctrl_c_that_came_is_kept_quiet(monkeypatch):
     def callback(phase, info):
         if phase == "start":
             raise KeyboardInterrupt
-    with train.InterruptWhileStarting():
+    with cmdline.InterruptWhileStarting():
         gc.callbacks.append(callback)
         try:
             gc.collect()
         finally:
             gc.callbacks.remove(callback)
     assert seen == [KeyboardInterrupt]
+
+
+def test_a_ctrl_c_during_an_import_is_held_until_the_import_is_done(tmp_path, monkeypatch):
+    """Raised inside numpy's import (under jax's), it became ImportError: 'numpy._core.multiarray
+    failed to import' (a traceback), or the process aborted; now it is held, and check() gives it."""
+    module = tmp_path / "slow_module_for_the_test.py"
+    module.write_text("import signal\nsignal.raise_signal(signal.SIGINT)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with cmdline.InterruptWhileStarting() as interrupt:
+                import slow_module_for_the_test  # noqa: PLC0415
+                assert slow_module_for_the_test.DONE and interrupt.raised  # imported whole
+                interrupt.check()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.modules.pop("slow_module_for_the_test", None)
