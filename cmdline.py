@@ -225,6 +225,14 @@ def start_processes(args: argparse.Namespace) -> None:
         coordinator, processes, pid = settings
         # JAX waits in silence for every process (then aborts after 5 minutes): say what for
         print(f"process {pid} of {processes}: waiting for all {processes} processes to join at "
-              f"{coordinator} (process 0's address; JAX gives up after 5 minutes)",
-              file=sys.stderr, flush=True)
-        parallel.init_distributed(*settings)
+              f"{coordinator} (process 0's address; JAX gives up after 5 minutes, Ctrl-C stops "
+              "the wait)", file=sys.stderr, flush=True)
+        # JAX waits in C++, where no Python handler runs: a Ctrl-C did nothing. The system's
+        # default ends the process at once (nothing is written yet); SIGINT ignored stays so
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        try:
+            parallel.init_distributed(*settings)
+        finally:
+            signal.signal(signal.SIGINT, previous)

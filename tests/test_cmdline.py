@@ -59,6 +59,22 @@ def test_single_process_needs_no_start(clean_env, kwargs):
     assert parallel.is_main_process()
 
 
+def test_ctrl_c_ends_the_wait_for_the_other_processes(clean_env, monkeypatch, capsys):
+    """JAX waits for every process in C++, where no Python handler runs (a Ctrl-C did nothing
+    for as long as 5 minutes): during the wait SIGINT has the system's default, which ends the
+    process; the handler before it is back afterwards."""
+    import signal
+
+    during = []
+    monkeypatch.setattr(parallel, "init_distributed",
+                        lambda *settings: during.append(signal.getsignal(signal.SIGINT)))
+    before = signal.getsignal(signal.SIGINT)
+    cmdline.start_processes(argparse.Namespace(coordinator=COORDINATOR, num_processes=2,
+                                               process_id=1))
+    assert during == [signal.SIG_DFL] and signal.getsignal(signal.SIGINT) is before
+    assert "Ctrl-C stops the wait" in capsys.readouterr().err
+
+
 def test_distributed_settings_from_the_environment(clean_env):
     clean_env.setenv("JAX_COORDINATOR_ADDRESS", COORDINATOR)
     clean_env.setenv("JAX_NUM_PROCESSES", "3")

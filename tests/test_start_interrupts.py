@@ -204,3 +204,24 @@ def test_a_ctrl_c_during_an_import_is_held_until_the_import_is_done(tmp_path, mo
     finally:
         signal.signal(signal.SIGINT, previous)
         sys.modules.pop("slow_module_for_the_test", None)
+
+
+def test_a_process_other_than_0_does_not_say_it_saved(tmp_path, monkeypatch, capsys):
+    """Seen in a two-process run stopped at process 1 alone: 'interrupted: saved last.npz', which
+    only process 0 writes (and had not)."""
+    from vit import parallel
+
+    monkeypatch.setattr(parallel, "is_main_process", lambda: False)
+    finish_epoch = training.finish_epoch
+
+    def finish_then_ctrl_c(run, *args):
+        record = finish_epoch(run, *args)
+        signal.raise_signal(signal.SIGINT)
+        return record
+    monkeypatch.setattr(training, "finish_epoch", finish_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*QUICK, "--epochs", "3", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "interrupted at the end of epoch 1: last.npz is process 0's to save (stop every " \
+           "process)" in err and "saved" not in err, err
+    assert not (tmp_path / "run").exists()

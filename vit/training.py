@@ -404,8 +404,12 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
             return _interrupted_twice(last)
         where = (f"epoch {s.epoch + 1}, step {s.step_in_epoch}" if s.step_in_epoch
                  else f"the end of epoch {s.epoch}")  # as evaluate.py names that checkpoint
-        print(f"\ninterrupted: saved {last} at {where}; "
-              f"continue with python train.py --resume {run.run_dir}", file=sys.stderr)
+        if run.main_process:
+            print(f"\ninterrupted: saved {last} at {where}; "
+                  f"continue with python train.py --resume {run.run_dir}", file=sys.stderr)
+        else:  # process 0 writes last.npz, once it has the signal too
+            print(f"\ninterrupted at {where}: last.npz is process 0's to save (stop every "
+                  "process)", file=sys.stderr)
         return STOPPED
     except InterruptedTwice:  # a second Ctrl-C while stopping: leave without writing anything
         return _interrupted_twice(last)
