@@ -52,13 +52,30 @@ def fail(message):
 
 def load_run(run_dir, name: str):
     """RUN_DIR/<name>.npz (vit.explain.load_run), a damaged one offering the run's other
-    checkpoint when that one is sound."""
+    checkpoint when that one is sound, a file given for RUN_DIR told what to give instead."""
     from vit import explain  # noqa: PLC0415
+
+    if Path(run_dir).is_file():
+        raise FileNotFoundError(_a_file_not_a_run(Path(run_dir)))
 
     def way_out(other, meta):
         return (f"The run's {other.name} is sound (epoch {meta['epoch']}): evaluate it with "
                 f"python evaluate.py {run_dir} --checkpoint {other.stem}")
     return explain.load_run(run_dir, name, way_out=way_out)
+
+
+def _a_file_not_a_run(path: Path) -> str:
+    """What to give instead of a file where a run directory goes."""
+    from vit.data.image_folder import is_image_file  # noqa: PLC0415
+
+    if path.suffix == ".npz":
+        which = f" --checkpoint {path.stem}" if path.stem in ("best", "last") else ""
+        return (f"{path} is a checkpoint file; give the run directory that holds it: "
+                f"python evaluate.py {path.parent}{which}")
+    if is_image_file(path.name):
+        return (f"{path} is an image file, not a run directory; to classify it: python "
+                f"evaluate.py RUN_DIR --predict {path}")
+    return f"{path} is a file, not a run directory (one that train.py wrote)"
 
 
 def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops=None,
@@ -231,7 +248,7 @@ def predict(args) -> int:
         names = run.class_names or explain.load_val(run, args.data_dir,
                                                     not args.no_progress).class_names
         if len(names) != run.model.num_classes:
-            data_dir = args.data_dir or run.config.data.data_dir
+            data_dir = args.data_dir or explain.run_data(run).data_dir
             raise DatasetError(f"{data_dir} has {len(names)} classes and the model of {args.run_dir} "
                                f"{run.model.num_classes} classes: pass the --data-dir it was trained on")
         print(explain.format_predictions(explain.predict_files(run, args.predict, names)))

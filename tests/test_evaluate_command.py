@@ -176,3 +176,25 @@ def test_a_ctrl_c_swallowed_by_a_garbage_collector_callback_still_stops_it(faked
         signal.signal(signal.SIGINT, previous)
     assert exits == [evaluate.EXIT_INTERRUPTED] and not (run / "eval-best.json").exists()
     assert "evaluate.py: interrupted (Ctrl-C)" in capsys.readouterr().err
+
+
+def test_the_runs_data_folder_is_the_one_config_json_names(tmp_path):
+    """Seen: data moved, the run resumed with --data-dir NEW (config.json then named NEW), and
+    evaluate.py of its best.npz, saved before the move, looked in the old folder."""
+    import json
+    from types import SimpleNamespace
+
+    from vit import runconfig
+
+    config = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": "/old",
+                                           "cache_dir": "/old-cache"}})
+    run = SimpleNamespace(config=config, path=tmp_path / "best.npz")
+    assert explain.run_data(run).data_dir == "/old"  # no config.json: the checkpoint's
+    saved = config.to_dict()
+    saved["data"].update(data_dir="/new", cache_dir="/new-cache")
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    data = explain.run_data(run)
+    assert (data.data_dir, data.cache_dir, data.dataset) == ("/new", "/new-cache", "image-folder")
+    saved["data"]["dataset"] = "tiny-imagenet"  # another run's config.json: not taken
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert explain.run_data(run).data_dir == "/old"

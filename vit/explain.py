@@ -18,6 +18,8 @@ of the last block draws on each input token. The map is R's CLS row over the pat
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -71,7 +73,7 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
     if not run_dir.exists():
         raise FileNotFoundError(f"{run_dir} does not exist")
     if run_dir.is_file():
-        raise FileNotFoundError(_a_file_not_a_run(run_dir))
+        raise FileNotFoundError(f"{run_dir} is a file, not a run directory (one that train.py wrote)")
     if not path.is_file():
         other = run_dir / ("last.npz" if checkpoint_name == "best" else "best.npz")
         if other.is_file():  # best.npz comes at an epoch's end: a run stopped in its first has none
@@ -86,18 +88,16 @@ def load_run(run_dir, checkpoint_name: str = "best", way_out=None) -> Run:
                np.asarray(meta["std"], np.float32), cfg, meta)
 
 
-def _a_file_not_a_run(path: Path) -> str:
-    """What to give instead of a file where a run directory goes."""
-    from vit.data.image_folder import is_image_file  # noqa: PLC0415
-
-    if path.suffix == ".npz":
-        which = f" --checkpoint {path.stem}" if path.stem in ("best", "last") else ""
-        return (f"{path} is a checkpoint file; give the run directory that holds it: "
-                f"python evaluate.py {path.parent}{which}")
-    if is_image_file(path.name):
-        return (f"{path} is an image file, not a run directory; to classify it: python "
-                f"evaluate.py RUN_DIR --predict {path}")
-    return f"{path} is a file, not a run directory (one that train.py wrote)"
+def run_data(run: Run):
+    """The run's [data]: its checkpoint's, with the folders of RUN_DIR/config.json, which a
+    --resume with a moved --data-dir rewrites (a best.npz saved before still names the old)."""
+    data = run.config.data
+    try:
+        saved = json.loads((run.path.parent / "config.json").read_text(encoding="utf-8"))["data"]
+        return data if saved["dataset"] != data.dataset else dataclasses.replace(
+            data, data_dir=saved.get("data_dir", data.data_dir), cache_dir=saved.get("cache_dir", data.cache_dir))
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: the checkpoint's
+        return data
 
 
 def load_val(run: Run, data_dir=None, progress: bool = True):
@@ -106,7 +106,7 @@ def load_val(run: Run, data_dir=None, progress: bool = True):
     from vit.data import BUNDLED_DATASETS, DatasetError, check_run_data_dir, load_dataset  # noqa: PLC0415
     from vit.data.common import check_same_classes  # noqa: PLC0415
 
-    data = run.config.data
+    data = run_data(run)
     if data_dir is None:
         check_run_data_dir(data.dataset, data.data_dir, str(run.path.parent))
     elif data.dataset in BUNDLED_DATASETS:  # load_dataset would ignore it: say so instead
