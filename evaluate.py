@@ -204,11 +204,12 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
           f"{100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  loss "
           f"{result['loss']:.4f}  on {result['count']} validation images ({ops.description})")
     if args.per_class:
-        rows = sorted(result["per_class"], key=lambda r: r[1] / max(r[2], 1))
+        # worst first; classes without validation images (no accuracy) last
+        rows = sorted(result["per_class"], key=lambda r: (r[2] == 0, r[1] / max(r[2], 1)))
         w = min(48, max(len("class"), *(len(name) for name, _, _ in rows)))  # names cut at 48
         print(f"\n{'class':<{w}} {'correct':>8} {'total':>6} {'acc':>7}")
         for name, c, t in rows:
-            print(f"{name[:w]:<{w}} {c:>8} {t:>6} {100 * c / max(t, 1):>6.1f}%")
+            print(f"{name[:w]:<{w}} {c:>8} {t:>6} " + (f"{100 * c / t:>6.1f}%" if t else f"{'-':>7}"))
     confusion = result.pop("confusion")
     if args.per_class:
         figure = explain.write_confusion(confusion, result["class_names"], args.run_dir,
@@ -251,7 +252,11 @@ def predict(args) -> int:
             data_dir = args.data_dir or explain.run_data(run).data_dir
             raise DatasetError(f"{data_dir} has {len(names)} classes and the model of {args.run_dir} "
                                f"{run.model.num_classes} classes: pass the --data-dir it was trained on")
-        print(explain.format_predictions(explain.predict_files(run, args.predict, names)))
+        predictions = explain.predict_files(run, args.predict, names)
+        # which model answered, on stderr: stdout stays the predictions alone, for scripts
+        print(f"evaluate.py: the model of {run.path} ({describe_position(run.meta)}):",
+              file=sys.stderr)
+        print(explain.format_predictions(predictions))
     except (FileNotFoundError, DatasetError, BadImage, CheckpointError, ConfigError) as err:
         fail(str(err))
     return 0

@@ -198,3 +198,31 @@ def test_the_runs_data_folder_is_the_one_config_json_names(tmp_path):
     saved["data"]["dataset"] = "tiny-imagenet"  # another run's config.json: not taken
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert explain.run_data(run).data_dir == "/old"
+
+
+def test_a_class_without_validation_images_has_no_accuracy_in_the_table(faked, monkeypatch,
+                                                                         capsys):
+    run, _ = faked
+    result = evaluate.evaluate_run()
+    rows = [("fish", 0, 0), ("cat", 1, 2), ("dog", 2, 2)]
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *args: {**result, "per_class": rows})
+    assert evaluate.main([str(run), "--per-class"]) == 0
+    table = capsys.readouterr().out.split("class ")[1].splitlines()[1:4]
+    assert [line.split() for line in table] == [["cat", "1", "2", "50.0%"],
+                                                ["dog", "2", "2", "100.0%"],
+                                                ["fish", "0", "0", "-"]], table
+
+
+def test_predict_says_which_checkpoint_answered(monkeypatch, tmp_path, capsys):
+    """best.npz and last.npz may answer differently (74% against 99% seen): say which one did."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(path=tmp_path / "last.npz", meta={"epoch": 3, "step_in_epoch": 0},
+                          class_names=["cat", "dog"], model=SimpleNamespace(num_classes=2))
+    monkeypatch.setattr(evaluate, "load_run", lambda *args: run)
+    monkeypatch.setattr(explain, "predict_files",
+                        lambda run_, paths, names: [(paths[0], [("dog", 0.75), ("cat", 0.25)])])
+    assert evaluate.main([str(tmp_path), "--checkpoint", "last", "--predict", "a.png"]) == 0
+    out, err = capsys.readouterr()
+    assert f"evaluate.py: the model of {tmp_path / 'last.npz'} (epoch 3):" in err, err
+    assert out.splitlines()[0] == "a.png" and "dog" in out

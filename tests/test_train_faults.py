@@ -229,7 +229,7 @@ def test_out_inside_a_file_is_a_message(tmp_path, capsys):
 def test_failed_start_leaves_no_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
     err = exits_with_message(capsys, train.main, *QUICK, "--batch-size", 5000, "--out", out)
-    assert "train.batch_size 5000 (--batch-size) is larger than the training set (1437 images)" in err
+    assert "train.batch_size 5000 is larger than the training set (1437 images); give a smaller --batch-size" in err
     assert not out.exists(), list(out.iterdir())
 
 

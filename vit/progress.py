@@ -1,6 +1,6 @@
 """Progress bars that suit where they are shown: on a terminal, tqdm redrawing in place; written to
-a file or a pipe (`python train.py > train.log 2>&1`), one plain line at most every LOG_SECONDS,
-and the last one, instead of hundreds of frames joined by carriage returns.
+a file or a pipe (`python train.py > train.log 2>&1`), one plain line every LOG_SECONDS and the
+last one, instead of hundreds of frames joined by carriage returns.
 
     for images in progress_bar(chunks, total=n, desc="decoding", unit="img", disable=not progress):
         ...
@@ -19,11 +19,14 @@ LOG_SECONDS = 30.0  # in a log: at most one line per this many seconds (and the 
 
 class LogLines:
     """A file for tqdm that turns its frames ("\\r" + the bar, redrawn) into lines: the newest
-    frame is written when LOG_SECONDS have passed since the last line, and when the bar ends."""
+    frame is written when LOG_SECONDS have passed since the last line (or the start), and when
+    the bar ends."""
 
     def __init__(self, stream, every: float = LOG_SECONDS, clock=None):
         self.stream, self.every, self.clock = stream, every, clock or time.monotonic
-        self.pending, self.last = None, None  # the newest frame not written; when a line was
+        # the newest frame not written; when a line was (or the bar began: a bar that ends
+        # within LOG_SECONDS is its last line alone, not a 0% line too)
+        self.pending, self.last = None, self.clock()
 
     def write(self, text: str):
         if "\n" in text:  # the bar ends (tqdm's close): its last frame, if not written yet
@@ -32,7 +35,7 @@ class LogLines:
         frame = text.replace("\r", "").rstrip()
         if frame:  # (a bar cleared for tqdm.write is spaces only)
             self.pending = frame
-            if self.last is None or self.clock() - self.last >= self.every:
+            if self.clock() - self.last >= self.every:
                 self._line()
 
     def _line(self):

@@ -224,8 +224,8 @@ def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, 
                           device_budget_bytes=budget)
     spe = batcher.steps_per_epoch()
     if spe == 0:
-        raise RunError(f"train.batch_size {t.batch_size} (--batch-size) is larger than the "
-                       f"training set ({len(train_set.labels)} images)")
+        raise RunError(f"train.batch_size {t.batch_size} is larger than the training set "
+                       f"({len(train_set.labels)} images); give a smaller --batch-size")
     common = dict(ops=ops, mean=state.mean, std=state.std, compute_dtype=t.compute_dtype)
     hp = cfg.hparams(spe)
     train_step = parallel.make_parallel_train_step(cfg.model, hp, mesh, **common)

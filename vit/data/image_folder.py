@@ -163,7 +163,8 @@ def list_split(root: Path, split: str, classes: list[str] | None = None,
         if unknown:
             raise DatasetError(
                 f"{split_dir / unknown[0]} is a class that is not in {root / 'train'} ({len(unknown)} such "
-                f"classes: {', '.join(map(repr, unknown[:5]))}); every {split} class needs training images")
+                f"class{'es' * (len(unknown) > 1)}: {', '.join(map(repr, unknown[:5]))}); every {split} class "
+                "needs training images")
     label_of = {name: i for i, name in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
@@ -238,8 +239,9 @@ def load_image_folder(
     if split != "train":
         unseen = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
         if unseen:  # (a class whose every val image was skipped too)
-            print(f"note: {len(unseen)} of {len(classes)} classes have no images in {root / split}, so "
-                  f"their {split} accuracy is not measured: {', '.join(unseen[:5])}"
+            print(f"note: {len(unseen)} of {len(classes)} classes {'has' if len(unseen) == 1 else 'have'} no "
+                  f"images in {root / split}, so {'its' if len(unseen) == 1 else 'their'} {split} accuracy is "
+                  f"not measured: {', '.join(unseen[:5])}"
                   f"{', ...' if len(unseen) > 5 else ''}", file=sys.stderr)
     return Dataset(images=images, labels=labels, class_names=classes, name="image-folder", split=split,
                    skipped=skipped, decoded_now=built)
