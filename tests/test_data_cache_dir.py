@@ -80,3 +80,13 @@ def test_the_run_keeps_its_folders_as_absolute_paths(folders, tmp_path, monkeypa
     assert (cfg.data.data_dir, cfg.data.cache_dir) == (str(pets), str(pets.parent / "caches"))
     home = train.resolve_config(train.parse_args(["--data-dir", "~/x", "--dataset", "image-folder"]))
     assert home.data.data_dir == str(Path.home() / "x")
+
+
+def test_ctrl_c_while_preparing_says_what_is_kept(folders, monkeypatch, capsys):
+    """It said 'run the same command again to resume', but a cache half-built is not kept."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "load_dataset", interrupted)
+    assert cli.main(["prepare", "--data-dir", str(folders[0]), "--quiet"]) == 130
+    assert "python -m vit.data prepare: interrupted; a cache half-built is not kept (one complete " \
+           "is): the same command builds what is missing" in capsys.readouterr().err

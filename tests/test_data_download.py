@@ -282,11 +282,15 @@ def test_http_error_is_reported_without_retrying(tmp_path):
 
 
 @pytest.mark.parametrize("status", [500, 503])
-def test_server_error_is_retried(tmp_path, status):
+def test_server_error_is_retried(tmp_path, status, capsys):
     with LoopbackServer(b"", status=status) as server:
         with pytest.raises(DownloadError, match=f"HTTP Error {status}"):
             get(tmp_path, server, "0" * 32, retries=2)
         assert len(server.ranges) == 3
+    # nothing received: no "interrupted ... resuming from byte 0" (seen when DNS failed)
+    err = capsys.readouterr().err
+    assert f"download failed (HTTP Error {status}" in err and "trying again from the start (retry 1 " \
+        "of 2)" in err and "resuming" not in err, err
 
 
 def test_range_not_satisfiable_without_a_part_file_is_an_error(tmp_path):

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--layout", choices=LAYOUTS, default="auto", help="data.layout (default: detected)")
     prepare.add_argument("--image-size", type=at_least(1), default=None,
                          help="data.image_size: side of the cached images of an image folder (default 64)")
-    prepare.add_argument("--split", choices=["train", "val", "both"], default="both")
+    prepare.add_argument("--split", choices=["train", "val", "both"], default="both",
+                         help="which split's cache to build (default: both)")
     prepare.add_argument("--cache-dir", default=None,
                          help="data.cache_dir: a folder for the decoded images, in a sub-folder per dataset "
                          "(default: DATA_DIR/vitfuse-cache)")
@@ -148,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{where}: error: {e}", file=sys.stderr)
         return EXIT_DOWNLOAD_FAILED if args.command == "download" else EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+        again = ("run the same command again to resume (the bytes received are kept)"
+                 if args.command == "download" else
+                 "a cache half-built is not kept (one complete is): the same command builds "
+                 "what is missing")
+        print(f"\n{where}: interrupted; {again}", file=sys.stderr)
         return 130
     return 0
 

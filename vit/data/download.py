@@ -133,7 +133,8 @@ def fetch(url: str, part: Path, *, retries: int = 3, retry_wait: float = 2.0, ti
                 f"download of {url} failed: {error}. The {kept:,} bytes received are kept in {part}; "
                 f"run the same command again to resume"
             ) from error
-        _log(f"download interrupted ({error}); resuming from byte {kept:,} (retry {attempt + 1} of {retries})")
+        again = f"resuming from byte {kept:,}" if kept else "trying again from the start"
+        _log(f"download {'interrupted' if kept else 'failed'} ({error}); {again} (retry {attempt + 1} of {retries})")
         time.sleep(retry_wait * (attempt + 1))
 
 
