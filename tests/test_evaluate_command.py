@@ -226,3 +226,16 @@ def test_predict_says_which_checkpoint_answered(monkeypatch, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert f"evaluate.py: the model of {tmp_path / 'last.npz'} (epoch 3):" in err, err
     assert out.splitlines()[0] == "a.png" and "dog" in out
+
+
+def test_the_confusion_matrix_writes_mistakes_in_red_on_any_cell(tmp_path, monkeypatch):
+    """Its title says 'red: mistakes', and a class mostly taken for another had its count in
+    white on dark blue."""
+    from matplotlib.colors import to_rgb
+
+    saved = []
+    monkeypatch.setattr(explain, "save_png", lambda fig, path, dpi: saved.append(fig))
+    explain.plot_confusion(np.array([[9, 1], [8, 2]]), ["a", "b"], tmp_path / "c.png")
+    colours = {t.get_text(): to_rgb(t.get_color()) for t in saved[0].axes[0].texts}
+    reddish = [name for name, (r, g, b) in colours.items() if r > g + 0.2 and r > b + 0.2]
+    assert sorted(reddish) == ["1", "8"], colours  # the two mistakes, light and dark cells alike

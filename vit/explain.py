@@ -380,7 +380,8 @@ def plot_confusion(matrix, class_names, path, max_classes: int = CONFUSION_MAX_C
         for c in range(len(shown)):
             if sub[r, c]:
                 ax.text(c, r, str(sub[r, c]), ha="center", va="center", fontsize=7,
-                        color="white" if rates[r, c] > 0.5 else ("firebrick" if r != c else "black"))
+                        color=(("#ffb3b3" if r != c else "white") if rates[r, c] > 0.5  # mistakes:
+                               else ("firebrick" if r != c else "black")))     # red on any cell
     labels = [class_names[i][:24] for i in shown]
     ax.set_xticks(range(len(shown)), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(len(shown)), labels, fontsize=7)
