@@ -217,3 +217,10 @@ def test_a_dot_precision_with_bf16_compute_gets_a_note(monkeypatch, capsys, tmp_
                     "--compute-dtype", "bf16", "--out", str(tmp_path / "run")])
     assert "train.py: note: --dot-precision tf32 sets the kernels' float32 dots; with " \
            "train.compute_dtype = bf16 it changes nothing" in capsys.readouterr().err
+    from vit import parallel  # the run's notes come from process 0 only
+
+    monkeypatch.setattr(parallel, "is_main_process", lambda: False)
+    with pytest.raises(SystemExit):
+        train.main(["--dataset", "digits", "--fused", "--interpret", "--dot-precision", "tf32",
+                    "--compute-dtype", "bf16", "--out", str(tmp_path / "run")])
+    assert "changes nothing" not in capsys.readouterr().err

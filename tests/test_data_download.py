@@ -290,7 +290,7 @@ def test_server_error_is_retried(tmp_path, status, capsys):
     # nothing received: no "interrupted ... resuming from byte 0" (seen when DNS failed)
     err = capsys.readouterr().err
     assert f"download failed (HTTP Error {status}" in err and "trying again from the start (retry 1 " \
-        "of 2)" in err and "resuming" not in err, err
+        "of 2)" in err and "(retry 2 of 2)" in err and "resuming" not in err, err
 
 
 def test_range_not_satisfiable_without_a_part_file_is_an_error(tmp_path):

@@ -24,6 +24,8 @@ def test_files_left_out_are_counted_by_suffix_and_torchvisions_suffixes_are_read
     image(root / "train" / "cat" / "a.png", (200, 0, 0))
     image(root / "train" / "cat" / "b.tif", (210, 0, 0))
     image(root / "train" / "cat" / "c.PPM", (220, 0, 0))
+    image(root / "train" / "cat" / "d.webp", (230, 0, 0))
+    image(root / "train" / "cat" / "e.jpeg", (240, 0, 0))
     image(root / "train" / "dog" / "a.pgm", (30, 30, 30), mode="L")
     image(root / "train" / "dog" / "anim.gif", (0, 0, 200))
     (root / "train" / "dog" / "labels.txt").write_text("dog\n")
@@ -33,8 +35,8 @@ def test_files_left_out_are_counted_by_suffix_and_torchvisions_suffixes_are_read
     image(root / "val" / "cat" / "v.png", (200, 0, 0))
     image(root / "val" / "dog" / "v.png", (30, 30, 30))
     train = load(root, "train", tmp_path)
-    assert np.bincount(train.labels).tolist() == [3, 1], train.labels  # gif, txt, README left out
-    assert sorted(train.images[:, 0, 0, 0].tolist()) == [30, 200, 210, 220]
+    assert np.bincount(train.labels).tolist() == [5, 1], train.labels  # gif, txt, README left out
+    assert sorted(train.images[:, 0, 0, 0].tolist()) == [30, 200, 210, 220, 230, 240]
     err = capsys.readouterr().err
     assert f"note: 4 files in the class folders of {root / 'train'} are not read (2 .txt, 1 .gif, " \
            f"1 (no suffix)): images are *{', *'.join(IMAGE_SUFFIXES)}" in err, err
@@ -54,3 +56,14 @@ def test_a_class_without_validation_images_is_named(tmp_path, capsys):
            "measured: ant, cow" in capsys.readouterr().err
     load(root, "train", tmp_path)
     assert "note:" not in capsys.readouterr().err
+
+
+def test_the_note_counts_five_suffixes_and_marks_more():
+    from pathlib import Path
+
+    from vit.data.image_folder import note_left_out
+
+    five = note_left_out(Path("d/train"), ["a.txt", "b.gif", "c.heic", "d.xml", "e.json"])
+    assert "1 .txt, 1 .gif, 1 .heic, 1 .xml, 1 .json)" in five and ", ..." not in five, five
+    six = note_left_out(Path("d/train"), ["a.txt", "b.gif", "c.heic", "d.xml", "e.json", "f.csv"])
+    assert "6 files in the class folders of d/train are not read" in six and ", ...)" in six, six

@@ -138,6 +138,10 @@ def evaluate_ops():
 @pytest.mark.parametrize("name, says", [
     ("best.npz", "is a checkpoint file; give the run directory that holds it: python evaluate.py "
                  "{dir} --checkpoint best"),
+    ("last.npz", "is a checkpoint file; give the run directory that holds it: python evaluate.py "
+                 "{dir} --checkpoint last"),
+    ("model.npz", "is a checkpoint file; give the run directory that holds it: python evaluate.py "
+                  "{dir}\n"),
     ("nine.png", "is an image file, not a run directory; to classify it: python evaluate.py "
                  "RUN_DIR --predict {dir}/nine.png"),
     ("notes.txt", "is a file, not a run directory (one that train.py wrote)")])
@@ -239,3 +243,87 @@ def test_the_confusion_matrix_writes_mistakes_in_red_on_any_cell(tmp_path, monke
     colours = {t.get_text(): to_rgb(t.get_color()) for t in saved[0].axes[0].texts}
     reddish = [name for name, (r, g, b) in colours.items() if r > g + 0.2 and r > b + 0.2]
     assert sorted(reddish) == ["1", "8"], colours  # the two mistakes, light and dark cells alike
+
+
+def ctrl_c_swallowed_by_a_gc_callback():
+    """A real SIGINT raised inside a garbage-collector callback, which swallows the
+    KeyboardInterrupt (as JAX's does); returns as if nothing happened."""
+    import gc
+    import signal
+
+    def callback(phase, info):
+        if phase == "start":
+            signal.raise_signal(signal.SIGINT)
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+    finally:
+        gc.callbacks.remove(callback)
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled by Python's own handler, as in a terminal."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_swallowed_ctrl_c_at_the_end_still_exits_130(faked, monkeypatch, python_sigint):
+    run, exits = faked
+
+    def command(*args):
+        ctrl_c_swallowed_by_a_gc_callback()
+        return 0
+    monkeypatch.setattr(evaluate, "evaluate_command", command)
+    with pytest.raises(Left):
+        evaluate.main([str(run)], standalone=True)
+    assert exits == [evaluate.EXIT_INTERRUPTED]
+
+
+def test_a_swallowed_ctrl_c_stops_before_the_next_figure(faked, monkeypatch, capsys,
+                                                        python_sigint):
+    run, exits = faked
+    write_confusion = explain.write_confusion
+    drawn = []
+
+    def confusion_then_ctrl_c(*args):
+        figure = write_confusion(*args)
+        ctrl_c_swallowed_by_a_gc_callback()
+        return figure
+    monkeypatch.setattr(explain, "write_confusion", confusion_then_ctrl_c)
+    monkeypatch.setattr(explain, "write_saliency", lambda *args: drawn.append(1))
+    with pytest.raises(Left):
+        evaluate.main([str(run), "--per-class", "--saliency", "2"], standalone=True)
+    assert drawn == [] and exits == [evaluate.EXIT_INTERRUPTED]
+    assert f"wrote only {run / 'confusion-best.png'}" in capsys.readouterr().err
+
+
+def test_eval_json_is_written_whole_or_not_at_all(faked, monkeypatch):
+    run, exits = faked
+    (run / "eval-best.json").write_text("old")
+
+    def crash(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate.os, "replace", crash)
+    with pytest.raises(Left):
+        evaluate.main([str(run)], standalone=True)
+    assert (run / "eval-best.json").read_text() == "old"
+
+
+def test_the_notes_on_flags_that_do_not_apply_go_to_stderr(faked, monkeypatch, capsys):
+    run, _ = faked
+    monkeypatch.setattr(evaluate, "predict", lambda args: 0)
+    assert evaluate.main([str(run), "--predict", "a.png", "--per-class", "--saliency", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: with --predict nothing else is evaluated: --per-class and --saliency ignored" \
+        in err and "note:" not in out, (out, err)
+    monkeypatch.setattr(evaluate.cmdline, "build_ops", lambda args: evaluate_ops())
+    monkeypatch.setattr(explain, "write_attention", lambda run_, val, n, *rest: {
+        "png": run / "attention-best.png", "labels": [0] * n})
+    assert evaluate.main([str(run), "--fused", "--interpret", "--attention", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "--fused --interpret applies to the evaluation; --saliency and --attention run" in err
+    assert "(4 validation images)" in out and "all there are" not in out, out

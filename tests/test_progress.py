@@ -47,6 +47,18 @@ def test_in_a_log_a_bar_is_a_line_at_most_every_interval_and_its_last_frame(cloc
     assert all(b - a >= LOG_SECONDS for a, b in zip(shown[:-2], shown[1:-1])), shown
 
 
+def test_a_line_is_due_exactly_an_interval_after_the_last(clock):
+    log = io.StringIO()
+    bar = progress_bar(total=100, file=log, mininterval=0, miniters=1)
+    clock[0] = LOG_SECONDS - 0.5
+    bar.update(1)
+    assert log.getvalue() == ""
+    clock[0] = LOG_SECONDS
+    bar.update(1)
+    assert steps_shown(log.getvalue()) == [2]
+    bar.close()
+
+
 def test_a_message_written_beside_the_bar_leaves_no_blank_line_in_the_log(clock, capsys):
     log = io.StringIO()
     bar = progress_bar(total=100, file=log, mininterval=0, miniters=1)

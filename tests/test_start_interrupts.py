@@ -195,12 +195,14 @@ def test_a_ctrl_c_during_an_import_is_held_until_the_import_is_done(tmp_path, mo
     module.write_text("import signal\nsignal.raise_signal(signal.SIGINT)\nDONE = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    reached = []
     try:
         with pytest.raises(KeyboardInterrupt):
             with cmdline.InterruptWhileStarting() as interrupt:
                 import slow_module_for_the_test  # noqa: PLC0415
-                assert slow_module_for_the_test.DONE and interrupt.raised  # imported whole
+                reached.append(slow_module_for_the_test.DONE and interrupt.raised)  # imported whole
                 interrupt.check()
+        assert reached == [True] and "slow_module_for_the_test" in sys.modules
     finally:
         signal.signal(signal.SIGINT, previous)
         sys.modules.pop("slow_module_for_the_test", None)
