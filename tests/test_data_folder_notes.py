@@ -1,7 +1,8 @@
 """What an image folder holds besides the images it reads, said rather than passed over: files
 with other suffixes are counted by suffix in a note (they were left out silently), the suffixes
 read are torchvision's (.tif, .ppm and .pgm were left out, though --predict read them), and a
-class with no validation images is named (its accuracy is never measured)."""
+class with no validation images is named (its accuracy is never measured), and so are the
+classes a folder lacks or adds against a run's."""
 
 import numpy as np
 from PIL import Image
@@ -67,3 +68,16 @@ def test_the_note_counts_five_suffixes_and_marks_more():
     assert "1 .txt, 1 .gif, 1 .heic, 1 .xml, 1 .json)" in five and ", ..." not in five, five
     six = note_left_out(Path("d/train"), ["a.txt", "b.gif", "c.heic", "d.xml", "e.json", "f.csv"])
     assert "6 files in the class folders of d/train are not read" in six and ", ...)" in six, six
+
+
+def test_a_folder_of_other_classes_names_them():
+    """It said '2 classes there, 3 in the run' and left the user to find which."""
+    import pytest
+
+    from vit.data import DatasetError
+    from vit.data.common import check_same_classes
+
+    with pytest.raises(DatasetError, match=r"\(2 classes there, 3 in the run; missing there: 'fish'\)"):
+        check_same_classes(["cat", "dog", "fish"], ["cat", "dog"], "sub", "run")
+    with pytest.raises(DatasetError, match=r"; missing there: 'b', 'c'; not in the run: 'x'\)"):
+        check_same_classes(["a", "b", "c"], ["a", "x"], "sub", "run")

@@ -29,7 +29,12 @@ def check_same_classes(trained_on, found, where, run_dir):
         return
     trained_on, found = list(trained_on), list(found)
     if len(found) != len(trained_on):
-        detail = f"{len(found)} classes there, {len(trained_on)} in the run"
+        missing = [c for c in trained_on if c not in set(found)]
+        extra = [c for c in found if c not in set(trained_on)]
+        named = "; ".join(f"{what}: {', '.join(map(repr, names[:3]))}{', ...' if len(names) > 3 else ''}"
+                          for what, names in (("missing there", missing), ("not in the run", extra))
+                          if names)
+        detail = f"{len(found)} classes there, {len(trained_on)} in the run" + (f"; {named}" if named else "")
     else:
         i = next(i for i, (a, b) in enumerate(zip(found, trained_on)) if a != b)
         detail = f"class {i} is {found[i]!r} there and {trained_on[i]!r} in the run"
