@@ -99,6 +99,16 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process: with several, a collective that every process must
+    enter at the same point of the run (it all-gathers one int from each)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
 # ----------------------------------------------------------------------------------------------
 # mesh and placement
 

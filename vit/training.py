@@ -30,6 +30,8 @@ DONE, STOPPED, LEFT, NONFINITE = "done", "stopped", "left", "nonfinite"  # how t
 # curves.png is redrawn after an epoch once this long has passed since it was last drawn, and
 # when training stops: a drawing takes about 0.2 s, which every epoch was half of a digits run
 CURVES_SECONDS = 10.0
+# a run of several processes checks whether any was signalled every this many steps, all at once
+STOP_CHECK_STEPS = 10
 
 
 class RunError(ValueError):
@@ -269,6 +271,7 @@ def train_epoch(run: Run, stop: StopOnSignal):
                        disable=not (run.progress and run.main_process), unit="step", leave=True)
     base_key = jax.random.PRNGKey(t.seed)
     pending, m = None, None  # metrics of the step in flight, read one step late (no stall)
+    several, stopped = jax.process_count() > 1, False
     t0, images_done = time.perf_counter(), 0
 
     def count(metrics):  # one step's metrics into the epoch's running sums
@@ -309,13 +312,17 @@ def train_epoch(run: Run, stop: StopOnSignal):
                       f"{s.step_in_epoch} (train.checkpoint_minutes = {t.checkpoint_minutes:g})")
         if bar.n % 10 == 0:
             show_means()
-        if stop.requested:
+        # several processes agree on a stop every STOP_CHECK_STEPS steps: one stopped alone
+        # left the others waiting in the next step's all-reduce
+        if (s.step_in_epoch % STOP_CHECK_STEPS == 0 if several else stop.requested) \
+                and parallel.any_process(stop.requested):
+            stopped = True
             break
     if pending is not None:
         count(pending)
     show_means()  # the bar's last frame shows the epoch's figures, as its line below
     bar.close()
-    if stop.requested:
+    if stopped or parallel.any_process(stop.requested):  # (at the epoch's end: every process)
         raise Interrupted
     return m, images_done, time.perf_counter() - t0
 
@@ -377,10 +384,12 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
     """Epochs until the config's last; -> how it ended: DONE, STOPPED (last.npz saved, to be
     resumed: a signal or stop_after_epoch), LEFT (a second signal: no save) or NONFINITE (the
     loss became NaN/Inf)."""
+    from vit import parallel  # noqa: PLC0415
+
     s, epochs, last = run.state, run.cfg.train.epochs, run.run_dir / "last.npz"
     try:
         while s.epoch < epochs:
-            if stop.requested:  # came during the last epoch's evaluation or save: stop here
+            if parallel.any_process(stop.requested):  # came during the last epoch's end: stop here
                 raise Interrupted
             finish_epoch(run, *train_epoch(run, stop))
             if stop_after_epoch is not None and stop_after_epoch <= s.epoch < epochs:
@@ -404,12 +413,12 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
             return _interrupted_twice(last)
         where = (f"epoch {s.epoch + 1}, step {s.step_in_epoch}" if s.step_in_epoch
                  else f"the end of epoch {s.epoch}")  # as evaluate.py names that checkpoint
+        how = "" if stop.requested else " (another process was stopped)"
         if run.main_process:
-            print(f"\ninterrupted: saved {last} at {where}; "
+            print(f"\ninterrupted{how}: saved {last} at {where}; "
                   f"continue with python train.py --resume {run.run_dir}", file=sys.stderr)
-        else:  # process 0 writes last.npz, once it has the signal too
-            print(f"\ninterrupted at {where}: last.npz is process 0's to save (stop every "
-                  "process)", file=sys.stderr)
+        else:  # process 0 writes last.npz
+            print(f"\ninterrupted{how} at {where}: process 0 saves last.npz", file=sys.stderr)
         return STOPPED
     except InterruptedTwice:  # a second Ctrl-C while stopping: leave without writing anything
         return _interrupted_twice(last)
