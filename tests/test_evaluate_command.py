@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import evaluate
+from sigint import ctrl_c_swallowed_by_a_gc_callback
 from vit import explain
 
 
@@ -156,20 +157,12 @@ def test_a_ctrl_c_swallowed_by_a_garbage_collector_callback_still_stops_it(faked
                                                                            capsys):
     """Seen: a SIGINT early in evaluate.py landed in JAX's gc callback, which printed a traceback
     and went on; evaluate.py evaluated and exited 0."""
-    import gc
     import signal
 
     run, exits = faked
 
     def ctrl_c_in_a_gc_callback(*args):
-        def callback(phase, info):
-            if phase == "start":
-                signal.raise_signal(signal.SIGINT)
-        gc.callbacks.append(callback)
-        try:
-            gc.collect()
-        finally:
-            gc.callbacks.remove(callback)
+        ctrl_c_swallowed_by_a_gc_callback()
         return "run"
     monkeypatch.setattr(evaluate, "load_run", ctrl_c_in_a_gc_callback)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -243,22 +236,6 @@ def test_the_confusion_matrix_writes_mistakes_in_red_on_any_cell(tmp_path, monke
     colours = {t.get_text(): to_rgb(t.get_color()) for t in saved[0].axes[0].texts}
     reddish = [name for name, (r, g, b) in colours.items() if r > g + 0.2 and r > b + 0.2]
     assert sorted(reddish) == ["1", "8"], colours  # the two mistakes, light and dark cells alike
-
-
-def ctrl_c_swallowed_by_a_gc_callback():
-    """A real SIGINT raised inside a garbage-collector callback, which swallows the
-    KeyboardInterrupt (as JAX's does); returns as if nothing happened."""
-    import gc
-    import signal
-
-    def callback(phase, info):
-        if phase == "start":
-            signal.raise_signal(signal.SIGINT)
-    gc.callbacks.append(callback)
-    try:
-        gc.collect()
-    finally:
-        gc.callbacks.remove(callback)
 
 
 @pytest.fixture

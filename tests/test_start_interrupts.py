@@ -15,6 +15,7 @@ import pytest
 
 import cmdline
 import train
+from sigint import ctrl_c_swallowed_by_a_gc_callback
 from vit import training
 
 QUICK = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1", "--set", "model.d_model=32",
@@ -97,14 +98,7 @@ def test_a_ctrl_c_swallowed_by_a_garbage_collector_callback_still_stops_the_star
     load_data = training.load_data
 
     def ctrl_c_in_a_gc_callback(*args, **kwargs):
-        def callback(phase, info):
-            if phase == "start":
-                signal.raise_signal(signal.SIGINT)
-        gc.callbacks.append(callback)
-        try:
-            gc.collect()
-        finally:
-            gc.callbacks.remove(callback)
+        ctrl_c_swallowed_by_a_gc_callback()
         return load_data(*args, **kwargs)
     monkeypatch.setattr(training, "load_data", ctrl_c_in_a_gc_callback)
     swallowed = []  # what gc would print as "Exception ignored" (sys.unraisablehook)
