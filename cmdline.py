@@ -5,7 +5,8 @@ and a Ctrl-C that is not lost while they start.
 
     ops = build_ops(args)          # --fused [--interpret] [--dot-precision ieee|tf32|tf32x3] -> Ops
     start_processes(args)          # --coordinator / --num-processes / --process-id (or JAX_* env)
-    with InterruptWhileStarting() as interrupt: ...   # a Ctrl-C that JAX's gc callback swallows
+    with InterruptWhileStarting() as interrupt: ...   # a Ctrl-C that JAX's gc callback swallows,
+                                                      # given by interrupt.check() or at the end
 
 Errors are ``UsageError``s; the commands print them as "<prog>: error: ..." and exit 2.
 """
@@ -99,7 +100,7 @@ class InterruptWhileStarting:
     extension module's import (numpy's, under jax's), which turns it into an ImportError
     traceback or aborts the process. So during an import it is held, and given by check(),
     which the command calls between its stages; one lost in a callback is given there too, or
-    (``lost``) once the block ends."""
+    as the block ends."""
 
     def __enter__(self):
         self.raised, self.old_hook = False, sys.unraisablehook
@@ -132,7 +133,8 @@ class InterruptWhileStarting:
     def __exit__(self, kind, error, traceback):
         signal.signal(signal.SIGINT, self.old)
         sys.unraisablehook = self.old_hook
-        self.lost = self.raised and kind is None
+        if self.raised and kind is None:  # came, and was swallowed after the last check()
+            self._deliver(None)
         return False
 
 

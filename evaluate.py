@@ -135,10 +135,7 @@ def main(argv=None, *, standalone=False) -> int:
     written = []  # files written so far, named if a Ctrl-C stops the rest
     try:
         with cmdline.InterruptWhileStarting() as interrupt:
-            code = evaluate_command(args, written, interrupt.check)
-        if interrupt.lost:  # raised inside a garbage-collector callback, which swallowed it
-            raise KeyboardInterrupt
-        return code
+            return evaluate_command(args, written, interrupt.check)
     except KeyboardInterrupt:
         if not standalone:
             raise

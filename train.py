@@ -290,8 +290,6 @@ def main(argv=None, *, standalone=False) -> int:
     try:
         with cmdline.InterruptWhileStarting() as interrupt:
             started = start(args, interrupt.check)
-        if interrupt.lost:  # raised inside a garbage-collector callback, which swallowed it
-            raise KeyboardInterrupt
     except KeyboardInterrupt:  # Ctrl-C while loading the checkpoint or data: nothing written yet
         if not standalone:
             raise  # the caller's KeyboardInterrupt, as without train.py
