@@ -141,8 +141,8 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def resolve_config(args, notes: list | None = None):
-    """The run's RunConfig from --config or --resume's config.json, flags and --set; fail()s
-    naming the flag at fault. notes: a list that takes the notes on what was given (--resume's
+    """The run's RunConfig from --config or --resume's config.json, flags and --set; a
+    ConfigError or resume.ResumeError (or a fail()) naming the flag at fault. notes: a list that takes the notes on what was given (--resume's
     on changed values, resume.check_changes; model fields the data sets), for start() to print
     once the run is known to go ahead; without it they are printed at once."""
     from vit import runconfig  # noqa: PLC0415
@@ -155,10 +155,7 @@ def resolve_config(args, notes: list | None = None):
             fail(f"--config {args.config}: --resume {run_dir} continues that run with its own "
                  f"config ({run_dir / 'config.json'}); leave --config out (flags and --set may "
                  "still change its training values)")
-        try:
-            base, where, said = resume.saved_config(run_dir)
-        except resume.ResumeError as err:
-            fail(str(err))
+        base, where, said = resume.saved_config(run_dir)
         saved_base = base  # merge() copies: this stays as saved
     else:
         path = args.config
@@ -183,10 +180,8 @@ def resolve_config(args, notes: list | None = None):
         base = runconfig.merge(base, section, key, value)
         sources[name] = f"--set {text}"
     if args.resume and "train.accum_steps" in sources:
-        try:  # before from_dict, whose message would offer a batch size that --resume refuses
-            resume.check_accum_steps(base, sources["train.accum_steps"], run_dir)
-        except resume.ResumeError as err:
-            fail(str(err))
+        # before from_dict, whose message would offer a batch size that --resume refuses
+        resume.check_accum_steps(base, sources["train.accum_steps"], run_dir)
     cfg = runconfig.from_dict(base, where, sources)
     for key in ("data_dir", "cache_dir"):  # as absolute paths: config.json names the same folders
         value = getattr(cfg.data, key)     # to evaluate.py and --resume from any directory
@@ -206,10 +201,7 @@ def resolve_config(args, notes: list | None = None):
     said += [f"train.py: note: {', '.join(followed)}: the model takes its image size, channels "
              "and classes from the data (data.image_size sizes an image folder's images)"] if followed else []
     if args.resume:
-        try:
-            said += resume.check_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
-        except resume.ResumeError as err:
-            fail(str(err))
+        said += resume.check_changes(runconfig.from_dict(saved_base, where), cfg, sources, run_dir)
         if "data.data_dir" not in sources:  # the run's own folder, which may have moved since
             from vit.data import DatasetError, check_run_data_dir  # noqa: PLC0415
             try:
@@ -312,7 +304,7 @@ def start(args, check_interrupt=lambda: None):
     notes = []  # resolve_config's notes: printed (by process 0) once the run goes ahead
     try:
         cfg = resolve_config(args, notes)
-    except ConfigError as err:
+    except (ConfigError, resume.ResumeError) as err:
         fail(str(err))
     import jax  # noqa: PLC0415
 
