@@ -229,20 +229,16 @@ def load_image_folder(
     if not len(labels):
         raise DatasetError(f"no images left in {root / split}: all {len(skipped)} were unreadable, "
                            f"e.g. {skipped[0] if skipped else '?'}")
-    counts = np.bincount(labels, minlength=len(classes)) if split == "train" else ()
-    emptied = [c for c, n in zip(classes, counts) if not n]
-    if emptied:  # every training image of a class skipped: it could not be learnt
-        raise DatasetError(f"no images left in class folder {root / split / emptied[0]}: all were "
-                           f"unreadable and skipped ({len(emptied)} of {len(classes)} classes); "
+    empty = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
+    if empty and split == "train":  # every training image of a class skipped: it could not be learnt
+        raise DatasetError(f"no images left in class folder {root / split / empty[0]}: all were "
+                           f"unreadable and skipped ({len(empty)} of {len(classes)} classes); "
                            "every class needs training images: fix or remove the files, or remove "
                            "the class from train/ and val/")
-    if split != "train":
-        unseen = [c for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if not n]
-        if unseen:  # (a class whose every val image was skipped too)
-            print(f"note: {len(unseen)} of {len(classes)} classes {'has' if len(unseen) == 1 else 'have'} no "
-                  f"images in {root / split}, so {'its' if len(unseen) == 1 else 'their'} {split} accuracy is "
-                  f"not measured: {', '.join(unseen[:5])}"
-                  f"{', ...' if len(unseen) > 5 else ''}", file=sys.stderr)
+    if empty:  # val classes with no folder, or whose every image was skipped
+        print(f"note: {len(empty)} of {len(classes)} classes {'has' if len(empty) == 1 else 'have'} no "
+              f"images in {root / split}, so {'its' if len(empty) == 1 else 'their'} {split} accuracy is "
+              f"not measured: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}", file=sys.stderr)
     return Dataset(images=images, labels=labels, class_names=classes, name="image-folder", split=split,
                    skipped=skipped, decoded_now=built)
 
