@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from shlex import quote
 
 import cmdline
 
@@ -60,7 +61,7 @@ def load_run(run_dir, name: str):
 
     def way_out(other, meta):
         return (f"The run's {other.name} is sound (epoch {meta['epoch']}): evaluate it with "
-                f"python evaluate.py {run_dir} --checkpoint {other.stem}")
+                f"python evaluate.py {quote(str(run_dir))} --checkpoint {other.stem}")
     return explain.load_run(run_dir, name, way_out=way_out)
 
 
@@ -71,10 +72,10 @@ def _a_file_not_a_run(path: Path) -> str:
     if path.suffix == ".npz":
         which = f" --checkpoint {path.stem}" if path.stem in ("best", "last") else ""
         return (f"{path} is a checkpoint file; give the run directory that holds it: "
-                f"python evaluate.py {path.parent}{which}")
+                f"python evaluate.py {quote(str(path.parent))}{which}")
     if is_image_file(path.name):
         return (f"{path} is an image file, not a run directory; to classify it: python "
-                f"evaluate.py RUN_DIR --predict {path}")
+                f"evaluate.py RUN_DIR --predict {quote(str(path))}")
     return f"{path} is a file, not a run directory (one that train.py wrote)"
 
 
@@ -235,11 +236,13 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
 
 
 def predict(args) -> int:
-    """--predict: top-5 classes of image files, named as the run's dataset names them."""
+    """--predict: top-5 classes of image files, named as the run's dataset names them; a file
+    that cannot be read is named on stderr after the others' predictions (exit code 1), or, when
+    none can, in the error (exit code 2)."""
     from vit import explain  # noqa: PLC0415
-    from vit.data import DatasetError  # noqa: PLC0415
     from vit.checkpoint import CheckpointError  # noqa: PLC0415
-    from vit.data.cache import BadImage  # noqa: PLC0415
+    from vit.data import DatasetError  # noqa: PLC0415
+    from vit.predict import format_predictions, predict_files  # noqa: PLC0415
     from vit.runconfig import ConfigError  # noqa: PLC0415
     try:
         run = load_run(args.run_dir, args.checkpoint)
@@ -249,13 +252,20 @@ def predict(args) -> int:
             data_dir = args.data_dir or explain.run_data(run).data_dir
             raise DatasetError(f"{data_dir} has {len(names)} classes and the model of {args.run_dir} "
                                f"{run.model.num_classes} classes: pass the --data-dir it was trained on")
-        predictions = explain.predict_files(run, args.predict, names)
-        # which model answered, on stderr: stdout stays the predictions alone, for scripts
-        print(f"evaluate.py: the model of {run.path} ({describe_position(run.meta)}):",
-              file=sys.stderr)
-        print(explain.format_predictions(predictions))
-    except (FileNotFoundError, DatasetError, BadImage, CheckpointError, ConfigError) as err:
+        predictions, not_read = predict_files(run, args.predict, names)
+    except (FileNotFoundError, DatasetError, CheckpointError, ConfigError) as err:
         fail(str(err))
+    if not predictions:
+        fail(not_read[0] if len(not_read) == 1
+             else "\n  ".join(["none of the files given could be read:", *not_read]))
+    # which model answered, on stderr: stdout stays the predictions alone, for scripts
+    print(f"evaluate.py: the model of {run.path} ({describe_position(run.meta)}):", file=sys.stderr)
+    print(format_predictions(predictions))
+    if not_read:
+        sys.stdout.flush()  # the predictions first, then what is missing from them
+        print("\n  ".join([f"evaluate.py: {len(not_read)} of {len(args.predict)} files could "
+                            "not be read:", *not_read]), file=sys.stderr)
+        return 1
     return 0
 
 

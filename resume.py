@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from shlex import quote
 
 from cmdline import UsageError
 
@@ -155,8 +156,9 @@ def load_checkpoint(run_dir: Path):
     from vit.runstate import RESUME_META, RESUME_TREES  # noqa: PLC0415
 
     def way_out(best, meta):
-        return (f"{best} is sound (end of epoch {meta['epoch']}): to continue from it, cp {best} "
-                f"{run_dir / 'last.npz'} and run python train.py --resume {run_dir} again.")
+        return (f"{best} is sound (end of epoch {meta['epoch']}): to continue from it, cp {quote(str(best))} "
+                f"{quote(str(run_dir / 'last.npz'))} and run python train.py --resume "
+                f"{quote(str(run_dir))} again.")
     try:
         return checkpoint.load_from_run(run_dir, "last", meta_keys=RESUME_META,
                                         trees=RESUME_TREES, way_out=way_out)
@@ -171,12 +173,13 @@ def check_position(meta: dict | None, epochs: int, stop_after_epoch: int | None,
     once with exit code 0, as if finished, and config.json would say fewer epochs than the weights
     have seen); K at or below the epochs already done (it would train one more epoch, then stop);
     K past train.epochs (the run ends there anyway: K was meant for another run length)."""
+    from vit.runstate import position_in_words  # noqa: PLC0415
+
     done = meta["epoch"] if meta else 0
     mid = bool(meta and meta["step_in_epoch"])
     reached = done + mid
     if epochs < reached:
-        where = (f"epoch {reached}, step {meta['step_in_epoch']}" if mid
-                 else f"the end of epoch {reached}")
+        where = position_in_words(done, meta["step_in_epoch"])
         raise ResumeError(f"--resume {run_dir}: its last.npz is at {where}, past train.epochs = "
                           f"{epochs}; give --epochs {reached} or more to continue it")
     if stop_after_epoch is None or done >= epochs:  # a finished run: nothing to stop

@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from shlex import quote
 
 import cmdline
 import resume
@@ -262,7 +263,7 @@ def choose_run_dir(args, cfg, main_process: bool) -> Path:
         best = run_dir / "best.npz"
         fail(f"--resume {run_dir}: no last.npz there to continue from, and starting again would "
              f"overwrite its {' and '.join(kept)}"
-             + (f"; to continue from best.npz, cp {best} {run_dir / 'last.npz'} and run again"
+             + (f"; to continue from best.npz, cp {quote(str(best))} {quote(str(run_dir / 'last.npz'))} and run again"
                 if best.exists() else ""))
     if kept:
         fail(f"--out {run_dir} holds {' and '.join(kept)} of an earlier run (with no last.npz to "

@@ -8,7 +8,7 @@ import pytest
 
 import evaluate
 from sigint import ctrl_c_swallowed_by_a_gc_callback
-from vit import explain
+from vit import explain, predict
 
 
 class Left(Exception):
@@ -217,8 +217,8 @@ def test_predict_says_which_checkpoint_answered(monkeypatch, tmp_path, capsys):
     run = SimpleNamespace(path=tmp_path / "last.npz", meta={"epoch": 3, "step_in_epoch": 0},
                           class_names=["cat", "dog"], model=SimpleNamespace(num_classes=2))
     monkeypatch.setattr(evaluate, "load_run", lambda *args: run)
-    monkeypatch.setattr(explain, "predict_files",
-                        lambda run_, paths, names: [(paths[0], [("dog", 0.75), ("cat", 0.25)])])
+    monkeypatch.setattr(predict, "predict_files",
+                        lambda run_, paths, names: ([(paths[0], [("dog", 0.75), ("cat", 0.25)])], []))
     assert evaluate.main([str(tmp_path), "--checkpoint", "last", "--predict", "a.png"]) == 0
     out, err = capsys.readouterr()
     assert f"evaluate.py: the model of {tmp_path / 'last.npz'} (epoch 3):" in err, err

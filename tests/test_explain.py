@@ -15,7 +15,7 @@ from PIL import Image
 import evaluate
 import train
 import vit
-from vit import explain, runconfig
+from vit import explain
 from vit.data.fake import (FAKE_FOLDER_CLASSES, fake_colour_image, save_as, write_fake_image_folder,
                            write_fake_tiny_imagenet)
 from vit.data.image_folder import load_image
@@ -184,21 +184,6 @@ def test_predict_names_the_class_of_images_of_any_size(colour_run, tmp_path, cap
         probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         assert [name for _, _, name in rows] == [CLASSES[k] for k in np.argsort(-probs)]
         np.testing.assert_allclose([p for _, p, _ in rows], 100 * np.sort(probs)[::-1], atol=0.006)
-
-
-def test_predict_gives_the_top_5_of_more_classes(tmp_path):
-    """With 7 classes, predict_files lists 5: the model's most probable classes, best first."""
-    cfg = vit.ViTConfig(image_size=8, patch_size=4, channels=3, d_model=8, heads=2, layers=1, mlp_dim=8,
-                        num_classes=7)
-    mean, std = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
-    run = explain.Run(tmp_path, vit.init_params(jax.random.key(1), cfg), mean, std, runconfig.RunConfig(cfg), {})
-    image, names = tmp_path / "x.png", [f"c{i}" for i in range(7)]
-    save_as(fake_colour_image((200, 30, 90), 20, 13, np.random.default_rng(0)), image, "PNG", "RGB")
-    [(path, top)] = explain.predict_files(run, [image], names)
-    logits = np.asarray(vit.forward(run.params, explain.model_input(load_image(image, 8)[None], mean, std), cfg))[0]
-    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-    assert path == str(image) and [name for name, _ in top] == [names[k] for k in np.argsort(-probs)[:5]]
-    np.testing.assert_allclose([p for _, p in top], np.sort(probs)[::-1][:5], rtol=1e-5)
 
 
 def test_predict_bad_file_is_named(colour_run, tmp_path, capsys):

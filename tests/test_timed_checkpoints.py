@@ -53,7 +53,8 @@ def make_run(tmp_path, minutes=30.0, main_process=True):
     state = RunState.fresh({"w": np.ones((2, 3), np.float32)}, {"step": np.int32(0)}, [0.5], [0.25])
     return training.Run(cfg=cfg, run_dir=tmp_path, ops=None, mesh=None, state=state, batcher=None,
                         val_batcher=None, train_step=None, eval_step=None, hparams=None,
-                        steps_per_epoch=4, class_names=["a", "b"], main_process=main_process,
+                        steps_per_epoch=4, class_names=["a", "b"], train_images=8,
+                        main_process=main_process,
                         progress=False, resumed=False, saved_at=1e9)
 
 

@@ -103,7 +103,7 @@ def test_evaluate_names_a_missing_run_a_checkpoint_given_for_its_run_and_a_missi
            f"it: python evaluate.py {finished_run} --checkpoint best" in err, err
     err = exits_with_message(capsys, evaluate.main, finished_run, "--predict", tmp_path / "no.png",
                              "--per-class")
-    assert f"no such image file: {tmp_path / 'no.png'}" in err and "cannot decode" not in err, err
+    assert f"{tmp_path / 'no.png'}: no such image file" in err and "cannot decode" not in err, err
     assert "note: with --predict nothing else is evaluated: --per-class ignored" in err, err
     err = exits_with_message(capsys, evaluate.main, finished_run, "--predict", tmp_path / "no.png",
                              "--saliency", 3, "--attention", 2)

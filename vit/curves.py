@@ -31,8 +31,9 @@ def plot_curves(history: list[dict], path: Path, clip_norm: float | None = None)
                  label="largest")
     if clip_norm:
         ax_norm.axhline(clip_norm, color="gray", linestyle=":", label=f"clip_norm {clip_norm:g}")
+    positive = any(h["grad_norm_max"] > 0 for h in normed)  # a log scale needs a value above 0
     ax_norm.set(xlabel="epoch", ylabel="global L2 norm", title="training gradient norm",
-                yscale="log")
+                yscale="log" if positive else "linear")
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415  (pyplot() set the backend)
 
     for ax in (ax_acc, ax_loss, ax_norm):  # epochs: whole numbers (no tick at 1.25)

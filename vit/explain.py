@@ -1,7 +1,7 @@
-"""What a trained model does, in pictures: saliency grids, attention maps, confusion matrices, top-5
-predictions.
+"""What a trained model does, in pictures: saliency grids, attention maps, confusion matrices (the
+top classes of image files are vit/predict.py's).
 
-Used by `python evaluate.py RUN --saliency N | --attention N | --per-class | --predict IMAGE...`; every
+Used by `python evaluate.py RUN --saliency N | --attention N | --per-class`; every
 function also works on its own. All of it runs the float32 reference ops (vit/ops.py), whatever the run
 trained with.
 
@@ -94,8 +94,10 @@ def run_data(run: Run):
     data = run.config.data
     try:
         saved = json.loads((run.path.parent / "config.json").read_text(encoding="utf-8"))["data"]
-        return data if saved["dataset"] != data.dataset else dataclasses.replace(
-            data, data_dir=saved.get("data_dir", data.data_dir), cache_dir=saved.get("cache_dir", data.cache_dir))
+        if saved["dataset"] != data.dataset:
+            return data
+        return dataclasses.replace(data, data_dir=saved.get("data_dir", data.data_dir),
+                                   cache_dir=saved.get("cache_dir", data.cache_dir))
     except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: the checkpoint's
         return data
 
@@ -135,7 +137,7 @@ def pick_indices(total: int, n: int) -> np.ndarray:
 
 
 _image_gradient = jax.jit(image_gradient, static_argnums=3)
-_forward = jax.jit(forward, static_argnums=2)
+jitted_forward = jax.jit(forward, static_argnums=2)  # (params, x, model) -> logits
 
 
 def saliency(params, model: ViTConfig, images_u8, labels, mean, std, chunk: int = 64):
@@ -152,7 +154,7 @@ def saliency(params, model: ViTConfig, images_u8, labels, mean, std, chunk: int 
         y = jnp.asarray(np.asarray(labels[s:s + chunk]), jnp.int32)
         dx = _image_gradient(params, x, y, model)  # d mean-loss / d x
         grads.append(np.asarray(dx * x.shape[0] / std_))  # d loss_i / d pixel
-        logits.append(np.asarray(_forward(params, x, model)))
+        logits.append(np.asarray(jitted_forward(params, x, model)))
     grads = np.concatenate(grads)
     return np.abs(grads).max(axis=-1), grads, np.concatenate(logits)
 
@@ -408,42 +410,3 @@ def write_confusion(matrix, class_names, out_dir, name: str = "best") -> dict:
     np.savez(tmp, matrix=np.asarray(matrix, np.int64), shown=shown, class_names=np.asarray(class_names))
     os.replace(tmp, npz)
     return {"png": png, "npz": npz, "shown": shown}
-
-
-# ----------------------------------------------------------------------------------------------
-# predict
-
-
-def predict_files(run: Run, paths, class_names: list[str], k: int = 5):
-    """-> [(path, [(class name, probability), ...top k])] for image files of any size, resized as the
-    image-folder cache is (vit.data.image_folder.load_image). Raises FileNotFoundError naming the
-    missing files, BadImage naming one that does not decode."""
-    from vit.data.image_folder import load_image  # noqa: PLC0415
-
-    if len(class_names) != run.model.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a model of {run.model.num_classes} classes")
-    folders = [str(p) for p in paths if Path(p).is_dir()]
-    if folders:
-        raise FileNotFoundError(f"{', '.join(folders)}: a folder, not an image file; give the "
-                                "images in it (e.g. DIR/*.jpg)")
-    missing = [str(p) for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
-    images = np.stack([load_image(p, run.model.image_size, run.model.channels) for p in paths])
-    logits = np.asarray(_forward(run.params, model_input(images, run.mean, run.std), run.model), np.float64)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    k = min(k, run.model.num_classes)
-    out = []
-    for path, p in zip(paths, probs):
-        top = np.argsort(-p, kind="stable")[:k]
-        out.append((str(path), [(class_names[i], float(p[i])) for i in top]))
-    return out
-
-
-def format_predictions(predictions) -> str:
-    lines = []
-    for path, top in predictions:
-        lines.append(path)
-        lines += [f"  {rank}. {100 * prob:6.2f}%  {name}" for rank, (name, prob) in enumerate(top, 1)]
-    return "\n".join(lines)

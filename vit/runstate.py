@@ -25,6 +25,12 @@ RESUME_META = ("epoch", "step_in_epoch", "global_step", "history", "running", "b
 RESUME_TREES = ("params", "opt")
 
 
+def position_in_words(epoch: int, step_in_epoch: int) -> str:
+    """A data position (epochs completed, steps of the next one) as train.py's messages name it:
+    "epoch 2, step 4" (4 steps into epoch 2) or, between epochs, "the end of epoch 1"."""
+    return f"epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"the end of epoch {epoch}"
+
+
 def _no_running() -> dict:
     """The epoch's running sums: loss and correct over its images (seen), the gradient norm
     (before clipping) over its steps, and the largest norm."""

@@ -20,10 +20,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from shlex import quote
 from typing import Any, Callable
 
 from vit.config import patch_size_hint
 from vit.curves import plot_curves
+from vit.runstate import position_in_words
 from vit.signals import Interrupted, InterruptedTwice, StopOnSignal
 
 DONE, STOPPED, LEFT, NONFINITE = "done", "stopped", "left", "nonfinite"  # how train() ended
@@ -87,6 +89,7 @@ class Run:
     hparams: Any  # vit.config.TrainHParams with this run's step counts
     steps_per_epoch: int
     class_names: list
+    train_images: int  # how many: a resume on another count would mean other batches
     main_process: bool
     progress: bool
     resumed: bool
@@ -122,7 +125,7 @@ class Run:
         host_params, host_opt = parallel.gather_to_host((self.state.params, self.state.opt_state))
         trees, meta = self.state.to_checkpoint(
             host_params, host_opt, self.steps_per_epoch, config=self.cfg.to_dict(),
-            seed=self.cfg.train.seed, class_names=self.class_names)
+            seed=self.cfg.train.seed, class_names=self.class_names, train_images=self.train_images)
         checkpoint.save(self.run_dir / f"{name}.npz", trees, meta)
         if name == "last":
             self.saved_at = time.monotonic()
@@ -154,13 +157,8 @@ def start_run(cfg, run_dir: Path, ops, devices: int | None, resumed, main_proces
     from vit import parallel  # noqa: PLC0415
 
     train_set, val_set, cfg = load_data(cfg, progress)
-    if resumed is not None:  # --data-dir may point elsewhere on --resume: the same classes only
-        from vit.data.common import DatasetError, check_same_classes  # noqa: PLC0415
-        try:
-            check_same_classes(resumed[1].get("class_names"), train_set.class_names,
-                               f"{cfg.data.data_dir} (data.data_dir)", run_dir)
-        except DatasetError as err:
-            raise RunError(str(err)) from None
+    if resumed is not None:  # --data-dir may point elsewhere on --resume: the same data only
+        check_same_data(resumed[1], train_set, f"{cfg.data.data_dir} (data.data_dir)", run_dir)
     pad, size = cfg.train.hparams.crop_pad, cfg.model.image_size
     if pad >= size:  # reflect padding repeats the image's inner pixels: it needs more than pad
         raise RunError(f"train.crop_pad {pad} needs images larger than {pad} pixels, and this "
@@ -173,6 +171,25 @@ def start_run(cfg, run_dir: Path, ops, devices: int | None, resumed, main_proces
     state = initial_state(cfg, train_set, resumed, run_dir)
     return build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, progress,
                      resumed is not None)
+
+
+def check_same_data(meta: dict, train_set, where: str, run_dir: Path):
+    """A RunError unless the training set found (where: its folder, as the message names it)
+    has the classes and the number of images the checkpoint (meta) was trained on: other
+    classes would mean other labels, and another count other batches at its data position.
+    (A checkpoint from before either was saved is not checked for it.)"""
+    from vit.data.common import DatasetError, check_same_classes  # noqa: PLC0415
+
+    try:
+        check_same_classes(meta.get("class_names"), train_set.class_names, where, run_dir)
+    except DatasetError as err:
+        raise RunError(str(err)) from None
+    trained_on, found = meta.get("train_images"), len(train_set.labels)
+    if trained_on is not None and trained_on != found:
+        raise RunError(f"{where} holds {found} training images, and the run in {run_dir} was "
+                       f"trained on {trained_on}: its position ("
+                       f"{position_in_words(meta['epoch'], meta['step_in_epoch'])}) would mean other batches and another schedule; "
+                       "give the --data-dir it was trained on, or start a new run on these images")
 
 
 def check_batch_split(batch_size: int, devices: int, accum_steps: int):
@@ -191,7 +208,7 @@ def initial_state(cfg, train_set, resumed, run_dir):
     """The checkpoint's RunState, or a fresh one (init from the seed, the data's statistics)."""
     import jax  # noqa: PLC0415
 
-    from vit.data.loader import channel_stats  # noqa: PLC0415
+    from vit.data.loader import channel_stats, usable_std  # noqa: PLC0415
     from vit.model import init_params  # noqa: PLC0415
     from vit.optim import adamw_init  # noqa: PLC0415
     from vit.runstate import RunState  # noqa: PLC0415
@@ -202,7 +219,8 @@ def initial_state(cfg, train_set, resumed, run_dir):
               f"(global step {resumed[1]['global_step']})")
         return state
     params = init_params(jax.random.PRNGKey(cfg.train.seed), cfg.model)
-    return RunState.fresh(params, adamw_init(params), *channel_stats(train_set.images))
+    mean, std = channel_stats(train_set.images)
+    return RunState.fresh(params, adamw_init(params), mean, usable_std(std))
 
 
 def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, progress,
@@ -239,6 +257,7 @@ def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, 
     return Run(cfg=cfg, run_dir=run_dir, ops=ops, mesh=mesh, state=state, batcher=batcher,
                val_batcher=val_batcher, train_step=train_step, eval_step=eval_step, hparams=hp,
                steps_per_epoch=spe, class_names=list(train_set.class_names),
+               train_images=len(train_set.labels),
                main_process=main_process, progress=progress, resumed=resumed)
 
 
@@ -395,7 +414,7 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
             if stop_after_epoch is not None and stop_after_epoch <= s.epoch < epochs:
                 run.draw_curves(force=True)
                 print(f"stopping after epoch {s.epoch} as asked; continue with python train.py "
-                      f"--resume {run.run_dir}")
+                      f"--resume {quote(str(run.run_dir))}")
                 return STOPPED
     except FloatingPointError as err:
         run.draw_curves(force=True)
@@ -411,12 +430,11 @@ def train(run: Run, stop: StopOnSignal, stop_after_epoch: int | None) -> str:
             run.draw_curves(force=True)
         except InterruptedTwice:  # during the save: checkpoint.save replaces last.npz whole
             return _interrupted_twice(last)
-        where = (f"epoch {s.epoch + 1}, step {s.step_in_epoch}" if s.step_in_epoch
-                 else f"the end of epoch {s.epoch}")  # as evaluate.py names that checkpoint
+        where = position_in_words(s.epoch, s.step_in_epoch)
         how = "" if stop.requested else " (another process was stopped)"
         if run.main_process:
             print(f"\ninterrupted{how}: saved {last} at {where}; "
-                  f"continue with python train.py --resume {run.run_dir}", file=sys.stderr)
+                  f"continue with python train.py --resume {quote(str(run.run_dir))}", file=sys.stderr)
         else:  # process 0 writes last.npz
             print(f"\ninterrupted{how} at {where}: process 0 saves last.npz", file=sys.stderr)
         return STOPPED

@@ -54,9 +54,12 @@ __all__ = ["BUNDLED_DATASETS", "DATASETS", "FOLDER_DATASETS", "DEFAULT_DATA_DIR"
            "check_run_data_dir", "folder_dataset", "load_dataset", "resolve_layout"]
 
 
-def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = "auto") -> str:
+def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = "auto",
+                   image_size: int | None = None) -> str:
     """The layout to read dataset `name` with: 'tiny-imagenet' or 'image-folder' for a folder dataset
-    (layout "auto": the one found in data_dir), or the name itself ('digits')."""
+    (layout "auto": the one found in data_dir), or the name itself ('digits'). image_size: the
+    one asked for, if any: an image folder's (Tiny ImageNet's is fixed), so a folder that is not
+    there is not met with Tiny ImageNet's download hint."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     if layout not in LAYOUTS:
@@ -77,7 +80,8 @@ def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = 
         data_dir = DEFAULT_DATA_DIR
     from vit.data.layout import detect_layout
 
-    return detect_layout(data_dir, DOWNLOAD_HINT if name == "tiny-imagenet" else "")
+    # an image size given is for an image folder (Tiny ImageNet's is fixed): no download hint
+    return detect_layout(data_dir, DOWNLOAD_HINT if name == "tiny-imagenet" and image_size is None else "")
 
 
 def folder_dataset(name: str, data_dir, layout: str = "auto") -> str:
@@ -129,7 +133,7 @@ def load_dataset(
     cache_dir: a folder for the decoded images of folder datasets, each in a sub-folder of its
     own (cache.dataset_cache_dir); default DIR/vitfuse-cache.
     """
-    kind = resolve_layout(name, data_dir, layout)
+    kind = resolve_layout(name, data_dir, layout, image_size)
     if cache_dir is not None and kind in FOLDER_DATASETS:
         from vit.data.cache import dataset_cache_dir
 

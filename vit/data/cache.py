@@ -72,7 +72,7 @@ def dataset_cache_dir(cache_root: str | os.PathLike, data_dir: str | os.PathLike
     """The folder in data.cache_dir for one dataset's caches: <name>-<hash of its absolute path>,
     so that one cache_dir serves many datasets without their caches replacing each other."""
     folder = Path(data_dir).expanduser().resolve()
-    return Path(cache_root).expanduser() / f"{folder.name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}"
+    return Path(cache_root).expanduser() / f"{folder.name}-{hashlib.sha256(os.fsencode(str(folder))).hexdigest()[:10]}"
 
 
 def fingerprint(root: Path, files: list[Path], method: str = "") -> str:
@@ -80,14 +80,14 @@ def fingerprint(root: Path, files: list[Path], method: str = "") -> str:
     changes when a file is added, removed or rewritten, or the decoding changes."""
     digest = hashlib.sha256(f"format {CACHE_FORMAT}\n".encode())
     if method:
-        digest.update(f"method {method}\n".encode())
+        digest.update(f"method {method}\n".encode(errors="surrogateescape"))
     for path in sorted(files):
         try:
             st = path.stat()
             stamp = f"{st.st_size}\t{st.st_mtime_ns}"
         except OSError as e:  # a broken link, say: the decoder reports it (or skips it) by name
             stamp = f"unreadable {e.errno}"
-        digest.update(f"{path.relative_to(root).as_posix()}\t{stamp}\n".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}\t{stamp}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 

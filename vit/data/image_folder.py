@@ -12,10 +12,11 @@ Names starting with "." (.DS_Store, .ipynb_checkpoints) are left out; files with
 
 Every image becomes uint8 (S, S, 3) RGB, S = image_size, by `load_image` (the same function classifies
 single files in `python evaluate.py RUN --predict`):
-    1. decode; a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still >= S
+    1. decode, at any size (no decompression-bomb limit: these are the user's own files); a JPEG is
+       decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose shorter side is still >= S
     2. apply the EXIF orientation (photos from phones)
     3. to RGB: grayscale is repeated over the channels, CMYK/palette converted, 16-bit grayscale scaled
-       to 8 bits, and alpha composited over white
+       to 8 bits (float grayscale read in 0..1, or else 0..255), and alpha composited over white
     4. resize so the shorter side is S (Pillow's bicubic filter, antialiased when shrinking; aspect kept)
     5. crop the centre S x S
 
@@ -40,8 +41,13 @@ from vit.data.common import Dataset, DatasetError
 
 DEFAULT_IMAGE_SIZE = 64
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Pillow refuses images over 179 M pixels as possible decompression bombs (and warns over 89 M); a
+# whole-slide, satellite or panorama image of one's own is not an attack
+Image.MAX_IMAGE_PIXELS = None
 # Part of every cache fingerprint: change it when load_image changes what it returns.
-METHOD = "v1: jpeg draft, exif orientation, rgb (alpha over white), shorter side bicubic, centre crop"
+METHOD = (
+    "v2: jpeg draft, exif orientation, deep grayscale to 8 bits (floats in 0..1 or 0..255), rgb (alpha "
+    "over white), shorter side bicubic, centre crop")
 LAYOUT_HELP = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/*.jpg|png (torchvision's ImageFolder layout)"
 
 
@@ -49,11 +55,29 @@ LAYOUT_HELP = "DIR/train/<class>/*.jpg|png and DIR/val/<class>/*.jpg|png (torchv
 # One image: decode, orient, RGB, resize the shorter side, centre crop.
 
 
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """A grayscale image deeper than 8 bits as "L": integers in 0..65535 (16-bit PNG and TIFF)
+    keep their top 8 bits; floats (32-bit TIFF) are read in 0..1 (times 255) or else in 0..255.
+    Values outside those ranges raise ValueError, rather than clip to black or white."""
+    values = np.asarray(img)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode == "F":
+        if not np.isfinite(values).all() or low < 0 or high > 255:
+            raise ValueError(f"float pixels from {low:g} to {high:g}; float images are read in "
+                             "0..1 or 0..255: scale it into one of those, or save it as 8 or 16 bit")
+        scale = 255.0 if high <= 1 else 1.0
+        return Image.fromarray(np.rint(values.astype(np.float64) * scale).astype(np.uint8), "L")
+    if low < 0 or high > 65535:
+        raise ValueError(f"integer pixels from {low:g} to {high:g}; images deeper than 8 bits are "
+                         "read in 0..65535 (16 bit): save it as 8 or 16 bit")
+    return Image.fromarray((values.astype(np.int64) >> 8).astype(np.uint8), "L")
+
+
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
-    """img as "RGB" or "L" (mode): 16-bit grayscale scaled to 8 bits, alpha composited over white."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale PNG: keep the top 8 bits
-        values = np.asarray(img).astype(np.int64)
-        img = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+    """img as "RGB" or "L" (mode): deeper grayscale made 8 bits (_to_8_bits), alpha composited
+    over white."""
+    if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
+        img = _to_8_bits(img)
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if has_alpha:
         rgba = img.convert("RGBA")
@@ -213,6 +237,9 @@ def load_image_folder(
         raise DatasetError(f"data directory {root} does not exist or is not a folder; expected {LAYOUT_HELP}")
     others: list[str] = []  # files of this split's class folders left out for their suffix
     train_paths, train_labels, classes = list_split(root, "train", others=others if split == "train" else None)
+    if len(classes) == 1:  # every label the same: loss 0 and 100% accuracy from the first step
+        raise DatasetError(f"{root / 'train'} holds one class folder ({classes[0]!r}), and a classifier "
+                           "needs two or more: was the copy cut short?")
     if split == "train":
         paths, labels = train_paths, train_labels
     else:
@@ -239,8 +266,14 @@ def load_image_folder(
         print(f"note: {len(empty)} of {len(classes)} classes {'has' if len(empty) == 1 else 'have'} no "
               f"images in {root / split}, so {'its' if len(empty) == 1 else 'their'} {split} accuracy is "
               f"not measured: {', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}", file=sys.stderr)
-    return Dataset(images=images, labels=labels, class_names=classes, name="image-folder", split=split,
-                   skipped=skipped, decoded_now=built)
+    return Dataset(images=images, labels=labels, class_names=[printable(c) for c in classes],
+                   name="image-folder", split=split, skipped=skipped, decoded_now=built)
+
+
+def printable(name: str) -> str:
+    """A file name as text that prints and draws: bytes that are not UTF-8 (a name from a zip made
+    on Windows, say, which Python keeps as surrogates) shown as \\xe9."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def note_left_out(split_dir: Path, others: list[str]) -> str:

@@ -24,6 +24,7 @@ uint8 values), applied on the device by `normalize`, inside the jitted train/eva
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,6 +57,24 @@ def channel_stats(images: np.ndarray, chunk_size: int = 2048) -> tuple[np.ndarra
     mean = histogram @ values / count
     variance = np.maximum(histogram @ values**2 / count - mean**2, 0.0)
     return mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
+
+
+FLAT_STD = 1 / 255  # a channel's spread below one grey level: the same (or nearly) in every image
+
+
+def usable_std(std: np.ndarray) -> np.ndarray:
+    """std with a flat channel's (std < FLAT_STD: the same value, or nearly, in every training
+    image, such as the empty red and blue of green-only microscopy) set to 1, with a note naming
+    it: dividing by its ~0 std would make every input nan (0 / 0) or huge."""
+    std = np.asarray(std, np.float32)
+    flat = [c for c in range(std.shape[0]) if std[c] < FLAT_STD]
+    if flat:
+        colour = dict(enumerate(("red", "green", "blue"))) if std.shape[0] == 3 else {}
+        named = ", ".join(f"{c} ({colour[c]})" if c in colour else str(c) for c in flat)
+        print(f"note: channel {named} {'is' if len(flat) == 1 else 'are'} the same in every "
+              f"training image, or nearly (std {', '.join(f'{std[c]:.2g}' for c in flat)}, under "
+              "one grey level): normalised with std 1 instead", file=sys.stderr)
+    return np.where(std < FLAT_STD, np.float32(1.0), std)
 
 
 def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
