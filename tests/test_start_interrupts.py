@@ -221,3 +221,17 @@ def test_a_process_other_than_0_does_not_say_it_saved(tmp_path, monkeypatch, cap
     assert "interrupted at the end of epoch 1: process 0 saves last.npz" in err, err
     assert "saved" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_decoding_workers_start_with_ctrl_c_blocked_and_this_process_gets_it():
+    """A terminal's Ctrl-C goes to the whole process group: it raised KeyboardInterrupt in every
+    decoding worker of a cache being built (each mid-import of jax, with a traceback). They start
+    with SIGINT blocked; this process keeps it, held only while it starts them."""
+    from sigint import sigint_blocked_here
+    from vit.data.cache import decode_all
+
+    seen = []
+    decode_all([f"x{i}" for i in range(4)], sigint_blocked_here, (1, 1, 1), 2,
+               lambda start, images, errors: seen.extend(images.ravel().tolist()), desc="x", progress=False)
+    assert seen == [1, 1, 1, 1]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

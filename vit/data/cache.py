@@ -26,8 +26,11 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -133,12 +136,30 @@ def decode_all(paths: list[Path], decode: Decode, shape: tuple, workers: int, on
             return
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         try:
-            for k, (images, errors) in enumerate(pool.map(work, chunks)):
+            with _sigint_blocked():  # map starts the workers: they inherit the blocked SIGINT
+                decoded = pool.map(work, chunks)
+            for k, (images, errors) in enumerate(decoded):
                 on_chunk(k * chunk_size, images, errors)
                 bar.update(len(images))
         finally:
             # On an error (bad image, Ctrl-C) drop the chunks not started yet instead of decoding them all.
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _sigint_blocked():
+    """SIGINT held back from this (main) thread while it starts the decoding processes, which keep
+    the blocked mask: a terminal's Ctrl-C goes to the whole process group, and it raised
+    KeyboardInterrupt in every worker, mid-way through importing jax, each with a traceback. This
+    process gets it as the block ends (held, not lost) and stops the workers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 # ---------------------------------------------------------------------------------------------------------------
