@@ -369,9 +369,9 @@ def test_undecodable_file_is_named_and_skip_bad_images_counts_it(root, capsys):
     train = load(root, "train", skip_bad_images=True)
     assert len(train) == 3 * TRAIN - 1 and len(train.skipped) == 1 and str(bad) in train.skipped[0]
     assert train.labels.tolist() == [0] * TRAIN + [1] * (TRAIN - 1) + [2] * TRAIN
-    assert "skipped 1 unreadable image," in capsys.readouterr().err  # said as the cache is built
+    assert f"skipped 1 unreadable image: {bad}: cannot decode" in capsys.readouterr().err  # as it is built
     again = load(root, "train", skip_bad_images=True)  # ... and again by a load that reuses it
-    assert len(again) == len(train) and "leaves out 1 unreadable image (" in capsys.readouterr().err
+    assert len(again) == len(train) and f"out 1 unreadable image (skip_bad_images): {bad}" in capsys.readouterr().err
     with pytest.raises(DatasetError, match=str(bad)) as e:  # the skipping cache does not hide it later
         load(root, "train")
     assert "skip_bad_images" in str(e.value)  # ... and the way to leave it out is named again

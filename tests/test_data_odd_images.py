@@ -130,3 +130,30 @@ def test_curves_of_zero_gradients_draw_without_a_warning(tmp_path):
         warnings.simplefilter("error")
         plot_curves([record, {**record, "epoch": 2}], tmp_path / "curves.png", 0.0)
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_images_skipped_are_named_with_where_the_list_of_all_is(tmp_path, capsys):
+    """Only the first was named ("e.g."); the others sat in the manifest, which nothing named."""
+    root = green_only_folder(tmp_path / "bad")
+    broken = [root / "train" / "dim" / f"broken{i}.png" for i in range(4)]
+    for path in broken:
+        path.write_bytes(b"\x89PNG nope")
+    load_image_folder(root, "train", image_size=8, workers=1, progress=False, skip_bad_images=True)
+    err = capsys.readouterr().err
+    manifest = root / "vitfuse-cache" / "train_8px_manifest.json"
+    assert f"skipped 4 unreadable images: {broken[0]}: cannot decode" in err, err
+    assert f"; {broken[2]}: cannot decode" in err and str(broken[3]) not in err, err
+    assert f"; and 1 more (all listed in {manifest}, under \"skipped\")" in err, err
+
+
+def test_a_val_class_spelled_in_another_unicode_form_is_the_same_class(tmp_path):
+    """train/ copied from macOS spells café as cafe + a combining accent (NFD), val/ as é (NFC):
+    it was "val/café is a class that is not in train", though train/ showed café."""
+    import unicodedata
+
+    root = green_only_folder(tmp_path / "nfd")
+    for split, form in (("train", "NFD"), ("val", "NFC")):
+        os.rename(root / split / "dim", root / split / unicodedata.normalize(form, "café"))
+    val = load_image_folder(root, "val", image_size=8, workers=1, progress=False)
+    assert val.class_names == ["bright", unicodedata.normalize("NFD", "café")]
+    assert sorted(val.labels.tolist()) == [0, 0, 1, 1]

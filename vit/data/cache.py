@@ -113,6 +113,12 @@ def _decode_chunk(decode: Decode, shape: tuple, paths: list[str]) -> tuple[np.nd
     return images, errors
 
 
+def listed(skipped: list[str], manifest: Path, shown: int = 3) -> str:
+    """The first `shown` messages of the images skipped, and where the manifest lists them all."""
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"{'; '.join(skipped[:shown])}{more} (all listed in {manifest}, under \"skipped\")"
+
+
 def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -268,7 +274,8 @@ def build_cache(
             dense.flush()
             del dense
             os.replace(compacted, tmp_images)
-            print(f"{what}: skipped {unreadable(len(bad))}, e.g. {bad[0][1]}", file=sys.stderr)
+            print(f"{what}: skipped {unreadable(len(bad))}: {listed([m for _, m in bad], files['manifest'])}",
+                  file=sys.stderr)
         del out
         with open(tmp_images, "rb+") as f:
             os.fsync(f.fileno())
@@ -383,6 +390,6 @@ def load_cached(
             f"{SKIP_HINT}"
         )
     if skipped and not built:  # the build said so; a run that reuses the cache says it again
-        print(f"{what}: the cache leaves out {unreadable(len(skipped))} (skip_bad_images), "
-              f"e.g. {skipped[0]}", file=sys.stderr)
+        print(f"{what}: the cache leaves out {unreadable(len(skipped))} (skip_bad_images): "
+              f"{listed(skipped, cache_paths(cache_dir, prefix)['manifest'])}", file=sys.stderr)
     return images, labels, skipped, built

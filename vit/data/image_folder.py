@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+import unicodedata
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -167,6 +168,10 @@ def _split_dir(root: Path, split: str) -> Path:
     return split_dir
 
 
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
 def list_split(root: Path, split: str, classes: list[str] | None = None,
                others: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
     """(image paths, labels, class names) of root/split. classes: the train classes (labels index them);
@@ -182,14 +187,14 @@ def list_split(root: Path, split: str, classes: list[str] | None = None,
         raise DatasetError(f"no images in {split_dir}: it has no class folders; expected {LAYOUT_HELP}")
     if classes is None:
         classes = names
-    else:
-        unknown = [n for n in names if n not in set(classes)]
+    else:  # names compared in one Unicode form: a folder copied from macOS spells "é" as e + accent
+        unknown = [n for n in names if _nfc(n) not in {_nfc(c) for c in classes}]
         if unknown:
             raise DatasetError(
                 f"{split_dir / unknown[0]} is a class that is not in {root / 'train'} ({len(unknown)} such "
                 f"class{'es' * (len(unknown) > 1)}: {', '.join(map(repr, unknown[:5]))}); every {split} class "
                 "needs training images")
-    label_of = {name: i for i, name in enumerate(classes)}
+    label_of = {_nfc(name): i for i, name in enumerate(classes)}
     paths: list[Path] = []
     labels: list[int] = []
     for name in names:
@@ -202,7 +207,7 @@ def list_split(root: Path, split: str, classes: list[str] | None = None,
             raise DatasetError(f"no images in class folder {split_dir / name} ({what}); "
                                f"remove the folder or add images")
         paths += found
-        labels += [label_of[name]] * len(found)
+        labels += [label_of[_nfc(name)]] * len(found)
     return paths, np.asarray(labels, dtype=np.int32), list(classes)
 
 
