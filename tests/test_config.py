@@ -83,6 +83,22 @@ def test_the_old_precision_flag_still_works_with_a_note(capsys):
     assert "disagree" in capsys.readouterr().err
 
 
+def test_every_flag_that_sets_a_config_key_is_a_named_flag():
+    """A flag whose help names a config key ("train.lr: ...") reaches it only through
+    train.NAMED_FLAGS: added to build_parser alone, it was parsed and then ignored without a
+    word; and every named flag is one build_parser has, with that dest."""
+    import train
+
+    actions = {a.option_strings[0]: a for a in train.build_parser()._actions if a.option_strings}
+    for flag, action in actions.items():
+        key = re.match(r"(model|train|data)\.(\w+):", action.help or "")
+        if key:
+            assert flag in train.NAMED_FLAGS, f"{flag} sets {key[1]}.{key[2]}: add it to train.NAMED_FLAGS"
+            assert train.NAMED_FLAGS[flag] == (action.dest, key[1], key[2]), flag
+    for flag, (dest, _, _) in train.NAMED_FLAGS.items():
+        assert flag in actions and actions[flag].dest == dest, f"{flag}: no add_argument with dest {dest!r}"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epochs", "1", "--set", "train.epochs=2"], "--epochs 1 and --set train.epochs=2 both set train.epochs"),
     (["--set", "train.lr=0.1", "--lr", "0.2"], "--lr 0.2 and --set train.lr=0.1 both set train.lr"),
@@ -406,3 +422,14 @@ def test_a_warmup_longer_than_the_run_gets_a_note(capsys):
            "rises all run long and peaks at 0.0004, not train.lr = 0.001" in capsys.readouterr().err
     train.resolve_config(train.parse_args(["--dataset", "digits", "--epochs", "2"]))  # warmup 2
     assert "warmup" not in capsys.readouterr().err
+
+
+def test_a_dataset_kind_without_a_loader_is_an_error_not_digits(monkeypatch):
+    """load_dataset ended in an unconditional digits branch: a new kind added to the lists but
+    not given its branch trained a 10-class model on digits without a word."""
+    import vit.data
+    from vit.data import DatasetError, load_dataset
+
+    monkeypatch.setattr(vit.data, "DATASETS", (*vit.data.DATASETS, "stripes"))
+    with pytest.raises(DatasetError, match="dataset 'stripes' has no loader in vit.data.load_dataset"):
+        load_dataset("stripes", None, "train")

@@ -17,10 +17,12 @@ softmax and the loss are computed in at least float32.
 To add a layer or an activation (say SiLU beside GELU), or change one:
   - here: its ``*_forward`` / ``*_backward`` pair in the convention above, the derivative in its
     docstring. An activation: a pair of its own or a branch of gelu_forward/gelu_backward's
-    ``approximate``, with ffn_forward/ffn_backward passing the model's choice on.
+    ``approximate``; ffn_forward/ffn_backward take the model's choice as an argument (today
+    ``approximate``), so their signature and their calls in vit/model.py change with it.
   - its proof: a ``_*_case`` in oracle/gradient_cases.py, listed in layer_cases (all_cases runs
-    those, then the block and model cases; a model option also belongs in a model_cases config,
-    as gelu="erf" is); then ``python -m oracle.gradcheck`` (float64 finite differences and
+    those, then the block and model cases; a model option also belongs in model_cases, one config
+    per block layout, "post" and "pre": one layout's alone leaves the other's backward unproven);
+    then ``python -m oracle.gradcheck`` (float64 finite differences and
     autodiff; ``--only NAME``). tests/test_gradients.py reruns layer_cases at other shapes.
   - README.md: the gradcheck's new 'N tensors in M cases' line over the excerpt's in "The proof",
     and that N in the "Two commands" timing row (tests/test_gradients.py checks both).
@@ -30,8 +32,10 @@ To add a layer or an activation (say SiLU beside GELU), or change one:
     choice reaches every block, both ways; README.md's "The model" and Layout describe the layers.
   - a choice: a ViTConfig field, checked in its __post_init__ (vit/config.py; a bad value in
     tests/test_config.py's test_invalid_config_names_field_and_value). It is then a [model]
-    config key with nothing else to add (vit/runconfig.py's docstring; --resume refuses a [model]
-    change); configs/*.toml name it where a preset wants it (vit-*16.toml: gelu = "erf").
+    config key (vit/runconfig.py's docstring; --resume refuses a [model] change);
+    configs/tiny-imagenet.toml spells out every model field, so it goes there too
+    (tests/test_presets.py checks), and other configs/*.toml name it where a preset wants it
+    (vit-*16.toml: gelu = "erf").
   - fused kernels: vit/ops.py's Ops holds only attention and add+LayerNorm, so an FFN or
     activation change runs the same under --fused. A layer given a kernel becomes an Ops field
     (REFERENCE, kernels.fused_ops, kernels/, and kernels/__init__.py's "To change a kernel").

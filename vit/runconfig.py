@@ -7,7 +7,8 @@ else the file.
 
 To add a config key (no list of keys to extend: the dataclass fields are the keys):
   - [train], read by the training step: a field of TrainHParams (vit/config.py), which the step
-    gets as `hp`; [train], about the run (length, batching, saving): a field of TrainSection;
+    gets as `hp` and reads where it uses it (vit/step.py, train_step_fn: hp.<key>; nothing checks
+    that a key is read); [train], about the run (length, batching, saving): a field of TrainSection;
     [data]: a field of DataSection. The field's annotation (int, float, bool, str, "| None") is
     its type check (_check_types); its range goes in _validate or _validate_data (for [train],
     often one name in _NON_NEGATIVE or _UNIT_INTERVAL), so the error names the flag or file.
@@ -15,12 +16,16 @@ To add a config key (no list of keys to extend: the dataclass fields are the key
     (the ValueError becomes a ConfigError naming the flag or file); a layer or activation behind
     it touches more: vit/layers.py's docstring, "To add a layer or an activation".
   - a named flag of its own: train.py, an entry in NAMED_FLAGS and its add_argument in
-    build_parser (dest as in NAMED_FLAGS); without one, --set section.key=value already works.
+    build_parser (dest as in NAMED_FLAGS, help starting "section.key:"; tests/test_config.py's
+    test_every_flag_that_sets_a_config_key_is_a_named_flag checks the pair); without one, --set
+    section.key=value already works, and --help lists only the named ones.
   - config.json and the checkpoints' config follow from to_dict; a config.json or checkpoint
     written before the key existed reads back with the default.
   - --resume compares every key (resume.config_changes): a change is taken with a note unless the
     key is in resume.RESUME_FIXED (refused) or resume.RESUME_SAME_RUN (taken silently).
-  - tests: tests/test_config.py (test_bad_train_values_are_errors, test_bad_data_values_are_errors);
+  - tests: a bad value of the key in tests/test_config.py's test_bad_train_values_are_errors or
+    test_bad_data_values_are_errors (a float also in test_non_finite_numbers_are_refused_naming_the_key):
+    they list cases by hand, so a key without one goes unchecked;
     README.md, "Training" (the [data] keys are listed there; [train] keys by example).
 """
 

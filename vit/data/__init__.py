@@ -18,20 +18,28 @@ resolve_layout returns its name, and a data.data_dir or a named data.layout for 
 
 To add a dataset kind (say a folder of .npz files):
   - a module here whose loader returns a common.Dataset (images uint8 (N, S, S, C), labels int32,
-    class_names, name = the kind), and its branch in load_dataset; DATASETS; NATIVE_IMAGE_SIZE if
-    its images come at one size only; FOLDER_DATASETS if it is read from data_dir in a layout,
-    else BUNDLED_DATASETS (the rules below follow those two). load_dataset hands data_dir on as
+    class_names, name = the kind), and its branch in load_dataset (a kind without one is a
+    DatasetError there); NATIVE_IMAGE_SIZE if its images come at one size only (a bundled kind
+    always: without it a data.image_size is recorded and not used); FOLDER_DATASETS if it is read
+    from data_dir in a layout, else BUNDLED_DATASETS, whose value is the reason a folder is
+    refused, as error messages quote it (the rules below follow those two; DATASETS is the two
+    together). load_dataset hands data_dir on as
     given (None when unset; only its Tiny ImageNet branch puts in DEFAULT_DATA_DIR).
   - the rules that name datasets: vit/runconfig.py _native_image_size and _validate_data,
     check_run_data_dir here and vit/explain.py load_val go by FOLDER_DATASETS/BUNDLED_DATASETS;
     "digits" is named outright only where its size is known without loading (vit/flops.py
-    main). `python -m vit.data prepare` (__main__.py) builds the cache of the two folder layouts
+    main, which a kind with a config of its own joins, or `python -m vit.flops` shows it at
+    64 px and 200 classes). `python -m vit.data prepare` (__main__.py) builds the cache of the two folder layouts
     only.
   - train.py: DATASETS (the --dataset choices, written out so that --help imports no jax;
-    tests/test_config.py keeps it equal to this one), the --dataset and --data-dir help, the
-    default config (resolve_config). evaluate.py has no dataset flag: load_val reads the run's.
+    tests/test_config.py keeps it equal to this one), the --dataset and --data-dir help, and
+    its default config: a configs/<kind>.toml picked in resolve_config, as digits.toml is (else
+    configs/seed.toml's 6.4 M-parameter model trains on it). evaluate.py has no dataset flag:
+    load_val reads the run's.
   - tests: the fake data writers live in vit/data/fake.py (write_fake_tiny_imagenet,
-    write_fake_image_folder); tests/test_data_<kind>.py, tests/test_config.py for the config rules.
+    write_fake_image_folder); tests/test_data_<kind>.py, tests/test_config.py for the config
+    rules (its fixed-size refusals are written for digits' 8 px and Tiny ImageNet's 64 px: a new
+    NATIVE_IMAGE_SIZE joins them there).
   - README.md, "Data" and the [data] keys under "Training"; runconfig.DataSection's docstring.
 """
 
@@ -159,6 +167,8 @@ def load_dataset(
         return load_image_folder(data_dir, split, image_size=image_size, workers=workers,
                                  skip_bad_images=skip_bad_images, progress=progress,
                                  cache_dir=cache_dir)
-    from vit.data.digits import load_digits_split
+    if kind == "digits":
+        from vit.data.digits import load_digits_split
 
-    return load_digits_split(split)
+        return load_digits_split(split)
+    raise DatasetError(f"dataset {kind!r} has no loader in vit.data.load_dataset")
