@@ -88,6 +88,16 @@ def build_ops(args: argparse.Namespace):
     return fused_ops(INTERPRETED if args.interpret else COMPILED, args.dot_precision or "ieee")
 
 
+def check_ops_run(ops, model) -> None:
+    """A UsageError naming --fused when the op set cannot run the model (a ViTConfig), before
+    any data is loaded or step compiled: the fused attention kernels take head dims that are
+    powers of two from 16 to 128 only, and that failed as a traceback inside the first step."""
+    try:
+        ops.check_model(model)
+    except ValueError as err:
+        raise UsageError(f"--fused: {err}") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Ctrl-C
 

@@ -189,6 +189,7 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
     try:
         ops = cmdline.build_ops(args)
         run = load_run(args.run_dir, args.checkpoint)
+        cmdline.check_ops_run(ops, run.model)
         check_interrupt()
         val = explain.load_val(run, args.data_dir, progress=not args.no_progress)
         check_interrupt()

@@ -328,6 +328,7 @@ def start(args, check_interrupt=lambda: None):
                       "nothing to train and nothing written (raise --epochs to train on)")
             return None
         ops = cmdline.build_ops(args)
+        cmdline.check_ops_run(ops, cfg.model)
         check_interrupt()  # JAX has started: a Ctrl-C until now may have landed in its gc callback
         if args.dot_precision and cfg.train.compute_dtype != "fp32" and main_process:
             print(f"train.py: note: --dot-precision {args.dot_precision} sets the kernels' float32 "

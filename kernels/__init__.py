@@ -55,7 +55,7 @@ To change a kernel (its body, its launch geometry or blocks, or a variant beside
 
 from __future__ import annotations
 
-from kernels import dispatch, layernorm
+from kernels import attention, dispatch, layernorm
 from kernels.launch import COMPILED, INTERPRETED, Launcher, check_dot_precision, check_launcher
 from vit.ops import Ops
 
@@ -85,6 +85,19 @@ def fused_ops(launcher: Launcher = COMPILED, dot_precision: str = "ieee",
     def add_layernorm_backward(params, cache, dy):
         return layernorm.add_layernorm_backward(params, cache, dy, **launch)
 
+    def check_model(model):
+        try:
+            attention.check_shape(1, model.seq_len, model.heads, model.head_dim)
+            if model.d_model > layernorm.MAX_WIDTH:
+                raise ValueError(f"add_layernorm: width {model.d_model} exceeds the one-tile limit "
+                                 f"{layernorm.MAX_WIDTH}")
+        except ValueError as err:
+            fits = [h for h in range(1, model.d_model + 1)
+                    if model.d_model % h == 0 and model.d_model // h in (16, 32, 64, 128)]
+            hint = f"; model.heads = {' or '.join(map(str, fits))} would fit" if fits else ""
+            raise ValueError(f"the fused kernels cannot run this model (model.d_model "
+                             f"{model.d_model}, model.heads {model.heads}): {err}{hint}") from None
+
     # Triton's interpreter runs tl.dot as a float32 matmul whatever its input_precision
     exact = "; the interpreter computes dots exactly" if dot_precision != "ieee" and not launcher.on_gpu else ""
     return Ops(
@@ -96,4 +109,5 @@ def fused_ops(launcher: Launcher = COMPILED, dot_precision: str = "ieee",
         description=f"fused Triton kernels ({launcher.name}, dot precision {dot_precision}, "
                     f"attention {kernel}{exact})",
         partitionable=False,
+        check_model=check_model,
     )

@@ -163,6 +163,35 @@ def test_build_ops_on_a_gpu_without_jax_triton_says_what_to_install(monkeypatch)
     assert cmdline.build_ops(_ops_args("--fused", "--interpret")).name == "fused"
 
 
+def test_fused_with_a_head_dim_the_kernels_do_not_take_is_refused_before_any_work(tmp_path, capsys):
+    """Dh = 48 / 2 = 24: a ValueError traceback from inside the first jitted step (exit code 1),
+    in train.py and evaluate.py alike; now a usage error naming the keys, and the heads that fit,
+    before the data loads."""
+    import evaluate  # noqa: PLC0415
+    import train  # noqa: PLC0415
+    from kernels import INTERPRETED, fused_ops  # noqa: PLC0415
+    from vit import ViTConfig  # noqa: PLC0415
+
+    fused = fused_ops(INTERPRETED)
+    fused.check_model(ViTConfig())  # Dh = 32
+    REFERENCE.check_model(ViTConfig(d_model=48, heads=2))
+    with pytest.raises(ValueError, match=r"model.d_model 48, model.heads 2\): .*Dh = .* = 24; the kernel "
+                                         r"needs a power of two from 16 to 128; model.heads = 3 would fit"):
+        fused.check_model(ViTConfig(d_model=48, heads=2))
+    small = ["--dataset", "digits", "--epochs", "1", "--set", "model.layers=1", "--set", "model.d_model=48",
+             "--set", "model.mlp_dim=32", "--no-progress"]
+    run = tmp_path / "run"
+    assert train.main([*small, "--set", "model.heads=2", "--out", str(run)]) == 0  # the reference runs it
+    capsys.readouterr()
+    for main, args in ((train.main, [*small, "--set", "model.heads=2", "--out", str(tmp_path / "x")]),
+                       (evaluate.main, [str(run)])):
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--fused", "--interpret"])
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and "--fused: the fused kernels cannot run this model" in err, err
+        assert "Traceback" not in err and "data:" not in out, out
+
+
 @pytest.mark.parametrize("flag_type, text, said", [
     ("retries", "-1", "must be 0 or more, got -1"), ("retries", "x", "must be an integer, got 'x'"),
     ("positive", "0", "must be a positive integer, got 0"),

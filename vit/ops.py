@@ -18,10 +18,16 @@ from typing import Callable, NamedTuple
 from vit import layers
 
 
+def any_model(model) -> None:
+    """The reference layers run every ViTConfig."""
+
+
 class Ops(NamedTuple):
     """One op set. ``partitionable``: XLA's SPMD partitioner can split these ops over a batch
     sharded across devices (plain jnp code can; custom calls such as Triton kernels cannot, so
-    vit.parallel runs those per device under shard_map)."""
+    vit.parallel runs those per device under shard_map). ``check_model(model)``: a ValueError,
+    naming the model's keys, for a ViTConfig these ops cannot run (a command asks before any
+    work; the ops themselves would fail only inside the first jitted step)."""
 
     name: str
     attention_forward: Callable
@@ -30,6 +36,7 @@ class Ops(NamedTuple):
     add_layernorm_backward: Callable
     description: str = ""
     partitionable: bool = False
+    check_model: Callable = any_model
 
 
 REFERENCE = Ops(
@@ -42,6 +49,7 @@ REFERENCE = Ops(
     partitionable=True,
 )
 
-# the names of the functions (every field but the three that describe the set), for code that
+# the names of the functions (every field but the four that describe the set), for code that
 # swaps or wraps them one at a time
-FUNCTIONS = tuple(f for f in Ops._fields if f not in ("name", "description", "partitionable"))
+FUNCTIONS = tuple(f for f in Ops._fields if f not in ("name", "description", "partitionable",
+                                                      "check_model"))
