@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -361,3 +362,20 @@ def test_config_gelu_reaches_every_blocks_ffn_forward_and_backward(norm, gelu, m
     for i, (g, h) in enumerate(zip(grads["blocks"], other_grads["blocks"])):
         for w in ("fc1", "fc2"):
             assert not np.allclose(g["ffn"][w]["w"], h["ffn"][w]["w"], rtol=0, atol=1e-5), (i, w)
+
+
+def test_labels_outside_the_classes_or_the_batch_are_errors():
+    """jax.nn.one_hot makes a label of 10 (or -1) among 10 classes a row of zeros: that image's
+    loss was 0 and its gradient none, without a word (1-based labels, say). Known labels are
+    checked; under jit, where they are not, the data loader's labels are in range by building."""
+    cfg = small(layers=1)
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images, _ = batch(cfg, 2)
+    x = images.astype(jnp.float32) / 255.0
+    for labels, said in (([0, 10], "from 0 to 9 (num_classes 10), got 0 to 10"), ([-1, 3], "got -1 to 3"),
+                         ([0, 1, 2], "for 2 images, got shape (3,)")):
+        for fn in (vit.loss, vit.loss_and_grads, vit.image_gradient):
+            with pytest.raises(ValueError, match=re.escape(said)):
+                fn(params, x, jnp.asarray(labels), cfg)
+    traced = jax.jit(lambda labels: vit.loss(params, x, labels, cfg))(jnp.asarray([0, 9]))
+    assert traced == pytest.approx(float(vit.loss(params, x, jnp.asarray([0, 9]), cfg)), rel=1e-6)

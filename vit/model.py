@@ -252,12 +252,22 @@ def _check_images(images, config: ViTConfig):
             f"got shape {tuple(images.shape)}")
 
 
-def _targets(labels, config: ViTConfig, label_smoothing):
-    """Integer labels (B,) -> (smoothed) one-hot; soft targets (B, K) pass through."""
+def _targets(labels, logits, config: ViTConfig, label_smoothing):
+    """Integer labels (B,) -> (smoothed) one-hot; soft targets (B, K) pass through. A ValueError
+    for another batch than the logits', and, when the labels are known (not traced under jit),
+    for one outside 0..K-1: one_hot makes it a row of zeros, a loss of 0 without a word."""
+    labels, k = jnp.asarray(labels), config.num_classes
+    if labels.ndim not in (1, 2) or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must be (batch,) class indices or (batch, {k}) soft targets for "
+                         f"{logits.shape[0]} images, got shape {tuple(labels.shape)}")
     if labels.ndim == 1:
-        return layers.one_hot_targets(labels, config.num_classes, label_smoothing)
-    if labels.shape[-1] != config.num_classes:
-        raise ValueError(f"soft targets must be (batch, {config.num_classes}), got {labels.shape}")
+        if not isinstance(labels, jax.core.Tracer) and labels.size and (
+                int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise ValueError(f"labels must be class indices from 0 to {k - 1} (num_classes {k}), "
+                             f"got {int(labels.min())} to {int(labels.max())}")
+        return layers.one_hot_targets(labels, k, label_smoothing)
+    if labels.shape[-1] != k:
+        raise ValueError(f"soft targets must be (batch, {k}), got {labels.shape}")
     return labels
 
 
@@ -275,7 +285,7 @@ def loss(params, images, labels, config: ViTConfig, *, label_smoothing=0.0,
          ops: Ops = REFERENCE, key=None):
     """Mean softmax cross-entropy. labels: int (B,) or soft targets (B, K)."""
     logits = forward(params, images, config, ops=ops, key=key)
-    value, _ = layers.cross_entropy_forward(logits, _targets(labels, config, label_smoothing))
+    value, _ = layers.cross_entropy_forward(logits, _targets(labels, logits, config, label_smoothing))
     return value
 
 
@@ -283,7 +293,7 @@ def loss_and_grads(params, images, labels, config: ViTConfig, *, label_smoothing
                    ops: Ops = REFERENCE, key=None):
     """(loss, grads) with grads the same pytree as params, from the hand-written backward."""
     logits, cache = model_forward(params, images, config, ops, key)
-    value, c_loss = layers.cross_entropy_forward(logits, _targets(labels, config, label_smoothing))
+    value, c_loss = layers.cross_entropy_forward(logits, _targets(labels, logits, config, label_smoothing))
     grads, _ = model_backward(params, cache, layers.cross_entropy_backward(c_loss), config, ops)
     return value, grads
 
@@ -291,7 +301,7 @@ def loss_and_grads(params, images, labels, config: ViTConfig, *, label_smoothing
 def image_gradient(params, images, labels, config: ViTConfig, *, label_smoothing=0.0):
     """d loss / d images (B, S, S, C): saliency maps from the same hand-written backward."""
     logits, cache = model_forward(params, images, config)
-    _, c_loss = layers.cross_entropy_forward(logits, _targets(labels, config, label_smoothing))
+    _, c_loss = layers.cross_entropy_forward(logits, _targets(labels, logits, config, label_smoothing))
     _, dimages = model_backward(params, cache, layers.cross_entropy_backward(c_loss), config,
                                 need_dimages=True)
     return dimages
