@@ -106,6 +106,9 @@ def parse_shape(spec: str):
             attention.check_shape(*dims)
         except ValueError as err:
             raise ValueError(f"bad shape {spec!r}: {err}") from None
+    if kind == "ln" and dims[1] > layernorm.MAX_WIDTH:
+        raise ValueError(f"bad shape {spec!r}: width {dims[1]} exceeds the add+LN kernel's one-tile "
+                         f"limit {layernorm.MAX_WIDTH}")
     return kind, dims, bool(flags)
 
 
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
     header = f"{'case':<38} {'tensor':<7} {'shape':<16} {'max_abs':>10} {'rel':>10} {'nonfin':>6} {'sec':>5}  ok"
     print(header)
     print("-" * len(header))
-    failures = skipped = 0
+    failures = skipped = ran = 0
     key = jax.random.PRNGKey(seed)
     for i, spec in enumerate(shapes):
         kind, dims, _ = parse_shape(spec)
@@ -262,7 +265,7 @@ def main(argv=None) -> int:
             with poisoned_outputs(), exact_float32_dots():
                 rows = check(spec, ops[kernel], reference_ops(kernel), jax.random.fold_in(key, i),
                              args.dtype, tol)
-            dt = time.perf_counter() - t0
+            dt, ran = time.perf_counter() - t0, ran + 1
             for j, (name, shape, max_abs, rel, nonfinite, ok) in enumerate(rows):
                 failures += not ok
                 shape_s = "x".join(str(s) for s in shape)
@@ -270,10 +273,11 @@ def main(argv=None) -> int:
                 print(f"{label if j == 0 else '':<38} {name:<7} {shape_s:<16} {max_abs:>10.2e} {rel:>10.2e} "
                       f"{nonfinite:>6} {sec:>5}  {'ok' if ok else 'FAIL'}", flush=True)
     print("-" * len(header))
-    print("all tensors within tolerance" if not failures else f"{failures} tensor(s) over tolerance or non-finite")
+    print(f"{failures} tensor(s) over tolerance or non-finite" if failures
+          else "all tensors within tolerance" if ran else "nothing checked: every case was skipped")
     if skipped:
         print(f"{skipped} case(s) skipped (not run, not passed)")
-    return 1 if failures else 0
+    return 1 if failures or not ran else 0
 
 
 if __name__ == "__main__":

@@ -253,3 +253,17 @@ def test_a_dot_precision_with_bf16_compute_gets_a_note(monkeypatch, capsys, tmp_
         train.main(["--dataset", "digits", "--fused", "--interpret", "--dot-precision", "tf32",
                     "--compute-dtype", "bf16", "--out", str(tmp_path / "run")])
     assert "changes nothing" not in capsys.readouterr().err
+
+
+def test_kernel_gradcheck_refuses_a_width_no_kernel_takes_and_fails_when_it_checked_nothing(capsys):
+    """ln:3x70000 was a ValueError traceback from inside the run (the cases after it never ran);
+    a run whose every case was skipped said "all tensors within tolerance" and exited 0."""
+    from oracle import kernel_gradcheck
+
+    with pytest.raises(SystemExit) as e:
+        kernel_gradcheck.main(["--interpret", "--shapes", "ln:3x70000:r"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "width 70000 exceeds the add+LN kernel's one-tile limit 16384" in err, err
+    assert kernel_gradcheck.main(["--interpret", "--kernel", "one-tile", "--shapes", "attn:1x1100x1x16"]) == 1
+    out = capsys.readouterr().out
+    assert "nothing checked: every case was skipped" in out and "within tolerance" not in out, out
