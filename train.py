@@ -141,6 +141,22 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
+def image_size_note(config, written: int, data) -> list[str]:
+    """A note when a config file's model.image_size (a preset's 224) is not the size the data
+    will come at, which the model takes: such a run trained at 64 px without a word."""
+    from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
+    from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415
+
+    native = NATIVE_IMAGE_SIZE.get(data.dataset)
+    size = native or data.image_size or DEFAULT_IMAGE_SIZE
+    if size == written:
+        return []
+    how = (f"{data.dataset} comes at that size only" if native else
+           f"for {written}-pixel images give --set data.image_size={written}")
+    return [f"train.py: note: --config {config} has model.image_size = {written}, and the model "
+            f"takes the data's size: {size}x{size} here ({how})"]
+
+
 def resolve_config(args, notes: list | None = None):
     """The run's RunConfig from --config or --resume's config.json, flags and --set; a
     ConfigError or resume.ResumeError (or a fail()) naming the flag at fault. notes: a list that takes the notes on what was given (--resume's
@@ -197,6 +213,9 @@ def resolve_config(args, notes: list | None = None):
                     f"train.epochs = {t.epochs}: the learning rate rises all run long and peaks "
                     f"at {t.hparams.lr * t.epochs / t.warmup_epochs:.3g}, not train.lr = "
                     f"{t.hparams.lr:g}")
+    written = base.get("model", {}).get("image_size")  # by --config's file (no flag set it)
+    if args.config is not None and not args.resume and "model.image_size" not in sources and written:
+        said += image_size_note(args.config, written, cfg.data)
     followed = [sources[k] for k in ("model.image_size", "model.channels", "model.num_classes")
                 if k in sources]
     said += [f"train.py: note: {', '.join(followed)}: the model takes its image size, channels "

@@ -298,3 +298,21 @@ def test_a_preset_trains_on_an_image_folder_at_its_patch_grid(tmp_path):
     model = json.loads((out / "config.json").read_text())["model"]
     assert (model["image_size"], model["patch_size"], model["d_model"]) == (48, 16, 192)
     assert evaluate.evaluate(out, "last", progress=False)["count"] > 0
+
+
+@pytest.mark.parametrize("extra, said", [
+    ([], "vit-ti16.toml has model.image_size = 224, and the model takes the data's size: 64x64 here "
+         "(for 224-pixel images give --set data.image_size=224)"),
+    (["--set", "data.image_size=224"], None),
+    (["--dataset", "digits", "--set", "model.patch_size=4"],
+     "the model takes the data's size: 8x8 here (digits comes at that size only)")])
+def test_a_preset_whose_image_size_the_data_will_not_have_says_so(tmp_path, capsys, extra, said):
+    """ViT-Ti/16 (224 px) on an image folder trained at the folder's default 64 px, with no word
+    but the model line; a flag's change was noted, the file's not."""
+    from vit.data.fake import write_fake_image_folder
+
+    folder = [] if "digits" in extra else ["--data-dir", str(write_fake_image_folder(tmp_path / "f"))]
+    train.resolve_config(train.parse_args(["--config", str(runconfig.CONFIG_DIR / "vit-ti16.toml"),
+                                           *folder, *extra]))
+    err = capsys.readouterr().err
+    assert (said in err) if said else "model.image_size" not in err, err
