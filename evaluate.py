@@ -31,7 +31,7 @@ def build_parser():
                    help="which checkpoint of the run (default: best)")
     p.add_argument("--data-dir", default=None, help="override the run's data.data_dir")
     p.add_argument("--batch-size", type=cmdline.positive_int, default=256,
-                   help="evaluation batch size")
+                   help="images per forward pass (of the evaluation, or of --predict)")
     p.add_argument("--per-class", action="store_true",
                    help="print per-class accuracy and write the confusion matrix PNG")
     p.add_argument("--saliency", type=cmdline.positive_int, default=0, metavar="N",
@@ -189,7 +189,7 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
     try:
         ops = cmdline.build_ops(args)
         run = load_run(args.run_dir, args.checkpoint)
-        cmdline.check_ops_run(ops, run.model)
+        cmdline.check_ops_run(ops, run.model)  # before the data loads
         check_interrupt()
         val = explain.load_val(run, args.data_dir, progress=not args.no_progress)
         check_interrupt()
@@ -253,7 +253,8 @@ def predict(args) -> int:
             data_dir = args.data_dir or explain.run_data(run).data_dir
             raise DatasetError(f"{data_dir} has {len(names)} classes and the model of {args.run_dir} "
                                f"{run.model.num_classes} classes: pass the --data-dir it was trained on")
-        predictions, not_read = predict_files(run, args.predict, names)
+        predictions, not_read = predict_files(run, args.predict, names,
+                                              batch_size=args.batch_size)
     except (FileNotFoundError, DatasetError, CheckpointError, ConfigError) as err:
         fail(str(err))
     if not predictions:

@@ -174,12 +174,13 @@ def test_bad_accumulation_is_refused_naming_it():
 def test_batch_must_split_over_devices_and_micro_batches():
     training.check_batch_split(64, 4, 2)  # 8 rows per device per micro-batch
     training.check_batch_split(64, 1, 64)
-    # the value may come from the config file: named as the config's key, then the flag
-    with pytest.raises(training.RunError, match=r"^train.batch_size 62 \(--batch-size\) is not "
-                                                r"divisible by the 4 devices"):
+    # the value may come from the config file: named as the config's key, then the flags that fix it
+    with pytest.raises(training.RunError, match=r"^train.batch_size 62 is not divisible by the 4 "
+                                                r"devices in use; give --batch-size a multiple of 4, "
+                                                r"or use fewer devices \(--devices 2\)"):
         training.check_batch_split(62, 4, 1)
-    with pytest.raises(training.RunError, match=r"^train.batch_size 48 \(--batch-size\) does not "
-                                                r"split.*pick a multiple of 32"):
+    with pytest.raises(training.RunError, match=r"^train.batch_size 48 does not "
+                                                r"split.*give --batch-size a multiple of 32"):
         training.check_batch_split(48, 4, 8)  # 48 / 8 = 6 rows a micro-batch: not over 4 devices
 
 

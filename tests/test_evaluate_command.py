@@ -3,12 +3,14 @@ what was written (no traceback), the output names every file written and the op 
 that do not apply get a note, and a file given for the run directory is told what to give. The
 evaluation itself is faked here (tests/test_explain.py evaluates real runs)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 import evaluate
 from sigint import ctrl_c_swallowed_by_a_gc_callback
-from vit import explain, predict
+from vit import ViTConfig, explain, predict
 
 
 class Left(Exception):
@@ -29,7 +31,7 @@ def faked(monkeypatch, tmp_path):
         exits.append(code)
         raise Left
     monkeypatch.setattr(evaluate.os, "_exit", leave)
-    monkeypatch.setattr(evaluate, "load_run", lambda *args: "run")
+    monkeypatch.setattr(evaluate, "load_run", lambda *args: SimpleNamespace(model=ViTConfig()))
     monkeypatch.setattr(explain, "load_val", lambda *args, **kwargs: "val")
     result = {"checkpoint": str(tmp_path / "last.npz"), "epoch": 1, "step_in_epoch": 4,
               "top1": 0.5, "top5": 1.0, "loss": 0.7, "count": 4,
@@ -163,7 +165,7 @@ def test_a_ctrl_c_swallowed_by_a_garbage_collector_callback_still_stops_it(faked
 
     def ctrl_c_in_a_gc_callback(*args):
         ctrl_c_swallowed_by_a_gc_callback()
-        return "run"
+        return SimpleNamespace(model=ViTConfig())
     monkeypatch.setattr(evaluate, "load_run", ctrl_c_in_a_gc_callback)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -179,7 +181,6 @@ def test_the_runs_data_folder_is_the_one_config_json_names(tmp_path):
     """Seen: data moved, the run resumed with --data-dir NEW (config.json then named NEW), and
     evaluate.py of its best.npz, saved before the move, looked in the old folder."""
     import json
-    from types import SimpleNamespace
 
     from vit import runconfig
 
@@ -212,13 +213,11 @@ def test_a_class_without_validation_images_has_no_accuracy_in_the_table(faked, m
 
 def test_predict_says_which_checkpoint_answered(monkeypatch, tmp_path, capsys):
     """best.npz and last.npz may answer differently (74% against 99% seen): say which one did."""
-    from types import SimpleNamespace
-
     run = SimpleNamespace(path=tmp_path / "last.npz", meta={"epoch": 3, "step_in_epoch": 0},
                           class_names=["cat", "dog"], model=SimpleNamespace(num_classes=2))
     monkeypatch.setattr(evaluate, "load_run", lambda *args: run)
     monkeypatch.setattr(predict, "predict_files",
-                        lambda run_, paths, names: ([(paths[0], [("dog", 0.75), ("cat", 0.25)])], []))
+                        lambda run_, paths, names, batch_size: ([(paths[0], [("dog", 0.75), ("cat", 0.25)])], []))
     assert evaluate.main([str(tmp_path), "--checkpoint", "last", "--predict", "a.png"]) == 0
     out, err = capsys.readouterr()
     assert f"evaluate.py: the model of {tmp_path / 'last.npz'} (epoch 3):" in err, err

@@ -77,3 +77,16 @@ def test_a_run_whose_data_folder_moved_asks_for_data_dir(folders, tmp_path, caps
         assert "download" not in err, err
     assert quietly(evaluate.main, run, "--data-dir", moved, "--no-progress") == 0
     assert quietly(train.main, "--resume", run, "--data-dir", moved, "--epochs", 2, "--no-progress") == 0
+
+
+def test_evaluate_names_a_data_dir_that_is_not_there(tmp_path):
+    """"data directory X does not exist" named no flag; it is evaluate.py's --data-dir."""
+    import numpy as np
+
+    from vit import explain, runconfig
+    from vit.data import DatasetError
+
+    cfg = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": str(tmp_path)}})
+    run = explain.Run(tmp_path / "best.npz", {}, np.zeros(3), np.ones(3), cfg, {})
+    with pytest.raises(DatasetError, match=f"^--data-dir {tmp_path / 'nowhere'}: no such folder$"):
+        explain.load_val(run, tmp_path / "nowhere")

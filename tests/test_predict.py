@@ -54,8 +54,7 @@ def test_files_go_through_the_model_a_batch_at_a_time(run, tmp_path, monkeypatch
     whole, _ = predict.predict_files(run, paths, NAMES)
     shapes, forward = [], predict.jitted_forward
     monkeypatch.setattr(predict, "jitted_forward", lambda p, x, m: shapes.append(x.shape) or forward(p, x, m))
-    monkeypatch.setattr(predict, "BATCH", 3)
-    batched, not_read = predict.predict_files(run, paths, NAMES)
+    batched, not_read = predict.predict_files(run, paths, NAMES, batch_size=3)
     assert shapes == [(3, 8, 8, 3)] * 3 and not_read == []
     assert [path for path, _ in batched] == [str(p) for p in paths]
     for (_, a), (_, b) in zip(whole, batched):

@@ -127,6 +127,8 @@ def test_flops_command_prints_each_configs_figures_and_names_a_bad_one(tmp_path,
     assert flops.main([path, str(bad)]) == 2
     assert f"vit.flops: error: {bad}: ViTConfig.d_model=768" in capsys.readouterr().err
     assert flops.main(["--help"]) == 0 and "python -m vit.flops [CONFIG.toml ...]" in capsys.readouterr().out
+    assert flops.main([path, "--set", "model.layers=2"]) == 2  # was read as a file named --set
+    assert "vit.flops: error: unknown option --set; it takes config files" in capsys.readouterr().err
 
 
 def test_flops_command_gives_a_digits_config_the_model_train_py_builds(capsys):

@@ -114,6 +114,8 @@ def load_val(run: Run, data_dir=None, progress: bool = True):
     elif data.dataset in BUNDLED_DATASETS:  # load_dataset would ignore it: say so instead
         raise DatasetError(f"--data-dir {data_dir}: {run.path.parent} was trained on {data.dataset}; "
                            f"{BUNDLED_DATASETS[data.dataset]} (leave --data-dir out)")
+    elif not Path(data_dir).is_dir():
+        raise DatasetError(f"--data-dir {data_dir}: no such folder")
     val = load_dataset(data.dataset, data_dir or data.data_dir, "val", workers=data.workers,
                        progress=progress, image_size=run.model.image_size, layout=data.layout,
                        cache_dir=data.cache_dir)

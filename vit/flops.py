@@ -83,6 +83,11 @@ def main(argv=None) -> int:
     if any(p in ("-h", "--help") for p in paths):
         print(__doc__)
         return 0
+    flags = [p for p in paths if p.startswith("-")]
+    if flags:  # it takes config files only: --set x would be read as a file named "--set"
+        print(f"vit.flops: error: unknown option {flags[0]}; it takes config files (TOML) only: "
+              "python -m vit.flops [CONFIG.toml ...]", file=sys.stderr)
+        return 2
     if not paths:
         paths = sorted(str(p) for p in runconfig.CONFIG_DIR.glob("*.toml"))
     configs = []

@@ -5,8 +5,8 @@
 
 Each file is made the model's input as the image-folder cache makes its images
 (vit.data.image_folder.load_image: any size and mode, shorter side resized, centre crop), then
-normalised with the run's statistics. Files go through the model BATCH at a time, so thousands
-of them take no more memory than one batch; a file that cannot be read (missing, a folder, not an
+normalised with the run's statistics. Files go through the model batch_size at a time
+(evaluate.py's --batch-size), so thousands of them take no more memory than one batch; a file that cannot be read (missing, a folder, not an
 image) is named in not_read and the others are still predicted.
 """
 
@@ -20,7 +20,7 @@ from vit.data.cache import BadImage
 from vit.data.image_folder import printable
 from vit.explain import Run, jitted_forward, model_input
 
-BATCH = 64  # images per forward pass (the last one padded to it: one compile)
+BATCH = 64  # images per forward pass by default (the last one padded to it: one compile)
 
 
 def read_image(path, model) -> tuple[np.ndarray | None, str | None]:
@@ -38,7 +38,7 @@ def read_image(path, model) -> tuple[np.ndarray | None, str | None]:
         return None, str(err)
 
 
-def predict_files(run: Run, paths, class_names: list[str], k: int = 5):
+def predict_files(run: Run, paths, class_names: list[str], k: int = 5, batch_size: int = BATCH):
     """-> (predictions, not_read): predictions [(path, [(class name, probability), ...top k])]
     for the files that could be read, in the order given; not_read, a message naming each file
     that could not (read_image's)."""
@@ -46,7 +46,7 @@ def predict_files(run: Run, paths, class_names: list[str], k: int = 5):
         raise ValueError(f"{len(class_names)} class names for a model of {run.model.num_classes} classes")
     k = min(k, run.model.num_classes)
     predictions, not_read = [], []
-    batch = min(BATCH, len(paths))
+    batch = min(batch_size, len(paths))
     for start in range(0, len(paths), batch):
         read, images = [], []
         for path in paths[start : start + batch]:

@@ -196,12 +196,14 @@ def check_batch_split(batch_size: int, devices: int, accum_steps: int):
     """The global batch splits evenly over the devices and, on each, into accum_steps
     micro-batches (vit.step.accumulated_grads): a RunError naming what to change if not."""
     if batch_size % devices:
-        raise RunError(f"train.batch_size {batch_size} (--batch-size) is not divisible by the "
-                       f"{devices} devices in use; pick a multiple of {devices} or pass --devices")
+        fewer = max(d for d in range(1, devices) if batch_size % d == 0)
+        raise RunError(f"train.batch_size {batch_size} is not divisible by the {devices} devices "
+                       f"in use; give --batch-size a multiple of {devices}, or use fewer devices "
+                       f"(--devices {fewer})")
     if batch_size % (devices * accum_steps):
-        raise RunError(f"train.batch_size {batch_size} (--batch-size) does not split into "
+        raise RunError(f"train.batch_size {batch_size} does not split into "
                        f"{accum_steps} micro-batches (train.accum_steps) spread over the {devices} "
-                       f"devices in use; pick a multiple of {devices * accum_steps}")
+                       f"devices in use; give --batch-size a multiple of {devices * accum_steps}")
 
 
 def initial_state(cfg, train_set, resumed, run_dir):
