@@ -156,9 +156,9 @@ def load_checkpoint(run_dir: Path):
     from vit.runstate import RESUME_META, RESUME_TREES  # noqa: PLC0415
 
     def way_out(best, meta):
-        return (f"{best} is sound (end of epoch {meta['epoch']}): to continue from it, cp {quote(str(best))} "
-                f"{quote(str(run_dir / 'last.npz'))} and run python train.py --resume "
-                f"{quote(str(run_dir))} again.")
+        return (f"{best} is sound (end of epoch {meta['epoch']}): to continue from it, cp "
+                f"{quote(str(best))} {quote(str(run_dir / 'last.npz'))} and run python train.py "
+                f"--resume {quote(str(run_dir))} again.")
     try:
         return checkpoint.load_from_run(run_dir, "last", meta_keys=RESUME_META,
                                         trees=RESUME_TREES, way_out=way_out)

@@ -282,7 +282,8 @@ def choose_run_dir(args, cfg, main_process: bool) -> Path:
         best = run_dir / "best.npz"
         fail(f"--resume {run_dir}: no last.npz there to continue from, and starting again would "
              f"overwrite its {' and '.join(kept)}"
-             + (f"; to continue from best.npz, cp {quote(str(best))} {quote(str(run_dir / 'last.npz'))} and run again"
+             + (f"; to continue from best.npz, cp {quote(str(best))} "
+                f"{quote(str(run_dir / 'last.npz'))} and run again"
                 if best.exists() else ""))
     if kept:
         fail(f"--out {run_dir} holds {' and '.join(kept)} of an earlier run (with no last.npz to "

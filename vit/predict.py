@@ -5,9 +5,9 @@
 
 Each file is made the model's input as the image-folder cache makes its images
 (vit.data.image_folder.load_image: any size and mode, shorter side resized, centre crop), then
-normalised with the run's statistics. Files go through the model batch_size at a time
-(evaluate.py's --batch-size), so thousands of them take no more memory than one batch; a file that cannot be read (missing, a folder, not an
-image) is named in not_read and the others are still predicted.
+normalised with the run's statistics. Files go through the model batch_size at a time (evaluate.py's
+--batch-size), so thousands of them take no more memory than one batch; a file that cannot be read
+(missing, a folder, not an image) is named in not_read and the others are still predicted.
 """
 
 from __future__ import annotations

@@ -186,10 +186,11 @@ def check_same_data(meta: dict, train_set, where: str, run_dir: Path):
         raise RunError(str(err)) from None
     trained_on, found = meta.get("train_images"), len(train_set.labels)
     if trained_on is not None and trained_on != found:
+        where_in_run = position_in_words(meta["epoch"], meta["step_in_epoch"])
         raise RunError(f"{where} holds {found} training images, and the run in {run_dir} was "
-                       f"trained on {trained_on}: its position ("
-                       f"{position_in_words(meta['epoch'], meta['step_in_epoch'])}) would mean other batches and another schedule; "
-                       "give the --data-dir it was trained on, or start a new run on these images")
+                       f"trained on {trained_on}: its position ({where_in_run}) would mean other "
+                       "batches and another schedule; give the --data-dir it was trained on, or "
+                       "start a new run on these images")
 
 
 def check_batch_split(batch_size: int, devices: int, accum_steps: int):

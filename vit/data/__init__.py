@@ -27,9 +27,9 @@ To add a dataset kind (say a folder of .npz files):
     given (None when unset; only its Tiny ImageNet branch puts in DEFAULT_DATA_DIR).
   - the rules that name datasets: vit/runconfig.py _native_image_size and _validate_data,
     check_run_data_dir here and vit/explain.py load_val go by FOLDER_DATASETS/BUNDLED_DATASETS;
-    "digits" is named outright only where its size is known without loading (vit/flops.py
-    main, which a kind with a config of its own joins, or `python -m vit.flops` shows it at
-    64 px and 200 classes). `python -m vit.data prepare` (__main__.py) builds the cache of the two folder layouts
+    "digits" is named outright only where its size is known without loading (vit/flops.py main,
+    which a kind with a config of its own joins, or `python -m vit.flops` shows it at 64 px and 200
+    classes). `python -m vit.data prepare` (__main__.py) builds the cache of the two folder layouts
     only.
   - train.py: DATASETS (the --dataset choices, written out so that --help imports no jax;
     tests/test_config.py keeps it equal to this one), the --dataset and --data-dir help, and

@@ -75,7 +75,8 @@ def dataset_cache_dir(cache_root: str | os.PathLike, data_dir: str | os.PathLike
     """The folder in data.cache_dir for one dataset's caches: <name>-<hash of its absolute path>,
     so that one cache_dir serves many datasets without their caches replacing each other."""
     folder = Path(data_dir).expanduser().resolve()
-    return Path(cache_root).expanduser() / f"{folder.name}-{hashlib.sha256(os.fsencode(str(folder))).hexdigest()[:10]}"
+    digest = hashlib.sha256(os.fsencode(str(folder))).hexdigest()[:10]
+    return Path(cache_root).expanduser() / f"{folder.name}-{digest}"
 
 
 def fingerprint(root: Path, files: list[Path], method: str = "") -> str:
