@@ -379,3 +379,10 @@ def test_labels_outside_the_classes_or_the_batch_are_errors():
                 fn(params, x, jnp.asarray(labels), cfg)
     traced = jax.jit(lambda labels: vit.loss(params, x, labels, cfg))(jnp.asarray([0, 9]))
     assert traced == pytest.approx(float(vit.loss(params, x, jnp.asarray([0, 9]), cfg)), rel=1e-6)
+    # Labels closed over by a jitted function are known: checked, and a jnp reduction of them
+    # inside the trace would be a tracer (CI failed on int() of one).
+    good, bad = jnp.asarray([0, 9]), jnp.asarray([0, 10])
+    closed = jax.jit(lambda p: vit.loss_and_grads(p, x, good, cfg)[0])(params)
+    assert closed == pytest.approx(float(traced), rel=1e-6)
+    with pytest.raises(ValueError, match=re.escape("got 0 to 10")):
+        jax.jit(lambda p: vit.loss(p, x, bad, cfg))(params)

@@ -256,15 +256,17 @@ def _targets(labels, logits, config: ViTConfig, label_smoothing):
     """Integer labels (B,) -> (smoothed) one-hot; soft targets (B, K) pass through. A ValueError
     for another batch than the logits', and, when the labels are known (not traced under jit),
     for one outside 0..K-1: one_hot makes it a row of zeros, a loss of 0 without a word."""
+    # Known labels are read with numpy: a jnp reduction inside a jit trace is a tracer even of a
+    # concrete array closed over, and int() of it fails.
+    known = None if isinstance(labels, jax.core.Tracer) else np.asarray(labels)
     labels, k = jnp.asarray(labels), config.num_classes
     if labels.ndim not in (1, 2) or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"labels must be (batch,) class indices or (batch, {k}) soft targets for "
                          f"{logits.shape[0]} images, got shape {tuple(labels.shape)}")
     if labels.ndim == 1:
-        if not isinstance(labels, jax.core.Tracer) and labels.size and (
-                int(labels.min()) < 0 or int(labels.max()) >= k):
+        if known is not None and known.size and (known.min() < 0 or known.max() >= k):
             raise ValueError(f"labels must be class indices from 0 to {k - 1} (num_classes {k}), "
-                             f"got {int(labels.min())} to {int(labels.max())}")
+                             f"got {int(known.min())} to {int(known.max())}")
         return layers.one_hot_targets(labels, k, label_smoothing)
     if labels.shape[-1] != k:
         raise ValueError(f"soft targets must be (batch, {k}), got {labels.shape}")
