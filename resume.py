@@ -5,7 +5,7 @@ ResumeError naming the flag or file at fault (train.py prints it and exits 2):
     check_accum_steps(config, flag, run_dir)         # flags merged in, before from_dict
     notes += check_changes(saved, cfg, sources, run_dir)
     trees, meta = load_checkpoint(run_dir)           # last.npz, or a way out through best.npz
-    check_config_json(run_dir, meta)
+    notes += check_config_json(run_dir, meta, cfg)   # a note for each other difference
     check_position(meta, epochs, stop_after_epoch, run_dir)   # also for a new run (meta None)
 
 A change on --resume to what the checkpoint depends on (RESUME_FIXED) is refused; one that leaves
@@ -94,17 +94,22 @@ def check_accum_steps(config: dict, flag: str, run_dir: Path):
                       + (f" ({', '.join(map(str, fits))}, ...)" if fits else ""))
 
 
-def check_config_json(run_dir: Path, meta: dict):
-    """RUN_DIR/config.json against the config last.npz was saved with, on what the checkpoint
-    depends on (RESUME_FIXED): config.json edited by hand or copied from another run would resume
-    the weights and data position of one run as another (it did, silently)."""
+def check_config_json(run_dir: Path, meta: dict, cfg) -> list[str]:
+    """RUN_DIR/config.json against the config last.npz was saved with. On what the checkpoint
+    depends on (RESUME_FIXED) a difference is refused: config.json edited by hand or copied from
+    another run would resume the weights and data position of one run as another (it did,
+    silently). Any other (--lr on a resume killed before its first checkpoint, a key deleted by
+    hand and so at its default) the run takes from config.json, unless a flag set it in RunConfig
+    `cfg` (check_changes noted that): -> a note for each; they went unsaid."""
     from vit import runconfig  # noqa: PLC0415
 
     saved, last = run_dir / "config.json", run_dir / "last.npz"
     if not saved.is_file():  # gone: the run goes on with last.npz's own config (saved_config)
-        return
-    ours = runconfig.from_dict(read_config_json(saved), str(saved))
+        return []
+    written = read_config_json(saved)
+    ours = runconfig.from_dict(written, str(saved))
     theirs = runconfig.from_dict(meta["config"], f"{last} (its config)")
+    notes, running = [], cfg.to_dict()
     for name, was, value, why in config_changes(theirs, ours):
         if why:
             raise ResumeError(
@@ -112,6 +117,13 @@ def check_config_json(run_dir: Path, meta: dict):
                 f"run with {name} = {was!r}: config.json was changed or comes from another run; "
                 "put the run's own back (changes go in flags or --set), or start a new run "
                 "with --out")
+        section, key = name.split(".", 1)
+        if name not in RESUME_SAME_RUN and running[section].get(key) == value:
+            has = (f"has {name} = {value!r}" if key in written.get(section, {})
+                   else f"has no {name} (the default is {value!r})")
+            notes.append(f"train.py: note: {saved} {has}, but {last} was saved with {was!r}: "
+                         f"resuming with {value!r} (--set {name}=... chooses)")
+    return notes
 
 
 def check_changes(saved, cfg, sources: dict, run_dir: Path) -> list[str]:

@@ -337,7 +337,7 @@ def start(args, check_interrupt=lambda: None):
         resumed = resume.load_checkpoint(run_dir) if args.resume and (run_dir / "last.npz").exists() \
             else None
         if resumed is not None:
-            resume.check_config_json(run_dir, resumed[1])
+            notes += resume.check_config_json(run_dir, resumed[1], cfg)
         resume.check_position(resumed and resumed[1], cfg.train.epochs, args.stop_after_epoch, run_dir)
         if main_process:  # once per run, as the run's other output
             for note in notes:

@@ -142,3 +142,24 @@ def test_a_run_one_step_past_its_epochs_is_refused():
     resume.check_position({"epoch": 3, "step_in_epoch": 0}, 3, None, Path("run"))  # finished
     with pytest.raises(resume.ResumeError, match="epoch 4, step 1, past train.epochs = 3"):
         resume.check_position({"epoch": 3, "step_in_epoch": 1}, 3, None, Path("run"))
+
+
+def test_config_json_values_the_checkpoint_was_not_saved_with_are_named(run_copy, capsys):
+    """config.json edited by hand (or left by a resume that stopped before its first checkpoint)
+    on a key the checkpoint does not fix: the run took config.json's value, a deleted key its
+    default, without a word. A flag still wins, with its own note and none for config.json."""
+    from vit import runconfig
+
+    path, last = run_copy / "config.json", run_copy / "last.npz"
+    config = json.loads(path.read_text())
+    was, decay = config["train"].pop("lr"), config["train"]["weight_decay"]
+    config["train"]["weight_decay"] = decay + 0.125
+    path.write_text(json.dumps(config))
+    default = runconfig.from_dict({}).to_dict()["train"]["lr"]
+    assert default != was  # the digits run's lr is its config's, not the default
+    assert run_train("--resume", run_copy, "--no-progress", "--set", "train.weight_decay=0.5") == 0
+    err = capsys.readouterr().err
+    assert f"note: {path} has no train.lr (the default is {default!r}), but {last} was saved " \
+           f"with {was!r}: resuming with {default!r}" in err, err
+    assert "has train.weight_decay" not in err, err
+    assert f"train.weight_decay = 0.5 (the run had {decay + 0.125!r})" in err, err
