@@ -267,3 +267,30 @@ def test_kernel_gradcheck_refuses_a_width_no_kernel_takes_and_fails_when_it_chec
     assert kernel_gradcheck.main(["--interpret", "--kernel", "one-tile", "--shapes", "attn:1x1100x1x16"]) == 1
     out = capsys.readouterr().out
     assert "nothing checked: every case was skipped" in out and "within tolerance" not in out, out
+
+
+def test_fused_check_model_names_every_head_count_that_fits_and_the_layernorm_width_limit():
+    """The hint lists each model.heads whose head dim the kernels take (16, 32, 64 and 128); a
+    width past the add+LayerNorm kernel's one tile is refused too, before any step runs."""
+    from kernels import INTERPRETED, fused_ops, layernorm  # noqa: PLC0415
+    from vit import ViTConfig  # noqa: PLC0415
+
+    fused = fused_ops(INTERPRETED)
+    with pytest.raises(ValueError, match=r"model.d_model 256, model.heads 1\): .*; model.heads = 2 or 4 or 8 "
+                                         r"or 16 would fit$"):
+        fused.check_model(ViTConfig(d_model=256, heads=1, mlp_dim=64))
+    wide = 2 * layernorm.MAX_WIDTH
+    with pytest.raises(ValueError, match=f"add_layernorm: width {wide} exceeds the one-tile limit "
+                                         f"{layernorm.MAX_WIDTH}$"):  # no head count to offer
+        fused.check_model(ViTConfig(d_model=wide, heads=wide // 64, mlp_dim=64))
+
+
+def test_kernel_gradcheck_takes_the_add_layernorm_width_up_to_its_one_tile_limit_exactly():
+    """The refusal sits at layernorm.MAX_WIDTH: that width is a case, one more is not."""
+    from kernels import layernorm  # noqa: PLC0415
+    from oracle import kernel_gradcheck  # noqa: PLC0415
+
+    assert kernel_gradcheck.parse_shape(f"ln:3x{layernorm.MAX_WIDTH}")[1] == (3, layernorm.MAX_WIDTH)
+    with pytest.raises(ValueError, match=f"width {layernorm.MAX_WIDTH + 1} exceeds the add\\+LN kernel's "
+                                         f"one-tile limit {layernorm.MAX_WIDTH}"):
+        kernel_gradcheck.parse_shape(f"ln:3x{layernorm.MAX_WIDTH + 1}")

@@ -90,3 +90,18 @@ def test_ctrl_c_while_preparing_says_what_is_kept(folders, monkeypatch, capsys):
     assert cli.main(["prepare", "--data-dir", str(folders[0]), "--quiet"]) == 130
     assert "python -m vit.data prepare: interrupted; a cache half-built is not kept (one complete " \
            "is): the same command builds what is missing" in capsys.readouterr().err
+
+
+def test_a_data_folder_whose_name_is_not_utf8_gets_a_cache_dir(tmp_path):
+    """A folder unpacked from a zip made on Windows (Latin-1 bytes, kept by Python as surrogates):
+    its cache sub-folder is named from its bytes, not a UnicodeEncodeError."""
+    import hashlib
+    import os
+
+    from vit.data.cache import dataset_cache_dir
+
+    data = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+    os.mkdir(data)
+    folder = dataset_cache_dir(tmp_path / "cache", data)
+    digest = hashlib.sha256(os.fsencode(str(Path(data).resolve()))).hexdigest()[:10]
+    assert folder == tmp_path / "cache" / f"{Path(data).name}-{digest}"

@@ -58,7 +58,7 @@ def test_green_only_images_train_and_a_changed_training_set_is_refused_on_resume
     meta = checkpoint.read_meta(run / "last.npz")
     assert np.isfinite(meta["history"][0]["train_loss"]) and meta["std"][0] == 1.0, meta["history"]
     assert meta["train_images"] == 8
-    for n in (5, 7):  # more images (other batches, silently), then fewer (a traceback, before)
+    for n in (5, 7):  # more images (other batches, silently, before); fewer: the test below
         green_only_folder(data, train_per_class=n)
         with pytest.raises(SystemExit) as e:
             train.main(["--resume", str(run), "--no-progress"])
@@ -157,3 +157,51 @@ def test_a_val_class_spelled_in_another_unicode_form_is_the_same_class(tmp_path)
     val = load_image_folder(root, "val", image_size=8, workers=1, progress=False)
     assert val.class_names == ["bright", unicodedata.normalize("NFD", "café")]
     assert sorted(val.labels.tolist()) == [0, 0, 1, 1]
+
+
+def test_a_training_set_with_fewer_images_is_refused_on_resume(tmp_path, capsys):
+    """The other direction from more images: 6 found for a run trained on 8 (the old resume
+    ended in a traceback). green_only_folder only adds files, so this one removes them."""
+    data, run = green_only_folder(tmp_path / "gfp"), tmp_path / "run"
+    assert train.main([*SMALL, "--data-dir", str(data), "--epochs", "2", "--stop-after-epoch", "1",
+                       "--out", str(run)]) == 130
+    capsys.readouterr()
+    for name in ("dim", "bright"):
+        (data / "train" / name / "3.png").unlink()
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert f"{data} (data.data_dir) holds 6 training images, and the run in {run} was trained " \
+           "on 8: its position (the end of epoch 1) would mean other batches" in err, err
+
+
+def test_a_float_image_with_nan_is_refused_not_read_as_black(tmp_path):
+    """nan pixels compare false with both bounds: without the isfinite check they became 0."""
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    ramp[0, 0] = np.nan
+    with pytest.raises(BadImage, match=r"nan.tif: .*float images are read in 0..1 or 0..255"):
+        load_image(tif(tmp_path / "nan.tif", ramp), 8)
+
+
+def test_a_big_endian_16_bit_tiff_keeps_its_top_8_bits(tmp_path):
+    """Pillow opens a big-endian 16-bit TIFF as mode "I;16B" (not "I;16"): the same top 8 bits."""
+    wide = (np.arange(64, dtype=np.uint16) * 1000).reshape(8, 8)
+    path = tif(tmp_path / "big.tif", wide.astype(">u2"))
+    assert Image.open(path).mode == "I;16B"
+    np.testing.assert_array_equal(load_image(path, 8)[..., 0], (wide >> 8).astype(np.uint8))
+
+
+def test_a_checkpoint_saved_before_train_images_was_kept_resumes_unchecked(tmp_path):
+    """A last.npz from before the count was saved has no train_images: its run resumes (as the
+    docstring promises), where a run that saved the count is held to it."""
+    from types import SimpleNamespace
+
+    from vit import training
+
+    found = SimpleNamespace(class_names=["a", "b"], labels=np.zeros(6, np.int32))
+    old = {"epoch": 1, "step_in_epoch": 0, "class_names": ["a", "b"]}
+    training.check_same_data(old, found, "data", tmp_path)
+    with pytest.raises(training.RunError, match="data holds 6 training images, and the run in .* was "
+                                                "trained on 8"):
+        training.check_same_data({**old, "train_images": 8}, found, "data", tmp_path)

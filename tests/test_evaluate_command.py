@@ -303,3 +303,17 @@ def test_the_notes_on_flags_that_do_not_apply_go_to_stderr(faked, monkeypatch, c
     out, err = capsys.readouterr()
     assert "--fused --interpret applies to the evaluation; --saliency and --attention run" in err
     assert "(4 validation images)" in out and "all there are" not in out, out
+
+
+@pytest.mark.parametrize("name, says", [
+    ("best.npz", "python evaluate.py '{dir}' --checkpoint best"),
+    ("nine.png", "python evaluate.py RUN_DIR --predict '{dir}/nine.png'")])
+def test_a_file_in_a_folder_with_a_space_is_told_a_command_that_pastes(tmp_path, capsys, name, says):
+    """The command offered is pasted into a shell: a path with a space in it is quoted."""
+    folder = tmp_path / "my run"
+    folder.mkdir()
+    (folder / name).write_bytes(b"x")
+    with pytest.raises(SystemExit):
+        evaluate.main([str(folder / name)])
+    err = capsys.readouterr().err
+    assert says.format(dir=folder) in err, err

@@ -318,3 +318,16 @@ def test_a_preset_whose_image_size_the_data_will_not_have_says_so(tmp_path, caps
                                            *folder, *extra]))
     err = capsys.readouterr().err
     assert (said in err) if said else "model.image_size" not in err, err
+
+
+def test_a_preset_image_size_overridden_by_a_flag_gets_no_note_from_the_file(tmp_path, capsys):
+    """--set model.image_size replaces the file's 224 (in the merged config too): the note on the
+    file's value is not given for the flag's (which has its own note: the model follows the data)."""
+    from vit.data.fake import write_fake_image_folder
+
+    folder = write_fake_image_folder(tmp_path / "f")
+    train.resolve_config(train.parse_args(["--config", str(runconfig.CONFIG_DIR / "vit-ti16.toml"),
+                                           "--data-dir", str(folder), "--set", "model.image_size=32"]))
+    err = capsys.readouterr().err
+    assert "--set model.image_size=32: the model takes its image size" in err, err
+    assert "has model.image_size" not in err, err

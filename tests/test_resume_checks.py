@@ -163,3 +163,20 @@ def test_config_json_values_the_checkpoint_was_not_saved_with_are_named(run_copy
            f"with {was!r}: resuming with {default!r}" in err, err
     assert "has train.weight_decay" not in err, err
     assert f"train.weight_decay = 0.5 (the run had {decay + 0.125!r})" in err, err
+
+
+def test_a_config_json_value_kept_by_hand_is_named_and_a_same_run_key_is_not(run_copy, capsys):
+    """config.json edited by hand on a key it still has (no flag sets it): the note gives
+    config.json's value, the one the run resumes with. A key of RESUME_SAME_RUN (data.workers:
+    how the cache is decoded, not what it holds) is taken without a note."""
+    path, last = run_copy / "config.json", run_copy / "last.npz"
+    config = json.loads(path.read_text())
+    decay = config["train"]["weight_decay"]
+    config["train"]["weight_decay"] = decay + 0.125
+    config["data"]["workers"] = (config["data"].get("workers") or 1) + 3
+    path.write_text(json.dumps(config))
+    assert run_train("--resume", run_copy, "--no-progress") == 0
+    err = capsys.readouterr().err
+    assert f"note: {path} has train.weight_decay = {decay + 0.125!r}, but {last} was saved with " \
+           f"{decay!r}: resuming with {decay + 0.125!r} (--set train.weight_decay=... chooses)" in err, err
+    assert "data.workers" not in err, err

@@ -150,3 +150,37 @@ def test_an_unwritable_out_gets_the_hint_its_error_calls_for(tmp_path, capsys, m
     with pytest.raises(SystemExit):
         train.check_writable(tmp_path, "--resume")
     assert "copy the run somewhere writable and --resume it there" in capsys.readouterr().err
+
+
+def test_commands_offered_for_a_run_folder_with_a_space_are_shell_quoted(tmp_path, capsys):
+    """A run directory such as "my run": each command a message offers (continue with --resume,
+    cp best.npz to last.npz, evaluate the other checkpoint) is pasted into a shell, so the paths
+    in it are quoted (shlex.quote); unquoted, the shell splits them into two arguments."""
+    import evaluate  # noqa: PLC0415
+    from shlex import quote  # noqa: PLC0415
+
+    out = tmp_path / "my run"
+    best, last = out / "best.npz", out / "last.npz"
+    assert train.main([*QUICK, "--epochs", "2", "--stop-after-epoch", "1", "--out", str(out)]) == 130
+    assert f"continue with python train.py --resume {quote(str(out))}" in capsys.readouterr().out
+    sound = last.read_bytes()
+    last.write_bytes(sound[: len(sound) // 2])  # damaged: best.npz is the way out
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--resume", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert f"cp {quote(str(best))} {quote(str(last))} and run python train.py --resume {quote(str(out))} " \
+           "again" in err, err
+    last.write_bytes(sound)
+    best_bytes = best.read_bytes()
+    best.write_bytes(best_bytes[: len(best_bytes) // 2])  # damaged: last.npz is the way out
+    with pytest.raises(SystemExit):
+        evaluate.main([str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert f"evaluate it with python evaluate.py {quote(str(out))} --checkpoint last" in err, err
+    best.write_bytes(best_bytes)
+    last.unlink()
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--resume", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"cp {quote(str(best))} {quote(str(last))} and run again" in err, err
