@@ -92,9 +92,11 @@ def fused_ops(launcher: Launcher = COMPILED, dot_precision: str = "ieee",
                 raise ValueError(f"add_layernorm: width {model.d_model} exceeds the one-tile limit "
                                  f"{layernorm.MAX_WIDTH}")
         except ValueError as err:
-            fits = [h for h in range(1, model.d_model + 1)
-                    if model.d_model % h == 0 and model.d_model // h in (16, 32, 64, 128)]
-            hint = f"; model.heads = {' or '.join(map(str, fits))} would fit" if fits else ""
+            d, dims = model.d_model, attention.HEAD_DIMS
+            fits = [h for h in range(1, d + 1) if d % h == 0 and d // h in dims]
+            # another head count helps only a head dim at fault, never the width
+            helps = fits and model.head_dim not in dims and d <= layernorm.MAX_WIDTH
+            hint = f"; model.heads = {' or '.join(map(str, fits))} would fit" if helps else ""
             raise ValueError(f"the fused kernels cannot run this model (model.d_model "
                              f"{model.d_model}, model.heads {model.heads}): {err}{hint}") from None
 

@@ -42,6 +42,7 @@ from vit import layers
 
 # what these kernels must equal (the checks in oracle/ compare against these very functions)
 REFERENCE = (layers.attention_forward, layers.attention_backward)
+HEAD_DIMS = (16, 32, 64, 128)  # the head widths Dh the kernels take (powers of two, 16..128)
 MAX_LEN = 1024  # the whole sequence is one tile; beyond this a tiled (flash) kernel is needed
 MAX_KV_TILE_BYTES = 32 * 1024  # compiled path only, see compiled_fits
 
@@ -301,7 +302,7 @@ def _check_qkv(qkv, heads):
             f"attention_forward: qkv last axis must be 3 * heads * Dh = 3 * {heads} * Dh, got {d3}"
         )
     dh = d3 // (3 * heads)
-    if dh < 16 or dh > 128 or dh & (dh - 1):
+    if dh not in HEAD_DIMS:
         raise ValueError(
             f"attention_forward: head dim Dh = 3D / (3 * heads) = {dh}; the kernel needs a power of "
             "two from 16 to 128"
