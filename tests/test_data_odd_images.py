@@ -180,7 +180,8 @@ def test_a_float_image_with_nan_is_refused_not_read_as_black(tmp_path):
     """nan pixels compare false with both bounds: without the isfinite check they became 0."""
     ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     ramp[0, 0] = np.nan
-    with pytest.raises(BadImage, match=r"nan.tif: .*float images are read in 0..1 or 0..255"):
+    with pytest.raises(BadImage, match=r"nan.tif: .*1 float pixel is NaN or infinite; float images are "
+                                       r"read in 0..1 or 0..255"):
         load_image(tif(tmp_path / "nan.tif", ramp), 8)
 
 

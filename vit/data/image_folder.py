@@ -63,9 +63,12 @@ def _to_8_bits(img: Image.Image) -> Image.Image:
     values = np.asarray(img)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if img.mode == "F":
-        if not np.isfinite(values).all() or low < 0 or high > 255:
-            raise ValueError(f"float pixels from {low:g} to {high:g}; float images are read in "
-                             "0..1 or 0..255: scale it into one of those, or save it as 8 or 16 bit")
+        bad = int(np.size(values) - np.isfinite(values).sum())
+        if bad or low < 0 or high > 255:
+            what = (f"{bad} float pixel{'s are' if bad > 1 else ' is'} NaN or infinite" if bad
+                    else f"float pixels from {low:g} to {high:g}")
+            raise ValueError(f"{what}; float images are read in 0..1 or 0..255: scale it into "
+                             "one of those, or save it as 8 or 16 bit")
         scale = 255.0 if high <= 1 else 1.0
         return Image.fromarray(np.rint(values.astype(np.float64) * scale).astype(np.uint8), "L")
     if low < 0 or high > 65535:
