@@ -130,6 +130,11 @@ def test_wrong_image_shape_is_a_clear_error():
     params = vit.init_params(jax.random.PRNGKey(0), cfg)
     with pytest.raises(ValueError, match=r"images must be \(batch, 16, 16, 3\).*\(2, 16, 16, 1\)"):
         vit.forward(params, jnp.zeros((2, 16, 16, 1)), cfg)
+    # uint8 (or int) images: the weights cast to their dtype were 0, the logits all 0, no error
+    for dtype in (jnp.uint8, jnp.int32):
+        for fn, args in ((vit.forward, ()), (vit.loss_and_grads, (jnp.array([0, 1]),))):
+            with pytest.raises(ValueError, match=f"images must be floating point, normalised .*got {dtype.__name__}"):
+                fn(params, jnp.full((2, 16, 16, 3), 128, dtype), *args, cfg)
 
 
 def test_product_config_train_step_runs():

@@ -250,6 +250,11 @@ def _check_images(images, config: ViTConfig):
         raise ValueError(
             f"images must be (batch, {want[0]}, {want[1]}, {want[2]}) NHWC for this ViTConfig, "
             f"got shape {tuple(images.shape)}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):  # each layer computes in its input's dtype:
+        raise ValueError(  # the weights cast to uint8 are 0, the logits all 0, without a word
+            f"images must be floating point, normalised (vit.data.loader.normalize, or "
+            f"vit.explain.model_input); got {images.dtype} (vit.make_train_step's step takes "
+            "uint8 and normalises them)")
 
 
 def _targets(labels, logits, config: ViTConfig, label_smoothing):
