@@ -260,16 +260,28 @@ def check_writable(run_dir: Path, flag: str):
               "and --resume it there"))
 
 
+def hold_run_dir(run_dir: Path):
+    """One train.py at a time in a run directory (vit/runlock.py), or fail() naming the other."""
+    from vit import runlock  # noqa: PLC0415
+    try:
+        runlock.hold(run_dir)
+    except runlock.Busy as err:
+        fail(str(err))
+
+
 def choose_run_dir(args, cfg, main_process: bool) -> Path:
     if args.resume:
         run_dir = Path(args.resume)
         if main_process:
             check_writable(run_dir, "--resume")
+            hold_run_dir(run_dir)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{cfg.data.dataset}-{stamp}")
         if main_process:
             check_writable(run_dir, "--out")
+            if run_dir.is_dir():
+                hold_run_dir(run_dir)
         if (run_dir / "last.npz").exists():
             fail(f"--out {run_dir} already holds a run (last.npz); continue it with --resume "
                  f"{run_dir} or choose another --out")
@@ -300,6 +312,14 @@ def main(argv=None, *, standalone=False) -> int:
     code 130 after the checkpoint. Otherwise (called from Python) the signal is passed on to the
     handler that was there before, once the checkpoint is saved (see the module docstring)."""
     args = parse_args(argv)
+    from vit import runlock  # noqa: PLC0415
+    try:
+        return _main(args, standalone)
+    finally:
+        runlock.release_all()  # train.main called from Python: the next call may take the run
+
+
+def _main(args, standalone: bool) -> int:
     try:
         with cmdline.InterruptWhileStarting() as interrupt:
             started = start(args, interrupt.check)
@@ -366,8 +386,13 @@ def run_training(args, run, *, standalone: bool) -> int:
 
     from vit import training  # noqa: PLC0415
 
+    from vit import runlock  # noqa: PLC0415
+
     with training.StopOnSignal(standalone) as stop:
-        created = training.make_run_dir(run)
+        try:
+            created = training.make_run_dir(run)
+        except runlock.Busy as err:  # another run took this new folder while the data loaded
+            fail(str(err))
         t = run.cfg.train
         accum = t.hparams.accum_steps
         micro = f" ({accum} micro-batches of {t.batch_size // accum})" if accum > 1 else ""
@@ -380,6 +405,7 @@ def run_training(args, run, *, standalone: bool) -> int:
         finally:
             if created and not (run.run_dir / "last.npz").exists():
                 # stopped before its first checkpoint: leave no run directory holding only config.json
+                runlock.release(run.run_dir, remove=True)
                 (run.run_dir / "config.json").unlink(missing_ok=True)
                 try:
                     run.run_dir.rmdir()

@@ -4,6 +4,7 @@ position, or past train.epochs, is refused (it trained one epoch more, or was ig
 --accum-steps on --resume is told which steps divide the run's fixed batch size."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -180,3 +181,31 @@ def test_a_config_json_value_kept_by_hand_is_named_and_a_same_run_key_is_not(run
     assert f"note: {path} has train.weight_decay = {decay + 0.125!r}, but {last} was saved with " \
            f"{decay!r}: resuming with {decay + 0.125!r} (--set train.weight_decay=... chooses)" in err, err
     assert "data.workers" not in err, err
+
+
+def test_a_run_being_trained_is_not_trained_by_a_second_train_py(run_copy, tmp_path, capsys):
+    """--resume RUN (or --out RUN) while another train.py trains RUN: both trained to the end,
+    writing last.npz, best.npz and metrics.jsonl over each other. The other here holds the run's
+    lock as a trainer does (a flock of its own on RUN/.train.lock, as another process's would be)."""
+    import fcntl
+
+    from vit import runlock
+
+    before = files(run_copy)
+    with open(run_copy / runlock.LOCK_NAME, "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.truncate(0)
+        other.write("4242\n")
+        other.flush()
+        for args in (["--resume", run_copy], [*QUICK, "--out", run_copy]):
+            err = usage_error(capsys, *args, "--no-progress")
+            assert f"{run_copy}: another train.py (pid 4242) is training this run now; wait for " \
+                   "it to end, or stop it (Ctrl-C saves last.npz) and --resume it then" in err, err
+        assert {k: v for k, v in files(run_copy).items() if k != runlock.LOCK_NAME} == \
+               {k: v for k, v in before.items() if k != runlock.LOCK_NAME}
+    assert run_train("--resume", run_copy, "--no-progress") == 0  # the other one has ended
+    # a new folder is locked as it is made (another run may pick it while the data loads), and
+    # a run that stops before its first checkpoint leaves no folder, lock file included
+    fresh = tmp_path / "fresh"
+    assert run_train(*QUICK, "--epochs", 1, "--out", fresh) == 0
+    assert (fresh / runlock.LOCK_NAME).read_text().strip() == str(os.getpid())

@@ -5,7 +5,7 @@ on Ctrl-C / SIGTERM.
 
     run = start_run(cfg, run_dir, ops, devices, resumed, main_process, progress)
     with StopOnSignal(standalone) as stop:
-        created = make_run_dir(run)
+        created = make_run_dir(run)                      # also takes its lock (vit/runlock.py)
         outcome = train(run, stop, stop_after_epoch)     # DONE | STOPPED | LEFT | NONFINITE
 
 Errors a user can fix (data, devices, batch size, image size) are RunErrors whose message names
@@ -23,6 +23,7 @@ from pathlib import Path
 from shlex import quote
 from typing import Any, Callable
 
+from vit import runlock
 from vit.config import patch_size_hint
 from vit.curves import plot_curves
 from vit.runstate import position_in_words
@@ -265,14 +266,15 @@ def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, 
 
 
 def make_run_dir(run: Run) -> bool:
-    """Make the run directory with config.json (and, resuming, metrics.jsonl rewritten from the
-    checkpoint's history); -> whether it was made now (removed again if no checkpoint follows)."""
+    """Make the run directory, lock it (runlock.Busy if another process has), write config.json
+    (resuming, metrics.jsonl too): -> whether it was made now (removed if no checkpoint follows)."""
     from vit.runconfig import dumps  # noqa: PLC0415
 
     if not run.main_process:
         return False
     created = not run.run_dir.exists()
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    runlock.hold(run.run_dir)  # before config.json: a no-op if train.py holds it already
     (run.run_dir / "config.json").write_text(dumps(run.cfg) + "\n")
     if run.resumed:  # the checkpoint's history is the record: metrics.jsonl follows it
         write_metrics(run.run_dir / "metrics.jsonl", run.state.history)
