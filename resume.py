@@ -193,7 +193,7 @@ def check_position(meta: dict | None, epochs: int, stop_after_epoch: int | None,
     if epochs < reached:
         where = position_in_words(done, meta["step_in_epoch"])
         raise ResumeError(f"--resume {run_dir}: its last.npz is at {where}, past train.epochs = "
-                          f"{epochs}; give --epochs {reached} or more to continue it")
+                          f"{epochs}; give --epochs {done + 1} or more to continue it")
     if stop_after_epoch is None or done >= epochs:  # a finished run: nothing to stop
         return
     ahead = f"epoch {epochs}" if done + 1 == epochs else f"an epoch from {done + 1} to {epochs}"

@@ -359,12 +359,13 @@ def test_what_leaves_the_run_as_it_was_gets_no_note_under_either_schedule(capsys
 
 def test_resume_with_fewer_epochs_than_the_run_has_done_is_refused(finished_run, capsys):
     """A (cosine) run at the end of epoch 2 resumed with --epochs 1 would end at once, exit code 0;
-    it is a message naming what to give instead, no note on the schedule, and nothing is touched."""
+    it is a message naming what to give instead (3: --epochs 2 is 'all done', which the message
+    offered), no note on the schedule, and nothing is touched."""
     before = {f.name: f.read_bytes() for f in finished_run.iterdir()}
     err = exits_with_message(capsys, train.main, "--resume", finished_run, "--epochs", 1,
                              "--no-progress")
     assert f"--resume {finished_run}: its last.npz is at the end of epoch 2, past train.epochs = 1; " \
-           "give --epochs 2 or more" in err and "note:" not in err, err
+           "give --epochs 3 or more to continue it" in err and "note:" not in err, err
     assert {f.name: f.read_bytes() for f in finished_run.iterdir()} == before
     resume.check_position({"epoch": 3, "step_in_epoch": 0}, 3, None, finished_run)  # finished
     with pytest.raises(resume.ResumeError, match="epoch 4, step 1, past train.epochs = 3; give --epochs 4"):
