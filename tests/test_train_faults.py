@@ -359,8 +359,7 @@ def test_what_leaves_the_run_as_it_was_gets_no_note_under_either_schedule(capsys
 
 def test_resume_with_fewer_epochs_than_the_run_has_done_is_refused(finished_run, capsys):
     """A (cosine) run at the end of epoch 2 resumed with --epochs 1 would end at once, exit code 0;
-    it is a message naming what to give instead (3: --epochs 2 is 'all done', which the message
-    offered), no note on the schedule, and nothing is touched."""
+    it is a message naming what to give (3; it said 2: 'all done'), nothing else is touched."""
     before = {f.name: f.read_bytes() for f in finished_run.iterdir()}
     err = exits_with_message(capsys, train.main, "--resume", finished_run, "--epochs", 1,
                              "--no-progress")
