@@ -294,3 +294,27 @@ def test_kernel_gradcheck_takes_the_add_layernorm_width_up_to_its_one_tile_limit
     with pytest.raises(ValueError, match=f"width {layernorm.MAX_WIDTH + 1} exceeds the add\\+LN kernel's "
                                          f"one-tile limit {layernorm.MAX_WIDTH}"):
         kernel_gradcheck.parse_shape(f"ln:3x{layernorm.MAX_WIDTH + 1}")
+
+
+def test_ctrl_c_in_a_check_command_is_one_line_and_exit_130(tmp_path):
+    """python -m oracle.gradcheck (kernel_gradcheck and compile_check take the same path) got a
+    Ctrl-C as a traceback of some 60 lines from inside whatever layer it was checking; train.py
+    and the data commands say one line. A real SIGINT once the first tensor is checked."""
+    import os
+    import signal
+    import sys
+
+    from watch import Watched, wait_for
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = Watched([sys.executable, "-m", "oracle.gradcheck"], log=tmp_path / "log", env=env, cwd=ROOT)
+    try:
+        wait_for([proc], until=lambda: " ok" in proc.text())
+        proc.send_signal(signal.SIGINT)
+        wait_for([proc])
+    finally:
+        proc.kill()
+    text = proc.text()
+    assert proc.returncode == 130 and "Traceback" not in text, proc.tail()
+    assert "python -m oracle.gradcheck: interrupted; it writes nothing: run it again to check" in text
+    assert cmdline.exit_code_of_a_check(lambda: 0, "p") == 0
