@@ -151,7 +151,8 @@ def main(argv=None, *, standalone=False) -> int:
 
 def shown(figure, asked: int) -> str:
     n = len(figure["labels"])
-    return f"{n} validation images" + (f": all there are ({asked} asked for)" if n < asked else "")
+    return (f"{n} validation image{'s' * (n != 1)}"
+            + (f": all there are ({asked} asked for)" if n < asked else ""))
 
 
 def describe_position(meta) -> str:

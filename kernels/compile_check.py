@@ -171,10 +171,24 @@ def _tile(spec) -> str:
     return f"{rows}x{cols}" if rows and cols else "-"
 
 
+ARCHS = (80, 86, 87, 89, 90, 100, 120)  # compute capabilities from Ampere on (sm_80)
+
+
+def compute_capability(text: str) -> int:
+    """--arch's type: 90 or sm_90, one of ARCHS (0 crashed inside Triton's compiler, -1 failed
+    every kernel, sm_90 was refused)."""
+    value = text.removeprefix("sm_")
+    if not value.isdigit() or int(value) not in ARCHS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a compute capability the kernels are "
+                                         f"for: give one of {', '.join(map(str, ARCHS))}")
+    return int(value)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    ap.add_argument("--arch", type=compute_capability, nargs="+", default=[80, 90],
+                    help=f"compute capabilities, of {', '.join(map(str, ARCHS))} (sm_90 or 90)")
     ap.add_argument("--quick", action="store_true", help="the first case of each kind only: the product shapes "
                     "(and, for the key-blocked kernel, ViT-S/16's L = 197)")
     ap.add_argument("--only", default=None, metavar="TEXT", help="only cases whose label contains TEXT")
@@ -185,7 +199,8 @@ def main(argv=None) -> int:
         ap.error(f"--only {args.only!r} matches no case")
     import triton  # noqa: PLC0415
 
-    print(f"triton {triton.__version__}, jax {jax.__version__}; compiling for sm_{args.arch}")
+    print(f"triton {triton.__version__}, jax {jax.__version__}; compiling for "
+          f"{', '.join(f'sm_{a}' for a in args.arch)}")
     print(f"{'case':<48} {'kernel':<24} {'tile':>8} {'arch':>4} {'warps':>5} {'smem B':>8} {'regs':>4} "
           f"{'stack':>5} {'sec':>5}  ok")
     failures = spilling = 0

@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="default: fresh, printed")
     ap.add_argument("--kernel", default="both", choices=["both", "auto", "one-tile", "key-blocked"],
                     help="attention kernel(s) to check: both (one-tile and key-blocked), auto "
-                         "(the dispatcher's choice), or one")
+                         "(the dispatcher's choice), one-tile or key-blocked alone")
     args = ap.parse_args(argv)
     if args.old_precision is not None:
         print("note: --precision is now called --dot-precision; the old name still works")

@@ -318,3 +318,15 @@ def test_ctrl_c_in_a_check_command_is_one_line_and_exit_130(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in text, proc.tail()
     assert "python -m oracle.gradcheck: interrupted; it writes nothing: run it again to check" in text
     assert cmdline.exit_code_of_a_check(lambda: 0, "p") == 0
+
+
+@pytest.mark.parametrize("given, said", [("0", "'0' is not a compute capability the kernels are for"),
+                                         ("-1", "'-1' is not a compute"), ("sm_70", "'sm_70' is not")])
+def test_compile_check_takes_a_compute_capability_it_knows(given, said, capsys):
+    """--arch 0 ended in an LLVM error (exit 134), -1 in every kernel failing; sm_90 was refused."""
+    from kernels import compile_check
+
+    assert compile_check.compute_capability("sm_90") == compile_check.compute_capability("90") == 90
+    with pytest.raises(SystemExit) as e:
+        compile_check.main(["--arch", given])
+    assert e.value.code == 2 and said in capsys.readouterr().err

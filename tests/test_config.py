@@ -58,6 +58,11 @@ def test_round_trip_and_unknown_keys():
     assert ViTConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="d_modle"):
         ViTConfig.from_dict({"d_modle": 3})
+    from vit import runconfig  # TrainHParams' derived fields are not keys: what to set instead
+
+    with pytest.raises(runconfig.ConfigError, match=r"unknown key train.warmup_steps; "
+                                                    r"train.warmup_steps is derived from train.warmup_epochs \(set that\)"):
+        runconfig.from_dict({"train": {"warmup_steps": 100}}, "w.toml")
 
 
 def test_the_old_precision_key_still_works_with_a_note(capsys):
@@ -232,7 +237,7 @@ def test_a_config_file_that_cannot_be_read_is_a_config_error_naming_it(tmp_path)
     latin1.write_bytes(b"[model]\n# caf\xe9\nheads = 2\n")
     broken.write_text("[model\n")
     cases = [(tmp_path / "missing.toml", "no such file"), (latin1, "cannot be read as UTF-8 text"),
-             (broken, "not valid TOML")]
+             (broken, "not valid TOML"), (tmp_path, "a folder, not a file")]
     for path, message in cases:
         with pytest.raises(runconfig.ConfigError, match=f"^--config {path}: {message}"):
             runconfig.load_toml(path)

@@ -317,3 +317,8 @@ def test_a_file_in_a_folder_with_a_space_is_told_a_command_that_pastes(tmp_path,
         evaluate.main([str(folder / name)])
     err = capsys.readouterr().err
     assert says.format(dir=folder) in err, err
+
+
+def test_one_image_in_a_figure_is_one_image():
+    assert evaluate.shown({"labels": [3]}, 1) == "1 validation image"  # it said "1 validation images"
+    assert evaluate.shown({"labels": [3, 4]}, 5) == "2 validation images: all there are (5 asked for)"

@@ -100,7 +100,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "hparams"}
         hp = dataclasses.asdict(self.train.hparams)
-        for derived in ("total_steps", "warmup_steps"):
+        for derived in DERIVED:
             hp.pop(derived)
         return {"model": self.model.to_dict(), "train": {**train, **hp},
                 "data": dataclasses.asdict(self.data)}
@@ -113,7 +113,9 @@ class RunConfig:
 
 
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSection)} - {"hparams"}
-_HPARAM_KEYS = {f.name for f in dataclasses.fields(TrainHParams)} - {"total_steps", "warmup_steps"}
+# TrainHParams' fields that the run derives, not a config: what to set instead
+DERIVED = {"total_steps": "train.epochs", "warmup_steps": "train.warmup_epochs"}
+_HPARAM_KEYS = {f.name for f in dataclasses.fields(TrainHParams)} - set(DERIVED)
 _DATA_KEYS = {f.name for f in dataclasses.fields(DataSection)}
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ViTConfig)}
 SECTIONS = {"model": _MODEL_KEYS, "train": _TRAIN_KEYS | _HPARAM_KEYS, "data": _DATA_KEYS}
@@ -141,8 +143,10 @@ def _check_keys(d: dict, source):
             raise ConfigError(f"{source()}: [{section}] must be a table of key = value")
         for key in values:
             if key not in SECTIONS[section]:
+                instead = (f"{section}.{key} is derived from {DERIVED[key]} (set that); "
+                           if section == "train" and key in DERIVED else "")
                 raise ConfigError(f"{source(f'{section}.{key}')}: unknown key {section}.{key}; "
-                                  f"known keys of [{section}]: {sorted(SECTIONS[section])}")
+                                  f"{instead}known keys of [{section}]: {sorted(SECTIONS[section])}")
 
 
 # keys renamed since a config or a run's config.json may have been written: old -> new
@@ -352,7 +356,8 @@ def load_toml(path, what: str | None = None) -> dict:
     path = Path(path)
     what = what or f"--config {path}"
     if not path.is_file():
-        raise ConfigError(f"{what}: no such file (shipped configs: "
+        why = "a folder, not a file" if path.is_dir() else "no such file"
+        raise ConfigError(f"{what}: {why} (shipped configs: "
                           f"{', '.join(str(p) for p in sorted(CONFIG_DIR.glob('*.toml')))})")
     try:
         text = path.read_text(encoding="utf-8")
