@@ -165,7 +165,9 @@ def make_train_step(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE
     """The jitted single-device step. grad_fn overrides how gradients are taken (tests and
     benchmarks pass JAX autodiff from the oracle package as a baseline; the product always uses
     the hand-written backward). donate: the step reuses the memory of the params and opt_state
-    it is given, which are deleted then: use the ones it returns (donate=False keeps them)."""
+    it is given, which are deleted then: use the ones it returns (donate=False keeps them).
+    Labels must be class indices 0..K-1: under jit they cannot be checked, and one outside is a
+    row of zero targets (no loss, no gradient); vit.loss and loss_and_grads check known ones."""
     step = train_step_fn(config, hp, ops=ops, mean=mean, std=std, grad_fn=grad_fn,
                          compute_dtype=compute_dtype)
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())
