@@ -213,6 +213,10 @@ def resolve_config(args, notes: list | None = None):
                     f"train.epochs = {t.epochs}: the learning rate rises all run long and peaks "
                     f"at {t.hparams.lr * t.epochs / t.warmup_epochs:.3g}, not train.lr = "
                     f"{t.hparams.lr:g}")
+    if cfg.model.drop_path and cfg.model.layers == 1:  # block i's rate: drop_path * i / (layers - 1)
+        said.append(f"train.py: note: model.drop_path = {cfg.model.drop_path:g} drops nothing in "
+                    "a model of one block: its rate rises from 0 at the first block to "
+                    "model.drop_path at the last")
     written = base.get("model", {}).get("image_size")  # by --config's file (no flag set it)
     if args.config is not None and not args.resume and "model.image_size" not in sources and written:
         said += image_size_note(args.config, written, cfg.data)

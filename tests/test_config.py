@@ -427,6 +427,12 @@ def test_a_warmup_longer_than_the_run_gets_a_note(capsys):
            "rises all run long and peaks at 0.0004, not train.lr = 0.001" in capsys.readouterr().err
     train.resolve_config(train.parse_args(["--dataset", "digits", "--epochs", "2"]))  # warmup 2
     assert "warmup" not in capsys.readouterr().err
+    # stochastic depth rises from 0 at the first block: one block drops nothing (runs bit-equal)
+    for layers, said in ((1, True), (2, False)):
+        train.resolve_config(train.parse_args(["--dataset", "digits", "--set", "model.drop_path=0.5",
+                                               "--set", f"model.layers={layers}"]))
+        assert ("note: model.drop_path = 0.5 drops nothing in a model of one block"
+                in capsys.readouterr().err) == said
 
 
 def test_a_dataset_kind_without_a_loader_is_an_error_not_digits(monkeypatch):
