@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "config is used (--epochs may extend it; --lr and other training values "
                         "may change it, with a note; batch size, seed, model and data may not)")
     cmdline.add_ops_flags(p)
-    p.add_argument("--devices", type=int, default=None,
+    p.add_argument("--devices", type=cmdline.positive_int, default=None,
                    help="data-parallel over this many devices (default: all; 1 = no sharding)")
     cmdline.add_distributed_flags(p)
     p.add_argument("--stop-after-epoch", type=cmdline.positive_int, default=None, metavar="K",
@@ -357,6 +357,8 @@ def start(args, check_interrupt=lambda: None):
     try:
         cmdline.start_processes(args)  # before any other JAX call
         main_process = parallel.is_main_process()
+        ops = cmdline.build_ops(args)  # a bad flag is refused before any note is printed
+        cmdline.check_ops_run(ops, cfg.model)
         run_dir = choose_run_dir(args, cfg, main_process)
         resumed = resume.load_checkpoint(run_dir) if args.resume and (run_dir / "last.npz").exists() \
             else None
@@ -371,8 +373,6 @@ def start(args, check_interrupt=lambda: None):
                 print(f"resuming {run_dir}: all {cfg.train.epochs} epochs are done already, "
                       "nothing to train and nothing written (raise --epochs to train on)")
             return None
-        ops = cmdline.build_ops(args)
-        cmdline.check_ops_run(ops, cfg.model)
         check_interrupt()  # JAX has started: a Ctrl-C until now may have landed in its gc callback
         if args.dot_precision and cfg.train.compute_dtype != "fp32" and main_process:
             print(f"train.py: note: --dot-precision {args.dot_precision} sets the kernels' float32 "

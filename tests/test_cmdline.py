@@ -330,3 +330,16 @@ def test_compile_check_takes_a_compute_capability_it_knows(given, said, capsys):
     with pytest.raises(SystemExit) as e:
         compile_check.main(["--arch", given])
     assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_refused_flag_prints_no_note_before_its_error(capsys):
+    """A note on the config (here warmup past the run's end) read as if the run would go ahead,
+    printed just before the error that refuses it; --devices 0 is refused as its flag's value."""
+    import train
+
+    for bad, said in ((["--interpret"], "train.py: error: --interpret only makes sense with --fused"),
+                      (["--devices", "0"], "argument --devices: must be a positive integer")):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--dataset", "digits", "--epochs", "2", "--set", "train.warmup_epochs=5", *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and "note:" not in err, err
