@@ -23,17 +23,6 @@ class UsageError(ValueError):
     """A bad flag, environment variable or combination of them; the message names it."""
 
 
-def exit_code_of_a_check(main, prog: str) -> int:
-    """main()'s exit code for a command that only checks and prints (python -m oracle.gradcheck,
-    oracle.kernel_gradcheck, kernels.compile_check): a Ctrl-C is one line and exit code 130, as
-    train.py's is, instead of a traceback from wherever the check was."""
-    try:
-        return main()
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; it writes nothing: run it again to check", file=sys.stderr)
-        return 130
-
-
 # ----------------------------------------------------------------------------------------------
 # the op set
 

@@ -213,7 +213,8 @@ def resolve_config(args, notes: list | None = None):
                     f"train.epochs = {t.epochs}: the learning rate rises all run long and peaks "
                     f"at {t.hparams.lr * t.epochs / t.warmup_epochs:.3g}, not train.lr = "
                     f"{t.hparams.lr:g}")
-    if cfg.model.drop_path and cfg.model.layers == 1:  # block i's rate: drop_path * i / (layers - 1)
+    if "model.drop_path" in sources and cfg.model.drop_path and cfg.model.layers == 1:
+        # block i's rate: drop_path * i / (layers - 1)
         said.append(f"train.py: note: model.drop_path = {cfg.model.drop_path:g} drops nothing in "
                     "a model of one block: its rate rises from 0 at the first block to "
                     "model.drop_path at the last")

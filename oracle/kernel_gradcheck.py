@@ -281,6 +281,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from cmdline import exit_code_of_a_check
+    from vit.signals import exit_code_of_a_check
 
     sys.exit(exit_code_of_a_check(main, "python -m oracle.kernel_gradcheck"))

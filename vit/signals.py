@@ -6,12 +6,15 @@ leaves at once without saving (InterruptedTwice, raised by the handler).
         ...
         if stop.requested:
             raise Interrupted
+
+And a Ctrl-C in a command that only checks and prints: exit_code_of_a_check(main, prog).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
 
 class Interrupted(Exception):
@@ -59,3 +62,14 @@ class StopOnSignal:
             # it would have got without train.py (KeyboardInterrupt, termination, ...)
             signal.raise_signal(self.signum)
         return False
+
+
+def exit_code_of_a_check(main, prog: str) -> int:
+    """main()'s exit code for a command that only checks and prints (python -m oracle.gradcheck,
+    oracle.kernel_gradcheck, kernels.compile_check): a Ctrl-C is one line and exit code 130, as
+    train.py's is, instead of a traceback from wherever the check was."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; it writes nothing: run it again to check", file=sys.stderr)
+        return 130
