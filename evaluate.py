@@ -200,8 +200,9 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
             ConfigError) as err:
         fail(str(err))
     where = describe_position(result)
+    top = min(5, run.model.num_classes)  # with fewer classes, top-5 is top-K: 100% always
     print(f"{result['checkpoint']} ({where}): top-1 "
-          f"{100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  loss "
+          f"{100 * result['top1']:.2f}%  top-{top} {100 * result['top5']:.2f}%  loss "
           f"{result['loss']:.4f}  on {result['count']} validation images ({ops.description})")
     if args.per_class:
         # worst first; classes without validation images (no accuracy) last

@@ -53,8 +53,9 @@ def test_green_only_images_train_and_a_changed_training_set_is_refused_on_resume
     data, run = green_only_folder(tmp_path / "gfp"), tmp_path / "run"
     assert train.main([*SMALL, "--data-dir", str(data), "--epochs", "2", "--stop-after-epoch", "1",
                        "--out", str(run)]) == 130
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "note: channel 0 (red), 2 (blue) are the same in every training image" in err, err
+    assert "% top-2 100.00% |" in out, out  # of 2 classes: "top-5" said more than it measured
     meta = checkpoint.read_meta(run / "last.npz")
     assert np.isfinite(meta["history"][0]["train_loss"]) and meta["std"][0] == 1.0, meta["history"]
     assert meta["train_images"] == 8

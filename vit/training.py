@@ -382,8 +382,8 @@ def finish_epoch(run: Run, last_metrics, images_done: int, seconds: float) -> di
         run.draw_curves()
         print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
               f"acc {100 * record['train_accuracy']:.2f}% | val loss {record['val_loss']:.4f} "
-              f"top-1 {100 * record['val_top1']:.2f}% top-5 {100 * record['val_top5']:.2f}% | "
-              f"{record['images_per_s']:.0f} img/s", flush=True)
+              f"top-1 {100 * record['val_top1']:.2f}% top-{min(5, run.cfg.model.num_classes)} "
+              f"{100 * record['val_top5']:.2f}% | {record['images_per_s']:.0f} img/s", flush=True)
     return record
 
 
