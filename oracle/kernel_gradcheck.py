@@ -101,7 +101,10 @@ def parse_shape(spec: str):
         raise ValueError(f"bad shape {spec!r}: use attn:BxLxHxDh[:keep] or ln:MxN[:r]")
     if min(dims) < 1:
         raise ValueError(f"bad shape {spec!r}: every size must be 1 or more")
-    if kind == "attn":  # what the kernels take, in their words (head dim, ...)
+    if kind == "attn" and dims[3] not in attention.HEAD_DIMS:  # typed here, not 3D / (3 * heads)
+        raise ValueError(f"bad shape {spec!r}: head dim Dh = {dims[3]}; the kernels take Dh = "
+                         f"{', '.join(map(str, attention.HEAD_DIMS))}")
+    if kind == "attn":  # what the kernels take, in their words (length, ...)
         try:
             attention.check_shape(*dims)
         except ValueError as err:

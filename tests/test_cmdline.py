@@ -294,6 +294,10 @@ def test_kernel_gradcheck_takes_the_add_layernorm_width_up_to_its_one_tile_limit
     with pytest.raises(ValueError, match=f"width {layernorm.MAX_WIDTH + 1} exceeds the add\\+LN kernel's "
                                          f"one-tile limit {layernorm.MAX_WIDTH}"):
         kernel_gradcheck.parse_shape(f"ln:3x{layernorm.MAX_WIDTH + 1}")
+    # a head dim the kernels do not take, in the words of the shape typed (not 3D / (3 * heads))
+    with pytest.raises(ValueError, match=r"bad shape 'attn:2x17x2x15': head dim Dh = 15; the kernels "
+                                         r"take Dh = 16, 32, 64, 128$"):
+        kernel_gradcheck.parse_shape("attn:2x17x2x15")
 
 
 def test_ctrl_c_in_a_check_command_is_one_line_and_exit_130(tmp_path):
