@@ -305,20 +305,13 @@ def test_ctrl_c_in_a_check_command_is_one_line_and_exit_130(tmp_path):
     Ctrl-C as a traceback of some 60 lines from inside whatever layer it was checking; train.py
     and the data commands say one line. A real SIGINT once the first tensor is checked."""
     import os
-    import signal
     import sys
 
-    from watch import Watched, wait_for
+    from watch import Watched, interrupt_when
 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     proc = Watched([sys.executable, "-m", "oracle.gradcheck"], log=tmp_path / "log", env=env, cwd=ROOT)
-    try:
-        wait_for([proc], until=lambda: " ok" in proc.text())
-        proc.send_signal(signal.SIGINT)
-        wait_for([proc])
-    finally:
-        proc.kill()
-    text = proc.text()
+    text = interrupt_when(proc, " ok")  # once the first tensor is checked
     assert proc.returncode == 130 and "Traceback" not in text, proc.tail()
     assert "python -m oracle.gradcheck: interrupted; it writes nothing: run it again to check" in text
     from vit.signals import exit_code_of_a_check

@@ -25,7 +25,7 @@ import evaluate
 import train
 from vit import curves, parallel, runconfig, training
 from step_spy import after_each_step
-from watch import Watched, wait_for
+from watch import Watched, interrupt_when
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small, quick digits model for the resume tests (the accuracy test uses configs/digits.toml).
@@ -341,13 +341,8 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
     proc = Watched([sys.executable, ROOT / "train.py", *args, "--out", run],
                    log=tmp_path / "train.log", env=env, cwd=ROOT)
-    try:  # waited for as long as it makes progress (tests/watch.py), not against a clock
-        wait_for([proc], until=lambda: "\nepoch 1:" in proc.text())
-        proc.send_signal(signal.SIGINT)
-        wait_for([proc])
-    finally:
-        proc.kill()
-    text = proc.text()
+    # waited for as long as it makes progress (tests/watch.py), not against a clock
+    text = interrupt_when(proc, "\nepoch 1:")
     assert proc.returncode == train.EXIT_INTERRUPTED, proc.tail()
     assert "interrupted: saved" in text and "--resume" in text
     assert "train.py: Ctrl-C: finishing the current step, then saving last.npz" in text

@@ -112,6 +112,18 @@ def wait_for(procs: list[Watched], until=None, *, idle_limit_s: float | None = N
                         + "\n".join(p.tail() for p in procs))
 
 
+def interrupt_when(proc: Watched, seen: str) -> str:
+    """Send proc a SIGINT (a Ctrl-C) once `seen` is in its output, wait for it to exit (killed
+    if the test fails first); -> its output."""
+    try:
+        wait_for([proc], until=lambda: seen in proc.text())
+        proc.send_signal(signal.SIGINT)
+        wait_for([proc])
+    finally:
+        proc.kill()
+    return proc.text()
+
+
 def run_watched(cmd, *, log, **popen_kwargs) -> Watched:
     """Start cmd, wait for it to exit (failing the test if it hangs), return it."""
     proc = Watched(cmd, log=log, **popen_kwargs)
