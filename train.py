@@ -389,9 +389,7 @@ def start(args, check_interrupt=lambda: None):
 def run_training(args, run, *, standalone: bool) -> int:
     import jax  # noqa: PLC0415
 
-    from vit import training  # noqa: PLC0415
-
-    from vit import runlock  # noqa: PLC0415
+    from vit import runlock, training  # noqa: PLC0415
 
     with training.StopOnSignal(standalone) as stop:
         try:
