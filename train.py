@@ -408,7 +408,7 @@ def run_training(args, run, *, standalone: bool) -> int:
         finally:
             if created and not (run.run_dir / "last.npz").exists():
                 # stopped before its first checkpoint: leave no run directory holding only config.json
-                runlock.release(run.run_dir, remove=True)
+                runlock.release(run.run_dir)
                 (run.run_dir / "config.json").unlink(missing_ok=True)
                 try:
                     run.run_dir.rmdir()

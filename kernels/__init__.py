@@ -94,8 +94,7 @@ def fused_ops(launcher: Launcher = COMPILED, dot_precision: str = "ieee",
         except ValueError as err:
             d, dims = model.d_model, attention.HEAD_DIMS
             fits = [h for h in range(1, d + 1) if d % h == 0 and d // h in dims]
-            # another head count helps only a head dim at fault, never the width
-            helps = fits and model.head_dim not in dims and d <= layernorm.MAX_WIDTH
+            helps = fits and d <= layernorm.MAX_WIDTH  # no head count fixes the width
             hint = f"; model.heads = {' or '.join(map(str, fits))} would fit" if helps else ""
             raise ValueError(f"the fused kernels cannot run this model (model.d_model "
                              f"{model.d_model}, model.heads {model.heads}): {err}{hint}") from None

@@ -319,6 +319,18 @@ def test_ctrl_c_in_a_check_command_is_one_line_and_exit_130(tmp_path):
     assert exit_code_of_a_check(lambda: 0, "p") == 0
 
 
+def test_a_check_commands_interruption_goes_to_stderr(capsys):
+    """The one line of a Ctrl-C is a message, on stderr: stdout (the table of results, often
+    piped to a file) is left as it was."""
+    from vit.signals import exit_code_of_a_check
+
+    def interrupted():
+        raise KeyboardInterrupt
+    assert exit_code_of_a_check(interrupted, "python -m oracle.gradcheck") == 130
+    out, err = capsys.readouterr()
+    assert out == "" and "python -m oracle.gradcheck: interrupted; it writes nothing" in err, (out, err)
+
+
 @pytest.mark.parametrize("given, said", [("0", "'0' is not a compute capability the kernels are for"),
                                          ("-1", "'-1' is not a compute"), ("sm_70", "'sm_70' is not")])
 def test_compile_check_takes_a_compute_capability_it_knows(given, said, capsys):
@@ -342,3 +354,32 @@ def test_a_refused_flag_prints_no_note_before_its_error(capsys):
             train.main(["--dataset", "digits", "--epochs", "2", "--set", "train.warmup_epochs=5", *bad])
         err = capsys.readouterr().err
         assert e.value.code == 2 and said in err and "note:" not in err, err
+
+
+def test_fused_check_model_offers_no_head_count_for_a_width_past_the_layernorm_tile():
+    """The 'model.heads = ... would fit' hint is for a head dim at fault alone: with a width past
+    add+LayerNorm's one tile as well, no head count makes the model fit."""
+    from kernels import INTERPRETED, fused_ops, layernorm  # noqa: PLC0415
+    from vit import ViTConfig  # noqa: PLC0415
+
+    wide = 2 * layernorm.MAX_WIDTH  # heads 1: a head dim of 2 * MAX_WIDTH, refused for that first
+    with pytest.raises(ValueError, match="the fused kernels cannot run this model") as e:
+        fused_ops(INTERPRETED).check_model(ViTConfig(d_model=wide, heads=1, mlp_dim=64))
+    assert "would fit" not in str(e.value), e.value
+
+
+@pytest.mark.parametrize("command", [["oracle.kernel_gradcheck", "--interpret"],
+                                     ["kernels.compile_check", "--arch", "80"]])
+def test_ctrl_c_in_the_other_check_commands_is_one_line_and_exit_130(command, tmp_path):
+    """kernel_gradcheck and compile_check take exit_code_of_a_check's path as oracle.gradcheck
+    does: a Ctrl-C once the first case is done is one line and exit code 130, no traceback."""
+    import os
+    import sys
+
+    from watch import Watched, interrupt_when
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = Watched([sys.executable, "-m", *command], log=tmp_path / "log", env=env, cwd=ROOT)
+    text = interrupt_when(proc, " ok")
+    assert proc.returncode == 130 and "Traceback" not in text, proc.tail()
+    assert f"python -m {command[0]}: interrupted; it writes nothing: run it again to check" in text

@@ -433,6 +433,10 @@ def test_a_warmup_longer_than_the_run_gets_a_note(capsys):
                                                "--set", f"model.layers={layers}"]))
         assert ("note: model.drop_path = 0.5 drops nothing in a model of one block"
                 in capsys.readouterr().err) == said
+    # --set model.drop_path=0 asks for no stochastic depth: nothing to note
+    train.resolve_config(train.parse_args(["--dataset", "digits", "--set", "model.drop_path=0",
+                                           "--set", "model.layers=1"]))
+    assert "drop_path" not in capsys.readouterr().err
 
 
 def test_a_dataset_kind_without_a_loader_is_an_error_not_digits(monkeypatch):

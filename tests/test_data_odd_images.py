@@ -184,6 +184,9 @@ def test_a_float_image_with_nan_is_refused_not_read_as_black(tmp_path):
     with pytest.raises(BadImage, match=r"nan.tif: .*1 float pixel is NaN or infinite; float images are "
                                        r"read in 0..1 or 0..255"):
         load_image(tif(tmp_path / "nan.tif", ramp), 8)
+    ramp[0, 0], ramp[0, 1], ramp[0, 2] = 0.5, np.inf, -np.inf  # named as such, not "from -inf to inf"
+    with pytest.raises(BadImage, match=r"inf.tif: .*2 float pixels are NaN or infinite; float images "):
+        load_image(tif(tmp_path / "inf.tif", ramp), 8)
 
 
 def test_a_big_endian_16_bit_tiff_keeps_its_top_8_bits(tmp_path):

@@ -322,3 +322,16 @@ def test_a_file_in_a_folder_with_a_space_is_told_a_command_that_pastes(tmp_path,
 def test_one_image_in_a_figure_is_one_image():
     assert evaluate.shown({"labels": [3]}, 1) == "1 validation image"  # it said "1 validation images"
     assert evaluate.shown({"labels": [3, 4]}, 5) == "2 validation images: all there are (5 asked for)"
+
+
+def test_top_5_of_fewer_than_5_classes_is_named_top_k(faked, monkeypatch, capsys):
+    """Of 2 classes every label is among the top 5: 'top-5 100.00%' said more than it measured,
+    as train.py's epoch line said it."""
+    run, _ = faked
+    monkeypatch.setattr(evaluate, "load_run", lambda *args: SimpleNamespace(model=ViTConfig(num_classes=2)))
+    assert evaluate.main([str(run), "--checkpoint", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 50.00%  top-2 100.00%" in out and "top-5" not in out, out
+    monkeypatch.setattr(evaluate, "load_run", lambda *args: SimpleNamespace(model=ViTConfig()))
+    assert evaluate.main([str(run), "--checkpoint", "last"]) == 0
+    assert "top-1 50.00%  top-5 100.00%" in capsys.readouterr().out

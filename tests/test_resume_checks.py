@@ -203,9 +203,116 @@ def test_a_run_being_trained_is_not_trained_by_a_second_train_py(run_copy, tmp_p
                    "it to end, or stop it (Ctrl-C saves last.npz) and --resume it then" in err, err
         assert {k: v for k, v in files(run_copy).items() if k != runlock.LOCK_NAME} == \
                {k: v for k, v in before.items() if k != runlock.LOCK_NAME}
-    assert run_train("--resume", run_copy, "--no-progress") == 0  # the other one has ended
-    # a new folder is locked as it is made (another run may pick it while the data loads), and
-    # a run that stops before its first checkpoint leaves no folder, lock file included
+    # the other one has ended (its lock file left, as by a killed run): this one trains, and
+    # removes the lock file as it ends
+    assert run_train("--resume", run_copy, "--no-progress") == 0
+    assert not (run_copy / runlock.LOCK_NAME).exists()
+    # held, the file names this process alone, not the one before it too ("4242\n<pid>")
+    (run_copy / runlock.LOCK_NAME).write_text("4242\n")
+    runlock.hold(run_copy)
+    try:
+        assert (run_copy / runlock.LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        assert not flock_free(run_copy)
+    finally:
+        runlock.release(run_copy)
+    assert not (run_copy / runlock.LOCK_NAME).exists()
+
+
+def flock_free(run: Path) -> bool:
+    """Whether RUN/.train.lock can be flocked now (from a file of its own, as another process)."""
+    import fcntl
+
+    from vit import runlock
+
+    with open(run / runlock.LOCK_NAME, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def test_train_main_lets_go_of_the_run_when_it_returns(tmp_path, monkeypatch, capsys):
+    """train.main called from Python (a notebook): once it returns, another train.py may take
+    the run; a lock kept until the interpreter exits refused every --resume of it. While it
+    trains, the run is locked; a new folder from the moment it is made (another run may pick
+    it while the data loads). A refused start leaves no lock file in a folder it was given."""
+    from vit import runlock, training
+
+    seen = []
+    train_ = training.train
+
+    def train_and_look(run, *args):
+        seen.append(not flock_free(run.run_dir))
+        return train_(run, *args)
+    monkeypatch.setattr(training, "train", train_and_look)
     fresh = tmp_path / "fresh"
     assert run_train(*QUICK, "--epochs", 1, "--out", fresh) == 0
-    assert (fresh / runlock.LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert seen == [True] and not (fresh / runlock.LOCK_NAME).exists() and runlock._held == {}
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "best.npz").write_bytes(b"an earlier run's")
+    assert "holds best.npz of an earlier run" in usage_error(capsys, *QUICK, "--out", given)
+    assert sorted(f.name for f in given.iterdir()) == ["best.npz"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_no_folder_lock_file_included(
+        tmp_path, monkeypatch):
+    from vit import training
+
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped before the first checkpoint")
+    monkeypatch.setattr(training, "train", stopped)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="stopped before the first checkpoint"):
+        run_train(*QUICK, "--epochs", 1, "--out", out)
+    assert not out.exists(), list(out.iterdir())
+
+
+def test_a_new_folder_taken_by_another_run_while_the_data_loads_is_a_message(tmp_path, monkeypatch,
+                                                                             capsys):
+    """--out NEW: train.py locks the folder as it makes it, after the data loaded; another run
+    may have made and locked it meanwhile: a usage error naming it, not a Busy traceback."""
+    import fcntl
+
+    from vit import runlock, training
+
+    out, others = tmp_path / "run", []
+    load_data = training.load_data
+
+    def another_run_starts(*args, **kwargs):
+        out.mkdir()
+        other = open(out / runlock.LOCK_NAME, "a+")  # noqa: SIM115
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("4343\n")
+        other.flush()
+        others.append(other)
+        return load_data(*args, **kwargs)
+    monkeypatch.setattr(training, "load_data", another_run_starts)
+    try:
+        err = usage_error(capsys, *QUICK, "--epochs", 1, "--out", out)
+    finally:
+        for other in others:
+            other.close()
+    assert f"{out}: another train.py (pid 4343) is training this run now" in err, err
+    assert sorted(f.name for f in out.iterdir()) == [runlock.LOCK_NAME]  # no config.json of ours
+
+
+def test_without_flock_or_a_lock_file_the_run_goes_on_unlocked(tmp_path, monkeypatch):
+    """A file system without flock (Lustre without -o flock), or a lock file that cannot be
+    made: the run trains as before, without a lock, not a traceback."""
+    import errno
+
+    from vit import runlock
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / runlock.LOCK_NAME).mkdir()  # open() of it fails
+    runlock.hold(tmp_path / "dir")
+    assert runlock._held == {}
+
+    def no_flock(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
+    runlock.hold(tmp_path)
+    assert runlock._held == {}
