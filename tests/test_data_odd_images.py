@@ -49,13 +49,19 @@ def test_a_flat_channel_is_normalised_with_std_1_and_named(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_green_only_images_train_and_a_changed_training_set_is_refused_on_resume(tmp_path, capsys):
-    data, run = green_only_folder(tmp_path / "gfp"), tmp_path / "run"
+def test_green_only_images_train_and_a_changed_training_set_is_refused_on_resume(tmp_path, capsys,
+                                                                                  monkeypatch):
+    from matplotlib.figure import Figure
+
+    data, run, figures, save = green_only_folder(tmp_path / "gfp"), tmp_path / "run", [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), save(fig, *a, **k)))
     assert train.main([*SMALL, "--data-dir", str(data), "--epochs", "2", "--stop-after-epoch", "1",
                        "--out", str(run)]) == 130
     out, err = capsys.readouterr()
     assert "note: channel 0 (red), 2 (blue) are the same in every training image" in err, err
     assert "% top-2 100.00% |" in out, out  # of 2 classes: "top-5" said more than it measured
+    (accuracy, *_), = [fig.axes for fig in figures]  # curves.png's legend says the same
+    assert [t.get_text() for t in accuracy.get_legend().get_texts()] == ["train", "val top-1", "val top-2"]
     meta = checkpoint.read_meta(run / "last.npz")
     assert np.isfinite(meta["history"][0]["train_loss"]) and meta["std"][0] == 1.0, meta["history"]
     assert meta["train_images"] == 8

@@ -9,16 +9,17 @@ from pathlib import Path
 from vit.figures import pyplot, save_png
 
 
-def plot_curves(history: list[dict], path: Path, clip_norm: float | None = None):
+def plot_curves(history: list[dict], path: Path, clip_norm: float | None = None,
+                top_k: int = 5):
     """Train vs val accuracy and loss per epoch, and the training gradient's norm (the epoch's
     mean and largest, before clipping, beside the clipping threshold clip_norm when there is
-    one), written atomically."""
+    one), written atomically. top_k: what val_top5 measured, min(5, classes), for its label."""
     plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_acc, ax_loss, ax_norm) = plt.subplots(1, 3, figsize=(15, 4))
     ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
     ax_acc.plot(epochs, [100 * h["val_top1"] for h in history], "o-", label="val top-1")
-    ax_acc.plot(epochs, [100 * h["val_top5"] for h in history], "--", label="val top-5")
+    ax_acc.plot(epochs, [100 * h["val_top5"] for h in history], "--", label=f"val top-{top_k}")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")

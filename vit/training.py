@@ -107,14 +107,14 @@ class Run:
                 and time.monotonic() - self.saved_at >= 60 * minutes)
 
     def draw_curves(self, force: bool = False):
-        """curves.png from the history, if it shows fewer epochs: after an epoch once
-        CURVES_SECONDS have passed since the last drawing, or at once with force (when training
-        stops). Process 0 only."""
+        """curves.png from the history, if it shows fewer epochs: after an epoch once CURVES_SECONDS
+        have passed since the last drawing, or at once with force (at the end). Process 0 only."""
         history = self.state.history
         if not self.main_process or not history or self.drawn == len(history):
             return
         if force or time.monotonic() - self.drawn_at >= CURVES_SECONDS:
-            plot_curves(history, self.run_dir / "curves.png", self.cfg.train.hparams.clip_norm)
+            plot_curves(history, self.run_dir / "curves.png", self.cfg.train.hparams.clip_norm,
+                        min(5, self.cfg.model.num_classes))
             self.drawn, self.drawn_at = len(history), time.monotonic()
 
     def save(self, name: str):
