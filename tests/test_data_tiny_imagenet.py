@@ -223,6 +223,30 @@ def test_cache_without_manifest_or_with_leftover_temp_files_is_rebuilt(root, dec
     assert not list(cache.glob("*.tmp-*"))
 
 
+def test_a_rebuild_removes_what_stopped_builds_of_other_caches_left_but_not_a_build_under_way(root, capsys):
+    """A build SIGKILLed at another image size left its half-written arrays (up to a whole cache's
+    size), which stayed until that size was built again. A build under way (its lock held) keeps
+    its files."""
+    from vit.data.cache import build_lock
+
+    load(root, "train")
+    cache = root / tiny_imagenet.CACHE_DIRNAME
+    stopped = [cache / name for name in ("train_96px_images.npy.tmp-4242", "train_96px_labels.npy.tmp-4242",
+                                         "train_96px_images.npy.tmp-4242-compact")]
+    running = [cache / "val_48px_images.npy.tmp-777"]
+    for path in stopped + running:
+        path.write_bytes(b"\x93NUMPY partial" * 1000)
+    (cache / "train_manifest.json").unlink()  # so the next load rebuilds train
+    capsys.readouterr()
+    with build_lock(cache, "val_48px", "another process"):
+        load(root, "train")
+        assert [p.exists() for p in stopped + running] == [False, False, False, True]
+    err = capsys.readouterr().err
+    assert f"removed 3 half-written files of the cache {cache / 'train_96px'}_* (42,000 bytes), left by a build " \
+           "that was stopped" in err, err
+    assert "val_48px" not in err and not list(cache.glob("*.lock")), err
+
+
 def _old_format(cache):
     manifest = cache / "train_manifest.json"
     meta = json.loads(manifest.read_text())

@@ -8,7 +8,8 @@ A cache is three files in one folder, named by a prefix (e.g. "train", or "train
 The fingerprint hashes the sorted relative paths, sizes and mtimes of every source file (the images and
 whatever the labels come from) and a string naming how they were decoded; any change rebuilds the cache.
 A rebuild first deletes the manifest, writes every array under a temporary name and os.replace()s it into
-place, then writes the manifest: a run killed half-way leaves no manifest, so its files never count.
+place, then writes the manifest: a run killed half-way leaves no manifest, so its files never count, and
+the next build in the folder, of any prefix, deletes its temporary files (remove_stopped_builds).
 One process builds a given cache at a time (build_lock: an exclusive flock on <prefix>.lock in the folder,
 which the system releases if its holder dies); another that needs it meanwhile waits, then reads it.
 
@@ -244,6 +245,7 @@ def build_cache(
                 leftover.unlink(missing_ok=True)
     except OSError as e:
         raise unwritable(cache_dir, e) from e
+    remove_stopped_builds(cache_dir, what)
 
     n = len(paths)
     tmp_images = files["images"].with_name(f"{files['images'].name}.tmp-{os.getpid()}")
@@ -298,11 +300,35 @@ def build_cache(
         compacted.unlink(missing_ok=True)
 
 
+def remove_stopped_builds(cache_dir: Path, what: str) -> None:
+    """Delete the half-written files of other caches in cache_dir whose build was stopped (a
+    SIGKILL, say, at another image size): up to the size of a whole cache each, which nothing
+    else would remove until that cache was built again. Each prefix's under its build_lock, so
+    files of a build under way stay."""
+    leftovers: dict[str, list[Path]] = {}
+    for path in cache_dir.glob("*.tmp-*"):
+        for suffix in ("_images.npy.tmp-", "_labels.npy.tmp-", "_manifest.json.tmp-"):
+            if suffix in path.name:
+                leftovers.setdefault(path.name.split(suffix)[0], []).append(path)
+    for prefix, paths in sorted(leftovers.items()):
+        try:
+            with build_lock(cache_dir, prefix, what, wait=False):
+                size = sum(p.stat().st_size for p in paths if p.exists())
+                for path in paths:
+                    path.unlink(missing_ok=True)
+        except (OSError, DatasetError):  # being built now (BlockingIOError), or not ours to remove
+            continue
+        files = f"{len(paths)} half-written file{'s' if len(paths) > 1 else ''}"
+        print(f"{what}: removed {files} of the cache {cache_dir / prefix}_* "
+              f"({size:,} bytes), left by a build that was stopped", file=sys.stderr)
+
+
 @contextlib.contextmanager
-def build_lock(cache_dir: Path, prefix: str, what: str):
+def build_lock(cache_dir: Path, prefix: str, what: str, wait: bool = True):
     """Hold the right to build the cache `prefix` in cache_dir (made if missing). Other processes
     wait here (threads too: flock is per open file), so two starts on the same data decode it
-    once, and neither deletes the other's half-written files as leftovers.
+    once, and neither deletes the other's half-written files as leftovers. With wait=False a
+    build under way (or a file system without flock) raises BlockingIOError instead.
 
     The lock file, <prefix>.lock, lives only while a build runs: its holder deletes it before it
     lets go, and a waiter that then gets the lock on the deleted file sees that and takes the new
@@ -321,12 +347,18 @@ def build_lock(cache_dir: Path, prefix: str, what: str):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                lock.close()
+                raise
             if not told:
                 print(f"{what}: another process is building the cache {cache_dir / prefix}_*; waiting for it",
                       file=sys.stderr)
                 told = True
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError as e:  # a file system without flock (Lustre mounted without -o flock)
+            if not wait:
+                lock.close()
+                raise BlockingIOError(f"cannot lock {lock_path}: {e}") from e
             print(f"{what}: cannot lock {lock_path} ({e}); building the cache without it: start one "
                   "process at a time on new data, or run python -m vit.data prepare first", file=sys.stderr)
             break
