@@ -354,3 +354,14 @@ def test_the_patch_size_of_a_folder_without_data_image_size_is_checked_against_6
     # one that divides both is taken with the model as written (train.py fits it on loading)
     cfg = runconfig.from_dict({"model": {"image_size": 224, "patch_size": 16}, "data": data}, "c.toml")
     assert (cfg.model.image_size, cfg.model.patch_size) == (224, 16)
+
+
+def test_flops_command_suggests_a_patch_size_in_the_files_words_not_train_pys(tmp_path, capsys):
+    """vit.flops takes no --set, so its error's hint for a patch size that does not divide the
+    image gives the file's key (it said 'e.g. --set model.patch_size=10', which vit.flops refuses)."""
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[model]\npatch_size = 16\n[data]\ndataset = "image-folder"\nimage_size = 100\n')
+    assert flops.main([str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"vit.flops: error: {mine}: ViTConfig.image_size=100 is not divisible by patch_size=16" in err
+    assert "e.g. patch_size = 10 in its [model] section)" in err and "--set" not in err, err
