@@ -134,7 +134,10 @@ def check_changes(saved, cfg, sources: dict, run_dir: Path) -> list[str]:
     it stretches; a constant one just goes on longer. -> the notes, for train.py to print once
     the resume is known to go ahead."""
     notes = []
-    for name, before, value, why in config_changes(saved, cfg):
+    # a change no flag made (model.image_size, following data.image_size) after those flags
+    # made, so that a refusal names the flag given
+    for name, before, value, why in sorted(config_changes(saved, cfg),
+                                           key=lambda change: change[0] not in sources):
         flag = sources.get(name, name)
         if why:
             raise ResumeError(f"{flag}: --resume {run_dir} continues that run, and {name} fixes "

@@ -96,6 +96,10 @@ def fused_ops(launcher: Launcher = COMPILED, dot_precision: str = "ieee",
             fits = [h for h in range(1, d + 1) if d % h == 0 and d // h in dims]
             helps = fits and d <= layernorm.MAX_WIDTH  # no head count fixes the width
             hint = f"; model.heads = {' or '.join(map(str, fits))} would fit" if helps else ""
+            if not fits and d <= layernorm.MAX_WIDTH:  # no head count: only another width helps
+                widths = [w for w in (d // 16 * 16, -(-d // 16) * 16) if w >= 16]
+                hint = (f"; no model.heads does for model.d_model {d}: a multiple of 16 "
+                        f"({' or '.join(map(str, widths))}) would take some")
             raise ValueError(f"the fused kernels cannot run this model (model.d_model "
                              f"{model.d_model}, model.heads {model.heads}): {err}{hint}") from None
 

@@ -383,3 +383,16 @@ def test_ctrl_c_in_the_other_check_commands_is_one_line_and_exit_130(command, tm
     text = interrupt_when(proc, " ok")
     assert proc.returncode == 130 and "Traceback" not in text, proc.tail()
     assert f"python -m {command[0]}: interrupted; it writes nothing: run it again to check" in text
+
+
+@pytest.mark.parametrize("d_model, heads, widths", [(40, 2, "32 or 48"), (8, 1, "16"), (30, 3, "16 or 32")])
+def test_fused_check_model_offers_widths_where_no_head_count_fits(d_model, heads, widths):
+    """A width with no head count giving Dh 16..128 (40 = 2 x 20 = 5 x 8 ...) was refused with no
+    way out named, where the README promises the model.heads that fit: it now names widths."""
+    from kernels import INTERPRETED, fused_ops  # noqa: PLC0415
+    from vit import ViTConfig  # noqa: PLC0415
+
+    with pytest.raises(ValueError) as e:
+        fused_ops(INTERPRETED).check_model(ViTConfig(d_model=d_model, heads=heads, mlp_dim=64))
+    assert str(e.value).endswith(f"; no model.heads does for model.d_model {d_model}: a multiple "
+                                 f"of 16 ({widths}) would take some"), e.value

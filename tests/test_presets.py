@@ -331,3 +331,37 @@ def test_a_preset_image_size_overridden_by_a_flag_gets_no_note_from_the_file(tmp
     err = capsys.readouterr().err
     assert "--set model.image_size=32: the model takes its image size" in err, err
     assert "has model.image_size" not in err, err
+
+
+@pytest.mark.parametrize("data", [{"dataset": "tiny-imagenet"}, {"dataset": "image-folder"},
+                                  {"dataset": "image-folder", "layout": "image-folder"}])
+def test_the_patch_size_of_a_folder_without_data_image_size_is_checked_against_64_px(data):
+    """A folder dataset without data.image_size comes at 64 px (Tiny ImageNet's size, an image
+    folder's default), whatever model.image_size says, so a preset's patch size is checked
+    against 64: with configs/vit-s16.toml (model.image_size 224), --set model.patch_size=12 used
+    to be told 'image_size=224 is not divisible by patch_size=12' with no hint (14, which divides
+    224, then failed on the 64 px data), and --set model.patch_size=64 was refused though 64 px
+    images take it."""
+    sources = {"model.patch_size": "--set model.patch_size=12"}
+    with pytest.raises(runconfig.ConfigError) as err:
+        runconfig.from_dict({"model": {"image_size": 224, "patch_size": 12}, "data": data},
+                            "c.toml", sources)
+    assert str(err.value).startswith("--set model.patch_size=12: ViTConfig.image_size=64 is not "
+                                     "divisible by patch_size=12"), err.value
+    assert "images are 64x64" in str(err.value) and "--set model.patch_size=8" in str(err.value)
+    cfg = runconfig.from_dict({"model": {"image_size": 224, "patch_size": 64}, "data": data}, "c.toml")
+    assert cfg.model.patch_size == 64 and cfg.model.image_size % 64 == 0
+    # one that divides both is taken with the model as written (train.py fits it on loading)
+    cfg = runconfig.from_dict({"model": {"image_size": 224, "patch_size": 16}, "data": data}, "c.toml")
+    assert (cfg.model.image_size, cfg.model.patch_size) == (224, 16)
+
+
+def test_flops_command_suggests_a_patch_size_in_the_files_words_not_train_pys(tmp_path, capsys):
+    """vit.flops takes no --set, so its error's hint for a patch size that does not divide the
+    image gives the file's key (it said 'e.g. --set model.patch_size=10', which vit.flops refuses)."""
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[model]\npatch_size = 16\n[data]\ndataset = "image-folder"\nimage_size = 100\n')
+    assert flops.main([str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"vit.flops: error: {mine}: ViTConfig.image_size=100 is not divisible by patch_size=16" in err
+    assert "e.g. patch_size = 10 in its [model] section)" in err and "--set" not in err, err

@@ -316,3 +316,18 @@ def test_without_flock_or_a_lock_file_the_run_goes_on_unlocked(tmp_path, monkeyp
     monkeypatch.setattr(runlock.fcntl, "flock", no_flock)
     runlock.hold(tmp_path)
     assert runlock._held == {}
+
+
+def test_a_changed_data_image_size_on_resume_is_refused_naming_its_flag(tmp_path):
+    """--set data.image_size=N changes model.image_size too (the model follows the data); the
+    refusal named 'model.image_size', which no flag had set, instead of the flag given."""
+    from vit import runconfig
+
+    saved = runconfig.from_dict({"model": {"image_size": 64}, "data": {"dataset": "image-folder"}})
+    flag = {"data.image_size": "--set data.image_size=96"}
+    cfg = runconfig.from_dict({"model": {"image_size": 64},
+                               "data": {"dataset": "image-folder", "image_size": 96}}, "c", flag)
+    with pytest.raises(resume.ResumeError) as err:
+        resume.check_changes(saved, cfg, flag, tmp_path)
+    assert str(err.value).startswith(f"--set data.image_size=96: --resume {tmp_path} continues "
+                                     "that run, and data.image_size fixes"), err.value

@@ -291,8 +291,8 @@ def test_a_model_for_other_images_gets_a_patch_size_for_the_datasets(tmp_path, c
     root = write_fake_image_folder(tmp_path / "folder", train_per_class=2, val_per_class=1)  # 64x64x3
     err = exits_with_message(capsys, train.main, "--data-dir", root, "--no-progress", "--set",
                              "model.image_size=9", "--set", "model.patch_size=3", "--out", tmp_path / "r")
-    assert "image_size=64 is not divisible by patch_size=3 (the dataset's images are 64x64x3; set " \
-           "a patch size that divides 64, e.g. --set model.patch_size=8)" in err, err
+    assert "--set model.patch_size=3: ViTConfig.image_size=64 is not divisible by patch_size=3 (the " \
+           "dataset's images are 64x64" in err and "divides 64, e.g. --set model.patch_size=8)" in err, err
     assert not (tmp_path / "r").exists()
 
 

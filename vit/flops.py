@@ -20,6 +20,7 @@ the only row the head reads (vit/model.py).
 
 from __future__ import annotations
 
+import re
 import sys
 
 from vit.config import ViTConfig
@@ -95,7 +96,9 @@ def main(argv=None) -> int:
         try:
             configs.append((path, runconfig.from_dict(runconfig.load_toml(path, path), path)))
         except runconfig.ConfigError as err:
-            print(f"vit.flops: error: {err}", file=sys.stderr)
+            # a hint in train.py's words (--set model.patch_size=5) is a key of the file here
+            hint = re.sub(r"--set (\w+)\.(\w+)=([^\s)]+)", r"\2 = \3 in its [\1] section", str(err))
+            print(f"vit.flops: error: {hint}", file=sys.stderr)
             return 2
     print("figures for each config's [model] section as written (train.py then fits image_size, "
           "channels and num_classes to the dataset it loads; a digits config is shown so fitted)")

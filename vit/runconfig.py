@@ -186,9 +186,9 @@ def from_dict(d: dict, where: str = "config", sources: dict | None = None) -> Ru
             also = ["data.image_size"]
             side = built["data"].image_size
             hint = f" ({patch_size_hint(side, f'{side}x{side} (data.image_size)')})"
-        elif name == "model" and (native := _native_image_size(built["data"])) is not None:
-            # digits (8 px), a named Tiny ImageNet layout (64 px): the model will follow their
-            # images whatever model.image_size says, so the patch size is checked on them first
+        elif name == "model" and (native := _data_image_size(built["data"])) is not None:
+            # digits (8 px), a folder (64 px without data.image_size): the model will follow
+            # their images whatever model.image_size says, so the patch size is checked on them
             side, what = native
             checked = {**values, "image_size": side}
             hint = f" ({patch_size_hint(side, f'{side}x{side} ({what})')})"
@@ -202,7 +202,9 @@ def from_dict(d: dict, where: str = "config", sources: dict | None = None) -> Ru
         try:
             built[name] = cls(**values)
         except (TypeError, ValueError) as err:
-            raise _values_error(name, values, err, source, also, hint) from None
+            if checked is None:
+                raise _values_error(name, values, err, source, also, hint) from None
+            built[name] = cls(**checked)  # only model.image_size failed, and the data's replaces it
         if name == "data":
             _validate_data(built["data"], source)
     model, data = built["model"], built["data"]
@@ -227,6 +229,20 @@ def _native_image_size(d: DataSection):
 
     fixed = d.layout if d.dataset in FOLDER_DATASETS else d.dataset
     return (NATIVE_IMAGE_SIZE[fixed], fixed) if fixed in NATIVE_IMAGE_SIZE else None
+
+
+def _data_image_size(d: DataSection):
+    """(side, what) of the images a run of data section d gets when data.image_size leaves it
+    unsaid: a fixed-size dataset's (_native_image_size), or 64 for a folder in any layout (Tiny
+    ImageNet's size and an image folder's default); None where data.image_size gives it."""
+    from vit.data import FOLDER_DATASETS  # noqa: PLC0415
+    from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415
+
+    if (native := _native_image_size(d)) is not None:
+        return native
+    if d.dataset in FOLDER_DATASETS and d.image_size is None:
+        return DEFAULT_IMAGE_SIZE, "Tiny ImageNet, or an image folder without data.image_size"
+    return None
 
 
 def _validate_data(d: DataSection, source):
