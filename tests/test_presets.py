@@ -365,3 +365,15 @@ def test_flops_command_suggests_a_patch_size_in_the_files_words_not_train_pys(tm
     err = capsys.readouterr().err
     assert f"vit.flops: error: {mine}: ViTConfig.image_size=100 is not divisible by patch_size=16" in err
     assert "e.g. patch_size = 10 in its [model] section)" in err and "--set" not in err, err
+
+
+def test_flops_counts_a_224_px_patch_14_file_as_written(tmp_path, capsys):
+    """A ViT-S/14 file (224 px, patch 14, no [data] section): train.py holds its patch to the
+    64 px images a folder without data.image_size brings, but vit.flops counts the model as
+    written (it refused the file, suggesting patch 8)."""
+    mine = tmp_path / "vit-s14.toml"
+    mine.write_text("[model]\nimage_size = 224\npatch_size = 14\nd_model = 384\nheads = 6\n")
+    assert flops.main([str(mine)]) == 0
+    assert f"{mine}: 224 px, 14x14 patches, L = 257 tokens" in capsys.readouterr().out
+    with pytest.raises(runconfig.ConfigError, match="image_size=64 is not divisible by patch_size=14"):
+        runconfig.from_dict(runconfig.load_toml(mine, mine), str(mine))

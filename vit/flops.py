@@ -76,6 +76,20 @@ def describe(c: ViTConfig) -> str:
             f"train step ~{_scaled(3 * ours, 1, full)}/image")
 
 
+def _as_written(d: dict) -> dict:
+    """Config file d with its model checked at the model's own image size: a folder dataset
+    without data.image_size brings 64 px images, which train.py's config check holds the patch
+    size to, but a file for ViT-S/14 at 224 px (patch 14) is counted as written, and trains
+    with --set data.image_size=224."""
+    from vit.data import FOLDER_DATASETS  # noqa: PLC0415
+
+    model, data = d.get("model", {}), d.get("data", {})
+    if ("image_size" in model and "image_size" not in data and data.get("layout") != "tiny-imagenet"
+            and data.get("dataset", "tiny-imagenet") in FOLDER_DATASETS):
+        return {**d, "data": {**data, "image_size": model["image_size"]}}
+    return d
+
+
 def main(argv=None) -> int:
     from vit import runconfig  # noqa: PLC0415
     from vit.data import digits  # noqa: PLC0415
@@ -94,7 +108,7 @@ def main(argv=None) -> int:
     configs = []
     for path in paths:  # every one read before anything is printed
         try:
-            configs.append((path, runconfig.from_dict(runconfig.load_toml(path, path), path)))
+            configs.append((path, runconfig.from_dict(_as_written(runconfig.load_toml(path, path)), path)))
         except runconfig.ConfigError as err:
             # a hint in train.py's words (--set model.patch_size=5) is a key of the file here
             hint = re.sub(r"--set (\w+)\.(\w+)=([^\s)]+)", r"\2 = \3 in its [\1] section", str(err))
