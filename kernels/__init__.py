@@ -87,6 +87,9 @@ def fused_ops(launcher: Launcher = COMPILED, dot_precision: str = "ieee",
 
     def check_model(model):
         try:
+            if model.head_dim not in attention.HEAD_DIMS:  # in the model's words, not the kernel's
+                raise ValueError(f"head dim model.d_model / model.heads = {model.head_dim}; the "
+                                 f"kernels take {', '.join(map(str, attention.HEAD_DIMS))}")
             attention.check_shape(1, model.seq_len, model.heads, model.head_dim)
             if model.d_model > layernorm.MAX_WIDTH:
                 raise ValueError(f"add_layernorm: width {model.d_model} exceeds the one-tile limit "
