@@ -377,3 +377,15 @@ def test_flops_counts_a_224_px_patch_14_file_as_written(tmp_path, capsys):
     assert f"{mine}: 224 px, 14x14 patches, L = 257 tokens" in capsys.readouterr().out
     with pytest.raises(runconfig.ConfigError, match="image_size=64 is not divisible by patch_size=14"):
         runconfig.from_dict(runconfig.load_toml(mine, mine), str(mine))
+
+
+def test_a_head_count_that_does_not_divide_the_width_gets_the_nearest_that_do():
+    """ViT-B/16 with --set model.heads=5: the message named the flag but no head count that fits."""
+    d = runconfig.load_toml(runconfig.CONFIG_DIR / "vit-b16.toml")
+    d["model"]["heads"] = 5
+    with pytest.raises(runconfig.ConfigError) as err:
+        runconfig.from_dict(d, "vit-b16.toml", {"model.heads": "--set model.heads=5"})
+    assert str(err.value).startswith("--set model.heads=5: ViTConfig.d_model=768 is not divisible by "
+                                     "heads=5 (heads that divide it: e.g. 4 or 6)"), err.value
+    with pytest.raises(ValueError, match=r"heads=7 \(heads that divide it: e.g. 6 or 8\)"):
+        vit.ViTConfig(d_model=48, heads=7)

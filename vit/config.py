@@ -46,8 +46,10 @@ class ViTConfig:
                 f"ViTConfig.image_size={self.image_size} is not divisible by "
                 f"patch_size={self.patch_size}")
         if self.d_model % self.heads:
-            raise ValueError(
-                f"ViTConfig.d_model={self.d_model} is not divisible by heads={self.heads}")
+            near = sorted(sorted((h for h in range(1, self.d_model + 1) if self.d_model % h == 0),
+                                 key=lambda h: abs(h - self.heads))[:2])
+            raise ValueError(f"ViTConfig.d_model={self.d_model} is not divisible by heads={self.heads} "
+                             f"(heads that divide it: e.g. {' or '.join(map(str, near))})")
         if self.norm not in ("post", "pre"):
             raise ValueError(f"ViTConfig.norm must be 'post' or 'pre', got {self.norm!r}")
         if self.gelu not in ("tanh", "erf"):
