@@ -141,9 +141,11 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
-def image_size_note(config, written: int, data) -> list[str]:
+def image_size_note(config, written: int, data, crop_pad: int = 0) -> list[str]:
     """A note when a config file's model.image_size (a preset's 224) is not the size the data
-    will come at, which the model takes: such a run trained at 64 px without a word."""
+    will come at, which the model takes: such a run trained at 64 px without a word. crop_pad:
+    the file's train.crop_pad (0 if a flag set it), rescaled in a second note: a preset's 16 is
+    for 224 px, and a quarter of a 64 px image."""
     from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
     from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415
 
@@ -153,8 +155,13 @@ def image_size_note(config, written: int, data) -> list[str]:
         return []
     how = (f"{data.dataset} comes at that size only" if native else
            f"for {written}-pixel images give --set data.image_size={written}")
-    return [f"train.py: note: --config {config} has model.image_size = {written}, and the model "
-            f"takes the data's size: {size}x{size} here ({how})"]
+    notes = [f"train.py: note: --config {config} has model.image_size = {written}, and the model "
+             f"takes the data's size: {size}x{size} here ({how})"]
+    if (scaled := crop_pad * size // written) != crop_pad:
+        notes.append(f"train.py: note: --config {config} has train.crop_pad = {crop_pad}, for "
+                     f"{written}-pixel images; --set train.crop_pad={scaled} keeps its proportion "
+                     f"at {size}x{size}")
+    return notes
 
 
 def resolve_config(args, notes: list | None = None):
@@ -220,7 +227,8 @@ def resolve_config(args, notes: list | None = None):
                     "model.drop_path at the last")
     written = base.get("model", {}).get("image_size")  # by --config's file (no flag set it)
     if args.config is not None and not args.resume and "model.image_size" not in sources and written:
-        said += image_size_note(args.config, written, cfg.data)
+        pad = 0 if "train.crop_pad" in sources else cfg.train.hparams.crop_pad
+        said += image_size_note(args.config, written, cfg.data, pad)
     followed = [sources[k] for k in ("model.image_size", "model.channels", "model.num_classes")
                 if k in sources]
     said += [f"train.py: note: {', '.join(followed)}: the model takes its image size, channels "

@@ -320,6 +320,21 @@ def test_a_preset_whose_image_size_the_data_will_not_have_says_so(tmp_path, caps
     assert (said in err) if said else "model.image_size" not in err, err
 
 
+@pytest.mark.parametrize("extra, said", [
+    ([], "vit-ti16.toml has train.crop_pad = 16, for 224-pixel images; --set train.crop_pad=4 keeps "
+         "its proportion at 64x64"),
+    (["--set", "train.crop_pad=8"], None), (["--set", "data.image_size=224"], None)])
+def test_a_presets_crop_pad_for_224_px_is_rescaled_in_a_note(tmp_path, capsys, extra, said):
+    """At 64 px a preset's crop_pad 16 (a quarter of the image) was taken without a word."""
+    from vit.data.fake import write_fake_image_folder
+
+    folder = write_fake_image_folder(tmp_path / "f")
+    train.resolve_config(train.parse_args(["--config", str(runconfig.CONFIG_DIR / "vit-ti16.toml"),
+                                           "--data-dir", str(folder), *extra]))
+    err = capsys.readouterr().err
+    assert (said in err) if said else "crop_pad" not in err, err
+
+
 def test_a_preset_image_size_overridden_by_a_flag_gets_no_note_from_the_file(tmp_path, capsys):
     """--set model.image_size replaces the file's 224 (in the merged config too): the note on the
     file's value is not given for the flag's (which has its own note: the model follows the data)."""
