@@ -114,7 +114,8 @@ def main(argv=None) -> int:
             hint = re.sub(r"--set (\w+)\.(\w+)=([^\s)]+)", r"\2 = \3 in its [\1] section", str(err))
             print(f"vit.flops: error: {hint}", file=sys.stderr)
             return 2
-    print("figures for each config's [model] section as written (train.py then fits image_size, "
+    print("figures for each config's [model] section as written, at its [data] image_size where it "
+          "has one (train.py then fits image_size, "
           "channels and num_classes to the dataset it loads; a digits config is shown so fitted)")
     for path, cfg in configs:
         model, fitted = cfg.model, ""
