@@ -137,6 +137,24 @@ def test_wrong_image_shape_is_a_clear_error():
                 fn(params, jnp.full((2, 16, 16, 3), 128, dtype), *args, cfg)
 
 
+def test_params_made_for_another_config_are_a_clear_error():
+    """A config that disagrees with the params ran the blocks the params had (1 of layers=2)
+    without a word, or failed deep inside (KeyError 'final_ln', a broadcasting error)."""
+    cfg = small(layers=1)
+    params = vit.init_params(jax.random.PRNGKey(0), cfg)
+    images = jnp.zeros((2, 16, 16, 3))
+    for other, said in ((cfg.replace(layers=2), r"params hold 1 block, for layers=2"),
+                        (cfg.replace(norm="pre"), r"params\['final_ln'\]\['beta'\] is missing"),
+                        (cfg.replace(mlp_dim=48), r"params\['blocks'\]\[0\]\['ffn'\]\['fc1'\]\['b'\] is "
+                                                  r"\(64,\), not \(48,\)")):
+        for fn, args in ((vit.forward, ()), (vit.loss_and_grads, (jnp.array([0, 1]),))):
+            with pytest.raises(ValueError, match=f"params do not fit this ViTConfig: {said}"):
+                fn(params, images, *args, other)
+    params["blocks"][0]["extra"] = jnp.zeros(3)
+    with pytest.raises(ValueError, match=r"params\['blocks'\]\[0\]\['extra'\] is not in it"):
+        vit.forward(params, images, cfg)
+
+
 def test_product_config_train_step_runs():
     cfg = vit.ViTConfig()
     params = vit.init_params(jax.random.PRNGKey(0), cfg)

@@ -9,6 +9,7 @@ functions or the fused Triton kernels; everything else is the same code either w
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -70,6 +71,33 @@ def init_params(key, config: ViTConfig) -> dict:
     if c.norm == "pre":
         params["final_ln"] = _ln_init(d)
     return params
+
+
+@functools.lru_cache(maxsize=16)
+def param_shapes(config: ViTConfig) -> dict[str, tuple]:
+    """{path: shape} of every array init_params makes for config (paths as jax.tree_util.keystr)."""
+    tree = jax.eval_shape(functools.partial(init_params, config=config), jax.random.PRNGKey(0))
+    return {jax.tree_util.keystr(path): leaf.shape
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_params(params, config: ViTConfig):
+    """A ValueError unless params has the arrays and shapes init_params gives config: the model
+    ran the blocks the params had (1 of layers=2) without a word, or failed deep inside."""
+    want = param_shapes(config)
+    got = {jax.tree_util.keystr(path): tuple(jnp.shape(leaf))
+           for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    if got == want:
+        return
+    wrong = ([f"params{k} is missing" for k in want if k not in got]
+             + [f"params{k} is not in it" for k in got if k not in want]
+             + [f"params{k} is {got[k]}, not {want[k]}" for k in want if k in got and got[k] != want[k]])
+    blocks = len(params.get("blocks", [])) if isinstance(params, dict) else 0
+    if blocks != config.layers:
+        wrong = [f"params hold {blocks} block{'s' * (blocks != 1)}, for layers={config.layers}"]
+    more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+    raise ValueError(f"params do not fit this ViTConfig: {'; '.join(wrong[:3])}{more}; give the "
+                     "config the params were made with (init_params(key, config))")
 
 
 def count_params(params) -> int:
@@ -226,6 +254,7 @@ def model_forward(params, images, config: ViTConfig, ops: Ops = REFERENCE, key=N
 
     key: dropout / stochastic-depth randomness (training); None = evaluation (no masks)."""
     _check_images(images, config)
+    check_params(params, config)
     tokens, c_patch = layers.patch_embed_forward(params["patch"], images, config.patch_size)
     x, _ = layers.embed_forward(params["embed"], tokens)
     x, c_enc = encoder_forward(params["blocks"], x, config, ops, key, cls_only_last=True)
