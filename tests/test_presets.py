@@ -404,3 +404,21 @@ def test_a_head_count_that_does_not_divide_the_width_gets_the_nearest_that_do():
                                      "heads=5 (heads that divide it: e.g. 4 or 6)"), err.value
     with pytest.raises(ValueError, match=r"heads=7 \(heads that divide it: e.g. 6 or 8\)"):
         vit.ViTConfig(d_model=48, heads=7)
+
+
+def test_flops_to_a_reader_that_went_away_ends_quietly():
+    """python -m vit.flops | head: a BrokenPipeError traceback from print (or an "Exception
+    ignored" at exit); it ends with 141, the shell's code for SIGPIPE, and nothing on stderr.
+    The same exit_code_of_a_check runs oracle.gradcheck, kernel_gradcheck and compile_check."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "vit.flops"], stdout=write, stderr=subprocess.PIPE,
+                              cwd=runconfig.CONFIG_DIR.parent)  # no time limit: load only slows it
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr.decode()) == (141, "")

@@ -127,4 +127,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vit.signals import exit_code_of_a_check
+
+    sys.exit(exit_code_of_a_check(main, "python -m vit.flops"))

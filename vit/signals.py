@@ -66,10 +66,16 @@ class StopOnSignal:
 
 def exit_code_of_a_check(main, prog: str) -> int:
     """main()'s exit code for a command that only checks and prints (python -m oracle.gradcheck,
-    oracle.kernel_gradcheck, kernels.compile_check): a Ctrl-C is one line and exit code 130, as
-    train.py's is, instead of a traceback from wherever the check was."""
+    oracle.kernel_gradcheck, kernels.compile_check, vit.flops): a Ctrl-C is one line and exit
+    code 130, as train.py's is, instead of a traceback from wherever the check was; output to a
+    reader that went away (`... | head`) ends it quietly, with the shell's code for SIGPIPE, 141."""
     try:
-        return main()
+        code = main()
+        sys.stdout.flush()  # here, not at exit, where a closed pipe is an "Exception ignored"
+        return code
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; it writes nothing: run it again to check", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left to flush
+        return 128 + signal.SIGPIPE
