@@ -130,13 +130,23 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a SIGINT
 
 def main(argv=None, *, standalone=False) -> int:
     """standalone: this process is `python evaluate.py` itself, so a Ctrl-C ends in a message
-    and exit code 130 instead of a KeyboardInterrupt traceback (called from Python, the caller
-    gets its KeyboardInterrupt)."""
+    and exit code 130 instead of a KeyboardInterrupt traceback, and output to a reader that went
+    away (`--predict ... | head`) quietly with 141 (called from Python, the caller gets its
+    KeyboardInterrupt or BrokenPipeError)."""
     args = build_parser().parse_args(argv)
     written = []  # files written so far, named if a Ctrl-C stops the rest
     try:
         with cmdline.InterruptWhileStarting() as interrupt:
-            return evaluate_command(args, written, interrupt.check)
+            code = evaluate_command(args, written, interrupt.check)
+        if standalone:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe is an "Exception ignored"
+        return code
+    except BrokenPipeError:
+        if not standalone:
+            raise
+        from vit.signals import after_broken_pipe  # noqa: PLC0415
+
+        return after_broken_pipe()
     except KeyboardInterrupt:
         if not standalone:
             raise

@@ -99,3 +99,26 @@ def test_a_file_name_that_is_not_utf8_prints(run, tmp_path):
     text = predict.format_predictions(predictions)
     assert text.splitlines()[0] == f"{tmp_path}/caf\\xe9.png"
     text.encode("utf-8")  # strict: no surrogate left
+
+
+def test_predictions_to_a_reader_that_went_away_end_quietly(run, tmp_path, monkeypatch, capsys):
+    """python evaluate.py RUN --predict *.jpg | head: a BrokenPipeError traceback; now exit code
+    141 (the shell's for SIGPIPE) and no error on stderr. Called from Python, the caller gets it."""
+    import sys
+
+    monkeypatch.setattr(evaluate, "load_run", lambda *args: run)
+    given = [str(p) for p in images(tmp_path, 2)]
+    for standalone in (True, False):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line
+        with open(write, "w") as stream, monkeypatch.context() as patch:
+            patch.setattr(sys, "stdout", stream)
+            if standalone:
+                assert evaluate.main([str(tmp_path), "--predict", *given], standalone=True) == 141
+            else:
+                with pytest.raises(BrokenPipeError):
+                    evaluate.main([str(tmp_path), "--predict", *given])
+                    stream.flush()
+                os.dup2(os.open(os.devnull, os.O_WRONLY), write)  # so that closing it can flush
+        err = capsys.readouterr().err
+        assert "Error" not in err and "Traceback" not in err, err

@@ -77,5 +77,11 @@ def exit_code_of_a_check(main, prog: str) -> int:
         print(f"\n{prog}: interrupted; it writes nothing: run it again to check", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what is left to flush
-        return 128 + signal.SIGPIPE
+        return after_broken_pipe()
+
+
+def after_broken_pipe() -> int:
+    """Exit code 141 (the shell's for SIGPIPE) for a command whose stdout's reader went away,
+    with stdout sent to /dev/null, so that what is left in its buffer is not a second error."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
