@@ -206,3 +206,59 @@ def test_attention_flops_count_the_matmuls():
     matmul = 2 * b * h * l * l * dh  # one (L, Dh) x (Dh, L) or (L, L) x (L, Dh) product per head
     assert harness.attention_flops(b, l, h, dh, "fwd") == 2 * matmul  # QK^T, PV
     assert harness.attention_flops(b, l, h, dh, "fwd+bwd") == (2 + 5) * matmul  # + QK^T again, dP, dV, dQ, dK
+
+
+def test_the_timed_executable_is_checked_before_it_is_timed(monkeypatch):
+    """The timed executable (the op chained over k input sets, at the timed shape) is not the one
+    first checked: its output on the checked set is checked again before any timing. Here the
+    chain alone is 1% off: a "check FAILED" row, no timing."""
+    timed = []
+    monkeypatch.setattr(harness, "time_calls", lambda run, settings: timed.append(run) or Timing(1.0, 0.9, 1.1, 5, 1))
+    monkeypatch.setattr(harness, "measure_peaks", lambda backend: {"copy_mib": 1, "copy_gb_s": 1.0})
+    real_chain = harness.chain
+    monkeypatch.setattr(harness, "chain", lambda fn, k: real_chain(lambda x: fn(x) * 1.01, k))
+    bench = harness.BenchSession(timing=True, seed=5, info={**harness.device_info(), "backend": "gpu"})
+    case = harness.KernelCase("chain check test", "layernorm", "fwd", "product", "chained", "fp32")
+    built = []
+
+    def build(contender, shape):
+        built.append((contender, shape))
+        return lambda x: x * 2.0
+
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        harness.run_kernel_case(bench, case, make_inputs=lambda shape, dtype, key: (jax.random.normal(key, (4, 8)),),
+                                build=build, work=lambda shape: {"gbytes": 1e-6})
+    assert timed == [] and [r["status"] for r in bench.rows if r["group"] == case.group] == ["check FAILED"]
+    # a compiled contender is first checked at the shape it is timed at, not the quick one
+    assert built[:2] == [("reference", "product"), ("chained", "product")]
+
+
+def test_each_dtype_row_gets_inputs_of_its_dtype():
+    """The reference inputs are cached per (group, shape, dtype): a bf16 row after an fp32 row of
+    the same group and shape must get bf16 inputs (else it checks, and times, the fp32 kernel)."""
+    bench = harness.BenchSession(timing=False, seed=3)
+    seen = []
+
+    def build(contender, shape):
+        return lambda x: seen.append((contender, jnp.dtype(x.dtype).name)) or x * 2.0
+
+    for dtype in ("fp32", "bf16"):
+        harness.run_kernel_case(
+            bench, harness.KernelCase("dtype test", "layernorm", "fwd", "quick", "plain", dtype),
+            make_inputs=lambda shape, dtype, key: (jax.random.normal(key, (4, 8)).astype(dtype),),
+            build=build, work=lambda shape: {"gbytes": 1e-6})
+    assert [d for c, d in seen if c == "plain"] == ["float32", "bfloat16"]
+    # and the reference runs in float32 on their upcast, whatever the row's dtype
+    assert [d for c, d in seen if c == "reference"] == ["float32", "float32"]
+
+
+def test_a_forced_fused_kernel_is_not_timed_in_the_interpreter(monkeypatch):
+    """Every "fused..." contender runs our kernels (fused-one-tile, fused-key-blocked too): on a
+    machine without a GPU it is checked, never timed (numpy's speed is no kernel's)."""
+    monkeypatch.setattr(harness, "time_calls", lambda run, settings: pytest.fail("timed"))
+    bench = harness.BenchSession(timing=True, seed=7, info={**harness.device_info(), "backend": "cpu"})
+    case = harness.KernelCase("forced kernel test", "layernorm", "fwd", "product", "fused-key-blocked", "fp32")
+    with pytest.raises(pytest.skip.Exception, match="not timed"):
+        harness.run_kernel_case(bench, case, make_inputs=lambda shape, dtype, key: (jnp.ones((2, 3), dtype),),
+                                build=lambda contender, shape: lambda x: x * 2.0, work=lambda shape: {"gbytes": 1e-6})
+    assert [r["status"] for r in bench.rows] == ["checked, not timed"]

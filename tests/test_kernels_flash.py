@@ -199,6 +199,26 @@ def test_rows_of_very_negative_scores(kernel_ops, kernel):
     assert_all_close(compare(run_attention(kernel_ops[kernel], inp), run_attention(REFERENCE, inp), 1e-4), 1e-4)
 
 
+def test_online_softmax_keeps_the_running_max_across_key_blocks():
+    """Rows whose scores fall by ~800 from the first key block to the later ones (q . k = +-400
+    after the 1/sqrt(Dh) scale): the online softmax must rescale by exp(m_old - m_new) <= 1, so
+    the running max may never drop. A max taken over the current block only stays exact on the
+    other checks' scores (their rescale factors stay finite either way) but here makes
+    exp2(m_old - m_new) overflow: inf / inf = NaN. Forward only (o and LSE); 1e-4 as in the test
+    above: float32 scores of magnitude 400 carry ~4e-5 rounding (observed 5e-5 on o)."""
+    b, l, heads, dh = 1, 40, 1, 16
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(12), 3)
+    q = 10.0 + 0.01 * jax.random.normal(k1, (b, l, dh))
+    sign = jnp.where(jnp.arange(l) < 16, 1.0, -1.0)[None, :, None]  # key block 0 high, 1 and 2 low
+    k = sign * (10.0 + 0.01 * jax.random.normal(k2, (b, l, dh)))
+    v = jax.random.normal(k3, (b, l, dh))
+    qkv = jnp.concatenate([q, k, v], axis=-1)
+    o, (_, _, lse, _) = BlockedOps(Blocks(16, 16, 4, 2)).attention_forward(qkv, heads)
+    o_ref, _ = REFERENCE.attention_forward(qkv, heads)
+    lse_ref = jax.scipy.special.logsumexp(jnp.einsum("bid,bjd->bij", q, k) / 4.0, axis=-1)[:, None]
+    assert_all_close(compare({"o": o, "lse": lse}, {"o": o_ref, "lse": lse_ref}, 1e-4), 1e-4)
+
+
 def test_caches_are_interchangeable(kernel_ops):
     """Both forwards leave the same cache (qkv, o, lse, keep), so either backward takes either
     forward's cache: one-tile forward + key-blocked backward and the reverse match the reference."""
@@ -272,6 +292,10 @@ def test_dispatch_rule():
     assert p.blocks == flash_attention.default_blocks(129, 64, f32, "ieee", "bwd")
     assert dispatch.plan(197, 64, jnp.bfloat16, "ieee", "fwd", INTERPRETED).kernel == "key-blocked"
     assert dispatch.plan(8192, 128, f32, "tf32", "fwd", INTERPRETED).kernel == "key-blocked"
+    for precision in ("tf32", "tf32x3"):  # the row's own dot kind: its blocks differ from ieee's
+        want = flash_attention.default_blocks(197, 64, f32, precision, "bwd")
+        assert dispatch.plan(197, 64, f32, precision, "bwd", INTERPRETED).blocks == want, precision
+        assert want != flash_attention.default_blocks(197, 64, f32, "ieee", "bwd")
     # compiled (no table row for this device) the rule is the same
     assert dispatch.plan(65, 32, f32, "ieee", "fwd", COMPILED).kernel == "one-tile"
     assert dispatch.plan(100, 32, jnp.bfloat16, "ieee", "bwd", COMPILED).kernel == "one-tile"

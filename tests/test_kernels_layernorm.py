@@ -159,3 +159,13 @@ def test_eps_must_be_static(ops):
     params = {"gamma": jnp.ones((8,)), "beta": jnp.zeros((8,))}
     with pytest.raises(ValueError, match="eps must be a static Python float"):
         jax.jit(lambda eps: ops.add_layernorm_forward(params, x, None, eps)[0])(1e-5)
+
+
+def test_eps_matters_for_rows_of_small_variance(ops):
+    """Rows whose variance is comparable to eps (1e-4 against eps = 1e-2): rstd = 1/sqrt(var + eps)
+    differs from 1/sqrt(var) by 10x, so a kernel that dropped or mis-scaled eps fails here, where
+    the other checks (var ~ 4, eps 1e-6) cannot see it."""
+    inp = layernorm_inputs(jax.random.PRNGKey(8), 6, 100, True, jnp.float32)
+    # std 0.01 about 0 (no large mean: its float32 cancellation would cost more than 1e-5 here)
+    inp["x"], inp["r"], inp["eps"] = 0.005 * (inp["x"] - 3.0), 0.0 * inp["r"], 1e-2
+    assert_all_close(compare(run_layernorm(ops, inp), run_layernorm(REFERENCE, inp), F32_TOL), F32_TOL)
