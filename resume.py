@@ -159,9 +159,20 @@ def config_changes(old, new):
     for section, values in new.to_dict().items():
         for key, value in values.items():
             before = before_all[section].get(key)
+            if key == "image_size" and section == "data" and _side(old.data) == _side(new.data):
+                continue  # unset (64 px, a folder's default) and 64 are the same images
             if value != before:
                 name = f"{section}.{key}"
                 yield name, before, value, RESUME_FIXED.get(name) or RESUME_FIXED.get(section)
+
+
+def _side(data) -> int:
+    """The side of the images a data section gives: data.image_size, or, unset, the dataset's
+    own size (Tiny ImageNet 64, digits 8) or an image folder's default (64)."""
+    from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
+    from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415
+
+    return data.image_size or NATIVE_IMAGE_SIZE.get(data.dataset) or DEFAULT_IMAGE_SIZE
 
 
 def load_checkpoint(run_dir: Path):

@@ -331,3 +331,8 @@ def test_a_changed_data_image_size_on_resume_is_refused_naming_its_flag(tmp_path
         resume.check_changes(saved, cfg, flag, tmp_path)
     assert str(err.value).startswith(f"--set data.image_size=96: --resume {tmp_path} continues "
                                      "that run, and data.image_size fixes"), err.value
+    # the size it was trained at, given by a flag: the same images, no refusal (it was one)
+    same = {"data.image_size": "--set data.image_size=64"}
+    cfg = runconfig.from_dict({"model": {"image_size": 64},
+                               "data": {"dataset": "image-folder", "image_size": 64}}, "c", same)
+    assert resume.check_changes(saved, cfg, same, tmp_path) == []
