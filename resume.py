@@ -168,7 +168,9 @@ def config_changes(old, new):
 
 def _side(data) -> int:
     """The side of the images a data section gives: data.image_size, or, unset, the dataset's
-    own size (Tiny ImageNet 64, digits 8) or an image folder's default (64)."""
+    own size (Tiny ImageNet 64, digits 8) or an image folder's default (64). data.image_size
+    first, unlike train.image_size_note's size: Tiny ImageNet given 96 is then a change, refused
+    naming its flag (the dataset's 64 first made it model.image_size's refusal, no flag named)."""
     from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
     from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415
 

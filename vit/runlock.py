@@ -28,6 +28,16 @@ class Busy(Exception):
     """Another process trains in this run directory."""
 
 
+def still_at(path: Path, lock) -> bool:
+    """Whether the open file lock is still the file at path: a lock file's holder removes it
+    before it lets go, so one that got the flock just then holds a removed file (here and in
+    vit/data/cache.py's build_lock)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def hold(run_dir: Path) -> None:
     """Take RUN/.train.lock (the folder exists); a no-op if this process holds it already."""
     key = Path(run_dir).resolve()
@@ -50,11 +60,7 @@ def hold(run_dir: Path) -> None:
         except OSError:  # no flock on this file system: go on unlocked
             lock.close()
             return
-        try:
-            current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
+        if still_at(path, lock):
             break
         lock.close()  # locked a file its holder had removed: take the one at the path now
     lock.seek(0)

@@ -40,6 +40,7 @@ import numpy as np
 
 from vit.data.common import DatasetError
 from vit.progress import progress_bar
+from vit.runlock import still_at
 
 CACHE_FORMAT = 1  # bump when the cache files change meaning
 CACHE_DIRNAME = "vitfuse-cache"  # the cache's folder inside a dataset's folder
@@ -362,11 +363,7 @@ def build_lock(cache_dir: Path, prefix: str, what: str, wait: bool = True):
             print(f"{what}: cannot lock {lock_path} ({e}); building the cache without it: start one "
                   "process at a time on new data, or run python -m vit.data prepare first", file=sys.stderr)
             break
-        try:
-            current = os.stat(lock_path).st_ino == os.fstat(lock.fileno()).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
+        if still_at(lock_path, lock):
             break
         lock.close()  # locked a file its holder had deleted: take the one at the path now
     done = False
