@@ -107,26 +107,44 @@ def test_dgamma_dbeta_are_bitwise_deterministic(ops):
         assert np.array_equal(np.asarray(first[name]), np.asarray(second[name])), name
 
 
-def test_compiled_tiling_in_the_interpreter():
+@pytest.mark.parametrize(
+    "m, n, residual, dtype",
+    [
+        # the product shape: 130 partial rows, 16 a step (8 steps, the last masked), 2 tiles a program
+        (64 * 65, 256, True, jnp.float32),
+        # ViT-S width at L = 197: 128 of 512 columns masked in the main kernels, the reduction's
+        # second 256-column program half masked; 813 tiles, 4 a program, so the last program holds
+        # one tile, and that tile 5 of 8 rows; bf16, no residual
+        (197 * 33, 384, False, jnp.bfloat16),
+        # ViT-B width: tiles of 4 rows of 1024 columns (256 masked), three reduction programs, a
+        # 1-row tail tile
+        (197 * 5, 768, True, jnp.float32),
+        # ViT-Ti width: 64 of 256 columns masked, a 13-row tail tile, bf16
+        (197 * 9, 192, True, jnp.bfloat16),
+    ],
+    ids=["product-fp32", "vit-s-bf16", "vit-b-fp32", "vit-ti-bf16"],
+)
+def test_compiled_tiling_in_the_interpreter(m, n, residual, dtype):
     """The tiling a GPU runs, checked here: INTERPRETED's own large tiles and 8 backward programs
     leave the reduction kernel one step over the partial rows, so a multi-step reduction (the
-    GPU's: 130 partial rows, 16 a step, a masked tail) or a program of several row tiles would
-    pass every other check here while wrong on a GPU. The same kernels through the interpreter,
-    with COMPILED's tile facts (layernorm.geometry reads nothing else of the launcher), at the
-    product shape."""
+    GPU's: over 100 partial rows, 16 a step, a masked tail), a program of several row tiles, a
+    reduction of several column programs or a tile of few rows of a wide row would pass every
+    other check here while wrong on a GPU. The same kernels through the interpreter, with
+    COMPILED's tile facts (layernorm.geometry reads nothing else of the launcher), at the product
+    shape and the standard ViT widths."""
     if not INTERPRET:
         pytest.skip("on a GPU the tests above run COMPILED's tiling itself")
     tiling = dataclasses.replace(INTERPRETED, name="Triton's interpreter with COMPILED's tiles",
                                  tile_elements=COMPILED.tile_elements, tile_rows=COMPILED.tile_rows,
                                  reduce_programs=COMPILED.reduce_programs)
-    m, n = 64 * 65, 256
     for direction in ("fwd", "bwd"):
         assert layernorm.geometry(m, n, tiling, direction) == layernorm.geometry(m, n, COMPILED, direction)
     g = layernorm.geometry(m, n, COMPILED, "bwd")
-    assert g.groups > g.reduce_g and g.groups % g.reduce_g and g.tiles > 1, g  # what this test is for
-    inp = layernorm_inputs(jax.random.PRNGKey(6), m, n, True, jnp.float32)
+    assert g.groups > g.reduce_g and g.groups % g.reduce_g, g  # a multi-step reduction, masked tail
+    inp = layernorm_inputs(jax.random.PRNGKey(6), m, n, residual, dtype)
     fused = run_layernorm(fused_ops(tiling), inp)  # outputs start as NaN: the interpreter's way
-    assert_all_close(compare(fused, run_layernorm(REFERENCE, inp), F32_TOL), F32_TOL)
+    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
+    assert_all_close(compare(fused, run_layernorm(REFERENCE, as_float32(inp)), tol), tol)
 
 
 def test_shape_and_dtype_errors(ops):
