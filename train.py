@@ -170,7 +170,6 @@ def resolve_config(args, notes: list | None = None):
     on changed values, resume.check_changes; model fields the data sets), for start() to print
     once the run is known to go ahead; without it they are printed at once."""
     from vit import runconfig  # noqa: PLC0415
-    from vit.data import folder_dataset  # noqa: PLC0415
 
     said = []  # notes
     if args.resume:
@@ -207,13 +206,7 @@ def resolve_config(args, notes: list | None = None):
         # before from_dict, whose message would offer a batch size that --resume refuses
         resume.check_accum_steps(base, sources["train.accum_steps"], run_dir)
     cfg = runconfig.from_dict(base, where, sources)
-    for key in ("data_dir", "cache_dir"):  # as absolute paths: config.json names the same folders
-        value = getattr(cfg.data, key)     # to evaluate.py and --resume from any directory
-        if value is not None and (not args.resume or f"data.{key}" in sources):
-            cfg.data = dataclasses.replace(cfg.data, **{key: os.path.abspath(os.path.expanduser(value))})
-    if not args.resume and "data.dataset" not in sources:  # a Tiny ImageNet config, an image folder
-        d = cfg.data
-        cfg.data = dataclasses.replace(d, dataset=folder_dataset(d.dataset, d.data_dir, d.layout))
+    cfg.data = resolve_data(cfg.data, args.resume, sources, where)
     t = cfg.train
     if t.warmup_epochs > t.epochs:  # never leaves warmup: it peaks at lr * epochs / warmup
         said.append(f"train.py: note: train.warmup_epochs = {t.warmup_epochs:g} is above "
@@ -247,6 +240,26 @@ def resolve_config(args, notes: list | None = None):
     else:
         notes.extend(said)
     return cfg
+
+
+def resolve_data(d, resuming: bool, sources: dict, where: str):
+    """The run's [data] d (a runconfig.DataSection) with its folders as absolute paths and, for a
+    new run, the dataset its folder holds (vit.data.folder_dataset); a fail() naming the flag or
+    file that set a data.image_size the folder's dataset cannot take."""
+    from vit.data import folder_dataset, found_image_size_refusal  # noqa: PLC0415
+
+    for key in ("data_dir", "cache_dir"):  # as absolute paths: config.json names the same folders
+        value = getattr(d, key)            # to evaluate.py and --resume from any directory
+        if value is not None and (not resuming or f"data.{key}" in sources):
+            d = dataclasses.replace(d, **{key: os.path.abspath(os.path.expanduser(value))})
+    if resuming:
+        return d
+    if "data.dataset" not in sources:  # a Tiny ImageNet config, an image folder
+        d = dataclasses.replace(d, dataset=folder_dataset(d.dataset, d.data_dir, d.layout))
+    if why := found_image_size_refusal(d.dataset, d.data_dir, d.layout, d.image_size):
+        fail(f"{sources.get('data.image_size', f'{where}: data.image_size={d.image_size}')}: "
+             f"{why} (leave data.image_size unset)")
+    return d
 
 
 # ----------------------------------------------------------------------------------------------

@@ -584,3 +584,27 @@ def test_command_line_errors_exit_2_with_the_message(tmp_path, capsys, monkeypat
             cli.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"argument {argv[1]}: must be" in err, err
+
+
+def test_an_image_size_tiny_imagenet_cannot_take_names_the_flag_that_asked(template, tmp_path, capsys):
+    """The folder's layout is found (data.layout "auto") only once the folder is read, so a size
+    the found Tiny ImageNet cannot take used to be named by its key, data.image_size, whatever set
+    it. train.py and prepare name their flag, or the config file, before any image is decoded."""
+    import train
+
+    def refused(*flags):
+        with pytest.raises(SystemExit):
+            train.resolve_config(train.parse_args([str(f) for f in flags]))
+        return capsys.readouterr().err
+
+    why = f"{template} is read as tiny-imagenet, and tiny-imagenet comes at its own 64x64 only"
+    err = refused("--data-dir", template, "--set", "data.image_size=224")
+    assert f"--set data.image_size=224: {why}" in err, err
+    config = tmp_path / "sized.toml"
+    config.write_text("[data]\nimage_size = 96\n")
+    assert f"--config {config}: data.image_size=96: {why}" in refused("--config", config, "--data-dir", template)
+    assert train.resolve_config(train.parse_args(["--data-dir", str(template), "--set",
+                                                  "data.image_size=64"])).data.image_size == 64
+    assert cli.main(["prepare", "--data-dir", str(template), "--image-size", "224", "--quiet"]) == 2
+    assert (f"prepare: error: --image-size 224: {why}; resizing is for image-folder datasets (leave "
+            "--image-size unset)") in capsys.readouterr().err

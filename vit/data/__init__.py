@@ -92,6 +92,30 @@ def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = 
     return detect_layout(data_dir, DOWNLOAD_HINT if name == "tiny-imagenet" and image_size is None else "")
 
 
+def image_size_refusal(kind: str, image_size: int | None) -> str | None:
+    """Why a dataset read as `kind` (resolve_layout's answer) cannot be read at image_size, or
+    None where it can (None: its own size): Tiny ImageNet and digits come at their own size only.
+    The caller names what asked for the size (data.image_size, a flag)."""
+    native = NATIVE_IMAGE_SIZE.get(kind)
+    if image_size is None or native is None or image_size == native:
+        return None
+    return f"{kind} comes at its own {native}x{native} only; resizing is for image-folder datasets"
+
+
+def found_image_size_refusal(name: str, data_dir, layout: str, image_size: int | None) -> str | None:
+    """image_size_refusal of the layout `name` is read with in data_dir (resolve_layout), for a
+    caller that names what asked for the size before anything is loaded; None also where no
+    layout is found (loading says what is wrong)."""
+    if image_size is None:
+        return None
+    try:
+        kind = resolve_layout(name, data_dir, layout, image_size)
+    except DatasetError:
+        return None
+    why = image_size_refusal(kind, image_size)
+    return None if why is None else f"{data_dir or DEFAULT_DATA_DIR} is read as {kind}, and {why}"
+
+
 def folder_dataset(name: str, data_dir, layout: str = "auto") -> str:
     """The dataset a new run of `name` on data_dir records: "image-folder" for "tiny-imagenet"
     (the default config's, the presets') when data_dir holds an image folder, as --dataset
@@ -146,10 +170,8 @@ def load_dataset(
         from vit.data.cache import dataset_cache_dir
 
         cache_dir = dataset_cache_dir(cache_dir, DEFAULT_DATA_DIR if data_dir is None else data_dir)
-    native = NATIVE_IMAGE_SIZE.get(kind)
-    if image_size is not None and native is not None and image_size != native:
-        raise DatasetError(f"data.image_size={image_size}: {kind} comes at its own {native}x{native} only; "
-                           "resizing is for image-folder datasets (leave data.image_size unset)")
+    if (why := image_size_refusal(kind, image_size)) is not None:
+        raise DatasetError(f"data.image_size={image_size}: {why} (leave data.image_size unset)")
     if kind == "tiny-imagenet":
         from vit.data.tiny_imagenet import load_tiny_imagenet
 

@@ -9,7 +9,7 @@ import threading
 import urllib.parse
 from pathlib import Path
 
-from vit.data import DEFAULT_DATA_DIR, LAYOUTS, DatasetError, load_dataset
+from vit.data import DEFAULT_DATA_DIR, LAYOUTS, DatasetError, found_image_size_refusal, load_dataset
 from vit.data.cache import unreadable
 from vit.data.download import DEFAULT_MD5, DEFAULT_URL, download
 
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(args) -> None:
     """Each split's cache, built now unless it is up to date; one line each saying which."""
+    if why := found_image_size_refusal("tiny-imagenet", args.data_dir, args.layout, args.image_size):
+        raise DatasetError(f"--image-size {args.image_size}: {why} (leave --image-size unset)")
     for split in ("train", "val") if args.split == "both" else (args.split,):
         data = load_dataset("tiny-imagenet", args.data_dir, split, workers=args.workers,
                             skip_bad_images=args.skip_bad_images, progress=not args.quiet,
