@@ -1,7 +1,6 @@
 """One training run, the part of train.py that is not the command line: load the data, fit the
-model to it, set up the state (fresh or from a checkpoint) and the data-parallel steps, then
-train epoch by epoch with validation, checkpoints, metrics.jsonl and curves.png, stopping cleanly
-on Ctrl-C / SIGTERM.
+model to it, set up the state (fresh or from a checkpoint) and the data-parallel steps, then train
+epoch by epoch with validation, checkpoints, metrics.jsonl and curves.png, stopping on a signal.
 
     run = start_run(cfg, run_dir, ops, devices, resumed, main_process, progress)
     with StopOnSignal(standalone) as stop:
@@ -318,9 +317,10 @@ def train_epoch(run: Run, stop: StopOnSignal):
         new_params, new_opt, m = run.train_step(s.params, s.opt_state, images, labels, key)
         if not run.compiled:  # the first call compiles the step before it dispatches it
             run.compiled, compiling = True, time.perf_counter() - called
-            t0 += compiling  # images/s counts training, not compiling
+            t0 += compiling  # images/s counts training, not compiling; so does the bar's clock
+            bar.unpause()
             if run.main_process:
-                bar.write(f"compiled the training step in {compiling:.1f} s (not counted in img/s)")
+                bar.write(f"compiled the training step in {compiling:.1f} s (not counted in img/s or s/step)")
         if pending is not None:
             count(pending)
         s.params, s.opt_state, pending = new_params, new_opt, m
