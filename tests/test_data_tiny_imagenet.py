@@ -597,7 +597,7 @@ def test_an_image_size_tiny_imagenet_cannot_take_names_the_flag_that_asked(templ
             train.resolve_config(train.parse_args([str(f) for f in flags]))
         return capsys.readouterr().err
 
-    why = f"{template} is read as tiny-imagenet, and tiny-imagenet comes at its own 64x64 only"
+    why = f"{template} holds tiny-imagenet, which comes at its own 64x64 only"
     err = refused("--data-dir", template, "--set", "data.image_size=224")
     assert f"--set data.image_size=224: {why}" in err, err
     config = tmp_path / "sized.toml"

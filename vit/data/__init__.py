@@ -93,13 +93,13 @@ def resolve_layout(name: str, data_dir: str | os.PathLike | None, layout: str = 
 
 
 def image_size_refusal(kind: str, image_size: int | None) -> str | None:
-    """Why a dataset read as `kind` (resolve_layout's answer) cannot be read at image_size, or
-    None where it can (None: its own size): Tiny ImageNet and digits come at their own size only.
-    The caller names what asked for the size (data.image_size, a flag)."""
+    """Why a dataset read as `kind` (resolve_layout's answer) cannot be read at image_size, as
+    the rest of a sentence about `kind`, or None where it can (None: its own size): Tiny ImageNet
+    and digits come at their own size only. The caller names what asked for the size."""
     native = NATIVE_IMAGE_SIZE.get(kind)
     if image_size is None or native is None or image_size == native:
         return None
-    return f"{kind} comes at its own {native}x{native} only; resizing is for image-folder datasets"
+    return f"comes at its own {native}x{native} only; resizing is for image-folder datasets"
 
 
 def found_image_size_refusal(name: str, data_dir, layout: str, image_size: int | None) -> str | None:
@@ -113,7 +113,7 @@ def found_image_size_refusal(name: str, data_dir, layout: str, image_size: int |
     except DatasetError:
         return None
     why = image_size_refusal(kind, image_size)
-    return None if why is None else f"{data_dir or DEFAULT_DATA_DIR} is read as {kind}, and {why}"
+    return None if why is None else f"{data_dir or DEFAULT_DATA_DIR} holds {kind}, which {why}"
 
 
 def folder_dataset(name: str, data_dir, layout: str = "auto") -> str:
@@ -171,7 +171,7 @@ def load_dataset(
 
         cache_dir = dataset_cache_dir(cache_dir, DEFAULT_DATA_DIR if data_dir is None else data_dir)
     if (why := image_size_refusal(kind, image_size)) is not None:
-        raise DatasetError(f"data.image_size={image_size}: {why} (leave data.image_size unset)")
+        raise DatasetError(f"data.image_size={image_size}: {kind} {why} (leave data.image_size unset)")
     if kind == "tiny-imagenet":
         from vit.data.tiny_imagenet import load_tiny_imagenet
 
