@@ -19,7 +19,8 @@
 # Parts (each one's output is shown and tee'd to $OUT/<part>.log):
 #   env        nvidia-smi, Python and package versions, jax devices (fails without a GPU backend)
 #   tests      the kernel tests (both attention kernels and the dispatcher, LN, the launcher), the
-#              fused whole model, bf16, and the ViT presets' fused runs, compiled through jax-triton
+#              fused whole model, bf16, the ViT presets' fused runs and the README's Public API
+#              block: every test file that runs the kernels, compiled through jax-triton
 #              (JAX_PLATFORMS=cuda,cpu; VITFUSE_REQUIRE_GPU=1 makes them fail rather than fall back to
 #              Triton's interpreter), in TEST_WORKERS pytest-xdist processes where xdist is installed
 #   gradcheck  python -m oracle.kernel_gradcheck (float32) and --dtype bfloat16, side by side
@@ -170,8 +171,9 @@ part_tests() {
   # jax.pure_callback, which needs a CPU device (with cuda alone, 8 such tests failed on an H200)
   JAX_PLATFORMS=cuda,cpu VITFUSE_REQUIRE_GPU=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
     with_timeout "$PY" -m pytest -q -rs $workers \
-    tests/test_kernels_attention.py tests/test_kernels_flash.py tests/test_kernels_layernorm.py \
-    tests/test_kernels_ops.py tests/test_fused_model.py tests/test_precision.py tests/test_presets.py
+    tests/test_kernels_attention.py tests/test_kernels_flash.py tests/test_kernels_flash_sums.py \
+    tests/test_kernels_layernorm.py tests/test_kernels_ops.py tests/test_fused_model.py \
+    tests/test_precision.py tests/test_presets.py tests/test_readme_examples.py
 }
 
 part_gradcheck() {

@@ -113,6 +113,24 @@ def test_tests_part_spreads_over_workers_where_xdist_is_installed(tmp_path):
         (tmp_path / "calls").unlink()
 
 
+def test_tests_part_runs_every_test_file_that_runs_the_kernels():
+    """A test file that takes its launcher or fused ops from tests/kernel_checks.py (compiled on a
+    GPU, interpreted elsewhere) checks the kernels where they run for real only if the tests part
+    names it: a new one left out would first run compiled on a user's GPU."""
+    import re  # noqa: PLC0415
+
+    text = SCRIPT.read_text()
+    body = text[text.index("part_tests() {"):]
+    listed = set(re.findall(r"tests/(test_\w+\.py)", body[:body.index("\n}")]))
+    runs_kernels = set()
+    for path in (SCRIPT.parents[1] / "tests").glob("test_*.py"):
+        for names in re.findall(r"^from kernel_checks import (.+)$", path.read_text(), re.M):
+            if set(re.findall(r"\w+", names.split("#")[0])) - {"assert_all_close", "noqa"}:
+                runs_kernels.add(path.name)
+    assert "test_kernels_flash_sums.py" in runs_kernels and "test_kernels_compiled_launcher.py" not in runs_kernels
+    assert runs_kernels <= listed, f"bench/gpu.sh's tests part lacks {sorted(runs_kernels - listed)}"
+
+
 def test_gradcheck_part_runs_float32_and_bf16_and_fails_if_either_does(tmp_path):
     """float32 and bf16 gradchecks run side by side; the log shows the float32 output, then the
     bf16 output (though the bf16 run ended first); either one failing fails the part."""
