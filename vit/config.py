@@ -125,6 +125,7 @@ class TrainHParams:
     flip: bool = False               # random horizontal flip
     mixup_alpha: float = 0.0         # 0 = off
     cutmix_alpha: float = 0.0        # 0 = off; with both on, each batch picks one (p = 0.5)
+    random_erase: float = 0.0        # probability per image of a box of noise (0 = off; DeiT 0.25)
     accum_steps: int = 1             # gradient accumulation: the batch in this many micro-batches
 
     def replace(self, **changes) -> "TrainHParams":

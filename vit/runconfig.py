@@ -340,6 +340,8 @@ def _validate(t: TrainSection, source):
     for key in _UNIT_INTERVAL:
         if not 0.0 <= getattr(hp, key) < 1.0:
             bad(key, "must be in [0, 1)")
+    if not 0.0 <= hp.random_erase <= 1.0:
+        bad("random_erase", "is a probability per image: it must be in [0, 1]")
     if hp.eps <= 0:
         bad("eps", "must be positive")
     steps = hp.accum_steps

@@ -137,11 +137,12 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, 
         # two keys as split(key) (jax's default partitionable threefry), so runs that do not use
         # it keep their random numbers; each step's key is fold_in(seed key, global step)
         k_aug, k_drop = jax.random.split(key)
-        if images.dtype == jnp.uint8:  # crop/flip, normalise, (smoothed) one-hot, mixup/cutmix
+        if images.dtype == jnp.uint8:  # crop/flip, normalise, erase, (smoothed) one-hot, mixup/cutmix
             x, targets = train_augment(
                 k_aug, images, labels, mean, std, num_classes=config.num_classes,
                 crop_pad=hp.crop_pad, flip=hp.flip, smoothing=hp.label_smoothing,
-                mixup_alpha=hp.mixup_alpha, cutmix_alpha=hp.cutmix_alpha)
+                mixup_alpha=hp.mixup_alpha, cutmix_alpha=hp.cutmix_alpha,
+                erase_prob=hp.random_erase)
         else:
             x = images
             targets = layers.one_hot_targets(labels, config.num_classes, hp.label_smoothing)

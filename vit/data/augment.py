@@ -1,4 +1,5 @@
-"""Augmentations of device batches: pure jnp functions of a jax.random key, jit-able, independent per image.
+"""Augmentations of device batches: pure jnp functions of a jax.random key, jit-able, independent per image
+(crop, flip, random erasing) or paired within the batch (mixup, cutmix).
 
 Shapes: images (B, H, W, C), labels (B,) int, targets (B, K) float32 (soft labels, rows sum to 1).
 
@@ -49,6 +50,36 @@ def random_flip(key: jax.Array, images: jax.Array, p: float = 0.5) -> jax.Array:
     """Mirror each image left-right with probability p."""
     flip = jax.random.bernoulli(key, p, (images.shape[0],))
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def random_erase(key: jax.Array, images: jax.Array, p: float, area=(0.02, 1 / 3),
+                 aspect=(0.3, 1 / 0.3), attempts: int = 10) -> jax.Array:
+    """Random erasing (Zhong et al. 2020) as DeiT trains with it (timm's RandomErasing, "pixel"
+    mode): with probability p per image, one box is filled with N(0, 1) noise, a draw per pixel
+    and channel; apply after normalize, so the noise has the data's own scale. The box covers a
+    fraction of the image uniform in `area`, with height / width log-uniform in `aspect`, at a
+    uniform position; of `attempts` draws the first that fits inside the image is used, and an
+    image that none fits stays whole (timm's 10 tries)."""
+    b, h, w, _ = images.shape
+    k_on, k_area, k_aspect, k_top, k_left, k_noise = jax.random.split(key, 6)
+    box_area = jax.random.uniform(k_area, (b, attempts), minval=area[0], maxval=area[1]) * (h * w)
+    ratio = jnp.exp(jax.random.uniform(k_aspect, (b, attempts), minval=jnp.log(aspect[0]),
+                                       maxval=jnp.log(aspect[1])))
+    box_h = jnp.round(jnp.sqrt(box_area * ratio)).astype(jnp.int32)
+    box_w = jnp.round(jnp.sqrt(box_area / ratio)).astype(jnp.int32)
+    fits = (box_h < h) & (box_w < w)  # timm's test: strictly inside
+    first = jnp.argmax(fits, axis=1)[:, None]
+    box_h = jnp.take_along_axis(box_h, first, axis=1)[:, 0]
+    box_w = jnp.take_along_axis(box_w, first, axis=1)[:, 0]
+    on = jax.random.bernoulli(k_on, p, (b,)) & jnp.any(fits, axis=1)
+    top = jax.random.randint(k_top, (b,), 0, h - box_h + 1)  # 0..H-h, as timm's randint
+    left = jax.random.randint(k_left, (b,), 0, w - box_w + 1)
+    rows = jnp.arange(h)[None, :, None]
+    cols = jnp.arange(w)[None, None, :]
+    in_box = (on[:, None, None] & (rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
+              & (cols >= left[:, None, None]) & (cols < (left + box_w)[:, None, None]))
+    noise = jax.random.normal(k_noise, images.shape, images.dtype)
+    return jnp.where(in_box[..., None], noise, images)
 
 
 def mix_params(key: jax.Array, batch_size: int, alpha: float) -> tuple[jax.Array, jax.Array]:
@@ -125,17 +156,23 @@ def train_augment(
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
     cutmix_prob: float = 0.5,
+    erase_prob: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """The training pipeline of one uint8 batch: crop, flip, normalize, smoothed one-hot, then mixup or cutmix.
+    """The training pipeline of one uint8 batch: crop, flip, normalize, random erasing, smoothed
+    one-hot, then mixup or cutmix (DeiT's order: erasing is per image, mixing per batch).
 
     With both alphas > 0 each batch gets cutmix with probability cutmix_prob, else mixup.
     Returns float32 images (B, H, W, C) and float32 soft targets (B, K).
     """
-    key_crop, key_flip, key_mix, key_choice = jax.random.split(key, 4)
+    # split(key, 5)'s first four keys are split(key, 4)'s (jax's partitionable threefry): the
+    # erasing key changes no other draw of a run without it
+    key_crop, key_flip, key_mix, key_choice, key_erase = jax.random.split(key, 5)
     x = random_crop(key_crop, images, crop_pad, crop_mode)
     if flip:
         x = random_flip(key_flip, x)
     x = normalize(x, mean, std)
+    if erase_prob > 0:
+        x = random_erase(key_erase, x, erase_prob)
     targets = one_hot_targets(labels, num_classes, smoothing)
     if mixup_alpha > 0 and cutmix_alpha > 0:
         use_cutmix = jax.random.bernoulli(key_choice, cutmix_prob)
