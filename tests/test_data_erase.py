@@ -8,10 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit.data.augment import random_erase
+from vit.data.augment import (cutmix, mixup, normalize, one_hot_targets, random_crop, random_erase,
+                               random_flip, train_augment)
 from vit.runconfig import ConfigError, from_dict
 
-from test_data_augment import seen_by_the_gradient
+from test_data_augment import MEAN, STD, normalized, seen_by_the_gradient
 
 KEY = jax.random.key(7)
 
@@ -84,6 +85,72 @@ def test_the_train_step_erases_after_normalising_and_moves_no_other_draw():
     _, _, _, mixed = seen_by_the_gradient(seed=3, mixup_alpha=0.4, **hp)
     _, _, _, erased_mixed = seen_by_the_gradient(seed=3, mixup_alpha=0.4, random_erase=1.0, **hp)
     assert np.array_equal(mixed, erased_mixed)
+
+
+def test_the_sides_are_rounded_and_an_image_that_no_draw_fits_stays_whole():
+    """One area and one aspect give every box the same sides, round(sqrt(area * aspect)) high and
+    round(sqrt(area / aspect)) wide (timm's int(round(...))): a quarter of a 12x10 image (30 px) at
+    height / width 2 is 8 x 4 (sqrt 60 = 7.75, sqrt 15 = 3.87; truncated 7 x 3), at every top and
+    left that keeps it inside. At aspect 9 (16 rows of 12) no draw fits: the image stays whole."""
+    images = jax.random.normal(jax.random.key(3), (64, 12, 10, 2))
+    found = boxes(images, random_erase(KEY, images, 1.0, area=(0.25, 0.25), aspect=(2.0, 2.0)))
+    assert {(b[1] - b[0], b[3] - b[2]) for b in found} == {(8, 4)}
+    assert {b[0] for b in found} == set(range(12 - 8 + 1)) and {b[2] for b in found} == set(range(10 - 4 + 1))
+    unfit = random_erase(KEY, images, 1.0, area=(0.25, 0.25), aspect=(9.0, 9.0))
+    assert np.array_equal(np.asarray(unfit), np.asarray(images))
+
+
+def test_boxes_are_as_often_wide_as_tall_placed_independently_with_noise_per_channel():
+    """On square images: height / width is log-uniform, symmetric about 1 (a ratio uniform on
+    0.3..3.3 would make 77% of the boxes tall); the top and the left are drawn apart (drawn from
+    one key, a square box sits on the diagonal); each channel gets noise of its own (not grey)."""
+    images = jnp.zeros((1000, 64, 64, 3))
+    out = np.asarray(random_erase(jax.random.key(3), images, 1.0))
+    top, bottom, left, right = np.array([b for b in boxes(images, out) if b is not None]).T
+    heights, widths = bottom - top, right - left
+    assert top.size >= 990 and abs(np.mean(heights > widths) - np.mean(heights < widths)) < 0.12
+    square = heights == widths
+    assert square.sum() >= 10 and np.mean(top[square] == left[square]) < 0.5, (top[square], left[square])
+    assert abs(np.corrcoef(top + heights / 2, left + widths / 2)[0, 1]) < 0.1
+    erased = out[out[..., 0] != 0]
+    assert erased.shape[0] > 10**5 and np.all(np.abs(np.corrcoef(erased.T) - np.eye(3)) < 0.02)
+
+
+@pytest.mark.parametrize("flip, mix", [(False, {}), (True, {"mixup_alpha": 0.4}),
+                                       (True, {"cutmix_alpha": 1.0})])
+def test_train_augment_erases_between_normalising_and_mixing_with_a_key_of_its_own(flip, mix):
+    """train_augment is its pipeline without erasing (crop, flip, normalise, then mixup or cutmix,
+    with split(key, 4)'s keys: what a run without erasing drew), each image erased right after
+    normalising with split(key, 5)[4], a key no other draw takes (split(key, 5)'s first four are
+    split(key, 4)'s); without a flip too, and with the box of noise mixed like the rest."""
+    rng = np.random.default_rng(5)
+    images = jnp.asarray(rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8))
+    labels = jnp.asarray(np.arange(16) % 5)
+    key = jax.random.key(11)
+    k_crop, k_flip, k_mix, _ = jax.random.split(key, 4)
+
+    def pipeline(erase_prob):
+        x = random_crop(k_crop, images, 2)
+        x = normalize(random_flip(k_flip, x) if flip else x, MEAN, STD)
+        x = random_erase(jax.random.split(key, 5)[4], x, erase_prob) if erase_prob else x
+        targets = one_hot_targets(labels, 5, 0.1)
+        if mix:
+            x, targets = (mixup if "mixup_alpha" in mix else cutmix)(k_mix, x, targets, *mix.values())
+        return np.asarray(x), np.asarray(targets)
+    got = {}
+    for p in (0.5, 0.0):
+        got[p] = train_augment(key, images, labels, MEAN, STD, num_classes=5, crop_pad=2, flip=flip,
+                               smoothing=0.1, erase_prob=p, **mix)
+        want = pipeline(p)
+        np.testing.assert_array_equal(np.asarray(got[p][0]), want[0])
+        np.testing.assert_array_equal(np.asarray(got[p][1]), want[1])
+    assert np.mean(np.asarray(got[0.5][0]) != np.asarray(got[0.0][0])) > 0.02  # some boxes erased
+
+
+def test_float_images_are_taken_as_they_are_with_random_erase_on():
+    """The step takes images given as floats as already augmented (as it does crop and flip)."""
+    images, _, x, _ = seen_by_the_gradient(float_images=True, random_erase=1.0)
+    np.testing.assert_array_equal(x, normalized(images))
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5])
