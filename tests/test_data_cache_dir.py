@@ -71,8 +71,8 @@ def test_train_evaluate_and_prepare_take_it_and_resume_takes_a_new_one(folders, 
 
 
 def test_the_run_keeps_its_folders_as_absolute_paths(folders, tmp_path, monkeypatch):
-    """--data-dir and data.cache_dir given relative are stored absolute, so evaluate.py and
-    --resume from another directory find them (config.json held them as typed)."""
+    """--data-dir and data.cache_dir given relative (by a flag or a config file) are stored absolute,
+    so evaluate.py and --resume from another directory find them (config.json held them as typed)."""
     pets = folders[0]
     monkeypatch.chdir(pets.parent)
     args = train.parse_args(["--data-dir", pets.name, "--set", "data.cache_dir=caches"])
@@ -80,6 +80,10 @@ def test_the_run_keeps_its_folders_as_absolute_paths(folders, tmp_path, monkeypa
     assert (cfg.data.data_dir, cfg.data.cache_dir) == (str(pets), str(pets.parent / "caches"))
     home = train.resolve_config(train.parse_args(["--data-dir", "~/x", "--dataset", "image-folder"]))
     assert home.data.data_dir == str(Path.home() / "x")
+    config = pets.parent / "pets.toml"  # a config file's folders too (train.resolve_data)
+    config.write_text(f'[data]\ndata_dir = "{pets.name}"\ncache_dir = "caches"\n')
+    cfg = train.resolve_config(train.parse_args(["--config", str(config)]))
+    assert (cfg.data.data_dir, cfg.data.cache_dir) == (str(pets), str(pets.parent / "caches"))
 
 
 def test_ctrl_c_while_preparing_says_what_is_kept(folders, monkeypatch, capsys):

@@ -608,3 +608,45 @@ def test_an_image_size_tiny_imagenet_cannot_take_names_the_flag_that_asked(templ
     assert cli.main(["prepare", "--data-dir", str(template), "--image-size", "224", "--quiet"]) == 2
     assert (f"prepare: error: --image-size 224: {why}; resizing is for image-folder datasets (leave "
             "--image-size unset)") in capsys.readouterr().err
+
+
+def test_the_refusal_names_the_default_folder_and_leaves_a_missing_one_to_loading(template, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """Without --data-dir the refusal names the default folder (data/), not None, and says what to
+    do; a folder that is not there is left to loading, whose error train.py prints, exit 2 (a
+    DatasetError out of the refusal would be a traceback)."""
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiny-imagenet-200").symlink_to(template)
+    with pytest.raises(SystemExit):
+        train.resolve_config(train.parse_args(["--set", "data.image_size=96"]))
+    assert ("--set data.image_size=96: data holds tiny-imagenet, which comes at its own 64x64 only; "
+            "resizing is for image-folder datasets (leave data.image_size unset)") in capsys.readouterr().err
+    missing = tmp_path / "missing"
+    flags = ["--data-dir", str(missing), "--set", "data.image_size=96"]
+    assert train.resolve_config(train.parse_args(flags)).data.image_size == 96
+    with pytest.raises(SystemExit) as leave:
+        train.main([*flags, "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")])
+    assert leave.value.code == 2
+    assert f"train.py: error: data directory {missing} does not exist" in capsys.readouterr().err
+
+
+def test_the_size_is_checked_against_the_layout_given(tmp_path, capsys):
+    """data.layout image-folder (prepare's --layout) reads a folder as an image folder where "auto"
+    finds Tiny ImageNet (a wnids.txt beside DIR/train/<class>/, as Tiny ImageNet converted to class
+    folders keeps it): its size is taken there, not refused as Tiny ImageNet's."""
+    import train
+    from vit.data.fake import write_fake_image_folder
+
+    folder = write_fake_image_folder(tmp_path / "converted", train_per_class=2, val_per_class=1)
+    (folder / "wnids.txt").write_text("n01443537\n")
+    flags = ["--data-dir", str(folder), "--set", "data.image_size=8"]
+    with pytest.raises(SystemExit):
+        train.resolve_config(train.parse_args(flags))
+    assert f"{folder} holds tiny-imagenet, which comes at its own 64x64" in capsys.readouterr().err
+    cfg = train.resolve_config(train.parse_args([*flags, "--set", "data.layout=image-folder"]))
+    assert (cfg.data.dataset, cfg.data.layout, cfg.data.image_size) == ("image-folder", "image-folder", 8)
+    assert cli.main(["prepare", "--data-dir", str(folder), "--layout", "image-folder", "--image-size", "8",
+                     "--quiet"]) == 0, capsys.readouterr().err
