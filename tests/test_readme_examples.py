@@ -63,14 +63,19 @@ def test_the_public_api_block_runs_and_its_fused_grads_match_the_reference(monke
 
 def readme_commands() -> list[str]:
     """The `python` commands of the README's bash blocks (continued lines joined, comments cut,
-    each side of a `&&` or `|`): train.py, evaluate.py and this repository's `python -m`
-    modules (not `python -c`, not `python -m pytest`)."""
+    each side of a `&&` or `|`; after any VAR=value, and a venv's bin/python or python3.12 too):
+    train.py, evaluate.py and this repository's `python -m` modules (not `python -c`, not
+    `python -m pytest`)."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
         for line in block.replace("\\\n", " ").splitlines():
             for part in re.split(r"&&|\|", line.split(" #")[0]):
                 words = shlex.split(part)
-                if words[:1] in (["python"], ["python3"]) and words[1:2] not in (["-c"], ["-m"]) or \
+                while words and re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0]):  # VAR=value python ...
+                    words = words[1:]
+                if words and re.fullmatch(r"python(3(\.\d+)?)?", Path(words[0]).name):  # a venv's too
+                    words[0] = "python"
+                if words[:1] == ["python"] and words[1:2] not in (["-c"], ["-m"]) or \
                         words[1:2] == ["-m"] and words[2].split(".")[0] in ("vit", "oracle", "kernels", "bench"):
                     commands.append(shlex.join(words))
     return commands
