@@ -143,6 +143,36 @@ def test_the_epoch_bar_leaves_out_the_time_spent_compiling(tmp_path, monkeypatch
     assert f"{STEPS_PER_EPOCH}/{STEPS_PER_EPOCH} [00:{STEPS_PER_EPOCH - 1:02d}<00:00" in bar, bar
 
 
+
+class Crash(BaseException):
+    pass
+
+
+def test_a_resumed_epoch_bar_goes_on_from_its_step_without_the_compile(tmp_path, monkeypatch, clock,
+                                                                       capsys):
+    """Resumed at step 4 of 11 (a crash in step 5 after timed saves), the bar goes on from 4 to
+    11/11 over its 7 steps, the resumed process's compile left out too: tqdm's reset() for
+    unpause() restarts the clock as well, but counts the steps from 0 (it ended at 7/11)."""
+    import tqdm.std  # noqa: PLC0415
+
+    monkeypatch.setattr(tqdm.std, "time", clock.perf_counter)
+    calls = []
+
+    def tick(*_):
+        calls.append(1)
+        clock.now += 1 + 500 * (len(calls) in (1, 6))  # each process's first call compiles
+        if len(calls) == 5:
+            raise Crash
+    after_each_step(monkeypatch, parallel, "make_parallel_train_step", tick)
+    run = tmp_path / "run"
+    with pytest.raises(Crash):
+        train.main([*QUICK, "--epochs", "1", "--set", "train.checkpoint_minutes=1e-9", "--out", str(run)])
+    capsys.readouterr()
+    assert train.main(["--resume", str(run)]) == 0 and len(calls) == 5 + STEPS_PER_EPOCH - 4
+    bar = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1/1")][-1]
+    assert f"{STEPS_PER_EPOCH}/{STEPS_PER_EPOCH} [00:{STEPS_PER_EPOCH - 4 - 1:02d}<00:00" in bar, bar
+
+
 def test_curves_are_drawn_when_due_and_when_training_stops(tmp_path, monkeypatch, clock):
     """A drawing of curves.png takes about 0.2 s, which after every epoch was half of a digits run:
     it is drawn after an epoch once CURVES_SECONDS have passed since the last drawing (after the
