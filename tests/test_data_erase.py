@@ -70,6 +70,15 @@ def test_the_box_holds_unit_normal_noise_and_p_of_the_images_get_one():
     assert np.array_equal(np.asarray(random_erase(KEY, images, 0.0)), np.asarray(images))
 
 
+def test_the_noise_is_drawn_from_the_key():
+    """Two keys, two fields of noise: where both erase a pixel its values differ (noise drawn once,
+    as with numpy's seeded generator at trace time, would fill every step's boxes alike)."""
+    images = jnp.zeros((64, 16, 16, 3))
+    one, two = (np.asarray(random_erase(jax.random.key(k), images, 1.0)) for k in (1, 2))
+    both = (one != 0) & (two != 0)
+    assert both.sum() > 1000 and np.mean(one[both] == two[both]) < 0.01
+
+
 def test_the_train_step_erases_after_normalising_and_moves_no_other_draw():
     """The same step with random_erase 1 and 0: crop, flip and the targets alike, the images
     differing in one box each, of noise; with mixup the targets (its lambda and partners) alike."""
