@@ -116,7 +116,8 @@ def test_tests_part_spreads_over_workers_where_xdist_is_installed(tmp_path):
 def test_tests_part_runs_every_test_file_that_runs_the_kernels():
     """A test file that takes its launcher or fused ops from tests/kernel_checks.py (compiled on a
     GPU, interpreted elsewhere) checks the kernels where they run for real only if the tests part
-    names it: a new one left out would first run compiled on a user's GPU."""
+    names it: a new one left out would first run compiled on a user's GPU. Every file it names
+    is there (pytest refuses a missing one and runs nothing)."""
     import re  # noqa: PLC0415
 
     text = SCRIPT.read_text()
@@ -129,6 +130,9 @@ def test_tests_part_runs_every_test_file_that_runs_the_kernels():
                 runs_kernels.add(path.name)
     assert "test_kernels_flash_sums.py" in runs_kernels and "test_kernels_compiled_launcher.py" not in runs_kernels
     assert runs_kernels <= listed, f"bench/gpu.sh's tests part lacks {sorted(runs_kernels - listed)}"
+    # a name left behind by a rename or removal: pytest stops at it and runs none on the GPU
+    gone = sorted(name for name in listed if not (SCRIPT.parents[1] / "tests" / name).is_file())
+    assert not gone, f"bench/gpu.sh's tests part names test files that are not there: {gone}"
 
 
 def test_gradcheck_part_runs_float32_and_bf16_and_fails_if_either_does(tmp_path):
