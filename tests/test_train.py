@@ -37,8 +37,8 @@ RANDOM = [*QUICK, "--set", "model.dropout=0.1", "--set", "model.attn_dropout=0.1
           "--set", "model.ffn_dropout=0.1", "--set", "model.drop_path=0.2",
           "--set", "train.crop_pad=1", "--set", "train.flip=true",
           "--set", "train.mixup_alpha=0.4", "--set", "train.cutmix_alpha=1.0",
-          "--set", "train.random_erase=0.5", "--set", "train.label_smoothing=0.1", "--set", "train.schedule=cosine",
-          "--set", "train.warmup_epochs=1"]
+          "--set", "train.random_erase=0.5", "--set", "train.label_smoothing=0.1",
+          "--set", "train.schedule=cosine", "--set", "train.warmup_epochs=1"]
 EPOCHS = 3
 STEPS_PER_EPOCH = 1437 // 128  # 11: the digits training set in batches of 128
 VOLATILE = ("time", "images_per_s")  # the only fields of a metrics line that may differ
