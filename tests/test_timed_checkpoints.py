@@ -124,10 +124,13 @@ def test_images_per_second_leaves_out_the_time_spent_saving_and_compiling(tmp_pa
     assert "compiled the training step in 501.0 s (not counted in img/s or s/step)" in capsys.readouterr().out
 
 
-def test_the_epoch_bar_leaves_out_the_time_spent_compiling(tmp_path, monkeypatch, clock, capsys):
+@pytest.mark.parametrize("saving", [False, True], ids=["one-save", "a-save-a-step"])
+def test_the_epoch_bar_leaves_out_the_time_spent_compiling_and_saving(tmp_path, monkeypatch,
+                                                                       clock, capsys, saving):
     """The bar's clock (tqdm's, here the fake one too): its elapsed time, s/step and ETA counted
-    the first call's compile, which img/s left out (a digits epoch of 11 steps showed 08:31 for
-    11 s of steps). Each step takes 1 s, the first call 500 s more."""
+    the first call's compile and the timed saves, which img/s left out (a digits epoch of 11
+    steps showed 08:31 for 11 s of steps). Each step takes 1 s, the first call 500 s more, and a
+    save of last.npz 1000 s: once (the first boundary) or, with saving, at every boundary."""
     import tqdm.std  # noqa: PLC0415
 
     monkeypatch.setattr(tqdm.std, "time", clock.perf_counter)
@@ -137,11 +140,20 @@ def test_the_epoch_bar_leaves_out_the_time_spent_compiling(tmp_path, monkeypatch
         calls.append(1)
         clock.now += 1 + 500 * (len(calls) == 1)
     after_each_step(monkeypatch, parallel, "make_parallel_train_step", tick)
-    quick = [flag for flag in QUICK if flag != "--no-progress"]
-    assert train.main([*quick, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
-    bar = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 1/1")][-1]
-    assert f"{STEPS_PER_EPOCH}/{STEPS_PER_EPOCH} [00:{STEPS_PER_EPOCH - 1:02d}<00:00" in bar, bar
+    save = checkpoint.save
 
+    def slow_save(*args, **kwargs):
+        clock.now += 1000
+        return save(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    quick = [flag for flag in QUICK if flag != "--no-progress"]
+    saves = ["--set", "train.checkpoint_minutes=1e-9"] if saving else []
+    assert train.main([*quick, *saves, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    bar = [line for line in err.splitlines() if line.startswith("epoch 1/1")][-1]
+    assert f"{STEPS_PER_EPOCH}/{STEPS_PER_EPOCH} [00:{STEPS_PER_EPOCH - 1:02d}<00:00" in bar, bar
+    # the fake clock starts long after the run's start: the first step boundary saves either way
+    assert out.count("saved ") == (STEPS_PER_EPOCH - 1 if saving else 1), out
 
 
 class Crash(BaseException):

@@ -327,11 +327,11 @@ def train_epoch(run: Run, stop: StopOnSignal):
         s.step_in_epoch += 1
         images_done += t.batch_size
         if s.step_in_epoch < spe and run.checkpoint_due():  # (the epoch's end saves anyway)
-            # the state as an interrupt saves it: every step so far counted
-            count(pending)
+            count(pending)  # the state as an interrupt saves it: every step so far counted
             pending, started = None, time.perf_counter()
             run.save("last")
-            t0 += time.perf_counter() - started  # images/s counts training time only
+            t0 += time.perf_counter() - started  # images/s counts training time only, and so
+            bar.unpause()                        # does the bar's clock
             bar.write(f"saved {run.run_dir / 'last.npz'} at epoch {s.epoch + 1}, step "
                       f"{s.step_in_epoch} (train.checkpoint_minutes = {t.checkpoint_minutes:g})")
         if bar.n % 10 == 0:
