@@ -97,12 +97,9 @@ def test_the_default_is_the_documented_30_minutes():
         assert f" {code} " in text.split("Exit codes:")[1]
 
 
-def test_images_per_second_leaves_out_the_time_spent_saving_and_compiling(tmp_path, monkeypatch,
-                                                                          clock, capsys):
-    """Each step takes 1 s on the fake clock, the first call 500 s more (it compiles the step), and
-    each save of a checkpoint 1000 s; saving at every step boundary (train.checkpoint_minutes =
-    1e-9), the epoch's images/s is still 128 images a step over 1 s a step. (The first call's
-    time is left out whole: on a device the step it compiled runs after it returns.)"""
+def slow_steps_and_saves(monkeypatch, clock):
+    """On the fake clock: each training step takes 1 s, the first call 500 s more (it compiles
+    the step), and each save of a checkpoint 1000 s."""
     calls = []
 
     def tick(*_):
@@ -115,6 +112,15 @@ def test_images_per_second_leaves_out_the_time_spent_saving_and_compiling(tmp_pa
         clock.now += 1000
         return save(*args, **kwargs)
     monkeypatch.setattr(checkpoint, "save", slow_save)
+
+
+def test_images_per_second_leaves_out_the_time_spent_saving_and_compiling(tmp_path, monkeypatch,
+                                                                          clock, capsys):
+    """Each step takes 1 s on the fake clock, the first call 500 s more (it compiles the step), and
+    each save of a checkpoint 1000 s; saving at every step boundary (train.checkpoint_minutes =
+    1e-9), the epoch's images/s is still 128 images a step over 1 s a step. (The first call's
+    time is left out whole: on a device the step it compiled runs after it returns.)"""
+    slow_steps_and_saves(monkeypatch, clock)
     run = tmp_path / "run"
     assert train.main([*QUICK, "--epochs", "1", "--set", "train.checkpoint_minutes=1e-9",
                        "--out", str(run)]) == 0
@@ -134,18 +140,7 @@ def test_the_epoch_bar_leaves_out_the_time_spent_compiling_and_saving(tmp_path, 
     import tqdm.std  # noqa: PLC0415
 
     monkeypatch.setattr(tqdm.std, "time", clock.perf_counter)
-    calls = []
-
-    def tick(*_):
-        calls.append(1)
-        clock.now += 1 + 500 * (len(calls) == 1)
-    after_each_step(monkeypatch, parallel, "make_parallel_train_step", tick)
-    save = checkpoint.save
-
-    def slow_save(*args, **kwargs):
-        clock.now += 1000
-        return save(*args, **kwargs)
-    monkeypatch.setattr(checkpoint, "save", slow_save)
+    slow_steps_and_saves(monkeypatch, clock)
     quick = [flag for flag in QUICK if flag != "--no-progress"]
     saves = ["--set", "train.checkpoint_minutes=1e-9"] if saving else []
     assert train.main([*quick, *saves, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
