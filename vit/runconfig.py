@@ -246,7 +246,7 @@ def _data_image_size(d: DataSection):
 
 
 def _validate_data(d: DataSection, source):
-    from vit.data import BUNDLED_DATASETS, DATASETS, FOLDER_DATASETS, LAYOUTS  # noqa: PLC0415
+    from vit.data import BUNDLED_DATASETS, DATASETS, FOLDER_DATASETS, LAYOUTS, image_size_refusal  # noqa: PLC0415
 
     _check_types("data", d, source)  # types first: what follows compares values only
     if d.workers is not None and d.workers < 1:
@@ -268,11 +268,9 @@ def _validate_data(d: DataSection, source):
                               f"{BUNDLED_DATASETS[d.dataset]} (leave data.{key} unset, or give "
                               f"the folder's dataset: {' or '.join(FOLDER_DATASETS)})")
     native = _native_image_size(d)
-    if d.image_size is not None and native is not None and d.image_size != native[0]:
-        side, fixed = native
-        raise ConfigError(f"{source('data.image_size')}: data.image_size={d.image_size}: {fixed} "
-                          f"comes at its own {side}x{side} only; resizing is for image-folder "
-                          "datasets (leave data.image_size unset)")
+    if native is not None and (why := image_size_refusal(native[1], d.image_size)):
+        raise ConfigError(f"{source('data.image_size')}: data.image_size={d.image_size}: "
+                          f"{native[1]} {why} (leave data.image_size unset)")
     if d.device_budget_mb < 0:
         raise ConfigError(f"{source('data.device_budget_mb')}: data.device_budget_mb must be an "
                           f"integer >= 0, got {d.device_budget_mb!r}")
