@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import COMPILED, INTERPRETED, fused_ops
+from kernels import COMPILED, INTERPRETED, flash_attention, fused_ops
 from kernels.launch import poisoned_outputs
 from vit import layers
 from vit.ops import FUNCTIONS
@@ -45,6 +45,23 @@ def poisoned_fused_ops(attention_kernel="auto"):
     attention_kernel: "auto" (the dispatcher), "one-tile" or "key-blocked"."""
     ops = fused_ops(LAUNCHER, attention_kernel=attention_kernel)
     return ops._replace(**{name: _poisoning(getattr(ops, name)) for name in FUNCTIONS})
+
+
+class BlockedOps:
+    """The key-blocked kernel with explicit blocks (flash_attention.Blocks), outputs NaN-poisoned
+    (tests of block edges and of sums across blocks)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def attention_forward(self, qkv, heads, keep_scale=None):
+        with poisoned_outputs():
+            return flash_attention.attention_forward(qkv, heads, keep_scale, launcher=LAUNCHER,
+                                                     blocks=self.blocks)
+
+    def attention_backward(self, cache, do):
+        with poisoned_outputs():
+            return flash_attention.attention_backward(cache, do, launcher=LAUNCHER, blocks=self.blocks)
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,10 @@ from kernels import COMPILED, INTERPRETED, attention, dispatch, flash_attention
 from kernels.flash_attention import Blocks
 from oracle.compare import compare
 from oracle.kernel_gradcheck import as_float32, attention_inputs, run_attention
-from kernels.launch import poisoned_outputs
 from vit.ops import REFERENCE
 
-from kernel_checks import LAUNCHER, assert_all_close, assert_lse_is_logsumexp_of_scores, poisoned_fused_ops
+from kernel_checks import (LAUNCHER, BlockedOps, assert_all_close, assert_lse_is_logsumexp_of_scores,
+                           poisoned_fused_ops)
 
 F32_TOL = 1e-5
 HALF_TOL = 2e-2
@@ -55,22 +55,6 @@ def check(ops, b, l, heads, dh, keep, dtype=jnp.float32, seed=0):
     assert [r[0] for r in rows] == ["o", "dq", "dk", "dv"]
     assert_all_close(rows, tol)
     return rows
-
-
-class BlockedOps:
-    """The key-blocked kernel with explicit blocks, outputs NaN-poisoned (block-edge tests)."""
-
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def attention_forward(self, qkv, heads, keep_scale=None):
-        with poisoned_outputs():
-            return flash_attention.attention_forward(qkv, heads, keep_scale, launcher=LAUNCHER,
-                                                     blocks=self.blocks)
-
-    def attention_backward(self, cache, do):
-        with poisoned_outputs():
-            return flash_attention.attention_backward(cache, do, launcher=LAUNCHER, blocks=self.blocks)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,31 +44,17 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import attention, flash_attention
+from kernels import attention
 from kernels.flash_attention import Blocks
-from kernels.launch import poisoned_outputs
 from oracle.compare import compare
 from oracle.kernel_gradcheck import as_float32, run_attention
 from vit.ops import REFERENCE
 
-from kernel_checks import LAUNCHER, assert_all_close, poisoned_fused_ops
+from kernel_checks import LAUNCHER, BlockedOps, assert_all_close, poisoned_fused_ops
 
 L, DH = 40, 16
 BLOCKS = Blocks(16, 16, 4, 2)  # key and query blocks of 16: two full, one of 8 rows
 TOL = 1e-2
-
-
-class KeyBlocked:
-    """The key-blocked kernel with BLOCKS, outputs NaN-poisoned."""
-
-    def attention_forward(self, qkv, heads, keep_scale=None):
-        with poisoned_outputs():
-            return flash_attention.attention_forward(qkv, heads, keep_scale, launcher=LAUNCHER,
-                                                     blocks=BLOCKS)
-
-    def attention_backward(self, cache, do):
-        with poisoned_outputs():
-            return flash_attention.attention_backward(cache, do, launcher=LAUNCHER, blocks=BLOCKS)
 
 
 def cancelling_inputs(case):
@@ -95,7 +81,7 @@ def test_sums_across_blocks_stay_float32_in_bf16(kernel, case):
         consts, _ = attention.geometry(L, DH, 1, jnp.bfloat16, LAUNCHER, "ieee", direction="bwd")
         assert consts["BLOCK_M"] == BLOCKS.block_m
     inp = cancelling_inputs(case)
-    fused = run_attention(KeyBlocked() if kernel == "key-blocked" else poisoned_fused_ops(kernel), inp)
+    fused = run_attention(BlockedOps(BLOCKS) if kernel == "key-blocked" else poisoned_fused_ops(kernel), inp)
     ref = run_attention(REFERENCE, as_float32(inp))
     rows = compare({case: fused[case]}, {case: ref[case]}, TOL)
     assert float(jnp.max(jnp.abs(ref[case]))) > 0, "the case's result must not cancel to 0"
