@@ -30,6 +30,7 @@ class ResumeError(UsageError):
 # what a resumed run's checkpoint depends on: changing it on --resume is refused
 RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
                 "train.seed": "its data order and random numbers",
+                "train.repeat_augment": "its data order (which images each epoch visits)",
                 "model": "the model it trains (its parameters' shapes, its dropout, ...)",
                 "data.dataset": "the images it was trained on",
                 "data.layout": "the images it was trained on",

@@ -254,3 +254,29 @@ def test_rows_must_be_a_plain_slice_inside_the_batch():
     for rows in (slice(0, 17), slice(4, 4), slice(0, 8, 2), slice(None, 8)):
         with pytest.raises(ValueError, match="rows must be a slice"):
             Batcher(numbered_images(N), np.arange(N), B, seed=0, rows=rows)
+
+
+@pytest.mark.parametrize("repeats", [2, 3, 5])
+def test_repeated_augmentation_visits_each_image_repeats_times_in_a_row(repeats):
+    """repeats=r: an epoch of N rows made of the seeded permutation's first ceil(N / r) images,
+    each r times in a row (DeiT's RASampler on one replica), still a function of (seed, epoch)."""
+    once = Batcher(numbered_images(N), np.arange(N), B, seed=4)
+    batcher = Batcher(numbered_images(N), np.arange(N), B, seed=4, repeats=repeats)
+    order, perm = batcher.permutation(6), once.permutation(6)
+    assert len(order) == N and batcher.steps_per_epoch() == once.steps_per_epoch()
+    unique = -(-N // repeats)
+    np.testing.assert_array_equal(order[::repeats], perm[:unique])  # the first of each run ...
+    for k in range(1, repeats):  # ... and its copies right behind it (the last run cut at N)
+        np.testing.assert_array_equal(order[k::repeats], perm[: len(order[k::repeats])])
+    assert len(set(order.tolist())) == unique
+    ids = np.concatenate([ids_of(x) for x, _ in batcher.epoch(6)])
+    np.testing.assert_array_equal(ids, order[: (N // B) * B])
+    resumed = np.concatenate([ids_of(x) for x, _ in batcher.epoch(6, start_step=3)])
+    np.testing.assert_array_equal(resumed, order[3 * B : (N // B) * B])
+    assert not np.array_equal(order, batcher.permutation(7))
+
+
+def test_repeats_must_be_a_positive_integer():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="repeats must be a positive integer"):
+            Batcher(numbered_images(N), np.arange(N), B, seed=0, repeats=bad)

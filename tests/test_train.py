@@ -8,7 +8,7 @@ their messages: test_train_faults.py.)
 
 The resume tests switch on every source of randomness the step has (dropout on residual branches,
 attention weights and FFN activations, drop-path, crop, flip, random erasing, mixup and cutmix,
-label smoothing) and a warmup + cosine learning rate, and compare bitwise: a resumed run that
+label smoothing), a warmup + cosine learning rate and repeated augmentation's order, and compare bitwise: a resumed run that
 draws any random number differently from the run that never stopped, or steps at another
 learning rate, fails them."""
 
@@ -38,7 +38,8 @@ RANDOM = [*QUICK, "--set", "model.dropout=0.1", "--set", "model.attn_dropout=0.1
           "--set", "train.crop_pad=1", "--set", "train.flip=true",
           "--set", "train.mixup_alpha=0.4", "--set", "train.cutmix_alpha=1.0",
           "--set", "train.random_erase=0.5", "--set", "train.label_smoothing=0.1",
-          "--set", "train.schedule=cosine", "--set", "train.warmup_epochs=1"]
+          "--set", "train.schedule=cosine", "--set", "train.warmup_epochs=1",
+          "--set", "train.repeat_augment=2"]  # and a data order of repeated images
 EPOCHS = 3
 STEPS_PER_EPOCH = 1437 // 128  # 11: the digits training set in batches of 128
 VOLATILE = ("time", "images_per_s")  # the only fields of a metrics line that may differ

@@ -309,7 +309,7 @@ def test_config_error_in_the_file_names_the_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, fixed", [
     (["--batch-size", 64], "train.batch_size"),       # the checkpoint's data position
-    (["--seed", 7], "train.seed"),                     # the data order
+    (["--seed", 7], "train.seed"), (["--set", "train.repeat_augment=3"], "train.repeat_augment"),  # order
     (["--set", "model.layers=2"], "model.layers"),     # the params' shapes
     (["--dataset", "tiny-imagenet"], "data.dataset"),  # the images (data.layout: test_run_dir.py)
 ])

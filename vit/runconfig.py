@@ -54,6 +54,9 @@ class TrainSection:
     checkpoint_minutes: besides at every epoch's end, save last.npz mid-epoch once this many
         minutes have passed since it was last saved, so that a crash (kill -9, power loss, an
         out-of-memory kill) loses at most that much training (0: at epoch ends only).
+    repeat_augment: repeated augmentation (DeiT: 3): an epoch of as many rows as before visits
+        1/repeat_augment of the images, each that many times in a row, each copy augmented
+        apart (vit.data.loader.Batcher's `repeats`); 1: off.
     """
 
     epochs: int = 30
@@ -63,6 +66,7 @@ class TrainSection:
     warmup_epochs: float = 0.0
     eval_batch_size: int = 256
     checkpoint_minutes: float = 30.0
+    repeat_augment: int = 1
     hparams: TrainHParams = field(default_factory=TrainHParams)
 
 
@@ -329,6 +333,8 @@ def _validate(t: TrainSection, source):
         bad("eval_batch_size", "must be a positive integer")
     if t.seed < 0:
         bad("seed", "must be >= 0 (it seeds numpy's generator for the data order)")
+    if t.repeat_augment < 1:
+        bad("repeat_augment", "must be a positive integer (1: each image once per epoch)")
     if t.compute_dtype not in COMPUTE_DTYPES:
         bad("compute_dtype", f"must be one of {COMPUTE_DTYPES}")
     hp = t.hparams

@@ -238,7 +238,7 @@ def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, 
     # every process reads the same seeded global order and gathers only its rows of each batch
     batcher = Batcher(train_set.images, train_set.labels, t.batch_size, seed=t.seed,
                       rows=parallel.process_batch_slice(t.batch_size, mesh),
-                      device_budget_bytes=budget)
+                      device_budget_bytes=budget, repeats=t.repeat_augment)
     # no larger than the validation set (padding rows cost as much as real ones), and a multiple
     # of the device count
     eval_bs = -(-min(t.eval_batch_size, max(len(val_set.labels), 1)) // n_dev) * n_dev

@@ -7,7 +7,8 @@ from the memmap (sorted, for locality) and puts them on the device while the cur
 Both paths yield the same batches.
 
 Order: epoch e visits `np.random.default_rng([seed, e]).permutation(n)`, a pure function of (seed, epoch), and
-batch s is rows s*B..(s+1)*B of it; so `epoch(e, start_step=s)` after a restart yields exactly the batches that
+batch s is rows s*B..(s+1)*B of it (with `repeats=r`, repeated augmentation: the permutation's first
+ceil(n / r) images, each r times in a row, n rows in all); so `epoch(e, start_step=s)` after a restart yields exactly the batches that
 an uninterrupted run would have yielded from step s on.
 
 Normalization uses the training set's per-channel mean and std (`channel_stats`, one exact pass over the
@@ -99,6 +100,10 @@ class Batcher:
     rows: keep only these rows of every (global) batch, e.g. this process's share in a multi-process
     run (vit.parallel.process_batch_slice); the order, the batches and their count are the global
     ones, and only the kept rows are gathered.
+    repeats: repeated augmentation (Hoffer et al. 2020; DeiT trains with 3): an epoch is as long as
+    before, but visits ceil(N / repeats) images of its permutation, each `repeats` times in a row,
+    so each copy is augmented apart (the step draws per image) and most share a batch. This is
+    timm/DeiT's RASampler on one replica: it repeats the whole permutation and keeps the first N.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class Batcher:
         device_budget_bytes: int = DEFAULT_DEVICE_BUDGET_BYTES,
         device: jax.Device | None = None,
         rows: slice | None = None,
+        repeats: int = 1,
     ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -120,10 +126,13 @@ class Batcher:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (it seeds numpy's generator), got {seed}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
         self.n = len(labels)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.repeats = repeats
         self.drop_last = drop_last
         self.device = device
         if rows is not None and (rows.step not in (None, 1) or rows.start is None or rows.stop is None
@@ -147,12 +156,17 @@ class Batcher:
         return math.ceil(self.n / self.batch_size)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The order of epoch `epoch`: a function of (seed, epoch) only."""
+        """The order of epoch `epoch`: a function of (seed, epoch) only; with repeats r, its first
+        ceil(n / r) entries each r times in a row, cut to n (repeats=1 draws the same order)."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if not self.shuffle:
-            return np.arange(self.n, dtype=np.int32)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int32)
+            order = np.arange(self.n, dtype=np.int32)
+        else:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int32)
+        if self.repeats == 1:
+            return order
+        return np.repeat(order[: -(-self.n // self.repeats)], self.repeats)[: self.n]
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
         """Yield (images uint8 (B, H, W, C), labels int32 (B,)) on the device for steps start_step.. of epoch."""
