@@ -179,7 +179,8 @@ def ops_run(tmp_path_factory):
 
 def test_four_device_step_equals_one_device_step(reference, four_devices):
     """STEPS steps with dropout (every kind), crop, flip, mixup, smoothing, clipping, warmup: the
-    metrics of every step, the params and AdamW moments after the last, and the eval step."""
+    metrics of every step, the params and AdamW moments after the last, and the eval step; and
+    the augmentation with erasing and cutmix too (common.augmented) of a sharded batch."""
     out, report = four_devices
     assert report["devices"] == 4 and report["threefry_partitionable"]
     assert_metrics_close(report["gspmd"], reference["metrics"], "4 devices")
@@ -190,6 +191,10 @@ def test_four_device_step_equals_one_device_step(reference, four_devices):
     with np.load(out / "gspmd.npz") as data:
         assert_eval_close({k: data[k] for k in data.files if k.startswith("eval/")},
                           reference["evals"][common.STEPS], "4 devices")
+    for s in range(2):  # the augmentation's draws do not depend on the sharding (float rounding)
+        with np.load(out / f"augment{s}.npz") as data:
+            for name, want in common.augmented(*common.batch(s), common.step_key(s)).items():
+                np.testing.assert_allclose(data[name], want, rtol=0, atol=1e-6, err_msg=name)
     assert report["param_sharding"].endswith("spec=P(), memory_kind=device)")
     assert report["logits_sharding"].endswith("spec=P(), memory_kind=device)")
 

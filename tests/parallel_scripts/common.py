@@ -58,6 +58,23 @@ def eval_batch():
     return images, labels, valid
 
 
+def augmented(images, labels, key) -> dict:
+    """The training augmentation with every draw it has on (crop, flip, random erasing, mixup
+    or cutmix: one per batch) of a batch as given: the worker gives it the batch sharded over
+    its 4 devices, the test the same batch on one device."""
+    import functools  # noqa: PLC0415
+
+    import jax  # noqa: PLC0415
+
+    from vit.data.augment import train_augment  # noqa: PLC0415
+
+    augment = jax.jit(functools.partial(
+        train_augment, num_classes=10, crop_pad=2, flip=True, smoothing=0.1, erase_prob=0.5,
+        mixup_alpha=0.4, cutmix_alpha=1.0))
+    x, targets = augment(key, images, labels, np.asarray(MEAN), np.asarray(STD))
+    return {"x": np.asarray(x), "targets": np.asarray(targets)}
+
+
 def step_key(step: int):
     import jax  # noqa: PLC0415
 

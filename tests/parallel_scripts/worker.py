@@ -76,6 +76,9 @@ def equivalence(out: Path):
     host = parallel.gather_to_host({"params": params, "opt": opt})
     common.save_npz(out / "gspmd.npz", **common.flat(host, "state"),
                     **{f"eval/{k}": v for k, v in ev.items()})
+    for s in range(2):  # (common.augmented's cutmix/mixup choice differs between the two keys)
+        common.save_npz(out / f"augment{s}.npz", **common.augmented(
+            *parallel.shard_batch(mesh, *common.batch(s)), common.step_key(s)))
     report["gspmd"] = metrics
     report["seconds"]["gspmd"] = time.time() - t0
     report["param_sharding"] = str(jax.tree_util.tree_leaves(params)[0].sharding)
