@@ -8,6 +8,9 @@ Results are also written to RUN_DIR/eval-<checkpoint>.json.
   --saliency N       RUN_DIR/saliency-<checkpoint>.png: N validation images beside |d loss / d pixel|
   --attention N      RUN_DIR/attention-<checkpoint>.png: N validation images beside the share of the CLS
                      token drawn from each patch (attention rollout over the blocks)
+  --augment N        RUN_DIR/augment.png: the first N images of the run's first training batch as
+                     stored, beside the same images as its first step trained on them (crop, flip,
+                     random erasing, mixup/cutmix), titled with their soft targets
   --predict IMAGE..  top-5 classes of image files of any size (instead of evaluating)
 """
 
@@ -39,6 +42,9 @@ def build_parser():
     p.add_argument("--attention", type=cmdline.positive_int, default=0, metavar="N",
                    help="write a PNG grid of N validation images beside their attention maps "
                         "(the CLS token's attention rollout)")
+    p.add_argument("--augment", type=cmdline.positive_int, default=0, metavar="N",
+                   help="write a PNG grid of the first N images of the run's first training "
+                        "batch beside the same images as its first step augmented them")
     p.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
                    help="print the top-5 classes of these image files instead of evaluating")
     cmdline.add_ops_flags(p)
@@ -186,7 +192,8 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
     if args.predict:
         ignored = [flag for flag, given in (("--per-class", args.per_class),
                                             ("--saliency", args.saliency),
-                                            ("--attention", args.attention)) if given]
+                                            ("--attention", args.attention),
+                                            ("--augment", args.augment)) if given]
         if ignored:
             print(f"evaluate.py: note: with --predict nothing else is evaluated: "
                   f"{' and '.join(ignored)} ignored", file=sys.stderr)
@@ -239,6 +246,11 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
         written.append(figure["png"])
         print(f"attention maps: {figure['png']} ({shown(figure, args.attention)})")
     check_interrupt()
+    if args.augment > 0:
+        figure = write_augmented(run, args, written)
+        print(f"augmentation: {figure['png']} (the first {len(figure['rows'])} images of the "
+              f"first batch)")
+    check_interrupt()
     out = Path(args.run_dir) / f"eval-{args.checkpoint}.json"
     tmp = out.with_name(out.name + ".tmp")  # written whole or not at all, as the figures are
     tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -246,6 +258,28 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
     written.append(out)
     print(f"results: {out}")
     return 0
+
+
+def write_augmented(run, args, written) -> dict:
+    """--augment N: RUN_DIR/augment.png and .npz (vit.augment_figure), from the run's training
+    set; an error naming the folder if it is not the set the run was trained on."""
+    from vit import explain  # noqa: PLC0415
+    from vit.augment_figure import write_augmented as write  # noqa: PLC0415
+    from vit.data import DatasetError  # noqa: PLC0415
+
+    try:
+        train_set = explain.load_val(run, args.data_dir, not args.no_progress, split="train")
+        trained_on = run.meta.get("train_images")
+        if trained_on is not None and trained_on != len(train_set.labels):
+            data_dir = args.data_dir or explain.run_data(run).data_dir
+            raise DatasetError(f"{data_dir} holds {len(train_set.labels)} training images and "
+                               f"{args.run_dir} was trained on {trained_on}: its first batch "
+                               "was other images; give --data-dir the folder it was trained on")
+    except DatasetError as err:
+        fail(f"--augment: {err}")
+    figure = write(run, train_set, args.augment, args.run_dir)
+    written.append(figure["png"])
+    return figure
 
 
 def predict(args) -> int:

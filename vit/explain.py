@@ -102,9 +102,10 @@ def run_data(run: Run):
         return data
 
 
-def load_val(run: Run, data_dir=None, progress: bool = True):
-    """The run's validation set, at the model's image size; a DatasetError if its classes are not
-    the ones the run was trained on (data_dir: another folder than the run's)."""
+def load_val(run: Run, data_dir=None, progress: bool = True, split: str = "val"):
+    """The run's validation set (split "train": its training set), at the model's image size; a
+    DatasetError if its classes are not the ones the run was trained on (data_dir: another
+    folder than the run's)."""
     from vit.data import BUNDLED_DATASETS, DatasetError, check_run_data_dir, load_dataset  # noqa: PLC0415
     from vit.data.common import check_same_classes  # noqa: PLC0415
 
@@ -116,7 +117,7 @@ def load_val(run: Run, data_dir=None, progress: bool = True):
                            f"{BUNDLED_DATASETS[data.dataset]} (leave --data-dir out)")
     elif not Path(data_dir).is_dir():
         raise DatasetError(f"--data-dir {data_dir}: no such folder")
-    val = load_dataset(data.dataset, data_dir or data.data_dir, "val", workers=data.workers,
+    val = load_dataset(data.dataset, data_dir or data.data_dir, split, workers=data.workers,
                        progress=progress, image_size=run.model.image_size, layout=data.layout,
                        cache_dir=data.cache_dir)
     check_same_classes(run.class_names, val.class_names, data_dir or data.data_dir, run.path.parent)
@@ -218,7 +219,7 @@ def plot_saliency(images_u8, maps, true_names, pred_names, path) -> Path:
                       "(largest over the channels; each map scaled to its own max)")
 
 
-def _write_npz(path: Path, arrays: dict) -> Path:
+def write_npz(path: Path, arrays: dict) -> Path:
     """np.savez, atomically."""
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, **arrays)
@@ -243,7 +244,7 @@ def write_pairs(out_dir, stem: str, plot, val, picked, maps, logits, **extra) ->
                Path(out_dir) / f"{stem}.png")
     arrays = {"indices": idx, "images": images, "labels": labels, "predictions": pred.astype(np.int32),
               "maps": maps.astype(np.float32), **{k: v.astype(np.float32) for k, v in extra.items()}}
-    npz = _write_npz(Path(out_dir) / f"{stem}.npz", arrays)
+    npz = write_npz(Path(out_dir) / f"{stem}.npz", arrays)
     return {**arrays, "png": png, "npz": npz}
 
 

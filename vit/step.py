@@ -121,6 +121,21 @@ def scheduled_lr(hp: TrainHParams, step):
                          warmup_steps=hp.warmup_steps, schedule=hp.schedule, min_lr=hp.min_lr)
 
 
+def training_inputs(config: ViTConfig, hp: TrainHParams, images, labels, key, mean=None, std=None):
+    """What a training step trains on: (x, targets (B, K) float32) of a batch, given the step's
+    augmentation key (the first of split(step key)). uint8 images are cropped, flipped,
+    normalised, erased, one-hot (smoothed) and mixed (vit.data.augment.train_augment: x float32);
+    floats are taken as normalised and left as they are. The step calls it under its jit;
+    evaluate.py --augment calls it to draw a run's first batch as its first step saw it."""
+    if images.dtype != jnp.uint8:
+        return images, layers.one_hot_targets(labels, config.num_classes, hp.label_smoothing)
+    mean, std = _stats(mean, std, config.channels)
+    return train_augment(key, images, labels, mean, std, num_classes=config.num_classes,
+                         crop_pad=hp.crop_pad, flip=hp.flip, smoothing=hp.label_smoothing,
+                         mixup_alpha=hp.mixup_alpha, cutmix_alpha=hp.cutmix_alpha,
+                         erase_prob=hp.random_erase)
+
+
 def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, mean=None,
                   std=None, grad_fn: Callable | None = None, compute_dtype: str = "fp32"):
     """The un-jitted step (params, opt_state, images, labels, key) -> (params, opt_state, metrics).
@@ -137,15 +152,7 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, 
         # two keys as split(key) (jax's default partitionable threefry), so runs that do not use
         # it keep their random numbers; each step's key is fold_in(seed key, global step)
         k_aug, k_drop = jax.random.split(key)
-        if images.dtype == jnp.uint8:  # crop/flip, normalise, erase, (smoothed) one-hot, mixup/cutmix
-            x, targets = train_augment(
-                k_aug, images, labels, mean, std, num_classes=config.num_classes,
-                crop_pad=hp.crop_pad, flip=hp.flip, smoothing=hp.label_smoothing,
-                mixup_alpha=hp.mixup_alpha, cutmix_alpha=hp.cutmix_alpha,
-                erase_prob=hp.random_erase)
-        else:
-            x = images
-            targets = layers.one_hot_targets(labels, config.num_classes, hp.label_smoothing)
+        x, targets = training_inputs(config, hp, images, labels, k_aug, mean, std)
         loss, grads, logits = grad_fn(params, x, targets, k_drop if config.has_dropout else None)
         grads, grad_norm = clip_by_global_norm(grads, hp.clip_norm)
         lr = scheduled_lr(hp, opt_state["step"])

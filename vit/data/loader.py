@@ -85,6 +85,21 @@ def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
     return (x - jnp.asarray(mean, dtype)) / jnp.asarray(std, dtype)
 
 
+def epoch_order(n: int, seed: int, epoch: int, *, shuffle: bool = True, repeats: int = 1) -> np.ndarray:
+    """The rows epoch `epoch` visits, in order: a seeded permutation of 0..n-1 (0..n-1 itself
+    without shuffle); with repeats r, its first ceil(n / r) entries each r times in a row, cut to
+    n (repeats=1 draws the same order). Batch s is rows s*B..(s+1)*B of it."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+    else:
+        order = np.arange(n, dtype=np.int32)
+    if repeats == 1:
+        return order
+    return np.repeat(order[: -(-n // repeats)], repeats)[:n]
+
+
 @jax.jit
 def _gather(images: jax.Array, labels: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.take(images, indices, axis=0), jnp.take(labels, indices, axis=0)
@@ -156,17 +171,8 @@ class Batcher:
         return math.ceil(self.n / self.batch_size)
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The order of epoch `epoch`: a function of (seed, epoch) only; with repeats r, its first
-        ceil(n / r) entries each r times in a row, cut to n (repeats=1 draws the same order)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not self.shuffle:
-            order = np.arange(self.n, dtype=np.int32)
-        else:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n).astype(np.int32)
-        if self.repeats == 1:
-            return order
-        return np.repeat(order[: -(-self.n // self.repeats)], self.repeats)[: self.n]
+        """The order of epoch `epoch` (epoch_order): a function of (seed, epoch) only."""
+        return epoch_order(self.n, self.seed, epoch, shuffle=self.shuffle, repeats=self.repeats)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[jax.Array, jax.Array]]:
         """Yield (images uint8 (B, H, W, C), labels int32 (B,)) on the device for steps start_step.. of epoch."""

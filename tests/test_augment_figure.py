@@ -1,0 +1,112 @@
+"""evaluate.py --augment N (vit/augment_figure.py): the picture of a run's first batch, stored and
+as its first step trained on it, shows what the step really got (the batch, its key, its
+augmentation), and the command writes it for a colour image folder and refuses another one."""
+
+import contextlib
+import io
+
+import jax
+import numpy as np
+import pytest
+
+import evaluate
+import train
+from vit import explain, parallel
+from vit import step as step_module
+from vit.augment_figure import first_batch, first_step_inputs, target_title
+from vit.data import load_dataset
+from vit.data.fake import write_fake_image_folder
+from step_spy import after_each_step
+
+# every augmentation on, and repeated augmentation's order (digits: 8x8 images)
+DIGITS = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1", "--set", "model.d_model=16",
+          "--set", "model.mlp_dim=32", "--batch-size", "96", "--epochs", "1", "--seed", "3",
+          "--set", "train.crop_pad=1", "--set", "train.flip=true", "--set", "train.random_erase=0.5",
+          "--set", "train.mixup_alpha=0.4", "--set", "train.cutmix_alpha=1.0",
+          "--set", "train.label_smoothing=0.1", "--set", "train.repeat_augment=2"]
+
+
+def test_the_figure_shows_what_the_first_step_trained_on(monkeypatch, tmp_path):
+    inputs, steps = [], []  # what training_inputs gave each step; what each step was given
+    training_inputs = step_module.training_inputs
+
+    def recording(*args, **kwargs):
+        x, targets = training_inputs(*args, **kwargs)
+        jax.debug.callback(lambda x, t: inputs.append((np.asarray(x), np.asarray(t))), x, targets)
+        return x, targets
+    monkeypatch.setattr(step_module, "training_inputs", recording)
+    after_each_step(monkeypatch, parallel, "make_parallel_train_step",
+                    lambda params, opt, x, y, key: steps.append((np.asarray(x), np.asarray(y), key)))
+    assert train.main([*DIGITS, "--out", str(tmp_path / "run")]) == 0
+    monkeypatch.undo()
+    assert len(inputs) == len(steps) == 1437 // 96
+
+    run = explain.load_run(tmp_path / "run")
+    rows, images, labels = first_batch(run, load_dataset("digits", None, "train"))
+    np.testing.assert_array_equal(images, steps[0][0])  # the first batch, in its order
+    np.testing.assert_array_equal(labels, steps[0][1])
+    assert (images[0::2] == images[1::2]).all() and not (images[:-2:2] == images[2::2]).all()
+    x, targets = first_step_inputs(run, images, labels)
+    # the same draws (another key or order would differ by whole pixels and labels); under the
+    # step's larger jit XLA may round the normalisation otherwise
+    np.testing.assert_allclose(x, inputs[0][0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(targets, inputs[0][1], rtol=0, atol=1e-6)
+    assert not np.allclose(x, inputs[1][0], atol=0.1)  # (the second step's differ)
+    k_aug = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(3), 0))[0]
+    np.testing.assert_array_equal(jax.random.key_data(jax.random.split(steps[0][2])[0]),
+                                  jax.random.key_data(k_aug))
+
+
+def test_a_title_names_the_classes_a_target_mixes_not_the_smoothing():
+    names = ["cat", "dog", "fish", "owl"]
+    assert target_title(np.array([0.925, 0.025, 0.025, 0.025]), names) == "0.93 cat"
+    assert target_title(np.array([0.025, 0.625, 0.025, 0.325]), names) == "0.62 dog\n0.33 owl"
+    assert target_title(np.array([0.0, 0.0, 1.0, 0.0]), names) == "1.00 fish"
+    assert target_title(np.array([0.25, 0.25, 0.25, 0.25]), names) == "0.25 cat"  # nothing stands out
+
+
+def run_quietly(main, args):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("augment")
+    root = write_fake_image_folder(base / "folder")
+    run = base / "run"
+    code, out = run_quietly(train.main, [
+        "--data-dir", root, "--out", run, "--set", "data.image_size=16", "--set", "data.workers=1",
+        "--set", "model.patch_size=8", "--set", "model.d_model=16", "--set", "model.heads=2",
+        "--set", "model.layers=1", "--set", "model.mlp_dim=32", "--batch-size", 8, "--epochs", 1,
+        "--set", "train.mixup_alpha=0.8", "--set", "train.label_smoothing=0.1", "--no-progress"])
+    assert code == 0, out
+    return root, run
+
+
+def test_evaluate_writes_the_figure_and_its_arrays(colour_run):
+    root, run = colour_run
+    code, out = run_quietly(evaluate.main, [run, "--augment", 50, "--no-progress"])
+    assert code == 0, out
+    assert f"augmentation: {run / 'augment.png'} (the first 8 images of the first batch)" in out, out
+    assert (run / "augment.png").stat().st_size > 0
+    with np.load(run / "augment.npz") as data:
+        assert data["images"].shape == (8, 16, 16, 3) and data["images"].dtype == np.uint8
+        assert data["x"].shape == (8, 16, 16, 3) and data["targets"].shape == (8, 3)
+        np.testing.assert_allclose(data["targets"].sum(axis=1), 1.0, rtol=1e-6)
+        assert (data["targets"] < 0.9).any()  # mixup: mixed targets
+        # the stored images are the first batch's rows of the folder's training set
+        train_set = load_dataset("image-folder", root, "train", image_size=16, workers=1)
+        np.testing.assert_array_equal(data["images"], train_set.images[data["rows"]])
+
+
+def test_a_data_dir_with_other_training_images_is_refused(colour_run, tmp_path, capsys):
+    _, run = colour_run
+    other = write_fake_image_folder(tmp_path / "other", train_per_class=8)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(run), "--augment", "4", "--data-dir", str(other), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--augment: {other} holds 24 training images and {run} was trained on 21" in err, err

@@ -1,0 +1,115 @@
+"""What a run trains on, as a picture: the first images of its first batch as they are stored,
+beside the same images as its first step augmented them (the run's crop, flip, random erasing,
+mixup/cutmix), each titled with the soft target its loss was taken against.
+`python evaluate.py RUN --augment N` writes RUN_DIR/augment.png and augment.npz (the arrays it
+draws).
+
+    rows, images, labels = first_batch(run, train_set)     # global step 0's batch, as the run read it
+    x, targets = first_step_inputs(run, images, labels)    # what step 0 trained on
+
+Both are the training's own code, not a copy: the order is vit.data.loader.epoch_order (the
+Batcher's), the key the one train_epoch gives global step 0 (fold_in(PRNGKey(seed), 0), whose
+first split the step augments with), and the augmentation vit.step.training_inputs (the step's).
+The whole batch is augmented, since mixup and cutmix take their partners from all of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit.explain import DPI, Run, write_npz
+from vit.figures import pyplot, save_png
+
+PAIRS_PER_ROW = 4
+CELL_INCHES = (1.8, 2.2)  # one image, with its title
+HEADER_INCHES = 0.6
+SHOWN_CLASSES = 2  # a target's largest weights named in its title (mixup/cutmix: two images)
+
+
+def first_batch(run: Run, train_set) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, uint8 images, int32 labels) of the run's first batch (epoch 1, step 1), in order."""
+    from vit.data.loader import epoch_order  # noqa: PLC0415
+
+    t = run.config.train
+    order = epoch_order(len(train_set.labels), t.seed, 0, repeats=t.repeat_augment)
+    rows = order[: t.batch_size]
+    return rows, np.asarray(train_set.images[rows]), np.asarray(train_set.labels[rows], np.int32)
+
+
+def first_step_inputs(run: Run, images, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(x float32 (B, S, S, C) normalised, targets float32 (B, K)): what the run's first step
+    trained on, given its first batch."""
+    from vit.step import training_inputs  # noqa: PLC0415
+
+    hp = run.config.hparams(steps_per_epoch=1)  # the schedule's lengths do not augment
+    step_key = jax.random.fold_in(jax.random.PRNGKey(run.config.train.seed), 0)
+    k_aug, _ = jax.random.split(step_key)  # as the step splits it: (augmentation, dropout)
+    augment = jax.jit(lambda x, y, key: training_inputs(run.model, hp, x, y, key, run.mean, run.std))
+    x, targets = augment(jnp.asarray(images), jnp.asarray(labels), k_aug)
+    return np.asarray(x, np.float32), np.asarray(targets, np.float32)
+
+
+def shown_pixels(x, mean, std) -> np.ndarray:
+    """Normalised images back in 0..1 (x * std + mean; erasing's noise clipped to the range)."""
+    return np.clip(np.asarray(x) * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
+
+
+def target_title(target, names) -> str:
+    """The target's largest weights, e.g. "0.62 tabby\\n0.38 goldfish" (a smoothed one-hot: one
+    line; a weight a smoothed 0 has, left out)."""
+    top = np.argsort(-target, kind="stable")[:SHOWN_CLASSES]
+    floor = float(np.min(target))  # what label smoothing gives every class
+    lines = [f"{target[k]:.2f} {names[k][:18]}" for k in top if target[k] > floor + 1e-6]
+    return "\n".join(lines or [f"{target[top[0]]:.2f} {names[top[0]][:18]}"])
+
+
+def plot_augmented(stored_u8, trained, labels, targets, names, path, title) -> Path:
+    """Grid of (stored image, image trained on) pairs, PAIRS_PER_ROW per row."""
+    plt = pyplot()
+    n = len(stored_u8)
+    if n == 0:
+        raise ValueError("no images to plot")
+    cols, rows = 2 * min(n, PAIRS_PER_ROW), -(-n // PAIRS_PER_ROW)
+    width, height = max(cols * CELL_INCHES[0], 6.0), rows * CELL_INCHES[1] + HEADER_INCHES
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    gray = stored_u8.shape[-1] == 1
+    for i in range(n):
+        r, c = divmod(i, PAIRS_PER_ROW)
+        ax_stored, ax_trained = axes[r, 2 * c], axes[r, 2 * c + 1]
+        if gray:
+            ax_stored.imshow(stored_u8[i, ..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax_trained.imshow(trained[i, ..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax_stored.imshow(stored_u8[i], interpolation="nearest")
+            ax_trained.imshow(trained[i], interpolation="nearest")
+        ax_stored.set_title(f"stored\n{names[labels[i]][:22]}", fontsize=7)
+        ax_trained.set_title(target_title(targets[i], names), fontsize=7, color="navy")
+    fig.suptitle(title, fontsize=8, y=1 - 0.08 / height, va="top")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - (HEADER_INCHES + 0.35) / height,
+                        wspace=0.08, hspace=0.45)
+    save_png(fig, Path(path), DPI)
+    return Path(path)
+
+
+def write_augmented(run: Run, train_set, n: int, out_dir) -> dict:
+    """augment.png and augment.npz in out_dir: the first n images of the run's first batch (all
+    of it if smaller), stored and as trained on. -> the arrays and paths."""
+    rows, images, labels = first_batch(run, train_set)
+    x, targets = first_step_inputs(run, images, labels)
+    n = min(n, len(rows))
+    names = list(run.class_names or train_set.class_names)
+    trained = shown_pixels(x[:n], run.mean, run.std)
+    t = run.config.train
+    png = plot_augmented(images[:n], trained, labels[:n], targets[:n], names, Path(out_dir) / "augment.png",
+                         f"the first {n} of the {len(rows)} images of the run's first batch (seed {t.seed}): "
+                         f"as stored, and as its first step trained on them\n(titles: the soft "
+                         f"target of the loss; pixels shown clipped to 0..1)")
+    arrays = {"rows": rows[:n], "images": images[:n], "labels": labels[:n], "x": x[:n],
+              "targets": targets[:n]}
+    return {**arrays, "png": png, "npz": write_npz(Path(out_dir) / "augment.npz", arrays)}
