@@ -309,3 +309,84 @@ def test_keys_differ_and_repeat():
                        for k in (5, 5, 6))
     np.testing.assert_array_equal(one, again)
     assert np.mean(np.any(one != two, axis=(1, 2, 3))) > 0.3
+
+
+def test_split_6_extends_split_5_and_split_4():
+    """train_augment's claim: the erasing key is split(key, 5)[4] = split(key, 6)[4] and the other
+    draws' keys split(key, 4)'s, whatever the split's length (jax's partitionable threefry)."""
+    for seed in (0, 11, 12345):
+        key = jax.random.key(seed)
+        six = jax.random.key_data(jax.random.split(key, 6))
+        np.testing.assert_array_equal(six[:5], jax.random.key_data(jax.random.split(key, 5)))
+        np.testing.assert_array_equal(six[:4], jax.random.key_data(jax.random.split(key, 4)))
+        assert len({tuple(np.asarray(k).ravel()) for k in six}) == 6
+
+
+@pytest.mark.parametrize("flip, mix", [(False, {}), (True, {"mixup_alpha": 0.4}),
+                                       (True, {"cutmix_alpha": 1.0, "erase_prob": 0.5})])
+def test_train_augment_runs_rand_augment_after_crop_and_flip_with_a_key_of_its_own(flip, mix):
+    """train_augment with RandAugment is its pipeline without it (crop, flip, normalise, erase,
+    then mixup or cutmix, on split(key, 5)'s keys: what a run without it drew), each uint8
+    image augmented right after the flip with split(key, 6)[5], a key no other draw takes."""
+    from vit.data.augment import cutmix, mixup, normalize, one_hot_targets, random_crop, random_erase
+    from vit.data.augment import random_flip, train_augment
+
+    from test_data_augment import MEAN, STD
+    images = jnp.asarray(random_images(3, 16))
+    labels = jnp.asarray(np.arange(16) % 5)
+    key = jax.random.key(11)
+    k_crop, k_flip, k_mix, _, k_erase = jax.random.split(key, 5)
+    mix = dict(mix)
+    erase = mix.pop("erase_prob", 0.0)
+
+    def pipeline(ops):
+        x = random_crop(k_crop, images, 2)
+        x = random_flip(k_flip, x) if flip else x
+        x = ra.rand_augment(jax.random.split(key, 6)[5], x, ops, 9.0, 0.5) if ops else x
+        x = normalize(x, MEAN, STD)
+        x = random_erase(k_erase, x, erase) if erase else x
+        targets = one_hot_targets(labels, 5, 0.1)
+        if mix:
+            x, targets = (mixup if "mixup_alpha" in mix else cutmix)(k_mix, x, targets, *mix.values())
+        return np.asarray(x), np.asarray(targets)
+    got = {}
+    for ops in (2, 0):
+        got[ops] = train_augment(key, images, labels, MEAN, STD, num_classes=5, crop_pad=2,
+                                 flip=flip, smoothing=0.1, erase_prob=erase, rand_augment_ops=ops,
+                                 **mix)
+        want = pipeline(ops)
+        np.testing.assert_array_equal(np.asarray(got[ops][0]), want[0])
+        np.testing.assert_array_equal(np.asarray(got[ops][1]), want[1])
+    np.testing.assert_array_equal(np.asarray(got[2][1]), np.asarray(got[0][1]))
+    assert np.mean(np.asarray(got[2][0]) != np.asarray(got[0][0])) > 0.2  # many images augmented
+
+
+def test_the_train_step_reads_the_three_keys_and_leaves_float_images_alone():
+    from test_data_augment import normalized, seen_by_the_gradient
+
+    hp = {"crop_pad": 1, "flip": True, "mixup_alpha": 0.4}
+    _, _, plain, targets = seen_by_the_gradient(seed=3, **hp)
+    _, _, augmented, same_targets = seen_by_the_gradient(seed=3, rand_augment_ops=2, **hp)
+    _, _, mild, _ = seen_by_the_gradient(seed=3, rand_augment_ops=2, rand_augment_magnitude=0.0,
+                                         rand_augment_std=0.0, **hp)
+    np.testing.assert_array_equal(targets, same_targets)
+    assert np.mean(plain != augmented) > 0.2 and np.mean(plain != mild) > 0.02
+    assert np.mean(mild != augmented) > 0.1  # magnitude and std reach the ops
+    images, _, x, _ = seen_by_the_gradient(float_images=True, rand_augment_ops=2)
+    np.testing.assert_array_equal(x, normalized(images))
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("rand_augment_ops", -1, "is the number of RandAugment ops per image: it must be >= 0"),
+    ("rand_augment_magnitude", 10.5, r"is RandAugment's level: it must be in \[0, 10\]"),
+    ("rand_augment_magnitude", -1.0, r"is RandAugment's level: it must be in \[0, 10\]"),
+    ("rand_augment_std", -0.5, "is the spread of RandAugment's level: it must be >= 0")])
+def test_bad_rand_augment_values_are_refused_by_name(key, value, why):
+    from vit.runconfig import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=rf"train.{key} {why}.*got {value}"):
+        from_dict({"train": {key: value}})
+    hp = from_dict({"train": {"rand_augment_ops": 3, "rand_augment_magnitude": 10.0,
+                              "rand_augment_std": 0.0}}).train.hparams
+    assert (hp.rand_augment_ops, hp.rand_augment_magnitude, hp.rand_augment_std) == (3, 10.0, 0.0)
+    assert from_dict({}).train.hparams.rand_augment_ops == 0  # off unless asked for

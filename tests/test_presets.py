@@ -70,9 +70,9 @@ def header_text(name):
 def test_header_states_the_layout_and_recipe_the_file_sets(name):
     """The model layout a preset's header names (pre/post-norm, erf/tanh GELU, LayerNorm eps)
     and, for the ViT-*/16 presets, the DeiT recipe it quotes (epochs, global batch, lr, weight
-    decay, warmup + cosine, label smoothing, mixup / cutmix, random erasing, repeated
-    augmentation, drop-path, bf16 compute) are the values the file sets: neither changes a
-    parameter count or a FLOP figure, so nothing else would notice one drifting from the papers'."""
+    decay, warmup + cosine, label smoothing, mixup / cutmix, RandAugment, random erasing,
+    repeated augmentation, drop-path, bf16 compute) are the values the file sets: neither changes
+    a parameter count or a FLOP figure, so nothing else would notice one drifting from the papers'."""
     cfg, header = load(name), header_text(name)
     norm, gelu, eps = re.search(r"(pre|post)-norm, (erf|tanh) GELU(?:, LayerNorm eps ([\d.e-]+))?",
                                 header).groups()
@@ -84,12 +84,16 @@ def test_header_states_the_layout_and_recipe_the_file_sets(name):
     t, hp = cfg.train, cfg.train.hparams
     epochs, batch, lr = re.search(r"\((\d+) epochs, global batch (\d+), AdamW lr ([\d.e-]+)", header).groups()
     assert (t.epochs, t.batch_size, hp.lr) == (int(epochs), int(batch), float(lr))
-    wd, warmup, smoothing, mixup, cutmix, erase, repeats, drop_path = map(float, re.search(
-        r"weight decay ([\d.]+), (\d+) warmup epochs \+ cosine, label smoothing ([\d.]+), "
-        r"mixup ([\d.]+) / cutmix ([\d.]+), random erasing ([\d.]+), repeated augmentation "
-        r"(\d+), drop-path ([\d.]+)", header).groups())
+    wd, warmup, smoothing, mixup, cutmix, ops, magnitude, spread, erase, repeats, drop_path = map(
+        float, re.search(
+            r"weight decay ([\d.]+), (\d+) warmup epochs \+ cosine, label smoothing ([\d.]+), "
+            r"mixup ([\d.]+) / cutmix ([\d.]+), RandAugment (\d+) ops at magnitude ([\d.]+) "
+            r"std ([\d.]+) \(timm's rand-m9-mstd0.5-inc1\), random erasing ([\d.]+), "
+            r"repeated augmentation (\d+), drop-path ([\d.]+)\);", header).groups())
     assert (hp.weight_decay, t.warmup_epochs, hp.schedule, hp.label_smoothing) == (wd, warmup, "cosine", smoothing)
     assert (hp.mixup_alpha, hp.cutmix_alpha, hp.random_erase, cfg.model.drop_path) == (mixup, cutmix, erase, drop_path)
+    assert (hp.rand_augment_ops, hp.rand_augment_magnitude, hp.rand_augment_std) == (ops, magnitude, spread)
+    assert (ops, magnitude, spread) == (2, 9, 0.5)  # what the quoted timm string says
     assert t.repeat_augment == repeats
     assert "bf16 compute" in header and t.compute_dtype == "bf16"
 

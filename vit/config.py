@@ -126,6 +126,9 @@ class TrainHParams:
     mixup_alpha: float = 0.0         # 0 = off
     cutmix_alpha: float = 0.0        # 0 = off; with both on, each batch picks one (p = 0.5)
     random_erase: float = 0.0        # probability per image of a box of noise (0 = off; DeiT 0.25)
+    rand_augment_ops: int = 0        # RandAugment: ops per image, each p = 0.5 (0 = off; DeiT 2)
+    rand_augment_magnitude: float = 9.0  # their level, 0 .. 10 (DeiT 9)
+    rand_augment_std: float = 0.5    # the level's noise per op, N(magnitude, std²) (DeiT 0.5)
     accum_steps: int = 1             # gradient accumulation: the batch in this many micro-batches
 
     def replace(self, **changes) -> "TrainHParams":

@@ -346,6 +346,13 @@ def _validate(t: TrainSection, source):
             bad(key, "must be in [0, 1)")
     if not 0.0 <= hp.random_erase <= 1.0:
         bad("random_erase", "is a probability per image: it must be in [0, 1]")
+    if hp.rand_augment_ops < 0:
+        bad("rand_augment_ops", "is the number of RandAugment ops per image: it must be >= 0 "
+                                "(0 = off)")
+    if not 0.0 <= hp.rand_augment_magnitude <= 10.0:
+        bad("rand_augment_magnitude", "is RandAugment's level: it must be in [0, 10]")
+    if hp.rand_augment_std < 0:
+        bad("rand_augment_std", "is the spread of RandAugment's level: it must be >= 0")
     if hp.eps <= 0:
         bad("eps", "must be positive")
     steps = hp.accum_steps

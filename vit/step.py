@@ -124,7 +124,8 @@ def scheduled_lr(hp: TrainHParams, step):
 def training_inputs(config: ViTConfig, hp: TrainHParams, images, labels, key, mean=None, std=None):
     """What a training step trains on: (x, targets (B, K) float32) of a batch, given the step's
     augmentation key (the first of split(step key)). uint8 images are cropped, flipped,
-    normalised, erased, one-hot (smoothed) and mixed (vit.data.augment.train_augment: x float32);
+    RandAugment-ed, normalised, erased, one-hot (smoothed) and mixed
+    (vit.data.augment.train_augment: x float32);
     floats are taken as normalised and left as they are. The step calls it under its jit;
     evaluate.py --augment calls it to draw a run's first batch as its first step saw it."""
     if images.dtype != jnp.uint8:
@@ -133,7 +134,9 @@ def training_inputs(config: ViTConfig, hp: TrainHParams, images, labels, key, me
     return train_augment(key, images, labels, mean, std, num_classes=config.num_classes,
                          crop_pad=hp.crop_pad, flip=hp.flip, smoothing=hp.label_smoothing,
                          mixup_alpha=hp.mixup_alpha, cutmix_alpha=hp.cutmix_alpha,
-                         erase_prob=hp.random_erase)
+                         erase_prob=hp.random_erase, rand_augment_ops=hp.rand_augment_ops,
+                         rand_augment_magnitude=hp.rand_augment_magnitude,
+                         rand_augment_std=hp.rand_augment_std)
 
 
 def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, mean=None,

@@ -1,5 +1,5 @@
 """Augmentations of device batches: pure jnp functions of a jax.random key, jit-able, independent per image
-(crop, flip, random erasing) or paired within the batch (mixup, cutmix).
+(crop, flip, RandAugment (vit.data.randaugment), random erasing) or paired within the batch (mixup, cutmix).
 
 Shapes: images (B, H, W, C), labels (B,) int, targets (B, K) float32 (soft labels, rows sum to 1).
 
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vit.data.loader import normalize
+from vit.data.randaugment import rand_augment
 from vit.layers import one_hot_targets
 
 
@@ -157,19 +158,26 @@ def train_augment(
     cutmix_alpha: float = 0.0,
     cutmix_prob: float = 0.5,
     erase_prob: float = 0.0,
+    rand_augment_ops: int = 0,
+    rand_augment_magnitude: float = 9.0,
+    rand_augment_std: float = 0.5,
 ) -> tuple[jax.Array, jax.Array]:
-    """The training pipeline of one uint8 batch: crop, flip, normalize, random erasing, smoothed
-    one-hot, then mixup or cutmix (DeiT's order: erasing is per image, mixing per batch).
+    """The training pipeline of one uint8 batch: crop, flip, RandAugment (rand_augment_ops > 0),
+    normalize, random erasing, smoothed one-hot, then mixup or cutmix (DeiT's order: RandAugment
+    on the uint8 image as timm's PIL ops, erasing per image, mixing per batch).
 
     With both alphas > 0 each batch gets cutmix with probability cutmix_prob, else mixup.
     Returns float32 images (B, H, W, C) and float32 soft targets (B, K).
     """
-    # split(key, 5)'s first four keys are split(key, 4)'s (jax's partitionable threefry): the
-    # erasing key changes no other draw of a run without it
-    key_crop, key_flip, key_mix, key_choice, key_erase = jax.random.split(key, 5)
+    # split(key, 6)'s first five keys are split(key, 5)'s, and its first four split(key, 4)'s
+    # (jax's partitionable threefry): the erasing and RandAugment keys change no other draw of
+    # a run without them
+    key_crop, key_flip, key_mix, key_choice, key_erase, key_rand = jax.random.split(key, 6)
     x = random_crop(key_crop, images, crop_pad, crop_mode)
     if flip:
         x = random_flip(key_flip, x)
+    if rand_augment_ops > 0:
+        x = rand_augment(key_rand, x, rand_augment_ops, rand_augment_magnitude, rand_augment_std)
     x = normalize(x, mean, std)
     if erase_prob > 0:
         x = random_erase(key_erase, x, erase_prob)
