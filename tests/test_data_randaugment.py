@@ -364,14 +364,16 @@ def test_train_augment_runs_rand_augment_after_crop_and_flip_with_a_key_of_its_o
 def test_the_train_step_reads_the_three_keys_and_leaves_float_images_alone():
     from test_data_augment import normalized, seen_by_the_gradient
 
-    hp = {"crop_pad": 1, "flip": True, "mixup_alpha": 0.4}
+    hp = {"crop_pad": 1, "flip": True, "label_smoothing": 0.1}  # no mixing: images stay apart
     _, _, plain, targets = seen_by_the_gradient(seed=3, **hp)
     _, _, augmented, same_targets = seen_by_the_gradient(seed=3, rand_augment_ops=2, **hp)
     _, _, mild, _ = seen_by_the_gradient(seed=3, rand_augment_ops=2, rand_augment_magnitude=0.0,
                                          rand_augment_std=0.0, **hp)
     np.testing.assert_array_equal(targets, same_targets)
-    assert np.mean(plain != augmented) > 0.2 and np.mean(plain != mild) > 0.02
-    assert np.mean(mild != augmented) > 0.1  # magnitude and std reach the ops
+    changed, mildly = (np.mean(np.any(plain != x, axis=(1, 2, 3))) for x in (augmented, mild))
+    # 2 layers at p 0.5: 3/4 of the images get an op, which at m9 changes them; at level 0 only
+    # 4 of the 15 ops do (AutoContrast, Equalize, Invert, Posterize): 1 - (1 - 2/15)² = 1/4
+    assert changed > 0.6 and 0.05 < mildly < 0.45, (changed, mildly)
     images, _, x, _ = seen_by_the_gradient(float_images=True, rand_augment_ops=2)
     np.testing.assert_array_equal(x, normalized(images))
 
