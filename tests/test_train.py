@@ -7,8 +7,9 @@ NaN handling, checkpoints without pickle, metrics/curves, and the error messages
 their messages: test_train_faults.py.)
 
 The resume tests switch on every source of randomness the step has (dropout on residual branches,
-attention weights and FFN activations, drop-path, crop, flip, random erasing, mixup and cutmix,
-label smoothing), a warmup + cosine learning rate and repeated augmentation's order, and compare bitwise: a resumed run that
+attention weights and FFN activations, drop-path, crop, flip, RandAugment, random erasing, mixup
+and cutmix, label smoothing), a warmup + cosine learning rate and repeated augmentation's order,
+and compare bitwise: a resumed run that
 draws any random number differently from the run that never stopped, or steps at another
 learning rate, fails them."""
 
@@ -37,7 +38,8 @@ RANDOM = [*QUICK, "--set", "model.dropout=0.1", "--set", "model.attn_dropout=0.1
           "--set", "model.ffn_dropout=0.1", "--set", "model.drop_path=0.2",
           "--set", "train.crop_pad=1", "--set", "train.flip=true",
           "--set", "train.mixup_alpha=0.4", "--set", "train.cutmix_alpha=1.0",
-          "--set", "train.random_erase=0.5", "--set", "train.label_smoothing=0.1",
+          "--set", "train.random_erase=0.5", "--set", "train.rand_augment_ops=2",
+          "--set", "train.label_smoothing=0.1",
           "--set", "train.schedule=cosine", "--set", "train.warmup_epochs=1",
           "--set", "train.repeat_augment=2"]  # and a data order of repeated images
 EPOCHS = 3
