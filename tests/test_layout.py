@@ -6,6 +6,8 @@
   vit.layers) and package by package (vit -> kernels -> vit would be one).
 - No file over MAX_FILE_LINES lines unless its docstring says why ("Long because: ..."), and no
   function whose body (its statements, not its signature or docstring) runs over MAX_BODY_LINES.
+- Importing any product module starts no JAX backend (train.py's multi-process start must call
+  jax.distributed.initialize before one starts): no jnp array is made at import time.
 - README.md's paths and links lead somewhere: every path it names in backticks under one of the
   project's folders (`vit/step.py`, `bench/results/`) is in the tree, and every `(#anchor)` is one
   of its headings.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +131,16 @@ def test_no_import_loop_between_packages():
 def test_the_loop_finder_finds_loops():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
+
+
+def test_importing_the_product_starts_no_jax_backend():
+    names = sorted(name for name in _modules() if _top(name) in PRODUCT and not name.endswith("__main__"))
+    code = (f"import importlib\nfor name in {names!r}:\n    importlib.import_module(name)\n"
+            "from jax._src import xla_bridge\nprint(xla_bridge.backends_are_initialized())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"], ("a module makes a JAX array when imported (a "
+                                              "module-level jnp call?)")
 
 
 def _python_files():

@@ -63,7 +63,7 @@ def histograms(images: jax.Array) -> jax.Array:
     return count(images.reshape(b, h * w, c).astype(jnp.int32))
 
 
-_VALUES = jnp.arange(256, dtype=jnp.int32)
+_VALUES = np.arange(256, dtype=np.int32)  # numpy: a jnp array made at import would start JAX's backend
 
 
 @functools.cache
@@ -341,7 +341,7 @@ def _slots(names):
     return jnp.array([names.index(n) if n in names else 0 for n in OPS], jnp.int32)
 
 
-_KIND = jnp.array([0 if n in LUT_OPS else 1 if n in BLEND_OPS else 2 for n in OPS], jnp.int32)
+_KIND = np.array([0 if n in LUT_OPS else 1 if n in BLEND_OPS else 2 for n in OPS], np.int32)
 
 
 @jax.jit  # one compiled call when run eagerly (tests); inlined in the jitted train step
@@ -374,7 +374,7 @@ def apply_op(images: jax.Array, op: jax.Array, level: jax.Array, sign: jax.Array
                           translate_matrix(arg["TranslateXRel"] * w, zero),
                           translate_matrix(zero, arg["TranslateYRel"] * h)], axis=1)
     by_affine = affine(images, matrices[pick, _slots(AFFINE_OPS)[op]], fill_colour(c))
-    kind = _KIND[op][:, None, None, None]
+    kind = jnp.asarray(_KIND)[op][:, None, None, None]
     return jnp.where(kind == 0, by_lut, jnp.where(kind == 1, by_blend, by_affine))
 
 
