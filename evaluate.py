@@ -10,7 +10,7 @@ Results are also written to RUN_DIR/eval-<checkpoint>.json.
                      token drawn from each patch (attention rollout over the blocks)
   --augment N        RUN_DIR/augment.png: the first N images of the run's first training batch as
                      stored, beside the same images as its first step trained on them (crop, flip,
-                     random erasing, mixup/cutmix), titled with their soft targets
+                     RandAugment, random erasing, mixup/cutmix), titled with their soft targets
   --predict IMAGE..  top-5 classes of image files of any size (instead of evaluating)
 """
 

@@ -22,6 +22,7 @@ from step_spy import after_each_step
 DIGITS = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1", "--set", "model.d_model=16",
           "--set", "model.mlp_dim=32", "--batch-size", "96", "--epochs", "1", "--seed", "3",
           "--set", "train.crop_pad=1", "--set", "train.flip=true", "--set", "train.random_erase=0.5",
+          "--set", "train.rand_augment_ops=2",
           "--set", "train.mixup_alpha=0.4", "--set", "train.cutmix_alpha=1.0",
           "--set", "train.label_smoothing=0.1", "--set", "train.repeat_augment=2"]
 

@@ -1,6 +1,6 @@
 """What a run trains on, as a picture: the first images of its first batch as they are stored,
-beside the same images as its first step augmented them (the run's crop, flip, random erasing,
-mixup/cutmix), each titled with the soft target its loss was taken against.
+beside the same images as its first step augmented them (the run's crop, flip, RandAugment,
+random erasing, mixup/cutmix), each titled with the soft target its loss was taken against.
 `python evaluate.py RUN --augment N` writes RUN_DIR/augment.png and augment.npz (the arrays it
 draws).
 
