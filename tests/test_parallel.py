@@ -191,10 +191,12 @@ def test_four_device_step_equals_one_device_step(reference, four_devices):
     with np.load(out / "gspmd.npz") as data:
         assert_eval_close({k: data[k] for k in data.files if k.startswith("eval/")},
                           reference["evals"][common.STEPS], "4 devices")
-    for s in range(2):  # the augmentation's draws do not depend on the sharding (float rounding)
-        with np.load(out / f"augment{s}.npz") as data:
-            for name, want in common.augmented(*common.batch(s), common.step_key(s)).items():
-                np.testing.assert_allclose(data[name], want, rtol=0, atol=1e-6, err_msg=name)
+    for s in range(2):  # the same draws whatever the sharding; float rounding may move a pixel
+        with np.load(out / f"augment{s}.npz") as data:  # by 1e-7, or one level at RandAugment's floor
+            want = common.augmented(*common.batch(s), common.step_key(s))
+            np.testing.assert_allclose(data["targets"], want["targets"], rtol=0, atol=1e-6)
+            diff = np.abs(data["x"] - want["x"])
+            assert (diff > 1e-6).mean() < 1e-3 and diff.max() <= 1.01 / (255 * min(common.STD))
     assert report["param_sharding"].endswith("spec=P(), memory_kind=device)")
     assert report["logits_sharding"].endswith("spec=P(), memory_kind=device)")
 

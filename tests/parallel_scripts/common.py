@@ -59,8 +59,8 @@ def eval_batch():
 
 
 def augmented(images, labels, key) -> dict:
-    """The training augmentation with every draw it has on (crop, flip, random erasing, mixup
-    or cutmix: one per batch) of a batch as given: the worker gives it the batch sharded over
+    """The training augmentation with every draw it has on (crop, flip, RandAugment, random
+    erasing, mixup or cutmix: one per batch) of a batch as given: the worker gives it the batch sharded over
     its 4 devices, the test the same batch on one device."""
     import functools  # noqa: PLC0415
 
@@ -70,7 +70,7 @@ def augmented(images, labels, key) -> dict:
 
     augment = jax.jit(functools.partial(
         train_augment, num_classes=10, crop_pad=2, flip=True, smoothing=0.1, erase_prob=0.5,
-        mixup_alpha=0.4, cutmix_alpha=1.0))
+        mixup_alpha=0.4, cutmix_alpha=1.0, rand_augment_ops=2))
     x, targets = augment(key, images, labels, np.asarray(MEAN), np.asarray(STD))
     return {"x": np.asarray(x), "targets": np.asarray(targets)}
 
