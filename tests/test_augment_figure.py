@@ -64,6 +64,10 @@ def test_a_title_names_the_classes_a_target_mixes_not_the_smoothing():
     assert target_title(np.array([0.025, 0.625, 0.025, 0.325]), names) == "0.62 dog\n0.33 owl"
     assert target_title(np.array([0.0, 0.0, 1.0, 0.0]), names) == "1.00 fish"
     assert target_title(np.array([0.25, 0.25, 0.25, 0.25]), names) == "0.25 cat"  # nothing stands out
+    # a partner's weight under 1/K, and of 3 classes (smoothing 0.1) two mixed: the smoothed
+    # floor is the smallest weight, not the mean or the median
+    assert target_title(np.array([0.85, 0.15, 0.0, 0.0]), names) == "0.85 cat\n0.15 dog"
+    assert target_title(np.array([0.7, 0.2667, 0.0333]), names[:3]) == "0.70 cat\n0.27 dog"
 
 
 def run_quietly(main, args):
