@@ -13,7 +13,7 @@ import evaluate
 import train
 from vit import explain, parallel
 from vit import step as step_module
-from vit.augment_figure import first_batch, first_step_inputs, target_title
+from vit.augment_figure import first_batch, first_step_inputs, shown_pixels, target_title
 from vit.data import load_dataset
 from vit.data.fake import write_fake_image_folder
 from step_spy import after_each_step
@@ -68,6 +68,19 @@ def test_a_title_names_the_classes_a_target_mixes_not_the_smoothing():
     # floor is the smallest weight, not the mean or the median
     assert target_title(np.array([0.85, 0.15, 0.0, 0.0]), names) == "0.85 cat\n0.15 dog"
     assert target_title(np.array([0.7, 0.2667, 0.0333]), names[:3]) == "0.70 cat\n0.27 dog"
+
+
+def test_the_trained_images_are_shown_in_the_stored_images_pixels():
+    """shown_pixels undoes normalize (x·std + mean: the stored pixels / 255, per channel) and
+    clips what erasing's noise put outside 0..1."""
+    from vit.data.loader import normalize
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.35)
+    stored = np.random.default_rng(0).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    x = np.asarray(normalize(stored, mean, std))
+    np.testing.assert_allclose(shown_pixels(x, mean, std), stored / 255.0, rtol=0, atol=1e-6)
+    noise = np.concatenate([np.full((1, 4, 5, 3), -9.0), np.full((1, 4, 5, 3), 9.0)])
+    np.testing.assert_array_equal(shown_pixels(noise, mean, std), [np.zeros((4, 5, 3)), np.ones((4, 5, 3))])
 
 
 def run_quietly(main, args):
