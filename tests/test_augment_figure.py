@@ -11,7 +11,7 @@ import pytest
 
 import evaluate
 import train
-from vit import explain, parallel
+from vit import augment_figure, explain, parallel
 from vit import step as step_module
 from vit.augment_figure import first_batch, first_step_inputs, shown_pixels, target_title
 from vit.data import load_dataset
@@ -81,6 +81,35 @@ def test_the_trained_images_are_shown_in_the_stored_images_pixels():
     np.testing.assert_allclose(shown_pixels(x, mean, std), stored / 255.0, rtol=0, atol=1e-6)
     noise = np.concatenate([np.full((1, 4, 5, 3), -9.0), np.full((1, 4, 5, 3), 9.0)])
     np.testing.assert_array_equal(shown_pixels(noise, mean, std), [np.zeros((4, 5, 3)), np.ones((4, 5, 3))])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_each_pair_shows_its_own_images_and_titles(monkeypatch, tmp_path, channels):
+    """plot_augmented's pair i: stored image i titled with its label, beside trained image i
+    titled with target i's classes (a grey image on 0..255 stored, 0..1 trained)."""
+    figures = []
+    monkeypatch.setattr(augment_figure, "save_png", lambda fig, path, dpi: figures.append(fig))
+    rng = np.random.default_rng(1)
+    n, names = 6, ["cat", "dog", "fish", "owl"]
+    stored = rng.integers(0, 256, (n, 4, 5, channels), dtype=np.uint8)
+    trained = rng.random((n, 4, 5, channels))
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    targets = np.eye(4)[[1, 2, 3, 0, 2, 0]] * 0.6 + np.eye(4)[labels] * 0.3 + 0.025
+    augment_figure.plot_augmented(stored, trained, labels, targets, names, tmp_path / "a.png", "t")
+    axes = figures[0].axes
+    cols = 2 * augment_figure.PAIRS_PER_ROW
+    for i in range(n):
+        r, c = divmod(i, augment_figure.PAIRS_PER_ROW)
+        ax_stored, ax_trained = axes[r * cols + 2 * c], axes[r * cols + 2 * c + 1]
+        assert ax_stored.get_title() == f"stored\n{names[labels[i]]}"
+        assert ax_trained.get_title() == target_title(targets[i], names)
+        shown = [np.asarray(ax.images[0].get_array()) for ax in (ax_stored, ax_trained)]
+        np.testing.assert_array_equal(shown[0], stored[i].squeeze(-1) if channels == 1 else stored[i])
+        np.testing.assert_array_equal(shown[1], trained[i].squeeze(-1) if channels == 1 else trained[i])
+        if channels == 1:
+            assert ax_stored.images[0].get_clim() == (0, 255)
+            assert ax_trained.images[0].get_clim() == (0, 1)
+    augment_figure.pyplot().close(figures[0])
 
 
 def run_quietly(main, args):
