@@ -149,6 +149,15 @@ def test_evaluate_writes_the_figure_and_its_arrays(colour_run):
         np.testing.assert_array_equal(data["images"], train_set.images[data["rows"]])
 
 
+def test_fewer_images_than_the_batch_are_its_first_in_every_array(colour_run):
+    _, run = colour_run
+    code, out = run_quietly(evaluate.main, [run, "--augment", 3, "--no-progress"])
+    assert code == 0 and "(the first 3 images of the first batch)" in out, out
+    with np.load(run / "augment.npz") as data:
+        assert {k: len(data[k]) for k in data.files} == dict.fromkeys(
+            ["rows", "images", "labels", "x", "targets"], 3)
+
+
 def test_a_data_dir_with_other_training_images_is_refused(colour_run, tmp_path, capsys):
     _, run = colour_run
     other = write_fake_image_folder(tmp_path / "other", train_per_class=8)
