@@ -305,6 +305,13 @@ def test_the_notes_on_flags_that_do_not_apply_go_to_stderr(faked, monkeypatch, c
     assert "(4 validation images)" in out and "all there are" not in out, out
 
 
+def test_augment_is_noted_with_predict(faked, monkeypatch, capsys):
+    run, _ = faked
+    monkeypatch.setattr(evaluate, "predict", lambda args: 0)
+    assert evaluate.main([str(run), "--predict", "a.png", "--augment", "2"]) == 0
+    assert "note: with --predict nothing else is evaluated: --augment ignored" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, says", [
     ("best.npz", "python evaluate.py '{dir}' --checkpoint best"),
     ("nine.png", "python evaluate.py RUN_DIR --predict '{dir}/nine.png'")])
