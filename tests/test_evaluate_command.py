@@ -312,6 +312,25 @@ def test_augment_is_noted_with_predict(faked, monkeypatch, capsys):
     assert "note: with --predict nothing else is evaluated: --augment ignored" in capsys.readouterr().err
 
 
+def test_ctrl_c_after_the_augment_figure_names_it(faked, monkeypatch, capsys):
+    """--augment's figure is among the files named when a Ctrl-C stops what follows it."""
+    from vit import augment_figure
+
+    run, exits = faked
+    monkeypatch.setattr(evaluate, "load_run", lambda *args: SimpleNamespace(model=ViTConfig(), meta={}))
+
+    def write_augmented(run_, train_set, n, out_dir):
+        png = run / "augment.png"
+        png.write_bytes(b"png")
+        return {"png": png, "rows": list(range(n))}
+    monkeypatch.setattr(augment_figure, "write_augmented", write_augmented)
+    monkeypatch.setattr(evaluate.os, "replace", interrupted)  # the results' JSON
+    with pytest.raises(Left):
+        evaluate.main([str(run), "--augment", "2"], standalone=True)
+    assert exits == [evaluate.EXIT_INTERRUPTED]
+    assert f"interrupted (Ctrl-C): wrote only {run / 'augment.png'}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, says", [
     ("best.npz", "python evaluate.py '{dir}' --checkpoint best"),
     ("nine.png", "python evaluate.py RUN_DIR --predict '{dir}/nine.png'")])
