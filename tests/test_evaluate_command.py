@@ -331,6 +331,13 @@ def test_ctrl_c_after_the_augment_figure_names_it(faked, monkeypatch, capsys):
     assert f"interrupted (Ctrl-C): wrote only {run / 'augment.png'}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--saliency", "--attention", "--augment"])
+def test_a_figure_of_no_images_is_refused(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.build_parser().parse_args(["run", flag, "0"])
+    assert e.value.code == 2 and f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name, says", [
     ("best.npz", "python evaluate.py '{dir}' --checkpoint best"),
     ("nine.png", "python evaluate.py RUN_DIR --predict '{dir}/nine.png'")])
