@@ -126,3 +126,22 @@ def test_step_time_counts_below_1_are_usage_errors(flag, monkeypatch, capsys):
         runpy.run_path(str(Path(__file__).with_name("step_time.py")), run_name="__main__")
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"argument {flag}: must be a positive integer, got 0" in err, err
+
+
+def test_augment_time_times_every_stage(monkeypatch, capsys):
+    """python bench/augment_time.py on a tiny batch: a line per stage, and its counts checked."""
+    import runpy  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    script = str(Path(__file__).with_name("augment_time.py"))
+    monkeypatch.setattr(sys, "argv", ["augment_time.py", "--size", "16", "--batch", "4", "--reps", "1"])
+    runpy.run_path(script, run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "4 images of 16x16x3 on cpu:", lines
+    assert [line.split(" median")[0].strip() for line in lines[1:]] == [
+        "crop+flip+mix", "+ erasing", "+ erasing + RandAugment"], lines
+    monkeypatch.setattr(sys, "argv", ["augment_time.py", "--reps", "0"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(script, run_name="__main__")
+    assert e.value.code == 2 and "argument --reps: must be a positive integer, got 0" in capsys.readouterr().err
