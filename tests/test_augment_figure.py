@@ -2,9 +2,6 @@
 as its first step trained on it, shows what the step really got (the batch, its key, its
 augmentation), and the command writes it for a colour image folder and refuses another one."""
 
-import contextlib
-import io
-
 import jax
 import numpy as np
 import pytest
@@ -17,6 +14,7 @@ from vit.augment_figure import first_batch, first_step_inputs, shown_pixels, tar
 from vit.data import load_dataset
 from vit.data.fake import write_fake_image_folder
 from step_spy import after_each_step
+from test_explain import run_quietly
 
 # every augmentation on, and repeated augmentation's order (digits: 8x8 images)
 DIGITS = ["--dataset", "digits", "--no-progress", "--set", "model.layers=1", "--set", "model.d_model=16",
@@ -110,13 +108,6 @@ def test_each_pair_shows_its_own_images_and_titles(monkeypatch, tmp_path, channe
             assert ax_stored.images[0].get_clim() == (0, 255)
             assert ax_trained.images[0].get_clim() == (0, 1)
     augment_figure.pyplot().close(figures[0])
-
-
-def run_quietly(main, args):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main([str(a) for a in args])
-    return code, out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit.data.augment import (cutmix, mixup, normalize, one_hot_targets, random_crop, random_erase,
-                               random_flip, train_augment)
+from vit.data.augment import random_erase, train_augment
 from vit.runconfig import ConfigError, from_dict
 
-from test_data_augment import MEAN, STD, normalized, seen_by_the_gradient
+from test_data_augment import MEAN, STD, by_hand, normalized, seen_by_the_gradient
 
 KEY = jax.random.key(7)
 
@@ -129,28 +128,18 @@ def test_boxes_are_as_often_wide_as_tall_placed_independently_with_noise_per_cha
                                        (True, {"cutmix_alpha": 1.0})])
 def test_train_augment_erases_between_normalising_and_mixing_with_a_key_of_its_own(flip, mix):
     """train_augment is its pipeline without erasing (crop, flip, normalise, then mixup or cutmix,
-    with split(key, 4)'s keys: what a run without erasing drew), each image erased right after
-    normalising with split(key, 5)[4], a key no other draw takes (split(key, 5)'s first four are
-    split(key, 4)'s); without a flip too, and with the box of noise mixed like the rest."""
+    on the keys a run without erasing drew), each image erased right after normalising with a
+    key no other draw takes (test_data_augment.by_hand); without a flip too, and with the box of
+    noise mixed like the rest."""
     rng = np.random.default_rng(5)
     images = jnp.asarray(rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8))
     labels = jnp.asarray(np.arange(16) % 5)
     key = jax.random.key(11)
-    k_crop, k_flip, k_mix, _ = jax.random.split(key, 4)
-
-    def pipeline(erase_prob):
-        x = random_crop(k_crop, images, 2)
-        x = normalize(random_flip(k_flip, x) if flip else x, MEAN, STD)
-        x = random_erase(jax.random.split(key, 5)[4], x, erase_prob) if erase_prob else x
-        targets = one_hot_targets(labels, 5, 0.1)
-        if mix:
-            x, targets = (mixup if "mixup_alpha" in mix else cutmix)(k_mix, x, targets, *mix.values())
-        return np.asarray(x), np.asarray(targets)
     got = {}
     for p in (0.5, 0.0):
         got[p] = train_augment(key, images, labels, MEAN, STD, num_classes=5, crop_pad=2, flip=flip,
                                smoothing=0.1, erase_prob=p, **mix)
-        want = pipeline(p)
+        want = by_hand(key, images, labels, flip=flip, mix=mix, erase_prob=p)
         np.testing.assert_array_equal(np.asarray(got[p][0]), want[0])
         np.testing.assert_array_equal(np.asarray(got[p][1]), want[1])
     assert np.mean(np.asarray(got[0.5][0]) != np.asarray(got[0.0][0])) > 0.02  # some boxes erased

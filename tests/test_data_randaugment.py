@@ -338,33 +338,20 @@ def test_train_augment_runs_rand_augment_after_crop_and_flip_with_a_key_of_its_o
     """train_augment with RandAugment is its pipeline without it (crop, flip, normalise, erase,
     then mixup or cutmix, on split(key, 5)'s keys: what a run without it drew), each uint8
     image augmented right after the flip with split(key, 6)[5], a key no other draw takes."""
-    from vit.data.augment import cutmix, mixup, normalize, one_hot_targets, random_crop, random_erase
-    from vit.data.augment import random_flip, train_augment
+    from vit.data.augment import train_augment
 
-    from test_data_augment import MEAN, STD
+    from test_data_augment import MEAN, STD, by_hand
     images = jnp.asarray(random_images(3, 16))
     labels = jnp.asarray(np.arange(16) % 5)
     key = jax.random.key(11)
-    k_crop, k_flip, k_mix, _, k_erase = jax.random.split(key, 5)
     mix = dict(mix)
     erase = mix.pop("erase_prob", 0.0)
-
-    def pipeline(ops):
-        x = random_crop(k_crop, images, 2)
-        x = random_flip(k_flip, x) if flip else x
-        x = ra.rand_augment(jax.random.split(key, 6)[5], x, ops, 9.0, 0.5) if ops else x
-        x = normalize(x, MEAN, STD)
-        x = random_erase(k_erase, x, erase) if erase else x
-        targets = one_hot_targets(labels, 5, 0.1)
-        if mix:
-            x, targets = (mixup if "mixup_alpha" in mix else cutmix)(k_mix, x, targets, *mix.values())
-        return np.asarray(x), np.asarray(targets)
     got = {}
     for ops in (2, 0):
         got[ops] = train_augment(key, images, labels, MEAN, STD, num_classes=5, crop_pad=2,
                                  flip=flip, smoothing=0.1, erase_prob=erase, rand_augment_ops=ops,
                                  **mix)
-        want = pipeline(ops)
+        want = by_hand(key, images, labels, flip=flip, mix=mix, erase_prob=erase, rand_augment_ops=ops)
         np.testing.assert_array_equal(np.asarray(got[ops][0]), want[0])
         np.testing.assert_array_equal(np.asarray(got[ops][1]), want[1])
     np.testing.assert_array_equal(np.asarray(got[2][1]), np.asarray(got[0][1]))
