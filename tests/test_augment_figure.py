@@ -86,7 +86,7 @@ def test_each_pair_shows_its_own_images_and_titles(monkeypatch, tmp_path, channe
     """plot_augmented's pair i: stored image i titled with its label, beside trained image i
     titled with target i's classes (a grey image on 0..255 stored, 0..1 trained)."""
     figures = []
-    monkeypatch.setattr(augment_figure, "save_png", lambda fig, path, dpi: figures.append(fig))
+    monkeypatch.setattr(explain, "save_png", lambda fig, path, dpi: figures.append(fig))
     rng = np.random.default_rng(1)
     n, names = 6, ["cat", "dog", "fish", "owl"]
     stored = rng.integers(0, 256, (n, 4, 5, channels), dtype=np.uint8)
@@ -95,9 +95,9 @@ def test_each_pair_shows_its_own_images_and_titles(monkeypatch, tmp_path, channe
     targets = np.eye(4)[[1, 2, 3, 0, 2, 0]] * 0.6 + np.eye(4)[labels] * 0.3 + 0.025
     augment_figure.plot_augmented(stored, trained, labels, targets, names, tmp_path / "a.png", "t")
     axes = figures[0].axes
-    cols = 2 * augment_figure.PAIRS_PER_ROW
+    cols = 2 * explain.SALIENCY_PAIRS_PER_ROW
     for i in range(n):
-        r, c = divmod(i, augment_figure.PAIRS_PER_ROW)
+        r, c = divmod(i, explain.SALIENCY_PAIRS_PER_ROW)
         ax_stored, ax_trained = axes[r * cols + 2 * c], axes[r * cols + 2 * c + 1]
         assert ax_stored.get_title() == f"stored\n{names[labels[i]]}"
         assert ax_trained.get_title() == target_title(targets[i], names)
@@ -107,7 +107,7 @@ def test_each_pair_shows_its_own_images_and_titles(monkeypatch, tmp_path, channe
         if channels == 1:
             assert ax_stored.images[0].get_clim() == (0, 255)
             assert ax_trained.images[0].get_clim() == (0, 1)
-    augment_figure.pyplot().close(figures[0])
+    explain.pyplot().close(figures[0])
 
 
 @pytest.fixture(scope="module")

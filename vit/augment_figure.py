@@ -21,12 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit.explain import DPI, Run, write_npz
-from vit.figures import pyplot, save_png
+from vit.explain import Run, finish_pairs, pair_axes, show_image, write_npz
 
-PAIRS_PER_ROW = 4
-CELL_INCHES = (1.8, 2.2)  # one image, with its title
-HEADER_INCHES = 0.6
 SHOWN_CLASSES = 2  # a target's largest weights named in its title (mixup/cutmix: two images)
 
 
@@ -68,33 +64,14 @@ def target_title(target, names) -> str:
 
 
 def plot_augmented(stored_u8, trained, labels, targets, names, path, title) -> Path:
-    """Grid of (stored image, image trained on) pairs, PAIRS_PER_ROW per row."""
-    plt = pyplot()
-    n = len(stored_u8)
-    if n == 0:
-        raise ValueError("no images to plot")
-    cols, rows = 2 * min(n, PAIRS_PER_ROW), -(-n // PAIRS_PER_ROW)
-    width, height = max(cols * CELL_INCHES[0], 6.0), rows * CELL_INCHES[1] + HEADER_INCHES
-    fig, axes = plt.subplots(rows, cols, figsize=(width, height), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    gray = stored_u8.shape[-1] == 1
-    for i in range(n):
-        r, c = divmod(i, PAIRS_PER_ROW)
-        ax_stored, ax_trained = axes[r, 2 * c], axes[r, 2 * c + 1]
-        if gray:
-            ax_stored.imshow(stored_u8[i, ..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-            ax_trained.imshow(trained[i, ..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        else:
-            ax_stored.imshow(stored_u8[i], interpolation="nearest")
-            ax_trained.imshow(trained[i], interpolation="nearest")
+    """Grid of (stored image, image trained on) pairs (vit.explain.pair_axes)."""
+    fig, pairs = pair_axes(len(stored_u8))
+    for i, (ax_stored, ax_trained) in enumerate(pairs):
+        show_image(ax_stored, stored_u8[i])
+        show_image(ax_trained, trained[i], vmax=1)
         ax_stored.set_title(f"stored\n{names[labels[i]][:22]}", fontsize=7)
         ax_trained.set_title(target_title(targets[i], names), fontsize=7, color="navy")
-    fig.suptitle(title, fontsize=8, y=1 - 0.08 / height, va="top")
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - (HEADER_INCHES + 0.35) / height,
-                        wspace=0.08, hspace=0.45)
-    save_png(fig, Path(path), DPI)
-    return Path(path)
+    return finish_pairs(fig, title, path)
 
 
 def write_augmented(run: Run, train_set, n: int, out_dir) -> dict:

@@ -176,11 +176,10 @@ def saliency_figure_size(n: int) -> tuple[int, int]:
             round((rows * SALIENCY_CELL_INCHES[1] + SALIENCY_HEADER_INCHES) * DPI))
 
 
-def plot_pairs(images_u8, maps, true_names, pred_names, path, map_title, title) -> Path:
-    """Grid of (image, map) pairs, SALIENCY_PAIRS_PER_ROW per row: each image titled with its true
-    and predicted class, each map with map_title(i) and drawn to its own max; title on top."""
+def pair_axes(n: int):
+    """A figure for n (left, right) pairs of panels, SALIENCY_PAIRS_PER_ROW pairs per row, every
+    axis off: -> (figure, [(left axes, right axes)] * n). finish_pairs titles and writes it."""
     plt = pyplot()
-    n = len(maps)
     if n == 0:
         raise ValueError("no images to plot")
     width, height = saliency_figure_size(n)
@@ -188,27 +187,44 @@ def plot_pairs(images_u8, maps, true_names, pred_names, path, map_title, title) 
     fig, axes = plt.subplots(rows, cols, figsize=(width / DPI, height / DPI), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for i in range(n):
-        r, c = divmod(i, SALIENCY_PAIRS_PER_ROW)
-        ax_img, ax_map = axes[r, 2 * c], axes[r, 2 * c + 1]
-        image = np.asarray(images_u8[i])
-        if image.shape[-1] == 1:
-            ax_img.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        else:
-            ax_img.imshow(image, interpolation="nearest")
+    at = [divmod(i, SALIENCY_PAIRS_PER_ROW) for i in range(n)]
+    return fig, [(axes[r, 2 * c], axes[r, 2 * c + 1]) for r, c in at]
+
+
+def finish_pairs(fig, title: str, path) -> Path:
+    """The figure's title on top, room for two-line panel titles, written to path (a PNG)."""
+    height = fig.get_figheight()
+    fig.suptitle(title, fontsize=8, y=1 - 0.08 / height, va="top")
+    title_room = SALIENCY_HEADER_INCHES + 0.35  # the header and the first row's titles
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - title_room / height,
+                        wspace=0.08, hspace=0.35)
+    path = Path(path)
+    save_png(fig, path, DPI)
+    return path
+
+
+def show_image(ax, image, vmax=255):
+    """An image (H, W, C) on its axes: grey (C = 1) on 0..vmax, else as RGB; pixels as squares."""
+    image = np.asarray(image)
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
+    else:
+        ax.imshow(image, interpolation="nearest")
+
+
+def plot_pairs(images_u8, maps, true_names, pred_names, path, map_title, title) -> Path:
+    """Grid of (image, map) pairs (pair_axes): each image titled with its true and predicted
+    class, each map with map_title(i) and drawn to its own max; title on top."""
+    fig, pairs = pair_axes(len(maps))
+    for i, (ax_img, ax_map) in enumerate(pairs):
+        show_image(ax_img, images_u8[i])
         ok = true_names[i] == pred_names[i]
         ax_img.set_title(f"true: {true_names[i][:22]}\npred: {pred_names[i][:22]}", fontsize=7,
                          color="darkgreen" if ok else "firebrick")
         ax_map.imshow(maps[i], cmap="inferno", vmin=0, vmax=max(float(maps[i].max()), 1e-30),
                       interpolation="nearest")
         ax_map.set_title(map_title(i), fontsize=7)
-    fig.suptitle(title, fontsize=8, y=1 - 0.08 / (height / DPI), va="top")
-    title_room = SALIENCY_HEADER_INCHES + 0.35  # the header and the first row's titles
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - title_room / (height / DPI),
-                        wspace=0.08, hspace=0.35)
-    path = Path(path)
-    save_png(fig, path, DPI)
-    return path
+    return finish_pairs(fig, title, path)
 
 
 def plot_saliency(images_u8, maps, true_names, pred_names, path) -> Path:
