@@ -14,8 +14,10 @@ The ops fall into three kinds, and rand_augment computes one result of each kind
   blend ops   Color, Contrast, Brightness, Sharpness (ImageEnhance): PIL's blend of a degenerate
               image d with x, out = floor(d + factor·(x - d)) clipped to [0, 255], in float32
   affine ops  Rotate, ShearX, ShearY, TranslateXRel, TranslateYRel (Image.transform, AFFINE,
-              BILINEAR): output pixel centre (x + 0.5, y + 0.5) samples the input at
-              (a·x' + b·y' + c, d·x' + e·y' + f); a sample outside the image is the fill colour
+              BICUBIC, as DeiT's interpolation='bicubic' makes timm's ops resample): output
+              pixel centre (x + 0.5, y + 0.5) samples the input at (a·x' + b·y' + c,
+              d·x' + e·y' + f), bicubic over 4x4 pixels (vit/data/resample.py); a sample
+              outside the image is the fill colour
 
 At level 0 (magnitude 0, std 0) timm leaves the image unchanged under every op but four:
 AutoContrast, Equalize and Invert take no level, and PosterizeIncreasing keeps 4 bits.
@@ -28,6 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit.data.resample import affine
 
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
        "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
@@ -232,7 +236,7 @@ def sharpness(images, factor):
 
 
 # ---------------------------------------------------------------------------------------------
-# affine ops: PIL's inverse maps (a, b, c, d, e, f) (B, 6) and bilinear sampling
+# affine ops: PIL's inverse maps (a, b, c, d, e, f) (B, 6), sampled by resample.affine
 
 def rotate_matrix(degrees: jax.Array, height: int, width: int) -> jax.Array:
     """Image.rotate(degrees) (counter-clockwise, about the centre (W/2, H/2)): PIL's map with
@@ -260,36 +264,6 @@ def translate_matrix(pixels_x, pixels_y):
     """Samples at (x + pixels_x, y + pixels_y): the image moves left/up by positive shifts."""
     one, zero = jnp.ones_like(pixels_x), jnp.zeros_like(pixels_x)
     return jnp.stack([one, zero, pixels_x, zero, one, pixels_y], axis=-1)
-
-
-def affine(images: jax.Array, matrix: jax.Array, fill) -> jax.Array:
-    """Image.transform(size, AFFINE, matrix, BILINEAR, fillcolor=fill) per image; matrix (B, 6).
-
-    Output pixel (x, y) samples the input at (xi, yi) = (a·(x + ½) + b·(y + ½) + c,
-    d·(x + ½) + e·(y + ½) + f); a sample outside [0, W) x [0, H) is `fill`, else bilinear
-    between the pixel centres around (xi - ½, yi - ½), edge pixels repeated, truncated to uint8
-    as PIL's bilinear_filter does (PIL works in double precision, this in float32)."""
-    _, h, w, _ = images.shape
-    ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32) + 0.5,
-                          jnp.arange(w, dtype=jnp.float32) + 0.5, indexing="ij")
-    fill = jnp.asarray(fill, jnp.float32)
-
-    def one(image, m):
-        xi = m[0] * xs + m[1] * ys + m[2]
-        yi = m[3] * xs + m[4] * ys + m[5]
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        x0, y0 = jnp.floor(xi - 0.5), jnp.floor(yi - 0.5)
-        dx, dy = (xi - 0.5 - x0)[..., None], (yi - 0.5 - y0)[..., None]
-        x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-        cols = jnp.clip(x0, 0, w - 1), jnp.clip(x0 + 1, 0, w - 1)
-        rows = jnp.clip(y0, 0, h - 1), jnp.clip(y0 + 1, 0, h - 1)
-        px = image.astype(jnp.float32)
-        top = px[rows[0], cols[0]] + (px[rows[0], cols[1]] - px[rows[0], cols[0]]) * dx
-        bottom = px[rows[1], cols[0]] + (px[rows[1], cols[1]] - px[rows[1], cols[0]]) * dx
-        value = jnp.floor(top + (bottom - top) * dy)
-        return jnp.where(inside[..., None], value, fill).astype(jnp.uint8)
-
-    return jax.vmap(one)(images, matrix.astype(jnp.float32))
 
 
 def rotate(images, degrees):
@@ -350,8 +324,9 @@ def apply_op(images: jax.Array, op: jax.Array, level: jax.Array, sign: jax.Array
 
     Rather than all 15 ops per image, one result of each kind: a LUT chosen among the six
     tables, a blend with the degenerate image chosen among four (each one cheap pass over
-    the image), a bilinear sample with the matrix chosen among five. That is about 3 + 3
-    passes over the batch per layer (plus one histogram), not 15 full ops."""
+    the image), a bicubic sample (16 pixels gathered per output pixel) with the matrix chosen
+    among five. That is a few passes over the batch per layer (plus one histogram and the
+    16 gathers), not 15 full ops."""
     b, h, w, c = images.shape
     arg = op_arguments(level.astype(jnp.float32), sign.astype(jnp.float32))
     pick = jnp.arange(b)
