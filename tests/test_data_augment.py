@@ -265,7 +265,8 @@ def normalized(images):
 def by_hand(key, images, labels, *, flip, mix, erase_prob=0.0, rand_augment_ops=0):
     """train_augment's pipeline put together from its parts, on the keys it documents: crop,
     flip and mixup/cutmix on split(key, 6)[:3] (a run without erasing or RandAugment draws
-    split(key, 4)'s, the same), RandAugment right after the flip on [5], normalising, erasing on
+    split(key, 4)'s, the same), RandAugment right after the flip on [5] (filled with the mean
+    pixel the images are normalised by), normalising, erasing on
     [4], a 0.1-smoothed one-hot of 5 classes, then mixup or cutmix (mix: its one alpha, or {})."""
     from vit.data.augment import random_erase  # noqa: PLC0415
     from vit.data.randaugment import rand_augment  # noqa: PLC0415
@@ -273,7 +274,8 @@ def by_hand(key, images, labels, *, flip, mix, erase_prob=0.0, rand_augment_ops=
     k_crop, k_flip, k_mix, _, k_erase, k_rand = jax.random.split(key, 6)
     x = random_crop(k_crop, images, 2)
     x = random_flip(k_flip, x) if flip else x
-    x = rand_augment(k_rand, x, rand_augment_ops, 9.0, 0.5) if rand_augment_ops else x
+    fill = np.round(255 * MEAN)  # (102, 128, 153): not fill_colour's ImageNet mean
+    x = rand_augment(k_rand, x, rand_augment_ops, 9.0, 0.5, fill=fill) if rand_augment_ops else x
     x = normalize(x, MEAN, STD)
     x = random_erase(k_erase, x, erase_prob) if erase_prob else x
     targets = one_hot_targets(labels, 5, 0.1)

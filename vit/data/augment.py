@@ -176,8 +176,10 @@ def train_augment(
     x = random_crop(key_crop, images, crop_pad, crop_mode)
     if flip:
         x = random_flip(key_flip, x)
-    if rand_augment_ops > 0:
-        x = rand_augment(key_rand, x, rand_augment_ops, rand_augment_magnitude, rand_augment_std)
+    if rand_augment_ops > 0:  # filled with the mean the images are normalised by, as timm
+        fill = jnp.clip(jnp.round(255 * jnp.asarray(mean, jnp.float32)), 0, 255)
+        x = rand_augment(key_rand, x, rand_augment_ops, rand_augment_magnitude, rand_augment_std,
+                         fill=fill)
     x = normalize(x, mean, std)
     if erase_prob > 0:
         x = random_erase(key_erase, x, erase_prob)

@@ -41,8 +41,10 @@ LUT_OPS = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "Solariz
 BLEND_OPS = ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
 AFFINE_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
-# timm's fill for DeiT: its img_mean, round(255 · ImageNet mean). Images with another channel
-# count than 3 (no ImageNet mean to take) are filled with 128 in every channel, timm's _FILL grey.
+# timm fills with img_mean, round(255 · the mean its images are normalised by): for DeiT the
+# ImageNet mean. train_augment passes the training set's own (vitfuse normalises by it), so a
+# filled pixel normalises to about 0; without one (rand_augment's fill=None), the ImageNet mean
+# for RGB and timm's _FILL grey, 128, in every channel of other images.
 FILL_RGB = (124, 116, 104)
 FILL_GREY = 128
 
@@ -319,8 +321,10 @@ _KIND = np.array([0 if n in LUT_OPS else 1 if n in BLEND_OPS else 2 for n in OPS
 
 
 @jax.jit  # one compiled call when run eagerly (tests); inlined in the jitted train step
-def apply_op(images: jax.Array, op: jax.Array, level: jax.Array, sign: jax.Array) -> jax.Array:
-    """OPS[op[i]] at level[i] (sign[i]) on image i; op, level, sign (B,).
+def apply_op(images: jax.Array, op: jax.Array, level: jax.Array, sign: jax.Array,
+             fill=None) -> jax.Array:
+    """OPS[op[i]] at level[i] (sign[i]) on image i; op, level, sign (B,); fill (C,): the colour
+    the geometric ops bring in (None: fill_colour(C)).
 
     Rather than all 15 ops per image, one result of each kind: a LUT chosen among the six
     tables, a blend with the degenerate image chosen among four (each one cheap pass over
@@ -348,7 +352,8 @@ def apply_op(images: jax.Array, op: jax.Array, level: jax.Array, sign: jax.Array
                           shear_y_matrix(arg["ShearY"]),
                           translate_matrix(arg["TranslateXRel"] * w, zero),
                           translate_matrix(zero, arg["TranslateYRel"] * h)], axis=1)
-    by_affine = affine(images, matrices[pick, _slots(AFFINE_OPS)[op]], fill_colour(c))
+    fill = fill_colour(c) if fill is None else fill
+    by_affine = affine(images, matrices[pick, _slots(AFFINE_OPS)[op]], fill)
     kind = jnp.asarray(_KIND)[op][:, None, None, None]
     return jnp.where(kind == 0, by_lut, jnp.where(kind == 1, by_blend, by_affine))
 
@@ -368,11 +373,12 @@ def draw(key: jax.Array, batch: int, num_ops: int = 2, magnitude: float = 9.0,
 
 
 def rand_augment(key: jax.Array, images: jax.Array, num_ops: int = 2, magnitude: float = 9.0,
-                 magnitude_std: float = 0.5, prob: float = 0.5) -> jax.Array:
+                 magnitude_std: float = 0.5, prob: float = 0.5, fill=None) -> jax.Array:
     """timm's RandAugment on a uint8 batch (B, H, W, C): per image `num_ops` layers in turn, each
-    OPS[op] at its level applied where `on` (the draws of `draw`). DeiT: 2, 9, 0.5, 0.5."""
+    OPS[op] at its level applied where `on` (the draws of `draw`). DeiT: 2, 9, 0.5, 0.5.
+    fill (C,) 0..255: what rotate, shear and translate bring in (None: fill_colour(C))."""
     op, on, level, sign = draw(key, images.shape[0], num_ops, magnitude, magnitude_std, prob)
     for layer in range(num_ops):
-        out = apply_op(images, op[layer], level[layer], sign[layer])
+        out = apply_op(images, op[layer], level[layer], sign[layer], fill)
         images = jnp.where(on[layer][:, None, None, None], out, images)
     return images
