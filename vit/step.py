@@ -148,7 +148,6 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, 
     in hp.accum_steps micro-batches (accumulated_grads) before one clip and one AdamW update."""
     grad_fn = accumulated_grads(grad_fn or hand_written_grads(config, ops, compute_dtype),
                                 hp.accum_steps)
-    mean, std = _stats(mean, std, config.channels)
 
     def step(params, opt_state, images, labels, key):
         # a new random draw takes a third key here: jax.random.split(key, 3) gives the same first
