@@ -266,15 +266,14 @@ def write_augmented(run, args, written) -> dict:
     from vit import explain  # noqa: PLC0415
     from vit.augment_figure import write_augmented as write  # noqa: PLC0415
     from vit.data import DatasetError  # noqa: PLC0415
+    from vit.data.common import check_same_count  # noqa: PLC0415
 
     try:
         train_set = explain.load_val(run, args.data_dir, not args.no_progress, split="train")
-        trained_on = run.meta.get("train_images")
-        if trained_on is not None and trained_on != len(train_set.labels):
-            data_dir = args.data_dir or explain.run_data(run).data_dir
-            raise DatasetError(f"{data_dir} holds {len(train_set.labels)} training images and "
-                               f"{args.run_dir} was trained on {trained_on}: its first batch "
-                               "was other images; give --data-dir the folder it was trained on")
+        check_same_count(run.meta.get("train_images"), len(train_set.labels),
+                         args.data_dir or explain.run_data(run).data_dir, args.run_dir,
+                         "its first batch was other images; give --data-dir the folder it was "
+                         "trained on")
     except DatasetError as err:
         fail(f"--augment: {err}")
     figure = write(run, train_set, args.augment, args.run_dir)

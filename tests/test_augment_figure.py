@@ -156,4 +156,4 @@ def test_a_data_dir_with_other_training_images_is_refused(colour_run, tmp_path, 
         evaluate.main([str(run), "--augment", "4", "--data-dir", str(other), "--no-progress"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"--augment: {other} holds 24 training images and {run} was trained on 21" in err, err
+    assert f"--augment: {other} holds 24 training images, and the run in {run} was trained on 21" in err, err

@@ -175,22 +175,19 @@ def start_run(cfg, run_dir: Path, ops, devices: int | None, resumed, main_proces
 
 def check_same_data(meta: dict, train_set, where: str, run_dir: Path):
     """A RunError unless the training set found (where: its folder, as the message names it)
-    has the classes and the number of images the checkpoint (meta) was trained on: other
-    classes would mean other labels, and another count other batches at its data position.
-    (A checkpoint from before either was saved is not checked for it.)"""
-    from vit.data.common import DatasetError, check_same_classes  # noqa: PLC0415
+    has the classes and the number of images the checkpoint (meta) was trained on (when it
+    saved them): other classes would mean other labels, another count other batches."""
+    from vit.data.common import DatasetError, check_same_classes, check_same_count  # noqa: PLC0415
 
+    position = position_in_words(meta["epoch"], meta["step_in_epoch"])
     try:
         check_same_classes(meta.get("class_names"), train_set.class_names, where, run_dir)
+        check_same_count(meta.get("train_images"), len(train_set.labels), where, run_dir,
+                         f"its position ({position}) would mean other batches and another "
+                         "schedule; give the --data-dir it was trained on, or start a new run on "
+                         "these images")
     except DatasetError as err:
         raise RunError(str(err)) from None
-    trained_on, found = meta.get("train_images"), len(train_set.labels)
-    if trained_on is not None and trained_on != found:
-        where_in_run = position_in_words(meta["epoch"], meta["step_in_epoch"])
-        raise RunError(f"{where} holds {found} training images, and the run in {run_dir} was "
-                       f"trained on {trained_on}: its position ({where_in_run}) would mean other "
-                       "batches and another schedule; give the --data-dir it was trained on, or "
-                       "start a new run on these images")
 
 
 def check_batch_split(batch_size: int, devices: int, accum_steps: int):

@@ -42,6 +42,15 @@ def check_same_classes(trained_on, found, where, run_dir):
                        f"({detail}); give the --data-dir it was trained on")
 
 
+def check_same_count(trained_on, found: int, where, run_dir, meaning: str):
+    """A DatasetError unless the `found` training images (where: their folder, as the message
+    names it) are as many as the run in run_dir was trained on (None: a checkpoint from before
+    the count was saved; not checked); meaning: what another count would mean, and what to do."""
+    if trained_on is not None and trained_on != found:
+        raise DatasetError(f"{where} holds {found} training images, and the run in {run_dir} was "
+                           f"trained on {trained_on}: {meaning}")
+
+
 @dataclass
 class Dataset:
     """One split of a dataset.
