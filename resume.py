@@ -31,6 +31,7 @@ class ResumeError(UsageError):
 RESUME_FIXED = {"train.batch_size": "its data position (steps per epoch)",
                 "train.seed": "its data order and random numbers",
                 "train.repeat_augment": "its data order (which images each epoch visits)",
+                "train.init_from": "the weights it started from",
                 "model": "the model it trains (its parameters' shapes, its dropout, ...)",
                 "data.dataset": "the images it was trained on",
                 "data.layout": "the images it was trained on",
@@ -170,7 +171,7 @@ def config_changes(old, new):
 def _side(data) -> int:
     """The side of the images a data section gives: data.image_size, or, unset, the dataset's
     own size (Tiny ImageNet 64, digits 8) or an image folder's default (64). data.image_size
-    first, unlike train.image_size_note's size: Tiny ImageNet given 96 is then a change, refused
+    first, unlike vit.runconfig.image_size_notes's size: Tiny ImageNet given 96 is then a change, refused
     naming its flag (the dataset's 64 first made it model.image_size's refusal, no flag named)."""
     from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
     from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415

@@ -59,7 +59,8 @@ NAMED_FLAGS = {"--dataset": ("dataset", "data", "dataset"),
                "--lr": ("lr", "train", "lr"),
                "--compute-dtype": ("compute_dtype", "train", "compute_dtype"),
                "--precision": ("old_precision", "train", "compute_dtype"),  # the old name
-               "--seed": ("seed", "train", "seed")}
+               "--seed": ("seed", "train", "seed"),
+               "--init-from": ("init_from", "train", "init_from")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, dest="old_precision",
                    help="the old name of --compute-dtype (still works, with a note)")
     p.add_argument("--seed", type=int, default=None, help="train.seed: init, data order, masks")
+    p.add_argument("--init-from", default=None, metavar="RUN_OR_NPZ",
+                   help="train.init_from: fine-tune: start from the weights of a run (its best.npz) "
+                        "or checkpoint, with its architecture; positions resized to the images, "
+                        "the head fitted to the classes (vit/finetune.py)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set model.layers=4 "
                         "--set train.mixup_alpha=0.8 (repeatable)")
@@ -139,29 +144,6 @@ def parse_args(argv) -> argparse.Namespace:
             fail(f"--precision {args.old_precision} and --compute-dtype {args.compute_dtype} "
                  "disagree; give --compute-dtype only")
     return args
-
-
-def image_size_note(config, written: int, data, crop_pad: int = 0) -> list[str]:
-    """A note when a config file's model.image_size (a preset's 224) is not the size the data
-    will come at, which the model takes: such a run trained at 64 px without a word. crop_pad:
-    the file's train.crop_pad (0 if a flag set it), rescaled in a second note: a preset's 16 is
-    for 224 px, and a quarter of a 64 px image."""
-    from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
-    from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415
-
-    native = NATIVE_IMAGE_SIZE.get(data.dataset)
-    size = native or data.image_size or DEFAULT_IMAGE_SIZE
-    if size == written:
-        return []
-    how = (f"{data.dataset} comes at that size only" if native else
-           f"for {written}-pixel images give --set data.image_size={written}")
-    notes = [f"train.py: note: --config {config} has model.image_size = {written}, and the model "
-             f"takes the data's size: {size}x{size} here ({how})"]
-    if (scaled := crop_pad * size // written) != crop_pad:
-        notes.append(f"train.py: note: --config {config} has train.crop_pad = {crop_pad}, for "
-                     f"{written}-pixel images; --set train.crop_pad={scaled} keeps its proportion "
-                     f"at {size}x{size}")
-    return notes
 
 
 def resolve_config(args, notes: list | None = None):
@@ -207,6 +189,11 @@ def resolve_config(args, notes: list | None = None):
         resume.check_accum_steps(base, sources["train.accum_steps"], run_dir)
     cfg = runconfig.from_dict(base, where, sources)
     cfg.data = resolve_data(cfg.data, args.resume, sources, where)
+    if cfg.train.init_from is not None and (not args.resume or "train.init_from" in sources):
+        from vit import finetune  # noqa: PLC0415
+        cfg.model, cfg.train.init_from, notes_ = finetune.resolve_model(
+            cfg.model, cfg.train.init_from, sources, where)
+        said += notes_
     t = cfg.train
     if t.warmup_epochs > t.epochs:  # never leaves warmup: it peaks at lr * epochs / warmup
         said.append(f"train.py: note: train.warmup_epochs = {t.warmup_epochs:g} is above "
@@ -221,7 +208,7 @@ def resolve_config(args, notes: list | None = None):
     written = base.get("model", {}).get("image_size")  # by --config's file (no flag set it)
     if args.config is not None and not args.resume and "model.image_size" not in sources and written:
         pad = 0 if "train.crop_pad" in sources else cfg.train.hparams.crop_pad
-        said += image_size_note(args.config, written, cfg.data, pad)
+        said += runconfig.image_size_notes(args.config, written, cfg.data, pad)
     followed = [sources[k] for k in ("model.image_size", "model.channels", "model.num_classes")
                 if k in sources]
     said += [f"train.py: note: {', '.join(followed)}: the model takes its image size, channels "

@@ -154,7 +154,7 @@ def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
     ("schedule", "linear"), ("label_smoothing", 1.0),
     # types: a value TOML read as another type than the field's
     ("flip", "False"), ("flip", "yes"), ("flip", 1), ("clip_norm", "x"), ("lr", True),
-    ("seed", 1.5), ("seed", -1), ("mixup_alpha", "0.8"), ("compute_dtype", 16),
+    ("seed", 1.5), ("seed", -1), ("mixup_alpha", "0.8"), ("compute_dtype", 16), ("init_from", 3),
     # ranges: negative where 0 switches a feature off, the Adam betas, eps, the eval batch
     ("warmup_epochs", -3), ("weight_decay", -0.1), ("clip_norm", -1.0), ("crop_pad", -1),
     ("mixup_alpha", -0.2), ("cutmix_alpha", -1.0), ("min_lr", -1e-5), ("b1", 1.0), ("b2", -0.5),

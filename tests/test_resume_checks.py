@@ -135,6 +135,7 @@ def test_a_last_npz_without_a_config_cannot_stand_in_for_config_json(tmp_path, c
 
 def test_what_a_checkpoint_depends_on_is_fixed_on_resume():
     assert set(resume.RESUME_FIXED) == {"train.batch_size", "train.seed", "train.repeat_augment",
+                                        "train.init_from",
                                         "model", "data.dataset", "data.layout", "data.image_size"}
     assert not set(resume.RESUME_FIXED) & set(resume.RESUME_SAME_RUN)
 

@@ -57,6 +57,8 @@ class TrainSection:
     repeat_augment: repeated augmentation (DeiT: 3): an epoch of as many rows as before visits
         1/repeat_augment of the images, each that many times in a row, each copy augmented
         apart (vit.data.loader.Batcher's `repeats`); 1: off.
+    init_from: fine-tuning: a run directory (its best.npz) or checkpoint file whose weights the
+        run starts from (vit/finetune.py); None: from init_params and train.seed.
     """
 
     epochs: int = 30
@@ -67,6 +69,7 @@ class TrainSection:
     eval_batch_size: int = 256
     checkpoint_minutes: float = 30.0
     repeat_augment: int = 1
+    init_from: str | None = None
     hparams: TrainHParams = field(default_factory=TrainHParams)
 
 
@@ -377,6 +380,29 @@ def _validate(t: TrainSection, source):
     if not 0.0 <= hp.label_smoothing < 1.0:
         raise ConfigError(f"{source('train.label_smoothing')}: train.label_smoothing must be in "
                           f"[0, 1), got {hp.label_smoothing!r}")
+
+
+def image_size_notes(config, written: int, data, crop_pad: int = 0) -> list[str]:
+    """A note when a config file's model.image_size (a preset's 224) is not the size the data
+    will come at, which the model takes: such a run trained at 64 px without a word. crop_pad:
+    the file's train.crop_pad (0 if a flag set it), rescaled in a second note: a preset's 16 is
+    for 224 px, and a quarter of a 64 px image."""
+    from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
+    from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415
+
+    native = NATIVE_IMAGE_SIZE.get(data.dataset)
+    size = native or data.image_size or DEFAULT_IMAGE_SIZE
+    if size == written:
+        return []
+    how = (f"{data.dataset} comes at that size only" if native else
+           f"for {written}-pixel images give --set data.image_size={written}")
+    notes = [f"train.py: note: --config {config} has model.image_size = {written}, and the model "
+             f"takes the data's size: {size}x{size} here ({how})"]
+    if (scaled := crop_pad * size // written) != crop_pad:
+        notes.append(f"train.py: note: --config {config} has train.crop_pad = {crop_pad}, for "
+                     f"{written}-pixel images; --set train.crop_pad={scaled} keeps its proportion "
+                     f"at {size}x{size}")
+    return notes
 
 
 def load_toml(path, what: str | None = None) -> dict:

@@ -208,6 +208,7 @@ def initial_state(cfg, train_set, resumed, run_dir):
     """The checkpoint's RunState, or a fresh one (init from the seed, the data's statistics)."""
     import jax  # noqa: PLC0415
 
+    from vit import finetune  # noqa: PLC0415
     from vit.data.loader import channel_stats, usable_std  # noqa: PLC0415
     from vit.model import init_params  # noqa: PLC0415
     from vit.optim import adamw_init  # noqa: PLC0415
@@ -218,6 +219,8 @@ def initial_state(cfg, train_set, resumed, run_dir):
         print(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch} "
               f"(global step {resumed[1]['global_step']})")
         return state
+    if cfg.train.init_from is not None:  # fine-tuning: another run's weights and statistics
+        return finetune.initial_state(cfg, train_set.class_names)
     params = init_params(jax.random.PRNGKey(cfg.train.seed), cfg.model)
     mean, std = channel_stats(train_set.images)
     return RunState.fresh(params, adamw_init(params), mean, usable_std(std))
