@@ -151,7 +151,7 @@ def resolve_config(args, notes: list | None = None):
     ConfigError or resume.ResumeError (or a fail()) naming the flag at fault. notes: a list that takes the notes on what was given (--resume's
     on changed values, resume.check_changes; model fields the data sets), for start() to print
     once the run is known to go ahead; without it they are printed at once."""
-    from vit import runconfig  # noqa: PLC0415
+    from vit import finetune, runconfig  # noqa: PLC0415
 
     said = []  # notes
     if args.resume:
@@ -187,13 +187,11 @@ def resolve_config(args, notes: list | None = None):
     if args.resume and "train.accum_steps" in sources:
         # before from_dict, whose message would offer a batch size that --resume refuses
         resume.check_accum_steps(base, sources["train.accum_steps"], run_dir)
+    if not args.resume or "train.init_from" in sources:  # fine-tuning: the source's model
+        base, notes_ = finetune.resolve_model(base, sources, where)
+        said += notes_
     cfg = runconfig.from_dict(base, where, sources)
     cfg.data = resolve_data(cfg.data, args.resume, sources, where)
-    if cfg.train.init_from is not None and (not args.resume or "train.init_from" in sources):
-        from vit import finetune  # noqa: PLC0415
-        cfg.model, cfg.train.init_from, notes_ = finetune.resolve_model(
-            cfg.model, cfg.train.init_from, sources, where)
-        said += notes_
     t = cfg.train
     if t.warmup_epochs > t.epochs:  # never leaves warmup: it peaks at lr * epochs / warmup
         said.append(f"train.py: note: train.warmup_epochs = {t.warmup_epochs:g} is above "

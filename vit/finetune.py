@@ -6,9 +6,9 @@ the config key train.init_from).
 
 SOURCE is a run directory (its best.npz) or a checkpoint file train.py wrote (RUN/last.npz). From it
 the new run takes:
-  - the architecture: the source's ARCHITECTURE_KEYS replace the config's (resolve_model; a flag
-    or --set giving one of them another value is refused, a config file's value is replaced with
-    a note). The data still sets the image size and the classes, and the config the dropout rates;
+  - the architecture: the source's ARCHITECTURE_KEYS replace the config's (resolve_model, before
+    the config is built; a flag or --set giving one of them another value is refused, a config
+    file's value is replaced with a note). The data still sets the image size and the classes, and the config the dropout rates;
     the channels must be the source's (3 for every image folder, 1 for digits).
   - every parameter (transfer_params), as it is, except two:
       embed.pos, when the patch grid differs (another image size): the CLS row is kept and the
@@ -83,31 +83,36 @@ def read_source(init_from: str, where: str) -> tuple[Path, dict]:
     return path, meta
 
 
-def resolve_model(model: ViTConfig, init_from: str, sources: dict, where: str):
-    """-> (model with the source's ARCHITECTURE_KEYS, init_from as an absolute path, notes).
-    sources: {"section.key": flag} of the values set on the command line (one of those that
-    disagrees with the source is an InitError naming it); where: the config file's name."""
+def resolve_model(base: dict, sources: dict, where: str) -> tuple[dict, list[str]]:
+    """A config dict (before runconfig.from_dict) with train.init_from's architecture, and its
+    path made absolute; -> (config dict, notes). sources: {"section.key": flag} of the values
+    set on the command line (one of those that disagrees with the source is an InitError naming
+    it); where: the config file's name. Without train.init_from: base as it is."""
+    train, model = base.get("train", {}), base.get("model", {})
+    init_from = train.get("init_from") if isinstance(train, dict) else None
+    if not isinstance(init_from, str) or not isinstance(model, dict):
+        return base, []  # None, or a bad type that from_dict will name
     flag = sources.get("train.init_from", f"{where}: train.init_from = {init_from!r}")
     path, meta = read_source(init_from, flag)
-    source = ViTConfig.from_dict(meta["config"]["model"])
-    changes = {k: getattr(source, k) for k in ARCHITECTURE_KEYS
-               if getattr(model, k) != getattr(source, k)}
+    source, model = meta["config"]["model"], {**ViTConfig().to_dict(), **model}
+    changes = {k: source[k] for k in ARCHITECTURE_KEYS if model[k] != source[k]}
     clash = [k for k in changes if f"model.{k}" in sources]
     if clash:
-        said = ", ".join(f"{sources[f'model.{k}']} (the source has {getattr(source, k)!r})"
-                         for k in clash)
-        raise InitError(f"{said}: {flag} starts from {path}, whose weights fix model."
-                        f"{clash[0]}; leave it out, or start without {FLAG}")
-    try:
-        fitted = model.replace(**changes)
-    except ValueError as err:  # its patch size does not divide the images
-        raise InitError(f"{flag}: {path}'s model.patch_size = {source.patch_size} does not fit "
-                        f"the images the config gives ({err}); give --set data.image_size=N "
-                        f"with N a multiple of {source.patch_size}") from None
+        said = ", ".join(f"{sources[f'model.{k}']} (the source has {source[k]!r})" for k in clash)
+        raise InitError(f"{said}: {flag} starts from {path}, whose weights fix model.{clash[0]}; "
+                        f"leave it out, or start without {FLAG}")
+    side = base.get("data", {}).get("image_size")
+    if isinstance(side, int) and side % source["patch_size"]:
+        raise InitError(f"{sources.get('data.image_size', where)}: data.image_size = {side} is "
+                        f"not a multiple of model.patch_size = {source['patch_size']}, which "
+                        f"{flag} fixes (its weights take patches of that size)")
     notes = [f"train.py: note: {flag}: the model is {path}'s: " + ", ".join(
-        f"model.{k} = {v!r} (not {getattr(model, k)!r} as in {where})"
-        for k, v in changes.items())] if changes else []
-    return fitted, os.path.abspath(os.path.expanduser(init_from)), notes
+        f"model.{k} = {v!r} (the config has {model[k]!r})" for k, v in changes.items())
+             ] if changes else []
+    base = {s: dict(v) if isinstance(v, dict) else v for s, v in base.items()}
+    base.setdefault("model", {}).update(changes)
+    base["train"]["init_from"] = os.path.abspath(os.path.expanduser(init_from))
+    return base, notes
 
 
 def resize_positions(pos: np.ndarray, grid: int) -> np.ndarray:

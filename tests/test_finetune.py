@@ -1,0 +1,172 @@
+"""Fine-tuning (`train.py --init-from`, vit/finetune.py): a new run starts from a source run's
+weights, with the source's architecture and normalisation, the position embeddings resized to a
+new image size (checked against PIL's bicubic) and the head fitted to the new classes; what it
+refuses names the flag."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import train
+from vit import checkpoint, runlock
+from vit.finetune import resize_positions
+
+# a tiny pre-norm model on 8x8 images of 4x4 patches (a 2x2 grid)
+SOURCE = ["--set", "data.image_size=8", "--set", "model.patch_size=4", "--set", "model.d_model=16",
+          "--set", "model.heads=2", "--set", "model.layers=1", "--set", "model.mlp_dim=32",
+          "--set", "model.norm=\"pre\"", "--batch-size", "4", "--no-progress",
+          "--set", "data.workers=1", "--lr", "1e-2"]
+QUIET = ["--batch-size", "4", "--no-progress", "--set", "data.workers=1"]
+
+
+def folder(root, classes):
+    """An image folder of 12x12 RGB images, 4 training and 2 validation images per class, each
+    class its own brightness."""
+    rng = np.random.default_rng(len(classes))
+    for split, n in (("train", 4), ("val", 2)):
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                level = 40 + 60 * (ord(name) - ord("a"))
+                pixels = np.clip(level + rng.integers(-30, 30, (12, 12, 3)), 0, 255)
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A run on classes a, b, c (one epoch): its directory and best.npz's (trees, meta)."""
+    tmp = tmp_path_factory.mktemp("source")
+    run = tmp / "run"
+    assert train.main([*SOURCE, "--data-dir", str(folder(tmp / "abc", "abc")), "--epochs", "1",
+                       "--out", str(run)]) == 0
+    return run, checkpoint.load(run / "best.npz")
+
+
+def started(argv):
+    """train.start's Run for argv (nothing trained, no file written)."""
+    try:
+        return train.start(train.parse_args(argv))
+    finally:
+        runlock.release_all()
+
+
+@pytest.mark.parametrize("old, new", [(2, 3), (4, 6), (6, 4), (5, 12), (3, 3)])
+def test_positions_are_resized_bicubic_as_pil_and_the_cls_row_is_kept(old, new):
+    rng = np.random.default_rng(old * 10 + new)
+    pos = rng.normal(size=(1 + old * old, 5)).astype(np.float32)
+    resized = resize_positions(pos, new)
+    assert resized.shape == (1 + new * new, 5)
+    np.testing.assert_array_equal(resized[0], pos[0])
+    for d in range(5):  # PIL's BICUBIC on a float image: Keys' kernel, a = -0.5, antialiased
+        grid = Image.fromarray(pos[1:, d].reshape(old, old), mode="F")
+        want = np.asarray(grid.resize((new, new), Image.BICUBIC))
+        np.testing.assert_allclose(resized[1:, d].reshape(new, new), want, atol=1e-5, rtol=0)
+    if old == new:
+        np.testing.assert_array_equal(resized, pos)
+
+
+def test_a_finetuned_run_starts_from_the_source(source, tmp_path, capsys):
+    """Classes a and c of the source's a, b, c at 12 px (a 3x3 grid): every parameter is the
+    source's but the positions (resized) and the head (columns 0 and 2), with the source's model
+    (pre-norm, although the default config is post-norm) and normalisation; AdamW from zero."""
+    run_dir, (trees, meta) = source
+    capsys.readouterr()
+    run = started([*QUIET, "--data-dir", str(folder(tmp_path / "ac", "ac")), "--set",
+                   "data.image_size=12", "--init-from", str(run_dir), "--out", str(tmp_path / "ft")])
+    out, err = capsys.readouterr()
+    assert f"--init-from {run_dir}: the model is {run_dir / 'best.npz'}'s: model.patch_size = 4 " \
+           "(the config has 8)" in err and "model.norm = 'pre' (the config has 'post')" in err
+    assert f"starting from {run_dir / 'best.npz'} (position embeddings resized from a 2x2 to a " \
+           "3x3 patch grid (bicubic), head: the columns of these 2 classes, of the source's 3" in out
+    model = run.cfg.model
+    assert (model.image_size, model.patch_size, model.d_model, model.norm, model.num_classes) == \
+           (12, 4, 16, "pre", 2)
+    assert run.cfg.train.init_from == str(run_dir.resolve())
+    got, want = run.state.params, trees["params"]
+    np.testing.assert_array_equal(np.asarray(got["embed"]["pos"]),
+                                  resize_positions(want["embed"]["pos"], 3))
+    np.testing.assert_array_equal(np.asarray(got["head"]["w"]), want["head"]["w"][:, [0, 2]])
+    np.testing.assert_array_equal(np.asarray(got["head"]["b"]), want["head"]["b"][[0, 2]])
+    for part in ("patch", "blocks", "final_ln"):
+        assert _arrays(got[part]) == _arrays(want[part]), part
+    np.testing.assert_array_equal(np.asarray(got["embed"]["cls"]), want["embed"]["cls"])
+    np.testing.assert_array_equal(run.state.mean, np.float32(meta["mean"]))
+    np.testing.assert_array_equal(run.state.std, np.float32(meta["std"]))
+    assert not any(np.asarray(m).any() for m in _arrays(run.state.opt_state))
+    assert (run.state.epoch, run.state.step_in_epoch, run.state.history) == (0, 0, [])
+
+
+def _arrays(tree):
+    """A tree's arrays as lists of their exact values (to compare trees whole)."""
+    import jax
+    return [np.asarray(leaf, np.float64).ravel().tolist() for leaf in jax.tree_util.tree_leaves(tree)]
+
+
+def test_a_class_the_source_lacks_gives_a_zero_head_and_the_run_resumes(source, tmp_path, capsys):
+    """Classes a and d at the source's 8 px: the positions as they are, a zero head. The run
+    trains, refuses another source on --resume, and resumes without its source (gone by then)."""
+    run_dir, (trees, _) = source
+    data, out, copy = folder(tmp_path / "ad", "ad"), tmp_path / "ft", tmp_path / "copy.npz"
+    copy.write_bytes((run_dir / "best.npz").read_bytes())
+    argv = [*QUIET, "--data-dir", str(data), "--init-from", str(copy), "--set", "data.image_size=8",
+            "--out", str(out)]
+    capsys.readouterr()
+    run = started(argv)
+    assert "head: zero (1 of these 2 classes are not among the source's 3)" in capsys.readouterr().out
+    assert not np.asarray(run.state.params["head"]["w"]).any()
+    assert not np.asarray(run.state.params["head"]["b"]).any()
+    np.testing.assert_array_equal(np.asarray(run.state.params["embed"]["pos"]),
+                                  trees["params"]["embed"]["pos"])  # the same 2x2 grid
+    assert train.main([*argv, "--epochs", "2", "--stop-after-epoch", "1"]) == 130
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["init_from"] == str(copy.resolve())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--resume", str(out), "--init-from", str(run_dir)])
+    assert stop.value.code == 2
+    assert "train.init_from fixes the weights it started from" in capsys.readouterr().err
+    copy.unlink()  # a resume reads the run's own last.npz
+    assert train.main(["--resume", str(out), "--no-progress"]) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def refusal(capsys, argv) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        started(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_what_init_from_refuses_names_it(source, tmp_path, capsys):
+    run_dir, _ = source
+    data = str(folder(tmp_path / "ab", "ab"))
+    base = [*QUIET, "--data-dir", data, "--out", str(tmp_path / "ft")]
+    err = refusal(capsys, [*base, "--init-from", str(tmp_path / "nowhere")])
+    assert f"--init-from {tmp_path / 'nowhere'}: {tmp_path / 'nowhere'}: no such file or run " \
+           "directory" in err
+    (tmp_path / "empty").mkdir()
+    checkpoint.save(tmp_path / "stopped" / "last.npz", {}, {"epoch": 0})
+    assert "holds no best.npz (a run writes it at its first epoch's end); is it a run " \
+           "directory?" in refusal(capsys, [*base, "--init-from", str(tmp_path / "empty")])
+    assert f"to start from its last weights, give {tmp_path / 'stopped' / 'last.npz'}" in \
+           refusal(capsys, [*base, "--init-from", str(tmp_path / "stopped")])
+    assert "is not a checkpoint of train.py (its record has no config.model, mean and std)" in \
+           refusal(capsys, [*base, "--init-from", str(tmp_path / "stopped" / "last.npz")])
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "notes.txt is not an .npz file" in refusal(capsys, [*base, "--init-from",
+                                                               str(tmp_path / "notes.txt")])
+    with_source = [*base, "--init-from", str(run_dir)]
+    assert f"--set model.d_model=32 (the source has 16): --init-from {run_dir} starts from " \
+           f"{run_dir / 'best.npz'}, whose weights fix model.d_model; leave it out" in \
+           refusal(capsys, [*with_source, "--set", "model.d_model=32"])
+    assert "--set data.image_size=10: data.image_size = 10 is not a multiple of " \
+           "model.patch_size = 4, which --init-from" in \
+           refusal(capsys, [*with_source, "--set", "data.image_size=10"])
+    assert "was trained on images of 3 channel(s), and this data's have 1" in refusal(
+        capsys, ["--dataset", "digits", "--no-progress", "--init-from", str(run_dir),
+                 "--out", str(tmp_path / "digits")])
+    assert not (tmp_path / "ft").exists() and not (tmp_path / "digits").exists()
