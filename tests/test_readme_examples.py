@@ -7,7 +7,8 @@ would leave it broken while every other test passes.
   grads are the fused ops' (float32): within 1e-4 of the reference's (oracle.compare's "train
   step" row; observed 2e-6). About 12 s on the CPU.
 - Every `python ...` command of the README's bash blocks is taken by its parser (argparse),
-  and a new train.py run's flags and --set keys by train.resolve_config, without running it.
+  and a new train.py run's flags and --set keys by train.resolve_config, without running it (the
+  run an `--init-from` names, an earlier command's output, stood in by one of the default model).
 """
 
 import argparse
@@ -24,6 +25,7 @@ import pytest
 
 import kernels
 import vit
+from vit import finetune
 from kernel_checks import INTERPRET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +102,10 @@ def take(command: str, monkeypatch) -> None:
 
     words = shlex.split(command)[1:]
     if words[0] == "train.py" and "--help" not in words and "--resume" not in words:
-        train.resolve_config(train.parse_args(words[1:]))  # flags, --set keys, config files
+        with monkeypatch.context() as m:  # --init-from RUN: an earlier command's run, not here
+            m.setattr(finetune, "read_source", lambda path, where: (Path(path) / "best.npz", {
+                "config": {"model": vit.ViTConfig().to_dict()}, "mean": [0.5] * 3, "std": [0.25] * 3}))
+            train.resolve_config(train.parse_args(words[1:]))  # flags, --set keys, config files
         return
     module = {"train.py": "train", "evaluate.py": "evaluate"}.get(words[0])
     if module is None:  # -m MODULE

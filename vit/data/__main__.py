@@ -1,4 +1,5 @@
-"""Command line for the data: `python -m vit.data download` and `python -m vit.data prepare`."""
+"""Command line for the data: `python -m vit.data download`, `python -m vit.data prepare` and
+`python -m vit.data digits-folder`."""
 
 from __future__ import annotations
 
@@ -117,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad-images", action="store_true", help="leave out unreadable images instead of failing"
     )
     prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    digits = commands.add_parser(
+        "digits-folder",
+        help="write scikit-learn's 8x8 digits as an image folder (DEST/train/<digit>/*.png, "
+        "DEST/val/<digit>/*.png): the image-folder path and fine-tuning with no download",
+    )
+    digits.add_argument("dest", help="a new (or empty) folder")
+    digits.add_argument("--classes", default=None, metavar="D,D,...",
+                        help="only these digits, e.g. 0,1,2,3,4 (default: all ten)")
     return parser
 
 
@@ -147,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
                      keep_zip=args.keep_zip, progress=not args.quiet)
         elif args.command == "prepare":
             prepare(args)
+        elif args.command == "digits-folder":
+            from vit.data.digits import write_digits_folder  # noqa: PLC0415
+            classes = None if args.classes is None else [c.strip() for c in args.classes.split(",")]
+            counts = write_digits_folder(args.dest, classes)
+            print(f"{args.dest}: {counts['train']} train / {counts['val']} val images of 8x8 "
+                  f"digits ({args.classes or 'all ten'})")
     except DatasetError as e:  # a failed download is a DownloadError, one of them
         print(f"{where}: error: {e}", file=sys.stderr)
         return EXIT_DOWNLOAD_FAILED if args.command == "download" else EXIT_BAD_INPUT

@@ -2,9 +2,13 @@
 
 1797 grayscale images with values 0..16, scaled here to uint8 0..255 as (N, 8, 8, 1).
 The train/val split is fixed: stratified 80/20 with a constant seed, so every run sees the same split.
+write_digits_folder writes them out as an image folder (`python -m vit.data digits-folder DEST`), to
+try the image-folder path and fine-tuning with no download.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -37,3 +41,28 @@ def load_digits_split(split: str) -> Dataset:
         name="digits",
         split=split,
     )
+
+
+def write_digits_folder(dest, classes=None) -> dict[str, int]:
+    """Both splits (their fixed split) as DEST/{train,val}/<digit>/<index>.png, 8x8 grayscale, for
+    the digits in classes (default: all ten); -> {split: images written}. A DEST that holds
+    anything is a DatasetError: another set's files would join the classes."""
+    dest = Path(dest)
+    chosen = list(CLASS_NAMES) if classes is None else list(classes)
+    unknown = [c for c in chosen if c not in CLASS_NAMES]
+    if unknown or not chosen:
+        raise DatasetError(f"digits are the classes {', '.join(CLASS_NAMES)}; got {unknown or 'none'}")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DatasetError(f"{dest} is {'not empty' if dest.is_dir() else 'a file'}: give a new folder")
+    from PIL import Image  # noqa: PLC0415
+
+    written = {}
+    for split in ("train", "val"):
+        data = load_digits_split(split)
+        keep = np.flatnonzero(np.isin(data.labels, [CLASS_NAMES.index(c) for c in chosen]))
+        for i in keep:
+            folder = dest / split / CLASS_NAMES[data.labels[i]]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(data.images[i, ..., 0], "L").save(folder / f"{i}.png")
+        written[split] = len(keep)
+    return written
