@@ -170,3 +170,25 @@ def test_what_init_from_refuses_names_it(source, tmp_path, capsys):
         capsys, ["--dataset", "digits", "--no-progress", "--init-from", str(run_dir),
                  "--out", str(tmp_path / "digits")])
     assert not (tmp_path / "ft").exists() and not (tmp_path / "digits").exists()
+
+
+def test_a_relative_or_home_init_from_is_saved_absolute(source, tmp_path, monkeypatch):
+    """--init-from given relative to the working folder, or (a config file's) with ~: the run
+    reads the source there and saves its absolute path, which a resume from another folder still
+    finds; the same relative path given again on --resume is the same source, not a change."""
+    run_dir, _ = source
+    data = str(folder(tmp_path / "ab", "ab"))
+    monkeypatch.chdir(run_dir.parent)
+    monkeypatch.setenv("HOME", str(run_dir.parent))
+    config = tmp_path / "home.toml"
+    config.write_text(f'[train]\ninit_from = "~/{run_dir.name}"\n')
+    for given in (["--init-from", run_dir.name], ["--config", str(config)]):
+        out = tmp_path / f"ft{len(given[1])}"
+        run = started([*QUIET, "--data-dir", data, "--set", "data.image_size=8", *given,
+                       "--out", str(out)])
+        assert run.cfg.train.init_from == str(run_dir.resolve()), given
+    assert train.main([*QUIET, "--data-dir", data, "--set", "data.image_size=8", "--init-from",
+                       run_dir.name, "--epochs", "2", "--stop-after-epoch", "1",
+                       "--out", str(tmp_path / "ft")]) == 130
+    assert train.main(["--resume", str(tmp_path / "ft"), "--init-from", run_dir.name,
+                       "--no-progress"]) == 0

@@ -47,8 +47,8 @@ class InitError(ConfigError):
 
 def checkpoint_path(init_from: str, where: str) -> Path:
     """The checkpoint file train.init_from names: a file, or a run directory's best.npz (where:
-    the flag or file that gave it, for the message)."""
-    path = Path(init_from)
+    the flag or file that gave it, for the message); ~ is the home folder, as in data.data_dir."""
+    path = Path(init_from).expanduser()
     if path.is_dir():
         best = path / "best.npz"
         if best.is_file():
