@@ -3,15 +3,18 @@ weights, with the source's architecture and normalisation, the position embeddin
 new image size (checked against PIL's bicubic) and the head fitted to the new classes; what it
 refuses names the flag."""
 
+import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 import train
-from vit import checkpoint, runlock
-from vit.finetune import resize_positions
+from vit import ViTConfig, checkpoint, init_params, runlock
+from vit.finetune import resize_positions, transfer_params
 
 # a tiny pre-norm model on 8x8 images of 4x4 patches (a 2x2 grid)
 SOURCE = ["--set", "data.image_size=8", "--set", "model.patch_size=4", "--set", "model.d_model=16",
@@ -66,6 +69,28 @@ def test_positions_are_resized_bicubic_as_pil_and_the_cls_row_is_kept(old, new):
         np.testing.assert_allclose(resized[1:, d].reshape(new, new), want, atol=1e-5, rtol=0)
     if old == new:
         np.testing.assert_array_equal(resized, pos)
+
+
+@pytest.mark.parametrize("classes, columns", [("ac", [1, 0]), ("abc", [1, 2, 0]), ("abd", None),
+                                              ("b", [2])])
+def test_the_head_takes_the_source_columns_by_class_name(classes, columns):
+    """A source whose classes are c, a, b (an order a folder never gives, but a dataset's own
+    list may: Tiny ImageNet's wnids.txt): each new class takes its own column, in the new order,
+    the same names in another order too; as many classes with one new (a, b, d) start at zero."""
+    source = ViTConfig(image_size=8, patch_size=4, d_model=16, heads=2, layers=1, mlp_dim=32,
+                       num_classes=3)
+    params = init_params(jax.random.PRNGKey(0), source)
+    params["head"]["b"] = jnp.asarray([1.0, 2.0, 3.0])
+    model = dataclasses.replace(source, num_classes=len(classes))
+    got, said = transfer_params(params, source, model, ["c", "a", "b"], list(classes))
+    want_w, want_b = np.asarray(params["head"]["w"]), np.asarray(params["head"]["b"])
+    if columns is None:
+        want_w, want_b = np.zeros((16, len(classes))), np.zeros(len(classes))
+        assert said == ["head: zero (1 of these 3 classes are not among the source's 3)"]
+    else:
+        want_w, want_b = want_w[:, columns], want_b[columns]
+    np.testing.assert_array_equal(got["head"]["w"], want_w)
+    np.testing.assert_array_equal(got["head"]["b"], want_b)
 
 
 def test_a_finetuned_run_starts_from_the_source(source, tmp_path, capsys):
