@@ -16,10 +16,12 @@ import train
 from vit import ViTConfig, checkpoint, init_params, runlock
 from vit.finetune import resize_positions, transfer_params
 
-# a tiny pre-norm model on 8x8 images of 4x4 patches (a 2x2 grid)
+# a tiny pre-norm model on 8x8 images of 4x4 patches (a 2x2 grid), every architecture key not
+# the default config's
 SOURCE = ["--set", "data.image_size=8", "--set", "model.patch_size=4", "--set", "model.d_model=16",
           "--set", "model.heads=2", "--set", "model.layers=1", "--set", "model.mlp_dim=32",
-          "--set", "model.norm=\"pre\"", "--batch-size", "4", "--no-progress",
+          "--set", "model.norm=\"pre\"", "--set", "model.gelu=\"erf\"", "--set", "model.ln_eps=1e-6",
+          "--batch-size", "4", "--no-progress",
           "--set", "data.workers=1", "--lr", "1e-2"]
 QUIET = ["--batch-size", "4", "--no-progress", "--set", "data.workers=1"]
 
@@ -107,8 +109,11 @@ def test_a_finetuned_run_starts_from_the_source(source, tmp_path, capsys):
     assert f"starting from {run_dir / 'best.npz'} (position embeddings resized from a 2x2 to a " \
            "3x3 patch grid (bicubic), head: the columns of these 2 classes, of the source's 3" in out
     model = run.cfg.model
-    assert (model.image_size, model.patch_size, model.d_model, model.norm, model.num_classes) == \
-           (12, 4, 16, "pre", 2)
+    assert (model.image_size, model.num_classes) == (12, 2)
+    assert {k: getattr(model, k) for k in ("patch_size", "d_model", "heads", "layers", "mlp_dim",
+                                           "norm", "gelu", "ln_eps")} == \
+           {"patch_size": 4, "d_model": 16, "heads": 2, "layers": 1, "mlp_dim": 32, "norm": "pre",
+            "gelu": "erf", "ln_eps": 1e-6}
     assert run.cfg.train.init_from == str(run_dir.resolve())
     got, want = run.state.params, trees["params"]
     np.testing.assert_array_equal(np.asarray(got["embed"]["pos"]),
