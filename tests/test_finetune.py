@@ -129,6 +129,21 @@ def test_a_finetuned_run_starts_from_the_source(source, tmp_path, capsys):
     assert (run.state.epoch, run.state.step_in_epoch, run.state.history) == (0, 0, [])
 
 
+def test_the_same_classes_and_size_take_every_parameter_and_no_optimiser_state(source, tmp_path,
+                                                                                capsys):
+    """The source's own classes at its own size: every parameter as it is (head too), and
+    AdamW's moments and step still at 0, although the source's checkpoint holds its own of
+    the same shapes."""
+    run_dir, (trees, _) = source
+    assert np.asarray(trees["opt"]["step"]) > 0
+    capsys.readouterr()
+    run = started([*QUIET, "--data-dir", str(folder(tmp_path / "abc", "abc")), "--set",
+                   "data.image_size=8", "--init-from", str(run_dir), "--out", str(tmp_path / "ft")])
+    assert "(every parameter as it is; its normalisation statistics)" in capsys.readouterr().out
+    assert _arrays(run.state.params) == _arrays(trees["params"])
+    assert not any(np.asarray(m).any() for m in _arrays(run.state.opt_state))
+
+
 def _arrays(tree):
     """A tree's arrays as lists of their exact values (to compare trees whole)."""
     import jax
