@@ -3,9 +3,11 @@ folder, to try the image-folder path and fine-tuning with no download. Read back
 image-folder loader, it is the digits dataset itself: the same split, images and labels (by name)."""
 
 import numpy as np
+import pytest
 
-from vit.data import load_dataset
+from vit.data import DatasetError, load_dataset
 from vit.data.__main__ import main
+from vit.data.digits import write_digits_folder
 
 
 def test_the_folder_reads_back_as_the_digits_split(tmp_path, capsys):
@@ -34,3 +36,17 @@ def test_a_used_folder_and_unknown_digits_are_refused(tmp_path, capsys):
         assert main(["digits-folder", *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_empty_folder_is_taken_and_a_file_or_no_digits_refused(tmp_path, capsys):
+    """DEST may exist if empty (mkdir first, say); a file there, or an empty list of digits, is a
+    DatasetError (the command's exit 2), not a traceback or a folder with no images."""
+    (tmp_path / "empty").mkdir()
+    assert main(["digits-folder", str(tmp_path / "empty"), "--classes", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["train", "val"]
+    (tmp_path / "file").write_text("x")
+    assert main(["digits-folder", str(tmp_path / "file")]) == 2
+    assert "file is a file: give a new folder" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match="got none"):
+        write_digits_folder(tmp_path / "none", [])
+    assert not (tmp_path / "none").exists()
