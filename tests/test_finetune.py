@@ -201,6 +201,9 @@ def test_what_init_from_refuses_names_it(source, tmp_path, capsys):
            refusal(capsys, [*base, "--init-from", str(tmp_path / "stopped")])
     assert "is not a checkpoint of train.py (its record has no config.model, mean and std)" in \
            refusal(capsys, [*base, "--init-from", str(tmp_path / "stopped" / "last.npz")])
+    checkpoint.save(tmp_path / "no-std.npz", {}, {"config": {"model": {}}, "mean": [0.5] * 3})
+    assert "no-std.npz is not a checkpoint of train.py" in \
+           refusal(capsys, [*base, "--init-from", str(tmp_path / "no-std.npz")])
     (tmp_path / "notes.txt").write_text("hello")
     assert "notes.txt is not an .npz file" in refusal(capsys, [*base, "--init-from",
                                                                str(tmp_path / "notes.txt")])
@@ -208,6 +211,8 @@ def test_what_init_from_refuses_names_it(source, tmp_path, capsys):
     assert f"--set model.d_model=32 (the source has 16): --init-from {run_dir} starts from " \
            f"{run_dir / 'best.npz'}, whose weights fix model.d_model; leave it out" in \
            refusal(capsys, [*with_source, "--set", "model.d_model=32"])
+    same = started([*with_source, "--set", "data.image_size=8", "--set", "model.d_model=16"])
+    assert same.cfg.model.d_model == 16  # the source's own value is no clash
     assert "--set data.image_size=10: data.image_size = 10 is not a multiple of " \
            "model.patch_size = 4, which --init-from" in \
            refusal(capsys, [*with_source, "--set", "data.image_size=10"])
