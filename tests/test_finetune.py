@@ -17,10 +17,11 @@ from vit import ViTConfig, checkpoint, init_params, runlock
 from vit.finetune import resize_positions, transfer_params
 
 # a tiny pre-norm model on 8x8 images of 4x4 patches (a 2x2 grid), every architecture key not
-# the default config's
+# the default config's; dropout, which a tuned run takes from its own config, not either
 SOURCE = ["--set", "data.image_size=8", "--set", "model.patch_size=4", "--set", "model.d_model=16",
           "--set", "model.heads=2", "--set", "model.layers=1", "--set", "model.mlp_dim=32",
           "--set", "model.norm=\"pre\"", "--set", "model.gelu=\"erf\"", "--set", "model.ln_eps=1e-6",
+          "--set", "model.dropout=0.1",
           "--batch-size", "4", "--no-progress",
           "--set", "data.workers=1", "--lr", "1e-2"]
 QUIET = ["--batch-size", "4", "--no-progress", "--set", "data.workers=1"]
@@ -109,7 +110,7 @@ def test_a_finetuned_run_starts_from_the_source(source, tmp_path, capsys):
     assert f"starting from {run_dir / 'best.npz'} (position embeddings resized from a 2x2 to a " \
            "3x3 patch grid (bicubic), head: the columns of these 2 classes, of the source's 3" in out
     model = run.cfg.model
-    assert (model.image_size, model.num_classes) == (12, 2)
+    assert (model.image_size, model.num_classes, model.dropout) == (12, 2, 0.0)
     assert {k: getattr(model, k) for k in ("patch_size", "d_model", "heads", "layers", "mlp_dim",
                                            "norm", "gelu", "ln_eps")} == \
            {"patch_size": 4, "d_model": 16, "heads": 2, "layers": 1, "mlp_dim": 32, "norm": "pre",
