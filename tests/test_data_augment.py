@@ -1,5 +1,6 @@
 """Device augmentations: crop, flip, label smoothing, mixup and cutmix (soft targets), and the train pipeline."""
 
+import re
 from functools import partial
 
 import jax
@@ -304,11 +305,22 @@ def test_step_without_augmentation_passes_the_batch_through():
 
 
 def test_step_takes_float_images_as_they_are_with_smoothed_targets():
-    # already-normalized float images skip the uint8 augmentations, but not label smoothing
-    images, labels, x, targets = seen_by_the_gradient(float_images=True, label_smoothing=0.1,
-                                                      crop_pad=2, flip=True)
+    # already-normalized float images are trained on as given, with label smoothing
+    images, labels, x, targets = seen_by_the_gradient(float_images=True, label_smoothing=0.1)
     np.testing.assert_array_equal(x, normalized(images))
     np.testing.assert_allclose(targets, 0.02 + 0.9 * np.eye(5, dtype=np.float32)[labels], rtol=1e-6)
+
+
+@pytest.mark.parametrize("hparams", [{"crop_pad": 2, "flip": True}, {"mixup_alpha": 0.8},
+                                     {"rand_augment_ops": 2}, {"random_erase": 0.25},
+                                     {"cutmix_alpha": 1.0}])
+def test_step_refuses_to_augment_float_images(hparams):
+    """Augmentation works on uint8 images: asked of floats, it used to be skipped in silence."""
+    named = ", ".join(f"{k}={v!r}" for k, v in hparams.items())
+    with pytest.raises(ValueError, match=rf"training images are float32, taken as normalised, "
+                                         rf"and augmentation works on uint8 images: TrainHParams "
+                                         rf"{re.escape(named)} would be skipped"):
+        seen_by_the_gradient(float_images=True, **hparams)
 
 
 def test_step_flips_about_half_the_images():

@@ -2,8 +2,9 @@
 
     step(params, opt_state, images, labels, key) -> (params, opt_state, metrics)
 
-images: uint8 (B, S, S, C) straight from the data pipeline (normalised on the device here) or
-already-normalised floats; labels: int (B,). Everything happens inside one jax.jit.
+images: uint8 (B, S, S, C) straight from the data pipeline (normalised and augmented on the device
+here) or already-normalised floats (trained on as given: a TrainHParams asking to augment them is a
+ValueError); labels: int (B,). Everything happens inside one jax.jit.
 """
 
 from __future__ import annotations
@@ -121,14 +122,26 @@ def scheduled_lr(hp: TrainHParams, step):
                          warmup_steps=hp.warmup_steps, schedule=hp.schedule, min_lr=hp.min_lr)
 
 
+# the TrainHParams that augment uint8 images (each off at 0 / False)
+AUGMENTATIONS = ("crop_pad", "flip", "rand_augment_ops", "random_erase", "mixup_alpha",
+                 "cutmix_alpha")
+
+
 def training_inputs(config: ViTConfig, hp: TrainHParams, images, labels, key, mean=None, std=None):
     """What a training step trains on: (x, targets (B, K) float32) of a batch, given the step's
     augmentation key (the first of split(step key)). uint8 images are cropped, flipped,
     RandAugment-ed, normalised, erased, one-hot (smoothed) and mixed
     (vit.data.augment.train_augment: x float32);
-    floats are taken as normalised and left as they are. The step calls it under its jit;
+    floats are taken as normalised and left as they are, so hp asking to augment them is a
+    ValueError (it was skipped without a word). The step calls it under its jit;
     evaluate.py --augment calls it to draw a run's first batch as its first step saw it."""
     if images.dtype != jnp.uint8:
+        asked = [f"{k}={getattr(hp, k)!r}" for k in AUGMENTATIONS if getattr(hp, k)]
+        if asked:
+            raise ValueError(f"the training images are {images.dtype}, taken as normalised, and "
+                             f"augmentation works on uint8 images: TrainHParams {', '.join(asked)} "
+                             "would be skipped; give the step uint8 images (it normalises them "
+                             "with mean and std), or switch those off")
         return images, layers.one_hot_targets(labels, config.num_classes, hp.label_smoothing)
     mean, std = _stats(mean, std, config.channels)
     return train_augment(key, images, labels, mean, std, num_classes=config.num_classes,
