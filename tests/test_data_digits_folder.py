@@ -29,7 +29,12 @@ def test_the_folder_reads_back_as_the_digits_split(tmp_path, capsys):
 
 
 def test_a_used_folder_and_unknown_digits_are_refused(tmp_path, capsys):
+    (tmp_path / "all.part" / "train" / "3").mkdir(parents=True)  # left by an interrupted write
+    (tmp_path / "all.part" / "train" / "3" / "x.png").write_bytes(b"half")
     assert main(["digits-folder", str(tmp_path / "all")]) == 0
+    assert not (tmp_path / "all.part").exists()
+    assert len(list((tmp_path / "all" / "train" / "3").iterdir())) == int(
+        (load_dataset("digits", None, "train").labels == 3).sum())
     assert "1437 train / 360 val images of 8x8 digits (all ten)" in capsys.readouterr().out
     for argv, message in (([str(tmp_path / "all")], "is not empty: give a new folder"),
                           ([str(tmp_path / "x"), "--classes", "3,x"], "got ['x']")):

@@ -46,7 +46,8 @@ def load_digits_split(split: str) -> Dataset:
 def write_digits_folder(dest, classes=None) -> dict[str, int]:
     """Both splits (their fixed split) as DEST/{train,val}/<digit>/<index>.png, 8x8 grayscale, for
     the digits in classes (default: all ten); -> {split: images written}. A DEST that holds
-    anything is a DatasetError: another set's files would join the classes."""
+    anything is a DatasetError: another set's files would join the classes. Written into
+    DEST.part (emptied first), renamed to DEST when whole: an interrupted write leaves no DEST."""
     dest = Path(dest)
     chosen = list(CLASS_NAMES) if classes is None else list(classes)
     unknown = [c for c in chosen if c not in CLASS_NAMES]
@@ -54,15 +55,21 @@ def write_digits_folder(dest, classes=None) -> dict[str, int]:
         raise DatasetError(f"digits are the classes {', '.join(CLASS_NAMES)}; got {unknown or 'none'}")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise DatasetError(f"{dest} is {'not empty' if dest.is_dir() else 'a file'}: give a new folder")
+    import shutil  # noqa: PLC0415
+
     from PIL import Image  # noqa: PLC0415
 
-    written = {}
+    part, written = dest.with_name(dest.name + ".part"), {}
+    shutil.rmtree(part, ignore_errors=True)
     for split in ("train", "val"):
         data = load_digits_split(split)
         keep = np.flatnonzero(np.isin(data.labels, [CLASS_NAMES.index(c) for c in chosen]))
         for i in keep:
-            folder = dest / split / CLASS_NAMES[data.labels[i]]
+            folder = part / split / CLASS_NAMES[data.labels[i]]
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(data.images[i, ..., 0], "L").save(folder / f"{i}.png")
         written[split] = len(keep)
+    if dest.exists():
+        dest.rmdir()  # empty (checked above)
+    part.rename(dest)
     return written
