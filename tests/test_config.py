@@ -151,7 +151,7 @@ def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
 
 @pytest.mark.parametrize("key, value", [
     ("epochs", 0), ("epochs", 2.5), ("batch_size", 0), ("compute_dtype", "fp16"), ("lr", 0.0),
-    ("schedule", "linear"), ("label_smoothing", 1.0),
+    ("schedule", "linear"), ("label_smoothing", 1.0), ("trainable", "body"), ("trainable", 1),
     # types: a value TOML read as another type than the field's
     ("flip", "False"), ("flip", "yes"), ("flip", 1), ("clip_norm", "x"), ("lr", True),
     ("seed", 1.5), ("seed", -1), ("mixup_alpha", "0.8"), ("compute_dtype", 16), ("init_from", 3),

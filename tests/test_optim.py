@@ -173,3 +173,46 @@ def test_the_train_step_clips_what_adamw_sees_and_reports_the_norm_before():
         _, state, metrics = step(params, optim.adamw_init(params), images, labels, jax.random.key(0))
         assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-6)
         np.testing.assert_allclose(state["m"]["head"]["w"], (1 - hp.b1) * 3.0 * scale, rtol=1e-5)
+
+
+def test_trainable_head_is_the_head_alone():
+    _, params = _tiny()
+    flat = jax.tree_util.tree_flatten_with_path(optim.trainable_mask(params, "head"))[0]
+    assert sorted(jax.tree_util.keystr(path) for path, t in flat if t) == ["['head']['b']", "['head']['w']"]
+    assert all(jax.tree_util.tree_leaves(optim.trainable_mask(params, "all")))
+    with pytest.raises(ValueError, match="trainable must be one of"):
+        optim.trainable_mask(params, "body")
+
+
+def test_a_linear_probe_step_trains_the_head_alone_on_its_own_gradient():
+    """trainable="head": the other parameters stay bitwise as they were (also with AdamW moments
+    left by a step that trained them), and the head takes AdamW's step on its own hand-written
+    gradient, clipped by that gradient's norm, which the metrics report."""
+    from vit.config import TrainHParams
+    from vit.step import make_train_step
+
+    cfg, params = _tiny()
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(4, 8, 8, 3)), jnp.float32)
+    labels = jnp.asarray([0, 1, 2, 4])
+    hp = TrainHParams(lr=1e-2, weight_decay=0.1, clip_norm=0.05, trainable="head")
+    _, trained_all, _ = make_train_step(cfg, hp.replace(trainable="all"), donate=False)(
+        params, optim.adamw_init(params), images, labels, jax.random.key(0))  # moments everywhere
+    _, grads = vit.loss_and_grads(params, images, labels, cfg)
+    head_norm = float(optim.global_norm(grads["head"]))
+    assert head_norm > hp.clip_norm  # so the clipping shows
+    state = {**trained_all, "step": jnp.zeros((), jnp.int32)}
+    new, _, metrics = make_train_step(cfg, hp, donate=False)(params, state, images, labels,
+                                                             jax.random.key(1))
+    assert float(metrics["grad_norm"]) == pytest.approx(head_norm, rel=1e-5)
+    for part in [k for k in params if k != "head"]:
+        for a, b in zip(jax.tree_util.tree_leaves(new[part]), jax.tree_util.tree_leaves(params[part])):
+            np.testing.assert_array_equal(a, b)
+    clipped = jax.tree_util.tree_map(lambda g: g * hp.clip_norm / head_norm, grads["head"])
+    want, _ = optim.adamw_update({"head": params["head"]}, {"head": clipped},
+                                 {"step": state["step"], "m": {"head": state["m"]["head"]},
+                                  "v": {"head": state["v"]["head"]}},
+                                 hp.lr, weight_decay=hp.weight_decay)
+    for got, expected in zip(jax.tree_util.tree_leaves(new["head"]), jax.tree_util.tree_leaves(want["head"])):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(new["head"]["w"], params["head"]["w"])

@@ -130,6 +130,7 @@ class TrainHParams:
     rand_augment_magnitude: float = 9.0  # their level, 0 .. 10 (DeiT 9)
     rand_augment_std: float = 0.5    # the level's noise per op, N(magnitude, std²) (DeiT 0.5)
     accum_steps: int = 1             # gradient accumulation: the batch in this many micro-batches
+    trainable: str = "all"           # "all" | "head": what is trained (vit.optim.trainable_mask)
 
     def replace(self, **changes) -> "TrainHParams":
         return dataclasses.replace(self, **changes)
@@ -138,3 +139,7 @@ class TrainHParams:
 # The dtype of a step's activations and matmul inputs ("compute_dtype"); master weights, optimizer
 # state, LayerNorm statistics, softmax and the loss stay float32 either way (vit/step.py).
 COMPUTE_DTYPES = ("fp32", "bf16")
+
+# what a run trains (TrainHParams.trainable, vit.optim.trainable_mask): every parameter, or the head
+# alone (a linear probe of the features of a model it starts from, train.py --init-from)
+TRAINABLE = ("all", "head")

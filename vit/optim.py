@@ -9,6 +9,10 @@ The weight decay is decoupled (not part of g) and scaled by lr, as in optax.adam
 Which params are decayed (decay_mask): the dense weight matrices only (patch projection, QKV,
 attention output, FFN, head). Not decayed: biases, LayerNorm gamma/beta, the CLS token and the
 position embeddings - shrinking those towards zero has no regularising meaning.
+
+Which params are trained at all (trainable_mask): every one, or the head alone (a linear probe);
+the step (vit/step.py) gives the others a zero gradient, so that the gradient norm and clipping
+count the trained ones only, and keeps them as they were.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vit.config import TRAINABLE
+
 
 def decay_mask(params):
     """True for the dense weight matrices (leaves named 'w'), False for everything else."""
@@ -25,6 +31,14 @@ def decay_mask(params):
         last = path[-1]
         return getattr(last, "key", None) == "w"
     return jax.tree_util.tree_map_with_path(is_weight, params)
+
+
+def trainable_mask(params, trainable: str = "all"):
+    """True for the parameters a run of `trainable` (TRAINABLE) updates, False for those it keeps."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: trainable == "all" or getattr(path[0], "key", None) == "head", params)
 
 
 def adamw_init(params):

@@ -40,7 +40,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vit.config import COMPUTE_DTYPES, TrainHParams, ViTConfig, patch_size_hint
+from vit.config import COMPUTE_DTYPES, TRAINABLE, TrainHParams, ViTConfig, patch_size_hint
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -374,6 +374,8 @@ def _validate(t: TrainSection, source):
     if hp.min_lr > hp.lr:
         raise ConfigError(f"{source('train.min_lr', 'train.lr')}: train.min_lr = {hp.min_lr!r} is "
                           f"above train.lr = {hp.lr!r}: the schedule decays from lr to min_lr")
+    if hp.trainable not in TRAINABLE:
+        bad("trainable", f"must be one of {TRAINABLE} (what the run trains)")
     if hp.schedule not in ("constant", "cosine"):
         raise ConfigError(f"{source('train.schedule')}: train.schedule must be 'constant' or "
                           f"'cosine', got {hp.schedule!r}")

@@ -20,7 +20,7 @@ from vit.data.augment import train_augment
 from vit.data.loader import normalize
 from vit.model import model_backward, model_forward
 from vit.ops import REFERENCE, Ops
-from vit.optim import adamw_update, clip_by_global_norm, decay_mask, learning_rate
+from vit.optim import adamw_update, clip_by_global_norm, decay_mask, learning_rate, trainable_mask
 
 
 def jnp_dtype(compute_dtype: str):
@@ -169,11 +169,18 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, 
         k_aug, k_drop = jax.random.split(key)
         x, targets = training_inputs(config, hp, images, labels, k_aug, mean, std)
         loss, grads, logits = grad_fn(params, x, targets, k_drop if config.has_dropout else None)
+        trained = trainable_mask(params, hp.trainable)  # frozen: a zero gradient (XLA then drops
+        grads = jax.tree_util.tree_map(                 # the backward work only they needed)
+            lambda g, t: g if t else jnp.zeros_like(g), grads, trained)
         grads, grad_norm = clip_by_global_norm(grads, hp.clip_norm)
         lr = scheduled_lr(hp, opt_state["step"])
-        params, opt_state = adamw_update(params, grads, opt_state, lr, b1=hp.b1, b2=hp.b2,
-                                         eps=hp.eps, weight_decay=hp.weight_decay,
-                                         mask=decay_mask(params))
+        updated, opt_state = adamw_update(params, grads, opt_state, lr, b1=hp.b1, b2=hp.b2,
+                                          eps=hp.eps, weight_decay=hp.weight_decay,
+                                          mask=decay_mask(params))
+        # frozen ones as they were (not merely a zero step: moments from a run that trained them,
+        # resumed with another hp.trainable, would still move them)
+        params = jax.tree_util.tree_map(lambda new, old, t: new if t else old, updated, params,
+                                        trained)
         correct = jnp.argmax(logits, axis=-1) == labels
         metrics = {"loss": loss, "accuracy": jnp.mean(correct.astype(jnp.float32)),
                    "grad_norm": grad_norm, "lr": lr}
