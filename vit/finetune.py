@@ -8,8 +8,9 @@ SOURCE is a run directory (its best.npz) or a checkpoint file train.py wrote (RU
 the new run takes:
   - the architecture: the source's ARCHITECTURE_KEYS replace the config's (resolve_model, before
     the config is built; a flag or --set giving one of them another value is refused, a config
-    file's value is replaced with a note). The data still sets the image size and the classes, and the config the dropout rates;
-    the channels must be the source's (3 for every image folder, 1 for digits).
+    file's value is replaced with a note). The data still sets the image size and the classes,
+    the config the dropout rates; the channels must be the source's (3 for every image folder,
+    1 for digits).
   - every parameter (transfer_params), as it is, except two:
       embed.pos, when the patch grid differs (another image size): the CLS row is kept and the
         G x G grid of patch rows is resized to G' x G' (resize_positions: bicubic, Keys' kernel
@@ -22,7 +23,8 @@ the new run takes:
   - the normalisation statistics: the source's mean and std, the scale its first layer was
     trained on (the new data's own are not measured).
 AdamW's moments, the data position and the history start at 0. From there it is an ordinary run:
---resume continues it from its own last.npz, and refuses another train.init_from.
+--resume continues it from its own last.npz, and refuses another train.init_from. With
+train.trainable = "head" (vit.optim.trainable_mask) it is a linear probe of the source's features.
 """
 
 from __future__ import annotations
