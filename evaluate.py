@@ -92,7 +92,7 @@ def evaluate(run_dir, checkpoint_name="best", data_dir=None, batch_size=256, ops
     from vit import explain  # noqa: PLC0415
 
     run = load_run(run_dir, checkpoint_name)
-    return evaluate_run(run, explain.load_val(run, data_dir, progress), batch_size, ops, progress)
+    return evaluate_run(run, explain.load_split(run, data_dir, progress), batch_size, ops, progress)
 
 
 def evaluate_run(run, val, batch_size=256, ops=None, progress=True):
@@ -209,7 +209,7 @@ def evaluate_command(args, written, check_interrupt=lambda: None) -> int:
         run = load_run(args.run_dir, args.checkpoint)
         cmdline.check_ops_run(ops, run.model)  # before the data loads
         check_interrupt()
-        val = explain.load_val(run, args.data_dir, progress=not args.no_progress)
+        val = explain.load_split(run, args.data_dir, progress=not args.no_progress)
         check_interrupt()
         result = evaluate_run(run, val, args.batch_size, ops, not args.no_progress)
         check_interrupt()
@@ -269,7 +269,7 @@ def write_augmented(run, args, written) -> dict:
     from vit.data.common import check_same_count  # noqa: PLC0415
 
     try:
-        train_set = explain.load_val(run, args.data_dir, not args.no_progress, split="train")
+        train_set = explain.load_split(run, args.data_dir, not args.no_progress, split="train")
         check_same_count(run.meta.get("train_images"), len(train_set.labels),
                          args.data_dir or explain.run_data(run).data_dir, args.run_dir,
                          "its first batch was other images; give --data-dir the folder it was "
@@ -292,7 +292,7 @@ def predict(args) -> int:
     from vit.runconfig import ConfigError  # noqa: PLC0415
     try:
         run = load_run(args.run_dir, args.checkpoint)
-        names = run.class_names or explain.load_val(run, args.data_dir,
+        names = run.class_names or explain.load_split(run, args.data_dir,
                                                     not args.no_progress).class_names
         if len(names) != run.model.num_classes:
             data_dir = args.data_dir or explain.run_data(run).data_dir

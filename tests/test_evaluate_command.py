@@ -32,7 +32,7 @@ def faked(monkeypatch, tmp_path):
         raise Left
     monkeypatch.setattr(evaluate.os, "_exit", leave)
     monkeypatch.setattr(evaluate, "load_run", lambda *args: SimpleNamespace(model=ViTConfig()))
-    monkeypatch.setattr(explain, "load_val", lambda *args, **kwargs: "val")
+    monkeypatch.setattr(explain, "load_split", lambda *args, **kwargs: "val")
     result = {"checkpoint": str(tmp_path / "last.npz"), "epoch": 1, "step_in_epoch": 4,
               "top1": 0.5, "top5": 1.0, "loss": 0.7, "count": 4,
               "per_class": [("a", 1, 2), ("b", 1, 2)], "confusion": np.ones((2, 2), np.int64),
@@ -318,6 +318,7 @@ def test_ctrl_c_after_the_augment_figure_names_it(faked, monkeypatch, capsys):
 
     run, exits = faked
     monkeypatch.setattr(evaluate, "load_run", lambda *args: SimpleNamespace(model=ViTConfig(), meta={}))
+    monkeypatch.setattr(explain, "load_split", lambda *args, **kwargs: SimpleNamespace(labels=[0, 1]))
 
     def write_augmented(run_, train_set, n, out_dir):
         png = run / "augment.png"
@@ -326,7 +327,7 @@ def test_ctrl_c_after_the_augment_figure_names_it(faked, monkeypatch, capsys):
     monkeypatch.setattr(augment_figure, "write_augmented", write_augmented)
     monkeypatch.setattr(evaluate.os, "replace", interrupted)  # the results' JSON
     with pytest.raises(Left):
-        evaluate.main([str(run), "--augment", "2"], standalone=True)
+        evaluate.main([str(run), "--augment", "2", "--data-dir", str(run)], standalone=True)
     assert exits == [evaluate.EXIT_INTERRUPTED]
     assert f"interrupted (Ctrl-C): wrote only {run / 'augment.png'}" in capsys.readouterr().err
 

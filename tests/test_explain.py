@@ -294,7 +294,7 @@ def test_confusion_rows_are_the_true_classes(colour_run, tmp_path):
     the images of each class, not the answers given."""
     run = run_that_answers(colour_run, tmp_path, 2)
     result = evaluate.evaluate(run, "best", progress=False)
-    true = np.bincount(explain.load_val(explain.load_run(run), progress=False).labels, minlength=3)
+    true = np.bincount(explain.load_split(explain.load_run(run), progress=False).labels, minlength=3)
     assert true.min() > 0 and true.sum() == 9
     want = np.zeros((3, 3), np.int64)
     want[:, 2] = true

@@ -89,4 +89,4 @@ def test_evaluate_names_a_data_dir_that_is_not_there(tmp_path):
     cfg = runconfig.from_dict({"data": {"dataset": "image-folder", "data_dir": str(tmp_path)}})
     run = explain.Run(tmp_path / "best.npz", {}, np.zeros(3), np.ones(3), cfg, {})
     with pytest.raises(DatasetError, match=f"^--data-dir {tmp_path / 'nowhere'}: no such folder$"):
-        explain.load_val(run, tmp_path / "nowhere")
+        explain.load_split(run, tmp_path / "nowhere")

@@ -102,10 +102,10 @@ def run_data(run: Run):
         return data
 
 
-def load_val(run: Run, data_dir=None, progress: bool = True, split: str = "val"):
-    """The run's validation set (split "train": its training set), at the model's image size; a
-    DatasetError if its classes are not the ones the run was trained on (data_dir: another
-    folder than the run's)."""
+def load_split(run: Run, data_dir=None, progress: bool = True, split: str = "val"):
+    """One split of the run's data ("val", or "train" for evaluate.py --augment), at the model's
+    image size; a DatasetError if its classes are not the ones the run was trained on (data_dir:
+    another folder than the run's)."""
     from vit.data import BUNDLED_DATASETS, DatasetError, check_run_data_dir, load_dataset  # noqa: PLC0415
     from vit.data.common import check_same_classes  # noqa: PLC0415
 
@@ -117,11 +117,11 @@ def load_val(run: Run, data_dir=None, progress: bool = True, split: str = "val")
                            f"{BUNDLED_DATASETS[data.dataset]} (leave --data-dir out)")
     elif not Path(data_dir).is_dir():
         raise DatasetError(f"--data-dir {data_dir}: no such folder")
-    val = load_dataset(data.dataset, data_dir or data.data_dir, split, workers=data.workers,
-                       progress=progress, image_size=run.model.image_size, layout=data.layout,
-                       cache_dir=data.cache_dir)
-    check_same_classes(run.class_names, val.class_names, data_dir or data.data_dir, run.path.parent)
-    return val
+    found = load_dataset(data.dataset, data_dir or data.data_dir, split, workers=data.workers,
+                         progress=progress, image_size=run.model.image_size, layout=data.layout,
+                         cache_dir=data.cache_dir)
+    check_same_classes(run.class_names, found.class_names, data_dir or data.data_dir, run.path.parent)
+    return found
 
 
 def model_input(images_u8, mean, std, dtype=jnp.float32):

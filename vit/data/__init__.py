@@ -26,7 +26,7 @@ To add a dataset kind (say a folder of .npz files):
     together). load_dataset hands data_dir on as
     given (None when unset; only its Tiny ImageNet branch puts in DEFAULT_DATA_DIR).
   - the rules that name datasets: vit/runconfig.py _native_image_size and _validate_data,
-    check_run_data_dir here and vit/explain.py load_val go by FOLDER_DATASETS/BUNDLED_DATASETS;
+    check_run_data_dir here and vit/explain.py load_split go by FOLDER_DATASETS/BUNDLED_DATASETS;
     "digits" is named outright only where its size is known without loading (vit/flops.py main,
     which a kind with a config of its own joins, or `python -m vit.flops` shows it at 64 px and 200
     classes). `python -m vit.data prepare` (__main__.py) builds the cache of the two folder layouts
@@ -35,7 +35,7 @@ To add a dataset kind (say a folder of .npz files):
     tests/test_config.py keeps it equal to this one), the --dataset and --data-dir help, and
     its default config: a configs/<kind>.toml picked in resolve_config, as digits.toml is (else
     configs/seed.toml's 6.4 M-parameter model trains on it). evaluate.py has no dataset flag:
-    load_val reads the run's.
+    load_split reads the run's.
   - tests: the fake data writers live in vit/data/fake.py (write_fake_tiny_imagenet,
     write_fake_image_folder); tests/test_data_<kind>.py, tests/test_config.py for the config
     rules (its fixed-size refusals are written for digits' 8 px and Tiny ImageNet's 64 px: a new
