@@ -11,7 +11,7 @@ import pytest
 from vit.data.augment import random_erase, train_augment
 from vit.runconfig import ConfigError, from_dict
 
-from test_data_augment import MEAN, STD, by_hand, normalized, seen_by_the_gradient
+from test_data_augment import MEAN, STD, by_hand, seen_by_the_gradient
 
 KEY = jax.random.key(7)
 
@@ -143,12 +143,6 @@ def test_train_augment_erases_between_normalising_and_mixing_with_a_key_of_its_o
         np.testing.assert_array_equal(np.asarray(got[p][0]), want[0])
         np.testing.assert_array_equal(np.asarray(got[p][1]), want[1])
     assert np.mean(np.asarray(got[0.5][0]) != np.asarray(got[0.0][0])) > 0.02  # some boxes erased
-
-
-def test_float_images_are_taken_as_they_are_with_random_erase_on():
-    """The step takes images given as floats as already augmented (as it does crop and flip)."""
-    images, _, x, _ = seen_by_the_gradient(float_images=True, random_erase=1.0)
-    np.testing.assert_array_equal(x, normalized(images))
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5])
