@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="RUN_OR_NPZ",
                    help="train.init_from: fine-tune: start from the weights of a run (its best.npz) "
                         "or checkpoint, with its architecture; positions resized to the images, "
-                        "the head fitted to the classes (vit/finetune.py)")
+                        "the head fitted to the classes (vit/finetune.py); with --set "
+                        "train.trainable=head, a linear probe")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set model.layers=4 "
                         "--set train.mixup_alpha=0.8 (repeatable)")
