@@ -153,10 +153,10 @@ def test_step_counts_follow_epochs_and_fractional_warmup_epochs():
     ("epochs", 0), ("epochs", 2.5), ("batch_size", 0), ("compute_dtype", "fp16"), ("lr", 0.0),
     ("schedule", "linear"), ("label_smoothing", 1.0), ("trainable", "body"), ("trainable", 1),
     # types: a value TOML read as another type than the field's
-    ("flip", "False"), ("flip", "yes"), ("flip", 1), ("clip_norm", "x"), ("lr", True),
+    ("flip", "False"), ("flip", "yes"), ("flip", 1), ("clip_norm", "x"), ("lr", True), ("layer_decay", 0.0),
     ("seed", 1.5), ("seed", -1), ("mixup_alpha", "0.8"), ("compute_dtype", 16), ("init_from", 3),
     # ranges: negative where 0 switches a feature off, the Adam betas, eps, the eval batch
-    ("warmup_epochs", -3), ("weight_decay", -0.1), ("clip_norm", -1.0), ("crop_pad", -1),
+    ("warmup_epochs", -3), ("weight_decay", -0.1), ("clip_norm", -1.0), ("crop_pad", -1), ("layer_decay", 1.5),
     ("mixup_alpha", -0.2), ("cutmix_alpha", -1.0), ("min_lr", -1e-5), ("b1", 1.0), ("b2", -0.5),
     ("eps", 0.0), ("eval_batch_size", 0), ("checkpoint_minutes", -5), ("checkpoint_minutes", "30"),
     ("repeat_augment", 0), ("repeat_augment", 1.5), ("rand_augment_ops", 2.0), ("rand_augment_std", "0.5")])

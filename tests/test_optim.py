@@ -216,3 +216,45 @@ def test_a_linear_probe_step_trains_the_head_alone_on_its_own_gradient():
     for got, expected in zip(jax.tree_util.tree_leaves(new["head"]), jax.tree_util.tree_leaves(want["head"])):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     assert not np.allclose(new["head"]["w"], params["head"]["w"])
+
+
+def test_layer_decay_scales_the_lr_towards_the_input():
+    _, params = _tiny()  # 2 blocks, pre-norm
+    scales = optim.layer_lr_scales(params, 0.5)
+    assert scales["head"] == {"w": 1.0, "b": 1.0} and scales["final_ln"] == {"gamma": 1.0, "beta": 1.0}
+    assert set(jax.tree_util.tree_leaves(scales["blocks"][1])) == {0.5}
+    assert set(jax.tree_util.tree_leaves(scales["blocks"][0])) == {0.25}
+    assert scales["patch"] == {"w": 0.125, "b": 0.125} and scales["embed"] == {"cls": 0.125, "pos": 0.125}
+    assert set(jax.tree_util.tree_leaves(optim.layer_lr_scales(params, 1.0))) == {1.0}
+
+
+def test_a_step_with_layer_decay_moves_each_parameter_at_its_own_lr():
+    """The step's AdamW update of every parameter is the one AdamW makes at lr times its
+    layer's factor (its weight decay too), given the same gradients."""
+    from vit.config import TrainHParams
+    from vit.step import train_step_fn
+
+    cfg, params = _tiny()
+    rng = np.random.default_rng(1)
+    grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+
+    def fixed_grads(p, x, targets, key):
+        return jnp.float32(0.0), grads, jnp.zeros((x.shape[0], 5))
+
+    images, labels = jnp.zeros((2, 8, 8, 3), jnp.float32), jnp.zeros((2,), jnp.int32)
+    hp = TrainHParams(lr=1e-2, weight_decay=0.1, layer_decay=0.6)
+    new, _, _ = jax.jit(train_step_fn(cfg, hp, grad_fn=fixed_grads))(
+        params, optim.adamw_init(params), images, labels, jax.random.key(0))
+    scales = optim.layer_lr_scales(params, 0.6)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), g, s, got in zip(flat, jax.tree_util.tree_leaves(grads),
+                                    jax.tree_util.tree_leaves(scales), jax.tree_util.tree_leaves(new)):
+        decayed = getattr(path[-1], "key", None) == "w"
+        want, _ = optim.adamw_update(p, g, optim.adamw_init(p), hp.lr * s,
+                                     weight_decay=hp.weight_decay, mask=decayed)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-8, err_msg=jax.tree_util.keystr(path))
+    # the factors matter: the patch projection moved 0.6 ** 3 as far as at the full lr
+    full, _, _ = jax.jit(train_step_fn(cfg, hp.replace(layer_decay=1.0), grad_fn=fixed_grads))(
+        params, optim.adamw_init(params), images, labels, jax.random.key(0))
+    moved = [np.abs(np.asarray(x["patch"]["w"]) - np.asarray(params["patch"]["w"])).max() for x in (new, full)]
+    assert moved[0] == pytest.approx(0.6 ** 3 * moved[1], rel=1e-4)

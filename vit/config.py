@@ -131,6 +131,7 @@ class TrainHParams:
     rand_augment_std: float = 0.5    # the level's noise per op, N(magnitude, std²) (DeiT 0.5)
     accum_steps: int = 1             # gradient accumulation: the batch in this many micro-batches
     trainable: str = "all"           # "all" | "head": what is trained (vit.optim.trainable_mask)
+    layer_decay: float = 1.0         # layer-wise lr decay, (0, 1]: block i of L at lr * d^(L - i)
 
     def replace(self, **changes) -> "TrainHParams":
         return dataclasses.replace(self, **changes)

@@ -10,6 +10,9 @@ Which params are decayed (decay_mask): the dense weight matrices only (patch pro
 attention output, FFN, head). Not decayed: biases, LayerNorm gamma/beta, the CLS token and the
 position embeddings - shrinking those towards zero has no regularising meaning.
 
+Layer-wise learning-rate decay (layer_lr_scales, TrainHParams.layer_decay): each parameter's lr
+times a factor that shrinks towards the input, for fine-tuning (train.py --init-from).
+
 Which params are trained at all (trainable_mask): every one, or the head alone (a linear probe);
 the step (vit/step.py) gives the others a zero gradient, so that the gradient norm and clipping
 count the trained ones only, and keeps them as they were.
@@ -48,9 +51,25 @@ def adamw_init(params):
             "v": jax.tree_util.tree_map(zeros, params)}
 
 
+def layer_lr_scales(params, layer_decay: float = 1.0):
+    """Each parameter's factor on the learning rate under layer-wise decay (BEiT, MAE and DINOv2
+    fine-tune so): with L blocks, block i (0-based) gets layer_decay ** (L - i), the patch
+    projection, CLS token and positions layer_decay ** (L + 1), the head and the final LayerNorm
+    1; layers near the input move least. layer_decay 1: every factor 1."""
+    blocks = len(params.get("blocks", []))
+
+    def scale(path, leaf):
+        top = getattr(path[0], "key", None)
+        if top == "blocks":
+            return layer_decay ** (blocks - path[1].idx)
+        return layer_decay ** (blocks + 1) if top in ("patch", "embed") else 1.0
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
 def adamw_update(params, grads, state, lr, *, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-                 mask=None):
-    """One AdamW step; returns (new params, new state)."""
+                 mask=None, lr_scale=None):
+    """One AdamW step; returns (new params, new state). lr_scale: a tree of factors on lr (the
+    decay's too, as a parameter group's lr is in PyTorch), e.g. layer_lr_scales'; None: 1."""
     if mask is None:
         mask = decay_mask(params)
     step = state["step"] + 1
@@ -60,13 +79,16 @@ def adamw_update(params, grads, state, lr, *, b1=0.9, b2=0.999, eps=1e-8, weight
     m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1.0 - b1) * g, state["m"], grads)
     v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state["v"], grads)
 
-    def apply(p, m, v, decay):
+    if lr_scale is None:
+        lr_scale = jax.tree_util.tree_map(lambda p: 1.0, params)
+
+    def apply(p, m, v, decay, scale):
         update = (m / bias1) / (jnp.sqrt(v / bias2) + eps)
         if decay:
             update = update + weight_decay * p
-        return (p - lr * update).astype(p.dtype)
+        return (p - lr * scale * update).astype(p.dtype)
 
-    new_params = jax.tree_util.tree_map(apply, params, m, v, mask)
+    new_params = jax.tree_util.tree_map(apply, params, m, v, mask, lr_scale)
     return new_params, {"step": step, "m": m, "v": v}
 
 

@@ -374,6 +374,8 @@ def _validate(t: TrainSection, source):
     if hp.min_lr > hp.lr:
         raise ConfigError(f"{source('train.min_lr', 'train.lr')}: train.min_lr = {hp.min_lr!r} is "
                           f"above train.lr = {hp.lr!r}: the schedule decays from lr to min_lr")
+    if not 0.0 < hp.layer_decay <= 1.0:
+        bad("layer_decay", "must be in (0, 1] (the lr factor per block towards the input)")
     if hp.trainable not in TRAINABLE:
         bad("trainable", f"must be one of {TRAINABLE} (what the run trains)")
     if hp.schedule not in ("constant", "cosine"):
@@ -385,10 +387,9 @@ def _validate(t: TrainSection, source):
 
 
 def image_size_notes(config, written: int, data, crop_pad: int = 0) -> list[str]:
-    """A note when a config file's model.image_size (a preset's 224) is not the size the data
-    will come at, which the model takes: such a run trained at 64 px without a word. crop_pad:
-    the file's train.crop_pad (0 if a flag set it), rescaled in a second note: a preset's 16 is
-    for 224 px, and a quarter of a 64 px image."""
+    """A note when a config file's model.image_size (a preset's 224) is not the data's, which the
+    model takes (such a run trained at 64 px without a word); crop_pad: the file's train.crop_pad
+    (0 if a flag set it), rescaled in a second note (a preset's 16 is a quarter of 64 px)."""
     from vit.data import NATIVE_IMAGE_SIZE  # noqa: PLC0415
     from vit.data.image_folder import DEFAULT_IMAGE_SIZE  # noqa: PLC0415
 

@@ -20,7 +20,8 @@ from vit.data.augment import train_augment
 from vit.data.loader import normalize
 from vit.model import model_backward, model_forward
 from vit.ops import REFERENCE, Ops
-from vit.optim import adamw_update, clip_by_global_norm, decay_mask, learning_rate, trainable_mask
+from vit.optim import (adamw_update, clip_by_global_norm, decay_mask, layer_lr_scales,
+                       learning_rate, trainable_mask)
 
 
 def jnp_dtype(compute_dtype: str):
@@ -183,7 +184,9 @@ def train_step_fn(config: ViTConfig, hp: TrainHParams, *, ops: Ops = REFERENCE, 
         lr = scheduled_lr(hp, opt_state["step"])
         updated, opt_state = adamw_update(params, grads, opt_state, lr, b1=hp.b1, b2=hp.b2,
                                           eps=hp.eps, weight_decay=hp.weight_decay,
-                                          mask=decay_mask(params))
+                                          mask=decay_mask(params),
+                                          lr_scale=None if hp.layer_decay == 1.0 else
+                                          layer_lr_scales(params, hp.layer_decay))
         # frozen ones as they were (not merely a zero step: moments from a run that trained them,
         # resumed with another hp.trainable, would still move them)
         params = jax.tree_util.tree_map(lambda new, old, t: new if t else old, updated, params,
