@@ -25,8 +25,9 @@ def mid_run_state() -> RunState:
     s.epoch, s.step_in_epoch = 2, 5
     s.running = {"loss": 12.5, "correct": 31.0, "seen": 40, "grad_norm": 6.5,
                  "grad_norm_max": 2.5, "steps": 5}
-    s.history = [{"epoch": 1, "val_top1": 0.5}, {"epoch": 2, "val_top1": 0.75}]
-    s.best_top1 = 0.75
+    s.history = [{"epoch": 1, "val_top1": 0.5, "val_loss": 1.0},
+                 {"epoch": 2, "val_top1": 0.75, "val_loss": 0.625}]
+    s.best_top1, s.best_val_loss = 0.75, 0.625
     return s
 
 
@@ -51,6 +52,14 @@ def test_a_checkpoint_restores_every_field(tmp_path):
             assert got.dtype == np.float32
         else:
             assert got == want, f.name
+
+
+def test_a_checkpoint_from_before_best_val_loss_takes_that_of_its_first_best_epoch():
+    s = mid_run_state()
+    s.history.append({"epoch": 3, "val_top1": 0.75, "val_loss": 0.5})  # a tie, kept by the old rule
+    trees, meta = s.to_checkpoint(s.params, s.opt_state, STEPS_PER_EPOCH)
+    del meta["best_val_loss"]
+    assert RunState.from_checkpoint(trees, meta).best_val_loss == 0.625  # epoch 2, in best.npz
 
 
 def test_a_checkpoint_keeps_the_order_of_a_list_of_ten_or_more(tmp_path):
@@ -106,7 +115,7 @@ def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
     s.account(1.0, 1.0, 1.0, 30)  # per-image means: (2*10 + 1*30) / 40, (0.5*10 + 1*30) / 40
     assert s.train_means() == pytest.approx((1.25, 0.875))
     assert s.grad_norms() == (2.0, 3.0)  # per-step mean and the largest
-    assert s.finish_epoch({"epoch": 1, "val_top1": 0.4}) is True  # the first epoch is the best yet
+    assert s.finish_epoch({"epoch": 1, "val_top1": 0.4, "val_loss": 0.8}) is True  # the first is the best yet
     assert (s.epoch, s.step_in_epoch, s.best_top1) == (1, 0, 0.4)
     assert s.running == {"loss": 0.0, "correct": 0.0, "seen": 0, "grad_norm": 0.0,
                          "grad_norm_max": 0.0, "steps": 0}  # epoch 2 starts from nothing
@@ -114,10 +123,15 @@ def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
     s.account(4.0, 0.0, 0.5, 8)
     assert s.train_means() == (4.0, 0.0)  # epoch 2's own, not mixed with epoch 1's
     assert s.grad_norms() == (0.5, 0.5)
-    assert s.finish_epoch({"epoch": 2, "val_top1": 0.3}) is False
-    assert s.finish_epoch({"epoch": 3, "val_top1": 0.4}) is False  # a tie keeps the earlier best
-    assert s.finish_epoch({"epoch": 4, "val_top1": 0.6}) is True
-    assert s.best_top1 == 0.6 and [h["epoch"] for h in s.history] == [1, 2, 3, 4]
+    assert s.finish_epoch({"epoch": 2, "val_top1": 0.3, "val_loss": 0.5}) is False
+    # a tie in top-1 goes to the lower val loss; an equal or higher one keeps the earlier best
+    assert s.finish_epoch({"epoch": 3, "val_top1": 0.4, "val_loss": 0.9}) is False
+    assert s.finish_epoch({"epoch": 4, "val_top1": 0.4, "val_loss": 0.7}) is True
+    assert (s.best_top1, s.best_val_loss) == (0.4, 0.7)
+    assert s.finish_epoch({"epoch": 5, "val_top1": 0.4, "val_loss": 0.7}) is False
+    assert s.finish_epoch({"epoch": 6, "val_top1": 0.6, "val_loss": 1.2}) is True  # top-1 first
+    assert (s.best_top1, s.best_val_loss) == (0.6, 1.2)
+    assert [h["epoch"] for h in s.history] == [1, 2, 3, 4, 5, 6]
     for loss in (math.nan, math.inf, -math.inf):  # an overflowed loss stops training as a NaN does
         with pytest.raises(FloatingPointError):
             s.account(loss, 0.0, 1.0, 8)

@@ -49,6 +49,7 @@ class RunState:
     running: dict = field(default_factory=_no_running)  # that epoch's sums (_no_running)
     history: list = field(default_factory=list)  # one metrics record per completed epoch
     best_top1: float = -1.0
+    best_val_loss: float | None = None  # of the best epoch: a tie in top-1 goes to the lower loss
 
     @classmethod
     def fresh(cls, params, opt_state, mean, std) -> "RunState":
@@ -61,7 +62,8 @@ class RunState:
                    std=np.asarray(meta["std"], np.float32), epoch=meta["epoch"],
                    step_in_epoch=meta["step_in_epoch"],
                    running={**_no_running(), **meta["running"]},  # older ones: no norm sums
-                   history=list(meta["history"]), best_top1=meta["best_top1"])
+                   history=list(meta["history"]), best_top1=meta["best_top1"],
+                   best_val_loss=meta.get("best_val_loss", _first_best_loss(meta)))
 
     def to_checkpoint(self, host_params, host_opt, steps_per_epoch: int, **extra) -> tuple[dict, dict]:
         """(trees, meta) for vit.checkpoint.save; host_*: numpy copies of params and opt_state
@@ -69,6 +71,7 @@ class RunState:
         meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.epoch * steps_per_epoch + self.step_in_epoch,
                 "history": self.history, "running": self.running, "best_top1": self.best_top1,
+                "best_val_loss": self.best_val_loss,
                 "mean": [float(x) for x in self.mean], "std": [float(x) for x in self.std],
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"), **extra}
         return {"params": host_params, "opt": host_opt}, meta
@@ -99,10 +102,20 @@ class RunState:
         return r["grad_norm"] / r["steps"], r["grad_norm_max"]
 
     def finish_epoch(self, record: dict) -> bool:
-        """Close the epoch with its metrics record; -> whether its val top-1 is the best yet."""
+        """Close the epoch with its metrics record; -> whether it is the best yet: the highest val
+        top-1, and of equal top-1 the lowest val loss (on a small validation set ties are many)."""
         self.history.append(record)
         self.epoch, self.step_in_epoch, self.running = self.epoch + 1, 0, _no_running()
-        best = record["val_top1"] > self.best_top1
+        top1, loss = record["val_top1"], record.get("val_loss")
+        best = top1 > self.best_top1 or (top1 == self.best_top1 and None not in (
+            loss, self.best_val_loss) and loss < self.best_val_loss)
         if best:
-            self.best_top1 = record["val_top1"]
+            self.best_top1, self.best_val_loss = top1, loss
         return best
+
+
+def _first_best_loss(meta: dict) -> float | None:
+    """The val loss of the first epoch at the checkpoint's best top-1 (the one best.npz holds):
+    for a checkpoint saved before best_val_loss was."""
+    return next((h.get("val_loss") for h in meta["history"] if h["val_top1"] == meta["best_top1"]),
+                None)
