@@ -30,7 +30,7 @@ def drawn(monkeypatch):
 
 def test_runs_are_drawn_on_shared_axes_and_their_best_epochs_printed(tmp_path, capsys, drawn):
     tuned = write_run(tmp_path / "tuned", [0.6, 0.9, 0.85], [(1.0, 1.2), (0.3, 0.4), (0.35, 0.2)])
-    scratch = write_run(tmp_path / "scratch", [0.5, 0.7], [(1.1, 1.5), (0.8, 0.9)])
+    scratch = write_run(tmp_path / "scratch", [0.7, 0.7], [(1.1, 1.5), (0.8, 0.9)])  # a tie
     out = tmp_path / "compare.png"
     assert curves.main([str(tuned), str(scratch), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

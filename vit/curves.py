@@ -7,7 +7,8 @@ Several runs side by side (say one fine-tuned with --init-from and one from scra
     python -m vit.curves runs/a runs/b --out compare.png
 
 draws their validation top-1 and loss on shared axes, one colour per run (the training loss
-dashed), and prints each run's best validation top-1 and the epoch it came at.
+dashed), and prints each run's best validation top-1 and the epoch it came at (best.npz's epoch:
+of equal top-1, the lower val loss).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         return 2
     plot_runs(histories, Path(args.out))
     for run, history in histories.items():
-        best = max(history, key=lambda h: h["val_top1"])
+        best = max(history, key=lambda h: (h["val_top1"], -h["val_loss"]))  # best.npz's rule
         print(f"{run}: best val top-1 {100 * best['val_top1']:.2f}% at epoch {best['epoch']} of "
               f"{history[-1]['epoch']}")
     print(f"wrote {args.out}")
