@@ -24,7 +24,9 @@ the new run takes:
     trained on (the new data's own are not measured).
 AdamW's moments, the data position and the history start at 0. From there it is an ordinary run:
 --resume continues it from its own last.npz, and refuses another train.init_from. With
-train.trainable = "head" (vit.optim.trainable_mask) it is a linear probe of the source's features.
+train.trainable = "head" (vit.optim.trainable_mask) it is a linear probe of the source's features;
+train.layer_decay (vit.optim.layer_lr_scales) lowers the learning rate block by block towards the
+input.
 """
 
 from __future__ import annotations
