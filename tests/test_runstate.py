@@ -62,6 +62,18 @@ def test_a_checkpoint_from_before_best_val_loss_takes_that_of_its_first_best_epo
     assert RunState.from_checkpoint(trees, meta).best_val_loss == 0.625  # epoch 2, in best.npz
 
 
+def test_a_resume_keeps_the_lower_val_loss_a_tie_gave_the_best(tmp_path):
+    """A tie in top-1 won by a lower val loss (epoch 3's 0.5 beats epoch 2's 0.625): the resumed
+    state keeps 0.5, not the first best epoch's loss, so a later tie at 0.55 is no new best."""
+    s = mid_run_state()
+    assert s.finish_epoch({"epoch": 3, "val_top1": 0.75, "val_loss": 0.5}) is True
+    trees, meta = s.to_checkpoint(s.params, s.opt_state, STEPS_PER_EPOCH)
+    path = checkpoint.save(tmp_path / "last.npz", trees, meta)
+    r = RunState.from_checkpoint(*checkpoint.load(path, meta_keys=RESUME_META, trees=RESUME_TREES))
+    assert (r.best_top1, r.best_val_loss) == (0.75, 0.5)
+    assert r.finish_epoch({"epoch": 4, "val_top1": 0.75, "val_loss": 0.55}) is False
+    assert r.finish_epoch({"epoch": 5, "val_top1": 0.75, "val_loss": 0.45}) is True
+
 def test_a_checkpoint_keeps_the_order_of_a_list_of_ten_or_more(tmp_path):
     """Lists are saved under their indices as names ('blocks/0', ..., 'blocks/11'): a model
     with 12 blocks must get block 10 back as block 10, not after block 1."""
