@@ -258,3 +258,15 @@ def test_a_step_with_layer_decay_moves_each_parameter_at_its_own_lr():
         params, optim.adamw_init(params), images, labels, jax.random.key(0))
     moved = [np.abs(np.asarray(x["patch"]["w"]) - np.asarray(params["patch"]["w"])).max() for x in (new, full)]
     assert moved[0] == pytest.approx(0.6 ** 3 * moved[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("trainable, layer_decay", [("head", 1), ("all", 0.75), ("head", 1e-3)])
+def test_a_config_file_sets_what_is_trained_and_the_layer_decay(trainable, layer_decay):
+    """[train] trainable = "head" (the linear probe) and a layer_decay in (0, 1] are taken (the
+    refusals: tests/test_config.py) and reach the step's TrainHParams as given."""
+    from vit import runconfig
+
+    cfg = runconfig.from_dict({"train": {"trainable": trainable, "layer_decay": layer_decay}},
+                              "run.toml")
+    hp = cfg.hparams(steps_per_epoch=3)
+    assert (hp.trainable, hp.layer_decay) == (trainable, layer_decay)
