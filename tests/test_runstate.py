@@ -138,6 +138,7 @@ def test_closing_an_epoch_starts_clean_sums_and_keeps_the_best():
     assert s.finish_epoch({"epoch": 2, "val_top1": 0.3, "val_loss": 0.5}) is False
     # a tie in top-1 goes to the lower val loss; an equal or higher one keeps the earlier best
     assert s.finish_epoch({"epoch": 3, "val_top1": 0.4, "val_loss": 0.9}) is False
+    assert (s.best_top1, s.best_val_loss) == (0.4, 0.8)  # a tie that lost leaves the best's loss
     assert s.finish_epoch({"epoch": 4, "val_top1": 0.4, "val_loss": 0.7}) is True
     assert (s.best_top1, s.best_val_loss) == (0.4, 0.7)
     assert s.finish_epoch({"epoch": 5, "val_top1": 0.4, "val_loss": 0.7}) is False
