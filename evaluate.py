@@ -293,7 +293,7 @@ def predict(args) -> int:
     try:
         run = load_run(args.run_dir, args.checkpoint)
         names = run.class_names or explain.load_split(run, args.data_dir,
-                                                    not args.no_progress).class_names
+                                                      not args.no_progress).class_names
         if len(names) != run.model.num_classes:
             data_dir = args.data_dir or explain.run_data(run).data_dir
             raise DatasetError(f"{data_dir} has {len(names)} classes and the model of {args.run_dir} "

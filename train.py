@@ -3,9 +3,9 @@
 Every epoch: a progress bar (loss, accuracy, images/s, ETA), validation top-1/top-5/loss,
 checkpoints RUN_DIR/last.npz (every epoch, and mid-epoch every train.checkpoint_minutes) and
 RUN_DIR/best.npz (best validation top-1; of a tie, the lower val loss) written atomically, then a
-line in RUN_DIR/metrics.jsonl and RUN_DIR/curves.png redrawn (at most every 10 s, and when training stops). `--resume RUN_DIR`
-continues exactly where it stopped, and first rewrites metrics.jsonl from the checkpoint's own
-history, so the two agree whatever moment a crash came at. The run directory is checked for writing
+line in RUN_DIR/metrics.jsonl and RUN_DIR/curves.png redrawn (at most every 10 s, and when training
+stops). `--resume RUN_DIR` continues exactly where it stopped, and first rewrites metrics.jsonl
+from the checkpoint's own history, so the two agree whatever moment a crash came at. The run directory is checked for writing
 before any work; a start that fails leaves no run directory behind.
 
 Exit codes:
