@@ -8,7 +8,7 @@ draws).
     x, targets = first_step_inputs(run, images, labels)    # what step 0 trained on
 
 Both are the training's own code, not a copy: the order is vit.data.loader.epoch_order (the
-Batcher's), the key train_epoch gives global step 0 (vit.step.step_key(seed, 0), whose first
+Batcher's), the key train_epoch gives global step 0 (vit.step.step_keys(seed)(0), whose first
 split the step augments with), and the augmentation vit.step.training_inputs (the step's).
 The whole batch is augmented, since mixup and cutmix take their partners from all of it.
 """
@@ -39,10 +39,10 @@ def first_batch(run: Run, train_set) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def first_step_inputs(run: Run, images, labels) -> tuple[np.ndarray, np.ndarray]:
     """(x float32 (B, S, S, C) normalised, targets float32 (B, K)): what the run's first step
     trained on, given its first batch."""
-    from vit.step import step_key, training_inputs  # noqa: PLC0415
+    from vit.step import step_keys, training_inputs  # noqa: PLC0415
 
     hp = run.config.hparams(steps_per_epoch=1)  # the schedule's lengths do not augment
-    k_aug, _ = jax.random.split(step_key(run.config.train.seed, 0))  # as the step splits it
+    k_aug, _ = jax.random.split(step_keys(run.config.train.seed)(0))  # as the step splits it
     augment = jax.jit(lambda x, y, key: training_inputs(run.model, hp, x, y, key, run.mean, run.std))
     x, targets = augment(jnp.asarray(images), jnp.asarray(labels), k_aug)
     return np.asarray(x, np.float32), np.asarray(targets, np.float32)

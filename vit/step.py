@@ -116,11 +116,13 @@ def _stats(mean, std, channels):
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-def step_key(seed: int, global_step):
-    """The random key of a run's step at global_step (0-based), from its seed alone, so that a
-    resume draws what an unbroken run would: vit/training.py gives it to the step, which splits it
-    (augmentation, dropout), and evaluate.py --augment draws step 0's augmentation from it."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), global_step)
+def step_keys(seed: int):
+    """global_step (0-based) -> the random key of a run's step there, from its seed alone, so that
+    a resume draws what an unbroken run would: vit/training.py gives it to the step, which splits
+    it (augmentation, dropout), and evaluate.py --augment draws step 0's augmentation from it.
+    The seed's key is made once, not at every step."""
+    seed_key = jax.random.PRNGKey(seed)
+    return lambda global_step: jax.random.fold_in(seed_key, global_step)
 
 
 def scheduled_lr(hp: TrainHParams, step):

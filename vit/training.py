@@ -228,8 +228,7 @@ def initial_state(cfg, train_set, resumed, run_dir):
 
 def build_run(cfg, run_dir, ops, mesh, state, train_set, val_set, main_process, progress,
               resumed) -> Run:
-    """Batchers over this process's rows, the data-parallel train and eval steps, the state on
-    the mesh."""
+    """This process's Batchers, the data-parallel train and eval steps, the state on the mesh."""
     from vit import parallel  # noqa: PLC0415
     from vit.data.loader import Batcher  # noqa: PLC0415
 
@@ -288,9 +287,10 @@ def train_epoch(run: Run, stop: StopOnSignal):
 
     from vit import parallel  # noqa: PLC0415
     from vit.progress import progress_bar  # noqa: PLC0415
-    from vit.step import step_key  # noqa: PLC0415
+    from vit.step import step_keys  # noqa: PLC0415
 
     s, t, spe = run.state, run.cfg.train, run.steps_per_epoch
+    step_key = step_keys(t.seed)
     bar = progress_bar(total=spe, initial=s.step_in_epoch, desc=f"epoch {s.epoch + 1}/{t.epochs}",
                        disable=not (run.progress and run.main_process), unit="step", leave=True)
     pending, m = None, None  # metrics of the step in flight, read one step late (no stall)
@@ -312,7 +312,7 @@ def train_epoch(run: Run, stop: StopOnSignal):
                         grad_norm=f"{s.grad_norms()[0] or 0:.3g}", img_s=f"{images_done / elapsed:.0f}")
     for images, labels in run.batcher.epoch(s.epoch, s.step_in_epoch):
         images, labels = parallel.shard_batch(run.mesh, images, labels)
-        key = step_key(t.seed, s.epoch * spe + s.step_in_epoch)
+        key = step_key(s.epoch * spe + s.step_in_epoch)
         called = time.perf_counter()
         new_params, new_opt, m = run.train_step(s.params, s.opt_state, images, labels, key)
         if not run.compiled:  # the first call compiles the step before it dispatches it
