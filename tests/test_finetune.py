@@ -243,3 +243,13 @@ def test_a_relative_or_home_init_from_is_saved_absolute(source, tmp_path, monkey
                        "--out", str(tmp_path / "ft")]) == 130
     assert train.main(["--resume", str(tmp_path / "ft"), "--init-from", run_dir.name,
                        "--no-progress"]) == 0
+
+
+def test_a_config_whose_data_is_no_table_is_named_with_init_from(source, tmp_path, capsys):
+    """resolve_model reads [data] before the config is built: a [data] that is no table is still
+    the config check's error naming the file, not an AttributeError."""
+    run_dir, _ = source
+    config = tmp_path / "bad.toml"
+    config.write_text(f'data = 3\n[train]\ninit_from = "{run_dir}"\n')
+    assert f"--config {config}: [data] must be a table of key = value" in \
+        refusal(capsys, ["--config", str(config), "--out", str(tmp_path / "ft")])

@@ -105,7 +105,8 @@ def resolve_model(base: dict, sources: dict, where: str) -> tuple[dict, list[str
         said = ", ".join(f"{sources[f'model.{k}']} (the source has {source[k]!r})" for k in clash)
         raise InitError(f"{said}: {flag} starts from {path}, whose weights fix model.{clash[0]}; "
                         f"leave it out, or start without {FLAG}")
-    side = base.get("data", {}).get("image_size")
+    data = base.get("data", {})
+    side = data.get("image_size") if isinstance(data, dict) else None  # else from_dict names it
     if isinstance(side, int) and side % source["patch_size"]:
         raise InitError(f"{sources.get('data.image_size', where)}: data.image_size = {side} is "
                         f"not a multiple of model.patch_size = {source['patch_size']}, which "
